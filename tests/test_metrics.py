@@ -1,0 +1,221 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from vulnsteer.metrics import (
+    Interval,
+    Judged,
+    MetricsError,
+    auroc,
+    bootstrap_gain,
+    mcnemar_exact,
+    mcnemar_items,
+    summarise,
+    summarise_by_cwe,
+    wilson_interval,
+)
+
+CWES = ("CWE-79", "CWE-89", "CWE-416")
+
+
+def paired(n_pairs=30, verdict=lambda vulnerable, i: "vulnerable", score=None):
+    items = []
+    for i in range(n_pairs):
+        cwe = CWES[i % len(CWES)]
+        for vul in (True, False):
+            items.append(
+                Judged(
+                    pair_id=f"p{i}",
+                    cwe=cwe,
+                    vulnerable=vul,
+                    verdict=verdict(vul, i),
+                    score=None if score is None else score(vul, i),
+                )
+            )
+    return items
+
+
+def perfect(vul, i):
+    return "vulnerable" if vul else "not_vulnerable"
+
+
+def noisy(p_right, seed):
+    rng = np.random.default_rng(seed)
+    draws = rng.random(1000)
+
+    def verdict(vul, i):
+        right = draws[2 * i + int(vul)] < p_right
+        return perfect(vul, i) if right else perfect(not vul, i)
+
+    return verdict
+
+
+def inside(iv):
+    return 0.0 <= iv.low <= iv.value <= iv.high <= 1.0
+
+
+def test_all_vulnerable_model():
+    s = summarise(paired(verdict=lambda v, i: "vulnerable"), n_boot=200)
+    assert s.accuracy.value == 0.5
+    assert s.balanced_accuracy.value == 0.5
+    assert s.pair_accuracy.value == 0.0
+    assert s.n == 60 and s.n_pairs == 30 and s.n_vulnerable == 30 and s.n_patched == 30
+    assert s.n_unknown == 0 and s.answer_rate.value == 1.0
+    # every resample keeps both pair members, so balanced accuracy never moves
+    assert s.balanced_accuracy.low == s.balanced_accuracy.high == 0.5
+
+
+def test_perfect_model():
+    s = summarise(paired(verdict=perfect, score=lambda v, i: float(v) + i * 1e-3), n_boot=200)
+    for iv in (s.accuracy, s.answered_accuracy, s.answer_rate, s.balanced_accuracy, s.pair_accuracy, s.auroc):
+        assert iv.value == 1.0
+        assert inside(iv)
+    assert s.pair_accuracy.low < 1.0  # Wilson is not degenerate at 30/30
+
+
+def test_unknowns_lower_accuracy_not_answered_accuracy():
+    verdict = lambda v, i: "unknown" if i < 10 else perfect(v, i)  # noqa: E731
+    s = summarise(paired(verdict=verdict), n_boot=200)
+    assert s.n_unknown == 20
+    assert s.accuracy.value == pytest.approx(40 / 60)
+    assert s.answered_accuracy.value == 1.0
+    assert s.answer_rate.value == pytest.approx(40 / 60)
+    assert s.balanced_accuracy.value == pytest.approx(40 / 60)
+    assert s.pair_accuracy.value == pytest.approx(20 / 30)
+
+
+def test_all_unknown_answered_accuracy_is_none():
+    s = summarise(paired(n_pairs=3, verdict=lambda v, i: "unknown"), n_boot=50)
+    assert s.answered_accuracy is None
+    assert s.accuracy.value == 0.0
+    json.dumps(s.to_dict())
+
+
+def test_wilson_known_values():
+    iv = wilson_interval(8, 10)
+    assert iv.value == 0.8
+    assert iv.low == pytest.approx(0.4902, abs=1e-3)
+    assert iv.high == pytest.approx(0.9433, abs=1e-3)
+    z = wilson_interval(0, 10)
+    assert z.low == 0.0 and z.high == pytest.approx(0.2775, abs=1e-3)
+    assert math.isnan(wilson_interval(0, 0).value)
+
+
+def test_mcnemar_exact_known_table():
+    base = [True] * 1 + [False] * 9 + [True] * 5 + [False] * 3
+    steer = [False] * 1 + [True] * 9 + [True] * 5 + [False] * 3
+    b, c, p = mcnemar_exact(base, steer)
+    assert (b, c) == (1, 9)
+    assert p == pytest.approx(0.021484375)  # 2 * 11 / 1024
+    assert mcnemar_exact([True, False], [True, False]).p_value == 1.0
+    with pytest.raises(MetricsError):
+        mcnemar_exact([True], [True, False])
+
+
+def test_mcnemar_items_checks_alignment():
+    base = paired(n_pairs=5, verdict=lambda v, i: "vulnerable")
+    steer = paired(n_pairs=5, verdict=perfect)
+    res = mcnemar_items(base, steer)
+    assert (res.b, res.c) == (0, 5)
+    with pytest.raises(MetricsError):
+        mcnemar_items(base, list(reversed(steer)))
+
+
+def test_auroc_perfect_and_reversed():
+    up = paired(score=lambda v, i: float(v) + 0.01 * i)
+    down = paired(score=lambda v, i: -float(v) + 0.01 * i)
+    assert auroc(up) == 1.0
+    assert auroc(down) == 0.0
+    s_up, s_down = summarise(up, n_boot=200), summarise(down, n_boot=200)
+    assert s_up.auroc == Interval(1.0, 1.0, 1.0)
+    assert s_down.auroc == Interval(0.0, 0.0, 0.0)
+
+
+def test_auroc_none_without_scores_or_one_class():
+    assert summarise(paired(n_pairs=4), n_boot=50).auroc is None
+    one_class = [Judged("a", "CWE-79", True, "vulnerable", 0.3), Judged("b", "CWE-79", True, "vulnerable", 0.9)]
+    s = summarise(one_class, n_boot=50)
+    assert s.auroc is None and s.balanced_accuracy is None and s.pair_accuracy is None
+    assert s.n_pairs == 0
+    json.dumps(s.to_dict())
+
+
+def test_vectorised_auroc_matches_sklearn_weighted():
+    from vulnsteer.metrics import _arrays, _stat_auroc
+
+    rng = np.random.default_rng(3)
+    items = paired(n_pairs=40, score=lambda v, i: float(rng.integers(0, 5)) + 0.7 * v)  # many ties
+    a = _arrays(items)
+    W = rng.multinomial(a.n_clusters, np.full(a.n_clusters, 1 / a.n_clusters), size=5).astype(float)
+    ours = _stat_auroc(a, W)
+    for row, value in zip(W, ours):
+        w = row[a.cluster]
+        ref = roc_auc_score(a.y, a.score, sample_weight=w)
+        assert value == pytest.approx(ref)
+    assert _stat_auroc(a, np.ones((1, a.n_clusters)))[0] == pytest.approx(auroc(items))
+
+
+def test_bootstrap_gain_contains_observed_and_reproducible():
+    base = paired(n_pairs=60, verdict=noisy(0.6, 1), score=lambda v, i: 0.2 * v + np.sin(i))
+    steer = paired(n_pairs=60, verdict=noisy(0.85, 2), score=lambda v, i: 1.0 * v + np.sin(i))
+    for metric in ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc"):
+        g1 = bootstrap_gain(base, steer, metric=metric, n_boot=500, seed=7)
+        g2 = bootstrap_gain(base, steer, metric=metric, n_boot=500, seed=7)
+        assert g1 == g2
+        assert g1.low <= g1.value <= g1.high
+        observed = {
+            "accuracy": lambda s: s.accuracy.value,
+            "balanced_accuracy": lambda s: s.balanced_accuracy.value,
+            "pair_accuracy": lambda s: s.pair_accuracy.value,
+            "auroc": lambda s: s.auroc.value,
+        }[metric]
+        sb, ss = summarise(base, n_boot=10), summarise(steer, n_boot=10)
+        assert g1.value == pytest.approx(observed(ss) - observed(sb))
+    assert bootstrap_gain(base, steer, n_boot=500, seed=8) != bootstrap_gain(base, steer, n_boot=500, seed=7)
+    # identical arms: zero gain, degenerate interval (same resample for both arms)
+    assert bootstrap_gain(base, base, n_boot=100, seed=0) == Interval(0.0, 0.0, 0.0)
+
+
+def test_bootstrap_gain_validation():
+    base = paired(n_pairs=5)
+    with pytest.raises(MetricsError):
+        bootstrap_gain(base, base[:-1])
+    with pytest.raises(MetricsError):
+        bootstrap_gain(base, base, metric="f1")
+    with pytest.raises(MetricsError):
+        bootstrap_gain(base, base, metric="auroc")  # no scores
+
+
+def test_summarise_reproducible_and_json():
+    items = paired(n_pairs=40, verdict=noisy(0.7, 0), score=lambda v, i: 0.5 * v + np.cos(i))
+    s1, s2 = summarise(items, n_boot=300, seed=1), summarise(items, n_boot=300, seed=1)
+    assert s1 == s2
+    d = json.loads(json.dumps(s1.to_dict(), allow_nan=False))
+    assert d["n"] == 80 and set(d["accuracy"]) == {"value", "low", "high"}
+    for iv in (s1.balanced_accuracy, s1.auroc):
+        assert iv.low <= iv.value <= iv.high
+
+
+def test_by_cwe_partitions_items():
+    items = paired(n_pairs=30, verdict=noisy(0.7, 4))
+    by = summarise_by_cwe(items, n_boot=100)
+    assert list(by) == sorted(CWES)
+    assert sum(s.n for s in by.values()) == len(items)
+    assert sum(s.n_pairs for s in by.values()) == summarise(items, n_boot=10).n_pairs
+    assert sum(s.n_vulnerable for s in by.values()) == 30
+    n_correct = sum(round(s.accuracy.value * s.n) for s in by.values())
+    assert n_correct == round(summarise(items, n_boot=10).accuracy.value * len(items))
+
+
+def test_empty_and_bad_input():
+    with pytest.raises(ValueError):
+        summarise([])
+    with pytest.raises(ValueError):
+        summarise_by_cwe([])
+    with pytest.raises(MetricsError):
+        summarise([Judged("a", "CWE-79", True, "yes")])
+    with pytest.raises(MetricsError):
+        summarise([Judged("a", "CWE-79", True, "vulnerable", float("nan"))])
