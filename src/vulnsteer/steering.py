@@ -4,9 +4,9 @@ Sign convention: vectors point from patched towards vulnerable code (vulnerable 
 strength pushes the model towards answering "vulnerable" and a negative one away from it.
 
 Every row of a batch carries its own steering (or none): the hooks add a per-row delta, so one batch can mix
-unsteered rows with rows of several strengths, layers or vectors. Which token positions are steered comes from
-the attention mask of each forward call, never from the padded width, so padding is never steered and decode
-steps with a KV cache (one new token per call) are steered like recomputation without a cache.
+unsteered rows with rows of several strengths, layers or vectors. Padding (from the attention mask) is never
+steered, and positions count from the KV cache's length, so decode steps that see one token are steered exactly
+like recomputation without a cache.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _base_model(model) -> torch.nn.Module:
 
 
 class _PositionTracker:
-    """Reads each forward call's attention mask to know, per row, which current tokens are prompt, generated or
-    padding. The prompt width is the mask width of the first call inside the context (the prefill)."""
+    """Knows, per row, which tokens of the current forward call are prompt, generated or padding: positions come
+    from the KV cache's length (0 without a cache), padding from the attention mask. The prompt width is the
+    sequence length of the first call inside the context (the prefill)."""
 
     def __init__(self, positions: Sequence[str]):
         self.positions = positions
@@ -65,18 +66,21 @@ class _PositionTracker:
         self.masks: torch.Tensor | None = None  # [batch, tokens in this call], 1.0 where steered
 
     def pre_hook(self, module, args, kwargs):
-        hidden = kwargs.get("input_ids")
-        if hidden is None:
-            hidden = kwargs.get("inputs_embeds", args[0] if args else None)
-        batch, new = hidden.shape[:2]
-        attention = kwargs.get("attention_mask")
-        if attention is None or attention.dim() != 2:
-            attention = torch.ones(batch, new, dtype=torch.long, device=hidden.device)
-        width = attention.shape[1]
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds", args[0] if args else None)
+        batch, new = tokens.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed across transformers versions
+        past = cache.get_seq_length() if cache is not None else 0
+        width = past + new
         if self.prompt_width is None:
             self.prompt_width = width
-        absolute = torch.arange(width - new, width, device=hidden.device)  # positions of this call's tokens
-        real = attention[:, width - new:].bool()
+        absolute = torch.arange(past, width, device=tokens.device)  # positions of this call's tokens
+        attention = kwargs.get("attention_mask")  # None when no row is padded
+        if attention is not None and attention.dim() == 2:
+            real = attention[:, -new:].bool()
+        else:
+            real = torch.ones(batch, new, dtype=torch.bool, device=tokens.device)
         is_prompt = (absolute < self.prompt_width).unsqueeze(0)
         is_last = (absolute == self.prompt_width - 1).unsqueeze(0)
         by_mode = {"prompt-last": is_last, "prompt": is_prompt, "generated": ~is_prompt, "all": is_prompt | ~is_prompt}

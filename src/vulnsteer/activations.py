@@ -1,0 +1,127 @@
+"""Residual-stream activations (decoder-layer outputs) of prompts, read at one position per row.
+
+Read positions: `prompt-last` (the last prompt token, where the answer is decided) or `code-mean` (the mean over
+the tokens of the code inside the prompt). Both come from each row's attention mask and token offsets, never from
+the padded width. Activations of every layer are cached on disk per (model, sample, prompt, read position), so a
+later run that asks for other layers or other vectors does not run the model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vulnsteer.data import Sample
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.evaluation import batches, render
+from vulnsteer.models import LoadedModel, cache_dir
+from vulnsteer.prompts import PromptResources, build_prompt
+from vulnsteer.steering import decoder_layers
+
+READS = ("prompt-last", "code-mean")
+
+
+@dataclass
+class Activations:
+    """Row i of `by_layer[layer]` is the activation of `samples[i]` at that layer ([n_samples, hidden], float32)."""
+
+    samples: list[Sample]
+    by_layer: dict[int, torch.Tensor]
+    read: str
+    prompt_id: str
+
+    def subset(self, keep: Callable[[Sample], bool]) -> "Activations":
+        index = [i for i, s in enumerate(self.samples) if keep(s)]
+        return Activations([self.samples[i] for i in index], {k: v[index] for k, v in self.by_layer.items()},
+                           self.read, self.prompt_id)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([s.is_vulnerable for s in self.samples])
+
+
+def _cache_file(lm: LoadedModel, sample: Sample, prompt_id: str, read: str) -> Path:
+    key = hashlib.sha256("\0".join([lm.model_id, lm.config_hash, str(lm.model.dtype), sample.id, sample.code,
+                                    prompt_id, read]).encode()).hexdigest()[:24]
+    return cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.config_hash}" / f"{key}.safetensors"
+
+
+def code_token_mask(tokenizer, text: str, code: str, width: int) -> torch.Tensor:
+    """Which of the (left-padded, `width`-wide) tokens of `text` overlap the code's characters."""
+    start = text.rfind(code)
+    if start < 0:
+        raise VulnsteerError("the code does not appear verbatim in the rendered prompt; use --read prompt-last")
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    inside = [a < start + len(code) and b > start for a, b in offsets]
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[width - len(inside):] = torch.tensor(inside)
+    return mask
+
+
+def collect(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    prompt_id: str,
+    resources: PromptResources,
+    read: str = "prompt-last",
+    batch_tokens: int = 8192,
+    use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Activations:
+    """One forward pass per batch records every decoder layer's output at the read position of each row."""
+    if read not in READS:
+        raise VulnsteerError(f"unknown read position {read!r}; use one of {', '.join(READS)}")
+    rows: dict[int, torch.Tensor] = {}
+    for i, sample in enumerate(samples):
+        path = _cache_file(lm, sample, prompt_id, read)
+        if use_cache and path.exists():
+            rows[i] = load_file(path)["activations"]
+    todo = [i for i in range(len(samples)) if i not in rows]
+    if progress and len(rows):
+        progress(len(rows))
+    texts = {i: render(lm.tokenizer, list(build_prompt(samples[i], prompt_id, resources).messages)) for i in todo}
+    lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo]
+    for group in batches(lengths, batch_tokens):
+        index = [todo[g] for g in group]
+        for i, acts in zip(index, _forward_read(lm, [texts[i] for i in index], [samples[i] for i in index], read)):
+            rows[i] = acts
+            if use_cache:
+                path = _cache_file(lm, samples[i], prompt_id, read)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"activations": acts.contiguous()}, str(path))
+        if progress:
+            progress(len(index))
+    stacked = torch.stack([rows[i] for i in range(len(samples))])  # [n, layers, hidden]
+    return Activations(list(samples), {layer: stacked[:, layer] for layer in range(stacked.shape[1])}, read, prompt_id)
+
+
+def _forward_read(lm: LoadedModel, texts: list[str], samples: list[Sample], read: str) -> torch.Tensor:
+    """[rows, layers, hidden] float32 activations of one batch."""
+    encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    width = encoded["input_ids"].shape[1]
+    if read == "prompt-last":
+        weights = torch.zeros(len(texts), width)
+        weights[:, -1] = 1.0  # left padding puts every row's last prompt token in the last column
+    else:
+        masks = torch.stack([code_token_mask(lm.tokenizer, t, s.code, width) for t, s in zip(texts, samples)])
+        weights = masks.float() / masks.sum(dim=1, keepdim=True).clamp(min=1)
+    weights = weights.to(lm.device)
+    outputs: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        outputs.append(torch.einsum("bt,bth->bh", weights, hidden.float()).cpu())
+
+    handles = [layer.register_forward_hook(record) for layer in decoder_layers(lm.model)]
+    try:
+        with torch.inference_mode():
+            lm.model(**encoded, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(outputs, dim=1)

