@@ -134,6 +134,104 @@ def eval_command(
     run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens), output_dir, meta)
 
 
+MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")
+ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations: prompt-last or code-mean.")
+
+
+def _layers(spec: str | None, lm) -> list[int]:
+    from vulnsteer.vectors import parse_layers
+
+    return parse_layers(spec, lm.num_layers)
+
+
+@app.command("extract")
+def extract_command(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    split: Optional[str] = SplitOpt,
+    cwe: Optional[str] = CweOpt,
+    limit: Optional[int] = LimitOpt,
+    prompt: str = PromptOpt,
+    method: str = MethodOpt,
+    layers: str = typer.Option("all", "--layers", help="12,24 / all / rel:0.25,0.5 (relative depths)."),
+    read: str = ReadOpt,
+    normalisation: str = typer.Option("residual", "--normalisation", help="residual (mean residual norm) or unit."),
+    output: Path = typer.Option(Path("vectors/vectors.safetensors"), "--output", "-o"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
+    from vulnsteer.pipeline import run_extract
+    from vulnsteer.vectors import METHODS, NORMALISATIONS
+
+    if method not in METHODS or normalisation not in NORMALISATIONS:
+        raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
+                             f"{', '.join(NORMALISATIONS)}")
+    samples = load_samples(dataset, split, cwe, limit)
+    resources = prompt_resources(dataset)
+    lm = load_lm(model, dtype, "score", device)
+    bank = run_extract(lm, samples, prompt, resources, method, _layers(layers, lm), read, normalisation, output)
+    print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
+          f"{bank.meta['n_train']} samples")
+
+
+@app.command("probe")
+def probe_command(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    split: Optional[str] = SplitOpt,
+    cwe: Optional[str] = CweOpt,
+    limit: Optional[int] = LimitOpt,
+    prompt: str = PromptOpt,
+    method: str = MethodOpt,
+    layers: str = typer.Option("all", "--layers"),
+    read: str = ReadOpt,
+    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Take method, read and prompt from this file."),
+    folds: int = typer.Option(5, "--folds", help="Folds grouped by pair (more than the pairs = leave-one-out)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Cross-validated AUROC of the projection onto a direction, per layer and CWE: detection without generation."""
+    from vulnsteer.pipeline import run_probe
+    from vulnsteer.vectors import load_vectors
+
+    samples = load_samples(dataset, split, cwe, limit)
+    resources = prompt_resources(dataset)
+    lm = load_lm(model, dtype, "score", device)
+    if vectors is not None:
+        meta = load_vectors(vectors, lm).meta
+        method, read, prompt = meta["method"], meta["read"], meta["prompt"]
+    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir)
+
+
+@vectors_app.command("show")
+def vectors_show(path: Path) -> None:
+    """Print a vector file's metadata."""
+    from vulnsteer.vectors import load
+
+    bank = load(path)
+    for key, value in bank.meta.items():
+        if key != "train_ids":
+            print(f"{key:16} {value}")
+
+
+@vectors_app.command("export")
+def vectors_export(
+    path: Path,
+    group: str = typer.Option("pooled", "--group", help="pooled or a CWE id."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp control vector)."),
+    output: Path = typer.Option(..., "--output", "-o"),
+) -> None:
+    """Export one group's vectors as a llama.cpp control-vector file (as repeng writes them)."""
+    from vulnsteer.vectors import export_gguf, load
+
+    if fmt != "gguf":
+        raise VulnsteerError(f"unknown format {fmt!r}; only gguf is supported")
+    export_gguf(load(path), group, output)
+    print(f"wrote {output}")
+
+
 def main() -> None:
     """Entry point: user errors become one stderr line and exit 1 (2 for bad flags, 130 when interrupted)."""
     try:
@@ -146,6 +244,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Exit as exc:
         sys.exit(exc.exit_code)
+    except (OSError, MemoryError) as exc:  # disk full, permissions, out of memory: say it plainly
+        print(f"vulnsteer: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("vulnsteer: interrupted; finished rows are saved, rerun the same command to continue", file=sys.stderr)
         sys.exit(130)

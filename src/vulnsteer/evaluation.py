@@ -201,7 +201,7 @@ def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int,
 
 def _yes_no_log_odds(lm: LoadedModel, encoded) -> list[float]:
     yes, no = answer_token_ids(lm.tokenizer)
-    logits = lm.model(**encoded).logits[:, -1, :].float().log_softmax(-1)
+    logits = lm.model(**encoded, logits_to_keep=1).logits[:, -1, :].float().log_softmax(-1)
     odds = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)
     return odds.tolist()
 

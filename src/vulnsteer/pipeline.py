@@ -62,3 +62,61 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
 
 def _job_key(job: Job, decoding: Decoding) -> str:
     return row_key(job.sample.id, job.prompt_id, decoding.mode, job.steering.label if job.steering else None)
+
+
+def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
+                        read: str, batch_tokens: int = 8192):
+    """Activations of every layer, with a progress bar (cached on disk per sample)."""
+    from vulnsteer.activations import collect
+
+    with progress_bar() as bar:
+        task = bar.add_task("activations", total=len(samples))
+        return collect(lm, samples, prompt_id, resources, read, batch_tokens,
+                       progress=lambda n: bar.advance(task, n))
+
+
+def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
+                method: str, layers: list[int], read: str, normalisation: str, output: Path):
+    """Fit one vector per CWE and layer plus a pooled one, and save them with their metadata."""
+    from vulnsteer.vectors import fit, save
+
+    acts = collect_activations(lm, samples, prompt_id, resources, read)
+    bank = fit(acts, lm, method, layers, normalisation)
+    save(bank, output)
+    return bank
+
+
+def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
+              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None):
+    """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers."""
+    import csv
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vulnsteer.probe import probe
+
+    acts = collect_activations(lm, samples, prompt_id, resources, read)
+    rows = probe(acts, layers, method, folds)
+    groups = sorted({r.group for r in rows}, key=lambda g: (g != "pooled", g))
+    table = Table(title=f"probe AUROC ({method}, read {read}, prompt {prompt_id}, {folds}-fold by pair)")
+    table.add_column("layer", justify="right")
+    for group in groups:
+        table.add_column(group, justify="right")
+    for layer in layers:
+        by_group = {r.group: r.auroc for r in rows if r.layer == layer}
+        table.add_row(str(layer), *("–" if by_group[g] is None else f"{by_group[g]:.3f}" for g in groups))
+    Console(width=200).print(table)
+    pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -r.auroc)
+    print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "probe.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", "group", "auroc", "n"])
+            writer.writerows([r.layer, r.group, r.auroc, r.n] for r in rows)
+        (out_dir / "probe.json").write_text(json.dumps(
+            {"model": lm.model_id, "method": method, "read": read, "prompt": prompt_id, "folds": folds,
+             "rows": [asdict(r) for r in rows]}, indent=2))
+    return rows

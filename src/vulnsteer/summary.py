@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
+from vulnsteer.errors import VulnsteerError
 from vulnsteer.evaluation import Result
 from vulnsteer.metrics import Interval, Judged, Summary, summarise, summarise_by_cwe
 
@@ -35,7 +37,7 @@ def summarise_results(results: Sequence[Result], n_boot: int = 2000, seed: int =
 def fmt(interval: Interval | None) -> str:
     if interval is None or interval.value != interval.value:
         return "–"
-    return f"{interval.value:.3f} [{interval.low:.2f}, {interval.high:.2f}]"
+    return f"{interval.value:.3f} [{interval.low:.2f},{interval.high:.2f}]"
 
 
 def rows(summaries: dict[str, Summary]) -> list[list[str]]:
@@ -52,21 +54,98 @@ def markdown_table(summaries: dict[str, Summary]) -> str:
 
 
 def print_table(summaries: dict[str, Summary], title: str, console: Console | None = None) -> None:
-    table = Table(title=title)
+    table = Table(title=title + " · 95% intervals")
     for column in ["group", "n", "pairs", *(title for _, title in COLUMNS)]:
-        table.add_column(column, justify="left" if column == "group" else "right")
+        table.add_column(column, justify="left" if column == "group" else "right", no_wrap=True)
     for row in rows(summaries):
         table.add_row(*row)
-    (console or Console()).print(table)
+    (console or Console(width=200)).print(table)
 
 
-def write_summary(out_dir: Path, summaries: dict[str, Summary], meta: dict) -> None:
-    """summary.json (metrics with intervals, run settings) and summary.md (the same, for people)."""
+def write_summary(out_dir: Path, summaries: dict[str, Summary], meta: dict,
+                  sections: Sequence[Section] = ()) -> None:
+    """summary.json (metrics with intervals, run settings) and summary.md (the same, for people); each extra
+    section adds its data under its key in summary.json and its markdown at the end of summary.md."""
     (out_dir / "summary.json").write_text(json.dumps(
-        {"meta": meta, "metrics": {name: s.to_dict() for name, s in summaries.items()}}, indent=2))
+        {"meta": meta, "metrics": {name: s.to_dict() for name, s in summaries.items()},
+         **{section.key: section.data for section in sections}}, indent=2))
     settings = "\n".join(f"- {key}: `{value}`" for key, value in meta.items())
     (out_dir / "summary.md").write_text(
         f"# vulnsteer eval\n\n{settings}\n\n{markdown_table(summaries)}\n\n"
         "Intervals are 95%: Wilson for proportions, bootstrap over pairs for balanced accuracy and AUROC. "
         "`acc answered` counts only items with a verdict (the SecLLMHolmes definition); `acc` counts "
-        "unknown verdicts as wrong.\n")
+        "unknown verdicts as wrong.\n" + "".join(f"\n{section.markdown.rstrip()}\n" for section in sections))
+
+
+# --- extra sections ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """An extra part of the summary: `data` goes to summary.json under `key`, `markdown` to summary.md."""
+
+    key: str
+    data: dict
+    markdown: str
+
+
+def _rate(rate: dict) -> str:
+    """A reasoning.py rate dict ({k, n, value, low, high}) as "0.500 [0.24,0.76] (4/8)"."""
+    if not rate["n"]:
+        return "–"
+    return f"{fmt(Interval(rate['value'], rate['low'], rate['high']))} ({rate['k']}/{rate['n']})"
+
+
+def reasoning_markdown(data: dict) -> str:
+    """The reasoning section of summary.md: one table per measure, a row per condition, a column per CWE."""
+    conditions = data["conditions"]
+    cwes = sorted({c for cond in conditions.values() for c in cond["reasoning_correct"]} - {"all"},
+                  key=lambda c: (len(c), c))
+    t = data.get("thresholds", {})
+    lines = ["## Reasoning", "",
+             f"Correct reasoning: majority of the votes of ROUGE-1 recall of the ground truth ≥ "
+             f"{t.get('rouge1_recall')}, MiniLM cosine ≥ {t.get('cosine')}"
+             f"{', local judge' if t.get('judge') else ''}; with two votes both must pass. Rate among correct "
+             "verdicts on samples with a ground-truth explanation (the SecLLMHolmes reasoning rate), 95% Wilson.", ""]
+    for key, title in (("reasoning_correct", "correct reasoning | correct verdict"), ("names_cwe", "names the CWE")):
+        header = ["condition", "all", *cwes]
+        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join([name, *(_rate(c[key][g]) if g in c[key] else "–" for g in ["all", *cwes])])
+                  + " |" for name, c in conditions.items()]
+        lines.append("")
+    lines += ["| condition | answers | scored | mean new tokens | mean words | mean ROUGE-1 recall | mean cosine |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {c['answers']} | {c['scored']} | {c['mean_new_tokens']} | {c['mean_words']} | "
+              f"{c['mean_rouge1_recall']} | {c['mean_cosine']} |" for name, c in conditions.items()]
+    for name, d in data.get("vs_baseline", {}).items():
+        lines += ["", f"{name} minus baseline: " + ", ".join(f"{k} {v:+}" if v is not None else f"{k} –"
+                                                             for k, v in d.items())]
+    return "\n".join(lines) + "\n"
+
+
+def reasoning_section(results: Sequence[Result], samples, *, embedder=None, judge_lm=None,
+                      rouge_threshold: float | None = None, cosine_threshold: float | None = None,
+                      scores: list | None = None) -> Section | None:
+    """Score and summarise the reasoning of generate-mode results (None when there are none: score mode has no
+    text to judge). `samples`: the run's samples (a list, or a dict by id) carrying ground-truth reasoning.
+    Pass `scores` (from `reasoning.score_reasoning`, aligned with `results`) to skip scoring here."""
+    from vulnsteer import reasoning
+
+    keep = [i for i, r in enumerate(results) if r.mode == "generate"]
+    if not keep:
+        return None
+    if scores is not None:
+        if len(scores) != len(results):
+            raise VulnsteerError(f"{len(scores)} reasoning scores for {len(results)} results")
+        scores = [scores[i] for i in keep]
+    results = [results[i] for i in keep]
+    rouge_threshold = reasoning.ROUGE_THRESHOLD if rouge_threshold is None else rouge_threshold
+    cosine_threshold = reasoning.COSINE_THRESHOLD if cosine_threshold is None else cosine_threshold
+    if scores is None:
+        scores = reasoning.score_reasoning(results, samples, embedder=embedder, judge_lm=judge_lm,
+                                           rouge_threshold=rouge_threshold, cosine_threshold=cosine_threshold)
+    data = {"thresholds": {"rouge1_recall": rouge_threshold, "cosine": cosine_threshold,
+                           "judge": judge_lm is not None or any(s is not None and s.judge is not None
+                                                                for s in scores)},
+            **reasoning.summarise_reasoning(results, scores)}
+    return Section("reasoning", data, reasoning_markdown(data))

@@ -118,7 +118,7 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
         "num_layers": lm.num_layers, "layers": layers, "method": method, "read": acts.read,
         "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
         "train_ids_sha256": hashlib.sha256("\n".join(sorted(s.id for s in acts.samples)).encode()).hexdigest(),
-        "n_train": len(acts.samples), "vulnsteer": __version__,
+        "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples), "vulnsteer": __version__,
     }
     return VectorBank(vectors, meta)
 
