@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+
+import vulnsteer  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
+import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HOLMES = SHARED / "secllmholmes"

@@ -12,7 +12,6 @@ from typing import Optional
 
 
 import typer
-from click.exceptions import ClickException, Exit
 
 from vulnsteer.errors import VulnsteerError
 
@@ -48,11 +47,10 @@ def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | 
     return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit)
 
 
-def prompt_resources(dataset: str):
-    from vulnsteer.prompts import PromptResources
+def _resources(dataset: str):
+    from vulnsteer.pipeline import prompt_resources
 
-    folder = Path(dataset)
-    return PromptResources.from_dataset_root(folder if folder.is_dir() else None)
+    return prompt_resources(dataset)
 
 
 def load_lm(model: str, dtype: str, mode: str, device: str | None):
@@ -117,7 +115,7 @@ def eval_command(
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
     samples = load_samples(dataset, split, cwe, limit)
-    resources = prompt_resources(dataset)
+    resources = _resources(dataset)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
     lm = load_lm(model, dtype, mode, device)
     meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dataset": dataset, "split": split, "cwe": cwe,
@@ -168,7 +166,7 @@ def extract_command(
         raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
                              f"{', '.join(NORMALISATIONS)}")
     samples = load_samples(dataset, split, cwe, limit)
-    resources = prompt_resources(dataset)
+    resources = _resources(dataset)
     lm = load_lm(model, dtype, "score", device)
     bank = run_extract(lm, samples, prompt, resources, method, _layers(layers, lm), read, normalisation, output)
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
@@ -197,7 +195,7 @@ def probe_command(
     from vulnsteer.vectors import load_vectors
 
     samples = load_samples(dataset, split, cwe, limit)
-    resources = prompt_resources(dataset)
+    resources = _resources(dataset)
     lm = load_lm(model, dtype, "score", device)
     if vectors is not None:
         meta = load_vectors(vectors, lm).meta
@@ -232,18 +230,107 @@ def vectors_export(
     print(f"wrote {output}")
 
 
+def _sweep_overrides(**flags) -> dict:
+    """Flags given on the command line, in config-file form (lists split on commas; layer sets on ';')."""
+    lists = {"split", "cwe", "methods", "vectors", "positions", "train_split"}
+    out = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in lists:
+            value = _csv(value)
+        elif key == "layers":
+            value = [v.strip() for v in value.split(";") if v.strip()]
+        elif key == "strengths":
+            try:
+                value = [float(v) for v in value.split(",") if v.strip()]
+            except ValueError as exc:
+                raise VulnsteerError(f"--strengths must be numbers separated by commas, got {value!r}") from exc
+        out[key] = value
+    return out
+
+
+def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
+    from vulnsteer.sweep import config_from_store, load_config, run_sweep
+
+    if resume is not None:
+        config, output_dir = config_from_store(resume), resume
+    else:
+        config = load_config(config_path, _sweep_overrides(**flags))
+        output_dir = output_dir or default_dir
+    report = run_sweep(config, output_dir)
+    print(f"report: {report} and {report.with_suffix('.md')}")
+
+
+SWEEP_FLAGS = dict(
+    model=typer.Option(None, "--model", "-m"), dataset=typer.Option(None, "--dataset", "-d"),
+    split=typer.Option(None, "--split"), cwe=typer.Option(None, "--cwe"), limit=typer.Option(None, "--limit"),
+    train_dataset=typer.Option(None, "--train-dataset", help="Fit vectors here, test on --dataset."),
+    train_split=typer.Option(None, "--train-split"),
+    prompt=typer.Option(None, "--prompt"), mode=typer.Option(None, "--mode"), folds=typer.Option(None, "--folds"),
+    methods=typer.Option(None, "--methods", help="mean-diff,pca,probe"),
+    layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
+    strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
+    vectors=typer.Option(None, "--vectors", help="own,pooled"), positions=typer.Option(None, "--positions"),
+    transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
+    max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
+)
+
+
+def _with_sweep_flags(fn):
+    """Give a command the sweep's override flags (declared once, shared by `sweep` and `run`)."""
+    import inspect
+
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                               annotation=Optional[bool] if name == "transfer" else
+                               Optional[int] if name in ("limit", "folds", "max_new_tokens") else Optional[str])
+             for name, option in SWEEP_FLAGS.items()]
+    fn.__signature__ = inspect.Signature(params + extra)
+    return fn
+
+
+@app.command("sweep")
+@_with_sweep_flags
+def sweep_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with sweep settings."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the sweep stored in this folder."),
+    **flags,
+) -> None:
+    """Held-out steering sweep (resumable) and its report."""
+    _sweep(config, output_dir, resume, flags, Path("runs/sweep"))
+
+
+@app.command("run")
+@_with_sweep_flags
+def run_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
+    resume: Optional[Path] = typer.Option(None, "--resume"),
+    **flags,
+) -> None:
+    """The main job on built-in defaults: extract, baseline, cross-validated sweep and report (offline)."""
+    _sweep(config, output_dir, resume, flags, Path("runs/main"))
+
+
+@app.command("report")
+def report_command(run_dir: Path) -> None:
+    """Rewrite report.html / report.md (and rows.csv / rows.jsonl) from a sweep's store."""
+    from vulnsteer.report import write_report
+
+    report = write_report(run_dir)
+    print(f"report: {report} and {report.with_suffix('.md')}")
+
+
 def main() -> None:
-    """Entry point: user errors become one stderr line and exit 1 (2 for bad flags, 130 when interrupted)."""
+    """Entry point: user errors become one stderr line and exit 1 (typer reports bad flags itself, exit 2;
+    130 when interrupted)."""
     try:
-        app(standalone_mode=False)
+        app()
     except VulnsteerError as exc:
         print(f"vulnsteer: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except ClickException as exc:
-        print(f"vulnsteer: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except Exit as exc:
-        sys.exit(exc.exit_code)
     except (OSError, MemoryError) as exc:  # disk full, permissions, out of memory: say it plainly
         print(f"vulnsteer: error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -539,3 +539,12 @@ def fetch_dataset(name: Literal["secllmholmes", "sven"], dest: Path, url: str | 
         lines = (json.dumps(row, ensure_ascii=False) for row in rows)
         target.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return target
+
+
+def family(sample: Sample) -> str:
+    """The group of files that must stay on one side of a train/test split: a pair, plus, for SecLLMHolmes,
+    every augmented copy of that pair's hand-crafted scenario (`hc/CWE-X/N`), since those are near-duplicates."""
+    if sample.source != SECLLMHOLMES_SOURCE or sample.split == "real-world":
+        return sample.pair_id
+    parts = sample.id.split("/")
+    return f"hc/{parts[-2]}/{PurePosixPath(parts[-1]).stem.removeprefix('p_')}"

@@ -119,13 +119,24 @@ class _nothing:
         return False
 
 
+def _eos_ids(lm: LoadedModel) -> list[int]:
+    """The tokenizer's end token and the model's (chat models often end turns with another token)."""
+    return sorted({lm.tokenizer.eos_token_id, *_as_list(lm.model.generation_config.eos_token_id)} - {None})
+
+
 def _generate(lm: LoadedModel, encoded, max_new_tokens: int) -> torch.Tensor:
-    eos = {lm.tokenizer.eos_token_id, *_as_list(lm.model.generation_config.eos_token_id)} - {None}
     out = lm.model.generate(
         **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        eos_token_id=sorted(eos), pad_token_id=lm.tokenizer.pad_token_id,
+        eos_token_id=_eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id,
     )
     return out[:, encoded["input_ids"].shape[1]:]
+
+
+def _generated_lengths(generated: torch.Tensor, eos: list[int]) -> list[int]:
+    """Tokens generated per row, the end token included (padding after it, which may equal it, is not)."""
+    ended = torch.isin(generated, torch.tensor(eos, device=generated.device))
+    first_end = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, generated.shape[1])
+    return first_end.tolist()
 
 
 def _as_list(value) -> list:
@@ -161,34 +172,35 @@ def evaluate(
     for turn in range(1 + max(len(job.prompt.followups) for job in jobs)):
         active = [i for i, job in enumerate(jobs) if turn <= len(job.prompt.followups)]
         last_turn = {i for i in active if turn == len(jobs[i].prompt.followups)}
-        texts = {i: _conversation_text(lm, jobs[i], histories[i], turn, score=decoding.mode == "score"
-                                       and i in last_turn) for i in active}
-        lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in active]
-        for group in batches(lengths, decoding.batch_tokens):
-            rows = [active[g] for g in group]
-            start = time.perf_counter()
-            if decoding.mode == "score" and all(i in last_turn for i in rows):
-                encoded, scores = _run_batch(lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]),
-                                             lambda enc: _yes_no_log_odds(lm, enc))
-                replies, new_tokens = [""] * len(rows), [0] * len(rows)
-            else:
-                encoded, generated = _run_batch(lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]),
-                                                lambda enc: _generate(lm, enc, decoding.max_new_tokens))
-                replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                new_tokens = (generated != lm.tokenizer.pad_token_id).sum(dim=1).tolist()
-                scores = [None] * len(rows)
-            seconds = (time.perf_counter() - start) / len(rows)
-            prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
-            for k, i in enumerate(rows):
-                if i not in last_turn:
-                    histories[i].append(replies[k].strip())
-                    continue
-                results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k], prompt_tokens[k],
-                                     new_tokens[k], seconds, histories[i])
-                if on_result:
-                    on_result(results[i])
-            if progress:
-                progress(sum(1 for i in rows if i in last_turn))
+        scoring = {i for i in last_turn if decoding.mode == "score"}
+        for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
+            texts = {i: _conversation_text(lm, jobs[i], histories[i], turn, score=i in scoring) for i in phase}
+            lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in phase]
+            for group in batches(lengths, decoding.batch_tokens):
+                rows = [phase[g] for g in group]
+                start = time.perf_counter()
+                steerings = _steering_of([jobs[i] for i in rows])
+                if rows[0] in scoring:
+                    encoded, scores = _run_batch(lm, [texts[i] for i in rows], steerings,
+                                                 lambda enc: _yes_no_log_odds(lm, enc))
+                    replies, new_tokens = [""] * len(rows), [0] * len(rows)
+                else:
+                    encoded, generated = _run_batch(lm, [texts[i] for i in rows], steerings,
+                                                    lambda enc: _generate(lm, enc, decoding.max_new_tokens))
+                    replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                    new_tokens, scores = _generated_lengths(generated, _eos_ids(lm)), [None] * len(rows)
+                seconds = (time.perf_counter() - start) / len(rows)
+                prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
+                for k, i in enumerate(rows):
+                    if i not in last_turn:
+                        histories[i].append(replies[k].strip())
+                        continue
+                    results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k], prompt_tokens[k],
+                                         new_tokens[k], seconds, histories[i])
+                    if on_result:
+                        on_result(results[i])
+                if progress:
+                    progress(sum(1 for i in rows if i in last_turn))
     return results  # type: ignore[return-value]
 
 

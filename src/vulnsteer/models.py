@@ -212,7 +212,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # transformers raises ValueError for incomplete folders
         raise VulnsteerError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
     return prepare(model, tokenizer, model_id, device)
 

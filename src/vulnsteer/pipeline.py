@@ -16,12 +16,18 @@ from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.steering import Steering
 from vulnsteer.store import SampleWriter, open_run, read_samples, result_key, row_key
-from vulnsteer.summary import print_table, summarise_results, write_summary
+from vulnsteer.summary import print_table, reasoning_section, summarise_results, write_summary
 
 
 def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("eta"), TimeRemainingColumn(), transient=False)
+
+
+def prompt_resources(dataset: str) -> PromptResources:
+    """Few-shot files and definitions come from the dataset folder when it is a SecLLMHolmes one."""
+    folder = Path(dataset)
+    return PromptResources.from_dataset_root(folder if folder.is_dir() else None)
 
 
 def make_jobs(samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
@@ -55,7 +61,9 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
     by_key = {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
     results = [by_key[_job_key(job, decoding)] for job in jobs]
     summaries = summarise_results(results, n_boot=n_boot)
-    write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)})
+    reasoning = reasoning_section(results, [job.sample for job in jobs])  # None in score mode
+    write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)},
+                  sections=[reasoning] if reasoning else [])
     print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
     return results
 

@@ -9,14 +9,15 @@ from typing import Sequence
 
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGroupKFold
 
-from vulnsteer.data import Sample
+from vulnsteer.data import Sample, family
 from vulnsteer.errors import VulnsteerError
 
 
 def pair_folds(samples: Sequence[Sample], k: int = 5, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """(train indices, test indices) per fold. Both members of a pair land in the same fold; each CWE is spread
-    over the folds as evenly as its pairs allow. `k` larger than the number of pairs means leave-one-pair-out."""
-    groups = [s.pair_id for s in samples]
+    """(train indices, test indices) per fold. Both members of a pair (and all augmented copies of a scenario) land
+    in the same fold; each CWE is spread over the folds as evenly as its pairs allow. `k` at least the number of
+    pairs means leave-one-pair-out."""
+    groups = [family(s) for s in samples]
     n_groups = len(set(groups))
     if n_groups < 2:
         raise VulnsteerError(f"cross-validation needs at least 2 pairs, got {n_groups}")

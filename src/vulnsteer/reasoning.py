@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import ANSWER_PREFIX, Result, render
+from vulnsteer.evaluation import ANSWER_PREFIX, Result, answer_token_ids, render
 from vulnsteer.metrics import wilson_interval
 from vulnsteer.verdicts import cwe_keywords
 
@@ -176,8 +176,6 @@ def judge_reasoning(lm, answers: Sequence[str], truths: Sequence[str], batch_siz
     "Answer:" (deterministic, one forward pass); greedy generation when yes/no are not single tokens."""
     import torch
 
-    from vulnsteer.evaluation import answer_token_ids
-
     texts = [render(lm.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(answer=a, truth=t)}],
                     ANSWER_PREFIX) for a, t in zip(answers, truths)]
     try:
@@ -317,12 +315,13 @@ def summarise_reasoning(results: Sequence[Result], scores: Sequence[ReasoningSco
 def _differences(base: dict, other: dict) -> dict:
     """Steered minus baseline, for the point estimates (the intervals of each side are in `conditions`)."""
     def diff(a, b):
-        if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and
-                                                                                 math.isnan(b)):
+        if a is None or b is None or math.isnan(a) or math.isnan(b):
             return None
         return round(b - a, 3)
+
     return {
-        "reasoning_correct": diff(base["reasoning_correct"]["all"]["value"], other["reasoning_correct"]["all"]["value"]),
+        "reasoning_correct": diff(base["reasoning_correct"]["all"]["value"],
+                                  other["reasoning_correct"]["all"]["value"]),
         "mean_new_tokens": diff(base["mean_new_tokens"], other["mean_new_tokens"]),
         "mean_words": diff(base["mean_words"], other["mean_words"]),
         "names_cwe": diff(base["names_cwe"]["all"]["value"], other["names_cwe"]["all"]["value"]),

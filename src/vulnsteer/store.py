@@ -74,3 +74,58 @@ class SampleWriter:
     def close(self) -> None:
         os.fsync(self.file.fileno())
         self.file.close()
+
+
+class SweepStore:
+    """A sweep's SQLite database (WAL mode): run metadata and one row per (config, sample), each committed on its
+    own, so a crash or `kill -9` loses at most the row being written and a resume never doubles a row."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS rows (
+        config TEXT NOT NULL, sample_id TEXT NOT NULL, fold INTEGER NOT NULL, result TEXT NOT NULL,
+        PRIMARY KEY (config, sample_id));
+    """
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(path))
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(self.SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise VulnsteerError(f"{path} is not a vulnsteer sweep database ({exc})") from exc
+        self.path = path
+
+    def meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    def claim(self, meta: dict, must_match: tuple[str, ...]) -> None:
+        """Write the run's metadata, or check that a resumed run has the same values for `must_match` keys."""
+        previous = self.meta()
+        if previous:
+            changed = [k for k in must_match if previous.get(k) != meta.get(k)]
+            if changed:
+                raise VulnsteerError(f"{self.path.parent} holds a sweep with another {', '.join(changed)}; "
+                                     "resume it with the same settings or use another --output-dir")
+            return
+        with self.db:
+            self.db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+
+    def done(self) -> set[tuple[str, str]]:
+        return set(self.db.execute("SELECT config, sample_id FROM rows"))
+
+    def add(self, config: str, fold: int, result: Result) -> None:
+        with self.db:  # one transaction per row: atomic, durable in WAL mode
+            self.db.execute("INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
+                            (config, result.sample_id, fold, json.dumps(result.to_dict())))
+
+    def rows(self) -> list[tuple[str, int, Result]]:
+        """(config, fold, result) for every row, in a stable order."""
+        query = "SELECT config, fold, result FROM rows ORDER BY config, sample_id"
+        return [(c, f, Result(**json.loads(r))) for c, f, r in self.db.execute(query)]
+
+    def close(self) -> None:
+        self.db.close()

@@ -92,7 +92,8 @@ class VectorBank:
 
     def for_group(self, group: str) -> dict[int, torch.Tensor]:
         if group not in self.vectors:
-            raise VulnsteerError(f"no vector for {group}; the file has {', '.join(self.groups)}")
+            raise VulnsteerError(f"no vector for {group} (too few training items?); there are vectors for "
+                                 f"{', '.join(self.groups)}")
         return self.vectors[group]
 
 

@@ -1,0 +1,378 @@
+"""The sweep report: statistics from a sweep's store, written as one self-contained HTML file (plots embedded)
+and as Markdown (plots beside it), plus CSV/JSONL exports of every row."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vulnsteer.data import Sample, augmentation_group, augmentation_id  # noqa: E402
+from vulnsteer.errors import VulnsteerError  # noqa: E402
+from vulnsteer.evaluation import Result  # noqa: E402
+from vulnsteer.metrics import Interval, Judged, bootstrap_gain, mcnemar_items, summarise, summarise_by_cwe  # noqa: E402
+from vulnsteer.store import SweepStore  # noqa: E402
+from vulnsteer.summary import fmt, judged  # noqa: E402
+from vulnsteer.sweep import BASELINE, GridPoint, SweepConfig, transfer_point  # noqa: E402
+
+N_BOOT = 1000
+
+
+@dataclass(frozen=True)
+class ConfigStats:
+    config: str
+    value: float  # the selection metric
+    gain: Interval
+    b: int  # baseline right, steered wrong
+    c: int  # baseline wrong, steered right
+    p_value: float
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows, computed from the store."""
+
+    meta: dict
+    config: SweepConfig
+    sample_ids: list[str]
+    arms: dict[str, list[Result]]  # config id -> results aligned with sample_ids (complete configs only)
+    folds: dict[str, int]
+    stats: list[ConfigStats]
+    selected: list[Result]
+    selected_by_fold: dict[int, str]
+
+
+def _metric(items: Sequence[Judged], metric: str) -> float:
+    value = getattr(summarise(items, n_boot=1), metric)
+    return float("nan") if value is None else value.value
+
+
+def analyse(out_dir: Path) -> Analysis:
+    path = out_dir / "sweep.sqlite"
+    if not path.exists():
+        raise VulnsteerError(f"no sweep in {out_dir} (expected {path.name})")
+    store = SweepStore(path)
+    try:
+        meta, rows = store.meta(), store.rows()
+    finally:
+        store.close()
+    if "config" not in meta:
+        raise VulnsteerError(f"{path} has no sweep configuration")
+    config = SweepConfig.from_dict(meta["config"])
+    by_config: dict[str, dict[str, Result]] = {}
+    folds: dict[str, int] = {}
+    for config_id, fold, result in rows:
+        by_config.setdefault(config_id, {})[result.sample_id] = result
+        folds[result.sample_id] = fold
+    if BASELINE not in by_config:
+        raise VulnsteerError(f"{path} has no baseline rows yet; resume the sweep first")
+    sample_ids = sorted(by_config[BASELINE])
+    arms = {c: [rows_[s] for s in sample_ids] for c, rows_ in by_config.items() if set(rows_) >= set(sample_ids)}
+    base = judged(arms[BASELINE])
+    metric = config.select_metric
+    stats = []
+    for config_id in arms:
+        if config_id == BASELINE:
+            continue
+        steered = judged(arms[config_id])
+        test = mcnemar_items(base, steered)
+        gain_metric = metric if metric != "auroc" or config.mode == "score" else "balanced_accuracy"
+        gain = bootstrap_gain(base, steered, gain_metric, n_boot=N_BOOT, seed=0)
+        stats.append(ConfigStats(config_id, _metric(steered, metric), gain, test.b, test.c, test.p_value))
+    selected, selected_by_fold = nested_selection(arms, sample_ids, folds, config)
+    return Analysis(meta, config, sample_ids, arms, folds, sorted(stats, key=lambda s: -s.gain.value), selected,
+                    selected_by_fold)
+
+
+def _is_grid_config(config_id: str, config: SweepConfig) -> bool:
+    return config_id == BASELINE or GridPoint.parse(config_id).vectors in config.vectors
+
+
+def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
+                     config: SweepConfig) -> tuple[list[Result], dict[int, str]]:
+    """For each fold, pick the config (baseline included) with the best metric on the *other* folds' rows, and
+    take its rows on this fold. Ties go to the baseline, then to the weaker strength."""
+    candidates = [c for c in arms if _is_grid_config(c, config)]
+    chosen: dict[int, str] = {}
+    for fold in sorted(set(folds[s] for s in sample_ids)):
+        others = [i for i, s in enumerate(sample_ids) if folds[s] != fold]
+
+        def rank(config_id: str):
+            value = _metric(judged([arms[config_id][i] for i in others]), config.select_metric)
+            strength = 0.0 if config_id == BASELINE else abs(GridPoint.parse(config_id).strength)
+            return (-(value if value == value else -1.0), config_id != BASELINE, strength, config_id)
+
+        chosen[fold] = min(candidates, key=rank)
+    return [arms[chosen[folds[s]]][i] for i, s in enumerate(sample_ids)], chosen
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
+    """Gain in the selection metric over strength x layer set, one panel per method/vectors/positions."""
+    by_panel: dict[tuple[str, str, str], dict[tuple[str, float], float]] = {}
+    for s in a.stats:
+        p = GridPoint.parse(s.config)
+        if p.vectors in a.config.vectors:
+            by_panel.setdefault((p.method, p.vectors, p.positions), {})[(p.layers, p.strength)] = s.gain.value
+    figures = []
+    for (method, vectors, positions), cells in sorted(by_panel.items()):
+        layers = [lay for lay in a.config.layers if any(k[0] == lay for k in cells)]
+        strengths = sorted({k[1] for k in cells})
+        grid = np.array([[cells.get((lay, st), np.nan) for st in strengths] for lay in layers])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(strengths), 0.9 + 0.5 * len(layers)))
+        limit = max(0.05, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.05)
+        image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(len(strengths)), [f"{s:+g}" for s in strengths])
+        ax.set_yticks(range(len(layers)), layers)
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("strength")
+        ax.set_title(f"gain in {a.config.select_metric}: {method}, {vectors} vectors, {positions}", fontsize=9)
+        fig.colorbar(image, ax=ax)
+        figures.append((f"heatmap-{method}-{vectors}-{positions}", _png(fig)))
+    return figures
+
+
+def per_cwe_bars(a: Analysis) -> bytes:
+    """Accuracy per CWE with 95% Wilson intervals, baseline vs the nested-selected configs."""
+    base = summarise_by_cwe(judged(a.arms[BASELINE]), n_boot=N_BOOT)
+    chosen = summarise_by_cwe(judged(a.selected), n_boot=N_BOOT)
+    cwes = list(base)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cwes), 3.2))
+    for offset, (name, summaries) in zip((-0.2, 0.2), (("baseline", base), ("selected (held-out)", chosen))):
+        values = [summaries[c].accuracy.value for c in cwes]
+        errors = [[v - summaries[c].accuracy.low for c, v in zip(cwes, values)],
+                  [summaries[c].accuracy.high - v for c, v in zip(cwes, values)]]
+        ax.bar(np.arange(len(cwes)) + offset, values, 0.4, yerr=errors, capsize=3, label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cwes)), cwes, rotation=30)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def probe_plot(probe_rows: list[dict]) -> bytes | None:
+    pooled = sorted((r["layer"], r["auroc"]) for r in probe_rows if r["group"] == "pooled" and r["auroc"] is not None)
+    if not pooled:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.plot([p[0] for p in pooled], [p[1] for p in pooled], marker="o")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("AUROC (cross-validated)")
+    ax.set_title("probe: projection onto the pooled direction", fontsize=9)
+    return _png(fig)
+
+
+def transfer_matrix(a: Analysis) -> tuple[list[str], np.ndarray, str] | None:
+    """Gain in accuracy on CWE j's items when CWE i's vector steers them (the diagonal: each CWE's own vector),
+    at the sweep's transfer point."""
+    if not a.config.transfer:
+        return None
+    at = transfer_point(a.config)
+    base = a.arms[BASELINE]
+    cwes = sorted({r.cwe for r in base})
+    matrix = np.full((len(cwes), len(cwes)), np.nan)
+    for i, vector in enumerate(cwes):
+        arm = a.arms.get(GridPoint(at.method, at.layers, vector, at.positions, at.strength).id)
+        for j, target in enumerate(cwes):
+            if arm is not None:
+                index = [k for k, r in enumerate(base) if r.cwe == target]
+                matrix[i, j] = np.mean([_right(arm[k]) for k in index]) - np.mean([_right(base[k]) for k in index])
+    return cwes, matrix, f"{at.method}, layers {at.layers}, positions {at.positions}, strength {at.strength:+g}"
+
+
+def _right(result: Result) -> bool:
+    return result.verdict == ("vulnerable" if result.label == "vulnerable" else "not_vulnerable")
+
+
+def transfer_plot(cwes: list[str], matrix: np.ndarray, title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(cwes), 1.2 + 0.6 * len(cwes)))
+    limit = max(0.05, float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 0.05)
+    image = ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(len(cwes)), cwes, rotation=45, ha="right")
+    ax.set_yticks(range(len(cwes)), cwes)
+    ax.set_xlabel("items of CWE")
+    ax.set_ylabel("vector of CWE")
+    for (i, j), value in np.ndenumerate(matrix):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(f"accuracy gain; {title}", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    return _png(fig)
+
+
+def flip_rates(a: Analysis) -> dict[str, dict[str, float | int]] | None:
+    """Share of augmented files whose verdict differs from their reference (trivial: the hand-crafted original;
+    non-trivial: the `_0` version), baseline vs the selected configs. None without augmented data."""
+    def sample_of(r: Result) -> Sample:
+        return Sample(r.sample_id, r.cwe, r.label, "", "", r.pair_id, r.split, r.source)
+
+    out = {}
+    for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected)):
+        groups: dict[str, list[Result]] = {}
+        for r in arm:
+            key = augmentation_group(sample_of(r))
+            if key:
+                groups.setdefault(key, []).append(r)
+        for kind in ("trivial", "non-trivial"):
+            flips = []
+            for members in groups.values():
+                ids = {augmentation_id(sample_of(r)): r for r in members}
+                if kind == "trivial" and None in ids:
+                    flips += [r.verdict != ids[None].verdict for k, r in ids.items() if k and "_" not in k]
+                if kind == "non-trivial":
+                    flips += [ids[k].verdict != ids[k[:-2] + "_0"].verdict for k in ids
+                              if k and k.endswith("_1") and k[:-2] + "_0" in ids]
+            if flips:
+                out.setdefault(kind, {})[name] = float(np.mean(flips))
+                out[kind]["n"] = len(flips)
+    return out or None
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+def protocol_text(a: Analysis) -> str:
+    c = a.config
+    fitted = (f"fitted once on {c.train_dataset} and tested on {c.dataset}" if c.train_dataset else
+              f"fitted per fold on the other folds' items ({c.folds} folds grouped by pair and scenario, "
+              "stratified by CWE)")
+    return (f"Steering vectors ({', '.join(c.methods)}, read at {c.read}, {c.normalisation} normalisation) were "
+            f"{fitted}, so every steered row is held out. Baseline rows use the same prompt ({c.prompt}), "
+            f"decoding ({c.mode}, greedy) and items with no steering. The headline 'selected' arm picks, for each "
+            f"fold, the config (baseline included) with the best {c.select_metric} on the other folds' rows and "
+            "reports it on that fold only (nested), so it is not a maximum over the test set. Tests: exact "
+            "McNemar on paired verdicts; gain intervals by bootstrap over pairs (95%). The top-configs table is "
+            "descriptive: picking its first row would be selection on the test set.")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                   + ["| " + " | ".join(r) + " |" for r in rows])
+    cells = lambda tag, r: "".join(f"<{tag}>{html.escape(x)}</{tag}>" for x in r)  # noqa: E731
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return md, f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(out_dir: Path) -> Path:
+    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl."""
+    a = analyse(out_dir)
+    export_rows(a, out_dir)
+    base_items, chosen_items = judged(a.arms[BASELINE]), judged(a.selected)
+    base, chosen = summarise(base_items, n_boot=N_BOOT), summarise(chosen_items, n_boot=N_BOOT)
+    metric = a.config.select_metric
+    test = mcnemar_items(base_items, chosen_items)
+    gain = bootstrap_gain(base_items, chosen_items, metric, n_boot=N_BOOT) if a.selected else None
+    sections: list[tuple[str, str, str]] = []  # (title, markdown, html)
+
+    metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"] + (["auroc"] if a.config.mode == "score" else [])
+    md, htm = _table(["arm", *metrics], [["baseline", *(fmt(getattr(base, m)) for m in metrics)],
+                                         ["selected (nested, held-out)", *(fmt(getattr(chosen, m)) for m in metrics)]])
+    verdict = (f"Gain in {metric}: {fmt(gain)}; McNemar exact p = {test.p_value:.3g} "
+               f"(baseline-only right {test.b}, steered-only right {test.c}).")
+    if gain is not None and gain.low <= 0 <= gain.high:
+        verdict += " The interval includes 0: no evidence that steering helps here."
+    choices = "; ".join(f"fold {f}: `{c}`" for f, c in sorted(a.selected_by_fold.items()))
+    sections.append(("Headline", f"{md}\n\n{verdict}\n\nSelected per fold: {choices}",
+                     f"{htm}<p>{html.escape(verdict)}</p><p>Selected per fold: {html.escape(choices)}</p>"))
+
+    top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}"] for s in a.stats[:15]]
+    md, htm = _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]",
+                      "b/c", "McNemar p"], top)
+    sections.append(("Top configs (descriptive, all held-out rows)", md, htm))
+
+    figures: list[tuple[str, str, bytes]] = [("Gain over strength × layer", name, png)
+                                             for name, png in gain_heatmaps(a)]
+    figures.append(("Accuracy per CWE", "per-cwe", per_cwe_bars(a)))
+    probe_path = out_dir / "probe.json"
+    if probe_path.exists() and (png := probe_plot(json.loads(probe_path.read_text()))):
+        figures.append(("Probe AUROC by layer", "probe", png))
+    transfer = transfer_matrix(a)
+    if transfer and np.isfinite(transfer[1]).any():
+        figures.append(("Cross-CWE transfer", "transfer", transfer_plot(*transfer)))
+
+    flips = flip_rates(a)
+    if flips:
+        rows = [[kind, str(v["n"]), f"{v['baseline']:.3f}", f"{v['selected']:.3f}"] for kind, v in flips.items()]
+        md, htm = _table(["augmentation", "n compared", "baseline flip rate", "selected flip rate"], rows)
+        sections.append(("Robustness: verdict flips under augmentation", md, htm))
+
+    examples = _examples(a)
+    if examples:
+        md, htm = _table(["item", "label", "baseline", "selected"], examples)
+        sections.append(("Example answers (baseline vs selected)", md, htm))
+
+    return _write_files(out_dir, a, sections, figures)
+
+
+def _examples(a: Analysis, k: int = 6) -> list[list[str]]:
+    """Items where the verdict changed first, then others; answer text in generate mode, score in score mode."""
+    pairs = list(zip(a.arms[BASELINE], a.selected))
+    pairs.sort(key=lambda p: p[0].verdict == p[1].verdict)
+    show = lambda r: (f"{r.verdict} (score {r.score:+.2f})" if r.score is not None  # noqa: E731
+                      else f"{r.verdict}: {r.response[:300]}")
+    return [[b.sample_id, b.label, show(b), show(s)] for b, s in pairs[:k]]
+
+
+def _write_files(out_dir: Path, a: Analysis, sections, figures) -> Path:
+    files = out_dir / "report_files"
+    files.mkdir(exist_ok=True)
+    meta = a.meta
+    head = (f"model `{meta.get('model')}` ({meta.get('dtype')}), dataset `{a.config.dataset}` "
+            f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
+            f"vulnsteer {meta.get('vulnsteer')}")
+    md = [f"# vulnsteer sweep report\n\n{head}\n\n## Protocol\n\n{protocol_text(a)}\n"]
+    body = [f"<h1>vulnsteer sweep report</h1><p>{html.escape(head)}</p><h2>Protocol</h2>"
+            f"<p>{html.escape(protocol_text(a))}</p>"]
+    for title, section_md, section_html in sections:
+        md.append(f"## {title}\n\n{section_md}\n")
+        body.append(f"<h2>{html.escape(title)}</h2>{section_html}")
+    for title, name, png in figures:
+        (files / f"{name}.png").write_bytes(png)
+        md.append(f"## {title}\n\n![{title}](report_files/{name}.png)\n")
+        body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    (out_dir / "report.md").write_text("\n".join(md))
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}")
+    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>vulnsteer "
+                                         f"report</title><style>{style}</style></head><body>{''.join(body)}"
+                                         "</body></html>")
+    return out_dir / "report.html"
+
+
+def export_rows(a: Analysis, out_dir: Path) -> None:
+    """rows.jsonl (every field) and rows.csv (the columns people sort by) of all complete configs."""
+    fields = ["config", "fold", "sample_id", "cwe", "label", "verdict", "score", "new_tokens", "seconds"]
+    with open(out_dir / "rows.jsonl", "w") as jf, open(out_dir / "rows.csv", "w", newline="") as cf:
+        writer = csv.writer(cf)
+        writer.writerow(fields)
+        for config_id, results in a.arms.items():
+            for r in results:
+                jf.write(json.dumps({"config": config_id, "fold": a.folds[r.sample_id], **r.to_dict()}) + "\n")
+                writer.writerow([config_id, a.folds[r.sample_id], r.sample_id, r.cwe, r.label, r.verdict, r.score,
+                                 r.new_tokens, r.seconds])

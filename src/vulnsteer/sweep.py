@@ -1,0 +1,287 @@
+"""Held-out steering sweeps: strengths x layer sets x methods x vector choices x positions, on items the vectors
+never saw.
+
+Protocol. Vectors are fitted per fold on the other folds' items (folds grouped by pair and scenario, stratified
+by CWE), or once on another dataset (`train_dataset`). Every (config, item) row is therefore held out. The
+baseline is strength 0 on the same prompts, decoding and items. The "selected" config that the headline
+reports is chosen per fold on the *other* folds' rows and scored on this fold's rows only (nested), so the
+headline is never the maximum over the test set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+from vulnsteer import __version__
+from vulnsteer.data import Sample, filter_samples, load_dataset
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.evaluation import MODES, Decoding, Job, Result
+from vulnsteer.models import DEFAULT_MODEL, LoadedModel
+from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
+from vulnsteer.steering import POSITIONS, Steering
+from vulnsteer.store import SweepStore
+from vulnsteer.vectors import METHODS, NORMALISATIONS, POOLED, VectorBank, fit, parse_layers
+
+BASELINE = "baseline"
+SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything a sweep depends on; read from TOML (same keys) or flags."""
+
+    model: str = DEFAULT_MODEL
+    dataset: str = "demo"
+    split: list[str] | None = None
+    cwe: list[str] | None = None
+    limit: int | None = None
+    train_dataset: str | None = None  # fit vectors on this dataset and test on `dataset`; None = cross-validate
+    train_split: list[str] | None = None
+    prompt: str = "S1"
+    mode: str = "score"
+    folds: int = 4
+    seed: int = 0
+    methods: list[str] = field(default_factory=lambda: ["mean-diff"])
+    layers: list[str] = field(default_factory=lambda: ["rel:0.25", "rel:0.5", "rel:0.75",
+                                                       "rel:0.25,0.5,0.75,0.98"])
+    strengths: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    vectors: list[str] = field(default_factory=lambda: ["own", "pooled"])
+    positions: list[str] = field(default_factory=lambda: ["all"])
+    transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
+    transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
+    transfer_strength: float | None = None  # ... and strength (default: the largest positive one)
+    read: str = "prompt-last"
+    normalisation: str = "residual"
+    select_metric: str = "balanced_accuracy"
+    max_new_tokens: int = 96
+    batch_tokens: int = 8192
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("methods", "layers", "strengths", "vectors", "positions"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value:
+                raise VulnsteerError(f"config: {name} must be a non-empty list")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.strengths):
+            raise VulnsteerError(f"config: strengths must be numbers, got {self.strengths}")
+        _check_choice("methods", self.methods, METHODS)
+        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("mode", [self.mode], MODES)
+        _check_choice("prompt", [self.prompt], PROMPT_IDS)
+        _check_choice("normalisation", [self.normalisation], NORMALISATIONS)
+        _check_choice("select_metric", [self.select_metric], SELECT_METRICS)
+        if self.mode == "score" and "generated" in self.positions:
+            raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
+        if self.transfer_strength == 0:
+            raise VulnsteerError("config: transfer_strength 0 steers nothing")
+        if not isinstance(self.folds, int) or self.folds < 2:
+            raise VulnsteerError(f"config: folds must be an integer >= 2, got {self.folds!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SweepConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise VulnsteerError(f"config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise VulnsteerError(f"config: {exc}") from exc
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise VulnsteerError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def _check_choice(name: str, values: list, allowed: Sequence[str]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise VulnsteerError(f"config: {name} has unknown value(s) {bad}; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One steering configuration of the grid; `id` names it in the store and the report."""
+
+    method: str
+    layers: str
+    vectors: str  # own | pooled | CWE-X
+    positions: str
+    strength: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}|{self.layers}|{self.vectors}|{self.positions}|{self.strength:+g}"
+
+    @classmethod
+    def parse(cls, config_id: str) -> "GridPoint":
+        method, layers, vectors, positions, strength = config_id.split("|")
+        return cls(method, layers, vectors, positions, float(strength))
+
+
+def transfer_point(config: SweepConfig) -> GridPoint:
+    """Where the cross-CWE transfer matrix is measured (its vectors field is a placeholder)."""
+    strength = config.transfer_strength
+    if strength is None:
+        strength = max(config.strengths, key=lambda s: (s > 0, abs(s)))
+    return GridPoint(config.methods[0], config.transfer_layers or config.layers[0], "own", config.positions[0],
+                     float(strength))
+
+
+def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
+    """The steered configs: the full grid, plus (with `transfer`) each CWE's vector on every item at one point."""
+    points = [GridPoint(m, lay, v, p, float(s)) for m in config.methods for lay in config.layers
+              for v in config.vectors for p in config.positions for s in config.strengths if s != 0]
+    if config.transfer:
+        at = transfer_point(config)
+        points += [GridPoint(at.method, at.layers, cwe, at.positions, at.strength) for cwe in cwes]
+    return points
+
+
+def dataset_hash(samples: Sequence[Sample]) -> str:
+    digest = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.id):
+        digest.update(f"{s.id}\0{s.label}\0{s.cwe}\0{s.code}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep will run: test items with their fold, vector banks per fold, and the jobs still to do."""
+
+    samples: list[Sample]
+    fold_of: dict[str, int]
+    banks: dict[int, dict[str, VectorBank]]  # fold -> method -> bank
+    points: list[GridPoint]
+    jobs: list[Job]
+    total_rows: int
+
+
+def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None]:
+    test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit)
+    train = None
+    if config.train_dataset:
+        train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None)
+    return test, train
+
+
+def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[Sample] | None,
+         resources: PromptResources, done: set[tuple[str, str]], collect_activations) -> SweepPlan:
+    """Fit the vectors each fold needs (activations are computed once and cached) and list the remaining jobs."""
+    from vulnsteer.protocol import pair_folds
+
+    layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
+    needed = sorted({layer for layers in layer_sets.values() for layer in layers})
+    folds = pair_folds(test, config.folds, config.seed)
+    fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
+    banks: dict[int, dict[str, VectorBank]] = {}
+    if train is None:
+        acts = collect_activations(lm, test, config.prompt, resources, config.read)
+        for f, (fit_on, _) in enumerate(folds):
+            keep = {test[i].id for i in fit_on}
+            banks[f] = _fit(acts.subset(lambda s: s.id in keep), lm, config, needed)
+    else:
+        acts = collect_activations(lm, train, config.prompt, resources, config.read)
+        shared = _fit(acts, lm, config, needed)
+        banks = {f: shared for f in range(len(folds))}
+    points = grid(config, sorted({s.cwe for s in test}))
+    prompts = {s.id: build_prompt(s, config.prompt, resources) for s in test}
+    jobs = [Job(s, config.prompt, prompts[s.id]) for s in test if (BASELINE, s.id) not in done]
+    for point in points:
+        for s in test:
+            if (point.id, s.id) not in done:
+                jobs.append(Job(s, config.prompt, prompts[s.id], _steering(point, s, fold_of[s.id], banks, layer_sets)))
+    return SweepPlan(test, fold_of, banks, points, jobs, len(test) * (1 + len(points)))
+
+
+def _fit(acts, lm: LoadedModel, config: SweepConfig, layers: list[int]) -> dict[str, VectorBank]:
+    """One bank per method."""
+    return {method: fit(acts, lm, method, layers, config.normalisation) for method in config.methods}
+
+
+def _steering(point: GridPoint, sample: Sample, fold: int, banks, layer_sets) -> Steering:
+    bank = banks[fold][point.method]
+    group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
+    by_layer = bank.for_group(group)
+    return Steering({layer: by_layer[layer] for layer in layer_sets[point.layers]}, point.strength, point.positions,
+                    label={"config": point.id, "fold": fold})
+
+
+def config_of(result: Result) -> str:
+    return result.steering["config"] if result.steering else BASELINE
+
+
+def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None) -> Path:
+    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path."""
+    from vulnsteer.models import default_device, load_model, resolve_dtype
+    from vulnsteer.pipeline import collect_activations, prompt_resources, run_jobs
+    from vulnsteer.report import write_report
+
+    test, train = load_sweep_samples(config)
+    resources = prompt_resources(config.dataset)
+    if lm is None:
+        device = default_device()
+        lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+    store = SweepStore(out_dir / "sweep.sqlite")
+    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dtype": str(lm.model.dtype),
+            "dataset_hash": dataset_hash(test), "train_dataset_hash": dataset_hash(train) if train else None,
+            "config": asdict(config), "vulnsteer": __version__}
+    try:
+        store.claim(meta, must_match=("model", "config_hash", "dataset_hash", "train_dataset_hash", "config"))
+        sweep = plan(config, lm, test, train, resources, store.done(), collect_activations)
+        n_done = sweep.total_rows - len(sweep.jobs)
+        print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items = {sweep.total_rows} rows"
+              f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
+        start = time.perf_counter()
+        if sweep.jobs:
+            decoding = Decoding(config.mode, config.max_new_tokens, config.batch_tokens)
+            run_jobs(lm, sweep.jobs, decoding, "sweep",
+                     on_result=lambda r: store.add(config_of(r), sweep.fold_of[r.sample_id], r))
+        print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
+        _write_probe(lm, sweep, config, resources, out_dir, collect_activations)
+    finally:
+        store.close()
+    return write_report(out_dir)
+
+
+def _write_probe(lm, sweep: SweepPlan, config: SweepConfig, resources, out_dir: Path, collect_activations) -> None:
+    """Cross-validated probe AUROC per layer on the test items, for the report."""
+    from vulnsteer.probe import probe
+
+    acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read)
+    rows = probe(acts, sorted(acts.by_layer), config.methods[0], config.folds, config.seed)
+    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows]))
+
+
+def load_config(path: Path | None, overrides: dict) -> SweepConfig:
+    """A config from TOML with flag overrides on top (flags left unset are None and do not override)."""
+    base = read_toml(path) if path else {}
+    return SweepConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def config_from_store(out_dir: Path) -> SweepConfig:
+    path = out_dir / "sweep.sqlite"
+    if not path.exists():
+        raise VulnsteerError(f"nothing to resume: {path} does not exist")
+    store = SweepStore(path)
+    try:
+        meta = store.meta()
+    finally:
+        store.close()
+    if "config" not in meta:
+        raise VulnsteerError(f"{path} has no sweep configuration to resume")
+    return SweepConfig.from_dict(meta["config"])

@@ -1,0 +1,308 @@
+"""The evaluation engine on tiny random Llama and Qwen2 models: job order, batching invariance, both modes,
+multi-turn prompts, steering labels, and the helpers (batches, render, answer_token_ids)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer
+from vulnsteer.data import Sample
+from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, batches, evaluate, render
+from vulnsteer.prompts import Prompt, build_prompt
+from vulnsteer.steering import Steering
+
+VERDICTS = {"vulnerable", "not_vulnerable", "unknown"}
+
+CODES = [
+    "int main(int c, char **v) { char b[4]; strcpy(b, v[1]); return 0; }",
+    "x = 1",
+    "def f(p):\n    return open(p).read()",
+    "void g(int *p) { free(p); *p = 2; }",
+    "q = 'SELECT * FROM t WHERE id=' + uid",
+]
+
+
+def make_samples(n: int = 5) -> list[Sample]:
+    samples = []
+    for i in range(n):
+        label = "vulnerable" if i % 2 == 0 else "patched"
+        samples.append(Sample(id=f"s{i}", cwe="CWE-787", label=label, language="c", code=CODES[i % len(CODES)],
+                              pair_id=f"p{i // 2}", split="unit", source="test"))
+    return samples
+
+
+def make_jobs(samples, prompt_id: str = "S1", steering=None) -> list[Job]:
+    return [Job(s, prompt_id, build_prompt(s, prompt_id), steering) for s in samples]
+
+
+def comparable(result: Result) -> dict:
+    """Everything of a row except its timing."""
+    d = result.to_dict()
+    d.pop("seconds")
+    return d
+
+
+# --- generate mode ------------------------------------------------------------------------------
+
+
+def test_generate_returns_one_result_per_job_in_order(lm):
+    samples = make_samples()
+    jobs = make_jobs(samples)
+    seen = []
+    results = evaluate(lm, jobs, Decoding("generate", max_new_tokens=6), on_result=seen.append)
+    assert [r.sample_id for r in results] == [s.id for s in samples]
+    assert sorted(r.sample_id for r in seen) == sorted(s.id for s in samples)  # each reported exactly once
+    for result, sample in zip(results, samples):
+        assert result.verdict in VERDICTS
+        assert result.mode == "generate"
+        assert result.score is None
+        assert result.label == sample.label and result.pair_id == sample.pair_id and result.cwe == sample.cwe
+        assert 0 <= result.new_tokens <= 6
+        assert result.prompt_tokens > 0
+        assert result.seconds >= 0
+        assert result.steering is None and result.turns == []
+
+
+def test_generate_prompt_tokens_match_the_rendered_prompt(lm):
+    samples = make_samples(3)
+    results = evaluate(lm, make_jobs(samples), Decoding("generate", max_new_tokens=2))
+    for result, sample in zip(results, samples):
+        text = render(lm.tokenizer, build_prompt(sample, "S1").messages)
+        assert result.prompt_tokens == len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_progress_counts_every_job(lm):
+    counts = []
+    evaluate(lm, make_jobs(make_samples(4)), Decoding("generate", max_new_tokens=2, batch_tokens=1),
+             progress=counts.append)
+    assert sum(counts) == 4
+    assert len(counts) == 4  # one row per batch with a tiny budget
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_batching_does_not_change_results(lm, mode):
+    jobs = make_jobs(make_samples())
+    one_by_one = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, batch_tokens=1))
+    all_at_once = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, batch_tokens=10**6))
+    for a, b in zip(one_by_one, all_at_once):
+        assert a.sample_id == b.sample_id
+        assert a.response == b.response
+        assert a.prompt_tokens == b.prompt_tokens
+        assert a.new_tokens == b.new_tokens
+        if mode == "score":
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            assert a.verdict == b.verdict
+
+
+# --- score mode ---------------------------------------------------------------------------------
+
+
+def test_score_mode_gives_finite_scores_and_the_sign_is_the_verdict(lm):
+    samples = make_samples()
+    results = evaluate(lm, make_jobs(samples), Decoding("score"))
+    assert [r.sample_id for r in results] == [s.id for s in samples]
+    scores = [r.score for r in results]
+    for r in results:
+        assert r.mode == "score"
+        assert isinstance(r.score, float) and math.isfinite(r.score)
+        assert r.verdict == ("vulnerable" if r.score > 0 else "not_vulnerable")
+        assert r.new_tokens == 0 and r.response == ""
+    assert len(set(scores)) > 1, "different prompts should not all score the same"
+
+
+def test_score_is_the_yes_no_log_odds_after_the_answer_prefix(lm):
+    sample = make_samples(1)[0]
+    [result] = evaluate(lm, make_jobs([sample]), Decoding("score"))
+    text = render(lm.tokenizer, build_prompt(sample, "S1").messages, "Answer:")
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        logp = lm.model(**ids).logits[0, -1].float().log_softmax(-1)
+    yes, no = answer_token_ids(lm.tokenizer)
+    expected = float(logp[yes].logsumexp(-1) - logp[no].logsumexp(-1))
+    assert result.score == pytest.approx(expected, abs=1e-4)
+    assert result.prompt_tokens == ids["input_ids"].shape[1]
+
+
+# --- multi-turn ---------------------------------------------------------------------------------
+
+
+def _multi_turn_job(sample: Sample, followups: tuple[str, ...]) -> Job:
+    prompt = Prompt([{"role": "user", "content": f'Code: """\n{sample.code}\n"""\n\nDescribe it.'}], followups)
+    return Job(sample, "R3", prompt)
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_multi_turn_prompts_record_earlier_replies(lm, mode):
+    samples = make_samples(3)
+    followups = ("Which parts could be risky?", "So, is it vulnerable?")
+    jobs = [_multi_turn_job(s, followups) for s in samples]
+    results = evaluate(lm, jobs, Decoding(mode, max_new_tokens=5))
+    assert [r.sample_id for r in results] == [s.id for s in samples]
+    for r in results:
+        assert len(r.turns) == len(followups)
+        assert all(isinstance(t, str) for t in r.turns)
+        assert r.verdict in VERDICTS
+        if mode == "score":
+            assert math.isfinite(r.score)
+
+
+def test_multi_turn_first_turn_is_the_single_turn_answer(lm):
+    """The recorded first turn is exactly what the model answers to the first question alone."""
+    samples = make_samples(2)
+    single = evaluate(lm, [_multi_turn_job(s, ()) for s in samples], Decoding("generate", max_new_tokens=5))
+    multi = evaluate(lm, [_multi_turn_job(s, ("And then?",)) for s in samples], Decoding("generate", max_new_tokens=5))
+    for one, two in zip(single, multi):
+        assert one.turns == []
+        assert two.turns == [one.response]
+
+
+def test_jobs_with_different_numbers_of_turns_in_one_run(lm):
+    samples = make_samples(3)
+    jobs = [_multi_turn_job(samples[0], ()), _multi_turn_job(samples[1], ("Next?",)),
+            _multi_turn_job(samples[2], ("Next?", "Last?"))]
+    results = evaluate(lm, jobs, Decoding("generate", max_new_tokens=4))
+    assert [len(r.turns) for r in results] == [0, 1, 2]
+    assert [r.sample_id for r in results] == ["s0", "s1", "s2"]
+
+
+                          "(evaluation.py evaluate/_result: `None > 0`)")
+def test_score_mode_with_different_numbers_of_turns_in_one_batch(lm):
+    samples = make_samples(2)
+    jobs = [_multi_turn_job(samples[0], ()), _multi_turn_job(samples[1], ("Next?",))]
+    results = evaluate(lm, jobs, Decoding("score", max_new_tokens=4, batch_tokens=10**6))
+    assert all(math.isfinite(r.score) for r in results)
+
+
+# --- steering -----------------------------------------------------------------------------------
+
+
+def test_steered_jobs_record_their_label_and_change_the_answer(lm):
+    samples = make_samples(4)
+    g = torch.Generator().manual_seed(3)
+    vector = torch.randn(lm.hidden_size, generator=g) * 8.0
+    label = {"vectors": "CWE-787", "layers": [1], "strength": 4.0, "positions": "all", "method": "test"}
+    steering = Steering({1: vector}, 4.0, "all", label=label)
+    # Alternate steered and plain jobs so the batch mixes both.
+    jobs = [Job(s, "S1", build_prompt(s, "S1"), steering if i % 2 else None) for i, s in enumerate(samples)]
+    plain = evaluate(lm, make_jobs(samples), Decoding("score"))
+    mixed = evaluate(lm, jobs, Decoding("score"))
+    for i, (p, m) in enumerate(zip(plain, mixed)):
+        if i % 2:
+            assert m.steering == label
+            assert m.score != pytest.approx(p.score, abs=1e-4), "steering at this strength should move the score"
+        else:
+            assert m.steering is None
+            assert m.score == pytest.approx(p.score, abs=1e-4)
+
+
+def test_steered_generation_records_label(lm):
+    samples = make_samples(2)
+    steering = Steering({0: torch.ones(lm.hidden_size)}, 0.5, "generated", label={"strength": 0.5})
+    results = evaluate(lm, make_jobs(samples, steering=steering), Decoding("generate", max_new_tokens=3))
+    assert [r.steering for r in results] == [{"strength": 0.5}] * 2
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget", [1, 50, 300, 10**6])
+def test_batches_respect_the_budget_and_cover_every_index_once(seed, budget):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 40))]
+    groups = batches(lengths, budget)
+    flat = [i for group in groups for i in group]
+    assert sorted(flat) == list(range(len(lengths)))
+    for group in groups:
+        assert group
+        width = max(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * width <= budget
+    if budget >= sum(lengths) * max(lengths):
+        assert len(groups) == 1
+    if budget == 1:
+        assert all(len(g) == 1 for g in groups)
+
+
+def test_batches_group_similar_lengths():
+    lengths = [10, 100, 11, 99, 12, 98]
+    groups = batches(lengths, 300)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[98, 99, 100], [10, 11, 12]]
+
+
+def test_batches_of_nothing():
+    assert batches([], 100) == []
+
+
+# --- render -------------------------------------------------------------------------------------
+
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_render_keeps_the_system_role_when_the_template_supports_it():
+    tok = byte_tokenizer()
+    text = render(tok, [{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"}], "Answer:")
+    assert text == "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nUSR<|im_end|>\n<|im_start|>assistant\nAnswer:"
+
+
+def test_render_folds_the_system_prompt_for_templates_without_a_system_role():
+    tok = byte_tokenizer()
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    messages = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+    with pytest.raises(Exception):
+        tok.apply_chat_template(messages, tokenize=False)  # the template really rejects it
+    text = render(tok, messages)
+    assert "system" not in text
+    assert text == ("<|im_start|>user\nSYS\n\nUSR<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+                    "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_render_reraises_template_errors_without_a_system_prompt():
+    tok = byte_tokenizer()
+    tok.chat_template = "{{ raise_exception('broken template') }}"
+    with pytest.raises(Exception, match="broken template"):
+        render(tok, [{"role": "user", "content": "USR"}])
+
+
+def test_evaluate_works_with_a_template_without_system_role(lm):
+    lm.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    sample = make_samples(1)[0]
+    [result] = evaluate(lm, make_jobs([sample], "strict"), Decoding("score"))  # strict has a system prompt
+    assert math.isfinite(result.score)
+
+
+# --- answer tokens ------------------------------------------------------------------------------
+
+
+def test_answer_token_ids_finds_single_token_yes_and_no():
+    tok = byte_tokenizer()
+    yes, no = answer_token_ids(tok)
+    assert set(yes) == set(tok.convert_tokens_to_ids(["Ġyes", "yes"]))
+    assert set(no) == set(tok.convert_tokens_to_ids(["Ġno", "no"]))
+    assert not set(yes) & set(no)
+    for i in yes:
+        assert tok.decode([i]).strip() == "yes"
+    for i in no:
+        assert tok.decode([i]).strip() == "no"
+
+
+def test_answer_token_ids_refuses_a_tokenizer_without_single_token_answers():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    with pytest.raises(ValueError, match="single-token"):
+        answer_token_ids(fast)

@@ -1,0 +1,141 @@
+"""Sweeps on a tiny model: protocol, store, resume after SIGKILL, config validation, report files."""
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_lm
+from vulnsteer.data import load_demo
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.protocol import pair_folds
+from vulnsteer.report import analyse
+from vulnsteer.sweep import BASELINE, GridPoint, SweepConfig, grid, load_config, run_sweep
+
+SMALL = dict(dataset="demo", limit=8, folds=2, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score",
+             transfer_strength=2.0)
+
+
+def table(path):
+    """rows.csv without the timing column, sorted: what must be equal between two runs."""
+    with open(path) as f:
+        rows = [r[:-1] for r in csv.reader(f)]
+    return rows[0], sorted(rows[1:])
+
+
+def test_folds_keep_pairs_and_scenarios_together():
+    samples = load_demo()
+    for train, test in pair_folds(samples, k=4):
+        assert {samples[i].pair_id for i in train}.isdisjoint({samples[i].pair_id for i in test})
+    assert sorted(i for _, test in pair_folds(samples, k=4) for i in test) == list(range(len(samples)))
+
+
+def test_sweep_rows_are_held_out_and_complete(tmp_path):
+    lm = tiny_lm("llama")
+    config = SweepConfig(**SMALL)
+    report = run_sweep(config, tmp_path, lm=lm)
+    assert report.exists() and (tmp_path / "report.md").exists()
+    html = report.read_text()
+    assert "data:image/png;base64," in html and "Protocol" in html and "Headline" in html
+    a = analyse(tmp_path)
+    n = len(a.sample_ids)
+    points = grid(config, sorted({r.cwe for r in a.arms[BASELINE]}))
+    assert set(a.arms) == {BASELINE, *(p.id for p in points)}
+    assert all(len(rows) == n for rows in a.arms.values())
+    store = sqlite3.connect(tmp_path / "sweep.sqlite")
+    assert store.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = store.execute("SELECT config, sample_id, fold, result FROM rows").fetchall()
+    assert len(rows) == n * (1 + len(points))
+    meta = dict(store.execute("SELECT key, value FROM meta"))
+    assert json.loads(meta["config"])["strengths"] == [-2.0, 2.0]
+    # Each steered row records the fold whose vectors steered it; that fold's training set excludes the item.
+    for config_id, sample_id, fold, result in rows:
+        steering = json.loads(result)["steering"]
+        if config_id != BASELINE:
+            assert steering["config"] == config_id and steering["fold"] == fold == a.folds[sample_id]
+    # The nested selection picks per fold from the grid (or the baseline), never from transfer-only configs.
+    for chosen in a.selected_by_fold.values():
+        assert chosen == BASELINE or GridPoint.parse(chosen).vectors in config.vectors
+
+
+def test_resume_is_refused_for_another_dataset(tmp_path):
+    lm = tiny_lm("llama")
+    run_sweep(SweepConfig(**{**SMALL, "transfer": False, "strengths": [2.0]}), tmp_path, lm=lm)
+    with pytest.raises(VulnsteerError, match="another"):
+        run_sweep(SweepConfig(**{**SMALL, "transfer": False, "strengths": [2.0], "limit": 4}), tmp_path, lm=lm)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"strenghts": [1]}, "unknown key"),
+    ({"strengths": []}, "non-empty"),
+    ({"strengths": ["a"]}, "numbers"),
+    ({"methods": ["magic"]}, "unknown value"),
+    ({"positions": ["generated"], "mode": "score"}, "steers nothing"),
+    ({"folds": 1}, "folds"),
+])
+def test_invalid_configs_are_refused(bad, message):
+    with pytest.raises(VulnsteerError, match=message):
+        SweepConfig.from_dict(bad)
+
+
+def test_toml_config_and_flag_overrides(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text('dataset = "demo"\nstrengths = [-1, 1]\nlayers = ["rel:0.5"]\n')
+    config = load_config(path, {"strengths": [0.5], "limit": None})
+    assert config.strengths == [0.5] and config.layers == ["rel:0.5"] and config.limit is None
+    path.write_text("strengths = [1,")
+    with pytest.raises(VulnsteerError, match="not valid TOML"):
+        load_config(path, {})
+
+
+def test_layers_out_of_range_are_refused(tmp_path):
+    with pytest.raises(VulnsteerError, match="out of range"):
+        run_sweep(SweepConfig(**{**SMALL, "layers": ["9"]}), tmp_path, lm=tiny_lm("llama"))
+
+
+def _sweep_cmd(model_dir, out_dir, *extra):
+    return [sys.executable, "-m", "vulnsteer.cli", "sweep", "--model", str(model_dir), "--dataset", "demo",
+            "--limit", "8", "--folds", "2", "--layers", "1;0,2", "--strengths", "-2,-1,1,2", "--mode", "generate",
+            "--max-new-tokens", "12", "--no-transfer", "--dtype", "float32", "-o", str(out_dir), *extra]
+
+
+def test_sigkill_midway_then_resume_equals_uninterrupted_run(tmp_path):
+    """A sweep killed with SIGKILL and resumed ends with exactly the rows of an uninterrupted run."""
+    lm = tiny_lm("qwen2")
+    model_dir = tmp_path / "tiny-model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    env = {**os.environ, "VULNSTEER_CACHE": str(tmp_path / "cache")}
+
+    subprocess.run(_sweep_cmd(model_dir, tmp_path / "full"), env=env, check=True, capture_output=True)
+    expected = table(tmp_path / "full" / "rows.csv")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_sweep_cmd(model_dir, killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db, n_rows, deadline = killed / "sweep.sqlite", 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                n_rows = sqlite3.connect(db).execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+            except sqlite3.OperationalError:
+                n_rows = 0
+            if n_rows >= 5:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < n_rows < len(expected[1])
+
+    resumed = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(killed)], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already done" in resumed.stdout
+    assert table(killed / "rows.csv") == expected
