@@ -169,7 +169,6 @@ def test_jobs_with_different_numbers_of_turns_in_one_run(lm):
     assert [r.sample_id for r in results] == ["s0", "s1", "s2"]
 
 
-                          "(evaluation.py evaluate/_result: `None > 0`)")
 def test_score_mode_with_different_numbers_of_turns_in_one_batch(lm):
     samples = make_samples(2)
     jobs = [_multi_turn_job(samples[0], ()), _multi_turn_job(samples[1], ("Next?",))]
