@@ -320,12 +320,30 @@ def write_report(out_dir: Path) -> Path:
         md, htm = _table(["augmentation", "n compared", "baseline flip rate", "selected flip rate"], rows)
         sections.append(("Robustness: verdict flips under augmentation", md, htm))
 
+    if a.config.mode == "generate":
+        reasoning = _reasoning_section(a)
+        if reasoning:
+            sections.append(("Reasoning quality (baseline vs selected)", reasoning.markdown,
+                             f"<pre>{html.escape(reasoning.markdown)}</pre>"))
+
     examples = _examples(a)
     if examples:
         md, htm = _table(["item", "label", "baseline", "selected"], examples)
         sections.append(("Example answers (baseline vs selected)", md, htm))
 
     return _write_files(out_dir, a, sections, figures)
+
+
+def _reasoning_section(a: Analysis):
+    """ROUGE/embedding reasoning scores against the dataset's ground-truth explanations (generate mode)."""
+    from dataclasses import replace
+
+    from vulnsteer.summary import reasoning_section
+    from vulnsteer.sweep import load_sweep_samples
+
+    samples, _ = load_sweep_samples(a.config)
+    selected = [replace(r, steering={"config": "selected (nested)"}) for r in a.selected]
+    return reasoning_section(a.arms[BASELINE] + selected, samples)
 
 
 def _examples(a: Analysis, k: int = 6) -> list[list[str]]:
