@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 from dataclasses import dataclass
@@ -269,12 +268,10 @@ def protocol_text(a: Analysis) -> str:
             "descriptive: picking its first row would be selection on the test set.")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
-    md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                   + ["| " + " | ".join(r) + " |" for r in rows])
-    cells = lambda tag, r: "".join(f"<{tag}>{html.escape(x)}</{tag}>" for x in r)  # noqa: E731
-    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return md, f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda cell: cell.replace("|", "\\|")  # noqa: E731
+    return "\n".join(["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(map(escape, r)) + " |" for r in rows])
 
 
 def write_report(out_dir: Path) -> Path:
@@ -286,23 +283,22 @@ def write_report(out_dir: Path) -> Path:
     metric = a.config.select_metric
     test = mcnemar_items(base_items, chosen_items)
     gain = bootstrap_gain(base_items, chosen_items, metric, n_boot=N_BOOT) if a.selected else None
-    sections: list[tuple[str, str, str]] = []  # (title, markdown, html)
+    sections: list[tuple[str, str]] = []  # (title, markdown)
 
     metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"] + (["auroc"] if a.config.mode == "score" else [])
-    md, htm = _table(["arm", *metrics], [["baseline", *(fmt(getattr(base, m)) for m in metrics)],
-                                         ["selected (nested, held-out)", *(fmt(getattr(chosen, m)) for m in metrics)]])
+    md = _table(["arm", *metrics], [["baseline", *(fmt(getattr(base, m)) for m in metrics)],
+                                    ["selected (nested, held-out)", *(fmt(getattr(chosen, m)) for m in metrics)]])
     verdict = (f"Gain in {metric}: {fmt(gain)}; McNemar exact p = {test.p_value:.3g} "
                f"(baseline-only right {test.b}, steered-only right {test.c}).")
     if gain is not None and gain.low <= 0 <= gain.high:
         verdict += " The interval includes 0: no evidence that steering helps here."
     choices = "; ".join(f"fold {f}: `{c}`" for f, c in sorted(a.selected_by_fold.items()))
-    sections.append(("Headline", f"{md}\n\n{verdict}\n\nSelected per fold: {choices}",
-                     f"{htm}<p>{html.escape(verdict)}</p><p>Selected per fold: {html.escape(choices)}</p>"))
+    sections.append(("Headline", f"{md}\n\n{verdict}\n\nSelected per fold: {choices}"))
 
     top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}"] for s in a.stats[:15]]
-    md, htm = _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]",
-                      "b/c", "McNemar p"], top)
-    sections.append(("Top configs (descriptive, all held-out rows)", md, htm))
+    sections.append(("Top configs (descriptive, all held-out rows)",
+                     _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]", "b/c",
+                             "McNemar p"], top)))
 
     figures: list[tuple[str, str, bytes]] = [("Gain over strength × layer", name, png)
                                              for name, png in gain_heatmaps(a)]
@@ -317,19 +313,19 @@ def write_report(out_dir: Path) -> Path:
     flips = flip_rates(a)
     if flips:
         rows = [[kind, str(v["n"]), f"{v['baseline']:.3f}", f"{v['selected']:.3f}"] for kind, v in flips.items()]
-        md, htm = _table(["augmentation", "n compared", "baseline flip rate", "selected flip rate"], rows)
-        sections.append(("Robustness: verdict flips under augmentation", md, htm))
+        sections.append(("Robustness: verdict flips under augmentation",
+                         _table(["augmentation", "n compared", "baseline flip rate", "selected flip rate"], rows)))
 
     if a.config.mode == "generate":
         reasoning = _reasoning_section(a)
         if reasoning:
-            sections.append(("Reasoning quality (baseline vs selected)", reasoning.markdown,
-                             f"<pre>{html.escape(reasoning.markdown)}</pre>"))
+            sections.append(("Reasoning quality (baseline vs selected)",
+                             reasoning.markdown.replace("## Reasoning\n", "", 1)))
 
     examples = _examples(a)
     if examples:
-        md, htm = _table(["item", "label", "baseline", "selected"], examples)
-        sections.append(("Example answers (baseline vs selected)", md, htm))
+        sections.append(("Example answers (baseline vs selected)",
+                         _table(["item", "label", "baseline", "selected"], examples)))
 
     return _write_files(out_dir, a, sections, figures)
 
@@ -356,30 +352,30 @@ def _examples(a: Analysis, k: int = 6) -> list[list[str]]:
 
 
 def _write_files(out_dir: Path, a: Analysis, sections, figures) -> Path:
+    """The Markdown report links its figures from report_files/; the HTML one, rendered from the same Markdown,
+    embeds them, so it is a single file to send around."""
+    import markdown
+
     files = out_dir / "report_files"
     files.mkdir(exist_ok=True)
     meta = a.meta
     head = (f"model `{meta.get('model')}` ({meta.get('dtype')}), dataset `{a.config.dataset}` "
             f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
             f"vulnsteer {meta.get('vulnsteer')}")
-    md = [f"# vulnsteer sweep report\n\n{head}\n\n## Protocol\n\n{protocol_text(a)}\n"]
-    body = [f"<h1>vulnsteer sweep report</h1><p>{html.escape(head)}</p><h2>Protocol</h2>"
-            f"<p>{html.escape(protocol_text(a))}</p>"]
-    for title, section_md, section_html in sections:
-        md.append(f"## {title}\n\n{section_md}\n")
-        body.append(f"<h2>{html.escape(title)}</h2>{section_html}")
+    parts = [f"# vulnsteer sweep report\n\n{head}\n\n## Protocol\n\n{protocol_text(a)}\n"]
+    parts += [f"## {title}\n\n{text}\n" for title, text in sections]
+    embedded = list(parts)
     for title, name, png in figures:
         (files / f"{name}.png").write_bytes(png)
-        md.append(f"## {title}\n\n![{title}](report_files/{name}.png)\n")
-        body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    (out_dir / "report.md").write_text("\n".join(md))
+        parts.append(f"## {title}\n\n![{title}](report_files/{name}.png)\n")
+        embedded.append(f"## {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})\n")
+    (out_dir / "report.md").write_text("\n".join(parts))
+    body = markdown.markdown("\n".join(embedded), extensions=["tables"])
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}")
     (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>vulnsteer "
-                                         f"report</title><style>{style}</style></head><body>{''.join(body)}"
-                                         "</body></html>")
+                                         f"report</title><style>{style}</style></head><body>{body}</body></html>")
     return out_dir / "report.html"
 
 
