@@ -305,3 +305,26 @@ def test_answer_token_ids_refuses_a_tokenizer_without_single_token_answers():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     with pytest.raises(ValueError, match="single-token"):
         answer_token_ids(fast)
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch):
+    """A batch that does not fit is halved and retried until it does; results equal an unconstrained run."""
+    import vulnsteer.evaluation as evaluation
+
+    jobs = make_jobs(make_samples(5))
+    expected = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
+    real_run_batch, tried, ran = evaluation._run_batch, [], []
+
+    def small_device(lm_, texts, steerings, fn):
+        tried.append(len(texts))
+        if len(texts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        ran.append(len(texts))
+        return real_run_batch(lm_, texts, steerings, fn)
+
+    monkeypatch.setattr(evaluation, "_run_batch", small_device)
+    results = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
+    assert tried[0] == 5 and max(ran) <= 2 and sum(ran) == 5
+    assert [r.sample_id for r in results] == [r.sample_id for r in expected]
+    for a, b in zip(results, expected):
+        assert a.score == pytest.approx(b.score, abs=1e-4) and a.prompt_tokens == b.prompt_tokens

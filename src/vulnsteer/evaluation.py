@@ -179,18 +179,10 @@ def evaluate(
             for group in batches(lengths, decoding.batch_tokens):
                 rows = [phase[g] for g in group]
                 start = time.perf_counter()
-                steerings = _steering_of([jobs[i] for i in rows])
-                if rows[0] in scoring:
-                    encoded, scores = _run_batch(lm, [texts[i] for i in rows], steerings,
-                                                 lambda enc: _yes_no_log_odds(lm, enc))
-                    replies, new_tokens = [""] * len(rows), [0] * len(rows)
-                else:
-                    encoded, generated = _run_batch(lm, [texts[i] for i in rows], steerings,
-                                                    lambda enc: _generate(lm, enc, decoding.max_new_tokens))
-                    replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                    new_tokens, scores = _generated_lengths(generated, _eos_ids(lm)), [None] * len(rows)
+                replies, scores, new_tokens, prompt_tokens = _answer(
+                    lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]), rows[0] in scoring,
+                    decoding.max_new_tokens)
                 seconds = (time.perf_counter() - start) / len(rows)
-                prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
                 for k, i in enumerate(rows):
                     if i not in last_turn:
                         histories[i].append(replies[k].strip())
@@ -202,6 +194,28 @@ def evaluate(
                 if progress:
                     progress(sum(1 for i in rows if i in last_turn))
     return results  # type: ignore[return-value]
+
+
+def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int):
+    """Replies, scores, new-token and prompt-token counts of one batch. On out-of-memory the batch is split in
+    halves and retried, so a batch too large for the device costs time, never results."""
+    try:
+        if score:
+            encoded, scores = _run_batch(lm, texts, steerings, lambda enc: _yes_no_log_odds(lm, enc))
+            replies, new_tokens = [""] * len(texts), [0] * len(texts)
+        else:
+            encoded, generated = _run_batch(lm, texts, steerings, lambda enc: _generate(lm, enc, max_new_tokens))
+            replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            new_tokens, scores = _generated_lengths(generated, _eos_ids(lm)), [None] * len(texts)
+    except torch.cuda.OutOfMemoryError:
+        if len(texts) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(texts) // 2
+        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens)
+        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens)
+        return tuple(a + b for a, b in zip(first, second))
+    return replies, scores, new_tokens, encoded["attention_mask"].sum(dim=1).tolist()
 
 
 def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int, score: bool) -> str:
