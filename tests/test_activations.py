@@ -170,18 +170,13 @@ def test_partial_cache_runs_only_missing_rows(lm, monkeypatch):
         torch.testing.assert_close(mixed.by_layer[layer], fresh.by_layer[layer], atol=1e-5, rtol=1e-5)
 
 
-def test_cache_key_depends_on_prompt_read_sample_and_code(lm, monkeypatch):
+def test_cache_key_depends_on_the_rendered_prompt_and_read(lm, monkeypatch):
     s = make_samples(1)[0]
-    base = _cache_file(lm, s, "S1", "prompt-last")
+    base = _cache_file(lm, "rendered prompt", "prompt-last")
     assert base.parent.parent == cache_dir() / "activations"
-    assert _cache_file(lm, s, "S1", "prompt-last") == base
-    others = [
-        _cache_file(lm, s, "S2", "prompt-last"),
-        _cache_file(lm, s, "S1", "code-mean"),
-        _cache_file(lm, Sample(**{**s.__dict__, "id": "other"}), "S1", "prompt-last"),
-        _cache_file(lm, Sample(**{**s.__dict__, "code": s.code + " "}), "S1", "prompt-last"),
-    ]
-    assert len({base, *others}) == 5
+    assert _cache_file(lm, "rendered prompt", "prompt-last") == base
+    others = [_cache_file(lm, "rendered prompt ", "prompt-last"), _cache_file(lm, "rendered prompt", "code-mean")]
+    assert len({base, *others}) == 3
     # and collect really recomputes for another prompt id or read position
     collect(lm, [s], "S1", RES, read="prompt-last")
     calls = []

@@ -96,6 +96,18 @@ def test_pca_recovers_planted_direction_and_sign():
     assert cosine(flipped, d) < -0.9
 
 
+def test_pca_recovers_a_constant_planted_shift():
+    """Every vulnerable sample is its twin shifted by the same 2 x d: the paired differences all point along d, so
+    their first principal direction (uncentred) is d. Centred, only the noise would be left."""
+    g = torch.Generator().manual_seed(5)
+    d = unit(torch.randn(HIDDEN, generator=g))
+    base = torch.randn(24, HIDDEN, generator=g) * 2
+    x = torch.cat([base + 2 * d + 0.1 * torch.randn(24, HIDDEN, generator=g),
+                   base + 0.1 * torch.randn(24, HIDDEN, generator=g)])
+    labels = torch.tensor([True] * 24 + [False] * 24)
+    assert cosine(direction(x, labels, [f"p{i}" for i in range(24)] * 2, "pca"), d) > 0.9
+
+
 def test_pca_uses_pairs():
     """Differences are taken within pairs: the pair-specific base points (large here) cancel."""
     x, labels, pair_ids, d = planted(n_pairs=8, noise=0.05)
@@ -254,6 +266,14 @@ def test_load_refuses_missing_or_bad_metadata(tmp_path):
     save_file({"pooled/1": torch.ones(4)}, str(bad_json), metadata={"vulnsteer": "{oops"})
     with pytest.raises(VulnsteerError, match="not a vulnsteer vector file"):
         load(bad_json)
+
+
+@pytest.mark.parametrize("key", ["pooled", "pooled/x"])
+def test_load_refuses_bad_tensor_names(tmp_path, key):
+    path = tmp_path / "names.safetensors"
+    save_file({key: torch.ones(HIDDEN)}, str(path), metadata={"vulnsteer": json.dumps({"hidden_size": HIDDEN})})
+    with pytest.raises(VulnsteerError):
+        load(path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

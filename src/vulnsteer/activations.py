@@ -45,10 +45,10 @@ class Activations:
         return torch.tensor([s.is_vulnerable for s in self.samples])
 
 
-def _cache_file(lm: LoadedModel, sample: Sample, prompt_id: str, read: str) -> Path:
-    key = hashlib.sha256("\0".join([lm.model_id, lm.config_hash, str(lm.model.dtype), sample.id, sample.code,
-                                    prompt_id, read]).encode()).hexdigest()[:24]
-    return cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.config_hash}" / f"{key}.safetensors"
+def _cache_file(lm: LoadedModel, text: str, read: str) -> Path:
+    """Keyed by the rendered prompt itself, so a change of prompt text, few-shot files or definitions is a miss."""
+    key = hashlib.sha256("\0".join([lm.model_id, lm.config_hash, str(lm.model.dtype), text, read]).encode())
+    return cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.config_hash}" / f"{key.hexdigest()[:24]}.safetensors"
 
 
 def code_token_mask(tokenizer, text: str, code: str, width: int) -> torch.Tensor:
@@ -76,22 +76,22 @@ def collect(
     """One forward pass per batch records every decoder layer's output at the read position of each row."""
     if read not in READS:
         raise VulnsteerError(f"unknown read position {read!r}; use one of {', '.join(READS)}")
+    texts = [render(lm.tokenizer, list(build_prompt(s, prompt_id, resources).messages)) for s in samples]
     rows: dict[int, torch.Tensor] = {}
-    for i, sample in enumerate(samples):
-        path = _cache_file(lm, sample, prompt_id, read)
+    for i, text in enumerate(texts):
+        path = _cache_file(lm, text, read)
         if use_cache and path.exists():
             rows[i] = load_file(path)["activations"]
     todo = [i for i in range(len(samples)) if i not in rows]
     if progress and len(rows):
         progress(len(rows))
-    texts = {i: render(lm.tokenizer, list(build_prompt(samples[i], prompt_id, resources).messages)) for i in todo}
     lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo]
     for group in batches(lengths, batch_tokens):
         index = [todo[g] for g in group]
         for i, acts in zip(index, _forward_read(lm, [texts[i] for i in index], [samples[i] for i in index], read)):
             rows[i] = acts
             if use_cache:
-                path = _cache_file(lm, samples[i], prompt_id, read)
+                path = _cache_file(lm, texts[i], read)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file({"activations": acts.contiguous()}, str(path))
         if progress:

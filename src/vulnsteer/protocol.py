@@ -17,6 +17,8 @@ def pair_folds(samples: Sequence[Sample], k: int = 5, seed: int = 0) -> list[tup
     """(train indices, test indices) per fold. Both members of a pair (and all augmented copies of a scenario) land
     in the same fold; each CWE is spread over the folds as evenly as its pairs allow. `k` at least the number of
     pairs means leave-one-pair-out."""
+    if k < 2:
+        raise VulnsteerError(f"cross-validation needs at least 2 folds, got {k}")
     groups = [family(s) for s in samples]
     n_groups = len(set(groups))
     if n_groups < 2:

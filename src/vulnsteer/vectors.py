@@ -51,7 +51,8 @@ def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], me
         diffs = _paired_differences(x, vulnerable, pair_ids)
         if len(diffs) < 2:
             return diffs.mean(0)
-        _, _, v = torch.linalg.svd(diffs - diffs.mean(0) if len(diffs) > 2 else diffs, full_matrices=False)
+        # Uncentred: the shift that all pairs share is the signal, so it must not be subtracted away.
+        _, _, v = torch.linalg.svd(diffs, full_matrices=False)
         first = v[0]
         return first if (diffs @ first).mean() >= 0 else -first
     if method == "probe":
@@ -147,6 +148,8 @@ def load(path: Path) -> VectorBank:
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         group, _, layer = key.rpartition("/")
+        if not group or not layer.isdigit():
+            raise VulnsteerError(f"{path}: tensor {key!r} is not named <group>/<layer>")
         if not torch.isfinite(tensor).all():
             raise VulnsteerError(f"{path}: vector {key} has NaN or infinite values")
         vectors.setdefault(group, {})[int(layer)] = tensor
