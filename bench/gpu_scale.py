@@ -1,0 +1,429 @@
+"""How the evaluation engine scales to the original experiment's model size on one GPU, and how far from the
+hardware's limit it runs.
+
+Builds Qwen2.5-14B's architecture (hidden 5120, 48 layers, 40 heads, 8 KV heads, intermediate 13824, vocab 152064)
+with random bf16 weights directly on the GPU (no checkpoint, nothing through CPU RAM) and runs 48 prompts whose
+lengths are those of the SecLLMHolmes hand-crafted files (random token ids), 200 new tokens per row (EOS is
+suppressed with `min_new_tokens`, so every row generates all 200: a real model stops some rows earlier), timing:
+
+* one-at-a-time `generate` (the original experiment's way): only `--one-items` items (spread over the length
+  distribution), extrapolated to 48 (mean per item x 48): printed as such;
+* batched `generate` exactly as `vulnsteer.evaluation.evaluate` groups rows (`batches(lengths, batch_tokens)`,
+  left padding), without and with per-row steering at 4 layers (relative depths 0.25/0.5/0.75/last =
+  [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
+* the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does).
+
+In the same run it measures the hardware: dense bf16 matmul TFLOP/s and device-to-device copy bandwidth GB/s
+(read + written bytes), and prints the lower bound of a batched run:
+    decode steps x weight bytes / bandwidth  +  prefill FLOPs / matmul rate
+with decode steps = 200 x (number of batches): every batch re-reads every weight at every decode step.
+
+Usage on a GPU machine (from the repository root):
+    python bench/gpu_scale.py --output bench/results/qwen14b-arch-h200.json
+CPU-side check of the logic with a tiny model (no GPU needed; numbers meaningless):
+    python bench/gpu_scale.py --tiny
+"""
+
+from __future__ import annotations
+
+import vulnsteer  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vulnsteer.evaluation import batches
+from vulnsteer.steering import Steering, steer
+from vulnsteer.vectors import relative_layer
+
+# Prompt lengths (tokens) of the 48 SecLLMHolmes hand-crafted files (datasets/hand-crafted/dataset, in the order
+# `vulnsteer.data.load_secllmholmes` returns them), as rendered with prompt S1 through the chat template of
+# smollm2-135m-instruct and counted by its tokenizer (total 14,012). The Qwen tokenizer is not available offline;
+# Qwen2.5's template adds a slightly longer default system prompt (~14.3k in total), so these are a close,
+# slightly low stand-in. Reproduce with:
+#   render(tok, build_prompt(s, "S1", PromptResources.from_dataset_root(root)).messages) for each sample s.
+HANDCRAFTED_S1_LENGTHS = (
+    209, 245, 233, 249, 283, 287, 297, 389, 372, 456, 413, 465, 198, 230, 629, 198, 235, 618, 281, 317, 290, 332,
+    371, 306, 171, 197, 459, 250, 287, 490, 145, 482, 309, 134, 482, 328, 220, 193, 222, 227, 206, 231, 114, 189,
+    234, 113, 192, 234,
+)
+assert len(HANDCRAFTED_S1_LENGTHS) == 48 and sum(HANDCRAFTED_S1_LENGTHS) == 14012
+
+QWEN25_14B = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                  intermediate_size=13824, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+TINY = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=160, vocab_size=1000, max_position_embeddings=4096, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=False)
+DEPTHS = (0.25, 0.5, 0.75, 1.0)
+PAD_ID = 0
+EOS_ID = 1
+
+
+class Clock:
+    """Wall time of a block, synchronising the device on both ends so queued kernels are counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+# --- hardware limits -------------------------------------------------------------------------------
+
+
+def matmul_tflops(device, dtype, n: int, iters: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    clock = Clock(device)
+    with clock:
+        for _ in range(iters):
+            a @ b
+    return 2 * n**3 * iters / clock.seconds / 1e12
+
+
+def copy_gbps(device, nbytes: int, iters: int) -> float:
+    """Device-to-device copy: (bytes read + bytes written) per second, the DRAM traffic a weight read sees."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    clock = Clock(device)
+    with clock:
+        for _ in range(iters):
+            dst.copy_(src)
+    return 2 * nbytes * iters / clock.seconds / 1e9
+
+
+# --- model and workload ----------------------------------------------------------------------------
+
+
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
+    """Random weights allocated and initialised on `device` (the default device), never in CPU RAM."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**shape, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=EOS_ID, use_cache=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    return model
+
+
+def prompts(lengths, vocab: int, device, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=gen).to(device) for n in lengths]
+
+
+def left_pad(rows: list[torch.Tensor], device) -> dict:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def random_steering(hidden: int, layers: list[int], strength: float) -> Steering:
+    gen = torch.Generator().manual_seed(0)
+    vectors = {}
+    for layer in layers:
+        v = torch.randn(hidden, generator=gen)
+        vectors[layer] = v / v.norm()
+    return Steering(vectors, strength, "all")
+
+
+def generate(model, encoded: dict, new_tokens: int) -> torch.Tensor:
+    return model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          temperature=None, top_p=None, top_k=None, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+
+
+def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steering | None) -> int:
+    produced = 0
+    for group in groups:
+        enc = left_pad([tokens[i] for i in group], device)
+        ctx = steer(model, [steering] * len(group)) if steering else _Nothing()
+        with torch.inference_mode(), ctx:
+            out = generate(model, enc, new_tokens)
+        produced += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return produced
+
+
+def run_score(model, groups, tokens, device) -> int:
+    rows = 0
+    for group in groups:
+        enc = left_pad([tokens[i] for i in group], device)
+        with torch.inference_mode():
+            logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float().log_softmax(-1)
+        rows += logits.shape[0]
+    return rows
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def spread(lengths, k: int) -> list[int]:
+    """Indices of `k` items at evenly spaced quantiles of the length distribution."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if k >= len(order):
+        return order
+    return [order[round(j * (len(order) - 1) / max(1, k - 1))] for j in range(k)]
+
+
+def prefill_flops(n_params_matmul: int, lengths, layers: int, hidden: int) -> float:
+    """2 x matmul parameters per token, plus causal attention (QK^T and AV: 2 x 2 x L^2 x hidden / 2 per layer)."""
+    dense = 2 * n_params_matmul * sum(lengths)
+    attention = sum(2 * n * n * hidden * layers for n in lengths)
+    return float(dense + attention)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the logic, numbers meaningless")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 200 (8 with --tiny)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="padded prompt tokens per batch, as Decoding.batch_tokens (default 8192, the engine's)")
+    p.add_argument("--one-items", type=int, default=3, help="items timed one at a time (then extrapolated)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each batched arm (interleaved)")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--skip-hw", action="store_true", help="skip the matmul / bandwidth measurement")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    if args.tiny:
+        device, dtype, shape = torch.device("cpu"), torch.float32, TINY
+        lengths = tuple(max(4, n // 20) for n in HANDCRAFTED_S1_LENGTHS)
+        new_tokens = args.new_tokens or 8
+        mm_n, mm_iters, copy_bytes, copy_iters = 256, 5, 1 << 24, 5
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_scale.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine); "
+                  "nothing was run. Use --tiny to check the script's logic on CPU.", file=sys.stderr)
+            return 2
+        device, dtype, shape = torch.device("cuda"), torch.bfloat16, QWEN25_14B
+        lengths = HANDCRAFTED_S1_LENGTHS
+        new_tokens = args.new_tokens or 200
+        mm_n, mm_iters, copy_bytes, copy_iters = 8192, 50, 4 << 30, 20
+
+    wall = time.perf_counter()
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__, "python": platform.python_version(), "tiny": args.tiny,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "cuda": torch.version.cuda,
+    }
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    report: dict = {"machine": info}
+
+    hw = {}
+    if not args.skip_hw:
+        hw["matmul_tflops_bf16" if dtype == torch.bfloat16 else "matmul_tflops"] = \
+            matmul_tflops(device, dtype, mm_n, mm_iters)
+        hw["copy_gbps"] = copy_gbps(device, copy_bytes, copy_iters)
+        hw["matmul_n"], hw["copy_bytes"] = mm_n, copy_bytes
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report["hardware"] = hw
+
+    with Clock(device) as build_clock:
+        model = build_model(shape, device, dtype)
+    n_layers, hidden = shape["num_hidden_layers"], shape["hidden_size"]
+    embed = model.get_input_embeddings().weight
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # A decode step reads every weight except the input embedding (only the rows of the new tokens).
+    read_bytes = param_bytes - embed.numel() * embed.element_size()
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - embed.numel()
+    tokens = prompts(lengths, shape["vocab_size"], device)
+    groups = batches(list(lengths), args.batch_tokens)
+    layers = sorted({relative_layer(d, n_layers) for d in DEPTHS})
+    steering = random_steering(hidden, layers, args.strength)
+    report["workload"] = {
+        "shape": shape, "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": param_bytes, "decode_read_bytes": read_bytes, "prompts": len(lengths),
+        "prompt_tokens": sum(lengths), "new_tokens": new_tokens, "batch_tokens": args.batch_tokens,
+        "batches": [len(g) for g in groups], "steered_layers": layers,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "build_s": round(build_clock.seconds, 1),
+    }
+
+    # Warm-up: kernels, allocator, cuBLAS handles.
+    with torch.inference_mode():
+        generate(model, left_pad([tokens[i] for i in groups[0][:2]], device), 2)
+
+    # Sanity: the steered arm really steers (hooks installed on the right layers change the logits).
+    probe = left_pad([tokens[i] for i in groups[0][:2]], device)
+    with torch.inference_mode():
+        base_logits = model(**probe, logits_to_keep=1).logits.float()
+        with steer(model, [random_steering(hidden, layers, 4.0)] * 2):
+            steered_logits = model(**probe, logits_to_keep=1).logits.float()
+    report["workload"]["steering_changes_logits"] = bool((base_logits - steered_logits).abs().max() > 0)
+    if not report["workload"]["steering_changes_logits"]:
+        raise SystemExit("steering left the logits unchanged: the hooks did not attach")
+
+    arms: dict = {}
+
+    # One at a time: a few items, extrapolated.
+    picked = spread(lengths, args.one_items)
+    per_item = []
+    reset_peak(device)
+    for i in picked:
+        enc = left_pad([tokens[i]], device)
+        with Clock(device) as c, torch.inference_mode():
+            generate(model, enc, new_tokens)
+        per_item.append(c.seconds)
+    arms["one_at_a_time"] = {
+        "measured_items": len(picked), "measured_lengths": [lengths[i] for i in picked],
+        "measured_s": [round(s, 3) for s in per_item],
+        "extrapolated_s": statistics.mean(per_item) * len(lengths), "extrapolated": True,
+        "peak_gib": peak_gib(device),
+    }
+
+    batched = {"batched_generate": None, "batched_generate_steered": None}
+    times: dict[str, list[float]] = {k: [] for k in batched}
+    peaks: dict[str, float | None] = {}
+    for _ in range(args.repeats):
+        for name in batched:
+            reset_peak(device)
+            with Clock(device) as c:
+                produced = run_batched(model, groups, tokens, device, new_tokens,
+                                       steering if name.endswith("steered") else None)
+            if produced != new_tokens * len(lengths):
+                raise SystemExit(f"{name}: {produced} new tokens, expected {new_tokens * len(lengths)}")
+            times[name].append(c.seconds)
+            peaks[name] = max(peaks.get(name) or 0, peak_gib(device) or 0) or None
+    for name in batched:
+        arms[name] = {"median_s": statistics.median(times[name]), "runs_s": [round(t, 3) for t in times[name]],
+                      "peak_gib": peaks[name]}
+
+    score_times = []
+    reset_peak(device)
+    for _ in range(max(1, args.repeats)):
+        with Clock(device) as c:
+            run_score(model, groups, tokens, device)
+        score_times.append(c.seconds)
+    arms["score"] = {"median_s": statistics.median(score_times), "runs_s": [round(t, 3) for t in score_times],
+                     "peak_gib": peak_gib(device)}
+    report["arms"] = arms
+
+    plain, steered = arms["batched_generate"]["median_s"], arms["batched_generate_steered"]["median_s"]
+    forward_calls = new_tokens * len(groups)
+    derived = {
+        "one_at_a_time_extrapolated / batched": arms["one_at_a_time"]["extrapolated_s"] / plain,
+        "batched / score": plain / arms["score"]["median_s"],
+        "steering_overhead_pct": 100 * (steered - plain) / plain,
+        "steering_us_per_layer_per_step": 1e6 * (steered - plain) / (len(layers) * forward_calls),
+        "decode_tokens_per_s_batched": new_tokens * len(lengths) / plain,
+    }
+    if hw:
+        rate = hw.get("matmul_tflops_bf16", hw.get("matmul_tflops")) * 1e12
+        bw = hw["copy_gbps"] * 1e9
+        flops = prefill_flops(matmul_params, lengths, n_layers, hidden)
+        bound_one_batch = new_tokens * read_bytes / bw + flops / rate
+        bound_engine = new_tokens * len(groups) * read_bytes / bw + flops / rate
+        derived.update({
+            "prefill_flops": flops,
+            "bound_s_single_batch": bound_one_batch,
+            "bound_s_engine_batches": bound_engine,
+            "bound_note": "decode steps x weight bytes / copy bandwidth + prefill FLOPs / matmul rate; "
+                          "KV-cache reads and decode FLOPs are left out (a lower bound); engine_batches counts "
+                          f"{len(groups)} batches x {new_tokens} steps",
+            "batched / bound_engine_batches": plain / bound_engine,
+            "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
+        })
+    report["derived"] = derived
+    report["wall_s"] = round(time.perf_counter() - wall, 1)
+
+    print_report(report)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, Console().width))
+    w = report["workload"]
+    console.print(f"[bold]{'TINY (CPU logic check) ' if report['machine']['tiny'] else ''}Qwen2-architecture "
+                  f"{w['params'] / 1e9:.2f}B params[/] on {report['machine']['device']}, "
+                  f"{w['prompts']} prompts / {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, "
+                  f"batches {w['batches']}")
+    table = Table(title="timings")
+    table.add_column("arm")
+    table.add_column("seconds", justify="right")
+    table.add_column("peak GiB", justify="right")
+    table.add_column("note")
+    for name, arm in report["arms"].items():
+        if name == "one_at_a_time":
+            table.add_row(name, f"{arm['extrapolated_s']:.2f}", str(arm["peak_gib"]),
+                          f"EXTRAPOLATED: mean of {arm['measured_items']} items x {w['prompts']}")
+        else:
+            table.add_row(name, f"{arm['median_s']:.2f}", str(arm["peak_gib"]), f"median of {len(arm['runs_s'])}")
+    console.print(table)
+    derived = Table(title="hardware and derived")
+    derived.add_column("quantity")
+    derived.add_column("value", justify="right")
+    for key, value in {**report["hardware"], **report["derived"]}.items():
+        if key.endswith("note"):
+            continue
+        derived.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(derived)
+    if "bound_note" in report["derived"]:
+        console.print(report["derived"]["bound_note"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
