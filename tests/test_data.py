@@ -367,3 +367,15 @@ def test_fetch_errors(tmp_path: Path) -> None:
         fetch_dataset("sven", tmp_path, url=url)
     with pytest.raises(VulnsteerError, match="unknown dataset"):
         fetch_dataset("bigvul", tmp_path)  # type: ignore[arg-type]
+
+
+def test_max_chars_and_pairs_per_cwe_keep_whole_pairs():
+    from vulnsteer.data import filter_samples, load_demo
+
+    demo = load_demo()
+    short = filter_samples(demo, None, None, None, max_chars=500)
+    assert short and all(len(s.code) <= 500 for s in short)
+    assert {s.pair_id for s in short} == {s.pair_id for s in demo} - {s.pair_id for s in demo if len(s.code) > 500}
+    one_each = filter_samples(demo, None, None, None, pairs_per_cwe=1)
+    assert len({s.pair_id for s in one_each}) == len({s.cwe for s in demo})
+    assert all(sum(t.pair_id == s.pair_id for t in one_each) == 2 for s in one_each)

@@ -31,6 +31,8 @@ DatasetOpt = typer.Option("demo", "--dataset", "-d",
 SplitOpt = typer.Option(None, "--split", help="Comma-separated splits, e.g. hand-crafted.")
 CweOpt = typer.Option(None, "--cwe", help="Comma-separated CWEs, e.g. CWE-787,CWE-89.")
 LimitOpt = typer.Option(None, "--limit", help="At most this many samples (whole pairs kept).")
+MaxCharsOpt = typer.Option(None, "--max-chars", help="Drop pairs whose code is longer than this.")
+PairsPerCweOpt = typer.Option(None, "--pairs-per-cwe", help="At most this many pairs of each CWE.")
 PromptOpt = typer.Option("S1", "--prompt", help="S1-S6, R1-R6, D1-D5 (SecLLMHolmes) or strict.")
 ModeOpt = typer.Option("generate", "--mode", help="generate (parse a free answer) or score (yes/no log-odds).")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
@@ -41,10 +43,11 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | None):
+def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | None,
+                 max_chars: int | None = None, pairs_per_cwe: int | None = None):
     from vulnsteer.data import filter_samples, load_dataset
 
-    return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit)
+    return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit, max_chars, pairs_per_cwe)
 
 
 def _resources(dataset: str):
@@ -95,6 +98,8 @@ def eval_command(
     split: Optional[str] = SplitOpt,
     cwe: Optional[str] = CweOpt,
     limit: Optional[int] = LimitOpt,
+    max_chars: Optional[int] = MaxCharsOpt,
+    pairs_per_cwe: Optional[int] = PairsPerCweOpt,
     prompt: str = PromptOpt,
     mode: str = ModeOpt,
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
@@ -114,12 +119,13 @@ def eval_command(
 
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
-    samples = load_samples(dataset, split, cwe, limit)
+    samples = load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe)
     resources = _resources(dataset)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
     lm = load_lm(model, dtype, mode, device)
     meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dataset": dataset, "split": split, "cwe": cwe,
-            "limit": limit, "prompt": prompt, "dtype": str(lm.model.dtype)}
+            "limit": limit, "max_chars": max_chars, "pairs_per_cwe": pairs_per_cwe, "prompt": prompt,
+            "dtype": str(lm.model.dtype)}
     steering_for = lambda sample: None  # noqa: E731
     if vectors is not None:
         from vulnsteer.vectors import load_vectors, steering_for_samples
@@ -149,6 +155,8 @@ def extract_command(
     split: Optional[str] = SplitOpt,
     cwe: Optional[str] = CweOpt,
     limit: Optional[int] = LimitOpt,
+    max_chars: Optional[int] = MaxCharsOpt,
+    pairs_per_cwe: Optional[int] = PairsPerCweOpt,
     prompt: str = PromptOpt,
     method: str = MethodOpt,
     layers: str = typer.Option("all", "--layers", help="12,24 / all / rel:0.25,0.5 (relative depths)."),
@@ -165,7 +173,7 @@ def extract_command(
     if method not in METHODS or normalisation not in NORMALISATIONS:
         raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
                              f"{', '.join(NORMALISATIONS)}")
-    samples = load_samples(dataset, split, cwe, limit)
+    samples = load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe)
     resources = _resources(dataset)
     lm = load_lm(model, dtype, "score", device)
     bank = run_extract(lm, samples, prompt, resources, method, _layers(layers, lm), read, normalisation, output)
@@ -180,6 +188,8 @@ def probe_command(
     split: Optional[str] = SplitOpt,
     cwe: Optional[str] = CweOpt,
     limit: Optional[int] = LimitOpt,
+    max_chars: Optional[int] = MaxCharsOpt,
+    pairs_per_cwe: Optional[int] = PairsPerCweOpt,
     prompt: str = PromptOpt,
     method: str = MethodOpt,
     layers: str = typer.Option("all", "--layers"),
@@ -194,7 +204,7 @@ def probe_command(
     from vulnsteer.pipeline import run_probe
     from vulnsteer.vectors import load_vectors
 
-    samples = load_samples(dataset, split, cwe, limit)
+    samples = load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe)
     resources = _resources(dataset)
     lm = load_lm(model, dtype, "score", device)
     if vectors is not None:
@@ -267,6 +277,9 @@ SWEEP_FLAGS = dict(
     split=typer.Option(None, "--split"), cwe=typer.Option(None, "--cwe"), limit=typer.Option(None, "--limit"),
     train_dataset=typer.Option(None, "--train-dataset", help="Fit vectors here, test on --dataset."),
     train_split=typer.Option(None, "--train-split"),
+    max_chars=typer.Option(None, "--max-chars"), pairs_per_cwe=typer.Option(None, "--pairs-per-cwe"),
+    train_max_chars=typer.Option(None, "--train-max-chars"),
+    train_pairs_per_cwe=typer.Option(None, "--train-pairs-per-cwe"),
     prompt=typer.Option(None, "--prompt"), mode=typer.Option(None, "--mode"), folds=typer.Option(None, "--folds"),
     methods=typer.Option(None, "--methods", help="mean-diff,pca,probe"),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
@@ -284,7 +297,8 @@ def _with_sweep_flags(fn):
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                annotation=Optional[bool] if name == "transfer" else
-                               Optional[int] if name in ("limit", "folds", "max_new_tokens") else Optional[str])
+                               Optional[int] if name in ("limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe",
+                                                         "train_max_chars", "train_pairs_per_cwe") else Optional[str])
              for name, option in SWEEP_FLAGS.items()]
     fn.__signature__ = inspect.Signature(params + extra)
     return fn

@@ -326,9 +326,11 @@ def load_dataset(spec: str) -> list[Sample]:
 
 
 def filter_samples(
-    samples: list[Sample], splits: list[str] | None, cwes: list[str] | None, limit: int | None
+    samples: list[Sample], splits: list[str] | None, cwes: list[str] | None, limit: int | None,
+    max_chars: int | None = None, pairs_per_cwe: int | None = None,
 ) -> list[Sample]:
-    """Keep the chosen splits and CWEs (None keeps all), then at most about `limit` samples.
+    """Keep the chosen splits and CWEs (None keeps all), pairs whose code is at most `max_chars` long, the first
+    `pairs_per_cwe` pairs of each CWE, then at most about `limit` samples.
 
     `limit` never breaks a pair, because paired metrics need both twins: samples are grouped by
     `pair_id` (groups in order of first appearance, members in input order) and whole groups are taken
@@ -349,6 +351,16 @@ def filter_samples(
             listed = ", ".join(sorted(known, key=_cwe_number))
             raise VulnsteerError(f"unknown CWE(s) {', '.join(unknown)}; known: {listed}")
         samples = [s for s in samples if s.cwe in wanted]
+    if max_chars is not None:
+        too_long = {s.pair_id for s in samples if len(s.code) > max_chars}
+        samples = [s for s in samples if s.pair_id not in too_long]
+    if pairs_per_cwe is not None:
+        first: dict[str, list[str]] = {}
+        for s in samples:
+            pairs = first.setdefault(s.cwe, [])
+            if s.pair_id not in pairs and len(pairs) < pairs_per_cwe:
+                pairs.append(s.pair_id)
+        samples = [s for s in samples if s.pair_id in first[s.cwe]]
     if limit is not None:
         if limit < 1:
             raise VulnsteerError(f"limit must be at least 1, not {limit}")

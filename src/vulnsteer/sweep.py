@@ -43,6 +43,10 @@ class SweepConfig:
     limit: int | None = None
     train_dataset: str | None = None  # fit vectors on this dataset and test on `dataset`; None = cross-validate
     train_split: list[str] | None = None
+    max_chars: int | None = None  # drop pairs with longer code (long functions cost quadratic attention memory)
+    pairs_per_cwe: int | None = None
+    train_max_chars: int | None = None
+    train_pairs_per_cwe: int | None = None
     prompt: str = "S1"
     mode: str = "score"
     folds: int = 4
@@ -172,10 +176,12 @@ class SweepPlan:
 
 
 def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None]:
-    test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit)
+    test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit, config.max_chars,
+                          config.pairs_per_cwe)
     train = None
     if config.train_dataset:
-        train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None)
+        train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
+                               config.train_max_chars, config.train_pairs_per_cwe)
     return test, train
 
 
