@@ -243,10 +243,8 @@ def augmentation_group(sample: Sample) -> str | None:
 _REQUIRED_FIELDS = ("id", "cwe", "label", "language", "code")
 
 
-def _parse_jsonl(text: str, name: str, default_split: str) -> list[Sample]:
-    """Parse the paired JSONL schema; `name` is what error messages call the file."""
-    samples = []
-    seen: set[str] = set()
+def _json_objects(text: str, name: str):
+    """(where, object) for each non-blank line; a line that is not a JSON object is an error naming it."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -257,6 +255,14 @@ def _parse_jsonl(text: str, name: str, default_split: str) -> list[Sample]:
             raise VulnsteerError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise VulnsteerError(f"{where}: expected a JSON object")
+        yield where, record
+
+
+def _parse_jsonl(text: str, name: str, default_split: str) -> list[Sample]:
+    """Parse the paired JSONL schema; `name` is what error messages call the file."""
+    samples = []
+    seen: set[str] = set()
+    for where, record in _json_objects(text, name):
         missing = [key for key in _REQUIRED_FIELDS if not isinstance(record.get(key), str)]
         if missing:
             raise VulnsteerError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
@@ -498,15 +504,9 @@ def _sven_rows(folder: Path) -> list[dict]:
         if not paths:
             raise VulnsteerError(f"SVEN archive has no data_train_val/{split}/cwe-*.jsonl")
         for path in paths:
-            for index, line in enumerate(_read_text(path, "SVEN file").splitlines()):
-                if not line.strip():
-                    continue
-                where = f"SVEN {split}/{path.name} line {index + 1}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise VulnsteerError(f"{where}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in _SVEN_FIELDS):
+            for index, (where, record) in enumerate(_json_objects(_read_text(path, "SVEN file"),
+                                                                    f"SVEN {split}/{path.name}")):
+                if any(not isinstance(record.get(k), str) for k in _SVEN_FIELDS):
                     raise VulnsteerError(f"{where}: needs string fields {', '.join(_SVEN_FIELDS)}")
                 rows += _sven_pair(record, split, path.name, index)
     return rows

@@ -21,7 +21,7 @@ from vulnsteer.data import Sample, augmentation_group, augmentation_id  # noqa: 
 from vulnsteer.errors import VulnsteerError  # noqa: E402
 from vulnsteer.evaluation import Result  # noqa: E402
 from vulnsteer.metrics import Interval, Judged, bootstrap_gain, mcnemar_items, summarise, summarise_by_cwe  # noqa: E402
-from vulnsteer.store import SweepStore  # noqa: E402
+from vulnsteer.store import read_sweep  # noqa: E402
 from vulnsteer.summary import fmt, judged  # noqa: E402
 from vulnsteer.sweep import BASELINE, GridPoint, SweepConfig, transfer_point  # noqa: E402
 
@@ -58,16 +58,9 @@ def _metric(items: Sequence[Judged], metric: str) -> float:
 
 
 def analyse(out_dir: Path) -> Analysis:
-    path = out_dir / "sweep.sqlite"
-    if not path.exists():
-        raise VulnsteerError(f"no sweep in {out_dir} (expected {path.name})")
-    store = SweepStore(path)
-    try:
-        meta, rows = store.meta(), store.rows()
-    finally:
-        store.close()
+    meta, rows = read_sweep(out_dir)
     if "config" not in meta:
-        raise VulnsteerError(f"{path} has no sweep configuration")
+        raise VulnsteerError(f"{out_dir} has no sweep configuration")
     config = SweepConfig.from_dict(meta["config"])
     by_config: dict[str, dict[str, Result]] = {}
     folds: dict[str, int] = {}
@@ -75,7 +68,7 @@ def analyse(out_dir: Path) -> Analysis:
         by_config.setdefault(config_id, {})[result.sample_id] = result
         folds[result.sample_id] = fold
     if BASELINE not in by_config:
-        raise VulnsteerError(f"{path} has no baseline rows yet; resume the sweep first")
+        raise VulnsteerError(f"{out_dir} has no baseline rows yet; resume the sweep first")
     sample_ids = sorted(by_config[BASELINE])
     arms = {c: [rows_[s] for s in sample_ids] for c, rows_ in by_config.items() if set(rows_) >= set(sample_ids)}
     base = judged(arms[BASELINE])

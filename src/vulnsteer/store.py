@@ -129,3 +129,15 @@ class SweepStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def read_sweep(out_dir: Path, with_rows: bool = True) -> tuple[dict, list[tuple[str, int, Result]]]:
+    """A finished or interrupted sweep's metadata (and rows), read-only."""
+    path = out_dir / "sweep.sqlite"
+    if not path.exists():
+        raise VulnsteerError(f"no sweep in {out_dir} ({path.name} does not exist)")
+    store = SweepStore(path)
+    try:
+        return store.meta(), store.rows() if with_rows else []
+    finally:
+        store.close()

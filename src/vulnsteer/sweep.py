@@ -25,7 +25,7 @@ from vulnsteer.evaluation import MODES, Decoding, Job, Result
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
 from vulnsteer.steering import POSITIONS, Steering
-from vulnsteer.store import SweepStore
+from vulnsteer.store import SweepStore, read_sweep
 from vulnsteer.vectors import METHODS, NORMALISATIONS, POOLED, VectorBank, fit, parse_layers
 
 BASELINE = "baseline"
@@ -280,14 +280,7 @@ def load_config(path: Path | None, overrides: dict) -> SweepConfig:
 
 
 def config_from_store(out_dir: Path) -> SweepConfig:
-    path = out_dir / "sweep.sqlite"
-    if not path.exists():
-        raise VulnsteerError(f"nothing to resume: {path} does not exist")
-    store = SweepStore(path)
-    try:
-        meta = store.meta()
-    finally:
-        store.close()
+    meta, _ = read_sweep(out_dir, with_rows=False)
     if "config" not in meta:
-        raise VulnsteerError(f"{path} has no sweep configuration to resume")
+        raise VulnsteerError(f"{out_dir} has no sweep configuration to resume")
     return SweepConfig.from_dict(meta["config"])
