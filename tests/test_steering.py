@@ -102,3 +102,17 @@ def test_bad_layer_and_shape_are_refused(lm):
     with pytest.raises(VulnsteerError, match="hidden size"):
         with steer(lm.model, [Steering({1: torch.ones(7)}, 1.0)]):
             pass
+
+
+@pytest.mark.parametrize("positions", ["all", "generated", "prompt-last"])
+def test_static_cache_equals_dynamic_cache(lm, positions):
+    """The fixed-size cache that compiled GPU decoding uses steers exactly like the default cache."""
+    rows = [Steering(random_vectors(lm, [1, 2]), 1.5, positions)] * 3
+    enc = encode(lm, PROMPTS)
+    outputs = []
+    for cache in ("dynamic", "static"):
+        with torch.inference_mode(), steer(lm.model, rows):
+            out = lm.model.generate(**enc, max_new_tokens=8, do_sample=False, cache_implementation=cache,
+                                    pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
+        outputs.append(out)
+    assert torch.equal(*outputs)

@@ -60,10 +60,11 @@ class _PositionTracker:
     from the KV cache's length (0 without a cache), padding from the attention mask. The prompt width is the
     sequence length of the first call inside the context (the prefill)."""
 
-    def __init__(self, positions: Sequence[str]):
-        self.positions = positions
+    def __init__(self, positions: Sequence[str], device: torch.device, dtype: torch.dtype):
+        self.mode_of_row = torch.tensor([POSITIONS.index(p) for p in positions], device=device)
+        self.dtype = dtype
         self.prompt_width: int | None = None
-        self.masks: torch.Tensor | None = None  # [batch, tokens in this call], 1.0 where steered
+        self.masks: torch.Tensor | None = None  # [batch, tokens in this call, 1], 1 where steered
 
     def pre_hook(self, module, args, kwargs):
         tokens = kwargs.get("input_ids")
@@ -81,11 +82,9 @@ class _PositionTracker:
             real = attention[:, -new:].bool()
         else:
             real = torch.ones(batch, new, dtype=torch.bool, device=tokens.device)
-        is_prompt = (absolute < self.prompt_width).unsqueeze(0)
-        is_last = (absolute == self.prompt_width - 1).unsqueeze(0)
-        by_mode = {"prompt-last": is_last, "prompt": is_prompt, "generated": ~is_prompt, "all": is_prompt | ~is_prompt}
-        rows = [by_mode[p].expand(1, new) for p in self.positions]
-        self.masks = (torch.cat(rows) & real).unsqueeze(-1)
+        is_prompt = absolute < self.prompt_width
+        by_mode = torch.stack([absolute == self.prompt_width - 1, is_prompt, ~is_prompt, torch.ones_like(is_prompt)])
+        self.masks = (by_mode[self.mode_of_row] & real).unsqueeze(-1).to(self.dtype)  # modes in POSITIONS order
 
 
 def _layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: int) -> dict[int, torch.Tensor]:
@@ -121,8 +120,8 @@ def steer(model, rows: Sequence[Steering | None]) -> Iterator[None]:
     if not deltas:
         yield
         return
-    tracker = _PositionTracker([row.positions if row else "all" for row in rows])
     parameter = next(model.parameters())
+    tracker = _PositionTracker([row.positions if row else "all" for row in rows], parameter.device, parameter.dtype)
     deltas = {k: v.to(parameter.device, parameter.dtype) for k, v in deltas.items()}
 
     def add_delta(layer: int):
@@ -130,7 +129,7 @@ def steer(model, rows: Sequence[Steering | None]) -> Iterator[None]:
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[0] != len(rows):
                 raise VulnsteerError(f"steering was set up for {len(rows)} rows but the batch has {hidden.shape[0]}")
-            steered = hidden + deltas[layer].unsqueeze(1) * tracker.masks.to(hidden.dtype)
+            steered = hidden + deltas[layer].unsqueeze(1) * tracker.masks
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
 
