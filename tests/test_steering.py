@@ -111,7 +111,7 @@ def test_static_cache_equals_dynamic_cache(lm, positions):
     enc = encode(lm, PROMPTS)
     outputs = []
     for cache in ("dynamic", "static"):
-        with torch.inference_mode(), steer(lm.model, rows):
+        with torch.inference_mode(), steer(lm.model, rows, enc["attention_mask"]):
             out = lm.model.generate(**enc, max_new_tokens=8, do_sample=False, cache_implementation=cache,
                                     pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
         outputs.append(out)

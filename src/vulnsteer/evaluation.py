@@ -11,6 +11,7 @@ may hold both, and both see exactly the same prompts and decoding.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -107,16 +108,8 @@ def _steering_of(rows: Sequence[Job]) -> list[Steering | None] | None:
 
 def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn):
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    with torch.inference_mode(), steer(lm.model, steerings) if steerings else _nothing():
+    with torch.inference_mode(), steer(lm.model, steerings, encoded["attention_mask"]) if steerings else nullcontext():
         return encoded, fn(encoded)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _eos_ids(lm: LoadedModel) -> list[int]:

@@ -60,8 +60,10 @@ class _PositionTracker:
     from the KV cache's length (0 without a cache), padding from the attention mask. The prompt width is the
     sequence length of the first call inside the context (the prefill)."""
 
-    def __init__(self, positions: Sequence[str], device: torch.device, dtype: torch.dtype):
+    def __init__(self, positions: Sequence[str], device: torch.device, dtype: torch.dtype,
+                 prompt_mask: torch.Tensor | None = None):
         self.mode_of_row = torch.tensor([POSITIONS.index(p) for p in positions], device=device)
+        self.prompt_mask = None if prompt_mask is None else prompt_mask.to(device).bool()
         self.dtype = dtype
         self.prompt_width: int | None = None
         self.masks: torch.Tensor | None = None  # [batch, tokens in this call, 1], 1 where steered
@@ -77,11 +79,13 @@ class _PositionTracker:
         if self.prompt_width is None:
             self.prompt_width = width
         absolute = torch.arange(past, width, device=tokens.device)  # positions of this call's tokens
-        attention = kwargs.get("attention_mask")  # None when no row is padded
-        if attention is not None and attention.dim() == 2:
+        real = torch.ones(batch, new, dtype=torch.bool, device=tokens.device)
+        attention = kwargs.get("attention_mask")  # 2-D, None when no row is padded, or prepared 4-D masks
+        if self.prompt_mask is not None:
+            in_prompt = absolute < self.prompt_mask.shape[1]
+            real[:, in_prompt] = self.prompt_mask[:, absolute[in_prompt]]
+        elif isinstance(attention, torch.Tensor) and attention.dim() == 2:
             real = attention[:, -new:].bool()
-        else:
-            real = torch.ones(batch, new, dtype=torch.bool, device=tokens.device)
         is_prompt = absolute < self.prompt_width
         by_mode = torch.stack([absolute == self.prompt_width - 1, is_prompt, ~is_prompt, torch.ones_like(is_prompt)])
         self.masks = (by_mode[self.mode_of_row] & real).unsqueeze(-1).to(self.dtype)  # modes in POSITIONS order
@@ -109,8 +113,11 @@ def _layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: i
 
 
 @contextmanager
-def steer(model, rows: Sequence[Steering | None]) -> Iterator[None]:
+def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor | None = None) -> Iterator[None]:
     """Steer one batch (row i gets `rows[i]`) for the duration of one `generate` or forward call.
+
+    Padding is read from the model's 2-D attention mask on each call; pass the batch's `attention_mask` as well
+    when the model may receive prepared masks instead (a static cache does that for some architectures).
 
     Hooks are removed on exit, even after an exception; nothing about the model changes for good. Rows whose
     strength is 0, and layers no row steers, get no hook at all, so they are bit-identical to an unsteered run.
@@ -121,7 +128,8 @@ def steer(model, rows: Sequence[Steering | None]) -> Iterator[None]:
         yield
         return
     parameter = next(model.parameters())
-    tracker = _PositionTracker([row.positions if row else "all" for row in rows], parameter.device, parameter.dtype)
+    tracker = _PositionTracker([row.positions if row else "all" for row in rows], parameter.device, parameter.dtype,
+                               attention_mask)
     deltas = {k: v.to(parameter.device, parameter.dtype) for k, v in deltas.items()}
 
     def add_delta(layer: int):
