@@ -90,3 +90,40 @@ def test_eval_on_secllmholmes(model_cache, monkeypatch, capsys, tmp_path, mode, 
     if mode == "score":
         assert summary["metrics"]["all"]["auroc"] is not None
     assert (out / "summary.md").read_text().startswith("# vulnsteer eval")
+
+
+def test_steering_invariants_on_the_real_model(model_cache):
+    """The invariants of tests/test_steering.py on SmolLM2 itself (float32), with prompts of real lengths."""
+    import torch
+
+    from vulnsteer.data import load_demo
+    from vulnsteer.evaluation import render
+    from vulnsteer.models import load_model
+    from vulnsteer.prompts import build_prompt
+    from vulnsteer.steering import Steering, steer
+
+    lm = load_model(MODEL, dtype=torch.float32, device="cpu")
+    texts = [render(lm.tokenizer, list(build_prompt(s, "strict").messages)) for s in load_demo()[:3]]
+    g = torch.Generator().manual_seed(0)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) for layer in (7, 15)}
+    norm = 0.5 * float(lm.model.model.embed_tokens.weight.norm(dim=1).mean())
+    rows = [Steering({k: v / v.norm() * norm * 20 for k, v in vectors.items()}, 1.0, "all"), None,
+            Steering({7: vectors[7] / vectors[7].norm() * norm * 20}, -1.0, "generated")]
+
+    def generate(batch_texts, batch_rows, use_cache=True):
+        enc = lm.tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        context = steer(lm.model, batch_rows, enc["attention_mask"]) if any(batch_rows) else torch.no_grad()
+        with torch.inference_mode(), context:
+            out = lm.model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+                                    pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
+        return out[:, enc["input_ids"].shape[1]:]
+
+    plain = generate(texts, [None] * 3)
+    zero = generate(texts, [Steering(rows[0].vectors, 0.0, "all")] * 3)
+    assert torch.equal(plain, zero)
+    mixed = generate(texts, rows)
+    assert not torch.equal(mixed[0], plain[0]) and torch.equal(mixed[1], plain[1])
+    assert torch.equal(mixed, generate(texts, rows, use_cache=False))
+    for i, text in enumerate(texts):
+        assert torch.equal(mixed[i], generate([text], [rows[i]])[0]), f"row {i} differs from its run alone"
+    assert torch.equal(generate(texts, [None] * 3), plain)
