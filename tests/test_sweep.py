@@ -59,9 +59,10 @@ def test_sweep_rows_are_held_out_and_complete(tmp_path):
         steering = json.loads(result)["steering"]
         if config_id != BASELINE:
             assert steering["config"] == config_id and steering["fold"] == fold == a.folds[sample_id]
-    # The nested selection picks per fold from the grid (or the baseline), never from transfer-only configs.
+    # The nested selection picks per fold from the grid (or the baseline), never a control or a transfer row.
     for chosen in a.selected_by_fold.values():
-        assert chosen == BASELINE or GridPoint.parse(chosen).vectors in config.vectors
+        assert chosen == BASELINE or GridPoint.parse(chosen).vectors in {"own", "pooled"}
+    assert "random-direction control" in (tmp_path / "report.md").read_text()
 
 
 def test_resume_is_refused_for_another_dataset(tmp_path):
@@ -78,6 +79,7 @@ def test_resume_is_refused_for_another_dataset(tmp_path):
     ({"methods": ["magic"]}, "unknown value"),
     ({"positions": ["generated"], "mode": "score"}, "steers nothing"),
     ({"folds": 1}, "folds"),
+    ({"vectors": ["own", "everything"]}, "unknown value"),
 ])
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(VulnsteerError, match=message):
@@ -139,3 +141,15 @@ def test_sigkill_midway_then_resume_equals_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "already done" in resumed.stdout
     assert table(killed / "rows.csv") == expected
+
+
+def test_random_control_has_the_norm_of_the_real_vector_and_is_fixed():
+    import torch
+
+    from vulnsteer.sweep import random_direction
+
+    like = torch.randn(64) * 3
+    a, b = random_direction(like, 5), random_direction(like, 5)
+    assert torch.equal(a, b) and torch.isclose(a.norm(), like.norm())
+    assert abs(torch.nn.functional.cosine_similarity(a, like, dim=0)) < 0.5
+    assert not torch.equal(a, random_direction(like, 6))

@@ -87,15 +87,35 @@ def analyse(out_dir: Path) -> Analysis:
                     selected_by_fold)
 
 
-def _is_grid_config(config_id: str, config: SweepConfig) -> bool:
-    return config_id == BASELINE or GridPoint.parse(config_id).vectors in config.vectors
+def _is_candidate(config_id: str, config: SweepConfig) -> bool:
+    """The baseline and the grid's real vectors; random-direction controls and transfer rows are not chosen."""
+    if config_id == BASELINE:
+        return True
+    vectors = GridPoint.parse(config_id).vectors
+    return vectors in config.vectors and vectors != "random"
+
+
+def control_of(config_id: str) -> str:
+    """The random-direction control at the same method, layers, positions and strength."""
+    if config_id == BASELINE:
+        return BASELINE
+    p = GridPoint.parse(config_id)
+    return GridPoint(p.method, p.layers, "random", p.positions, p.strength).id
+
+
+def _control_arm(a: Analysis) -> list[Result] | None:
+    """Each fold's selected config replaced by its random-direction control (None without controls)."""
+    controls = {fold: control_of(config_id) for fold, config_id in a.selected_by_fold.items()}
+    if not all(c in a.arms for c in controls.values()):
+        return None
+    return [a.arms[controls[a.folds[s]]][i] for i, s in enumerate(a.sample_ids)]
 
 
 def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
                      config: SweepConfig) -> tuple[list[Result], dict[int, str]]:
     """For each fold, pick the config (baseline included) with the best metric on the *other* folds' rows, and
     take its rows on this fold. Ties go to the baseline, then to the weaker strength."""
-    candidates = [c for c in arms if _is_grid_config(c, config)]
+    candidates = [c for c in arms if _is_candidate(c, config)]
     chosen: dict[int, str] = {}
     for fold in sorted(set(folds[s] for s in sample_ids)):
         others = [i for i, s in enumerate(sample_ids) if folds[s] != fold]
@@ -124,7 +144,7 @@ def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
     by_panel: dict[tuple[str, str, str], dict[tuple[str, float], float]] = {}
     for s in a.stats:
         p = GridPoint.parse(s.config)
-        if p.vectors in a.config.vectors:
+        if p.vectors in a.config.vectors:  # real vectors and the random control, not transfer rows
             by_panel.setdefault((p.method, p.vectors, p.positions), {})[(p.layers, p.strength)] = s.gain.value
     figures = []
     for (method, vectors, positions), cells in sorted(by_panel.items()):
@@ -279,8 +299,11 @@ def write_report(out_dir: Path) -> Path:
     sections: list[tuple[str, str]] = []  # (title, markdown)
 
     metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"] + (["auroc"] if a.config.mode == "score" else [])
-    md = _table(["arm", *metrics], [["baseline", *(fmt(getattr(base, m)) for m in metrics)],
-                                    ["selected (nested, held-out)", *(fmt(getattr(chosen, m)) for m in metrics)]])
+    arms = [("baseline", base), ("selected (nested, held-out)", chosen)]
+    control = _control_arm(a)
+    if control is not None:
+        arms.append(("random-direction control of the selected configs", summarise(judged(control), n_boot=N_BOOT)))
+    md = _table(["arm", *metrics], [[name, *(fmt(getattr(s, m)) for m in metrics)] for name, s in arms])
     verdict = (f"Gain in {metric}: {fmt(gain)}; McNemar exact p = {test.p_value:.3g} "
                f"(baseline-only right {test.b}, steered-only right {test.c}).")
     if gain is not None and gain.low <= 0 <= gain.high:

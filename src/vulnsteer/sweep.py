@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from vulnsteer import __version__
 from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.errors import VulnsteerError
@@ -30,6 +32,9 @@ from vulnsteer.vectors import METHODS, NORMALISATIONS, POOLED, VectorBank, fit, 
 
 BASELINE = "baseline"
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
+# own: each item's CWE vector; pooled: one vector for all CWEs; random: a control, a fixed random direction with
+# the pooled vector's norm (a gain that random steering matches is not evidence); or a CWE id for every item.
+VECTOR_CHOICES = ("own", "pooled", "random")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,9 @@ class SweepConfig:
     folds: int = 4
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["mean-diff"])
-    layers: list[str] = field(default_factory=lambda: ["rel:0.25", "rel:0.5", "rel:0.75",
-                                                       "rel:0.25,0.5,0.75,0.98"])
+    layers: list[str] = field(default_factory=lambda: ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"])
     strengths: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
-    vectors: list[str] = field(default_factory=lambda: ["own", "pooled"])
+    vectors: list[str] = field(default_factory=lambda: ["own", "pooled", "random"])  # see VECTOR_CHOICES
     positions: list[str] = field(default_factory=lambda: ["all"])
     transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
     transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
@@ -78,6 +82,7 @@ class SweepConfig:
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.strengths):
             raise VulnsteerError(f"config: strengths must be numbers, got {self.strengths}")
         _check_choice("methods", self.methods, METHODS)
+        _check_choice("vectors", [v for v in self.vectors if not v.startswith("CWE-")], VECTOR_CHOICES)
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("mode", [self.mode], MODES)
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
@@ -123,7 +128,7 @@ class GridPoint:
 
     method: str
     layers: str
-    vectors: str  # own | pooled | CWE-X
+    vectors: str  # own | pooled | random | CWE-X
     positions: str
     strength: float
 
@@ -221,10 +226,19 @@ def _fit(acts, lm: LoadedModel, config: SweepConfig, layers: list[int]) -> dict[
 
 def _steering(point: GridPoint, sample: Sample, fold: int, banks, layer_sets) -> Steering:
     bank = banks[fold][point.method]
-    group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
-    by_layer = bank.for_group(group)
-    return Steering({layer: by_layer[layer] for layer in layer_sets[point.layers]}, point.strength, point.positions,
-                    label={"config": point.id, "fold": fold})
+    layers = layer_sets[point.layers]
+    if point.vectors == "random":
+        vectors = {layer: random_direction(bank.for_group(POOLED)[layer], layer) for layer in layers}
+    else:
+        group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
+        vectors = {layer: bank.for_group(group)[layer] for layer in layers}
+    return Steering(vectors, point.strength, point.positions, label={"config": point.id, "fold": fold})
+
+
+def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed random direction with the norm of `like`: the control that any perturbation of that size gives."""
+    vector = torch.randn(like.shape, generator=torch.Generator().manual_seed(seed))
+    return vector / vector.norm() * like.norm()
 
 
 def config_of(result: Result) -> str:
