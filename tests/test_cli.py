@@ -316,3 +316,13 @@ def test_eval_steered_rows_record_the_steering(monkeypatch, capsys, tmp_path, ti
         assert row["steering"]["strength"] == 3.0
     run = json.loads((out / "run.json").read_text())
     assert run["strength"] == 3.0 and run["layers"] == "1,2"
+
+
+def test_eval_with_a_judge_model_adds_the_third_reasoning_vote(monkeypatch, capsys, tmp_path, tiny):
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, *eval_args(out, "--judge-model", "judge-model"))
+    assert code == 0, err
+    assert tiny == ["smollm2-135m-instruct", "judge-model"]  # evaluated model, then the judge
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["judge_model"] == "judge-model"
+    assert summary["reasoning"]["thresholds"]["judge"] is True

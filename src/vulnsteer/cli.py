@@ -112,6 +112,8 @@ def eval_command(
     strength: float = typer.Option(0.0, "--strength", help="Positive pushes towards 'vulnerable'."),
     positions: str = typer.Option("all", "--positions", help="prompt-last, prompt, generated or all."),
     cwe_vector: str = typer.Option("own", "--cwe-vector", help="own, pooled, or a CWE id like CWE-787."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                              help="A model whose yes/no judgement is a third reasoning vote."),
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
     from vulnsteer.evaluation import MODES, Decoding
@@ -135,7 +137,11 @@ def eval_command(
         meta |= {"vectors": str(vectors), "layers": layers, "strength": strength, "positions": positions,
                  "cwe_vector": cwe_vector}
     jobs = make_jobs(samples, prompt, resources, steering_for)
-    run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens), output_dir, meta)
+    judge = None
+    if judge_model is not None and mode == "generate":
+        judge = lm if judge_model == model else load_lm(judge_model, "float32", "score", device)
+        meta["judge_model"] = judge_model
+    run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens), output_dir, meta, judge_lm=judge)
 
 
 MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")

@@ -44,8 +44,9 @@ def run_jobs(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, descripti
 
 
 def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
-             n_boot: int = 2000) -> list[Result]:
-    """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise."""
+             n_boot: int = 2000, judge_lm: LoadedModel | None = None) -> list[Result]:
+    """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
+    `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers."""
     meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
     done = open_run(out_dir, meta)
     todo = [job for job in jobs if _job_key(job, decoding) not in done]
@@ -61,7 +62,7 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
     by_key = {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
     results = [by_key[_job_key(job, decoding)] for job in jobs]
     summaries = summarise_results(results, n_boot=n_boot)
-    reasoning = reasoning_section(results, [job.sample for job in jobs])  # None in score mode
+    reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
     write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)},
                   sections=[reasoning] if reasoning else [])
     print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
