@@ -339,7 +339,7 @@ def report_command(run_dir: Path) -> None:
     """Rewrite report.html / report.md (and rows.csv / rows.jsonl) from a sweep's store."""
     from vulnsteer.report import write_report
 
-    report = write_report(run_dir)
+    report = write_report(run_dir, show=True)
     print(f"report: {report} and {report.with_suffix('.md')}")
 
 

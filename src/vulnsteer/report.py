@@ -287,8 +287,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(map(escape, r)) + " |" for r in rows])
 
 
-def write_report(out_dir: Path) -> Path:
-    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl."""
+def write_report(out_dir: Path, show: bool = False) -> Path:
+    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl; `show`
+    also prints the headline on the console."""
     a = analyse(out_dir)
     export_rows(a, out_dir)
     base_items, chosen_items = judged(a.arms[BASELINE]), judged(a.selected)
@@ -310,6 +311,11 @@ def write_report(out_dir: Path) -> Path:
         verdict += " The interval includes 0: no evidence that steering helps here."
     choices = "; ".join(f"fold {f}: `{c}`" for f, c in sorted(a.selected_by_fold.items()))
     sections.append(("Headline", f"{md}\n\n{verdict}\n\nSelected per fold: {choices}"))
+    if show:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console(width=160).print(Markdown(f"## Headline ({len(a.sample_ids)} items)\n\n{sections[0][1]}"))
 
     top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}"] for s in a.stats[:15]]
     sections.append(("Top configs (descriptive, all held-out rows)",

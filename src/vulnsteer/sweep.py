@@ -275,7 +275,7 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
         _write_probe(lm, sweep, config, resources, out_dir, collect_activations)
     finally:
         store.close()
-    return write_report(out_dir)
+    return write_report(out_dir, show=True)
 
 
 def _write_probe(lm, sweep: SweepPlan, config: SweepConfig, resources, out_dir: Path, collect_activations) -> None:
