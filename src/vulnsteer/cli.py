@@ -105,6 +105,8 @@ def eval_command(
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Rows x padded prompt width per batch."),
+    cache: str = typer.Option("dynamic", "--cache",
+                              help="dynamic, or static: fixed-size KV cache, decode step compiled once on a GPU."),
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
@@ -141,7 +143,7 @@ def eval_command(
     if judge_model is not None and mode == "generate":
         judge = lm if judge_model == model else load_lm(judge_model, "float32", "score", device)
         meta["judge_model"] = judge_model
-    run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens), output_dir, meta, judge_lm=judge)
+    run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens, cache), output_dir, meta, judge_lm=judge)
 
 
 MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")
@@ -293,6 +295,7 @@ SWEEP_FLAGS = dict(
     vectors=typer.Option(None, "--vectors", help="own,pooled"), positions=typer.Option(None, "--positions"),
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
+    cache=typer.Option(None, "--cache", help="dynamic or static (compiled decode on a GPU)."),
 )
 
 

@@ -18,9 +18,10 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from vulnsteer.data import Sample
+from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.steering import Steering, steer
+from vulnsteer.steering import Steering, SteeringEngine, steer
 from vulnsteer.verdicts import parse_verdict
 
 Mode = Literal["generate", "score"]
@@ -70,6 +71,9 @@ class Decoding:
     mode: Mode = "generate"
     max_new_tokens: int = 192
     batch_tokens: int = 8192  # prompt tokens per batch (rows x padded width); bounds memory
+    # "dynamic": transformers' default cache, steering by `steer()` hooks per batch. "static": a fixed-size cache
+    # and a persistent `SteeringEngine`, so that on a GPU transformers compiles the decode step (CUDA graphs) once.
+    cache: str = "dynamic"
 
 
 def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
@@ -106,9 +110,14 @@ def _steering_of(rows: Sequence[Job]) -> list[Steering | None] | None:
     return steerings if any(steerings) else None
 
 
-def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn):
+def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn, engine: SteeringEngine | None = None):
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    with torch.inference_mode(), steer(lm.model, steerings, encoded["attention_mask"]) if steerings else nullcontext():
+    if engine is not None:
+        engine.set_rows(steerings or [None] * len(texts), encoded["attention_mask"])
+        context = nullcontext()
+    else:
+        context = steer(lm.model, steerings, encoded["attention_mask"]) if steerings else nullcontext()
+    with torch.inference_mode(), context:
         return encoded, fn(encoded)
 
 
@@ -117,10 +126,12 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return sorted({lm.tokenizer.eos_token_id, *_as_list(lm.model.generation_config.eos_token_id)} - {None})
 
 
-def _generate(lm: LoadedModel, encoded, max_new_tokens: int) -> torch.Tensor:
+def _generate(lm: LoadedModel, encoded, max_new_tokens: int, static: bool) -> torch.Tensor:
+    # Hooks added after transformers compiles a decode step are invisible to it: compile only with the engine.
+    cache = {"cache_implementation": "static"} if static else {"cache_implementation": "dynamic", "disable_compile": True}
     out = lm.model.generate(
         **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        eos_token_id=_eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id,
+        eos_token_id=_eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id, **cache,
     )
     return out[:, encoded["input_ids"].shape[1]:]
 
@@ -160,6 +171,17 @@ def evaluate(
 ) -> list[Result]:
     """Run every job; results come back in the order of `jobs`. `on_result` sees each as soon as its batch ends
     (the store uses it to write rows as they finish, so an interrupted run loses at most one batch)."""
+    if decoding.cache not in ("dynamic", "static"):
+        raise VulnsteerError(f"unknown cache {decoding.cache!r}; use dynamic or static")
+    engine = SteeringEngine(lm.model, max_batch=min(len(jobs), 64)) if decoding.cache == "static" else None
+    try:
+        return _evaluate(lm, jobs, decoding, progress, on_result, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
     results: list[Result | None] = [None] * len(jobs)
     histories = [[] for _ in jobs]
     for turn in range(1 + max(len(job.prompt.followups) for job in jobs)):
@@ -174,7 +196,7 @@ def evaluate(
                 start = time.perf_counter()
                 replies, scores, new_tokens, prompt_tokens = _answer(
                     lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]), rows[0] in scoring,
-                    decoding.max_new_tokens)
+                    decoding.max_new_tokens, engine)
                 seconds = (time.perf_counter() - start) / len(rows)
                 for k, i in enumerate(rows):
                     if i not in last_turn:
@@ -189,15 +211,18 @@ def evaluate(
     return results  # type: ignore[return-value]
 
 
-def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int):
+def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int,
+            engine: SteeringEngine | None = None):
     """Replies, scores, new-token and prompt-token counts of one batch. On out-of-memory the batch is split in
     halves and retried, so a batch too large for the device costs time, never results."""
     try:
         if score:
-            encoded, scores = _run_batch(lm, texts, steerings, lambda enc: _yes_no_log_odds(lm, enc))
+            encoded, scores = _run_batch(lm, texts, steerings, lambda enc: _yes_no_log_odds(lm, enc), engine)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
         else:
-            encoded, generated = _run_batch(lm, texts, steerings, lambda enc: _generate(lm, enc, max_new_tokens))
+            encoded, generated = _run_batch(lm, texts, steerings,
+                                            lambda enc: _generate(lm, enc, max_new_tokens, engine is not None),
+                                            engine)
             replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
             new_tokens, scores = _generated_lengths(generated, _eos_ids(lm)), [None] * len(texts)
     except torch.cuda.OutOfMemoryError:
@@ -205,8 +230,8 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
             raise
         torch.cuda.empty_cache()
         half = len(texts) // 2
-        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens)
-        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens)
+        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens, engine)
+        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens, engine)
         return tuple(a + b for a, b in zip(first, second))
     return replies, scores, new_tokens, encoded["attention_mask"].sum(dim=1).tolist()
 

@@ -148,3 +148,68 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
     finally:
         for handle in handles:
             handle.remove()
+
+
+class SteeringEngine:
+    """Steering for fast, compiled generation: hooks installed once on every decoder layer, and each batch's
+    settings written in place into buffers that keep their addresses (a vector bank per layer, a per-row mask for
+    decode steps and one for the prefill). A compiled or CUDA-graph-captured decode step is therefore reused
+    across batches and configs, never re-captured, and unsteered rows add exact zeros.
+
+    Unlike `steer()`, it assumes KV-cached generation: a prefill over the whole prompt, then one token per step.
+    Install it before the model is first compiled: hooks added after compilation are not seen by the compiled
+    graph (the reason `evaluate` disables transformers' automatic compilation on the plain path).
+    """
+
+    def __init__(self, model, max_batch: int = 64):
+        self.model = model
+        self.layers = decoder_layers(model)
+        self._allocate(max_batch)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _allocate(self, max_batch: int) -> None:
+        """Buffers for up to `max_batch` rows; a larger batch reallocates them (on a GPU, one new capture)."""
+        parameter = next(self.model.parameters())
+        like = dict(device=parameter.device, dtype=parameter.dtype)
+        self.delta = torch.zeros(len(self.layers), max_batch, self.model.config.hidden_size, **like)
+        self.decode_mask = torch.zeros(max_batch, 1, 1, **like)
+        self.prefill_mask = torch.zeros(max_batch, 1, 1, **like)
+
+    def _hook(self, index: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            rows, tokens = hidden.shape[:2]
+            mask = self.decode_mask[:rows] if tokens == 1 else self.prefill_mask[:rows]
+            steered = hidden + self.delta[index, :rows].unsqueeze(1) * mask
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return hook
+
+    def set_rows(self, rows: Sequence[Steering | None], attention_mask: torch.Tensor) -> None:
+        """Load one batch: row i gets `rows[i]`; `attention_mask` is the batch's left-padded prompt mask."""
+        batch, width = attention_mask.shape
+        if batch > self.delta.shape[1]:
+            self._allocate(batch)
+        deltas = _layer_deltas(rows, self.delta.shape[2], len(self.layers))
+        self.delta.zero_()
+        for layer, delta in deltas.items():
+            self.delta[layer, :batch].copy_(delta)
+        modes = [row.positions if row else "all" for row in rows]
+        self.decode_mask.zero_()
+        self.decode_mask[:batch, 0, 0] = torch.tensor([m in ("generated", "all") for m in modes],
+                                                     dtype=self.decode_mask.dtype)
+        real = attention_mask.to(self.delta.device).bool()
+        last = torch.zeros_like(real)
+        last[:, -1] = True
+        by_mode = {"prompt-last": last, "prompt": real, "all": real, "generated": torch.zeros_like(real)}
+        prefill = torch.stack([by_mode[m][i] for i, m in enumerate(modes)])
+        self.prefill_mask = prefill.unsqueeze(-1).to(self.delta.dtype)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self) -> "SteeringEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -69,6 +69,7 @@ class SweepConfig:
     select_metric: str = "balanced_accuracy"
     max_new_tokens: int = 96
     batch_tokens: int = 8192
+    cache: str = "dynamic"  # or "static": fixed-size KV cache, decode step compiled once on a GPU
     dtype: str = "auto"
 
     def __post_init__(self):
@@ -88,6 +89,7 @@ class SweepConfig:
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
         _check_choice("normalisation", [self.normalisation], NORMALISATIONS)
         _check_choice("select_metric", [self.select_metric], SELECT_METRICS)
+        _check_choice("cache", [self.cache], ("dynamic", "static"))
         if self.mode == "score" and "generated" in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
         if self.transfer_strength == 0:
@@ -268,7 +270,7 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
               f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
         start = time.perf_counter()
         if sweep.jobs:
-            decoding = Decoding(config.mode, config.max_new_tokens, config.batch_tokens)
+            decoding = Decoding(config.mode, config.max_new_tokens, config.batch_tokens, config.cache)
             run_jobs(lm, sweep.jobs, decoding, "sweep",
                      on_result=lambda r: store.add(config_of(r), sweep.fold_of[r.sample_id], r))
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
