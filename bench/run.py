@@ -263,14 +263,15 @@ def steering_layers(n_layers: int) -> list[int]:
     return sorted({relative_layer(d, n_layers) for d in DEPTHS})
 
 
-def random_steering(lm, layers: list[int], strength: float, seed: int = 0, label: str = "") -> Steering:
+def random_steering(lm, layers: list[int], strength: float, seed: int = 0, label: str = "",
+                    positions: str = "all") -> Steering:
     """Random unit vectors (a small, nonzero push: strength 0 would install no hook at all)."""
     gen = torch.Generator().manual_seed(seed)
     vectors = {}
     for layer in layers:
         v = torch.randn(lm.hidden_size, generator=gen)
         vectors[layer] = v / v.norm()
-    return Steering(vectors, strength, "all", label={"bench": label, "strength": strength, "layers": layers})
+    return Steering(vectors, strength, positions, label={"bench": label, "strength": strength, "layers": layers})
 
 
 def with_steering(jobs: list[Job], steering: Steering | None) -> list[Job]:
@@ -471,7 +472,8 @@ def part_c(lm, jobs, args) -> dict:
     layers = steering_layers(lm.num_layers)
     strengths = [args.strength * f for f in (-1.0, -0.5, 0.5, 1.0)][: args.k] if args.k <= 4 else \
         [args.strength * (i + 1) for i in range(args.k)]
-    configs = [random_steering(lm, layers, s, seed=0, label=f"k{i}") for i, s in enumerate(strengths)]
+    configs = [random_steering(lm, layers, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
+               for i, s in enumerate(strengths)]
     decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens)
     per_config = [with_steering(jobs, c) for c in configs]
     combined_jobs = [job for group in per_config for job in group]
@@ -491,7 +493,8 @@ def part_c(lm, jobs, args) -> dict:
     med_c, med_s = statistics.median(comb["times"]), statistics.median(sep["times"])
     k = len(configs)
     return {
-        "k": k, "jobs_per_config": len(jobs), "mode": args.sweep_mode, "strengths": strengths,
+        "k": k, "jobs_per_config": len(jobs), "mode": args.sweep_mode, "positions": args.sweep_positions,
+        "strengths": strengths,
         "steered_layers": layers,
         "arms": {
             "per_row_combined": arm_record(comb, new_tokens=new_tokens(comb["value"]),
@@ -574,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strength", type=float, default=1.0, help="steering strength on random unit vectors")
     p.add_argument("--k", type=int, default=4, help="(c): number of steering configs")
     p.add_argument("--sweep-mode", default="generate", choices=("generate", "score"), help="(c): decoding mode")
+    p.add_argument("--sweep-positions", default="all", choices=("all", "prompt-last", "prompt", "generated"),
+                   help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
     p.add_argument("--only", default="a,b,c,d", help="comma-separated parts (d, memory, comes with every arm)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (e.g. bench/results/<name>.json)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",

@@ -328,3 +328,24 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch):
     assert [r.sample_id for r in results] == [r.sample_id for r in expected]
     for a, b in zip(results, expected):
         assert a.score == pytest.approx(b.score, abs=1e-4) and a.prompt_tokens == b.prompt_tokens
+
+
+def test_shared_prefix_scoring_equals_full_batches(lm, monkeypatch):
+    """Rows of one prompt steered only at its last token reuse one prompt cache; the scores equal full passes."""
+    import vulnsteer.evaluation as evaluation
+
+    calls = []
+    real = evaluation._score_shared_prefix
+    monkeypatch.setattr(evaluation, "_score_shared_prefix", lambda *a: calls.append(a[3]) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    vector = {1: torch.randn(lm.hidden_size, generator=g) * 4}
+    samples = make_samples(3)
+    base = make_jobs(samples)
+    configs = [None, Steering(vector, 2.0, "prompt-last"), Steering(vector, -1.0, "prompt-last")]
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in base for c in configs]
+    shared = evaluate(lm, jobs, Decoding("score"))
+    assert calls == [3, 3, 3], "each prompt's three rows should share one prefix pass"
+    one_by_one = [evaluate(lm, [job], Decoding("score"))[0] for job in jobs]  # a single job never shares
+    assert [r.score for r in shared] == pytest.approx([r.score for r in one_by_one], abs=1e-4)
+    assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in one_by_one]
+    assert shared[0].score != pytest.approx(shared[1].score, abs=1e-3), "steering at the last token did nothing"

@@ -10,6 +10,7 @@ may hold both, and both see exactly the same prompts and decoding.
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -190,13 +191,19 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
         scoring = {i for i in last_turn if decoding.mode == "score"}
         for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
             texts = {i: _conversation_text(lm, jobs[i], histories[i], turn, score=i in scoring) for i in phase}
-            lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in phase]
-            for group in batches(lengths, decoding.batch_tokens):
-                rows = [phase[g] for g in group]
+            lengths = {i: len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in phase}
+            shared = bool(phase) and phase[0] in scoring and engine is None and _prefix_shareable(jobs, phase, texts)
+            for rows in (_same_prompt_groups(phase, texts, lengths, decoding.batch_tokens) if shared else
+                         [[phase[g] for g in group] for group in batches([lengths[i] for i in phase],
+                                                                         decoding.batch_tokens)]):
                 start = time.perf_counter()
-                replies, scores, new_tokens, prompt_tokens = _answer(
-                    lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]), rows[0] in scoring,
-                    decoding.max_new_tokens, engine)
+                steerings = _steering_of([jobs[i] for i in rows])
+                if shared:
+                    replies, new_tokens = [""] * len(rows), [0] * len(rows)
+                    scores, prompt_tokens = _score_shared_prefix(lm, texts[rows[0]], steerings, len(rows))
+                else:
+                    replies, scores, new_tokens, prompt_tokens = _answer(
+                        lm, [texts[i] for i in rows], steerings, rows[0] in scoring, decoding.max_new_tokens, engine)
                 seconds = (time.perf_counter() - start) / len(rows)
                 for k, i in enumerate(rows):
                     if i not in last_turn:
@@ -209,6 +216,47 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
                 if progress:
                     progress(sum(1 for i in rows if i in last_turn))
     return results  # type: ignore[return-value]
+
+
+def _prefix_shareable(jobs: Sequence[Job], rows: list[int], texts: dict) -> bool:
+    """Scoring rows steered at most at the last prompt token share everything before it, so when prompts repeat
+    (a sweep asks each one under many configs) the prompt's cache is computed once and reused."""
+    repeated = 2 * len({texts[i] for i in rows}) <= len(rows)
+    return repeated and all(jobs[i].steering is None or jobs[i].steering.positions == "prompt-last" for i in rows)
+
+
+def _same_prompt_groups(rows: list[int], texts: dict, lengths: dict, batch_tokens: int) -> list[list[int]]:
+    """Rows with the same prompt text, in chunks of at most `batch_tokens` cached tokens."""
+    groups: dict[str, list[int]] = {}
+    for i in rows:
+        groups.setdefault(texts[i], []).append(i)
+    chunks = []
+    for members in groups.values():
+        size = max(1, batch_tokens // max(1, lengths[members[0]]))
+        chunks += [members[k:k + size] for k in range(0, len(members), size)]
+    return chunks
+
+
+def _score_shared_prefix(lm: LoadedModel, text: str, steerings, n: int) -> tuple[list[float], list[int]]:
+    """Yes/no log-odds of `n` rows of one prompt: the prompt minus its last token runs once, unsteered; its cache
+    is repeated for the rows, which then each run the last token with their own steering."""
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(lm.device)
+    with torch.inference_mode():
+        prefix = lm.model(input_ids=ids[:, :-1], use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values  # renamed within transformers 5
+        cache.batch_repeat_interleave(n)
+        last = {"input_ids": ids[:, -1:].expand(n, 1),
+                "attention_mask": torch.ones(n, ids.shape[1], dtype=torch.long, device=lm.device)}
+        with steer(lm.model, steerings, last["attention_mask"]) if steerings else nullcontext():
+            last[_cache_argument(lm.model)] = cache
+            logits = lm.model(**last, use_cache=True).logits[:, -1, :].float().log_softmax(-1)
+    yes, no = answer_token_ids(lm.tokenizer)
+    return (logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)).tolist(), [ids.shape[1]] * n
+
+
+def _cache_argument(model) -> str:
+    """`cache` in recent transformers releases, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int,
