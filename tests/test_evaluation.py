@@ -341,7 +341,8 @@ def test_shared_prefix_scoring_equals_full_batches(lm, monkeypatch):
     vector = {1: torch.randn(lm.hidden_size, generator=g) * 4}
     samples = make_samples(3)
     base = make_jobs(samples)
-    configs = [None, Steering(vector, 2.0, "prompt-last"), Steering(vector, -1.0, "prompt-last")]
+    configs = [None, Steering(vector, 2.0, "prompt-last"), Steering(vector, -1.0, "prompt-last"),
+               Steering(vector, 1.0, "all")]  # the "all" rows take the ordinary batched path
     jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in base for c in configs]
     shared = evaluate(lm, jobs, Decoding("score"))
     assert calls == [3, 3, 3], "each prompt's three rows should share one prefix pass"

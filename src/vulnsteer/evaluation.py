@@ -192,13 +192,16 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
         for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
             texts = {i: _conversation_text(lm, jobs[i], histories[i], turn, score=i in scoring) for i in phase}
             lengths = {i: len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in phase}
-            shared = bool(phase) and phase[0] in scoring and engine is None and _prefix_shareable(jobs, phase, texts)
-            for rows in (_same_prompt_groups(phase, texts, lengths, decoding.batch_tokens) if shared else
-                         [[phase[g] for g in group] for group in batches([lengths[i] for i in phase],
-                                                                         decoding.batch_tokens)]):
+            shared = _prefix_shared_rows(jobs, phase, texts) if phase and phase[0] in scoring and engine is None \
+                else []
+            rest = [i for i in phase if i not in set(shared)]
+            groups = [(rows, True) for rows in _same_prompt_groups(shared, texts, lengths, decoding.batch_tokens)]
+            groups += [([rest[g] for g in group], False)
+                       for group in batches([lengths[i] for i in rest], decoding.batch_tokens)]
+            for rows, shared_prefix in groups:
                 start = time.perf_counter()
                 steerings = _steering_of([jobs[i] for i in rows])
-                if shared:
+                if shared_prefix:
                     replies, new_tokens = [""] * len(rows), [0] * len(rows)
                     scores, prompt_tokens = _score_shared_prefix(lm, texts[rows[0]], steerings, len(rows))
                 else:
@@ -218,11 +221,11 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
     return results  # type: ignore[return-value]
 
 
-def _prefix_shareable(jobs: Sequence[Job], rows: list[int], texts: dict) -> bool:
-    """Scoring rows steered at most at the last prompt token share everything before it, so when prompts repeat
-    (a sweep asks each one under many configs) the prompt's cache is computed once and reused."""
-    repeated = 2 * len({texts[i] for i in rows}) <= len(rows)
-    return repeated and all(jobs[i].steering is None or jobs[i].steering.positions == "prompt-last" for i in rows)
+def _prefix_shared_rows(jobs: Sequence[Job], rows: list[int], texts: dict) -> list[int]:
+    """Scoring rows steered at most at the last prompt token share everything before it; when their prompts repeat
+    (a sweep asks each prompt under many configs), each prompt's cache is computed once for all of them."""
+    rows = [i for i in rows if jobs[i].steering is None or jobs[i].steering.positions == "prompt-last"]
+    return rows if 2 * len({texts[i] for i in rows}) <= len(rows) else []
 
 
 def _same_prompt_groups(rows: list[int], texts: dict, lengths: dict, batch_tokens: int) -> list[list[int]]:

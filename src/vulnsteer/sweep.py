@@ -60,7 +60,8 @@ class SweepConfig:
     layers: list[str] = field(default_factory=lambda: ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"])
     strengths: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
     vectors: list[str] = field(default_factory=lambda: ["own", "pooled", "random"])  # see VECTOR_CHOICES
-    positions: list[str] = field(default_factory=lambda: ["all"])
+    # prompt-last (the original experiment's position) shares each prompt's cache across configs in score mode
+    positions: list[str] = field(default_factory=lambda: ["prompt-last", "all"])
     transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
     transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
     transfer_strength: float | None = None  # ... and strength (default: the largest positive one)
