@@ -96,9 +96,10 @@ def test_toml_config_and_flag_overrides(tmp_path):
         load_config(path, {})
 
 
-def test_layers_out_of_range_are_refused(tmp_path):
+def test_layers_out_of_range_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(VulnsteerError, match="out of range"):
         run_sweep(SweepConfig(**{**SMALL, "layers": ["9"]}), tmp_path, lm=tiny_lm("llama"))
+    assert not (tmp_path / "sweep.sqlite").exists()
 
 
 def _sweep_cmd(model_dir, out_dir, *extra):

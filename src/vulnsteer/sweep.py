@@ -259,6 +259,8 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
     if lm is None:
         device = default_device()
         lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+    for spec in config.layers:  # a bad layer is refused before anything is written
+        parse_layers(spec, lm.num_layers)
     store = SweepStore(out_dir / "sweep.sqlite")
     meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dtype": str(lm.model.dtype),
             "dataset_hash": dataset_hash(test), "train_dataset_hash": dataset_hash(train) if train else None,
