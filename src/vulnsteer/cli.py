@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-
 import typer
 
 from vulnsteer.errors import VulnsteerError
