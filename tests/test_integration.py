@@ -106,7 +106,7 @@ def test_steering_invariants_on_the_real_model(model_cache):
     texts = [render(lm.tokenizer, list(build_prompt(s, "strict").messages)) for s in load_demo()[:3]]
     g = torch.Generator().manual_seed(0)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) for layer in (7, 15)}
-    norm = 0.5 * float(lm.model.model.embed_tokens.weight.norm(dim=1).mean())
+    norm = 0.5 * float(lm.model.model.embed_tokens.weight.detach().norm(dim=1).mean())
     rows = [Steering({k: v / v.norm() * norm * 20 for k, v in vectors.items()}, 1.0, "all"), None,
             Steering({7: vectors[7] / vectors[7].norm() * norm * 20}, -1.0, "generated")]
 
