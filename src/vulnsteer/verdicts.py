@@ -68,7 +68,7 @@ _NAME_HINTS: tuple[tuple[str, str], ...] = (
 
 _W = r"(?:[\w'-]+\s+)"  # one filler word
 _VULN_NOUN = (
-    r"(?:vulnerabilit(?:y|ies)|overflow|underflow|overrun|injection|traversal|xss|cross[- ]site|"
+    r"(?:vulnerabilit(?:y|ies)|overflow|underflow|overrun|injection|traversal|xss|cross[- ]site|cwe[- ]?\d+|"
     r"use[- ]after[- ]free|dereference|out[- ]of[- ]bounds|dangling|wraparound|flaws?|weakness(?:es)?|"
     r"security (?:issues?|problems?|risks?|bugs?))"
 )
@@ -98,7 +98,7 @@ _NEG = re.compile(
     + r"|\b(?:properly|correctly|safely)\s+(?:validat|sanitiz|escap|encod|check|handl|bound)\w*"
     + r"|\b(?:prevents?|mitigates?|eliminates?)\b"
 )
-_UNSAFE = re.compile(r"\b(?:is|are|looks?|seems?)\s+(?:\w+\s+)?(?:not\s+(?:safe|secure)|unsafe|insecure)\b")
+_UNSAFE = re.compile(r"\b(?:is|are|looks?|seems?)\s+(?:\w+\s+)?(?:not\s+(?:a\s+|an\s+)?(?:safe|secure)|unsafe|insecure)\b")
 _AFF = re.compile(
     r"\b(?:is|are|be|been|being|was|were|remains?|looks?|seems?|appears?|becomes?|code|function|"
     r"program|it's|deemed|considered)\s+" + _W + r"{0,2}?" + _VULN_ADJ + r"\b"
@@ -157,6 +157,8 @@ def parse_verdict(text: str, cwe_name: str | None = None) -> Verdict:
     explicit = _explicit_answer(lines, keys)
     if explicit is None:
         explicit = _leading_answer(lines)
+    if explicit is None:
+        explicit = _opening_answer(clauses, keys)
     if explicit is not None:
         # An explicit answer stands unless the model's own conclusion says the opposite.
         if explicit != UNKNOWN and conclusion not in (None, UNKNOWN, explicit):
@@ -206,6 +208,7 @@ def _normalise(text: str) -> list[str]:
     text = re.sub(r"\bcan't\b", "can not", text)
     text = re.sub(r"\bwon't\b", "will not", text)
     text = re.sub(r"n't\b", " not", text)
+    text = re.sub(r"\bnot only\b", "", text)  # "not only vulnerable to X but also ..." affirms
     lines = []
     for line in text.splitlines():
         line = re.sub(r"^\s*#+\s*", "", line).strip()
@@ -324,6 +327,24 @@ def _leading_answer(lines: list[str]) -> Verdict | None:
         return UNKNOWN
     m = _LEADING.match(first)
     return _value(m.group(1)) if m else None
+
+
+_OPENING = re.compile(r"^(?:the|this|given|your)\s+(?:\w+\s+)?(?:code|function|program|snippet|implementation)\b")
+
+
+def _opening_answer(clauses: list[_Clause], keys: tuple[str, ...]) -> Verdict | None:
+    """A first sentence that states a verdict about the code ("The code contains an instance of CWE-89 ...") is the
+    answer, as a leading "Yes" would be: the reasoning after it may mention safeguards without retracting it. Another
+    statement about the code with the opposite verdict makes it unknown."""
+    first = clauses[0] if clauses else None
+    if first is None or not _OPENING.match(first.text) or first.hedged or not first.polarity:
+        return None
+    others = tuple(k for ks in CWE_KEYWORDS.values() if ks != keys for k in ks if k not in keys) + OTHER_KEYWORDS
+    if keys and not _mentions(first.text, keys) and _mentions(first.text, others):
+        return None  # the opening is about another weakness
+    if any(_OPENING.match(c.text) and c.polarity == -first.polarity and not c.hedged for c in clauses[1:]):
+        return UNKNOWN
+    return VULN if first.polarity > 0 else SAFE
 
 
 def _value(word: str) -> Verdict:
