@@ -190,11 +190,14 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
         last_turn = {i for i in active if turn == len(jobs[i].prompt.followups)}
         scoring = {i for i in last_turn if decoding.mode == "score"}
         for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
-            texts = {i: _conversation_text(lm, jobs[i], histories[i], turn, score=i in scoring) for i in phase}
-            lengths = {i: len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in phase}
-            shared = _prefix_shared_rows(jobs, phase, texts) if phase and phase[0] in scoring and engine is None \
-                else []
-            rest = [i for i in phase if i not in set(shared)]
+            texts = _render_all(lm, jobs, phase, histories, turn, scoring)
+            counts = {t: len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}
+            lengths = {i: counts[texts[i]] for i in phase}
+            shared = []
+            if phase and phase[0] in scoring and engine is None:
+                shared = _prefix_shared_rows(jobs, phase, texts)
+            shared_set = set(shared)
+            rest = [i for i in phase if i not in shared_set]
             groups = [(rows, True) for rows in _same_prompt_groups(shared, texts, lengths, decoding.batch_tokens)]
             groups += [([rest[g] for g in group], False)
                        for group in batches([lengths[i] for i in rest], decoding.batch_tokens)]
@@ -285,6 +288,18 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
         second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens, engine)
         return tuple(a + b for a, b in zip(first, second))
     return replies, scores, new_tokens, encoded["attention_mask"].sum(dim=1).tolist()
+
+
+def _render_all(lm: LoadedModel, jobs: Sequence[Job], rows: list[int], histories, turn: int, scoring) -> dict:
+    """Each row's text; a sweep asks each prompt under many configs, so each distinct conversation renders once."""
+    rendered: dict[tuple, str] = {}
+    texts = {}
+    for i in rows:
+        key = (id(jobs[i].prompt), tuple(histories[i]), i in scoring)
+        if key not in rendered:
+            rendered[key] = _conversation_text(lm, jobs[i], histories[i], turn, i in scoring)
+        texts[i] = rendered[key]
+    return texts
 
 
 def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int, score: bool) -> str:
