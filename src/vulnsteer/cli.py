@@ -38,6 +38,39 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or floa
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present).")
 
 
+DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt, limit=LimitOpt,
+                  max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
+_REQUIRED_TEXT = {"model", "dataset", "prompt"}
+_INT_FLAGS = {"limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
+              "train_pairs_per_cwe"}
+
+
+def _with_options(options: dict):
+    """Give a command a group of options declared once (the command receives them in **kwargs)."""
+    import inspect
+
+    def annotation(name: str, option):
+        if name == "transfer":
+            return Optional[bool]
+        if name in _INT_FLAGS:
+            return Optional[int]
+        return str if name in _REQUIRED_TEXT and option.default is not None else Optional[str]
+
+    def decorate(fn):
+        params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+        extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
+                                   annotation=annotation(name, option)) for name, option in options.items()]
+        fn.__signature__ = inspect.Signature(extra + params)  # shown first in --help
+        return fn
+    return decorate
+
+
+def _samples_and_resources(dataset: str, split, cwe, limit, max_chars, pairs_per_cwe, **_):
+    from vulnsteer.pipeline import prompt_resources
+
+    return load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe), prompt_resources(dataset)
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -47,12 +80,6 @@ def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | 
     from vulnsteer.data import filter_samples, load_dataset
 
     return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit, max_chars, pairs_per_cwe)
-
-
-def _resources(dataset: str):
-    from vulnsteer.pipeline import prompt_resources
-
-    return prompt_resources(dataset)
 
 
 def load_lm(model: str, dtype: str, mode: str, device: str | None):
@@ -91,15 +118,8 @@ def data_fetch(name: str, dest: Path) -> None:
 
 
 @app.command("eval")
+@_with_options(DATA_FLAGS)
 def eval_command(
-    model: str = ModelOpt,
-    dataset: str = DatasetOpt,
-    split: Optional[str] = SplitOpt,
-    cwe: Optional[str] = CweOpt,
-    limit: Optional[int] = LimitOpt,
-    max_chars: Optional[int] = MaxCharsOpt,
-    pairs_per_cwe: Optional[int] = PairsPerCweOpt,
-    prompt: str = PromptOpt,
     mode: str = ModeOpt,
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
@@ -115,6 +135,7 @@ def eval_command(
     cwe_vector: str = typer.Option("own", "--cwe-vector", help="own, pooled, or a CWE id like CWE-787."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model",
                                               help="A model whose yes/no judgement is a third reasoning vote."),
+    **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
     from vulnsteer.evaluation import MODES, Decoding
@@ -122,13 +143,11 @@ def eval_command(
 
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
-    samples = load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe)
-    resources = _resources(dataset)
+    model, prompt = data["model"], data["prompt"]
+    samples, resources = _samples_and_resources(**data)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
     lm = load_lm(model, dtype, mode, device)
-    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dataset": dataset, "split": split, "cwe": cwe,
-            "limit": limit, "max_chars": max_chars, "pairs_per_cwe": pairs_per_cwe, "prompt": prompt,
-            "dtype": str(lm.model.dtype)}
+    meta = {**data, "model": lm.model_id, "config_hash": lm.config_hash, "dtype": str(lm.model.dtype)}
     steering_for = lambda sample: None  # noqa: E731
     if vectors is not None:
         from vulnsteer.vectors import load_vectors, steering_for_samples
@@ -156,15 +175,8 @@ def _layers(spec: str | None, lm) -> list[int]:
 
 
 @app.command("extract")
+@_with_options(DATA_FLAGS)
 def extract_command(
-    model: str = ModelOpt,
-    dataset: str = DatasetOpt,
-    split: Optional[str] = SplitOpt,
-    cwe: Optional[str] = CweOpt,
-    limit: Optional[int] = LimitOpt,
-    max_chars: Optional[int] = MaxCharsOpt,
-    pairs_per_cwe: Optional[int] = PairsPerCweOpt,
-    prompt: str = PromptOpt,
     method: str = MethodOpt,
     layers: str = typer.Option("all", "--layers", help="12,24 / all / rel:0.25,0.5 (relative depths)."),
     read: str = ReadOpt,
@@ -172,6 +184,7 @@ def extract_command(
     output: Path = typer.Option(Path("vectors/vectors.safetensors"), "--output", "-o"),
     dtype: str = typer.Option("float32", "--dtype"),
     device: Optional[str] = DeviceOpt,
+    **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
     from vulnsteer.pipeline import run_extract
@@ -180,24 +193,17 @@ def extract_command(
     if method not in METHODS or normalisation not in NORMALISATIONS:
         raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
                              f"{', '.join(NORMALISATIONS)}")
-    samples = load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe)
-    resources = _resources(dataset)
-    lm = load_lm(model, dtype, "score", device)
-    bank = run_extract(lm, samples, prompt, resources, method, _layers(layers, lm), read, normalisation, output)
+    samples, resources = _samples_and_resources(**data)
+    lm = load_lm(data["model"], dtype, "score", device)
+    bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), read, normalisation,
+                       output)
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
           f"{bank.meta['n_train']} samples")
 
 
 @app.command("probe")
+@_with_options(DATA_FLAGS)
 def probe_command(
-    model: str = ModelOpt,
-    dataset: str = DatasetOpt,
-    split: Optional[str] = SplitOpt,
-    cwe: Optional[str] = CweOpt,
-    limit: Optional[int] = LimitOpt,
-    max_chars: Optional[int] = MaxCharsOpt,
-    pairs_per_cwe: Optional[int] = PairsPerCweOpt,
-    prompt: str = PromptOpt,
     method: str = MethodOpt,
     layers: str = typer.Option("all", "--layers"),
     read: str = ReadOpt,
@@ -206,14 +212,15 @@ def probe_command(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
     dtype: str = typer.Option("float32", "--dtype"),
     device: Optional[str] = DeviceOpt,
+    **data,
 ) -> None:
     """Cross-validated AUROC of the projection onto a direction, per layer and CWE: detection without generation."""
     from vulnsteer.pipeline import run_probe
     from vulnsteer.vectors import load_vectors
 
-    samples = load_samples(dataset, split, cwe, limit, max_chars, pairs_per_cwe)
-    resources = _resources(dataset)
-    lm = load_lm(model, dtype, "score", device)
+    samples, resources = _samples_and_resources(**data)
+    lm = load_lm(data["model"], dtype, "score", device)
+    prompt = data["prompt"]
     if vectors is not None:
         meta = load_vectors(vectors, lm).meta
         method, read, prompt = meta["method"], meta["read"], meta["prompt"]
@@ -291,29 +298,15 @@ SWEEP_FLAGS = dict(
     methods=typer.Option(None, "--methods", help="mean-diff,pca,probe"),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
-    vectors=typer.Option(None, "--vectors", help="own,pooled"), positions=typer.Option(None, "--positions"),
+    vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
     cache=typer.Option(None, "--cache", help="dynamic or static (compiled decode on a GPU)."),
 )
 
 
-def _with_sweep_flags(fn):
-    """Give a command the sweep's override flags (declared once, shared by `sweep` and `run`)."""
-    import inspect
-
-    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                               annotation=Optional[bool] if name == "transfer" else
-                               Optional[int] if name in ("limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe",
-                                                         "train_max_chars", "train_pairs_per_cwe") else Optional[str])
-             for name, option in SWEEP_FLAGS.items()]
-    fn.__signature__ = inspect.Signature(params + extra)
-    return fn
-
-
 @app.command("sweep")
-@_with_sweep_flags
+@_with_options(SWEEP_FLAGS)
 def sweep_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with sweep settings."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
@@ -325,7 +318,7 @@ def sweep_command(
 
 
 @app.command("run")
-@_with_sweep_flags
+@_with_options(SWEEP_FLAGS)
 def run_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
