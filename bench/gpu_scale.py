@@ -29,6 +29,7 @@ from __future__ import annotations
 import vulnsteer  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
 import argparse
+from contextlib import nullcontext
 import datetime as _dt
 import json
 import os
@@ -188,9 +189,9 @@ def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steeri
         enc = left_pad([tokens[i] for i in group], device)
         if engine is not None:
             engine.set_rows([steering] * len(group), enc["attention_mask"])
-            ctx = _Nothing()
+            ctx = nullcontext()
         else:
-            ctx = steer(model, [steering] * len(group)) if steering else _Nothing()
+            ctx = steer(model, [steering] * len(group)) if steering else nullcontext()
         with torch.inference_mode(), ctx:
             out = generate(model, enc, new_tokens, static=engine is not None)
         produced += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
@@ -205,14 +206,6 @@ def run_score(model, groups, tokens, device) -> int:
             logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float().log_softmax(-1)
         rows += logits.shape[0]
     return rows
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def spread(lengths, k: int) -> list[int]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import vulnsteer  # noqa: F401  (must stay above every torch import)
 
 import argparse
+from contextlib import nullcontext
 import datetime as _dt
 import gc
 import json
@@ -371,7 +372,7 @@ def part_b(lm, jobs, args) -> dict:
     def generate(steered: bool):
         produced = 0
         for enc, group in zip(encoded, groups):
-            ctx = steer(lm.model, [steering] * len(group)) if steered else _Nothing()
+            ctx = steer(lm.model, [steering] * len(group)) if steered else nullcontext()
             with torch.inference_mode(), ctx:
                 out = lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,
                                         top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
@@ -406,14 +407,6 @@ def part_b(lm, jobs, args) -> dict:
     if "step_us" in micro:  # hooks' own cost per forward call relative to the plain run's mean step
         result["micro_overhead_pct_of_decode_step"] = 100 * micro["step_us"] / (1e6 * med_p / forward_calls)
     return result
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _FakeCache:
