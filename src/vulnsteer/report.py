@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+from collections import Counter
 import io
 import json
 from dataclasses import dataclass
@@ -309,8 +310,9 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
                f"(baseline-only right {test.b}, steered-only right {test.c}).")
     if gain is not None and gain.low <= 0 <= gain.high:
         verdict += " The interval includes 0: no evidence that steering helps here."
-    choices = "; ".join(f"fold {f}: `{c}`" for f, c in sorted(a.selected_by_fold.items()))
-    sections.append(("Headline", f"{md}\n\n{verdict}\n\nSelected per fold: {choices}"))
+    counts = Counter(a.selected_by_fold.values())
+    choices = "; ".join(f"`{c}` in {n} of {len(a.selected_by_fold)} folds" for c, n in counts.most_common())
+    sections.append(("Headline", f"{md}\n\n{verdict}\n\nSelected: {choices}"))
     if show:
         from rich.console import Console
         from rich.markdown import Markdown
