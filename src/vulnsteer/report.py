@@ -37,6 +37,7 @@ class ConfigStats:
     b: int  # baseline right, steered wrong
     c: int  # baseline wrong, steered right
     p_value: float
+    auroc: float  # score mode: threshold-free, so it moves when verdicts at the 0 threshold do not
 
 
 @dataclass
@@ -82,7 +83,8 @@ def analyse(out_dir: Path) -> Analysis:
         test = mcnemar_items(base, steered)
         gain_metric = metric if metric != "auroc" or config.mode == "score" else "balanced_accuracy"
         gain = bootstrap_gain(base, steered, gain_metric, n_boot=N_BOOT, seed=0)
-        stats.append(ConfigStats(config_id, _metric(steered, metric), gain, test.b, test.c, test.p_value))
+        stats.append(ConfigStats(config_id, _metric(steered, metric), gain, test.b, test.c, test.p_value,
+                                 _metric(steered, "auroc")))
     selected, selected_by_fold = nested_selection(arms, sample_ids, folds, config)
     return Analysis(meta, config, sample_ids, arms, folds, sorted(stats, key=lambda s: -s.gain.value), selected,
                     selected_by_fold)
@@ -319,10 +321,13 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
 
         Console(width=160).print(Markdown(f"## Headline ({len(a.sample_ids)} items)\n\n{sections[0][1]}"))
 
-    top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}"] for s in a.stats[:15]]
+    score_mode = a.config.mode == "score"
+    top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}"]
+           + ([f"{s.auroc:.3f}"] if score_mode else []) for s in a.stats[:15]]
+    base_auroc = f" (baseline {_metric(base_items, 'auroc'):.3f})" if score_mode else ""
     sections.append(("Top configs (descriptive, all held-out rows)",
                      _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]", "b/c",
-                             "McNemar p"], top)))
+                             "McNemar p"] + ([f"AUROC{base_auroc}"] if score_mode else []), top)))
 
     figures: list[tuple[str, str, bytes]] = [("Gain over strength × layer", name, png)
                                              for name, png in gain_heatmaps(a)]
