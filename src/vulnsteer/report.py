@@ -142,6 +142,14 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _annotate(ax, grid: np.ndarray, limit: float, size: int) -> None:
+    """Each cell's value, in white on the dark ends of the colour scale."""
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=size,
+                    color="white" if abs(value) > 0.6 * limit else "black")
+
+
 def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
     """Gain in the selection metric over strength x layer set, one panel per method/vectors/positions."""
     by_panel: dict[tuple[str, str, str], dict[tuple[str, float], float]] = {}
@@ -159,9 +167,7 @@ def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
         image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_xticks(range(len(strengths)), [f"{s:+g}" for s in strengths])
         ax.set_yticks(range(len(layers)), layers)
-        for (i, j), value in np.ndenumerate(grid):
-            if np.isfinite(value):
-                ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+        _annotate(ax, grid, limit, 8)
         ax.set_xlabel("strength")
         ax.set_title(f"gain in {a.config.select_metric}: {method}, {vectors} vectors, {positions}", fontsize=9)
         fig.colorbar(image, ax=ax)
@@ -231,9 +237,7 @@ def transfer_plot(cwes: list[str], matrix: np.ndarray, title: str) -> bytes:
     ax.set_yticks(range(len(cwes)), cwes)
     ax.set_xlabel("items of CWE")
     ax.set_ylabel("vector of CWE")
-    for (i, j), value in np.ndenumerate(matrix):
-        if np.isfinite(value):
-            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7)
+    _annotate(ax, matrix, limit, 7)
     ax.set_title(f"accuracy gain; {title}", fontsize=8)
     fig.colorbar(image, ax=ax)
     return _png(fig)
