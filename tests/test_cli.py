@@ -326,3 +326,15 @@ def test_eval_with_a_judge_model_adds_the_third_reasoning_vote(monkeypatch, caps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["judge_model"] == "judge-model"
     assert summary["reasoning"]["thresholds"]["judge"] is True
+
+
+def test_probe_with_a_vector_file_flags_in_sample_directions(monkeypatch, capsys, tmp_path, tiny):
+    vectors = tmp_path / "v.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "8", "-o", str(vectors))
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "probe", "--dataset", "demo", "--limit", "8", "--folds", "2",
+                             "--vectors", str(vectors), "-o", str(tmp_path / "probe"))
+    assert code == 0, err
+    assert "IN-SAMPLE: fitted on 8 of these samples" in out
+    saved = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert set(saved["vector_file_auroc"]) == {str(layer) for layer in range(4)}

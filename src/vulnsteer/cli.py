@@ -221,10 +221,11 @@ def probe_command(
     samples, resources = _samples_and_resources(**data)
     lm = load_lm(data["model"], dtype, "score", device)
     prompt = data["prompt"]
+    bank = None
     if vectors is not None:
-        meta = load_vectors(vectors, lm).meta
-        method, read, prompt = meta["method"], meta["read"], meta["prompt"]
-    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir)
+        bank = load_vectors(vectors, lm)
+        method, read, prompt = bank.meta["method"], bank.meta["read"], bank.meta["prompt"]
+    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir, bank)
 
 
 @vectors_app.command("show")

@@ -96,8 +96,10 @@ def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, reso
 
 
 def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None):
-    """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers."""
+              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None, bank=None):
+    """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers. With a
+    vector file (`bank`), also the AUROC of its own pooled directions on these samples, flagged in-sample when
+    they were fitted on any of them."""
     import csv
     import json
 
@@ -119,6 +121,17 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
     Console(width=200).print(table)
     pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -r.auroc)
     print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
+    fixed = {}
+    if bank is not None:
+        from vulnsteer.probe import fixed_direction_auroc
+        from vulnsteer.vectors import POOLED
+
+        overlap = len({s.id for s in samples} & set(bank.meta.get("train_ids", [])))
+        directions = {k: v for k, v in bank.for_group(POOLED).items() if k in layers}
+        fixed = fixed_direction_auroc(acts, directions)
+        note = f"IN-SAMPLE: fitted on {overlap} of these samples" if overlap else "held out: fitted on other samples"
+        print(f"the file's pooled directions ({note}):",
+              ", ".join(f"{k} ({v:.3f})" for k, v in sorted(fixed.items()) if v is not None))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "probe.csv", "w", newline="") as f:
@@ -127,5 +140,5 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
             writer.writerows([r.layer, r.group, r.auroc, r.n] for r in rows)
         (out_dir / "probe.json").write_text(json.dumps(
             {"model": lm.model_id, "method": method, "read": read, "prompt": prompt_id, "folds": folds,
-             "rows": [asdict(r) for r in rows]}, indent=2))
+             "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed}, indent=2))
     return rows
