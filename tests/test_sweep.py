@@ -154,3 +154,26 @@ def test_random_control_has_the_norm_of_the_real_vector_and_is_fixed():
     assert torch.equal(a, b) and torch.isclose(a.norm(), like.norm())
     assert abs(torch.nn.functional.cosine_similarity(a, like, dim=0)) < 0.5
     assert not torch.equal(a, random_direction(like, 6))
+
+
+def test_fold_thresholds_are_fitted_on_other_folds_only():
+    from vulnsteer.evaluation import Result
+    from vulnsteer.report import best_threshold, fold_thresholded
+
+    import numpy as np
+
+    assert best_threshold(np.array([1.0, 2.0, 3.0, 4.0]), np.array([False, False, True, True])) == 2.5
+    assert best_threshold(np.array([1.0, 2.0]), np.array([True, True])) == 0.0
+
+    def row(i, label, score):
+        return Result(f"s{i}", f"p{i // 2}", "CWE-787", label, "t", "x", "S1", "score", "", "", score, 1, 0, 0.0)
+
+    # A biased model: every score is above 0, but vulnerable files score higher.
+    arm = [row(i, "vulnerable" if i % 2 == 0 else "patched", 5.0 + (1.0 if i % 2 == 0 else 0.0) + 0.01 * i)
+           for i in range(8)]
+    folds = {f"s{i}": i // 4 for i in range(8)}
+    items = fold_thresholded(arm, folds)
+    assert [it.verdict for it in items] == ["vulnerable", "not_vulnerable"] * 4
+    # Moving one fold's scores cannot change that fold's own threshold, only the other fold's.
+    shifted = [row(i, r.label, r.score + (100.0 if folds[r.sample_id] == 0 else 0.0)) for i, r in enumerate(arm)]
+    assert [it.verdict for it in fold_thresholded(shifted, folds)[:4]] == ["vulnerable"] * 4

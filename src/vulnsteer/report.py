@@ -106,6 +106,31 @@ def control_of(config_id: str) -> str:
     return GridPoint(p.method, p.layers, "random", p.positions, p.strength).id
 
 
+def best_threshold(scores: np.ndarray, vulnerable: np.ndarray) -> float:
+    """The score threshold with the highest balanced accuracy (midpoints between sorted scores; 0 if one class)."""
+    if vulnerable.all() or not vulnerable.any():
+        return 0.0
+    values = np.unique(scores)
+    candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+    predicted = scores[None, :] > candidates[:, None]
+    balanced = (predicted[:, vulnerable].mean(1) + (~predicted[:, ~vulnerable]).mean(1)) / 2
+    return float(candidates[int(np.argmax(balanced))])
+
+
+def fold_thresholded(arm: list[Result], folds: dict[str, int]) -> list[Judged]:
+    """Score-mode verdicts at a threshold fitted, for each fold, on the other folds' rows of the same arm."""
+    scores = np.array([r.score for r in arm], dtype=float)
+    vulnerable = np.array([r.label == "vulnerable" for r in arm])
+    fold = np.array([folds[r.sample_id] for r in arm])
+    items = []
+    for i, r in enumerate(arm):
+        others = fold != fold[i]
+        threshold = best_threshold(scores[others], vulnerable[others])
+        verdict = "vulnerable" if scores[i] > threshold else "not_vulnerable"
+        items.append(Judged(r.pair_id, r.cwe, vulnerable[i], verdict, r.score))
+    return items
+
+
 def _control_arm(a: Analysis) -> list[Result] | None:
     """Each fold's selected config replaced by its random-direction control (None without controls)."""
     controls = {fold: control_of(config_id) for fold, config_id in a.selected_by_fold.items()}
@@ -284,7 +309,9 @@ def protocol_text(a: Analysis) -> str:
             f"decoding ({c.mode}, greedy) and items with no steering. The headline 'selected' arm picks, for each "
             f"fold, the config (baseline included) with the best {c.select_metric} on the other folds' rows and "
             "reports it on that fold only (nested), so it is not a maximum over the test set. Tests: exact "
-            "McNemar on paired verdicts; gain intervals by bootstrap over pairs (95%). The top-configs table is "
+            "McNemar on paired verdicts; gain intervals by bootstrap over pairs (95%). In score mode the verdict is "
+            "log-odds > 0; the 'threshold fitted on the other folds' rows judge each fold at the threshold with the "
+            "best balanced accuracy on the other folds, for models biased to one answer. The top-configs table is "
             "descriptive: picking its first row would be selection on the test set.")
 
 
@@ -311,6 +338,10 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
     control = _control_arm(a)
     if control is not None:
         arms.append(("random-direction control of the selected configs", summarise(judged(control), n_boot=N_BOOT)))
+    if a.config.mode == "score":  # a biased model sits on one side of log-odds 0: also judge at a fitted threshold
+        for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected)):
+            arms.append((f"{name}, threshold fitted on the other folds",
+                         summarise(fold_thresholded(arm, a.folds), n_boot=N_BOOT)))
     md = _table(["arm", *metrics], [[name, *(fmt(getattr(s, m)) for m in metrics)] for name, s in arms])
     verdict = (f"Gain in {metric}: {fmt(gain)}; McNemar exact p = {test.p_value:.3g} "
                f"(baseline-only right {test.b}, steered-only right {test.c}).")
