@@ -125,6 +125,9 @@ def test_probe_auroc_signal_and_noise_layers(method, vary):
         assert by[0, cwe].auroc > 0.9
         assert by[0, cwe].n == 16 and by[1, cwe].n == 16
     assert abs(by[1, "pooled"].auroc - 0.5) < 0.25
+    noise = by[1, "pooled"]  # pooled rows carry a pair-bootstrap interval around the estimate; CWE rows do not
+    assert noise.low <= noise.auroc <= noise.high and noise.high - noise.low > 0.05
+    assert by[1, CWES[0]].low is None
 
 
 def test_probe_cwe_without_both_classes_in_training_gets_none():

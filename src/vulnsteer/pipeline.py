@@ -95,6 +95,12 @@ def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, reso
     return bank
 
 
+def _probe_cell(row) -> str:
+    if row.auroc is None:
+        return "–"
+    return f"{row.auroc:.3f}" + (f" [{row.low:.2f},{row.high:.2f}]" if row.low is not None else "")
+
+
 def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
               method: str, layers: list[int], read: str, folds: int, out_dir: Path | None, bank=None):
     """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers. With a
@@ -116,8 +122,8 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
     for group in groups:
         table.add_column(group, justify="right")
     for layer in layers:
-        by_group = {r.group: r.auroc for r in rows if r.layer == layer}
-        table.add_row(str(layer), *("–" if by_group[g] is None else f"{by_group[g]:.3f}" for g in groups))
+        by_group = {r.group: r for r in rows if r.layer == layer}
+        table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups))
     Console(width=200).print(table)
     pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -r.auroc)
     print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
@@ -136,8 +142,8 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "probe.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["layer", "group", "auroc", "n"])
-            writer.writerows([r.layer, r.group, r.auroc, r.n] for r in rows)
+            writer.writerow(["layer", "group", "auroc", "low", "high", "n"])
+            writer.writerows([r.layer, r.group, r.auroc, r.low, r.high, r.n] for r in rows)
         (out_dir / "probe.json").write_text(json.dumps(
             {"model": lm.model_id, "method": method, "read": read, "prompt": prompt_id, "folds": folds,
              "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed}, indent=2))

@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from vulnsteer.activations import Activations
+from vulnsteer.metrics import Judged, summarise
 from vulnsteer.protocol import pair_folds
 from vulnsteer.vectors import direction
 
@@ -25,6 +26,8 @@ class ProbeRow:
     group: str
     auroc: float | None
     n: int
+    low: float | None = None  # 95% interval, bootstrap over pairs (pooled rows only: a CWE has few pairs)
+    high: float | None = None
 
 
 def out_of_fold_scores(acts: Activations, layers: list[int], method: str, per_cwe: bool, k: int = 5,
@@ -63,11 +66,19 @@ def probe(acts: Activations, layers: list[int], method: str = "mean-diff", k: in
     pooled = out_of_fold_scores(acts, layers, method, per_cwe=False, k=k, seed=seed)
     own = out_of_fold_scores(acts, layers, method, per_cwe=True, k=k, seed=seed)
     for layer in layers:
-        rows.append(ProbeRow(layer, "pooled", auroc_or_none(labels, pooled[layer]), len(labels)))
+        low, high = _auroc_interval(acts, pooled[layer], seed)
+        rows.append(ProbeRow(layer, "pooled", auroc_or_none(labels, pooled[layer]), len(labels), low, high))
         for cwe in sorted(set(cwes)):
             mask = cwes == cwe
             rows.append(ProbeRow(layer, cwe, auroc_or_none(labels[mask], own[layer][mask]), int(mask.sum())))
     return rows
+
+
+def _auroc_interval(acts: Activations, scores: np.ndarray, seed: int) -> tuple[float | None, float | None]:
+    items = [Judged(s.pair_id, s.cwe, s.is_vulnerable, "unknown", float(x))
+             for s, x in zip(acts.samples, scores) if not np.isnan(x)]
+    interval = summarise(items, n_boot=1000, seed=seed).auroc if items else None
+    return (interval.low, interval.high) if interval else (None, None)
 
 
 def fixed_direction_auroc(acts: Activations, vectors: dict[int, torch.Tensor]) -> dict[int, float | None]:

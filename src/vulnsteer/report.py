@@ -220,11 +220,15 @@ def per_cwe_bars(a: Analysis) -> bytes:
 
 
 def probe_plot(probe_rows: list[dict]) -> bytes | None:
-    pooled = sorted((r["layer"], r["auroc"]) for r in probe_rows if r["group"] == "pooled" and r["auroc"] is not None)
+    pooled = sorted((r["layer"], r["auroc"], r.get("low"), r.get("high")) for r in probe_rows
+                    if r["group"] == "pooled" and r["auroc"] is not None)
     if not pooled:
         return None
     fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.plot([p[0] for p in pooled], [p[1] for p in pooled], marker="o")
+    layers, values = [p[0] for p in pooled], [p[1] for p in pooled]
+    if all(p[2] is not None for p in pooled):
+        ax.fill_between(layers, [p[2] for p in pooled], [p[3] for p in pooled], alpha=0.2, label="95% interval")
+    ax.plot(layers, values, marker="o")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer")
     ax.set_ylabel("AUROC (cross-validated)")
