@@ -255,9 +255,8 @@ def _score_shared_prefix(lm: LoadedModel, text: str, steerings, n: int) -> tuple
                 "attention_mask": torch.ones(n, ids.shape[1], dtype=torch.long, device=lm.device)}
         with steer(lm.model, steerings, last["attention_mask"]) if steerings else nullcontext():
             last[_cache_argument(lm.model)] = cache
-            logits = lm.model(**last, use_cache=True).logits[:, -1, :].float().log_softmax(-1)
-    yes, no = answer_token_ids(lm.tokenizer)
-    return (logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)).tolist(), [ids.shape[1]] * n
+            logits = lm.model(**last, use_cache=True).logits[:, -1, :]
+    return _log_odds(lm.tokenizer, logits), [ids.shape[1]] * n
 
 
 def _cache_argument(model) -> str:
@@ -271,7 +270,7 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
     halves and retried, so a batch too large for the device costs time, never results."""
     try:
         if score:
-            encoded, scores = _run_batch(lm, texts, steerings, lambda enc: _yes_no_log_odds(lm, enc), engine)
+            encoded, scores = _run_batch(lm, texts, steerings, lambda enc: yes_no_log_odds(lm, enc), engine)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
         else:
             encoded, generated = _run_batch(lm, texts, steerings,
@@ -309,11 +308,15 @@ def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int,
     return render(lm.tokenizer, messages, ANSWER_PREFIX if score else "")
 
 
-def _yes_no_log_odds(lm: LoadedModel, encoded) -> list[float]:
-    yes, no = answer_token_ids(lm.tokenizer)
-    logits = lm.model(**encoded, logits_to_keep=1).logits[:, -1, :].float().log_softmax(-1)
-    odds = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)
-    return odds.tolist()
+def yes_no_log_odds(lm: LoadedModel, encoded) -> list[float]:
+    """log P(yes) - log P(no) of the next token after each (left-padded) row of `encoded`."""
+    return _log_odds(lm.tokenizer, lm.model(**encoded, logits_to_keep=1).logits[:, -1, :])
+
+
+def _log_odds(tokenizer, last_logits: torch.Tensor) -> list[float]:
+    yes, no = answer_token_ids(tokenizer)
+    logp = last_logits.float().log_softmax(-1)
+    return (logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).tolist()
 
 
 def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history) -> Result:

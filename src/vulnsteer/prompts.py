@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
-from vulnsteer.data import Sample
+from vulnsteer.data import Sample, normalise_cwe
 from vulnsteer.errors import VulnsteerError
 
 SECLLMHOLMES_IDS: tuple[str, ...] = (
@@ -154,7 +154,7 @@ class PromptResources:
             if not isinstance(raw, dict):
                 raise VulnsteerError(f"{defs_path} is not a JSON object of CWE id -> definition")
             for key, text in raw.items():
-                cwe = normalize_cwe(str(key))
+                cwe = normalise_cwe(str(key))
                 if not isinstance(text, str):
                     raise VulnsteerError(f"{defs_path}: definition of {key} is not a string")
                 known = definitions.get(cwe)
@@ -167,16 +167,6 @@ class PromptResources:
 
 def _looks_like_dataset(path: Path) -> bool:
     return (path / "few-shot").is_dir() or (path / "mitre-cwe-definitions.json").is_file()
-
-
-def normalize_cwe(cwe: str) -> str:
-    """'cwe-787', 'CWE_787', '787' -> 'CWE-787'."""
-    text = cwe.strip().upper().replace("_", "-")
-    if text.isdigit():
-        return f"CWE-{text}"
-    if text.startswith("CWE") and not text.startswith("CWE-"):
-        text = "CWE-" + text[3:].lstrip("-")
-    return text
 
 
 def _check_id(prompt_id: str) -> str:
@@ -358,7 +348,7 @@ def build_prompt(sample: Sample, prompt_id: str, resources: PromptResources | No
     """Build the chat messages of strategy `prompt_id` for `sample` (the caller applies the chat template)."""
     _check_id(prompt_id)
     resources = resources if resources is not None else PromptResources()
-    cwe = normalize_cwe(sample.cwe)
+    cwe = normalise_cwe(sample.cwe)
     info = _info(resources, cwe)
     code = sample.code
 

@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import ANSWER_PREFIX, Result, answer_token_ids, render
+from vulnsteer.evaluation import ANSWER_PREFIX, Result, answer_token_ids, render, yes_no_log_odds
 from vulnsteer.metrics import wilson_interval
 from vulnsteer.verdicts import cwe_keywords
 
@@ -179,17 +179,17 @@ def judge_reasoning(lm, answers: Sequence[str], truths: Sequence[str], batch_siz
     texts = [render(lm.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(answer=a, truth=t)}],
                     ANSWER_PREFIX) for a, t in zip(answers, truths)]
     try:
-        yes, no = answer_token_ids(lm.tokenizer)
+        answer_token_ids(lm.tokenizer)
+        single_token = True
     except ValueError:
-        yes = no = None
+        single_token = False
     verdicts: list[bool] = []
     for start in range(0, len(texts), batch_size):
         enc = lm.tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(lm.device)
         with torch.inference_mode():
-            if yes is not None:
-                logp = lm.model(**enc).logits[:, -1, :].float().log_softmax(-1)
-                verdicts += (logp[:, yes].logsumexp(-1) > logp[:, no].logsumexp(-1)).tolist()
+            if single_token:
+                verdicts += [odds > 0 for odds in yes_no_log_odds(lm, enc)]
             else:
                 out = lm.model.generate(**enc, max_new_tokens=3, do_sample=False,
                                         pad_token_id=lm.tokenizer.pad_token_id)

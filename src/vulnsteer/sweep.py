@@ -25,6 +25,7 @@ from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.evaluation import MODES, Decoding, Job, Result
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel
+from vulnsteer.pipeline import collect_activations
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
 from vulnsteer.steering import POSITIONS, Steering
 from vulnsteer.store import SweepStore, read_sweep
@@ -194,7 +195,7 @@ def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] 
 
 
 def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[Sample] | None,
-         resources: PromptResources, done: set[tuple[str, str]], collect_activations) -> SweepPlan:
+         resources: PromptResources, done: set[tuple[str, str]]) -> SweepPlan:
     """Fit the vectors each fold needs (activations are computed once and cached) and list the remaining jobs."""
     from vulnsteer.protocol import pair_folds
 
@@ -251,7 +252,7 @@ def config_of(result: Result) -> str:
 def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None) -> Path:
     """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path."""
     from vulnsteer.models import default_device, load_model, resolve_dtype
-    from vulnsteer.pipeline import collect_activations, prompt_resources, run_jobs
+    from vulnsteer.pipeline import prompt_resources, run_jobs
     from vulnsteer.report import write_report
 
     test, train = load_sweep_samples(config)
@@ -267,7 +268,7 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
             "config": asdict(config), "vulnsteer": __version__}
     try:
         store.claim(meta, must_match=("model", "config_hash", "dataset_hash", "train_dataset_hash", "config"))
-        sweep = plan(config, lm, test, train, resources, store.done(), collect_activations)
+        sweep = plan(config, lm, test, train, resources, store.done())
         n_done = sweep.total_rows - len(sweep.jobs)
         print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items = {sweep.total_rows} rows"
               f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
@@ -277,14 +278,14 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
             run_jobs(lm, sweep.jobs, decoding, "sweep",
                      on_result=lambda r: store.add(config_of(r), sweep.fold_of[r.sample_id], r))
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
-        _write_probe(lm, sweep, config, resources, out_dir, collect_activations)
+        _write_probe(lm, sweep, config, resources, out_dir)
     finally:
         store.close()
     return write_report(out_dir, show=True)
 
 
-def _write_probe(lm, sweep: SweepPlan, config: SweepConfig, resources, out_dir: Path, collect_activations) -> None:
-    """Cross-validated probe AUROC per layer on the test items, for the report."""
+def _write_probe(lm, sweep: SweepPlan, config: SweepConfig, resources, out_dir: Path) -> None:
+    """Cross-validated probe AUROC per layer on the test items, for the report (activations from the disk cache)."""
     from vulnsteer.probe import probe
 
     acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read)

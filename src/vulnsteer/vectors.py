@@ -104,6 +104,7 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
     layers = layers if layers is not None else sorted(acts.by_layer)
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
     names += [POOLED] if "pooled" in groups else []
+    residual_norms = {layer: float(acts.by_layer[layer].norm(dim=1).mean()) for layer in layers}
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     for name in names:
         part = acts if name == POOLED else acts.subset(lambda s, c=name: s.cwe == c)
@@ -111,7 +112,7 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
         pair_ids = [s.pair_id for s in part.samples]
         vectors[name] = {
             layer: normalise(direction(part.by_layer[layer], part.labels, pair_ids, method), normalisation,
-                             float(acts.by_layer[layer].norm(dim=1).mean()))
+                             residual_norms[layer])
             for layer in layers
         }
     meta = {
