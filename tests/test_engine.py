@@ -79,7 +79,9 @@ def test_plain_path_ignores_a_model_configured_to_compile(lm):
     jobs = mixed_jobs(lm)
     evaluate(lm, make_jobs(make_samples(5)), Decoding("generate", max_new_tokens=6))  # would compile, unsteered
     steered = evaluate(lm, jobs, Decoding("generate", max_new_tokens=6))
+    repeated = evaluate(lm, jobs + jobs, Decoding("generate", max_new_tokens=6))  # shared prompt prefixes too
     lm.model.generation_config.cache_implementation = None
     lm.model.generation_config.compile_config = None
     assert answers(steered) == answers(evaluate(lm, jobs, Decoding("generate", max_new_tokens=6)))
+    assert answers(repeated) == answers(steered) * 2
     torch._dynamo.reset()

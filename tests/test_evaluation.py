@@ -330,23 +330,32 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch):
         assert a.score == pytest.approx(b.score, abs=1e-4) and a.prompt_tokens == b.prompt_tokens
 
 
-def test_shared_prefix_scoring_equals_full_batches(lm, monkeypatch):
-    """Rows of one prompt steered only at its last token reuse one prompt cache; the scores equal full passes."""
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
+    """Rows of repeated prompts steered from their last token on share one unsteered pass over each prompt (several
+    prompts of different lengths in one batch); their answers equal full passes of each job alone."""
     import vulnsteer.evaluation as evaluation
 
     calls = []
-    real = evaluation._score_shared_prefix
-    monkeypatch.setattr(evaluation, "_score_shared_prefix", lambda *a: calls.append(a[3]) or real(*a))
+    real = evaluation._answer_shared_prefix
+    monkeypatch.setattr(evaluation, "_answer_shared_prefix", lambda lm_, texts, *a: calls.append(texts) or real(lm_, texts, *a))
     g = torch.Generator().manual_seed(3)
     vector = {1: torch.randn(lm.hidden_size, generator=g) * 4}
     samples = make_samples(3)
     base = make_jobs(samples)
     configs = [None, Steering(vector, 2.0, "prompt-last"), Steering(vector, -1.0, "prompt-last"),
-               Steering(vector, 1.0, "all")]  # the "all" rows take the ordinary batched path
+               Steering(vector, 3.0, "generated"), Steering(vector, 1.0, "all")]  # "all" takes the ordinary path
     jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in base for c in configs]
-    shared = evaluate(lm, jobs, Decoding("score"))
-    assert calls == [3, 3, 3], "each prompt's three rows should share one prefix pass"
-    one_by_one = [evaluate(lm, [job], Decoding("score"))[0] for job in jobs]  # a single job never shares
-    assert [r.score for r in shared] == pytest.approx([r.score for r in one_by_one], abs=1e-4)
+    decoding = Decoding(mode, max_new_tokens=8)
+    shared = evaluate(lm, jobs, decoding)
+    assert len(calls) == 1 and len(calls[0]) == 12 and len(set(calls[0])) == 3, "one batch, three distinct prompts"
+    assert len({len(lm.tokenizer(t)["input_ids"]) for t in calls[0]}) == 3, "the prompts should need padding"
+    one_by_one = [evaluate(lm, [job], decoding)[0] for job in jobs]  # a single job never shares
     assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in one_by_one]
-    assert shared[0].score != pytest.approx(shared[1].score, abs=1e-3), "steering at the last token did nothing"
+    if mode == "score":
+        assert [r.score for r in shared] == pytest.approx([r.score for r in one_by_one], abs=1e-4)
+        assert shared[0].score != pytest.approx(shared[1].score, abs=1e-3), "steering at the last token did nothing"
+    else:
+        assert [r.response for r in shared] == [r.response for r in one_by_one]
+        assert [r.new_tokens for r in shared] == [r.new_tokens for r in one_by_one]
+        assert len({r.response for r in shared[:4]}) > 1, "steering changed no answer"

@@ -129,7 +129,12 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
 
 def _generate(lm: LoadedModel, encoded, max_new_tokens: int, static: bool) -> torch.Tensor:
     # Hooks added after transformers compiles a decode step are invisible to it: compile only with the engine.
-    cache = {"cache_implementation": "static"} if static else {"cache_implementation": "dynamic", "disable_compile": True}
+    # Rows that bring their own cache (a shared prompt prefix) keep it.
+    if static:
+        cache = {"cache_implementation": "static"}
+    else:
+        given = any(key in encoded for key in ("cache", "past_key_values"))
+        cache = {"cache_implementation": None if given else "dynamic", "disable_compile": True}
     out = lm.model.generate(
         **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
         eos_token_id=_eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id, **cache,
@@ -193,23 +198,17 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
             texts = _render_all(lm, jobs, phase, histories, turn, scoring)
             counts = {t: len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}
             lengths = {i: counts[texts[i]] for i in phase}
-            shared = []
-            if phase and phase[0] in scoring and engine is None:
-                shared = _prefix_shared_rows(jobs, phase, texts)
-            shared_set = set(shared)
-            rest = [i for i in phase if i not in shared_set]
-            groups = [(rows, True) for rows in _same_prompt_groups(shared, texts, lengths, decoding.batch_tokens)]
+            shared = _prefix_shared_rows(jobs, phase, texts) if engine is None else []
+            rest = sorted(set(phase) - set(shared))
+            groups = [([shared[g] for g in group], True)
+                      for group in batches([lengths[i] for i in shared], decoding.batch_tokens)]
             groups += [([rest[g] for g in group], False)
                        for group in batches([lengths[i] for i in rest], decoding.batch_tokens)]
             for rows, shared_prefix in groups:
                 start = time.perf_counter()
-                steerings = _steering_of([jobs[i] for i in rows])
-                if shared_prefix:
-                    replies, new_tokens = [""] * len(rows), [0] * len(rows)
-                    scores, prompt_tokens = _score_shared_prefix(lm, texts[rows[0]], steerings, len(rows))
-                else:
-                    replies, scores, new_tokens, prompt_tokens = _answer(
-                        lm, [texts[i] for i in rows], steerings, rows[0] in scoring, decoding.max_new_tokens, engine)
+                replies, scores, new_tokens, prompt_tokens = _answer(
+                    lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]), rows[0] in scoring,
+                    decoding.max_new_tokens, engine, shared_prefix)
                 seconds = (time.perf_counter() - start) / len(rows)
                 for k, i in enumerate(rows):
                     if i not in last_turn:
@@ -225,38 +224,15 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
 
 
 def _prefix_shared_rows(jobs: Sequence[Job], rows: list[int], texts: dict) -> list[int]:
-    """Scoring rows steered at most at the last prompt token share everything before it; when their prompts repeat
-    (a sweep asks each prompt under many configs), each prompt's cache is computed once for all of them."""
-    rows = [i for i in rows if jobs[i].steering is None or jobs[i].steering.positions == "prompt-last"]
-    return rows if 2 * len({texts[i] for i in rows}) <= len(rows) else []
-
-
-def _same_prompt_groups(rows: list[int], texts: dict, lengths: dict, batch_tokens: int) -> list[list[int]]:
-    """Rows with the same prompt text, in chunks of at most `batch_tokens` cached tokens."""
-    groups: dict[str, list[int]] = {}
-    for i in rows:
-        groups.setdefault(texts[i], []).append(i)
-    chunks = []
-    for members in groups.values():
-        size = max(1, batch_tokens // max(1, lengths[members[0]]))
-        chunks += [members[k:k + size] for k in range(0, len(members), size)]
-    return chunks
-
-
-def _score_shared_prefix(lm: LoadedModel, text: str, steerings, n: int) -> tuple[list[float], list[int]]:
-    """Yes/no log-odds of `n` rows of one prompt: the prompt minus its last token runs once, unsteered; its cache
-    is repeated for the rows, which then each run the last token with their own steering."""
-    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(lm.device)
-    with torch.inference_mode():
-        prefix = lm.model(input_ids=ids[:, :-1], use_cache=True)
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values  # renamed within transformers 5
-        cache.batch_repeat_interleave(n)
-        last = {"input_ids": ids[:, -1:].expand(n, 1),
-                "attention_mask": torch.ones(n, ids.shape[1], dtype=torch.long, device=lm.device)}
-        with steer(lm.model, steerings, last["attention_mask"]) if steerings else nullcontext():
-            last[_cache_argument(lm.model)] = cache
-            logits = lm.model(**last, use_cache=True).logits[:, -1, :]
-    return _log_odds(lm.tokenizer, logits), [ids.shape[1]] * n
+    """Rows whose prompt repeats (a sweep asks each prompt under many configs) and whose steering starts at the
+    last prompt token or later: everything before that token is the same unsteered computation for all of them.
+    Returned with each prompt's rows side by side, so that batches keep them together."""
+    eligible = [i for i in rows
+                if jobs[i].steering is None or jobs[i].steering.positions in ("prompt-last", "generated")]
+    counts: dict[str, int] = {}
+    for i in eligible:
+        counts[texts[i]] = counts.get(texts[i], 0) + 1
+    return sorted((i for i in eligible if counts[texts[i]] > 1), key=lambda i: texts[i])
 
 
 def _cache_argument(model) -> str:
@@ -265,10 +241,12 @@ def _cache_argument(model) -> str:
 
 
 def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int,
-            engine: SteeringEngine | None = None):
+            engine: SteeringEngine | None = None, shared_prefix: bool = False):
     """Replies, scores, new-token and prompt-token counts of one batch. On out-of-memory the batch is split in
     halves and retried, so a batch too large for the device costs time, never results."""
     try:
+        if shared_prefix:
+            return _answer_shared_prefix(lm, texts, steerings, score, max_new_tokens)
         if score:
             encoded, scores = _run_batch(lm, texts, steerings, lambda enc: yes_no_log_odds(lm, enc), engine)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
@@ -276,17 +254,51 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
             encoded, generated = _run_batch(lm, texts, steerings,
                                             lambda enc: _generate(lm, enc, max_new_tokens, engine is not None),
                                             engine)
-            replies = lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            new_tokens, scores = _generated_lengths(generated, _eos_ids(lm)), [None] * len(texts)
+            replies, scores = _decode(lm, generated), [None] * len(texts)
+            new_tokens = _generated_lengths(generated, _eos_ids(lm))
     except torch.cuda.OutOfMemoryError:
         if len(texts) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(texts) // 2
-        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens, engine)
-        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens, engine)
+        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens, engine, shared_prefix)
+        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens, engine,
+                         shared_prefix)
         return tuple(a + b for a, b in zip(first, second))
     return replies, scores, new_tokens, encoded["attention_mask"].sum(dim=1).tolist()
+
+
+def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int):
+    """`_answer` for rows that repeat prompts and are steered from the last prompt token on: each distinct prompt
+    minus its last token runs once, unsteered; its cache is copied to the prompt's rows, which then run the last
+    token (and, generating, every new token) with their own steering, all in one batch."""
+    distinct = list(dict.fromkeys(texts))
+    encoded = lm.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` counts them, padding on the left
+    argument = _cache_argument(lm.model)
+    with torch.inference_mode():
+        prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                          use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values  # renamed within transformers 5
+        of_row = torch.tensor([distinct.index(t) for t in texts], device=ids.device)
+        cache.batch_select_indices(of_row)
+        ids, mask, positions = ids[of_row], mask[of_row], positions[of_row]
+        with steer(lm.model, steerings, mask) if steerings else nullcontext():
+            if score:
+                logits = lm.model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                                  use_cache=True, **{argument: cache}).logits[:, -1, :]
+                replies, scores, new_tokens = [""] * len(texts), _log_odds(lm.tokenizer, logits), [0] * len(texts)
+            else:
+                generated = _generate(lm, {"input_ids": ids, "attention_mask": mask, argument: cache},
+                                      max_new_tokens, static=False)
+                replies, scores = _decode(lm, generated), [None] * len(texts)
+                new_tokens = _generated_lengths(generated, _eos_ids(lm))
+    return replies, scores, new_tokens, mask.sum(dim=1).tolist()
+
+
+def _decode(lm: LoadedModel, generated: torch.Tensor) -> list[str]:
+    return lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
 
 
 def _render_all(lm: LoadedModel, jobs: Sequence[Job], rows: list[int], histories, turn: int, scoring) -> dict:
