@@ -181,9 +181,9 @@ def generate(model, encoded: dict, new_tokens: int, static: bool = False) -> tor
 
 
 def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steering | None,
-                engine: SteeringEngine | None = None) -> int:
+                engine: SteeringEngine | None = None, keep: dict | None = None) -> int:
     """Dynamic cache + `steer()` hooks, or (with `engine`) a static cache whose decode step transformers
-    compiles on a GPU, steering through the engine's fixed buffers."""
+    compiles on a GPU, steering through the engine's fixed buffers. `keep` collects each item's new tokens."""
     produced = 0
     for group in groups:
         enc = left_pad([tokens[i] for i in group], device)
@@ -195,7 +195,19 @@ def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steeri
         with torch.inference_mode(), ctx:
             out = generate(model, enc, new_tokens, static=engine is not None)
         produced += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+        if keep is not None:
+            keep.update(zip(group, out[:, enc["input_ids"].shape[1]:].tolist()))
     return produced
+
+
+def agreement(a: dict, b: dict) -> dict:
+    """How far two arms' greedy tokens agree, item by item: identical rows, and the mean length of the common
+    prefix (bf16 kernels that differ in rounding may flip a near-tie, after which the rows diverge)."""
+    def common(x, y):
+        return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    prefixes = [common(a[i], b[i]) for i in a]
+    return {"identical_rows": sum(a[i] == b[i] for i in a), "rows": len(a),
+            "mean_common_prefix_tokens": statistics.mean(prefixes)}
 
 
 def run_score(model, groups, tokens, device) -> int:
@@ -333,12 +345,14 @@ def main(argv=None) -> int:
     batched = {"batched_generate": None, "batched_generate_steered": None}
     times: dict[str, list[float]] = {k: [] for k in batched}
     peaks: dict[str, float | None] = {}
+    plain_tokens: dict = {}  # the steered plain path's tokens, to compare with the compiled engine's
     for _ in range(args.repeats):
         for name in batched:
             reset_peak(device)
             with Clock(device) as c:
                 produced = run_batched(model, groups, tokens, device, new_tokens,
-                                       steering if name.endswith("steered") else None)
+                                       steering if name.endswith("steered") else None,
+                                       keep=plain_tokens if name.endswith("steered") else None)
             if produced != new_tokens * len(lengths):
                 raise SystemExit(f"{name}: {produced} new tokens, expected {new_tokens * len(lengths)}")
             times[name].append(c.seconds)
@@ -350,8 +364,9 @@ def main(argv=None) -> int:
     # Static cache + compiled decode (CUDA graphs on a GPU), steered through the engine: the first pass pays the
     # compilation; later passes with other steering reuse the captured step.
     with SteeringEngine(model, max_batch=max(len(g) for g in groups)) as engine:
+        engine_tokens: dict = {}
         with Clock(device) as c:
-            run_batched(model, groups, tokens, device, new_tokens, steering, engine)
+            run_batched(model, groups, tokens, device, new_tokens, steering, engine, keep=engine_tokens)
         compile_s = c.seconds
         static_times = []
         reset_peak(device)
@@ -364,7 +379,8 @@ def main(argv=None) -> int:
             static_times.append(c.seconds)
     arms["static_compiled_steered"] = {"median_s": statistics.median(static_times),
                                        "runs_s": [round(t, 3) for t in static_times],
-                                       "first_pass_with_compile_s": round(compile_s, 2), "peak_gib": peak_gib(device)}
+                                       "first_pass_with_compile_s": round(compile_s, 2), "peak_gib": peak_gib(device),
+                                       "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens)}
 
     score_times = []
     reset_peak(device)
@@ -433,7 +449,12 @@ def print_report(report: dict) -> None:
             table.add_row(name, f"{arm['extrapolated_s']:.2f}", str(arm["peak_gib"]),
                           f"EXTRAPOLATED: mean of {arm['measured_items']} items x {w['prompts']}")
         else:
-            table.add_row(name, f"{arm['median_s']:.2f}", str(arm["peak_gib"]), f"median of {len(arm['runs_s'])}")
+            note = f"median of {len(arm['runs_s'])}"
+            if "tokens_vs_plain_steered" in arm:
+                same = arm["tokens_vs_plain_steered"]
+                note += (f"; tokens = plain steered path in {same['identical_rows']}/{same['rows']} rows, "
+                         f"common prefix {same['mean_common_prefix_tokens']:.1f} tokens on average")
+            table.add_row(name, f"{arm['median_s']:.2f}", str(arm["peak_gib"]), note)
     console.print(table)
     derived = Table(title="hardware and derived")
     derived.add_column("quantity")

@@ -3,6 +3,7 @@ so unit tests need no download and run in seconds."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HOLMES = SHARED / "secllmholmes"
+# Where the `lm` fixture puts its models: "cuda" runs the steering and engine invariants on a GPU (bench/gpu_check.sh).
+TEST_DEVICE = os.environ.get("VULNSTEER_TEST_DEVICE", "cpu")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -54,19 +57,19 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0):
     return model.float().eval()
 
 
-def tiny_lm(arch: str, seed: int = 0):
+def tiny_lm(arch: str, seed: int = 0, device: str = "cpu"):
     from vulnsteer.models import prepare
 
     tokenizer = byte_tokenizer()
     model = tiny_model(arch, len(tokenizer), seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return prepare(model, tokenizer, f"tiny-{arch}", "cpu")
+    return prepare(model, tokenizer, f"tiny-{arch}", device)
 
 
 @pytest.fixture(params=["llama", "qwen2"])
 def lm(request):
-    return tiny_lm(request.param)
+    return tiny_lm(request.param, device=TEST_DEVICE)
 
 
 @pytest.fixture(autouse=True)

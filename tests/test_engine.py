@@ -37,7 +37,7 @@ def test_engine_matches_the_general_hooks(lm, mode):
 
 
 def test_engine_grows_for_a_larger_batch_and_adds_nothing_when_unsteered(lm):
-    enc = lm.tokenizer(["abc", "defgh", "x"], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = lm.tokenizer(["abc", "defgh", "x"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with torch.inference_mode():
         plain = lm.model(**enc).logits
         with SteeringEngine(lm.model, max_batch=1) as engine:
@@ -51,8 +51,10 @@ def test_compiled_decode_is_not_recaptured_when_steering_changes(lm):
     from transformers.generation.configuration_utils import CompileConfig
 
     torch._dynamo.reset()
-    config = CompileConfig(backend="eager")
-    config._compile_all_devices = True  # transformers compiles decode steps on GPUs only, unless told
+    # On CPU, the eager backend (transformers compiles decode steps on GPUs only, unless told); on a GPU,
+    # transformers' own default: inductor with CUDA graphs.
+    config = CompileConfig(backend="eager") if lm.device.type == "cpu" else CompileConfig()
+    config._compile_all_devices = True
     lm.model.generation_config.compile_config = config
     decoding = Decoding("generate", max_new_tokens=6, cache="static", batch_tokens=10**6)
     first = evaluate(lm, mixed_jobs(lm, seed=1), decoding)

@@ -118,7 +118,7 @@ def test_score_is_the_yes_no_log_odds_after_the_answer_prefix(lm):
     sample = make_samples(1)[0]
     [result] = evaluate(lm, make_jobs([sample]), Decoding("score"))
     text = render(lm.tokenizer, build_prompt(sample, "S1").messages, "Answer:")
-    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(lm.device)
     with torch.inference_mode():
         logp = lm.model(**ids).logits[0, -1].float().log_softmax(-1)
     yes, no = answer_token_ids(lm.tokenizer)

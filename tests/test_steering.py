@@ -10,7 +10,7 @@ PROMPTS = ["int main() { char b[4]; strcpy(b, argv[1]); }", "x = 1", "def f(p): 
 
 
 def encode(lm, texts):
-    return lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
 
 
 def generate(lm, texts, rows=None, use_cache=True, n=8):
