@@ -338,7 +338,8 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
 
     calls = []
     real = evaluation._answer_shared_prefix
-    monkeypatch.setattr(evaluation, "_answer_shared_prefix", lambda lm_, texts, *a: calls.append(texts) or real(lm_, texts, *a))
+    monkeypatch.setattr(evaluation, "_answer_shared_prefix",
+                        lambda lm_, texts, *a: calls.append(texts) or real(lm_, texts, *a))
     g = torch.Generator().manual_seed(3)
     vector = {1: torch.randn(lm.hidden_size, generator=g) * 4}
     samples = make_samples(3)
