@@ -22,15 +22,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with a few merges so "yes"/"no" are single tokens, plus chat special tokens."""
+def byte_tokenizer(extra_merges: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer with a few merges so "yes"/"no" are single tokens, plus chat special tokens;
+    `extra_merges` (two-character words) make another tokenizer of the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     merges = []
-    for word in ["Ġy", "Ġye", "Ġyes", "Ġn", "Ġno", "ye", "yes", "no"]:
+    for word in ["Ġy", "Ġye", "Ġyes", "Ġn", "Ġno", "ye", "yes", "no", *extra_merges]:
         left, right = (word[:-1], word[-1]) if word not in ("Ġy", "Ġn") else (word[0], word[1])
         if word not in vocab:
             merges.append((left, right))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vulnsteer.activations as activations
+from conftest import byte_tokenizer
 from vulnsteer.activations import Activations, _cache_file, code_token_mask, collect
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
@@ -177,6 +178,10 @@ def test_cache_key_depends_on_the_rendered_prompt_and_read(lm, monkeypatch):
     assert _cache_file(lm, "rendered prompt", "prompt-last") == base
     others = [_cache_file(lm, "rendered prompt ", "prompt-last"), _cache_file(lm, "rendered prompt", "code-mean")]
     assert len({base, *others}) == 3
+    # a tokenizer that splits the same text differently (same model id and config) is a miss too
+    retrained = type(lm)(lm.model, byte_tokenizer(extra_merges=("re",)), lm.model_id, lm.config_hash)
+    assert retrained.tokenizer("rendered prompt")["input_ids"] != lm.tokenizer("rendered prompt")["input_ids"]
+    assert _cache_file(retrained, "rendered prompt", "prompt-last") != base
     # and collect really recomputes for another prompt id or read position
     collect(lm, [s], "S1", RES, read="prompt-last")
     calls = []

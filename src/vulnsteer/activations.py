@@ -46,9 +46,12 @@ class Activations:
 
 
 def _cache_file(lm: LoadedModel, text: str, read: str) -> Path:
-    """Keyed by the rendered prompt itself, so a change of prompt text, few-shot files or definitions is a miss."""
-    key = hashlib.sha256("\0".join([lm.model_id, lm.config_hash, str(lm.model.dtype), text, read]).encode())
-    return cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.config_hash}" / f"{key.hexdigest()[:24]}.safetensors"
+    """Keyed by the rendered prompt and its token ids, so a change of prompt text, few-shot files, definitions or
+    tokenizer is a miss."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    key = hashlib.sha256("\0".join([lm.model_id, lm.config_hash, str(lm.model.dtype), text, read, str(ids)]).encode())
+    folder = cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.config_hash}"
+    return folder / f"{key.hexdigest()[:24]}.safetensors"
 
 
 def code_token_mask(tokenizer, text: str, code: str, width: int) -> torch.Tensor:
