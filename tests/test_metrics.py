@@ -219,3 +219,52 @@ def test_empty_and_bad_input():
         summarise([Judged("a", "CWE-79", True, "yes")])
     with pytest.raises(MetricsError):
         summarise([Judged("a", "CWE-79", True, "vulnerable", float("nan"))])
+
+
+def augmented(copies: int, n_scenarios: int = 8, family: bool = True):
+    """Each scenario's pair and its augmented copies: copies answer alike, so they are one piece of evidence."""
+    items = []
+    for s in range(n_scenarios):
+        for c in range(copies):
+            right = s % 2 == 0  # half the scenarios fully right, half fully wrong
+            for vul in (True, False):
+                verdict = ("vulnerable" if vul else "not_vulnerable") if right else \
+                    ("not_vulnerable" if vul else "vulnerable")
+                items.append(Judged(f"s{s}/c{c}", "CWE-79", vul, verdict, score=float(vul == right),
+                                    family=f"s{s}" if family else None))
+    return items
+
+
+def test_bootstrap_resamples_families_not_their_augmented_copies():
+    as_pairs = summarise(augmented(copies=6, family=False), n_boot=4000, seed=1)
+    as_families = summarise(augmented(copies=6), n_boot=4000, seed=1)
+    one_copy = summarise(augmented(copies=1), n_boot=4000, seed=1)
+    for name in ("balanced_accuracy", "auroc"):
+        pairs_iv, family_iv, single_iv = (getattr(s, name) for s in (as_pairs, as_families, one_copy))
+        assert family_iv.value == pairs_iv.value == single_iv.value == pytest.approx(0.5)
+        # 48 "independent" pairs would claim a far narrower interval than 8 scenarios support
+        assert family_iv.high - family_iv.low > 1.8 * (pairs_iv.high - pairs_iv.low)
+        assert family_iv.high - family_iv.low == pytest.approx(single_iv.high - single_iv.low, abs=0.08)
+    assert as_families.pair_accuracy.value == as_pairs.pair_accuracy.value == pytest.approx(0.5)
+    assert as_families.n_pairs == 48
+
+
+def test_gain_resamples_families_and_checks_them_aligned():
+    base = augmented(copies=4)
+    steered = [Judged(it.pair_id, it.cwe, it.vulnerable, "vulnerable" if it.vulnerable else "not_vulnerable",
+                      family=it.family) for it in base]  # every item right
+    by_family = bootstrap_gain(base, steered, "pair_accuracy", n_boot=4000, seed=2)
+    by_pair = bootstrap_gain([Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in base],
+                             [Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in steered],
+                             "pair_accuracy", n_boot=4000, seed=2)
+    assert by_family.value == by_pair.value == pytest.approx(0.5)
+    assert by_family.low < by_pair.low
+    with pytest.raises(MetricsError, match="misaligned"):
+        bootstrap_gain(base, [Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in steered])
+
+
+def test_a_pair_split_across_families_is_refused():
+    items = [Judged("p0", "CWE-79", True, "vulnerable", family="a"),
+             Judged("p0", "CWE-79", False, "vulnerable", family="b")]
+    with pytest.raises(MetricsError, match="split across families"):
+        summarise(items)

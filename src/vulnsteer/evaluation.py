@@ -18,7 +18,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from vulnsteer.data import Sample
+from vulnsteer.data import Sample, family
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
@@ -60,6 +60,7 @@ class Result:
     seconds: float  # the batch's wall time divided by its rows
     steering: dict | None = None
     turns: list[str] = field(default_factory=list)  # earlier replies of multi-turn prompts
+    family: str | None = None  # the pair with its augmented copies: one cluster for bootstrap intervals
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -342,5 +343,5 @@ def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, s
         source=sample.source, prompt_id=job.prompt_id, mode=mode, response=reply, verdict=verdict,
         score=None if score is None else round(float(score), 6), prompt_tokens=int(prompt_tokens),
         new_tokens=int(new_tokens), seconds=round(seconds, 4),
-        steering=job.steering.label if job.steering else None, turns=list(history),
+        steering=job.steering.label if job.steering else None, turns=list(history), family=family(sample),
     )

@@ -10,9 +10,11 @@ Conventions
   ``"unknown"`` verdict is always wrong.
 * A *pair* is a ``pair_id`` with at least one vulnerable and at least one
   patched member.
-* Bootstrap intervals resample *clusters* — every distinct ``pair_id`` with all
-  of its members — with replacement, so the two halves of a pair never get
-  separated.  Intervals are percentile intervals of the replicates; replicates
+* Bootstrap intervals resample *clusters* with replacement: an item's
+  ``family`` (a pair plus the augmented copies of its scenario, which are not
+  independent evidence), or its ``pair_id`` when it has none, with all of its
+  members, so the two halves of a pair never get separated.  Wilson intervals
+  (accuracy, answer rate, pair accuracy) count items or pairs as independent.  Intervals are percentile intervals of the replicates; replicates
   where the statistic is undefined (e.g. a resample with no patched item) are
   dropped.
 * A metric that is undefined on the data (no answered items, a class missing,
@@ -52,6 +54,11 @@ class Judged:
     vulnerable: bool  # ground truth
     verdict: str  # "vulnerable" | "not_vulnerable" | "unknown"
     score: float | None = None  # higher = more vulnerable; score mode only
+    family: str | None = None  # bootstrap cluster holding the pair (e.g. with its augmented copies); None: the pair
+
+    @property
+    def cluster(self) -> str:
+        return self.family or self.pair_id
 
     @property
     def answered(self) -> bool:
@@ -154,6 +161,11 @@ def _validate(items: Sequence[Judged]) -> list[Judged]:
             raise MetricsError(f"invalid verdict {it.verdict!r} for pair {it.pair_id!r}; expected one of {VERDICTS}")
         if it.score is not None and not math.isfinite(float(it.score)):
             raise MetricsError(f"non-finite score {it.score!r} for pair {it.pair_id!r}")
+    family_of: dict[str, str] = {}
+    for it in items:
+        if family_of.setdefault(it.pair_id, it.cluster) != it.cluster:
+            raise MetricsError(f"pair {it.pair_id!r} is split across families {family_of[it.pair_id]!r} and "
+                               f"{it.cluster!r}")
     return items
 
 
@@ -180,7 +192,7 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
 
 @dataclass(frozen=True)
 class _Arrays:
-    """Per-item arrays plus the item -> cluster (pair_id) map used by the bootstrap."""
+    """Per-item arrays plus the item -> pair and pair -> cluster maps used by the bootstrap."""
 
     y: np.ndarray  # bool, ground truth vulnerable
     correct: np.ndarray  # bool
@@ -188,25 +200,32 @@ class _Arrays:
     score: np.ndarray  # float, NaN where missing
     cluster: np.ndarray  # int index into cluster ids
     n_clusters: int
-    is_pair: np.ndarray  # per cluster: has both classes
+    pair: np.ndarray  # per item: int index into pair ids
+    pair_cluster: np.ndarray  # per pair: its cluster
+    is_pair: np.ndarray  # per pair: has both classes
 
 
 def _arrays(items: list[Judged], cluster_ids: list[str] | None = None) -> _Arrays:
     if cluster_ids is None:
-        cluster_ids = list(dict.fromkeys(it.pair_id for it in items))
-    index = {pid: i for i, pid in enumerate(cluster_ids)}
+        cluster_ids = list(dict.fromkeys(it.cluster for it in items))
+    index = {c: i for i, c in enumerate(cluster_ids)}
+    pair_index = {p: i for i, p in enumerate(dict.fromkeys(it.pair_id for it in items))}
     y = np.array([it.vulnerable for it in items], dtype=bool)
-    cluster = np.array([index[it.pair_id] for it in items], dtype=np.int64)
-    k = len(cluster_ids)
-    has_vuln = np.bincount(cluster, weights=y, minlength=k) > 0
-    has_patched = np.bincount(cluster, weights=~y, minlength=k) > 0
+    cluster = np.array([index[it.cluster] for it in items], dtype=np.int64)
+    pair = np.array([pair_index[it.pair_id] for it in items], dtype=np.int64)
+    pair_cluster = np.zeros(len(pair_index), dtype=np.int64)
+    pair_cluster[pair] = cluster  # one cluster per pair (checked by _validate)
+    has_vuln = np.bincount(pair, weights=y, minlength=len(pair_index)) > 0
+    has_patched = np.bincount(pair, weights=~y, minlength=len(pair_index)) > 0
     return _Arrays(
         y=y,
         correct=np.array([it.correct for it in items], dtype=bool),
         answered=np.array([it.answered for it in items], dtype=bool),
         score=np.array([math.nan if it.score is None else float(it.score) for it in items], dtype=float),
         cluster=cluster,
-        n_clusters=k,
+        n_clusters=len(cluster_ids),
+        pair=pair,
+        pair_cluster=pair_cluster,
         is_pair=has_vuln & has_patched,
     )
 
@@ -239,9 +258,15 @@ def _stat_balanced_accuracy(a: _Arrays, W: np.ndarray) -> np.ndarray:
     return (tpr + tnr) / 2.0
 
 
+def _pairs_right(a: _Arrays) -> np.ndarray:
+    """Per pair: a real pair (both classes) with every member right."""
+    wrong = np.bincount(a.pair, weights=(~a.correct).astype(float), minlength=a.is_pair.size)
+    return (wrong == 0) & a.is_pair
+
+
 def _stat_pair_accuracy(a: _Arrays, W: np.ndarray) -> np.ndarray:
-    all_right = (_cluster_sum(a, ~a.correct) == 0) & a.is_pair
-    return _safe_div(W @ all_right.astype(float), W @ a.is_pair.astype(float))
+    weights = W[:, a.pair_cluster]  # a pair counts as often as its cluster is drawn
+    return _safe_div(weights @ _pairs_right(a).astype(float), weights @ a.is_pair.astype(float))
 
 
 def _stat_auroc(a: _Arrays, W: np.ndarray) -> np.ndarray:
@@ -321,7 +346,7 @@ def summarise(
     n_correct = int(a.correct.sum())
     n_answered = int(a.answered.sum())
     n_pairs = int(a.is_pair.sum())
-    pairs_right = int(((_cluster_sum(a, ~a.correct) == 0) & a.is_pair).sum())
+    pairs_right = int(_pairs_right(a).sum())
     W = _cluster_weights(a.n_clusters, n_boot, _rng(seed))
 
     au = auroc(items)
@@ -382,7 +407,7 @@ def _check_aligned(baseline: list[Judged], steered: list[Judged]) -> None:
     if len(baseline) != len(steered):
         raise MetricsError(f"baseline has {len(baseline)} items but steered has {len(steered)}")
     for i, (x, y) in enumerate(zip(baseline, steered)):
-        if (x.pair_id, x.vulnerable, x.cwe) != (y.pair_id, y.vulnerable, y.cwe):
+        if (x.pair_id, x.cluster, x.vulnerable, x.cwe) != (y.pair_id, y.cluster, y.vulnerable, y.cwe):
             raise MetricsError(
                 f"item {i} is misaligned: baseline ({x.pair_id!r}, vulnerable={x.vulnerable}, {x.cwe}) vs "
                 f"steered ({y.pair_id!r}, vulnerable={y.vulnerable}, {y.cwe})"
@@ -407,8 +432,8 @@ def bootstrap_gain(
     """Gain ``metric(steered) - metric(baseline)`` with a paired pair-bootstrap interval.
 
     The two lists must be aligned item by item (same length, same ``pair_id``,
-    ground truth and CWE at each position).  Each replicate resamples pair_ids
-    once and applies the same resample to both arms.  Raises
+    family, ground truth and CWE at each position).  Each replicate resamples
+    clusters once and applies the same resample to both arms.  Raises
     :class:`MetricsError` when the metric is undefined for either arm.
     """
     if metric not in GAIN_METRICS:
@@ -422,7 +447,7 @@ def bootstrap_gain(
             if any(it.score is None for it in arm):
                 raise MetricsError(f"auroc gain needs a score on every item; {name} has items without one")
     a_base = _arrays(base)
-    a_steer = _arrays(steer, cluster_ids=list(dict.fromkeys(it.pair_id for it in base)))
+    a_steer = _arrays(steer, cluster_ids=list(dict.fromkeys(it.cluster for it in base)))
     ones = np.ones((1, a_base.n_clusters))
     stat = _STATS[metric]
     observed_base, observed_steer = float(stat(a_base, ones)[0]), float(stat(a_steer, ones)[0])

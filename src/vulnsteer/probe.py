@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from vulnsteer.activations import Activations
+from vulnsteer.data import family
 from vulnsteer.metrics import Judged, summarise
 from vulnsteer.protocol import pair_folds
 from vulnsteer.vectors import direction
@@ -75,7 +76,7 @@ def probe(acts: Activations, layers: list[int], method: str = "mean-diff", k: in
 
 
 def _auroc_interval(acts: Activations, scores: np.ndarray, seed: int) -> tuple[float | None, float | None]:
-    items = [Judged(s.pair_id, s.cwe, s.is_vulnerable, "unknown", float(x))
+    items = [Judged(s.pair_id, s.cwe, s.is_vulnerable, "unknown", float(x), family(s))
              for s, x in zip(acts.samples, scores) if not np.isnan(x)]
     interval = summarise(items, n_boot=1000, seed=seed).auroc if items else None
     return (interval.low, interval.high) if interval else (None, None)

@@ -127,7 +127,7 @@ def fold_thresholded(arm: list[Result], folds: dict[str, int]) -> list[Judged]:
         others = fold != fold[i]
         threshold = best_threshold(scores[others], vulnerable[others])
         verdict = "vulnerable" if scores[i] > threshold else "not_vulnerable"
-        items.append(Judged(r.pair_id, r.cwe, vulnerable[i], verdict, r.score))
+        items.append(Judged(r.pair_id, r.cwe, vulnerable[i], verdict, r.score, r.family))
     return items
 
 

@@ -25,7 +25,7 @@ COLUMNS = (
 
 
 def judged(results: Sequence[Result]) -> list[Judged]:
-    return [Judged(r.pair_id, r.cwe, r.label == "vulnerable", r.verdict, r.score) for r in results]
+    return [Judged(r.pair_id, r.cwe, r.label == "vulnerable", r.verdict, r.score, r.family) for r in results]
 
 
 def summarise_results(results: Sequence[Result], n_boot: int = 2000, seed: int = 0) -> dict[str, Summary]:
