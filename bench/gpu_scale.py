@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from vulnsteer.evaluation import batches
+from vulnsteer.evaluation import auto_batch_tokens, batches
 from vulnsteer.steering import Steering, SteeringEngine, steer
 from vulnsteer.vectors import relative_layer
 
@@ -242,8 +242,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the logic, numbers meaningless")
     p.add_argument("--new-tokens", type=int, default=None, help="default 200 (8 with --tiny)")
-    p.add_argument("--batch-tokens", type=int, default=8192,
-                   help="padded prompt tokens per batch, as Decoding.batch_tokens (default 8192, the engine's)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded prompt tokens per batch, as Decoding.batch_tokens (default: the engine's automatic "
+                        "budget, what fits in free GPU memory)")
     p.add_argument("--one-items", type=int, default=3, help="items timed one at a time (then extrapolated)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each batched arm (interleaved)")
     p.add_argument("--strength", type=float, default=1.0)
@@ -298,13 +299,14 @@ def main(argv=None) -> int:
     read_bytes = param_bytes - embed.numel() * embed.element_size()
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - embed.numel()
     tokens = prompts(lengths, shape["vocab_size"], device)
-    groups = batches(list(lengths), args.batch_tokens)
+    budget = args.batch_tokens or auto_batch_tokens(model, new_tokens, min(lengths))
+    groups = batches(list(lengths), budget)
     layers = sorted({relative_layer(d, n_layers) for d in DEPTHS})
     steering = random_steering(hidden, layers, args.strength)
     report["workload"] = {
         "shape": shape, "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes": param_bytes, "decode_read_bytes": read_bytes, "prompts": len(lengths),
-        "prompt_tokens": sum(lengths), "new_tokens": new_tokens, "batch_tokens": args.batch_tokens,
+        "prompt_tokens": sum(lengths), "new_tokens": new_tokens, "batch_tokens": budget,
         "batches": [len(g) for g in groups], "steered_layers": layers,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "build_s": round(build_clock.seconds, 1),

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
-from vulnsteer.evaluation import Decoding, Job, batches, evaluate, render
+from vulnsteer.evaluation import Decoding, Job, batch_budget, batches, evaluate, render
 from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources
@@ -327,9 +327,9 @@ def part_a(lm, jobs, args) -> dict:
         "arms": {
             "one_at_a_time": arm_record(runs["one_at_a_time"], new_tokens=new_tokens(one), calls=len(jobs)),
             "batched_generate": arm_record(runs["batched_generate"], new_tokens=new_tokens(bat),
-                                           batches=len(batches(_lengths(lm, jobs, gen), gen.batch_tokens))),
+                                           batches=n_batches(lm, jobs, gen)),
             "score": arm_record(runs["score"], new_tokens=0,
-                                batches=len(batches(_lengths(lm, jobs, score), score.batch_tokens))),
+                                batches=n_batches(lm, jobs, score)),
         },
         "identical_responses_one_vs_batched": same,
     }
@@ -356,13 +356,19 @@ def _lengths(lm, jobs, decoding) -> list[int]:
                 ["input_ids"]) for j in jobs]
 
 
+def n_batches(lm, jobs, decoding) -> int:
+    """How many batches `evaluate` makes of these jobs (before any sharing of prompt prefixes)."""
+    lengths = _lengths(lm, jobs, decoding)
+    return len(batches(lengths, batch_budget(lm, decoding, lengths, decoding.mode == "score")))
+
+
 # --- (b) steering overhead -------------------------------------------------------------------------
 
 
 def part_b(lm, jobs, args) -> dict:
     texts = [render(lm.tokenizer, list(j.prompt.messages)) for j in jobs]
     lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    groups = batches(lengths, Decoding().batch_tokens)
+    groups = batches(lengths, batch_budget(lm, Decoding(max_new_tokens=args.max_new_tokens), lengths, False))
     encoded = [lm.tokenizer([texts[i] for i in g], return_tensors="pt", padding=True, add_special_tokens=False)
                .to(lm.device) for g in groups]
     layers = steering_layers(lm.num_layers)
@@ -491,8 +497,7 @@ def part_c(lm, jobs, args) -> dict:
         "steered_layers": layers,
         "arms": {
             "per_row_combined": arm_record(comb, new_tokens=new_tokens(comb["value"]),
-                                           batches=len(batches(_lengths(lm, combined_jobs, decoding),
-                                                               decoding.batch_tokens))),
+                                           batches=n_batches(lm, combined_jobs, decoding)),
             "k_separate_passes": arm_record(sep, new_tokens=new_tokens(sep["value"])),
         },
         "per_config": [

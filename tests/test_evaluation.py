@@ -11,6 +11,7 @@ import torch
 
 from conftest import byte_tokenizer
 from vulnsteer.data import Sample
+from vulnsteer.errors import VulnsteerError
 from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, batches, evaluate, render
 from vulnsteer.prompts import Prompt, build_prompt
 from vulnsteer.steering import Steering
@@ -360,3 +361,31 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
         assert [r.response for r in shared] == [r.response for r in one_by_one]
         assert [r.new_tokens for r in shared] == [r.new_tokens for r in one_by_one]
         assert len({r.response for r in shared[:4]}) > 1, "steering changed no answer"
+
+
+def test_automatic_batch_budget_fits_free_memory():
+    """On a GPU the budget comes from free memory: Qwen2.5-14B's KV cache on an H200 holds all 48 hand-crafted
+    files in one batch (one read of the weights per decode step); less memory or more new tokens, fewer rows."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vulnsteer.evaluation import CPU_BATCH_TOKENS, auto_batch_tokens
+
+    config = Qwen2Config(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                         num_key_value_heads=8, vocab_size=152064)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    assert auto_batch_tokens(model, 192, 113) == CPU_BATCH_TOKENS  # not on a GPU, no memory figure given
+    h200_free = 139 * 2**30 - 30 * 10**9  # after 29.5 GB of weights
+    budget = auto_batch_tokens(model, 200, 113, free_bytes=h200_free)
+    assert budget >= 48 * 629, "the 48 files (longest 629 tokens) should make one batch"
+    kv_per_token = 2 * 48 * 8 * 128 * 2
+    assert budget * kv_per_token * (1 + 200 / 113) < h200_free, "the batch's KV cache alone would not fit"
+    assert auto_batch_tokens(model, 200, 113, free_bytes=h200_free // 4) < budget
+    assert auto_batch_tokens(model, 800, 113, free_bytes=h200_free) < budget
+    assert auto_batch_tokens(model, 0, 113, free_bytes=h200_free) > budget  # scoring keeps no new tokens
+    assert auto_batch_tokens(model, 200, 300, free_bytes=1) == 300  # at least one row
+
+
+def test_batch_budget_must_be_positive(lm):
+    with pytest.raises(VulnsteerError, match="at least 1"):
+        evaluate(lm, make_jobs(make_samples(2)), Decoding("score", batch_tokens=0))

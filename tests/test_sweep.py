@@ -80,6 +80,8 @@ def test_resume_is_refused_for_another_dataset(tmp_path):
     ({"positions": ["generated"], "mode": "score"}, "steers nothing"),
     ({"folds": 1}, "folds"),
     ({"vectors": ["own", "everything"]}, "unknown value"),
+    ({"batch_tokens": 0}, "batch_tokens"),
+    ({"batch_tokens": "auto"}, "batch_tokens"),
 ])
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(VulnsteerError, match=message):

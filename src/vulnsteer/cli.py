@@ -42,7 +42,7 @@ DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt
                   max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
 _INT_FLAGS = {"limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
-              "train_pairs_per_cwe"}
+              "train_pairs_per_cwe", "batch_tokens"}
 
 
 def _with_options(options: dict):
@@ -123,7 +123,9 @@ def eval_command(
     mode: str = ModeOpt,
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
-    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Rows x padded prompt width per batch."),
+    batch_tokens: Optional[int] = typer.Option(
+        None, "--batch-tokens", help="Rows x padded prompt width per batch (default: what fits in free GPU memory; "
+        "8192 on CPU)."),
     cache: str = typer.Option("dynamic", "--cache",
                               help="dynamic, or static: fixed-size KV cache, decode step compiled once on a GPU."),
     dtype: str = DtypeOpt,
@@ -303,6 +305,8 @@ SWEEP_FLAGS = dict(
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
     cache=typer.Option(None, "--cache", help="dynamic or static (compiled decode on a GPU)."),
+    batch_tokens=typer.Option(None, "--batch-tokens",
+                              help="Rows x padded prompt width per batch (default: what fits; 8192 on CPU)."),
 )
 
 

@@ -72,7 +72,8 @@ class Decoding:
 
     mode: Mode = "generate"
     max_new_tokens: int = 192
-    batch_tokens: int = 8192  # prompt tokens per batch (rows x padded width); bounds memory
+    # Prompt tokens per batch (rows x padded width); bounds memory. None: as many as fit (`auto_batch_tokens`).
+    batch_tokens: int | None = None
     # "dynamic": transformers' default cache, steering by `steer()` hooks per batch. "static": a fixed-size cache
     # and a persistent `SteeringEngine`, so that on a GPU transformers compiles the decode step (CUDA graphs) once.
     cache: str = "dynamic"
@@ -90,6 +91,39 @@ def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
         merged = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
         text = tokenizer.apply_chat_template([merged, *rest], tokenize=False, add_generation_prompt=True)
     return text + prefix
+
+
+CPU_BATCH_TOKENS = 8192
+
+
+def auto_batch_tokens(model, max_new_tokens: int, width: int, free_bytes: int | None = None) -> int:
+    """Prompt tokens per batch (rows x padded width) that fit in `free_bytes` (on a GPU: what is free now) with a
+    fifth to spare: each row's KV cache for its prompt and new tokens, plus the prefill's transient activations.
+    `width` is the shortest prompt, whose rows carry the most new tokens per prompt token. On CPU, without
+    `free_bytes`: 8192, as larger batches buy little there. An estimate: a batch that still runs out of memory is
+    halved and retried. On a GPU it usually means one batch for a whole dataset, so that every decode step reads
+    the weights once for all rows."""
+    parameter = next(model.parameters())
+    if free_bytes is None:
+        if parameter.device.type != "cuda":
+            return CPU_BATCH_TOKENS
+        free_bytes = torch.cuda.mem_get_info(parameter.device)[0]
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * parameter.element_size()
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    activation_bytes = (4 * config.hidden_size + 2 * intermediate) * parameter.element_size()
+    per_prompt_token = kv_bytes * (1 + max_new_tokens / max(width, 1)) + activation_bytes
+    return max(int(0.8 * free_bytes / per_prompt_token), width)  # at least one row
+
+
+def batch_budget(lm: LoadedModel, decoding: Decoding, lengths: Sequence[int], score: bool) -> int:
+    """`decoding.batch_tokens`, or the automatic budget for prompts of these lengths."""
+    if decoding.batch_tokens is not None:
+        return decoding.batch_tokens
+    return auto_batch_tokens(lm.model, 0 if score else decoding.max_new_tokens, min(lengths, default=1))
 
 
 def batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -180,6 +214,8 @@ def evaluate(
     (the store uses it to write rows as they finish, so an interrupted run loses at most one batch)."""
     if decoding.cache not in ("dynamic", "static"):
         raise VulnsteerError(f"unknown cache {decoding.cache!r}; use dynamic or static")
+    if decoding.batch_tokens is not None and decoding.batch_tokens < 1:
+        raise VulnsteerError(f"--batch-tokens must be at least 1, got {decoding.batch_tokens}")
     engine = SteeringEngine(lm.model, max_batch=min(len(jobs), 64)) if decoding.cache == "static" else None
     try:
         return _evaluate(lm, jobs, decoding, progress, on_result, engine)
@@ -199,12 +235,12 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
             texts = _render_all(lm, jobs, phase, histories, turn, scoring)
             counts = {t: len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}
             lengths = {i: counts[texts[i]] for i in phase}
+            budget = batch_budget(lm, decoding, list(lengths.values()), bool(phase) and phase[0] in scoring)
             shared = _prefix_shared_rows(jobs, phase, texts) if engine is None else []
             rest = sorted(set(phase) - set(shared))
             groups = [([shared[g] for g in group], True)
-                      for group in batches([lengths[i] for i in shared], decoding.batch_tokens)]
-            groups += [([rest[g] for g in group], False)
-                       for group in batches([lengths[i] for i in rest], decoding.batch_tokens)]
+                      for group in batches([lengths[i] for i in shared], budget)]
+            groups += [([rest[g] for g in group], False) for group in batches([lengths[i] for i in rest], budget)]
             for rows, shared_prefix in groups:
                 start = time.perf_counter()
                 replies, scores, new_tokens, prompt_tokens = _answer(
@@ -280,7 +316,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     argument = _cache_argument(lm.model)
     with torch.inference_mode():
         prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                          use_cache=True)
+                          use_cache=True, logits_to_keep=1)  # only its cache is needed
         cache = getattr(prefix, "cache", None) or prefix.past_key_values  # renamed within transformers 5
         of_row = torch.tensor([distinct.index(t) for t in texts], device=ids.device)
         cache.batch_select_indices(of_row)

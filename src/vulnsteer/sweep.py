@@ -70,7 +70,7 @@ class SweepConfig:
     normalisation: str = "residual"
     select_metric: str = "balanced_accuracy"
     max_new_tokens: int = 96
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # None: what fits in free GPU memory (8192 on CPU)
     cache: str = "dynamic"  # or "static": fixed-size KV cache, decode step compiled once on a GPU
     dtype: str = "auto"
 
@@ -96,6 +96,8 @@ class SweepConfig:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
         if self.transfer_strength == 0:
             raise VulnsteerError("config: transfer_strength 0 steers nothing")
+        if self.batch_tokens is not None and (not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
+            raise VulnsteerError(f"config: batch_tokens must be a positive integer, got {self.batch_tokens!r}")
         if not isinstance(self.folds, int) or self.folds < 2:
             raise VulnsteerError(f"config: folds must be an integer >= 2, got {self.folds!r}")
 
