@@ -338,3 +338,19 @@ def test_probe_with_a_vector_file_flags_in_sample_directions(monkeypatch, capsys
     assert "IN-SAMPLE: fitted on 8 of these samples" in out
     saved = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert set(saved["vector_file_auroc"]) == {str(layer) for layer in range(4)}
+
+
+def test_progress_in_a_log_is_plain_lines(capsys):
+    """Output that is not a terminal (a batch job's log) gets plain progress lines, throttled, and the last one."""
+    from vulnsteer.pipeline import progress
+
+    with progress("sweep", 10, log_every=3600) as advance:
+        for _ in range(10):
+            advance(1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sweep: 10/10 (100%), ") and lines[0].endswith("eta 0 s")
+    with progress("activations", 4, log_every=0) as advance:
+        advance(1)
+        advance(3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["activations: 1/4 (25%)", "activations: 4/4 (100%)"]

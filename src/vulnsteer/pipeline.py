@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vulnsteer import __version__
@@ -19,9 +21,30 @@ from vulnsteer.store import SampleWriter, open_run, read_samples, result_key, ro
 from vulnsteer.summary import print_table, reasoning_section, summarise_results, write_summary
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), transient=False)
+@contextmanager
+def progress(description: str, total: int, log_every: float = 30.0) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(n)`. On a terminal, a live bar; in a log (output not a terminal, e.g. a batch job), a plain
+    line at most every `log_every` seconds and at the end, since a bar would only show once it is finished."""
+    console = Console()
+    if console.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(task, n)
+        return
+    start = last = time.monotonic()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= log_every or done >= total:
+            last = now
+            eta = f"{(now - start) / done * (total - done):.0f} s" if done else "?"
+            print(f"{description}: {done}/{total} ({100 * done / max(total, 1):.0f}%), "
+                  f"{now - start:.0f} s elapsed, eta {eta}", flush=True)
+    yield advance
 
 
 def prompt_resources(dataset: str) -> PromptResources:
@@ -38,9 +61,8 @@ def make_jobs(samples: Sequence[Sample], prompt_id: str, resources: PromptResour
 def run_jobs(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, description: str,
              on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Evaluate with a progress bar."""
-    with progress_bar() as bar:
-        task = bar.add_task(description, total=len(jobs))
-        return evaluate(lm, jobs, decoding, progress=lambda n: bar.advance(task, n), on_result=on_result)
+    with progress(description, len(jobs)) as advance:
+        return evaluate(lm, jobs, decoding, progress=advance, on_result=on_result)
 
 
 def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
@@ -78,10 +100,8 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
     """Activations of every layer, with a progress bar (cached on disk per sample)."""
     from vulnsteer.activations import collect
 
-    with progress_bar() as bar:
-        task = bar.add_task("activations", total=len(samples))
-        return collect(lm, samples, prompt_id, resources, read, batch_tokens,
-                       progress=lambda n: bar.advance(task, n))
+    with progress("activations", len(samples)) as advance:
+        return collect(lm, samples, prompt_id, resources, read, batch_tokens, progress=advance)
 
 
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
