@@ -389,3 +389,33 @@ def test_automatic_batch_budget_fits_free_memory():
 def test_batch_budget_must_be_positive(lm):
     with pytest.raises(VulnsteerError, match="at least 1"):
         evaluate(lm, make_jobs(make_samples(2)), Decoding("score", batch_tokens=0))
+
+
+def test_scoring_rows_of_one_prompt_share_the_layers_below_the_first_steered_one(lm):
+    """Configs that steer a whole prompt cannot share its cache, but the layers below the first steered layer
+    are the same computation for all of them: those layers run once per distinct prompt, with equal scores."""
+    from vulnsteer.steering import decoder_layers
+
+    g = torch.Generator().manual_seed(5)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (2, 3)}
+    configs = [None, Steering(vectors, 1.5, "all"), Steering({3: vectors[3]}, -2.0, "prompt"),
+               Steering(vectors, 0.5, "all")]
+    samples = make_samples(3)
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in make_jobs(samples) for c in configs[1:]]
+    jobs.append(Job(samples[0], "S1", build_prompt(samples[0], "S1"), configs[0]))  # one unsteered row
+    rows_seen = {0: [], 1: [], 2: []}
+    layers = decoder_layers(lm.model)
+    handles = [layers[k].register_forward_hook(
+        lambda m, a, out, k=k: rows_seen[k].append((out[0] if isinstance(out, tuple) else out).shape[0]))
+        for k in rows_seen]
+    try:
+        shared = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # layers 0 and 1 computed one row per prompt (1's output is copied to every row after these hooks ran)
+    assert rows_seen == {0: [3], 1: [3], 2: [len(jobs)]}
+    one_by_one = [evaluate(lm, [job], Decoding("score"))[0] for job in jobs]
+    assert [r.score for r in shared] == pytest.approx([r.score for r in one_by_one], abs=1e-4)
+    assert shared[0].score != pytest.approx(shared[-1].score, abs=1e-3), "steering should change the score"
+    assert all(not layer._forward_pre_hooks for layer in layers), "trunk hooks left behind"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import inspect
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from vulnsteer.data import Sample, family
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.steering import Steering, SteeringEngine, steer
+from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, steer
 from vulnsteer.verdicts import parse_verdict
 
 Mode = Literal["generate", "score"]
@@ -237,7 +237,7 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
             lengths = {i: counts[texts[i]] for i in phase}
             budget = batch_budget(lm, decoding, list(lengths.values()), bool(phase) and phase[0] in scoring)
             shared = _prefix_shared_rows(jobs, phase, texts) if engine is None else []
-            rest = sorted(set(phase) - set(shared))
+            rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
             groups = [([shared[g] for g in group], True)
                       for group in batches([lengths[i] for i in shared], budget)]
             groups += [([rest[g] for g in group], False) for group in batches([lengths[i] for i in rest], budget)]
@@ -285,7 +285,10 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
         if shared_prefix:
             return _answer_shared_prefix(lm, texts, steerings, score, max_new_tokens)
         if score:
-            encoded, scores = _run_batch(lm, texts, steerings, lambda enc: yes_no_log_odds(lm, enc), engine)
+            def score_batch(enc):
+                with _shared_trunk(lm.model, texts, steerings) if engine is None else nullcontext():
+                    return yes_no_log_odds(lm, enc)
+            encoded, scores = _run_batch(lm, texts, steerings, score_batch, engine)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
         else:
             encoded, generated = _run_batch(lm, texts, steerings,
@@ -334,6 +337,45 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     return replies, scores, new_tokens, mask.sum(dim=1).tolist()
 
 
+@contextmanager
+def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
+    """Scoring rows that repeat a prompt but steer all of it (a sweep's `all` configs) still share the decoder
+    layers below the first layer any row steers: those layers run on one row per distinct prompt, and the last of
+    them copies its output back to every row. Only for one forward pass without a KV cache (scoring), where nothing
+    else depends on those layers' batch size."""
+    layers = decoder_layers(model)
+    depth = min((min(row.vectors) for row in steerings or [] if row and row.strength != 0 and row.vectors),
+                default=len(layers))
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) == len(texts) or depth == 0:
+        yield
+        return
+    rows = len(texts)
+    first = torch.tensor([texts.index(t) for t in distinct])
+    of_row = torch.tensor([distinct.index(t) for t in texts])
+
+    def narrow(value):  # batch-first inputs of a layer (hidden states, masks, position embeddings): one row each
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+            return value[first.to(value.device)]
+        return tuple(narrow(v) for v in value) if isinstance(value, tuple) else value
+
+    def narrow_inputs(module, args, kwargs):
+        return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
+
+    def widen_output(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        widened = hidden[of_row.to(hidden.device)]
+        return (widened, *output[1:]) if isinstance(output, tuple) else widened
+
+    handles = [layer.register_forward_pre_hook(narrow_inputs, with_kwargs=True) for layer in layers[:depth]]
+    handles.append(layers[depth - 1].register_forward_hook(widen_output))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _decode(lm: LoadedModel, generated: torch.Tensor) -> list[str]:
     return lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
 
@@ -359,7 +401,7 @@ def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int,
 
 def yes_no_log_odds(lm: LoadedModel, encoded) -> list[float]:
     """log P(yes) - log P(no) of the next token after each (left-padded) row of `encoded`."""
-    return _log_odds(lm.tokenizer, lm.model(**encoded, logits_to_keep=1).logits[:, -1, :])
+    return _log_odds(lm.tokenizer, lm.model(**encoded, logits_to_keep=1, use_cache=False).logits[:, -1, :])
 
 
 def _log_odds(tokenizer, last_logits: torch.Tensor) -> list[float]:
