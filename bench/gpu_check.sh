@@ -4,4 +4,4 @@
 # decode step with transformers' default compile config (inductor, CUDA graphs): same tokens as the plain path
 # and no new graph when the steering changes. Run from the repository root on a CUDA machine.
 set -euo pipefail
-VULNSTEER_TEST_DEVICE=cuda exec python -m pytest -q tests/test_steering.py tests/test_engine.py tests/test_evaluation.py "$@"
+VULNSTEER_TEST_DEVICE=cuda exec python3 -m pytest -q tests/test_steering.py tests/test_engine.py tests/test_evaluation.py "$@"
