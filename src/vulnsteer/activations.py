@@ -80,9 +80,9 @@ def collect(
     if read not in READS:
         raise VulnsteerError(f"unknown read position {read!r}; use one of {', '.join(READS)}")
     texts = [render(lm.tokenizer, list(build_prompt(s, prompt_id, resources).messages)) for s in samples]
+    paths = [_cache_file(lm, text, read) for text in texts]
     rows: dict[int, torch.Tensor] = {}
-    for i, text in enumerate(texts):
-        path = _cache_file(lm, text, read)
+    for i, path in enumerate(paths):
         if use_cache and path.exists():
             rows[i] = load_file(path)["activations"]
     todo = [i for i in range(len(samples)) if i not in rows]
@@ -94,9 +94,8 @@ def collect(
         for i, acts in zip(index, _forward_read(lm, [texts[i] for i in index], [samples[i] for i in index], read)):
             rows[i] = acts
             if use_cache:
-                path = _cache_file(lm, texts[i], read)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"activations": acts.contiguous()}, str(path))
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                save_file({"activations": acts.contiguous()}, str(paths[i]))
         if progress:
             progress(len(index))
     stacked = torch.stack([rows[i] for i in range(len(samples))])  # [n, layers, hidden]

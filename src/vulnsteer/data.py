@@ -556,7 +556,12 @@ def fetch_dataset(name: Literal["secllmholmes", "sven"], dest: Path, url: str | 
 def family(sample: Sample) -> str:
     """The group of files that must stay on one side of a train/test split: a pair, plus, for SecLLMHolmes,
     every augmented copy of that pair's hand-crafted scenario (`hc/CWE-X/N`), since those are near-duplicates."""
-    if sample.source != SECLLMHOLMES_SOURCE or sample.split == "real-world":
-        return sample.pair_id
-    parts = sample.id.split("/")
+    return family_of(sample.source, sample.split, sample.id, sample.pair_id)
+
+
+def family_of(source: str, split: str, sample_id: str, pair_id: str) -> str:
+    """`family` from a sample's fields (result rows carry them, not the sample)."""
+    if source != SECLLMHOLMES_SOURCE or split == "real-world":
+        return pair_id
+    parts = sample_id.split("/")
     return f"hc/{parts[-2]}/{PurePosixPath(parts[-1]).stem.removeprefix('p_')}"

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
-from vulnsteer.data import Sample, family
+from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
@@ -65,7 +65,11 @@ class Result:
     seconds: float  # the batch's wall time divided by its rows
     steering: dict | None = None
     turns: list[str] = field(default_factory=list)  # earlier replies of multi-turn prompts
-    family: str | None = None  # the pair with its augmented copies: one cluster for bootstrap intervals
+
+    @property
+    def family(self) -> str:
+        """The pair with its augmented copies: one cluster for bootstrap intervals."""
+        return family_of(self.source, self.split, self.sample_id, self.pair_id)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -317,7 +321,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     """`_answer` for rows that repeat prompts and are steered from the last prompt token on: each distinct prompt
     minus its last token runs once, unsteered; its cache is copied to the prompt's rows, which then run the last
     token (and, generating, every new token) with their own steering, all in one batch."""
-    distinct = list(dict.fromkeys(texts))
+    distinct, of_row = _distinct(texts)
     encoded = lm.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` counts them, padding on the left
@@ -326,7 +330,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
         prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                           use_cache=True, logits_to_keep=1)  # only its cache is needed
         cache = getattr(prefix, "cache", None) or prefix.past_key_values  # renamed within transformers 5
-        of_row = torch.tensor([distinct.index(t) for t in texts], device=ids.device)
+        of_row = of_row.to(ids.device)
         cache.batch_select_indices(of_row)
         ids, mask, positions = ids[of_row], mask[of_row], positions[of_row]
         with steer(lm.model, steerings, mask) if steerings else nullcontext():
@@ -342,6 +346,13 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     return replies, scores, new_tokens, mask.sum(dim=1).tolist()
 
 
+def _distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct texts in order of appearance, and for each row the index of its text among them."""
+    distinct = list(dict.fromkeys(texts))
+    index = {text: i for i, text in enumerate(distinct)}
+    return distinct, torch.tensor([index[t] for t in texts])
+
+
 @contextmanager
 def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
     """Scoring rows that repeat a prompt but steer all of it (a sweep's `all` configs) still share the decoder
@@ -351,13 +362,12 @@ def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
     layers = decoder_layers(model)
     depth = min((min(row.vectors) for row in steerings or [] if row and row.strength != 0 and row.vectors),
                 default=len(layers))
-    distinct = list(dict.fromkeys(texts))
+    distinct, of_row = _distinct(texts)
     if len(distinct) == len(texts) or depth == 0:
         yield
         return
     rows = len(texts)
     first = torch.tensor([texts.index(t) for t in distinct])
-    of_row = torch.tensor([distinct.index(t) for t in texts])
 
     def narrow(value):  # batch-first inputs of a layer (hidden states, masks, position embeddings): one row each
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
@@ -426,5 +436,5 @@ def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, s
         source=sample.source, prompt_id=job.prompt_id, mode=mode, response=reply, verdict=verdict,
         score=None if score is None else round(float(score), 6), prompt_tokens=int(prompt_tokens),
         new_tokens=int(new_tokens), seconds=round(seconds, 4),
-        steering=job.steering.label if job.steering else None, turns=list(history), family=family(sample),
+        steering=job.steering.label if job.steering else None, turns=list(history),
     )
