@@ -1,12 +1,14 @@
-"""The static-cache engine: same answers as the general hooks, and a compiled decode step that is not re-captured
-when the steering changes (checked on CPU with torch.compile's eager backend, as transformers compiles on GPUs)."""
+"""The static-cache engine: same answers as the general hooks and as `generate`, and a decode step whose buffers
+keep their addresses when the steering changes (on a GPU: captured once as a CUDA graph, then replayed)."""
 
 import pytest
 import torch
 
 from test_evaluation import make_jobs, make_samples
 from vulnsteer.evaluation import Decoding, evaluate
-from vulnsteer.steering import Steering, SteeringEngine, decoder_layers
+from vulnsteer.decoding import StaticDecoder
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, steer
 
 
 def steerings(lm, seed):
@@ -46,26 +48,70 @@ def test_engine_grows_for_a_larger_batch_and_adds_nothing_when_unsteered(lm):
             assert engine.delta.shape[1] == 3
 
 
-def test_compiled_decode_is_not_recaptured_when_steering_changes(lm):
-    from torch._dynamo.utils import counters
-    from transformers.generation.configuration_utils import CompileConfig
+def plain_generate(lm, encoded, rows, new_tokens, eos):
+    """transformers' greedy `generate` with `steer()` hooks: the reference for the static decoder."""
+    with torch.inference_mode(), steer(lm.model, rows, encoded["attention_mask"]):
+        out = lm.model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                                pad_token_id=lm.tokenizer.pad_token_id, disable_compile=True)
+    return out[:, encoded["input_ids"].shape[1]:]
 
-    torch._dynamo.reset()
-    # On CPU, the eager backend (transformers compiles decode steps on GPUs only, unless told); on a GPU,
-    # transformers' own default: inductor with CUDA graphs.
-    config = CompileConfig(backend="eager") if lm.device.type == "cpu" else CompileConfig()
-    config._compile_all_devices = True
-    lm.model.generation_config.compile_config = config
-    decoding = Decoding("generate", max_new_tokens=6, cache="static", batch_tokens=10**6)
-    first = evaluate(lm, mixed_jobs(lm, seed=1), decoding)
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1, "the decode step was not compiled"
-    second = evaluate(lm, mixed_jobs(lm, seed=2), decoding)
-    assert counters["stats"]["unique_graphs"] == graphs, "new steering re-captured the compiled step"
-    reference = evaluate(lm, mixed_jobs(lm, seed=2), Decoding("generate", max_new_tokens=6))
-    assert answers(second) == answers(reference)
-    assert answers(first) != answers(second)
-    torch._dynamo.reset()
+
+def buffers(decoder) -> dict:
+    """Where every tensor the decode step reads or writes lives: a captured step replays at these addresses."""
+    tensors = {name: value for name, value in vars(decoder).items() if isinstance(value, torch.Tensor)}
+    tensors.update(delta=decoder.steering.delta, decode_mask=decoder.steering.decode_mask)
+    for k, layer in enumerate(decoder.cache.layers):
+        tensors.update({f"keys{k}": layer.keys, f"values{k}": layer.values, f"length{k}": layer.cumulative_length})
+    return {name: value.data_ptr() for name, value in tensors.items()}
+
+
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_static_decoder_gives_generates_tokens_and_keeps_its_buffers_when_steering_changes(lm, penalty):
+    """Two configs on batches of one shape: `generate`'s tokens each time (a repetition penalty included), one set
+    of buffers at fixed addresses, and on a GPU one captured decode step, replayed for the second config."""
+    lm.model.generation_config.repetition_penalty = penalty
+    texts = ["int a[4]; a[i] = x;", "free(p); use(p);", "ok"]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    eos = [lm.tokenizer.eos_token_id]
+    decoder = StaticDecoder(lm.model, eos, lm.tokenizer.pad_token_id, max_batch=3)
+    try:
+        addresses = None
+        for seed in (1, 2):
+            rows = steerings(lm, seed)[:3]
+            decoder.steering.set_rows(rows, enc["attention_mask"])
+            with torch.inference_mode():
+                tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 12)
+            assert tokens.tolist() == plain_generate(lm, enc, rows, 12, eos).tolist()
+            addresses = addresses or buffers(decoder)
+            assert buffers(decoder) == addresses
+    finally:
+        decoder.close()
+        lm.model.generation_config.repetition_penalty = None
+    assert decoder.allocations == 1
+    assert decoder.captures == (1 if lm.device.type == "cuda" else 0)
+
+
+def test_static_decoder_pads_ended_rows_and_stops_when_all_have_ended(lm):
+    enc = lm.tokenizer(["abc", "defgh"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    rows = [None, None]
+    free = plain_generate(lm, enc, rows, 6, [])
+    eos = [int(free[0, 1]), int(free[1, 3])]  # row 0 ends at its second token, row 1 at its fourth (or sooner)
+    with StaticDecoder(lm.model, eos, lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
+        decoder.steering.set_rows(rows, enc["attention_mask"])
+        tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 6)
+    expected = plain_generate(lm, enc, rows, 6, eos)
+    assert tokens.tolist() == expected.tolist()
+    assert tokens.shape[1] <= 4 and tokens[0, 2:].eq(lm.tokenizer.pad_token_id).all()
+
+
+def test_static_cache_refuses_generation_settings_it_does_not_implement(lm):
+    lm.model.generation_config.no_repeat_ngram_size = 2
+    try:
+        with pytest.raises(VulnsteerError, match="no_repeat_ngram_size=2.*--cache dynamic"):
+            evaluate(lm, mixed_jobs(lm), Decoding("generate", max_new_tokens=4, cache="static"))
+        assert evaluate(lm, mixed_jobs(lm), Decoding("score", cache="static"))  # scoring does not decode
+    finally:
+        lm.model.generation_config.no_repeat_ngram_size = 0
 
 
 def test_plain_path_ignores_a_model_configured_to_compile(lm):

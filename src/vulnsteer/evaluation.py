@@ -15,7 +15,6 @@ as fit in free GPU memory.
 
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,8 @@ from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, steer
+from vulnsteer.decoding import StaticDecoder, cache_argument
+from vulnsteer.steering import Steering, decoder_layers, steer
 from vulnsteer.verdicts import parse_verdict
 
 Mode = Literal["generate", "score"]
@@ -83,8 +83,8 @@ class Decoding:
     max_new_tokens: int = 192
     # Prompt tokens per batch (rows x padded width); bounds memory. None: as many as fit (`auto_batch_tokens`).
     batch_tokens: int | None = None
-    # "dynamic": transformers' default cache, steering by `steer()` hooks per batch. "static": a fixed-size cache
-    # and a persistent `SteeringEngine`, so that on a GPU transformers compiles the decode step (CUDA graphs) once.
+    # "dynamic": transformers' `generate`, steering by `steer()` hooks per batch. "static": `StaticDecoder`, a
+    # fixed-size cache and a persistent `SteeringEngine`, so that on a GPU a decode step is one CUDA-graph replay.
     cache: str = "dynamic"
 
 
@@ -155,10 +155,10 @@ def _steering_of(rows: Sequence[Job]) -> list[Steering | None] | None:
     return steerings if any(steerings) else None
 
 
-def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn, engine: SteeringEngine | None = None):
+def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn, static: StaticDecoder | None = None):
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    if engine is not None:
-        engine.set_rows(steerings or [None] * len(texts), encoded["attention_mask"])
+    if static is not None:
+        static.steering.set_rows(steerings or [None] * len(texts), encoded["attention_mask"])
         context = nullcontext()
     else:
         context = steer(lm.model, steerings, encoded["attention_mask"]) if steerings else nullcontext()
@@ -171,14 +171,11 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return sorted({lm.tokenizer.eos_token_id, *_as_list(lm.model.generation_config.eos_token_id)} - {None})
 
 
-def _generate(lm: LoadedModel, encoded, max_new_tokens: int, static: bool) -> torch.Tensor:
-    # Hooks added after transformers compiles a decode step are invisible to it: compile only with the engine.
-    # Rows that bring their own cache (a shared prompt prefix) keep it.
-    if static:
-        cache = {"cache_implementation": "static"}
-    else:
-        given = any(key in encoded for key in ("cache", "past_key_values"))
-        cache = {"cache_implementation": None if given else "dynamic", "disable_compile": True}
+def _generate(lm: LoadedModel, encoded, max_new_tokens: int) -> torch.Tensor:
+    # Hooks added after transformers compiles a decode step are invisible to it: never compile here (the static
+    # decoder is the fast path). Rows that bring their own cache (a shared prompt prefix) keep it.
+    given = any(key in encoded for key in ("cache", "past_key_values"))
+    cache = {"cache_implementation": None if given else "dynamic", "disable_compile": True}
     out = lm.model.generate(
         **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
         eos_token_id=_eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id, **cache,
@@ -225,15 +222,16 @@ def evaluate(
         raise VulnsteerError(f"unknown cache {decoding.cache!r}; use dynamic or static")
     if decoding.batch_tokens is not None and decoding.batch_tokens < 1:
         raise VulnsteerError(f"--batch-tokens must be at least 1, got {decoding.batch_tokens}")
-    engine = SteeringEngine(lm.model, max_batch=min(len(jobs), 64)) if decoding.cache == "static" else None
+    static = (StaticDecoder(lm.model, _eos_ids(lm), lm.tokenizer.pad_token_id, max_batch=min(len(jobs), 64))
+              if decoding.cache == "static" else None)
     try:
-        return _evaluate(lm, jobs, decoding, progress, on_result, engine)
+        return _evaluate(lm, jobs, decoding, progress, on_result, static)
     finally:
-        if engine is not None:
-            engine.close()
+        if static is not None:
+            static.close()
 
 
-def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
+def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
     results: list[Result | None] = [None] * len(jobs)
     histories = [[] for _ in jobs]
     for turn in range(1 + max(len(job.prompt.followups) for job in jobs)):
@@ -245,7 +243,7 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
             counts = {t: len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}
             lengths = {i: counts[texts[i]] for i in phase}
             budget = batch_budget(lm, decoding, list(lengths.values()), bool(phase) and phase[0] in scoring)
-            shared = _prefix_shared_rows(jobs, phase, texts) if engine is None else []
+            shared = _prefix_shared_rows(jobs, phase, texts) if static is None else []
             rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
             groups = [([shared[g] for g in group], True)
                       for group in batches([lengths[i] for i in shared], budget)]
@@ -254,7 +252,7 @@ def _evaluate(lm, jobs, decoding, progress, on_result, engine) -> list[Result]:
                 start = time.perf_counter()
                 replies, scores, new_tokens, prompt_tokens = _answer(
                     lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]), rows[0] in scoring,
-                    decoding.max_new_tokens, engine, shared_prefix)
+                    decoding.max_new_tokens, static, shared_prefix)
                 seconds = (time.perf_counter() - start) / len(rows)
                 for k, i in enumerate(rows):
                     if i not in last_turn:
@@ -281,13 +279,8 @@ def _prefix_shared_rows(jobs: Sequence[Job], rows: list[int], texts: dict) -> li
     return sorted((i for i in eligible if counts[texts[i]] > 1), key=lambda i: texts[i])
 
 
-def _cache_argument(model) -> str:
-    """`cache` in recent transformers releases, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int,
-            engine: SteeringEngine | None = None, shared_prefix: bool = False):
+            static: StaticDecoder | None = None, shared_prefix: bool = False):
     """Replies, scores, new-token and prompt-token counts of one batch. On out-of-memory the batch is split in
     halves and retried, so a batch too large for the device costs time, never results."""
     try:
@@ -295,14 +288,16 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
             return _answer_shared_prefix(lm, texts, steerings, score, max_new_tokens)
         if score:
             def score_batch(enc):
-                with _shared_trunk(lm.model, texts, steerings) if engine is None else nullcontext():
+                with _shared_trunk(lm.model, texts, steerings) if static is None else nullcontext():
                     return yes_no_log_odds(lm, enc)
-            encoded, scores = _run_batch(lm, texts, steerings, score_batch, engine)
+            encoded, scores = _run_batch(lm, texts, steerings, score_batch, static)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
         else:
-            encoded, generated = _run_batch(lm, texts, steerings,
-                                            lambda enc: _generate(lm, enc, max_new_tokens, engine is not None),
-                                            engine)
+            def generate_batch(enc):
+                if static is not None:
+                    return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens)
+                return _generate(lm, enc, max_new_tokens)
+            encoded, generated = _run_batch(lm, texts, steerings, generate_batch, static)
             replies, scores = _decode(lm, generated), [None] * len(texts)
             new_tokens = _generated_lengths(generated, _eos_ids(lm))
     except torch.cuda.OutOfMemoryError:
@@ -310,8 +305,8 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
             raise
         torch.cuda.empty_cache()
         half = len(texts) // 2
-        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens, engine, shared_prefix)
-        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens, engine,
+        first = _answer(lm, texts[:half], steerings and steerings[:half], score, max_new_tokens, static, shared_prefix)
+        second = _answer(lm, texts[half:], steerings and steerings[half:], score, max_new_tokens, static,
                          shared_prefix)
         return tuple(a + b for a, b in zip(first, second))
     return replies, scores, new_tokens, encoded["attention_mask"].sum(dim=1).tolist()
@@ -325,7 +320,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     encoded = lm.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` counts them, padding on the left
-    argument = _cache_argument(lm.model)
+    argument = cache_argument(lm.model)
     with torch.inference_mode():
         prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                           use_cache=True, logits_to_keep=1)  # only its cache is needed
@@ -340,7 +335,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
                 replies, scores, new_tokens = [""] * len(texts), _log_odds(lm.tokenizer, logits), [0] * len(texts)
             else:
                 generated = _generate(lm, {"input_ids": ids, "attention_mask": mask, argument: cache},
-                                      max_new_tokens, static=False)
+                                      max_new_tokens)
                 replies, scores = _decode(lm, generated), [None] * len(texts)
                 new_tokens = _generated_lengths(generated, _eos_ids(lm))
     return replies, scores, new_tokens, mask.sum(dim=1).tolist()

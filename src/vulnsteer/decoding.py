@@ -1,0 +1,179 @@
+"""Greedy decoding over a static KV cache; on a GPU, each decode step is one CUDA-graph replay.
+
+transformers' `generate` spends a large part of each decode step in Python between kernel launches. Here a decode
+step reads and advances only fixed buffers (the last token, its position, the cache length, the step counter, the
+finished rows) and steering comes from the `SteeringEngine`'s fixed buffers, so every step of a batch has the same
+shapes and addresses. On a GPU the step is therefore captured once per batch shape and replayed; another config
+only rewrites the engine's buffers and never re-captures. On CPU the same step runs eagerly.
+
+The tokens are `generate`'s greedy tokens, the model's repetition penalty included (Qwen2.5-Instruct sets one):
+`tests/test_engine.py` checks them against the plain path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.steering import SteeringEngine
+
+# Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
+UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
+               "bad_words_ids": (None, []), "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
+               "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None, {}),
+               "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,)}
+
+
+def unsupported_settings(generation_config) -> list[str]:
+    """The settings of `generation_config` that the static decoder would ignore (empty: it decodes as `generate`)."""
+    return [f"{name}={getattr(generation_config, name)!r}" for name, neutral in UNSUPPORTED.items()
+            if getattr(generation_config, name, None) not in neutral]
+
+
+class StaticDecoder:
+    """Greedy generation for batches steered through `self.steering` (a `SteeringEngine`), with a static cache
+    and, on a single GPU, a captured decode step. Buffers, cache and graph are kept while the batch shape repeats."""
+
+    def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64):
+        self.model = model
+        self.steering = SteeringEngine(model, max_batch=max_batch)
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
+        self.pad_id = pad_id
+        self.penalty = float(model.generation_config.repetition_penalty or 1.0)
+        devices = {p.device for p in model.parameters()}
+        self.capture = self.device.type == "cuda" and len(devices) == 1
+        self.key: tuple | None = None  # (rows, prompt width, new tokens, steering buffer) of the buffers below
+        self.graph = None
+        self.allocations = 0  # buffer sets built (one per batch shape), for tests and benchmarks
+        self.captures = 0  # decode steps captured as CUDA graphs
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """New tokens [rows, steps] of one left-padded batch (the steering already loaded with `set_rows`); rows
+        that ended are padded, and decoding stops when every row has ended, as `generate` does."""
+        unsupported = unsupported_settings(self.model.generation_config)
+        if unsupported:
+            raise VulnsteerError(f"--cache static decodes greedily with at most a repetition penalty, but the model's "
+                                 f"generation config also sets {', '.join(unsupported)}; use --cache dynamic")
+        rows, width = input_ids.shape
+        key = (rows, width, max_new_tokens, self.steering.delta.data_ptr())
+        if key != self.key:
+            self._allocate(rows, width, max_new_tokens)
+            self.key = key
+        self._prefill(input_ids.to(self.device), attention_mask.to(self.device))
+        steps = 1
+        while steps < max_new_tokens and not bool(self.finished.all()):
+            self._run_step(steps)
+            steps += 1
+        return self.tokens[:, :steps].clone()
+
+    def _allocate(self, rows: int, width: int, new: int) -> None:
+        """Fixed buffers for batches of this shape; any graph captured for another shape is dropped."""
+        self.graph = None
+        self.allocations += 1
+        self.width = width
+        length = width + new
+        like = dict(dtype=torch.long, device=self.device)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self.argument = cache_argument(self.model)
+        self.ids = torch.zeros(rows, 1, **like)  # the token each decode step reads
+        self.positions = torch.zeros(rows, 1, **like)
+        self.length = torch.zeros((), **like)  # the cache slot the next token takes
+        self.step = torch.zeros(1, **like)  # the column of the next token in `tokens`
+        self.key_slots = torch.arange(length, device=self.device)
+        self.valid = torch.ones(rows, length, dtype=torch.bool, device=self.device)  # slots that are not padding
+        self.sequence = torch.zeros(rows, length, **like)  # prompt and new tokens, for the repetition penalty
+        self.tokens = torch.zeros(rows, new, **like)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The whole prompt through transformers' own masking, and the first new token; resets every buffer in
+        place (a captured step keeps reading the same addresses)."""
+        self.cache.reset()
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.valid[:, :self.width].copy_(attention_mask.bool())
+        self.sequence.copy_(input_ids[:, :1].expand_as(self.sequence))  # unfilled slots repeat a prompt token
+        self.sequence[:, :self.width].copy_(input_ids)
+        self.positions.copy_(positions[:, -1:])
+        self.length.fill_(self.width)
+        self.step.zero_()
+        self.finished.zero_()
+        self.tokens.fill_(self.pad_id)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **{self.argument: self.cache}).logits[:, -1]
+        self._choose(logits)
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Pick and record the next token of every row, in place: repetition penalty, argmax, padding after
+        the end, as `generate` does greedy decoding."""
+        logits = logits.float()
+        if self.penalty != 1.0:
+            seen = logits.gather(1, self.sequence)
+            logits = logits.scatter(1, self.sequence, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+        token = torch.where(self.finished, self.pad_id, logits.argmax(-1))
+        self.finished.logical_or_(torch.isin(token, self.eos))
+        self.tokens.index_copy_(1, self.step, token[:, None])
+        self.sequence.index_copy_(1, self.step + self.width, token[:, None])
+        self.ids.copy_(token[:, None])
+        self.step.add_(1)
+
+    def _decode_step(self) -> None:
+        """One new token for every row: only in-place updates of fixed buffers, so that it can be captured."""
+        self.positions.add_(1)
+        visible = self.valid & (self.key_slots <= self.length)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # additive, as eager and SDPA attention take it
+        logits = self.model(input_ids=self.ids, attention_mask=mask[:, None, None, :], position_ids=self.positions,
+                            use_cache=True, logits_to_keep=1, **{self.argument: self.cache}).logits[:, -1]
+        self.length.add_(1)
+        self._choose(logits)
+
+    def _run_step(self, step: int) -> None:
+        """Eager on CPU; on a GPU the first decode step of a shape runs eagerly on a side stream (warm-up), the
+        second is captured, and every later one (of this batch and of later batches of this shape) is a replay. A
+        step that cannot be captured runs eagerly from then on."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.capture or not all(type(layer) is StaticLayer for layer in self.cache.layers):
+            self._decode_step()
+            return
+        if step == 1:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._decode_step()
+            torch.cuda.current_stream().wait_stream(stream)
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._decode_step()
+        except Exception as error:  # a forward that cannot be captured (a host sync, say): decode eagerly
+            warnings.warn(f"decode step not captured as a CUDA graph, decoding eagerly: {error}", stacklevel=2)
+            self.capture = False
+            self._decode_step()
+            return
+        self.graph = graph
+        self.captures += 1
+        graph.replay()
+
+    def close(self) -> None:
+        self.steering.close()
+
+    def __enter__(self) -> "StaticDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def cache_argument(model) -> str:
+    """`cache` in recent transformers releases, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
