@@ -11,6 +11,9 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
 * batched `generate` exactly as `vulnsteer.evaluation.evaluate` groups rows (`batches(lengths, batch_tokens)`,
   left padding), without and with per-row steering at 4 layers (relative depths 0.25/0.5/0.75/last =
   [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
+* the static decoder (`vulnsteer.decoding.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
+  replay; the first pass (with the capture) is reported apart, later passes change the steering without re-capture,
+  and its tokens are compared with the plain steered path's;
 * the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does).
 
 In the same run it measures the hardware: dense bf16 matmul TFLOP/s and device-to-device copy bandwidth GB/s
@@ -43,7 +46,8 @@ from pathlib import Path
 import torch
 
 from vulnsteer.evaluation import auto_batch_tokens, batches
-from vulnsteer.steering import Steering, SteeringEngine, steer
+from vulnsteer.decoding import StaticDecoder
+from vulnsteer.steering import Steering, steer
 from vulnsteer.vectors import relative_layer
 
 # Prompt lengths (tokens) of the 48 SecLLMHolmes hand-crafted files (datasets/hand-crafted/dataset, in the order
@@ -173,30 +177,31 @@ def random_steering(hidden: int, layers: list[int], strength: float) -> Steering
     return Steering(vectors, strength, "all")
 
 
-def generate(model, encoded: dict, new_tokens: int, static: bool = False) -> torch.Tensor:
-    # As vulnsteer.evaluation does: compiled decoding only with the engine (static cache), never on the plain path.
-    cache = {"cache_implementation": "static"} if static else {"cache_implementation": "dynamic", "disable_compile": True}
+def generate(model, encoded: dict, new_tokens: int) -> torch.Tensor:
+    # As vulnsteer.evaluation's plain path does: dynamic cache, never compiled (hooks would be invisible to it).
     return model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          temperature=None, top_p=None, top_k=None, pad_token_id=PAD_ID, eos_token_id=EOS_ID, **cache)
+                          temperature=None, top_p=None, top_k=None, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+                          cache_implementation="dynamic", disable_compile=True)
 
 
 def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steering | None,
-                engine: SteeringEngine | None = None, keep: dict | None = None) -> int:
-    """Dynamic cache + `steer()` hooks, or (with `engine`) a static cache whose decode step transformers
-    compiles on a GPU, steering through the engine's fixed buffers. `keep` collects each item's new tokens."""
+                decoder: StaticDecoder | None = None, keep: dict | None = None) -> int:
+    """Dynamic cache + `steer()` hooks, or (with `decoder`) the static decoder, whose decode step is a CUDA-graph
+    replay steered through the engine's fixed buffers. `keep` collects each item's new tokens."""
     produced = 0
     for group in groups:
         enc = left_pad([tokens[i] for i in group], device)
-        if engine is not None:
-            engine.set_rows([steering] * len(group), enc["attention_mask"])
-            ctx = nullcontext()
-        else:
-            ctx = steer(model, [steering] * len(group)) if steering else nullcontext()
-        with torch.inference_mode(), ctx:
-            out = generate(model, enc, new_tokens, static=engine is not None)
-        produced += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+        rows = [steering] * len(group)
+        with torch.inference_mode():
+            if decoder is not None:
+                decoder.steering.set_rows(rows, enc["attention_mask"])
+                new = decoder.generate(enc["input_ids"], enc["attention_mask"], new_tokens)
+            else:
+                with steer(model, rows) if steering else nullcontext():
+                    new = generate(model, enc, new_tokens)[:, enc["input_ids"].shape[1]:]
+        produced += new.numel()
         if keep is not None:
-            keep.update(zip(group, out[:, enc["input_ids"].shape[1]:].tolist()))
+            keep.update(zip(group, new.tolist()))
     return produced
 
 
@@ -347,7 +352,7 @@ def main(argv=None) -> int:
     batched = {"batched_generate": None, "batched_generate_steered": None}
     times: dict[str, list[float]] = {k: [] for k in batched}
     peaks: dict[str, float | None] = {}
-    plain_tokens: dict = {}  # the steered plain path's tokens, to compare with the compiled engine's
+    plain_tokens: dict = {}  # the steered plain path's tokens, to compare with the static decoder's
     for _ in range(args.repeats):
         for name in batched:
             reset_peak(device)
@@ -363,26 +368,28 @@ def main(argv=None) -> int:
         arms[name] = {"median_s": statistics.median(times[name]), "runs_s": [round(t, 3) for t in times[name]],
                       "peak_gib": peaks[name]}
 
-    # Static cache + compiled decode (CUDA graphs on a GPU), steered through the engine: the first pass pays the
-    # compilation; later passes with other steering reuse the captured step.
-    with SteeringEngine(model, max_batch=max(len(g) for g in groups)) as engine:
+    # The static decoder, steered through the engine's buffers: the first pass pays the CUDA-graph capture (one per
+    # batch shape); later passes with other steering replay the captured steps. No end token, so every row runs to
+    # `new_tokens` as the plain path's min_new_tokens makes it.
+    with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups)) as decoder:
         engine_tokens: dict = {}
         with Clock(device) as c:
-            run_batched(model, groups, tokens, device, new_tokens, steering, engine, keep=engine_tokens)
-        compile_s = c.seconds
+            run_batched(model, groups, tokens, device, new_tokens, steering, decoder, keep=engine_tokens)
+        capture_s = c.seconds
         static_times = []
         reset_peak(device)
         for k in range(max(1, args.repeats)):
             other = random_steering(hidden, layers, args.strength * (1 + k))  # a new config each pass
             with Clock(device) as c:
-                produced = run_batched(model, groups, tokens, device, new_tokens, other, engine)
+                produced = run_batched(model, groups, tokens, device, new_tokens, other, decoder)
             if produced != new_tokens * len(lengths):
                 raise SystemExit(f"static: {produced} new tokens, expected {new_tokens * len(lengths)}")
             static_times.append(c.seconds)
-    arms["static_compiled_steered"] = {"median_s": statistics.median(static_times),
-                                       "runs_s": [round(t, 3) for t in static_times],
-                                       "first_pass_with_compile_s": round(compile_s, 2), "peak_gib": peak_gib(device),
-                                       "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens)}
+    arms["static_graph_steered"] = {"median_s": statistics.median(static_times),
+                                    "runs_s": [round(t, 3) for t in static_times],
+                                    "first_pass_with_capture_s": round(capture_s, 2), "peak_gib": peak_gib(device),
+                                    "graphs_captured": decoder.captures, "buffer_sets": decoder.allocations,
+                                    "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens)}
 
     score_times = []
     reset_peak(device)
@@ -417,7 +424,7 @@ def main(argv=None) -> int:
                           "KV-cache reads and decode FLOPs are left out (a lower bound); engine_batches counts "
                           f"{len(groups)} batches x {new_tokens} steps",
             "batched / bound_engine_batches": plain / bound_engine,
-            "static_compiled_steered / bound_engine_batches": arms["static_compiled_steered"]["median_s"] / bound_engine,
+            "static_graph_steered / bound_engine_batches": arms["static_graph_steered"]["median_s"] / bound_engine,
             "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
         })
     report["derived"] = derived

@@ -127,7 +127,7 @@ def eval_command(
         None, "--batch-tokens", help="Rows x padded prompt width per batch (default: what fits in free GPU memory; "
         "8192 on CPU)."),
     cache: str = typer.Option("dynamic", "--cache",
-                              help="dynamic, or static: fixed-size KV cache, decode step compiled once on a GPU."),
+                              help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph on a GPU."),
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
@@ -304,7 +304,7 @@ SWEEP_FLAGS = dict(
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
-    cache=typer.Option(None, "--cache", help="dynamic or static (compiled decode on a GPU)."),
+    cache=typer.Option(None, "--cache", help="dynamic or static (decode step as a CUDA graph on a GPU)."),
     batch_tokens=typer.Option(None, "--batch-tokens",
                               help="Rows x padded prompt width per batch (default: what fits; 8192 on CPU)."),
 )

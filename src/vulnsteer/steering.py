@@ -151,14 +151,14 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
 
 
 class SteeringEngine:
-    """Steering for fast, compiled generation: hooks installed once on every decoder layer, and each batch's
-    settings written in place into buffers that keep their addresses (a vector bank per layer, a per-row mask for
-    decode steps and one for the prefill). A compiled or CUDA-graph-captured decode step is therefore reused
-    across batches and configs, never re-captured, and unsteered rows add exact zeros.
+    """Steering for fast generation (`vulnsteer.decoding.StaticDecoder`): hooks installed once on every decoder
+    layer, and each batch's settings written in place into buffers that keep their addresses (a vector bank per
+    layer, a per-row mask for decode steps and one for the prefill). A CUDA-graph-captured (or compiled) decode step
+    is therefore reused across configs, never re-captured, and unsteered rows add exact zeros.
 
     Unlike `steer()`, it assumes KV-cached generation: a prefill over the whole prompt, then one token per step.
-    Install it before the model is first compiled: hooks added after compilation are not seen by the compiled
-    graph (the reason `evaluate` disables transformers' automatic compilation on the plain path).
+    Install it before a decode step is captured or compiled: hooks added afterwards are not seen by the graph (the
+    reason `evaluate` disables transformers' automatic compilation on the plain path).
     """
 
     def __init__(self, model, max_batch: int = 64):

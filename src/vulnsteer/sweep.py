@@ -71,7 +71,7 @@ class SweepConfig:
     select_metric: str = "balanced_accuracy"
     max_new_tokens: int = 96
     batch_tokens: int | None = None  # None: what fits in free GPU memory (8192 on CPU)
-    cache: str = "dynamic"  # or "static": fixed-size KV cache, decode step compiled once on a GPU
+    cache: str = "dynamic"  # or "static": fixed-size KV cache, decode step a CUDA-graph replay on a GPU
     dtype: str = "auto"
 
     def __post_init__(self):
