@@ -11,7 +11,7 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$out/gpu_env.txt"
-# The goals first; the tests compile decode steps for several tiny models, so they may need the rest.
+# The goals first; the tests capture decode steps of several tiny models, in the time left.
 timeout 330 python3 bench/gpu_scale.py --output "$out/qwen14b-arch-h200.json" 2>&1 | tee "$out/gpu_scale.log"
 scale=${PIPESTATUS[0]}
 timeout 220 bench/gpu_check.sh -q -p no:cacheprovider -rfE 2>&1 | tee "$out/gpu_check.log"
