@@ -203,6 +203,8 @@ def test_subprocess_unknown_hub_model_offline(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["eval", "--no-such-flag"], "No such option"),
                                            (["eval", "--limit", "abc"], "Invalid value"),
+                                           (["eval", "--batch-tokens", "0"], "--batch-tokens"),
+                                           (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
                                            (["no-such-command"], "No such command")])
 def test_bad_flags_are_usage_errors(tmp_path, args, message):
     """Bad flags get the usual usage error (exit 2) naming the problem, never a traceback."""

@@ -82,6 +82,7 @@ def test_resume_is_refused_for_another_dataset(tmp_path):
     ({"vectors": ["own", "everything"]}, "unknown value"),
     ({"batch_tokens": 0}, "batch_tokens"),
     ({"batch_tokens": "auto"}, "batch_tokens"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
 ])
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(VulnsteerError, match=message):

@@ -122,9 +122,9 @@ def data_fetch(name: str, dest: Path) -> None:
 def eval_command(
     mode: str = ModeOpt,
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
-    max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
     batch_tokens: Optional[int] = typer.Option(
-        None, "--batch-tokens", help="Rows x padded prompt width per batch (default: what fits in free GPU memory; "
+        None, "--batch-tokens", min=1, help="Rows x padded prompt width per batch (default: what fits in free GPU memory; "
         "8192 on CPU)."),
     cache: str = typer.Option("dynamic", "--cache",
                               help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph on a GPU."),
@@ -305,7 +305,7 @@ SWEEP_FLAGS = dict(
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
     cache=typer.Option(None, "--cache", help="dynamic or static (decode step as a CUDA graph on a GPU)."),
-    batch_tokens=typer.Option(None, "--batch-tokens",
+    batch_tokens=typer.Option(None, "--batch-tokens", min=1,
                               help="Rows x padded prompt width per batch (default: what fits; 8192 on CPU)."),
 )
 

@@ -98,6 +98,8 @@ class SweepConfig:
             raise VulnsteerError("config: transfer_strength 0 steers nothing")
         if self.batch_tokens is not None and (not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
             raise VulnsteerError(f"config: batch_tokens must be a positive integer, got {self.batch_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise VulnsteerError(f"config: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.folds, int) or self.folds < 2:
             raise VulnsteerError(f"config: folds must be an integer >= 2, got {self.folds!r}")
 
