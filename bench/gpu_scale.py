@@ -13,7 +13,7 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
   [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
 * the static decoder (`vulnsteer.decoding.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
   replay; the first pass (with the capture) is reported apart, later passes change the steering without re-capture,
-  and its tokens are compared with the plain steered path's;
+  and its tokens are compared with the plain steered path's; then one pass without the capture, for comparison;
 * the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does).
 
 In the same run it measures the hardware: dense bf16 matmul TFLOP/s and device-to-device copy bandwidth GB/s
@@ -390,6 +390,13 @@ def main(argv=None) -> int:
                                     "first_pass_with_capture_s": round(capture_s, 2), "peak_gib": peak_gib(device),
                                     "graphs_captured": decoder.captures, "buffer_sets": decoder.allocations,
                                     "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens)}
+    # The same decoder without the capture, one pass: what the CUDA graph buys.
+    reset_peak(device)
+    with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups), capture=False) as decoder_eager:
+        with Clock(device) as c:
+            run_batched(model, groups, tokens, device, new_tokens, steering, decoder_eager)
+    arms["static_eager_steered"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
+                                    "peak_gib": peak_gib(device)}
 
     score_times = []
     reset_peak(device)
@@ -425,6 +432,8 @@ def main(argv=None) -> int:
                           f"{len(groups)} batches x {new_tokens} steps",
             "batched / bound_engine_batches": plain / bound_engine,
             "static_graph_steered / bound_engine_batches": arms["static_graph_steered"]["median_s"] / bound_engine,
+            "static_eager / static_graph": arms["static_eager_steered"]["median_s"]
+                                           / arms["static_graph_steered"]["median_s"],
             "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
         })
     report["derived"] = derived

@@ -39,7 +39,7 @@ class StaticDecoder:
     """Greedy generation for batches steered through `self.steering` (a `SteeringEngine`), with a static cache
     and, on a single GPU, a captured decode step. Buffers, cache and graph are kept while the batch shape repeats."""
 
-    def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64):
+    def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64, capture: bool = True):
         self.model = model
         self.steering = SteeringEngine(model, max_batch=max_batch)
         parameter = next(model.parameters())
@@ -48,7 +48,7 @@ class StaticDecoder:
         self.pad_id = pad_id
         self.penalty = float(model.generation_config.repetition_penalty or 1.0)
         devices = {p.device for p in model.parameters()}
-        self.capture = self.device.type == "cuda" and len(devices) == 1
+        self.capture = capture and self.device.type == "cuda" and len(devices) == 1  # False: eager (benchmarks)
         self.key: tuple | None = None  # (rows, prompt width, new tokens, steering buffer) of the buffers below
         self.graph = None
         self.allocations = 0  # buffer sets built (one per batch shape), for tests and benchmarks
