@@ -33,11 +33,7 @@ import vulnsteer  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imp
 
 import argparse
 from contextlib import nullcontext
-import datetime as _dt
-import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -45,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from common import run_info, write_report
 from vulnsteer.evaluation import auto_batch_tokens, batches
 from vulnsteer.decoding import StaticDecoder
 from vulnsteer.steering import Steering, steer
@@ -274,15 +271,9 @@ def main(argv=None) -> int:
 
     wall = time.perf_counter()
     info = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "torch": torch.__version__, "python": platform.python_version(), "tiny": args.tiny,
+        **run_info(), "tiny": args.tiny, "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "cuda": torch.version.cuda,
     }
-    import transformers
-
-    info["transformers"] = transformers.__version__
     report: dict = {"machine": info}
 
     hw = {}
@@ -440,10 +431,7 @@ def main(argv=None) -> int:
     report["wall_s"] = round(time.perf_counter() - wall, 1)
 
     print_report(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+    write_report(report, args.output)
     return 0
 
 

@@ -26,12 +26,9 @@ import vulnsteer  # noqa: F401  (must stay above every torch import)
 
 import argparse
 from contextlib import nullcontext
-import datetime as _dt
 import gc
-import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -41,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from common import REPO, run_info, write_report
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
 from vulnsteer.evaluation import Decoding, Job, batch_budget, batches, evaluate, render
 from vulnsteer.models import load_model, resolve_dtype
@@ -49,7 +47,6 @@ from vulnsteer.prompts import PromptResources
 from vulnsteer.steering import Steering, decoder_layers, steer
 from vulnsteer.vectors import relative_layer
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
 DEPTHS = (0.25, 0.5, 0.75, 1.0)  # 1.0 -> the last layer
 PARTS = ("a", "b", "c", "d")
@@ -75,33 +72,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def git_state() -> dict:
-    """Read-only: the commit and whether the tree has local changes."""
-    def run(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
-
-
 def machine_info(args) -> dict:
-    import transformers
-
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        **run_info(),
         "cwd": os.getcwd(),
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
         "platform": platform.platform(),
         "mem_total_gib": _mem_total_gib(),
-        "git": git_state(),
     }
 
 
@@ -624,10 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["loadavg_start"] = load_start
     report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print_tables(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+    write_report(report, args.output)
     return 0
 
 

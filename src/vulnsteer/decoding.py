@@ -47,6 +47,7 @@ class StaticDecoder:
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         self.pad_id = pad_id
         self.penalty = float(model.generation_config.repetition_penalty or 1.0)
+        self.argument = cache_argument(model)
         devices = {p.device for p in model.parameters()}
         self.capture = capture and self.device.type == "cuda" and len(devices) == 1  # False: eager (benchmarks)
         self.key: tuple | None = None  # (rows, prompt width, new tokens, steering buffer) of the buffers below
@@ -81,7 +82,8 @@ class StaticDecoder:
         length = width + new
         like = dict(dtype=torch.long, device=self.device)
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
-        self.argument = cache_argument(self.model)
+        # Sliding-window layers keep Python-side counters, which a replay would not advance.
+        self.replayable = self.capture and all(type(layer) is StaticLayer for layer in self.cache.layers)
         self.ids = torch.zeros(rows, 1, **like)  # the token each decode step reads
         self.positions = torch.zeros(rows, 1, **like)
         self.length = torch.zeros((), **like)  # the cache slot the next token takes
@@ -104,10 +106,11 @@ class StaticDecoder:
         self.length.fill_(self.width)
         self.step.zero_()
         self.finished.zero_()
-        self.tokens.fill_(self.pad_id)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                            use_cache=True, logits_to_keep=1, **{self.argument: self.cache}).logits[:, -1]
-        self._choose(logits)
+        self._choose(self._last_logits(input_ids, attention_mask, positions))
+
+    def _last_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{self.argument: self.cache}).logits[:, -1]
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Pick and record the next token of every row, in place: repetition penalty, argmax, padding after
@@ -129,8 +132,7 @@ class StaticDecoder:
         visible = self.valid & (self.key_slots <= self.length)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # additive, as eager and SDPA attention take it
-        logits = self.model(input_ids=self.ids, attention_mask=mask[:, None, None, :], position_ids=self.positions,
-                            use_cache=True, logits_to_keep=1, **{self.argument: self.cache}).logits[:, -1]
+        logits = self._last_logits(self.ids, mask[:, None, None, :], self.positions)
         self.length.add_(1)
         self._choose(logits)
 
@@ -141,7 +143,7 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
             return
-        if not self.capture or not all(type(layer) is StaticLayer for layer in self.cache.layers):
+        if not self.replayable:
             self._decode_step()
             return
         if step == 1:
@@ -157,7 +159,7 @@ class StaticDecoder:
                 self._decode_step()
         except Exception as error:  # a forward that cannot be captured (a host sync, say): decode eagerly
             warnings.warn(f"decode step not captured as a CUDA graph, decoding eagerly: {error}", stacklevel=2)
-            self.capture = False
+            self.capture = self.replayable = False
             self._decode_step()
             return
         self.graph = graph
