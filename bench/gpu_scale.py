@@ -13,7 +13,8 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
   [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
 * the static decoder (`vulnsteer.decoding.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
   replay; the first pass (with the capture) is reported apart, later passes change the steering without re-capture,
-  and its tokens are compared with the plain steered path's; then one pass without the capture, for comparison;
+  and its tokens are compared with the plain steered path's; then one pass without the capture, and one captured
+  pass with transformers' own decode attention instead of the packed heads, for comparison;
 * the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does).
 
 In the same run it measures the hardware: dense bf16 matmul TFLOP/s and device-to-device copy bandwidth GB/s
@@ -388,6 +389,16 @@ def main(argv=None) -> int:
             run_batched(model, groups, tokens, device, new_tokens, steering, decoder_eager)
     arms["static_eager_steered"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
                                     "peak_gib": peak_gib(device)}
+    # Captured again, with transformers' own decode attention instead of the packed heads: what packing buys
+    # (nothing from transformers 5.23 on, which packs too; releases before copy the KV cache per query head).
+    reset_peak(device)
+    with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups),
+                       packed_attention=False) as decoder_repeated:
+        run_batched(model, groups, tokens, device, new_tokens, steering, decoder_repeated)  # pays the capture
+        with Clock(device) as c:
+            run_batched(model, groups, tokens, device, new_tokens, steering, decoder_repeated)
+    arms["static_graph_transformers_attention"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
+                                                   "peak_gib": peak_gib(device)}
 
     score_times = []
     reset_peak(device)
@@ -425,6 +436,8 @@ def main(argv=None) -> int:
             "static_graph_steered / bound_engine_batches": arms["static_graph_steered"]["median_s"] / bound_engine,
             "static_eager / static_graph": arms["static_eager_steered"]["median_s"]
                                            / arms["static_graph_steered"]["median_s"],
+            "static_transformers_attention / static_graph":
+                arms["static_graph_transformers_attention"]["median_s"] / arms["static_graph_steered"]["median_s"],
             "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
         })
     report["derived"] = derived

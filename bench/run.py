@@ -1,4 +1,4 @@
-"""CPU benchmark of vulnsteer's evaluation engine: one entry point, four measurements.
+"""CPU benchmark of vulnsteer's evaluation engine: one entry point, five measurements.
 
 (a) `one`: the original experiment's way (one sample per `generate` call, no batching), `batched`: one
     `evaluate` call in generate mode (length-grouped batches), `score`: one `evaluate` call in score mode
@@ -12,6 +12,9 @@
     separate `evaluate` passes.
 (d) peak resident memory (VmHWM, reset before each arm through /proc/self/clear_refs; a psutil sampler where
     that is not possible) of every arm.
+(e) the static decoder (`--cache static`) on the same batches as (b), steered, every row decoding max_new_tokens:
+    its decode steps attending through packed query heads vs through transformers' attention (which, before
+    transformers 5.23, copies the KV cache once per query head at every step), arms interleaved A B A B.
 
 Usage (from the repository root):
     python bench/run.py --model smollm2-135m-instruct --limit 16 --max-new-tokens 64 --repeats 3 \
@@ -37,9 +40,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from common import REPO, run_info, write_report
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
+from vulnsteer.decoding import StaticDecoder
 from vulnsteer.evaluation import Decoding, Job, batch_budget, batches, evaluate, render
 from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
@@ -49,7 +54,7 @@ from vulnsteer.vectors import relative_layer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
 DEPTHS = (0.25, 0.5, 0.75, 1.0)  # 1.0 -> the last layer
-PARTS = ("a", "b", "c", "d")
+PARTS = ("a", "b", "c", "d", "e")
 
 
 # --- machine and memory ---------------------------------------------------------------------------
@@ -345,12 +350,19 @@ def n_batches(lm, jobs, decoding) -> int:
 # --- (b) steering overhead -------------------------------------------------------------------------
 
 
-def part_b(lm, jobs, args) -> dict:
+def generate_batches(lm, jobs, args) -> tuple[list[list[int]], list, list[int]]:
+    """The jobs' prompts grouped as `evaluate` groups them to generate: (groups, their left-padded encodings,
+    prompt lengths)."""
     texts = [render(lm.tokenizer, list(j.prompt.messages)) for j in jobs]
     lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     groups = batches(lengths, batch_budget(lm, Decoding(max_new_tokens=args.max_new_tokens), lengths, False))
     encoded = [lm.tokenizer([texts[i] for i in g], return_tensors="pt", padding=True, add_special_tokens=False)
                .to(lm.device) for g in groups]
+    return groups, encoded, lengths
+
+
+def part_b(lm, jobs, args) -> dict:
+    groups, encoded, lengths = generate_batches(lm, jobs, args)
     layers = steering_layers(lm.num_layers)
     steering = random_steering(lm, layers, args.strength, label="overhead")
     n = args.max_new_tokens
@@ -490,6 +502,42 @@ def part_c(lm, jobs, args) -> dict:
     }
 
 
+# --- (e) the static decoder's attention: packed heads vs transformers' own -------------------------
+
+
+def part_e(lm, jobs, args) -> dict:
+    """`StaticDecoder` (`--cache static`) over the generate batches, steered at 4 layers, no end token (every row
+    decodes max_new_tokens), with its decode steps attending through the packed heads or through transformers'
+    attention (which, before transformers 5.23, copies the KV cache once per query head at every step)."""
+    groups, encoded, _ = generate_batches(lm, jobs, args)
+    steering = random_steering(lm, steering_layers(lm.num_layers), args.strength, label="decode-attention")
+    n = args.max_new_tokens
+    with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id, max_batch=max(map(len, groups))) as decoder:
+        def decode(packed: bool) -> list[list[int]]:
+            decoder.packed_attention = packed
+            rows = []
+            for enc, group in zip(encoded, groups):
+                decoder.steering.set_rows([steering] * len(group), enc["attention_mask"])
+                with torch.inference_mode():
+                    rows += decoder.generate(enc["input_ids"], enc["attention_mask"], n).tolist()
+            return rows
+
+        runs = interleaved({"static_packed_heads": lambda: decode(True),
+                            "static_transformers_attention": lambda: decode(False)}, args.repeats)
+    packed, plain = runs["static_packed_heads"], runs["static_transformers_attention"]
+    if any(len(row) != n for row in packed["value"] + plain["value"]):
+        raise SystemExit(f"(e): expected {n} new tokens in every row")
+    return {
+        "jobs": len(jobs), "batches": len(groups), "new_tokens_per_row": n, "transformers": transformers.__version__,
+        "arms": {name: arm_record(rec, new_tokens=n * len(jobs)) for name, rec in runs.items()},
+        "identical_rows": sum(a == b for a, b in zip(packed["value"], plain["value"])),
+        "ratios": {"transformers_attention / packed_heads":
+                   statistics.median(plain["times"]) / statistics.median(packed["times"])},
+        "ratios_cpu_time": {"transformers_attention / packed_heads":
+                            statistics.median(plain["cpu"]) / statistics.median(packed["cpu"])},
+    }
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 
@@ -557,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-mode", default="generate", choices=("generate", "score"), help="(c): decoding mode")
     p.add_argument("--sweep-positions", default="all", choices=("all", "prompt-last", "prompt", "generated"),
                    help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
-    p.add_argument("--only", default="a,b,c,d", help="comma-separated parts (d, memory, comes with every arm)")
+    p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts (d, memory, comes with every arm)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (e.g. bench/results/<name>.json)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait (at most this long) until other processes use < 10%% of the CPUs")
@@ -565,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - set(PARTS)
     if unknown:
-        p.error(f"unknown part(s) {', '.join(sorted(unknown))}; use a,b,c,d")
+        p.error(f"unknown part(s) {', '.join(sorted(unknown))}; use {','.join(PARTS)}")
     if only == {"d"}:
         only = {"a"}  # memory is measured on the arms of the other parts; (a) has the three ways
     if args.repeats < 1 or args.limit < 1 or args.max_new_tokens < 1:
@@ -594,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate(lm, warm, Decoding(mode="generate", max_new_tokens=4))
     evaluate(lm, warm, Decoding(mode="score"))
 
-    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c)):
+    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e)):
         if part in only:
             start = time.perf_counter()
             print(f"part ({part}) ...", file=sys.stderr, flush=True)

@@ -6,7 +6,8 @@ import torch
 
 from test_evaluation import make_jobs, make_samples
 from vulnsteer.evaluation import Decoding, evaluate
-from vulnsteer.decoding import StaticDecoder
+from vulnsteer import decoding
+from vulnsteer.decoding import StaticDecoder, packed_decode_attention
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, steer
 
@@ -102,6 +103,46 @@ def test_static_decoder_pads_ended_rows_and_stops_when_all_have_ended(lm):
     expected = plain_generate(lm, enc, rows, 6, eos)
     assert tokens.tolist() == expected.tolist()
     assert tokens.shape[1] <= 4 and tokens[0, 2:].eq(lm.tokenizer.pad_token_id).all()
+
+
+def test_packed_decode_attention_equals_attention_over_repeated_heads():
+    """One query token, 6 query heads sharing 2 key/value heads, a padding mask: the packed heads give what
+    transformers' eager attention gives after copying each key/value head to its query heads."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, heads, length, 8, generator=g) for heads, length in ((6, 1), (2, 10), (2, 10)))
+    mask = torch.zeros(3, 1, 1, 10)
+    mask[0, ..., :4] = mask[2, ..., 7:] = torch.finfo(mask.dtype).min
+    module = SimpleNamespace(num_key_value_groups=3, training=False)
+    packed, _ = packed_decode_attention(module, query, key, value, mask, scaling=0.35)
+    repeated, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.35)
+    assert packed.shape == repeated.shape == (3, 1, 6, 8)
+    torch.testing.assert_close(packed, repeated)
+
+
+def test_static_decode_steps_attend_through_packed_heads_and_leave_the_model_as_it_was(lm, monkeypatch):
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def counted(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return packed_decode_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, decoding.PACKED_DECODE, counted)
+    assert lm.model.config._attn_implementation == "sdpa"
+    enc = lm.tokenizer(["abc", "defgh"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
+        decoder.steering.set_rows([None, None], enc["attention_mask"])
+        tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 5)
+    assert tokens.tolist() == plain_generate(lm, enc, [None, None], 5, []).tolist()
+    # The 4 decode steps after the prefill (which keeps transformers' attention); on a GPU, steps 3-4 are replays.
+    in_python = 2 if decoder.replayable else 4
+    assert calls == [1] * len(decoder_layers(lm.model)) * in_python
+    assert lm.model.config._attn_implementation == "sdpa"
 
 
 def test_static_cache_refuses_generation_settings_it_does_not_implement(lm):

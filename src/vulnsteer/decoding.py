@@ -8,16 +8,22 @@ only rewrites the engine's buffers and never re-captures. On CPU the same step r
 
 The tokens are `generate`'s greedy tokens, the model's repetition penalty included (Qwen2.5-Instruct sets one):
 `tests/test_engine.py` checks them against the plain path.
+
+Decode steps attend through `packed_decode_attention`: transformers releases before 5.23 copy every layer's whole
+KV cache once per query head in each masked single-token step (`repeat_kv`), which at the 14B model's scale moves
+more memory per step than its weights.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import contextmanager, nullcontext
 
 import torch
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
 from transformers.cache_utils import StaticLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.steering import SteeringEngine
@@ -35,12 +41,47 @@ def unsupported_settings(generation_config) -> list[str]:
             if getattr(generation_config, name, None) not in neutral]
 
 
+def packed_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for one query token per row that reads each key/value head once: the query heads that share a key/value
+    head are packed as that head's queries [rows, kv heads, group, dim], and the [rows, 1, 1, slots] mask broadcasts
+    over them. Anything else (a prompt, a sliding window, a soft cap) goes to transformers' SDPA."""
+    rows, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    plain = (length != 1 or heads == kv_heads or attention_mask is None or attention_mask.shape[1] != 1
+             or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout)
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+    output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
+                                                              scale=scaling)
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+PACKED_DECODE = "vulnsteer_packed_decode"
+AttentionInterface.register(PACKED_DECODE, packed_decode_attention)
+
+
+@contextmanager
+def decode_attention(config):
+    """Route attention through `packed_decode_attention` while a model that uses SDPA runs decode steps."""
+    previous = config._attn_implementation
+    if previous == "sdpa":
+        config._attn_implementation = PACKED_DECODE
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 class StaticDecoder:
     """Greedy generation for batches steered through `self.steering` (a `SteeringEngine`), with a static cache
     and, on a single GPU, a captured decode step. Buffers, cache and graph are kept while the batch shape repeats."""
 
-    def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64, capture: bool = True):
+    def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64, capture: bool = True,
+                 packed_attention: bool = True):
         self.model = model
+        self.packed_attention = packed_attention  # False: transformers' own decode attention (benchmarks)
         self.steering = SteeringEngine(model, max_batch=max_batch)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -132,7 +173,8 @@ class StaticDecoder:
         visible = self.valid & (self.key_slots <= self.length)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # additive, as eager and SDPA attention take it
-        logits = self._last_logits(self.ids, mask[:, None, None, :], self.positions)
+        with decode_attention(self.model.config) if self.packed_attention else nullcontext():
+            logits = self._last_logits(self.ids, mask[:, None, None, :], self.positions)
         self.length.add_(1)
         self._choose(logits)
 
