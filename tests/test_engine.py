@@ -3,6 +3,8 @@ keep their addresses when the steering changes (on a GPU: captured once as a CUD
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from test_evaluation import make_jobs, make_samples
 from vulnsteer.evaluation import Decoding, evaluate
@@ -90,6 +92,48 @@ def test_static_decoder_gives_generates_tokens_and_keeps_its_buffers_when_steeri
         lm.model.generation_config.repetition_penalty = None
     assert decoder.allocations == 1
     assert decoder.captures == (1 if lm.device.type == "cuda" else 0)
+
+
+class OperatorTrace(TorchDispatchMode):
+    """The operators a piece of code dispatches, each with its non-tensor arguments: what a CUDA graph freezes at
+    capture (tensors are replayed at their addresses, which `buffers` checks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frozen = tree_map(lambda a: "tensor" if isinstance(a, torch.Tensor) else a, (args, kwargs or {}))
+        self.ops.append((func.name(), repr(frozen)))
+        return func(*args, **(kwargs or {}))
+
+
+# Operators that read a tensor back to the host: CUDA-graph capture refuses them.
+HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
+              "aten::equal", "aten::_unique2", "aten::unique_consecutive"}
+
+
+def test_every_decode_step_is_the_same_capturable_work(lm):
+    """A CUDA graph captured at one decode step replays every later one, so every step must dispatch the same
+    operators with the same non-tensor arguments (positions, lengths and steps live in tensors, not in Python),
+    and none may read a tensor back to the host. Checked here on CPU, step by step, for a steered batch."""
+    enc = lm.tokenizer(["abc", "defgh", "x"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    traces = []
+    with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id, capture=False) as decoder, torch.inference_mode():
+        step = decoder._decode_step
+
+        def traced_step():
+            with OperatorTrace() as trace:
+                step()
+            traces.append(trace.ops)
+
+        decoder._decode_step = traced_step
+        decoder.steering.set_rows(steerings(lm, 1)[:3], enc["attention_mask"])
+        decoder.generate(enc["input_ids"], enc["attention_mask"], 6)
+    assert len(traces) == 5
+    assert all(trace == traces[0] for trace in traces[1:]), "a decode step depends on Python-side state"
+    assert not {name for name, _ in traces[0]} & HOST_READS
+    assert any(name == "aten::scaled_dot_product_attention" for name, _ in traces[0])  # the trace sees the model
 
 
 def test_static_decoder_pads_ended_rows_and_stops_when_all_have_ended(lm):
