@@ -8,14 +8,15 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
 
 * one-at-a-time `generate` (the original experiment's way): only `--one-items` items (spread over the length
   distribution), extrapolated to 48 (mean per item x 48): printed as such;
-* batched `generate` exactly as `vulnsteer.evaluation.evaluate` groups rows (`batches(lengths, batch_tokens)`,
+* batched `generate` exactly as `vulnsteer.evaluation.evaluate` groups rows (`batches(lengths, batch_tokens, cost)`,
   left padding), without and with per-row steering at 4 layers (relative depths 0.25/0.5/0.75/last =
   [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
 * the static decoder (`vulnsteer.decoding.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
   replay; the first pass (with the capture) is reported apart, later passes change the steering without re-capture,
   and its tokens are compared with the plain steered path's; then one pass without the capture, and one captured
   pass with transformers' own decode attention instead of the packed heads, for comparison;
-* the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does).
+* the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does), in the
+  scoring batches `evaluate` makes (padding-aware) and in the generate batches (fewer, padded more).
 
 In the same run it measures the hardware: dense bf16 matmul TFLOP/s and device-to-device copy bandwidth GB/s
 (read + written bytes), and prints the lower bound of a batched run:
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 from common import run_info, write_report
-from vulnsteer.evaluation import auto_batch_tokens, batches
+from vulnsteer.evaluation import auto_batch_tokens, batch_cost, batches
 from vulnsteer.decoding import StaticDecoder
 from vulnsteer.steering import Steering, steer
 from vulnsteer.vectors import relative_layer
@@ -213,6 +214,11 @@ def agreement(a: dict, b: dict) -> dict:
             "mean_common_prefix_tokens": statistics.mean(prefixes)}
 
 
+def padded(groups, lengths) -> int:
+    """Prompt tokens the batches compute, padding included."""
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
 def run_score(model, groups, tokens, device) -> int:
     rows = 0
     for group in groups:
@@ -297,14 +303,18 @@ def main(argv=None) -> int:
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - embed.numel()
     tokens = prompts(lengths, shape["vocab_size"], device)
     budget = args.batch_tokens or auto_batch_tokens(model, new_tokens, min(lengths))
-    groups = batches(list(lengths), budget)
+    groups = batches(list(lengths), budget, batch_cost(model, new_tokens))
+    # Scoring batches as `evaluate` makes them (one forward pass each: padding weighs more than the batch count).
+    score_groups = batches(list(lengths), auto_batch_tokens(model, 0, min(lengths)), batch_cost(model, 1))
     layers = sorted({relative_layer(d, n_layers) for d in DEPTHS})
     steering = random_steering(hidden, layers, args.strength)
     report["workload"] = {
         "shape": shape, "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes": param_bytes, "decode_read_bytes": read_bytes, "prompts": len(lengths),
         "prompt_tokens": sum(lengths), "new_tokens": new_tokens, "batch_tokens": budget,
-        "batches": [len(g) for g in groups], "steered_layers": layers,
+        "batches": [len(g) for g in groups], "score_batches": [len(g) for g in score_groups],
+        "padded_prompt_tokens": padded(groups, lengths), "score_padded_prompt_tokens": padded(score_groups, lengths),
+        "steered_layers": layers,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "build_s": round(build_clock.seconds, 1),
     }
@@ -400,14 +410,16 @@ def main(argv=None) -> int:
     arms["static_graph_transformers_attention"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
                                                    "peak_gib": peak_gib(device)}
 
-    score_times = []
-    reset_peak(device)
-    for _ in range(max(1, args.repeats)):
-        with Clock(device) as c:
-            run_score(model, groups, tokens, device)
-        score_times.append(c.seconds)
-    arms["score"] = {"median_s": statistics.median(score_times), "runs_s": [round(t, 3) for t in score_times],
-                     "peak_gib": peak_gib(device)}
+    # The score pass in `evaluate`'s scoring batches, and in the generate batches (fewer, padded more).
+    for name, plan in (("score", score_groups), ("score_in_generate_batches", groups)):
+        score_times = []
+        reset_peak(device)
+        for _ in range(max(1, args.repeats)):
+            with Clock(device) as c:
+                run_score(model, plan, tokens, device)
+            score_times.append(c.seconds)
+        arms[name] = {"median_s": statistics.median(score_times), "runs_s": [round(t, 3) for t in score_times],
+                      "peak_gib": peak_gib(device)}
     report["arms"] = arms
 
     plain, steered = arms["batched_generate"]["median_s"], arms["batched_generate_steered"]["median_s"]
@@ -439,6 +451,8 @@ def main(argv=None) -> int:
             "static_transformers_attention / static_graph":
                 arms["static_graph_transformers_attention"]["median_s"] / arms["static_graph_steered"]["median_s"],
             "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
+            "score_in_generate_batches / score": arms["score_in_generate_batches"]["median_s"]
+                                                 / arms["score"]["median_s"],
         })
     report["derived"] = derived
     report["wall_s"] = round(time.perf_counter() - wall, 1)
@@ -457,7 +471,8 @@ def print_report(report: dict) -> None:
     console.print(f"[bold]{'TINY (CPU logic check) ' if report['machine']['tiny'] else ''}Qwen2-architecture "
                   f"{w['params'] / 1e9:.2f}B params[/] on {report['machine']['device']}, "
                   f"{w['prompts']} prompts / {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, "
-                  f"batches {w['batches']}")
+                  f"batches {w['batches']} ({w['padded_prompt_tokens']} padded tokens), scoring batches "
+                  f"{w['score_batches']} ({w['score_padded_prompt_tokens']})")
     table = Table(title="timings")
     table.add_column("arm")
     table.add_column("seconds", justify="right")

@@ -1,4 +1,4 @@
-"""CPU benchmark of vulnsteer's evaluation engine: one entry point, five measurements.
+"""CPU benchmark of vulnsteer's evaluation engine: one entry point, six measurements.
 
 (a) `one`: the original experiment's way (one sample per `generate` call, no batching), `batched`: one
     `evaluate` call in generate mode (length-grouped batches), `score`: one `evaluate` call in score mode
@@ -15,6 +15,8 @@
 (e) the static decoder (`--cache static`) on the same batches as (b), steered, every row decoding max_new_tokens:
     its decode steps attending through packed query heads vs through transformers' attention (which, before
     transformers 5.23, copies the KV cache once per query head at every step), arms interleaved A B A B.
+(f) length bucketing: the batches `evaluate` makes (padded tokens + a cost per batch, minimised) vs the fewest
+    batches the same budget allows, for the score pass and for generation (every row decoding max_new_tokens).
 
 Usage (from the repository root):
     python bench/run.py --model smollm2-135m-instruct --limit 16 --max-new-tokens 64 --repeats 3 \
@@ -45,7 +47,8 @@ import transformers
 from common import REPO, run_info, write_report
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
 from vulnsteer.decoding import StaticDecoder
-from vulnsteer.evaluation import Decoding, Job, batch_budget, batches, evaluate, render
+from vulnsteer.evaluation import (ANSWER_PREFIX, Decoding, Job, batch_budget, batch_cost, batches, evaluate,
+                                  render, yes_no_log_odds)
 from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources
@@ -54,7 +57,7 @@ from vulnsteer.vectors import relative_layer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
 DEPTHS = (0.25, 0.5, 0.75, 1.0)  # 1.0 -> the last layer
-PARTS = ("a", "b", "c", "d", "e")
+PARTS = ("a", "b", "c", "d", "e", "f")
 
 
 # --- machine and memory ---------------------------------------------------------------------------
@@ -333,49 +336,59 @@ def part_a(lm, jobs, args) -> dict:
     return out
 
 
-def _lengths(lm, jobs, decoding) -> list[int]:
-    from vulnsteer.evaluation import ANSWER_PREFIX
-
+def prompt_texts(lm, jobs, decoding) -> tuple[list[str], list[int]]:
+    """The jobs' prompts as `evaluate` renders them for this mode, and their lengths in tokens."""
     prefix = ANSWER_PREFIX if decoding.mode == "score" else ""
-    return [len(lm.tokenizer(render(lm.tokenizer, list(j.prompt.messages), prefix), add_special_tokens=False)
-                ["input_ids"]) for j in jobs]
+    texts = [render(lm.tokenizer, list(j.prompt.messages), prefix) for j in jobs]
+    return texts, [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def plan(lm, lengths, decoding, cost: float | None = None) -> list[list[int]]:
+    """The batches `evaluate` makes of prompts of these lengths (before any sharing of prompt prefixes); `cost`
+    replaces its per-batch cost."""
+    score = decoding.mode == "score"
+    if cost is None:
+        cost = batch_cost(lm.model, 1 if score else decoding.max_new_tokens)
+    return batches(lengths, batch_budget(lm, decoding, lengths, score), cost)
 
 
 def n_batches(lm, jobs, decoding) -> int:
-    """How many batches `evaluate` makes of these jobs (before any sharing of prompt prefixes)."""
-    lengths = _lengths(lm, jobs, decoding)
-    return len(batches(lengths, batch_budget(lm, decoding, lengths, decoding.mode == "score")))
+    return len(plan(lm, prompt_texts(lm, jobs, decoding)[1], decoding))
+
+
+def encode(lm, texts, groups) -> list:
+    """Left-padded encodings of each group's texts."""
+    return [lm.tokenizer([texts[i] for i in g], return_tensors="pt", padding=True, add_special_tokens=False)
+            .to(lm.device) for g in groups]
+
+
+def forced_generate(lm, encoded, n: int, steering: Steering | None = None) -> int:
+    """`model.generate` over the encoded batches, every row decoding exactly `n` tokens (EOS cannot end a row);
+    the number of new tokens."""
+    produced = 0
+    for enc in encoded:
+        rows = enc["input_ids"].shape[0]
+        with torch.inference_mode(), steer(lm.model, [steering] * rows) if steering else nullcontext():
+            out = lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,
+                                    top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
+        produced += (out.shape[1] - enc["input_ids"].shape[1]) * rows
+    return produced
 
 
 # --- (b) steering overhead -------------------------------------------------------------------------
 
 
-def generate_batches(lm, jobs, args) -> tuple[list[list[int]], list, list[int]]:
-    """The jobs' prompts grouped as `evaluate` groups them to generate: (groups, their left-padded encodings,
-    prompt lengths)."""
-    texts = [render(lm.tokenizer, list(j.prompt.messages)) for j in jobs]
-    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    groups = batches(lengths, batch_budget(lm, Decoding(max_new_tokens=args.max_new_tokens), lengths, False))
-    encoded = [lm.tokenizer([texts[i] for i in g], return_tensors="pt", padding=True, add_special_tokens=False)
-               .to(lm.device) for g in groups]
-    return groups, encoded, lengths
-
-
 def part_b(lm, jobs, args) -> dict:
-    groups, encoded, lengths = generate_batches(lm, jobs, args)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    texts, lengths = prompt_texts(lm, jobs, decoding)
+    groups = plan(lm, lengths, decoding)
+    encoded = encode(lm, texts, groups)
     layers = steering_layers(lm.num_layers)
     steering = random_steering(lm, layers, args.strength, label="overhead")
     n = args.max_new_tokens
 
     def generate(steered: bool):
-        produced = 0
-        for enc, group in zip(encoded, groups):
-            ctx = steer(lm.model, [steering] * len(group)) if steered else nullcontext()
-            with torch.inference_mode(), ctx:
-                out = lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,
-                                        top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
-            produced += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
-        return produced
+        return forced_generate(lm, encoded, n, steering if steered else None)
 
     runs = interleaved({"plain": lambda: generate(False), "steered": lambda: generate(True)}, args.repeats)
     plain, steered = runs["plain"], runs["steered"]
@@ -509,7 +522,10 @@ def part_e(lm, jobs, args) -> dict:
     """`StaticDecoder` (`--cache static`) over the generate batches, steered at 4 layers, no end token (every row
     decodes max_new_tokens), with its decode steps attending through the packed heads or through transformers'
     attention (which, before transformers 5.23, copies the KV cache once per query head at every step)."""
-    groups, encoded, _ = generate_batches(lm, jobs, args)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    texts, lengths = prompt_texts(lm, jobs, decoding)
+    groups = plan(lm, lengths, decoding)
+    encoded = encode(lm, texts, groups)
     steering = random_steering(lm, steering_layers(lm.num_layers), args.strength, label="decode-attention")
     n = args.max_new_tokens
     with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id, max_batch=max(map(len, groups))) as decoder:
@@ -536,6 +552,55 @@ def part_e(lm, jobs, args) -> dict:
         "ratios_cpu_time": {"transformers_attention / packed_heads":
                             statistics.median(plain["cpu"]) / statistics.median(packed["cpu"])},
     }
+
+
+# --- (f) length bucketing: padding-aware batches vs the fewest batches ------------------------------
+
+
+FEWEST_BATCHES = 1e12  # a per-batch cost that outweighs any padding: as few batches as the budget allows
+
+
+def part_f(lm, jobs, args) -> dict:
+    """The batches `evaluate` makes (padded tokens + a cost per batch, minimised) vs the fewest batches the same
+    budget allows (how it grouped rows before), same rows, per mode: the score pass (one forward per batch, the
+    yes/no log-odds as `evaluate` scores) and generation with every row decoding max_new_tokens."""
+    out = {}
+    for mode in ("score", "generate"):
+        decoding = Decoding(mode=mode, max_new_tokens=args.max_new_tokens)
+        texts, lengths = prompt_texts(lm, jobs, decoding)
+        plans = {"padding_aware": plan(lm, lengths, decoding), "fewest_batches": plan(lm, lengths, decoding,
+                                                                                       FEWEST_BATCHES)}
+        encoded = {name: encode(lm, texts, groups) for name, groups in plans.items()}
+        if mode == "score":
+            def run(batches_):
+                with torch.inference_mode():
+                    return [x for enc in batches_ for x in yes_no_log_odds(lm, enc)]
+        else:
+            def run(batches_):
+                return forced_generate(lm, batches_, args.max_new_tokens)
+        runs = interleaved({name: (lambda e=e: run(e)) for name, e in encoded.items()}, args.repeats)
+        aware, fewest = runs["padding_aware"], runs["fewest_batches"]
+        out[mode] = {
+            "arms": {f"{mode}_{name}": arm_record(runs[name], batches=[len(g) for g in groups],
+                                                  padded_tokens=sum(len(g) * max(lengths[i] for i in g)
+                                                                    for g in groups),
+                                                  new_tokens=runs[name]["value"] if mode == "generate" else 0)
+                     for name, groups in plans.items()},
+            "prompt_tokens": sum(lengths),
+            "ratio_fewest_over_padding_aware": statistics.median(fewest["times"]) / statistics.median(aware["times"]),
+            "ratio_cpu_time": statistics.median(fewest["cpu"]) / statistics.median(aware["cpu"]),
+        }
+        if mode == "score":  # same rows, other batches: the scores agree up to padding's rounding
+            order = [i for g in plans["padding_aware"] for i in g], [i for g in plans["fewest_batches"] for i in g]
+            a = dict(zip(order[0], aware["value"]))
+            b = dict(zip(order[1], fewest["value"]))
+            out[mode]["max_abs_score_difference"] = max(abs(a[i] - b[i]) for i in a)
+    return {"arms": {k: v for res in out.values() for k, v in res["arms"].items()},
+            "ratios": {f"{mode}: fewest batches / padding-aware": res["ratio_fewest_over_padding_aware"]
+                       for mode, res in out.items()},
+            "ratios_cpu_time": {f"{mode}: fewest batches / padding-aware": res["ratio_cpu_time"]
+                                for mode, res in out.items()},
+            "modes": out}
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -583,6 +648,12 @@ def print_tables(report: dict) -> None:
             for cfg in res["per_config"]:
                 ratios.add_row(part, f"config strength {cfg['strength']:+g}: separate / (combined/K)",
                                f"{cfg['ratio_separate_over_combined_share']:.2f}x")
+        if part == "f":
+            for mode, res in res["modes"].items():
+                aware, fewest = res["arms"][f"{mode}_padding_aware"], res["arms"][f"{mode}_fewest_batches"]
+                ratios.add_row(part, f"{mode}: padded tokens (batches), padding-aware vs fewest; prompt tokens",
+                               f"{aware['padded_tokens']} ({len(aware['batches'])}) vs {fewest['padded_tokens']} "
+                               f"({len(fewest['batches'])}); {res['prompt_tokens']}")
     console.print(table)
     console.print(ratios)
 
@@ -642,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate(lm, warm, Decoding(mode="generate", max_new_tokens=4))
     evaluate(lm, warm, Decoding(mode="score"))
 
-    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e)):
+    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e), ("f", part_f)):
         if part in only:
             start = time.perf_counter()
             print(f"part ({part}) ...", file=sys.stderr, flush=True)

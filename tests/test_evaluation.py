@@ -12,7 +12,7 @@ import torch
 from conftest import byte_tokenizer
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, batches, evaluate, render
+from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, batch_cost, batches, evaluate, render
 from vulnsteer.prompts import Prompt, build_prompt
 from vulnsteer.steering import Steering
 
@@ -211,30 +211,73 @@ def test_steered_generation_records_label(lm):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("budget", [1, 50, 300, 10**6])
-def test_batches_respect_the_budget_and_cover_every_index_once(seed, budget):
+@pytest.mark.parametrize("cost", [0, 40, 10**9])
+def test_batches_respect_the_budget_and_cover_every_index_once(seed, budget, cost):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 40))]
-    groups = batches(lengths, budget)
+    groups = batches(lengths, budget, cost)
     flat = [i for group in groups for i in group]
     assert sorted(flat) == list(range(len(lengths)))
     for group in groups:
         assert group
         width = max(lengths[i] for i in group)
         assert len(group) == 1 or len(group) * width <= budget
-    if budget >= sum(lengths) * max(lengths):
-        assert len(groups) == 1
+    if budget >= sum(lengths) * max(lengths) and cost == 10**9:
+        assert len(groups) == 1  # batches cost more than any padding
     if budget == 1:
         assert all(len(g) == 1 for g in groups)
+    if cost == 0:
+        assert all(len({lengths[i] for i in g}) == 1 for g in groups)  # padding is all there is to save
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest):
+        yield [[first], *partition]
+        for k in range(len(partition)):
+            yield [*partition[:k], [first, *partition[k]], *partition[k + 1:]]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_batches_cost_no_more_than_any_grouping(seed):
+    """Against every partition of up to 7 rows into batches within the budget."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+    budget, cost = rng.choice([60, 120, 10**6]), rng.choice([0, 5, 30, 200])
+
+    def total(groups):
+        widths = [max(lengths[i] for i in g) for g in groups]
+        if any(len(g) > 1 and len(g) * w > budget for g, w in zip(groups, widths)):
+            return float("inf")
+        return sum(len(g) * w + cost for g, w in zip(groups, widths))
+
+    best = min(total(p) for p in set_partitions(list(range(len(lengths)))))
+    assert total(batches(lengths, budget, cost)) == best
 
 
 def test_batches_group_similar_lengths():
     lengths = [10, 100, 11, 99, 12, 98]
-    groups = batches(lengths, 300)
+    groups = batches(lengths, 300, 50)
     assert [sorted(lengths[i] for i in g) for g in groups] == [[98, 99, 100], [10, 11, 12]]
 
 
+def test_scoring_batches_pad_less_and_generating_batches_stay_few(lm):
+    """SecLLMHolmes-like lengths under a budget that fits them all: scoring (one forward pass per batch) splits
+    them to cut padding, generating (a forward pass per new token) keeps one batch."""
+    lengths = [629, 618, 490, 482, 465, 413, 389, 332, 306, 290, 250, 234, 209, 198, 145, 113]
+    budget = 10**6
+    scored = batches(lengths, budget, batch_cost(lm.model, 1))
+    generated = batches(lengths, budget, batch_cost(lm.model, 192))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in scored)
+    assert len(generated) == 1
+    assert len(scored) > 1 and padded < 0.75 * len(lengths) * max(lengths)
+
+
 def test_batches_of_nothing():
-    assert batches([], 100) == []
+    assert batches([], 100, 10) == []
 
 
 # --- render -------------------------------------------------------------------------------------
@@ -308,7 +351,15 @@ def test_answer_token_ids_refuses_a_tokenizer_without_single_token_answers():
         answer_token_ids(fast)
 
 
-def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch):
+@pytest.fixture
+def one_batch(monkeypatch):
+    """Batches cost more than any padding: each as large as the budget allows (one, here), as these tests need."""
+    import vulnsteer.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "batch_cost", lambda model, passes: 1e9)
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch, one_batch):
     """A batch that does not fit is halved and retried until it does; results equal an unconstrained run."""
     import vulnsteer.evaluation as evaluation
 
@@ -332,7 +383,7 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
-def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
+def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, one_batch):
     """Rows of repeated prompts steered from their last token on share one unsteered pass over each prompt (several
     prompts of different lengths in one batch); their answers equal full passes of each job alone."""
     import vulnsteer.evaluation as evaluation
@@ -391,7 +442,7 @@ def test_batch_budget_must_be_positive(lm):
         evaluate(lm, make_jobs(make_samples(2)), Decoding("score", batch_tokens=0))
 
 
-def test_scoring_rows_of_one_prompt_share_the_layers_below_the_first_steered_one(lm):
+def test_scoring_rows_of_one_prompt_share_the_layers_below_the_first_steered_one(lm, one_batch):
     """Configs that steer a whole prompt cannot share its cache, but the layers below the first steered layer
     are the same computation for all of them: those layers run once per distinct prompt, with equal scores."""
     from vulnsteer.steering import decoder_layers

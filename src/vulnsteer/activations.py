@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import batches, render
+from vulnsteer.evaluation import batch_cost, batches, render
 from vulnsteer.models import LoadedModel, cache_dir
 from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.steering import decoder_layers
@@ -89,7 +89,7 @@ def collect(
     if progress and len(rows):
         progress(len(rows))
     lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo]
-    for group in batches(lengths, batch_tokens):
+    for group in batches(lengths, batch_tokens, batch_cost(lm.model, 1)):
         index = [todo[g] for g in group]
         for i, acts in zip(index, _forward_read(lm, [texts[i] for i in index], [samples[i] for i in index], read)):
             rows[i] = acts

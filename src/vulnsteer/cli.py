@@ -124,8 +124,8 @@ def eval_command(
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
     batch_tokens: Optional[int] = typer.Option(
-        None, "--batch-tokens", min=1, help="Rows x padded prompt width per batch (default: what fits in free GPU memory; "
-        "8192 on CPU)."),
+        None, "--batch-tokens", min=1, help="At most this many rows x padded prompt width per batch (default: what fits "
+        "in free GPU memory; 8192 on CPU); within it, batches of similar lengths that waste little on padding."),
     cache: str = typer.Option("dynamic", "--cache",
                               help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph on a GPU."),
     dtype: str = DtypeOpt,
@@ -306,7 +306,8 @@ SWEEP_FLAGS = dict(
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
     cache=typer.Option(None, "--cache", help="dynamic or static (decode step as a CUDA graph on a GPU)."),
     batch_tokens=typer.Option(None, "--batch-tokens", min=1,
-                              help="Rows x padded prompt width per batch (default: what fits; 8192 on CPU)."),
+                              help="At most this many rows x padded prompt width per batch (default: what fits; "
+                                   "8192 on CPU)."),
 )
 
 
