@@ -334,6 +334,11 @@ def main(argv=None) -> int:
         raise SystemExit("steering left the logits unchanged: the hooks did not attach")
 
     arms: dict = {}
+    report["arms"] = arms
+
+    def save() -> None:
+        """The report so far: a run cut short by a time limit keeps the arms it finished."""
+        write_report(report, args.output)
 
     # One at a time: a few items, extrapolated.
     picked = spread(lengths, args.one_items)
@@ -350,6 +355,7 @@ def main(argv=None) -> int:
         "extrapolated_s": statistics.mean(per_item) * len(lengths), "extrapolated": True,
         "peak_gib": peak_gib(device),
     }
+    save()
 
     batched = {"batched_generate": None, "batched_generate_steered": None}
     times: dict[str, list[float]] = {k: [] for k in batched}
@@ -369,6 +375,7 @@ def main(argv=None) -> int:
     for name in batched:
         arms[name] = {"median_s": statistics.median(times[name]), "runs_s": [round(t, 3) for t in times[name]],
                       "peak_gib": peaks[name]}
+    save()
 
     # The static decoder, steered through the engine's buffers: the first pass pays the CUDA-graph capture (one per
     # batch shape); later passes with other steering replay the captured steps. No end token, so every row runs to
@@ -392,6 +399,20 @@ def main(argv=None) -> int:
                                     "first_pass_with_capture_s": round(capture_s, 2), "peak_gib": peak_gib(device),
                                     "graphs_captured": decoder.captures, "buffer_sets": decoder.allocations,
                                     "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens)}
+    save()
+    # The score pass (a goal too, so before the diagnostic arms below), in `evaluate`'s scoring batches and in the
+    # generate batches (fewer, padded more).
+    for name, plan in (("score", score_groups), ("score_in_generate_batches", groups)):
+        score_times = []
+        reset_peak(device)
+        for _ in range(max(1, args.repeats)):
+            with Clock(device) as c:
+                run_score(model, plan, tokens, device)
+            score_times.append(c.seconds)
+        arms[name] = {"median_s": statistics.median(score_times), "runs_s": [round(t, 3) for t in score_times],
+                      "peak_gib": peak_gib(device)}
+    save()
+
     # The same decoder without the capture, one pass: what the CUDA graph buys.
     reset_peak(device)
     with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups), capture=False) as decoder_eager:
@@ -399,6 +420,7 @@ def main(argv=None) -> int:
             run_batched(model, groups, tokens, device, new_tokens, steering, decoder_eager)
     arms["static_eager_steered"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
                                     "peak_gib": peak_gib(device)}
+    save()
     # Captured again, with transformers' own decode attention instead of the packed heads: what packing buys
     # (nothing from transformers 5.23 on, which packs too; releases before copy the KV cache per query head).
     reset_peak(device)
@@ -409,18 +431,7 @@ def main(argv=None) -> int:
             run_batched(model, groups, tokens, device, new_tokens, steering, decoder_repeated)
     arms["static_graph_transformers_attention"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
                                                    "peak_gib": peak_gib(device)}
-
-    # The score pass in `evaluate`'s scoring batches, and in the generate batches (fewer, padded more).
-    for name, plan in (("score", score_groups), ("score_in_generate_batches", groups)):
-        score_times = []
-        reset_peak(device)
-        for _ in range(max(1, args.repeats)):
-            with Clock(device) as c:
-                run_score(model, plan, tokens, device)
-            score_times.append(c.seconds)
-        arms[name] = {"median_s": statistics.median(score_times), "runs_s": [round(t, 3) for t in score_times],
-                      "peak_gib": peak_gib(device)}
-    report["arms"] = arms
+    save()
 
     plain, steered = arms["batched_generate"]["median_s"], arms["batched_generate_steered"]["median_s"]
     forward_calls = new_tokens * len(groups)
