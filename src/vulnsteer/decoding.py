@@ -120,7 +120,9 @@ class StaticDecoder:
         self.graph = None
         self.allocations += 1
         self.width = width
-        length = width + new
+        # Slots for the prompt and every new token, rounded up to a multiple of 8: SDPA's memory-efficient kernel
+        # copies an attention mask whose rows are not 8-aligned (per layer and step). Extra slots stay masked.
+        length = -(-(width + new) // 8) * 8
         like = dict(dtype=torch.long, device=self.device)
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
         # Sliding-window layers keep Python-side counters, which a replay would not advance.
