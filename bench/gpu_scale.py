@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from common import run_info, write_report
-from vulnsteer.evaluation import auto_batch_tokens, batch_cost, batches
+from vulnsteer.batching import auto_batch_tokens, batch_cost, batches
 from vulnsteer.decoding import StaticDecoder
 from vulnsteer.steering import Steering, steer
 from vulnsteer.vectors import relative_layer

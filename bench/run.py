@@ -47,8 +47,8 @@ import transformers
 from common import REPO, run_info, write_report
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
 from vulnsteer.decoding import StaticDecoder
-from vulnsteer.evaluation import (ANSWER_PREFIX, Decoding, Job, batch_budget, batch_cost, batches, evaluate,
-                                  render, yes_no_log_odds)
+from vulnsteer.batching import batch_cost, batches
+from vulnsteer.evaluation import ANSWER_PREFIX, Decoding, Job, batch_budget, evaluate, render, yes_no_log_odds
 from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources

@@ -12,7 +12,8 @@ import torch
 from conftest import byte_tokenizer
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, batch_cost, batches, evaluate, render
+from vulnsteer.batching import batch_cost, batches
+from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, evaluate, render
 from vulnsteer.prompts import Prompt, build_prompt
 from vulnsteer.steering import Steering
 
@@ -419,7 +420,7 @@ def test_automatic_batch_budget_fits_free_memory():
     files in one batch (one read of the weights per decode step); less memory or more new tokens, fewer rows."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from vulnsteer.evaluation import CPU_BATCH_TOKENS, auto_batch_tokens
+    from vulnsteer.batching import CPU_BATCH_TOKENS, auto_batch_tokens
 
     config = Qwen2Config(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                          num_key_value_heads=8, vocab_size=152064)

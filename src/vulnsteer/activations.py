@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import batch_cost, batches, render
+from vulnsteer.batching import batch_cost, batches
+from vulnsteer.evaluation import render
 from vulnsteer.models import LoadedModel, cache_dir
 from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.steering import decoder_layers
