@@ -13,8 +13,9 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
   [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
 * the static decoder (`vulnsteer.decoding.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
   replay; the first pass (with the capture) is reported apart, later passes change the steering without re-capture,
-  and its tokens are compared with the plain steered path's; then one pass without the capture, and one captured
-  pass with transformers' own decode attention instead of the packed heads, for comparison;
+  and its tokens are compared with the plain steered path's; then, for comparison, one pass without the capture,
+  and one captured pass each with transformers' own decode attention instead of the packed heads and with one
+  prompt pass over the whole padded batch instead of groups of similar length;
 * the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does), in the
   scoring batches `evaluate` makes (padding-aware) and in the generate batches (fewer, padded more).
 
@@ -193,8 +194,7 @@ def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steeri
         rows = [steering] * len(group)
         with torch.inference_mode():
             if decoder is not None:
-                decoder.steering.set_rows(rows, enc["attention_mask"])
-                new = decoder.generate(enc["input_ids"], enc["attention_mask"], new_tokens)
+                new = decoder.generate(enc["input_ids"], enc["attention_mask"], new_tokens, rows)
             else:
                 with steer(model, rows) if steering else nullcontext():
                     new = generate(model, enc, new_tokens)[:, enc["input_ids"].shape[1]:]
@@ -421,17 +421,18 @@ def main(argv=None) -> int:
     arms["static_eager_steered"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
                                     "peak_gib": peak_gib(device)}
     save()
-    # Captured again, with transformers' own decode attention instead of the packed heads: what packing buys
-    # (nothing from transformers 5.23 on, which packs too; releases before copy the KV cache per query head).
-    reset_peak(device)
-    with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups),
-                       packed_attention=False) as decoder_repeated:
-        run_batched(model, groups, tokens, device, new_tokens, steering, decoder_repeated)  # pays the capture
-        with Clock(device) as c:
-            run_batched(model, groups, tokens, device, new_tokens, steering, decoder_repeated)
-    arms["static_graph_transformers_attention"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
-                                                   "peak_gib": peak_gib(device)}
-    save()
+    # Captured again with one optimisation off: transformers' own decode attention instead of the packed heads
+    # (nothing to gain from transformers 5.23 on, which packs too; releases before copy the KV cache per query
+    # head), or one prompt pass over the whole padded batch instead of groups of similar length.
+    for name, settings in (("static_graph_transformers_attention", {"packed_attention": False}),
+                           ("static_graph_whole_prefill", {"grouped_prefill": False})):
+        reset_peak(device)
+        with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups), **settings) as variant:
+            run_batched(model, groups, tokens, device, new_tokens, steering, variant)  # pays the capture
+            with Clock(device) as c:
+                run_batched(model, groups, tokens, device, new_tokens, steering, variant)
+        arms[name] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)], "peak_gib": peak_gib(device)}
+        save()
 
     plain, steered = arms["batched_generate"]["median_s"], arms["batched_generate_steered"]["median_s"]
     forward_calls = new_tokens * len(groups)
@@ -461,6 +462,8 @@ def main(argv=None) -> int:
                                            / arms["static_graph_steered"]["median_s"],
             "static_transformers_attention / static_graph":
                 arms["static_graph_transformers_attention"]["median_s"] / arms["static_graph_steered"]["median_s"],
+            "static_whole_prefill / static_graph":
+                arms["static_graph_whole_prefill"]["median_s"] / arms["static_graph_steered"]["median_s"],
             "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
             "score_in_generate_batches / score": arms["score_in_generate_batches"]["median_s"]
                                                  / arms["score"]["median_s"],

@@ -12,9 +12,10 @@
     separate `evaluate` passes.
 (d) peak resident memory (VmHWM, reset before each arm through /proc/self/clear_refs; a psutil sampler where
     that is not possible) of every arm.
-(e) the static decoder (`--cache static`) on the same batches as (b), steered, every row decoding max_new_tokens:
-    its decode steps attending through packed query heads vs through transformers' attention (which, before
-    transformers 5.23, copies the KV cache once per query head at every step), arms interleaved A B A B.
+(e) the static decoder (`--cache static`) on the same batches as (b), steered, every row decoding max_new_tokens,
+    as it runs and with each of its optimisations off in turn: transformers' decode attention instead of packed
+    query heads (before transformers 5.23 it copies the KV cache once per query head at every step), and one
+    prompt pass over the whole padded batch instead of groups of similar length; arms interleaved A B C A B C.
 (f) length bucketing: the batches `evaluate` makes (padded tokens + a cost per batch, minimised) vs the fewest
     batches the same budget allows, for the score pass and for generation (every row decoding max_new_tokens).
 
@@ -518,39 +519,48 @@ def part_c(lm, jobs, args) -> dict:
 # --- (e) the static decoder's attention: packed heads vs transformers' own -------------------------
 
 
+STATIC_ARMS = {"static": {}, "static_transformers_attention": {"packed_attention": False},
+               "static_whole_prefill": {"grouped_prefill": False}}
+
+
 def part_e(lm, jobs, args) -> dict:
     """`StaticDecoder` (`--cache static`) over the generate batches, steered at 4 layers, no end token (every row
-    decodes max_new_tokens), with its decode steps attending through the packed heads or through transformers'
-    attention (which, before transformers 5.23, copies the KV cache once per query head at every step)."""
+    decodes max_new_tokens), as it runs and with each of its own optimisations switched off in turn: decode
+    steps attending through transformers' attention instead of the packed heads (which, before transformers 5.23,
+    copies the KV cache once per query head at every step), and one prompt pass over the whole padded batch
+    instead of groups of similar length."""
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     texts, lengths = prompt_texts(lm, jobs, decoding)
     groups = plan(lm, lengths, decoding)
     encoded = encode(lm, texts, groups)
-    steering = random_steering(lm, steering_layers(lm.num_layers), args.strength, label="decode-attention")
+    steering = random_steering(lm, steering_layers(lm.num_layers), args.strength, label="static-decoder")
     n = args.max_new_tokens
     with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id, max_batch=max(map(len, groups))) as decoder:
-        def decode(packed: bool) -> list[list[int]]:
-            decoder.packed_attention = packed
+        def decode(settings: dict) -> list[list[int]]:
+            decoder.packed_attention = settings.get("packed_attention", True)
+            decoder.grouped_prefill = settings.get("grouped_prefill", True)
             rows = []
             for enc, group in zip(encoded, groups):
-                decoder.steering.set_rows([steering] * len(group), enc["attention_mask"])
                 with torch.inference_mode():
-                    rows += decoder.generate(enc["input_ids"], enc["attention_mask"], n).tolist()
+                    new = decoder.generate(enc["input_ids"], enc["attention_mask"], n, [steering] * len(group))
+                rows += new.tolist()
             return rows
 
-        runs = interleaved({"static_packed_heads": lambda: decode(True),
-                            "static_transformers_attention": lambda: decode(False)}, args.repeats)
-    packed, plain = runs["static_packed_heads"], runs["static_transformers_attention"]
-    if any(len(row) != n for row in packed["value"] + plain["value"]):
+        runs = interleaved({name: (lambda s=settings: decode(s)) for name, settings in STATIC_ARMS.items()},
+                           args.repeats)
+    if any(len(row) != n for rec in runs.values() for row in rec["value"]):
         raise SystemExit(f"(e): expected {n} new tokens in every row")
+    base = runs["static"]
+    others = [name for name in STATIC_ARMS if name != "static"]
     return {
         "jobs": len(jobs), "batches": len(groups), "new_tokens_per_row": n, "transformers": transformers.__version__,
         "arms": {name: arm_record(rec, new_tokens=n * len(jobs)) for name, rec in runs.items()},
-        "identical_rows": sum(a == b for a, b in zip(packed["value"], plain["value"])),
-        "ratios": {"transformers_attention / packed_heads":
-                   statistics.median(plain["times"]) / statistics.median(packed["times"])},
-        "ratios_cpu_time": {"transformers_attention / packed_heads":
-                            statistics.median(plain["cpu"]) / statistics.median(packed["cpu"])},
+        "rows_identical_to_static": {name: sum(a == b for a, b in zip(base["value"], runs[name]["value"]))
+                                     for name in others},
+        "ratios": {f"{name} / static": statistics.median(runs[name]["times"]) / statistics.median(base["times"])
+                   for name in others},
+        "ratios_cpu_time": {f"{name} / static": statistics.median(runs[name]["cpu"]) / statistics.median(base["cpu"])
+                            for name in others},
     }
 
 

@@ -81,9 +81,8 @@ def test_static_decoder_gives_generates_tokens_and_keeps_its_buffers_when_steeri
         addresses = None
         for seed in (1, 2):
             rows = steerings(lm, seed)[:3]
-            decoder.steering.set_rows(rows, enc["attention_mask"])
             with torch.inference_mode():
-                tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 12)
+                tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 12, rows)
             assert tokens.tolist() == plain_generate(lm, enc, rows, 12, eos).tolist()
             addresses = addresses or buffers(decoder)
             assert buffers(decoder) == addresses
@@ -128,12 +127,50 @@ def test_every_decode_step_is_the_same_capturable_work(lm):
             traces.append(trace.ops)
 
         decoder._decode_step = traced_step
-        decoder.steering.set_rows(steerings(lm, 1)[:3], enc["attention_mask"])
-        decoder.generate(enc["input_ids"], enc["attention_mask"], 6)
+        decoder.generate(enc["input_ids"], enc["attention_mask"], 6, steerings(lm, 1)[:3])
     assert len(traces) == 5
     assert all(trace == traces[0] for trace in traces[1:]), "a decode step depends on Python-side state"
     assert not {name for name, _ in traces[0]} & HOST_READS
     assert any(name == "aten::scaled_dot_product_attention" for name, _ in traces[0])  # the trace sees the model
+
+
+def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, monkeypatch):
+    """Long and short prompts in one batch: the prompt pass runs in groups of similar length (less padding), and
+    the decoder still gives `generate`'s tokens for every kind of steered position, with its buffers in place."""
+    texts = ["char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2, "ok", "x = y;",
+             "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];", "z"]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    grouped = []
+    with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id) as decoder:
+        real = decoder._prefill_groups
+        monkeypatch.setattr(decoder, "_prefill_groups", lambda *a: grouped.append(len(a[-1])) or real(*a))
+        addresses = None
+        for seed in (1, 2):
+            rows = steerings(lm, seed)
+            with torch.inference_mode():
+                tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 8, rows)
+            assert tokens.tolist() == plain_generate(lm, enc, rows, 8, [lm.tokenizer.eos_token_id]).tolist()
+            addresses = addresses or buffers(decoder)
+            assert buffers(decoder) == addresses
+        assert grouped and grouped[0] > 1, "the prompt pass should have run in groups"
+        # The cache holds what one whole-batch prompt pass puts there, at every slot a row can see (tiny random
+        # models attend almost uniformly, so tokens alone would not show misplaced keys).
+        with torch.inference_mode():
+            decoder.generate(enc["input_ids"], enc["attention_mask"], 1, rows)
+            in_groups = prompt_cache(decoder, enc["attention_mask"])
+            monkeypatch.setattr(decoding, "batch_cost", lambda model, passes: 1e9)  # one group
+            decoder.generate(enc["input_ids"], enc["attention_mask"], 1, rows)
+            whole = prompt_cache(decoder, enc["attention_mask"])
+    assert len(grouped) == 3
+    for a, b in zip(in_groups, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def prompt_cache(decoder, attention_mask) -> list[torch.Tensor]:
+    """Every layer's keys and values at the prompt slots that are not padding."""
+    real = attention_mask.bool()
+    return [tensor[:, :, :real.shape[1]].transpose(1, 2)[real].clone()
+            for layer in decoder.cache.layers for tensor in (layer.keys, layer.values)]
 
 
 def test_static_decoder_pads_ended_rows_and_stops_when_all_have_ended(lm):
@@ -142,8 +179,7 @@ def test_static_decoder_pads_ended_rows_and_stops_when_all_have_ended(lm):
     free = plain_generate(lm, enc, rows, 6, [])
     eos = [int(free[0, 1]), int(free[1, 3])]  # row 0 ends at its second token, row 1 at its fourth (or sooner)
     with StaticDecoder(lm.model, eos, lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
-        decoder.steering.set_rows(rows, enc["attention_mask"])
-        tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 6)
+        tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 6, rows)
     expected = plain_generate(lm, enc, rows, 6, eos)
     assert tokens.tolist() == expected.tolist()
     assert tokens.shape[1] <= 4 and tokens[0, 2:].eq(lm.tokenizer.pad_token_id).all()
@@ -180,8 +216,7 @@ def test_static_decode_steps_attend_through_packed_heads_and_leave_the_model_as_
     assert lm.model.config._attn_implementation == "sdpa"
     enc = lm.tokenizer(["abc", "defgh"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
-        decoder.steering.set_rows([None, None], enc["attention_mask"])
-        tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 5)
+        tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 5, [None, None])
     assert tokens.tolist() == plain_generate(lm, enc, [None, None], 5, []).tolist()
     # The 4 decode steps after the prefill (which keeps transformers' attention); on a GPU, steps 3-4 are replays.
     in_python = 2 if decoder.replayable else 4

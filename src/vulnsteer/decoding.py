@@ -19,14 +19,16 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager, nullcontext
+from typing import Sequence
 
 import torch
 from transformers import AttentionInterface, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from vulnsteer.batching import batch_cost, batches
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import SteeringEngine
+from vulnsteer.steering import Steering, SteeringEngine
 
 # Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
 UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
@@ -79,9 +81,10 @@ class StaticDecoder:
     and, on a single GPU, a captured decode step. Buffers, cache and graph are kept while the batch shape repeats."""
 
     def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64, capture: bool = True,
-                 packed_attention: bool = True):
+                 packed_attention: bool = True, grouped_prefill: bool = True):
         self.model = model
-        self.packed_attention = packed_attention  # False: transformers' own decode attention (benchmarks)
+        # False, for benchmarks: transformers' own decode attention; one prompt pass over the whole padded batch.
+        self.packed_attention, self.grouped_prefill = packed_attention, grouped_prefill
         self.steering = SteeringEngine(model, max_batch=max_batch)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -96,9 +99,10 @@ class StaticDecoder:
         self.allocations = 0  # buffer sets built (one per batch shape), for tests and benchmarks
         self.captures = 0  # decode steps captured as CUDA graphs
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """New tokens [rows, steps] of one left-padded batch (the steering already loaded with `set_rows`); rows
-        that ended are padded, and decoding stops when every row has ended, as `generate` does."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 steerings: Sequence[Steering | None]) -> torch.Tensor:
+        """New tokens [rows, steps] of one left-padded batch, row i steered by `steerings[i]`; rows that ended
+        are padded, and decoding stops when every row has ended, as `generate` does."""
         unsupported = unsupported_settings(self.model.generation_config)
         if unsupported:
             raise VulnsteerError(f"--cache static decodes greedily with at most a repetition penalty, but the model's "
@@ -108,7 +112,7 @@ class StaticDecoder:
         if key != self.key:
             self._allocate(rows, width, max_new_tokens)
             self.key = key
-        self._prefill(input_ids.to(self.device), attention_mask.to(self.device))
+        self._prefill(input_ids.to(self.device), attention_mask.to(self.device), steerings)
         steps = 1
         while steps < max_new_tokens and not bool(self.finished.all()):
             self._run_step(steps)
@@ -125,8 +129,9 @@ class StaticDecoder:
         length = -(-(width + new) // 8) * 8
         like = dict(dtype=torch.long, device=self.device)
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
-        # Sliding-window layers keep Python-side counters, which a replay would not advance.
-        self.replayable = self.capture and all(type(layer) is StaticLayer for layer in self.cache.layers)
+        # Sliding-window layers keep Python-side counters, which a replay would not advance, and other slot layouts.
+        self.plain = all(type(layer) is StaticLayer for layer in self.cache.layers)
+        self.replayable = self.capture and self.plain
         self.ids = torch.zeros(rows, 1, **like)  # the token each decode step reads
         self.positions = torch.zeros(rows, 1, **like)
         self.length = torch.zeros((), **like)  # the cache slot the next token takes
@@ -137,9 +142,10 @@ class StaticDecoder:
         self.tokens = torch.zeros(rows, new, **like)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """The whole prompt through transformers' own masking, and the first new token; resets every buffer in
-        place (a captured step keeps reading the same addresses)."""
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, steerings) -> None:
+        """The prompt through transformers' own masking, and the first new token; resets every buffer in place (a
+        captured step keeps reading the same addresses). Rows of very different lengths run in groups of similar
+        length (`_prefill_groups`), so that the prompt pass computes less padding."""
         self.cache.reset()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.valid[:, :self.width].copy_(attention_mask.bool())
@@ -149,7 +155,42 @@ class StaticDecoder:
         self.length.fill_(self.width)
         self.step.zero_()
         self.finished.zero_()
-        self._choose(self._last_logits(input_ids, attention_mask, positions))
+        lengths = attention_mask.sum(-1).tolist()
+        grouped = self.plain and self.grouped_prefill
+        groups = batches(lengths, len(lengths) * self.width, batch_cost(self.model, 1)) if grouped else []
+        if len(groups) > 1:
+            logits = self._prefill_groups(input_ids, attention_mask, positions, steerings, groups)
+            self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
+        else:
+            self.steering.set_rows(steerings, attention_mask)
+            logits = self._last_logits(input_ids, attention_mask, positions)
+        self._choose(logits)
+
+    def _prefill_groups(self, input_ids, attention_mask, positions, steerings, groups) -> torch.Tensor:
+        """The prompt pass in groups of rows, each group only as wide as its longest prompt and with a cache of its
+        own; their keys and values then fill the static cache in one write per layer, right-aligned in the slots
+        as the whole left-padded batch would have put them (the slots before are padding, masked)."""
+        logits, parts = None, []
+        for group in groups:
+            index = torch.tensor(group, device=self.device)
+            columns = slice(self.width - max(int(attention_mask[i].sum()) for i in group), self.width)
+            mask = attention_mask[index, columns]
+            self.steering.set_rows([steerings[i] for i in group], mask)
+            output = self.model(input_ids=input_ids[index, columns], attention_mask=mask,
+                                position_ids=positions[index, columns], use_cache=True, logits_to_keep=1)
+            last = output.logits[:, -1]
+            logits = last.new_empty(len(steerings), last.shape[-1]) if logits is None else logits
+            logits[index] = last
+            parts.append((index, columns, returned_cache(output)))
+        for k, layer in enumerate(self.cache.layers):
+            first = parts[0][2].layers[k]
+            keys = first.keys.new_zeros(len(steerings), first.keys.shape[1], self.width, first.keys.shape[3])
+            values = first.values.new_zeros(len(steerings), first.values.shape[1], self.width, first.values.shape[3])
+            for index, columns, cache in parts:
+                keys[index, :, columns] = cache.layers[k].keys
+                values[index, :, columns] = cache.layers[k].values
+            layer.update(keys, values)
+        return logits
 
     def _last_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
@@ -223,3 +264,8 @@ class StaticDecoder:
 def cache_argument(model) -> str:
     """`cache` in recent transformers releases, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward pass returns (its name changed within transformers 5)."""
+    return getattr(output, "cache", None) or output.past_key_values

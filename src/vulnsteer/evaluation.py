@@ -27,7 +27,7 @@ from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.decoding import StaticDecoder, cache_argument
+from vulnsteer.decoding import StaticDecoder, cache_argument, returned_cache
 from vulnsteer.steering import Steering, decoder_layers, steer
 from vulnsteer.verdicts import parse_verdict
 
@@ -258,7 +258,8 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
         else:
             def generate_batch(enc):
                 if static is not None:
-                    return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens)
+                    return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                           steerings or [None] * len(texts))
                 return _generate(lm, enc, max_new_tokens)
             encoded, generated = _run_batch(lm, texts, steerings, generate_batch, static)
             replies, scores = _decode(lm, generated), [None] * len(texts)
@@ -287,7 +288,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     with torch.inference_mode():
         prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                           use_cache=True, logits_to_keep=1)  # only its cache is needed
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values  # renamed within transformers 5
+        cache = returned_cache(prefix)
         of_row = of_row.to(ids.device)
         cache.batch_select_indices(of_row)
         ids, mask, positions = ids[of_row], mask[of_row], positions[of_row]
