@@ -143,7 +143,8 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
     grouped = []
     with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id) as decoder:
         real = decoder._prefill_groups
-        monkeypatch.setattr(decoder, "_prefill_groups", lambda *a: grouped.append(len(a[-1])) or real(*a))
+        monkeypatch.setattr(decoder, "_prefill_groups",
+                            lambda *args, **kwargs: grouped.append(len(args[4])) or real(*args, **kwargs))
         addresses = None
         for seed in (1, 2):
             rows = steerings(lm, seed)

@@ -384,9 +384,10 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch, one_b
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
-def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, one_batch):
+def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
     """Rows of repeated prompts steered from their last token on share one unsteered pass over each prompt (several
-    prompts of different lengths in one batch); their answers equal full passes of each job alone."""
+    prompts of different lengths in one batch: such a batch pays padding once per prompt, not per row, and is
+    planned so); their answers equal full passes of each job alone."""
     import vulnsteer.evaluation as evaluation
 
     calls = []

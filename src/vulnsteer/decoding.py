@@ -159,21 +159,21 @@ class StaticDecoder:
         grouped = self.plain and self.grouped_prefill
         groups = batches(lengths, len(lengths) * self.width, batch_cost(self.model, 1)) if grouped else []
         if len(groups) > 1:
-            logits = self._prefill_groups(input_ids, attention_mask, positions, steerings, groups)
+            logits = self._prefill_groups(input_ids, attention_mask, positions, steerings, groups, lengths)
             self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
         else:
             self.steering.set_rows(steerings, attention_mask)
             logits = self._last_logits(input_ids, attention_mask, positions)
         self._choose(logits)
 
-    def _prefill_groups(self, input_ids, attention_mask, positions, steerings, groups) -> torch.Tensor:
+    def _prefill_groups(self, input_ids, attention_mask, positions, steerings, groups, lengths) -> torch.Tensor:
         """The prompt pass in groups of rows, each group only as wide as its longest prompt and with a cache of its
         own; their keys and values then fill the static cache in one write per layer, right-aligned in the slots
         as the whole left-padded batch would have put them (the slots before are padding, masked)."""
         logits, parts = None, []
         for group in groups:
             index = torch.tensor(group, device=self.device)
-            columns = slice(self.width - max(int(attention_mask[i].sum()) for i in group), self.width)
+            columns = slice(self.width - max(lengths[i] for i in group), self.width)
             mask = attention_mask[index, columns]
             self.steering.set_rows([steerings[i] for i in group], mask)
             output = self.model(input_ids=input_ids[index, columns], attention_mask=mask,

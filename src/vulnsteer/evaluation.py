@@ -207,8 +207,10 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
             cost = batch_cost(lm.model, 1 if score else decoding.max_new_tokens)
             shared = _prefix_shared_rows(jobs, phase, texts) if static is None else []
             rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
+            # Rows that share a prompt's pass pay its padding once per prompt, not once per row.
+            rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
             groups = [([shared[g] for g in group], True)
-                      for group in batches([lengths[i] for i in shared], budget, cost)]
+                      for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
             groups += [([rest[g] for g in group], False)
                        for group in batches([lengths[i] for i in rest], budget, cost)]
             for rows, shared_prefix in groups:
