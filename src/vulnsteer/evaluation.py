@@ -9,8 +9,8 @@ may hold both, and both see exactly the same prompts and decoding.
 
 A sweep asks each prompt under many configs, so work that does not depend on the config is done once per prompt:
 rows steered from the last prompt token on share one pass over the rest of the prompt (its KV cache), and scoring
-rows that steer the whole prompt share the decoder layers below the first steered one. Batches hold as many rows
-as fit in free GPU memory.
+rows that steer the whole prompt share the decoder layers below the first steered one. Batches stay within the
+free GPU memory and group rows by length, as `vulnsteer.batching` plans them.
 """
 
 from __future__ import annotations
