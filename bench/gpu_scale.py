@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from common import run_info, write_report
-from vulnsteer.batching import auto_batch_tokens, batch_cost, batches
+from vulnsteer.batching import auto_batch_tokens, batch_cost, batches, padded_tokens
 from vulnsteer.decoding import StaticDecoder
 from vulnsteer.steering import Steering, steer
 from vulnsteer.vectors import relative_layer
@@ -214,11 +214,6 @@ def agreement(a: dict, b: dict) -> dict:
             "mean_common_prefix_tokens": statistics.mean(prefixes)}
 
 
-def padded(groups, lengths) -> int:
-    """Prompt tokens the batches compute, padding included."""
-    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
-
-
 def run_score(model, groups, tokens, device) -> int:
     rows = 0
     for group in groups:
@@ -313,7 +308,8 @@ def main(argv=None) -> int:
         "weight_bytes": param_bytes, "decode_read_bytes": read_bytes, "prompts": len(lengths),
         "prompt_tokens": sum(lengths), "new_tokens": new_tokens, "batch_tokens": budget,
         "batches": [len(g) for g in groups], "score_batches": [len(g) for g in score_groups],
-        "padded_prompt_tokens": padded(groups, lengths), "score_padded_prompt_tokens": padded(score_groups, lengths),
+        "padded_prompt_tokens": padded_tokens(groups, lengths),
+        "score_padded_prompt_tokens": padded_tokens(score_groups, lengths),
         "steered_layers": layers,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "build_s": round(build_clock.seconds, 1),

@@ -48,7 +48,7 @@ import transformers
 from common import REPO, run_info, write_report
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
 from vulnsteer.decoding import StaticDecoder
-from vulnsteer.batching import batch_cost, batches
+from vulnsteer.batching import batch_cost, batches, padded_tokens
 from vulnsteer.evaluation import ANSWER_PREFIX, Decoding, Job, batch_budget, evaluate, render, yes_no_log_odds
 from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
@@ -592,8 +592,7 @@ def part_f(lm, jobs, args) -> dict:
         aware, fewest = runs["padding_aware"], runs["fewest_batches"]
         out[mode] = {
             "arms": {f"{mode}_{name}": arm_record(runs[name], batches=[len(g) for g in groups],
-                                                  padded_tokens=sum(len(g) * max(lengths[i] for i in g)
-                                                                    for g in groups),
+                                                  padded_tokens=padded_tokens(groups, lengths),
                                                   new_tokens=runs[name]["value"] if mode == "generate" else 0)
                      for name, groups in plans.items()},
             "prompt_tokens": sum(lengths),
@@ -601,10 +600,9 @@ def part_f(lm, jobs, args) -> dict:
             "ratio_cpu_time": statistics.median(fewest["cpu"]) / statistics.median(aware["cpu"]),
         }
         if mode == "score":  # same rows, other batches: the scores agree up to padding's rounding
-            order = [i for g in plans["padding_aware"] for i in g], [i for g in plans["fewest_batches"] for i in g]
-            a = dict(zip(order[0], aware["value"]))
-            b = dict(zip(order[1], fewest["value"]))
-            out[mode]["max_abs_score_difference"] = max(abs(a[i] - b[i]) for i in a)
+            score = {name: dict(zip([i for g in plans[name] for i in g], runs[name]["value"])) for name in plans}
+            out[mode]["max_abs_score_difference"] = max(abs(score["padding_aware"][i] - score["fewest_batches"][i])
+                                                         for i in range(len(jobs)))
     return {"arms": {k: v for res in out.values() for k, v in res["arms"].items()},
             "ratios": {f"{mode}: fewest batches / padding-aware": res["ratio_fewest_over_padding_aware"]
                        for mode, res in out.items()},

@@ -47,6 +47,11 @@ def batch_cost(model, forward_passes: int) -> float:
     return forward_passes * FORWARD_PASS_TOKENS.get(device, FORWARD_PASS_TOKENS["cpu"])
 
 
+def padded_tokens(groups: Sequence[Sequence[int]], lengths: Sequence[int]) -> int:
+    """Prompt tokens a grouping computes, padding included."""
+    return sum(len(group) * max(lengths[i] for i in group) for group in groups)
+
+
 def batches(lengths: Sequence[int], batch_tokens: int, cost: float) -> list[list[int]]:
     """Indices grouped by length (longest first) into batches of at most `batch_tokens` rows x padded width (a
     longer row goes alone) that minimise padded tokens + `cost` per batch: padding is work done on every row,
