@@ -300,7 +300,8 @@ def main(argv=None) -> int:
     budget = args.batch_tokens or auto_batch_tokens(model, new_tokens, min(lengths))
     groups = batches(list(lengths), budget, batch_cost(model, new_tokens))
     # Scoring batches as `evaluate` makes them (one forward pass each: padding weighs more than the batch count).
-    score_groups = batches(list(lengths), auto_batch_tokens(model, 0, min(lengths)), batch_cost(model, 1))
+    score_budget = args.batch_tokens or auto_batch_tokens(model, 0, min(lengths))
+    score_groups = batches(list(lengths), score_budget, batch_cost(model, 1))
     layers = sorted({relative_layer(d, n_layers) for d in DEPTHS})
     steering = random_steering(hidden, layers, args.strength)
     report["workload"] = {

@@ -116,13 +116,11 @@ def _steering_of(rows: Sequence[Job]) -> list[Steering | None] | None:
 
 
 def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn, static: StaticDecoder | None = None):
+    """`fn` of the encoded batch, steered by `steer()` hooks; with `static`, its engine's hooks steer instead and
+    `fn` loads the rows into them."""
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    if static is not None:
-        static.steering.set_rows(steerings or [None] * len(texts), encoded["attention_mask"])
-        context = nullcontext()
-    else:
-        context = steer(lm.model, steerings, encoded["attention_mask"]) if steerings else nullcontext()
-    with torch.inference_mode(), context:
+    hooks = steer(lm.model, steerings, encoded["attention_mask"]) if steerings and static is None else nullcontext()
+    with torch.inference_mode(), hooks:
         return encoded, fn(encoded)
 
 
@@ -251,17 +249,20 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
     try:
         if shared_prefix:
             return _answer_shared_prefix(lm, texts, steerings, score, max_new_tokens)
+        rows = steerings or [None] * len(texts)
         if score:
             def score_batch(enc):
-                with _shared_trunk(lm.model, texts, steerings) if static is None else nullcontext():
+                if static is not None:
+                    static.steering.set_rows(rows, enc["attention_mask"])
+                    return yes_no_log_odds(lm, enc)
+                with _shared_trunk(lm.model, texts, steerings):
                     return yes_no_log_odds(lm, enc)
             encoded, scores = _run_batch(lm, texts, steerings, score_batch, static)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
         else:
             def generate_batch(enc):
                 if static is not None:
-                    return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                           steerings or [None] * len(texts))
+                    return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, rows)
                 return _generate(lm, enc, max_new_tokens)
             encoded, generated = _run_batch(lm, texts, steerings, generate_batch, static)
             replies, scores = _decode(lm, generated), [None] * len(texts)

@@ -14,7 +14,8 @@ Conventions
   ``family`` (a pair plus the augmented copies of its scenario, which are not
   independent evidence), or its ``pair_id`` when it has none, with all of its
   members, so the two halves of a pair never get separated.  Wilson intervals
-  (accuracy, answer rate, pair accuracy) count items or pairs as independent.  Intervals are percentile intervals of the replicates; replicates
+  (accuracy, answer rate, pair accuracy) count items or pairs as independent.
+  Bootstrap intervals are percentile intervals of the replicates; replicates
   where the statistic is undefined (e.g. a resample with no patched item) are
   dropped.
 * A metric that is undefined on the data (no answered items, a class missing,

@@ -96,12 +96,10 @@ class SweepConfig:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
         if self.transfer_strength == 0:
             raise VulnsteerError("config: transfer_strength 0 steers nothing")
-        if self.batch_tokens is not None and (not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
-            raise VulnsteerError(f"config: batch_tokens must be a positive integer, got {self.batch_tokens!r}")
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise VulnsteerError(f"config: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.folds, int) or self.folds < 2:
-            raise VulnsteerError(f"config: folds must be an integer >= 2, got {self.folds!r}")
+        if self.batch_tokens is not None:
+            _check_integer("batch_tokens", self.batch_tokens, 1)
+        _check_integer("max_new_tokens", self.max_new_tokens, 1)
+        _check_integer("folds", self.folds, 2)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -122,6 +120,11 @@ def read_toml(path: Path) -> dict:
         raise VulnsteerError(f"config file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def _check_integer(name: str, value, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise VulnsteerError(f"config: {name} must be an integer >= {least}, got {value!r}")
 
 
 def _check_choice(name: str, values: list, allowed: Sequence[str]) -> None:
