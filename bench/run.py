@@ -303,10 +303,11 @@ def arm_record(rec: dict, **extra) -> dict:
 def part_a(lm, jobs, args) -> dict:
     gen = Decoding(mode="generate", max_new_tokens=args.max_new_tokens)
     score = Decoding(mode="score", max_new_tokens=args.max_new_tokens)
+    ran: dict[str, int] = {}
     arms = {
         "one_at_a_time": lambda: [r for job in jobs for r in evaluate(lm, [job], gen)],
-        "batched_generate": lambda: evaluate(lm, jobs, gen),
-        "score": lambda: evaluate(lm, jobs, score),
+        "batched_generate": lambda: counting_batches(lm, jobs, gen, ran, "batched_generate"),
+        "score": lambda: counting_batches(lm, jobs, score, ran, "score"),
     }
     runs = interleaved(arms, args.repeats)
     one, bat = runs["one_at_a_time"]["value"], runs["batched_generate"]["value"]
@@ -316,9 +317,8 @@ def part_a(lm, jobs, args) -> dict:
         "arms": {
             "one_at_a_time": arm_record(runs["one_at_a_time"], new_tokens=new_tokens(one), calls=len(jobs)),
             "batched_generate": arm_record(runs["batched_generate"], new_tokens=new_tokens(bat),
-                                           batches=n_batches(lm, jobs, gen)),
-            "score": arm_record(runs["score"], new_tokens=0,
-                                batches=n_batches(lm, jobs, score)),
+                                           batches=ran["batched_generate"]),
+            "score": arm_record(runs["score"], new_tokens=0, batches=ran["score"]),
         },
         "identical_responses_one_vs_batched": same,
     }
@@ -353,8 +353,18 @@ def plan(lm, lengths, decoding, cost: float | None = None) -> list[list[int]]:
     return batches(lengths, batch_budget(lm, decoding, lengths, score), cost)
 
 
-def n_batches(lm, jobs, decoding) -> int:
-    return len(plan(lm, prompt_texts(lm, jobs, decoding)[1], decoding))
+def counting_batches(lm, jobs, decoding, into: dict, name: str) -> list:
+    """`evaluate`, recording in `into[name]` how many batches it ran (its progress callback fires once per batch;
+    rows that share a prompt's pass make fewer batches than their count suggests)."""
+    ran = 0
+
+    def count(finished: int) -> None:
+        nonlocal ran
+        ran += 1
+
+    results = evaluate(lm, jobs, decoding, progress=count)
+    into[name] = ran
+    return results
 
 
 def encode(lm, texts, groups) -> list:
@@ -492,7 +502,8 @@ def part_c(lm, jobs, args) -> dict:
             separate_times[k].append(time.perf_counter() - start)
         return results
 
-    runs = interleaved({"per_row_combined": lambda: evaluate(lm, combined_jobs, decoding),
+    ran: dict[str, int] = {}
+    runs = interleaved({"per_row_combined": lambda: counting_batches(lm, combined_jobs, decoding, ran, "combined"),
                         "k_separate_passes": separate}, args.repeats)
     comb, sep = runs["per_row_combined"], runs["k_separate_passes"]
     med_c, med_s = statistics.median(comb["times"]), statistics.median(sep["times"])
@@ -503,7 +514,7 @@ def part_c(lm, jobs, args) -> dict:
         "steered_layers": layers,
         "arms": {
             "per_row_combined": arm_record(comb, new_tokens=new_tokens(comb["value"]),
-                                           batches=n_batches(lm, combined_jobs, decoding)),
+                                           batches=ran["combined"]),
             "k_separate_passes": arm_record(sep, new_tokens=new_tokens(sep["value"])),
         },
         "per_config": [

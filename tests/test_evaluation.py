@@ -15,7 +15,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.batching import batch_cost, batches
 from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, evaluate, render
 from vulnsteer.prompts import Prompt, build_prompt
-from vulnsteer.steering import Steering
+from vulnsteer.steering import Steering, decoder_layers, hidden_of
 
 VERDICTS = {"vulnerable", "not_vulnerable", "unknown"}
 
@@ -383,14 +383,19 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch, one_b
         assert a.score == pytest.approx(b.score, abs=1e-4) and a.prompt_tokens == b.prompt_tokens
 
 
-@pytest.mark.parametrize("mode", ["score", "generate"])
-def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
+SHARED_PREFIX_MODES = [("score", "sdpa"), ("score", "eager"), ("generate", "sdpa")]
+
+
+@pytest.mark.parametrize("mode, attention", SHARED_PREFIX_MODES, ids=["-".join(m) for m in SHARED_PREFIX_MODES])
+def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, attention):
     """Rows of repeated prompts steered from their last token on share one unsteered pass over each prompt (several
     prompts of different lengths in one batch: such a batch pays padding once per prompt, not per row, and is
-    planned so); their answers equal full passes of each job alone."""
+    planned so); their answers equal full passes of each job alone. Scoring, a prompt's rows then run as tokens
+    side by side in one row of the batch, the prompt's cache never copied."""
     import vulnsteer.evaluation as evaluation
 
-    calls = []
+    lm.model.config._attn_implementation = attention
+    calls, shapes = [], []
     real = evaluation._answer_shared_prefix
     monkeypatch.setattr(evaluation, "_answer_shared_prefix",
                         lambda lm_, texts, *a: calls.append(texts) or real(lm_, texts, *a))
@@ -402,9 +407,16 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
                Steering(vector, 3.0, "generated"), Steering(vector, 1.0, "all")]  # "all" takes the ordinary path
     jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in base for c in configs]
     decoding = Decoding(mode, max_new_tokens=8)
-    shared = evaluate(lm, jobs, decoding)
+    layer = decoder_layers(lm.model)[0]
+    handle = layer.register_forward_hook(lambda m, a, out: shapes.append(tuple(hidden_of(out).shape[:2])))
+    try:
+        shared = evaluate(lm, jobs, decoding)
+    finally:
+        handle.remove()
     assert len(calls) == 1 and len(calls[0]) == 12 and len(set(calls[0])) == 3, "one batch, three distinct prompts"
     assert len({len(lm.tokenizer(t)["input_ids"]) for t in calls[0]}) == 3, "the prompts should need padding"
+    if mode == "score":  # the prompts minus their last token, then each prompt's 4 rows as 4 tokens of one row
+        assert shapes[0][0] == 3 and shapes[1] == (3, 4)
     one_by_one = [evaluate(lm, [job], decoding)[0] for job in jobs]  # a single job never shares
     assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in one_by_one]
     if mode == "score":
@@ -414,6 +426,21 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode):
         assert [r.response for r in shared] == [r.response for r in one_by_one]
         assert [r.new_tokens for r in shared] == [r.new_tokens for r in one_by_one]
         assert len({r.response for r in shared[:4]}) > 1, "steering changed no answer"
+
+
+def test_scoring_shares_no_prompt_pass_with_attention_that_takes_no_prepared_mask(lm, monkeypatch):
+    """Side-by-side scoring needs a 4-D mask taken as given; other attention kernels (flash attention) score each
+    row in full, with the same scores."""
+    import vulnsteer.evaluation as evaluation
+
+    vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(4)) * 4}
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
+            for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0)]
+    expected = evaluate(lm, jobs, Decoding("score"))
+    monkeypatch.setattr(evaluation, "takes_additive_masks", lambda model: False)
+    monkeypatch.setattr(evaluation, "_answer_shared_prefix", None)  # calling it would fail
+    assert [r.score for r in evaluate(lm, jobs, Decoding("score"))] == pytest.approx([r.score for r in expected],
+                                                                                  abs=1e-4)
 
 
 def test_automatic_batch_budget_fits_free_memory():

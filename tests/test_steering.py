@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, decoder_layers, steer
+from vulnsteer.steering import Steering, decoder_layers, steer, steer_tokens
 
 PROMPTS = ["int main() { char b[4]; strcpy(b, argv[1]); }", "x = 1", "def f(p): return open(p).read()"]
 
@@ -102,6 +102,37 @@ def test_bad_layer_and_shape_are_refused(lm):
     with pytest.raises(VulnsteerError, match="hidden size"):
         with steer(lm.model, [Steering({1: torch.ones(7)}, 1.0)]):
             pass
+
+
+def test_steer_tokens_adds_each_tokens_own_delta_at_its_layers(lm):
+    """`steer_tokens` steers token by token (row 0: tokens 0 and 2 with different configs, token 1 not; row 1: only
+    its first token): exactly `strength * vector` lands on each chosen token at each of its layers, nothing else
+    moves at the first steered layer; a call of another shape is refused."""
+    vectors = random_vectors(lm, [1, 2])
+    a, b = Steering(vectors, 2.0), Steering({2: vectors[2]}, -1.0)
+    enc = encode(lm, ["abc", "xyz"])
+    outputs = {}  # layer k's output (steered) is what layer k + 1 receives
+    handles = [decoder_layers(lm.model)[k + 1].register_forward_pre_hook(
+        lambda m, args, k=k: outputs.__setitem__(k, args[0].clone())) for k in (1, 2)]
+    try:
+        with torch.inference_mode():
+            lm.model(**enc)
+            plain = dict(outputs)
+            with steer_tokens(lm.model, [[a, None, b], [b]]):
+                lm.model(**enc)
+                steered = dict(outputs)
+                with pytest.raises(VulnsteerError, match="2 rows of 3 tokens"):
+                    lm.model(**encode(lm, ["abcd", "wxyz"]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    moved = steered[1] - plain[1]  # layer 1 is the first steered one: its input is unchanged
+    expected = torch.zeros_like(moved)
+    expected[0, 0] = 2.0 * vectors[1]
+    assert torch.allclose(moved, expected, atol=1e-5)
+    # at layer 2, token (0, 1) moves only through attention to the steered token before it; (1, 0) gets b's push
+    assert torch.allclose(steered[2][1, 0] - plain[2][1, 0], -vectors[2], atol=1e-5)
+    assert all(not layer._forward_hooks for layer in decoder_layers(lm.model))
 
 
 @pytest.mark.parametrize("positions", ["all", "generated", "prompt-last"])

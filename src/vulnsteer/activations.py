@@ -22,7 +22,7 @@ from vulnsteer.batching import batch_cost, batches
 from vulnsteer.evaluation import render
 from vulnsteer.models import LoadedModel, cache_dir
 from vulnsteer.prompts import PromptResources, build_prompt
-from vulnsteer.steering import decoder_layers
+from vulnsteer.steering import decoder_layers, hidden_of
 
 READS = ("prompt-last", "code-mean")
 
@@ -117,8 +117,7 @@ def _forward_read(lm: LoadedModel, texts: list[str], samples: list[Sample], read
     outputs: list[torch.Tensor] = []
 
     def record(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        outputs.append(torch.einsum("bt,bth->bh", weights, hidden.float()).cpu())
+        outputs.append(torch.einsum("bt,bth->bh", weights, hidden_of(output).float()).cpu())
 
     handles = [layer.register_forward_hook(record) for layer in decoder_layers(lm.model)]
     try:

@@ -8,8 +8,9 @@ Baseline and steered rows go through the same code path: a job's steering is jus
 may hold both, and both see exactly the same prompts and decoding.
 
 A sweep asks each prompt under many configs, so work that does not depend on the config is done once per prompt:
-rows steered from the last prompt token on share one pass over the rest of the prompt (its KV cache), and scoring
-rows that steer the whole prompt share the decoder layers below the first steered one. Batches stay within the
+rows steered from the last prompt token on share one pass over the rest of the prompt (its KV cache; scoring, the
+rows then run as tokens side by side on that one cache), and scoring rows that steer the whole prompt share the
+decoder layers below the first steered one. Batches stay within the
 free GPU memory and group rows by length, as `vulnsteer.batching` plans them.
 """
 
@@ -28,7 +29,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
 from vulnsteer.decoding import StaticDecoder, cache_argument, returned_cache
-from vulnsteer.steering import Steering, decoder_layers, steer
+from vulnsteer.steering import Steering, decoder_layers, hidden_of, steer, steer_tokens, with_hidden
 from vulnsteer.verdicts import parse_verdict
 
 Mode = Literal["generate", "score"]
@@ -203,12 +204,20 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
             score = bool(phase) and phase[0] in scoring
             budget = batch_budget(lm, decoding, list(lengths.values()), score)
             cost = batch_cost(lm.model, 1 if score else decoding.max_new_tokens)
-            shared = _prefix_shared_rows(jobs, phase, texts) if static is None else []
+            sharing = static is None and (not score or takes_additive_masks(lm.model))
+            shared = _prefix_shared_rows(jobs, phase, texts) if sharing else []
             rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
-            # Rows that share a prompt's pass pay its padding once per prompt, not once per row.
-            rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
-            groups = [([shared[g] for g in group], True)
-                      for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
+            if score:  # a prompt's rows cost one pass over it plus a token each: plan the prompts
+                by_prompt: dict[str, list[int]] = {}
+                for i in shared:
+                    by_prompt.setdefault(texts[i], []).append(i)
+                prompts = list(by_prompt.values())
+                groups = [([i for g in group for i in prompts[g]], True)
+                          for group in batches([lengths[rows[0]] for rows in prompts], budget, cost)]
+            else:  # each row keeps its own copy of the prompt's cache, but pays its padding once per prompt
+                rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
+                groups = [([shared[g] for g in group], True)
+                          for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
             groups += [([rest[g] for g in group], False)
                        for group in batches([lengths[i] for i in rest], budget, cost)]
             for rows, shared_prefix in groups:
@@ -281,31 +290,63 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
 
 def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int):
     """`_answer` for rows that repeat prompts and are steered from the last prompt token on: each distinct prompt
-    minus its last token runs once, unsteered; its cache is copied to the prompt's rows, which then run the last
-    token (and, generating, every new token) with their own steering, all in one batch."""
+    minus its last token runs once, unsteered. Scoring, the prompt's rows then run as copies of its last token side
+    by side (`_score_side_by_side`); generating, its cache is copied to the prompt's rows, which run the last token
+    and every new token with their own steering, all in one batch."""
     distinct, of_row = _distinct(texts)
     encoded = lm.tokenizer(distinct, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` counts them, padding on the left
     argument = cache_argument(lm.model)
+    of_row = of_row.to(ids.device)
+    prompt_tokens = mask.sum(dim=1)[of_row].tolist()
     with torch.inference_mode():
         prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                           use_cache=True, logits_to_keep=1)  # only its cache is needed
         cache = returned_cache(prefix)
-        of_row = of_row.to(ids.device)
-        cache.batch_select_indices(of_row)
-        ids, mask, positions = ids[of_row], mask[of_row], positions[of_row]
-        with steer(lm.model, steerings, mask) if steerings else nullcontext():
-            if score:
-                logits = lm.model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                                  use_cache=True, **{argument: cache}).logits[:, -1, :]
-                replies, scores, new_tokens = [""] * len(texts), _log_odds(lm.tokenizer, logits), [0] * len(texts)
-            else:
+        if score:
+            logits = _score_side_by_side(lm.model, cache, ids[:, -1], mask, positions[:, -1], of_row, steerings)
+            replies, scores, new_tokens = [""] * len(texts), _log_odds(lm.tokenizer, logits), [0] * len(texts)
+        else:
+            cache.batch_select_indices(of_row)
+            ids, mask = ids[of_row], mask[of_row]
+            with steer(lm.model, steerings, mask) if steerings else nullcontext():
                 generated = _generate(lm, {"input_ids": ids, "attention_mask": mask, argument: cache},
                                       max_new_tokens)
-                replies, scores = _decode(lm, generated), [None] * len(texts)
-                new_tokens = _generated_lengths(generated, _eos_ids(lm))
-    return replies, scores, new_tokens, mask.sum(dim=1).tolist()
+            replies, scores = _decode(lm, generated), [None] * len(texts)
+            new_tokens = _generated_lengths(generated, _eos_ids(lm))
+    return replies, scores, new_tokens, prompt_tokens
+
+
+def takes_additive_masks(model) -> bool:
+    """Whether the model's attention takes a prepared 4-D additive mask as given (eager and SDPA attention)."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def _score_side_by_side(model, cache, last_ids: torch.Tensor, mask: torch.Tensor, last_positions: torch.Tensor,
+                        of_row: torch.Tensor, steerings) -> torch.Tensor:
+    """The last-token logits of every row, for rows that share their prompt's cache (`cache`, the prompts minus
+    their last tokens): each prompt's rows run as copies of its last token side by side in one sequence, at the
+    same position, each seeing the prompt and itself only (a 4-D mask). The prompt's cache is read once for all its
+    rows instead of being copied to each, which a K-config sweep would otherwise do K times."""
+    slot, taken = [], [0] * len(last_ids)
+    for prompt in of_row.tolist():
+        slot.append(taken[prompt])
+        taken[prompt] += 1
+    width = max(taken)
+    grid: list[list[Steering | None]] = [[None] * width for _ in taken]
+    for row, (prompt, k) in enumerate(zip(of_row.tolist(), slot)):
+        steering = steerings[row] if steerings else None
+        grid[prompt][k] = steering if steering and steering.positions != "generated" else None
+    own = torch.eye(width, dtype=torch.bool, device=mask.device).expand(len(taken), -1, -1)
+    visible = torch.cat([mask[:, None, :-1].bool().expand(-1, width, -1), own], dim=-1)
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(~visible, torch.finfo(dtype).min)
+    with steer_tokens(model, grid):
+        logits = model(input_ids=last_ids[:, None].expand(-1, width), attention_mask=additive[:, None],
+                       position_ids=last_positions[:, None].expand(-1, width), use_cache=True,
+                       **{cache_argument(model): cache}).logits
+    return logits[of_row, torch.tensor(slot, device=of_row.device)]
 
 
 def _distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -340,9 +381,8 @@ def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
         return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
 
     def widen_output(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        widened = hidden[of_row.to(hidden.device)]
-        return (widened, *output[1:]) if isinstance(output, tuple) else widened
+        hidden = hidden_of(output)
+        return with_hidden(output, hidden[of_row.to(hidden.device)])
 
     handles = [layer.register_forward_pre_hook(narrow_inputs, with_kwargs=True) for layer in layers[:depth]]
     handles.append(layers[depth - 1].register_forward_hook(widen_output))

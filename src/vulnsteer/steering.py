@@ -134,11 +134,10 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
 
     def add_delta(layer: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden_of(output)
             if hidden.shape[0] != len(rows):
                 raise VulnsteerError(f"steering was set up for {len(rows)} rows but the batch has {hidden.shape[0]}")
-            steered = hidden + deltas[layer].unsqueeze(1) * tracker.masks
-            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+            return with_hidden(output, hidden + deltas[layer].unsqueeze(1) * tracker.masks)
         return hook
 
     handles = [_base_model(model).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
@@ -148,6 +147,44 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def steer_tokens(model, rows: Sequence[Sequence[Steering | None]]) -> Iterator[None]:
+    """Steer one forward call token by token: token t of row b gets `rows[b][t]` at each of its layers, whatever
+    its positions say (the caller decides which tokens a config steers). For `evaluate`'s scoring of a sweep,
+    where each token of a row is one job's last prompt token. Shorter rows leave their last tokens unsteered."""
+    layers = decoder_layers(model)
+    width = max((len(row) for row in rows), default=0)
+    flat = [row[t] if t < len(row) else None for row in rows for t in range(width)]
+    deltas = _layer_deltas(flat, model.config.hidden_size, len(layers))
+    parameter = next(model.parameters())
+    deltas = {k: v.view(len(rows), width, -1).to(parameter.device, parameter.dtype) for k, v in deltas.items()}
+
+    def add_delta(layer: int):
+        def hook(module, args, output):
+            hidden = hidden_of(output)
+            if hidden.shape[:2] != deltas[layer].shape[:2]:
+                raise VulnsteerError(f"steering was set up for {len(rows)} rows of {width} tokens but the batch "
+                                     f"has {hidden.shape[0]} of {hidden.shape[1]}")
+            return with_hidden(output, hidden + deltas[layer])
+        return hook
+
+    handles = [layers[layer].register_forward_hook(add_delta(layer)) for layer in deltas]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_of(output) -> torch.Tensor:
+    """A decoder layer's residual stream output (some architectures return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class SteeringEngine:
@@ -177,11 +214,10 @@ class SteeringEngine:
 
     def _hook(self, index: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden_of(output)
             rows, tokens = hidden.shape[:2]
             mask = self.decode_mask[:rows] if tokens == 1 else self.prefill_mask[:rows]
-            steered = hidden + self.delta[index, :rows].unsqueeze(1) * mask
-            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+            return with_hidden(output, hidden + self.delta[index, :rows].unsqueeze(1) * mask)
         return hook
 
     def set_rows(self, rows: Sequence[Steering | None], attention_mask: torch.Tensor) -> None:
