@@ -329,20 +329,18 @@ def _score_side_by_side(model, cache, last_ids: torch.Tensor, mask: torch.Tensor
     their last tokens): each prompt's rows run as copies of its last token side by side in one sequence, at the
     same position, each seeing the prompt and itself only (a 4-D mask). The prompt's cache is read once for all its
     rows instead of being copied to each, which a K-config sweep would otherwise do K times."""
-    slot, taken = [], [0] * len(last_ids)
-    for prompt in of_row.tolist():
-        slot.append(taken[prompt])
-        taken[prompt] += 1
-    width = max(taken)
-    grid: list[list[Steering | None]] = [[None] * width for _ in taken]
-    for row, (prompt, k) in enumerate(zip(of_row.tolist(), slot)):
+    tokens: list[list[Steering | None]] = [[] for _ in last_ids]  # per prompt, what each of its rows steers
+    slot = []  # each row's place among its prompt's tokens
+    for row, prompt in enumerate(of_row.tolist()):
         steering = steerings[row] if steerings else None
-        grid[prompt][k] = steering if steering and steering.positions != "generated" else None
-    own = torch.eye(width, dtype=torch.bool, device=mask.device).expand(len(taken), -1, -1)
+        slot.append(len(tokens[prompt]))
+        tokens[prompt].append(steering if steering and steering.positions != "generated" else None)
+    width = max(map(len, tokens))
+    own = torch.eye(width, dtype=torch.bool, device=mask.device).expand(len(tokens), -1, -1)
     visible = torch.cat([mask[:, None, :-1].bool().expand(-1, width, -1), own], dim=-1)
     dtype = next(model.parameters()).dtype
     additive = torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(~visible, torch.finfo(dtype).min)
-    with steer_tokens(model, grid):
+    with steer_tokens(model, tokens):
         logits = model(input_ids=last_ids[:, None].expand(-1, width), attention_mask=additive[:, None],
                        position_ids=last_positions[:, None].expand(-1, width), use_cache=True,
                        **{cache_argument(model): cache}).logits
