@@ -9,7 +9,7 @@
     0.75 and the last layer, like the original experiment's [12, 24, 36, 47] of 48), arms interleaved A B A B.
     A micro-benchmark times the hooks alone (the pre-hook plus one layer hook on a decode step's tensors).
 (c) K = 4 steering configs: one `evaluate` call holding the jobs of all K configs (per-row steering) vs K
-    separate `evaluate` passes.
+    separate `evaluate` passes (`--k`, `--sweep-mode`, `--sweep-positions`, `--sweep-cache`).
 (d) peak resident memory (VmHWM, reset before each arm through /proc/self/clear_refs; a psutil sampler where
     that is not possible) of every arm.
 (e) the static decoder (`--cache static`) on the same batches as (b), steered, every row decoding max_new_tokens,
@@ -489,7 +489,7 @@ def part_c(lm, jobs, args) -> dict:
         [args.strength * (i + 1) for i in range(args.k)]
     configs = [random_steering(lm, layers, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
                for i, s in enumerate(strengths)]
-    decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens, cache=args.sweep_cache)
     per_config = [with_steering(jobs, c) for c in configs]
     combined_jobs = [job for group in per_config for job in group]
     separate_times: list[list[float]] = [[] for _ in configs]
@@ -510,6 +510,7 @@ def part_c(lm, jobs, args) -> dict:
     k = len(configs)
     return {
         "k": k, "jobs_per_config": len(jobs), "mode": args.sweep_mode, "positions": args.sweep_positions,
+        "cache": args.sweep_cache,
         "strengths": strengths,
         "steered_layers": layers,
         "arms": {
@@ -695,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-mode", default="generate", choices=("generate", "score"), help="(c): decoding mode")
     p.add_argument("--sweep-positions", default="all", choices=("all", "prompt-last", "prompt", "generated"),
                    help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
+    p.add_argument("--sweep-cache", default="dynamic", choices=("dynamic", "static"), help="(c): KV cache")
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts (d, memory, comes with every arm)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (e.g. bench/results/<name>.json)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",

@@ -11,7 +11,7 @@ from vulnsteer.evaluation import Decoding, evaluate
 from vulnsteer import decoding
 from vulnsteer.decoding import StaticDecoder, packed_decode_attention
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, steer
+from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, hidden_of, steer
 
 
 def steerings(lm, seed):
@@ -39,6 +39,23 @@ def test_engine_matches_the_general_hooks(lm, mode):
     if mode == "score":
         assert [r.score for r in static] == pytest.approx([r.score for r in dynamic], abs=1e-4)
     assert all(not layer._forward_hooks for layer in decoder_layers(lm.model)), "engine hooks left behind"
+
+
+def test_static_sweep_shares_each_prompt_and_answers_as_the_plain_path(lm, monkeypatch):
+    """A generating sweep at the last prompt token through `--cache static`: the decoder runs each repeated prompt
+    once, and the answers equal the plain path's."""
+    vectors = {2: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(6)) * 4}
+    configs = [None, Steering(vectors, 2.0, "prompt-last"), Steering(vectors, -2.0, "prompt-last"),
+               Steering(vectors, 1.0, "generated")]
+    jobs = [type(job)(job.sample, job.prompt_id, job.prompt, c) for job in make_jobs(make_samples(3)) for c in configs]
+    shared = []
+    real = StaticDecoder._prefill_shared
+    monkeypatch.setattr(StaticDecoder, "_prefill_shared",
+                        lambda self, ids, *args: shared.append(len(ids)) or real(self, ids, *args))
+    static = evaluate(lm, jobs, Decoding("generate", max_new_tokens=8, cache="static"))
+    dynamic = evaluate(lm, jobs, Decoding("generate", max_new_tokens=8, cache="dynamic"))
+    assert sum(shared) == len(jobs)
+    assert [r.response for r in static] == [r.response for r in dynamic]
 
 
 def test_engine_grows_for_a_larger_batch_and_adds_nothing_when_unsteered(lm):
@@ -142,8 +159,8 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     grouped = []
     with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id) as decoder:
-        real = decoder._prefill_groups
-        monkeypatch.setattr(decoder, "_prefill_groups",
+        real = decoder._prompt_pass
+        monkeypatch.setattr(decoder, "_prompt_pass",
                             lambda *args, **kwargs: grouped.append(len(args[4])) or real(*args, **kwargs))
         addresses = None
         for seed in (1, 2):
@@ -164,6 +181,40 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
             whole = prompt_cache(decoder, enc["attention_mask"])
     assert len(grouped) == 3
     for a, b in zip(in_groups, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_static_decoder_runs_a_repeated_prompt_once_for_rows_steered_from_its_last_token_on(lm):
+    """A sweep's batch (three prompts, each under configs steered at the last prompt token, at generated tokens or
+    not at all): each prompt minus its last token runs once, its cache fills all its rows (as each row's own prompt
+    pass would have filled it), and every row gets `generate`'s tokens; the buffers keep their addresses."""
+    texts = ["char buf[8]; strcpy(buf, argv[1]);", "x = y;", "int a[4]; a[i] = read_int();"]
+    g = torch.Generator().manual_seed(4)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2)}
+    configs = [None, Steering(vectors, 2.0, "prompt-last"), Steering({2: vectors[2]}, -3.0, "prompt-last"),
+               Steering(vectors, 1.5, "generated")]
+    rows = [config for _ in texts for config in configs][:-1]  # the last prompt has one row fewer
+    enc = lm.tokenizer([t for t in texts for _ in configs][:-1], return_tensors="pt", padding=True,
+                       add_special_tokens=False).to(lm.device)
+    eos = [lm.tokenizer.eos_token_id]
+    seen = []
+    handle = decoder_layers(lm.model)[0].register_forward_hook(lambda m, a, out: seen.append(hidden_of(out).shape[:2]))
+    try:
+        with StaticDecoder(lm.model, eos, lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
+            tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 8, rows)
+            addresses = buffers(decoder)
+            shared = prompt_cache(decoder, enc["attention_mask"])
+            decoder.generate(enc["input_ids"], enc["attention_mask"], 8, rows)
+            assert buffers(decoder) == addresses
+            decoder.shared_prompts = False
+            decoder.generate(enc["input_ids"], enc["attention_mask"], 8, rows)
+            own = prompt_cache(decoder, enc["attention_mask"])
+    finally:
+        handle.remove()
+    assert sum(rows for rows, width in seen[:3] if width > 1) == 3, "each prompt should run once"
+    assert tokens.tolist() == plain_generate(lm, enc, rows, 8, eos).tolist()
+    assert len({tuple(t) for t in tokens.tolist()[:4]}) > 1, "steering changed nothing"
+    for a, b in zip(shared, own):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

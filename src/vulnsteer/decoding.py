@@ -9,6 +9,7 @@ only rewrites the engine's buffers and never re-captures. On CPU the same step r
 The tokens are `generate`'s greedy tokens, the model's repetition penalty included (Qwen2.5-Instruct sets one):
 `tests/test_engine.py` checks them against the plain path.
 
+In a sweep, rows that repeat a prompt and are steered from its last token on run the rest of the prompt once.
 Decode steps attend through `packed_decode_attention`: transformers releases before 5.23 copy every layer's whole
 KV cache once per query head in each masked single-token step (`repeat_kv`), which at the 14B model's scale moves
 more memory per step than its weights.
@@ -28,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vulnsteer.batching import batch_cost, batches
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, SteeringEngine
+from vulnsteer.steering import Steering, SteeringEngine, unsteered_before_last_prompt_token
 
 # Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
 UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
@@ -81,10 +82,12 @@ class StaticDecoder:
     and, on a single GPU, a captured decode step. Buffers, cache and graph are kept while the batch shape repeats."""
 
     def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64, capture: bool = True,
-                 packed_attention: bool = True, grouped_prefill: bool = True):
+                 packed_attention: bool = True, grouped_prefill: bool = True, shared_prompts: bool = True):
         self.model = model
-        # False, for benchmarks: transformers' own decode attention; one prompt pass over the whole padded batch.
+        # False, for benchmarks: transformers' own decode attention; one prompt pass over the whole padded batch;
+        # one prompt pass per row even where rows repeat a prompt.
         self.packed_attention, self.grouped_prefill = packed_attention, grouped_prefill
+        self.shared_prompts = shared_prompts
         self.steering = SteeringEngine(model, max_batch=max_batch)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -145,7 +148,8 @@ class StaticDecoder:
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, steerings) -> None:
         """The prompt through transformers' own masking, and the first new token; resets every buffer in place (a
         captured step keeps reading the same addresses). Rows of very different lengths run in groups of similar
-        length (`_prefill_groups`), so that the prompt pass computes less padding."""
+        length (`_prompt_pass`), so that the prompt pass computes less padding; rows that repeat a prompt and steer
+        nothing before its last token share one pass over the rest of it (`_prefill_shared`)."""
         self.cache.reset()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.valid[:, :self.width].copy_(attention_mask.bool())
@@ -155,25 +159,38 @@ class StaticDecoder:
         self.length.fill_(self.width)
         self.step.zero_()
         self.finished.zero_()
-        lengths = attention_mask.sum(-1).tolist()
-        grouped = self.plain and self.grouped_prefill
-        groups = batches(lengths, len(lengths) * self.width, batch_cost(self.model, 1)) if grouped else []
+        shared = self._shared_prompts(input_ids, attention_mask, steerings) if self.plain else None
+        if shared is not None:
+            self._prefill_shared(input_ids, attention_mask, positions, steerings, *shared)
+            return
+        groups = self._groups(attention_mask)
         if len(groups) > 1:
-            logits = self._prefill_groups(input_ids, attention_mask, positions, steerings, groups, lengths)
+            logits, keys_values = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups)
+            for layer, (keys, values) in zip(self.cache.layers, keys_values):
+                layer.update(keys, values)
             self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
         else:
             self.steering.set_rows(steerings, attention_mask)
             logits = self._last_logits(input_ids, attention_mask, positions)
         self._choose(logits)
 
-    def _prefill_groups(self, input_ids, attention_mask, positions, steerings, groups, lengths) -> torch.Tensor:
+    def _groups(self, attention_mask: torch.Tensor) -> list[list[int]]:
+        """Rows in groups of similar length for the prompt pass (one group: the whole batch at once)."""
+        if not (self.plain and self.grouped_prefill):
+            return [list(range(len(attention_mask)))]
+        lengths = attention_mask.sum(-1).tolist()
+        return batches(lengths, len(lengths) * attention_mask.shape[1], batch_cost(self.model, 1))
+
+    def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups):
         """The prompt pass in groups of rows, each group only as wide as its longest prompt and with a cache of its
-        own; their keys and values then fill the static cache in one write per layer, right-aligned in the slots
-        as the whole left-padded batch would have put them (the slots before are padding, masked)."""
+        own. Returns every row's last logits and, per layer, all rows' keys and values right-aligned in the batch's
+        width, as one left-padded pass would have put them (the slots before are padding, masked)."""
+        width = input_ids.shape[1]
+        lengths = attention_mask.sum(-1).tolist()
         logits, parts = None, []
         for group in groups:
             index = torch.tensor(group, device=self.device)
-            columns = slice(self.width - max(lengths[i] for i in group), self.width)
+            columns = slice(width - max(lengths[i] for i in group), width)
             mask = attention_mask[index, columns]
             self.steering.set_rows([steerings[i] for i in group], mask)
             output = self.model(input_ids=input_ids[index, columns], attention_mask=mask,
@@ -182,15 +199,48 @@ class StaticDecoder:
             logits = last.new_empty(len(steerings), last.shape[-1]) if logits is None else logits
             logits[index] = last
             parts.append((index, columns, returned_cache(output)))
-        for k, layer in enumerate(self.cache.layers):
+        keys_values = []
+        for k in range(len(self.cache.layers)):
             first = parts[0][2].layers[k]
-            keys = first.keys.new_zeros(len(steerings), first.keys.shape[1], self.width, first.keys.shape[3])
-            values = first.values.new_zeros(len(steerings), first.values.shape[1], self.width, first.values.shape[3])
+            keys = first.keys.new_zeros(len(steerings), first.keys.shape[1], width, first.keys.shape[3])
+            values = first.values.new_zeros(len(steerings), first.values.shape[1], width, first.values.shape[3])
             for index, columns, cache in parts:
                 keys[index, :, columns] = cache.layers[k].keys
                 values[index, :, columns] = cache.layers[k].values
-            layer.update(keys, values)
-        return logits
+            keys_values.append((keys, values))
+        return logits, keys_values
+
+    def _shared_prompts(self, input_ids, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:
+        """For a batch whose rows repeat prompts (a sweep's configs) and steer nothing before the last prompt token:
+        the first row of each distinct prompt, and each row's prompt among them. None where nothing can be shared
+        (or a prompt is a single token)."""
+        if not self.shared_prompts or not all(map(unsteered_before_last_prompt_token, steerings)):
+            return None
+        if attention_mask.shape[1] < 2 or not bool(attention_mask[:, -2].all()):
+            return None
+        prompts = [tuple(row) for row in input_ids.masked_fill(attention_mask == 0, -1).tolist()]
+        distinct = {prompt: None for prompt in prompts}
+        if len(distinct) == len(prompts):
+            return None
+        number = {prompt: k for k, prompt in enumerate(distinct)}
+        first = [prompts.index(prompt) for prompt in distinct]
+        return first, torch.tensor([number[p] for p in prompts], device=self.device)
+
+    def _prefill_shared(self, input_ids, attention_mask, positions, steerings, first: list[int], of_row) -> None:
+        """Each distinct prompt minus its last token runs once, unsteered (in groups of similar length); its keys and
+        values fill the cache of every row that asks it; then the last prompt token runs for all rows as a one-token
+        step, steered as the prompt's last token, and gives the first new token."""
+        index = torch.tensor(first, device=self.device)
+        prefix = (input_ids[index, :-1], attention_mask[index, :-1], positions[index, :-1])
+        _, keys_values = self._prompt_pass(*prefix, [None] * len(first), self._groups(prefix[1]))
+        for layer, (keys, values) in zip(self.cache.layers, keys_values):
+            layer.update(keys[of_row], values[of_row])
+        self.steering.set_rows(steerings, attention_mask)
+        self.ids.copy_(input_ids[:, -1:])
+        self.positions.sub_(1)  # the decode step advances it to the last prompt token's position
+        self.length.fill_(self.width - 1)
+        with self.steering.at_last_prompt_token():
+            self._decode_step()
 
     def _last_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,

@@ -29,7 +29,8 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
 from vulnsteer.decoding import StaticDecoder, cache_argument, returned_cache
-from vulnsteer.steering import Steering, decoder_layers, hidden_of, steer, steer_tokens, with_hidden
+from vulnsteer.steering import (Steering, decoder_layers, hidden_of, steer, steer_tokens,
+                                unsteered_before_last_prompt_token, with_hidden)
 from vulnsteer.verdicts import parse_verdict
 
 Mode = Literal["generate", "score"]
@@ -204,7 +205,8 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
             score = bool(phase) and phase[0] in scoring
             budget = batch_budget(lm, decoding, list(lengths.values()), score)
             cost = batch_cost(lm.model, 1 if score else decoding.max_new_tokens)
-            sharing = static is None and (not score or takes_additive_masks(lm.model))
+            # Scoring shares through a 4-D mask, on the plain path; generating, either path shares.
+            sharing = (static is None and takes_additive_masks(lm.model)) if score else True
             shared = _prefix_shared_rows(jobs, phase, texts) if sharing else []
             rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
             if score:  # a prompt's rows cost one pass over it plus a token each: plan the prompts
@@ -243,8 +245,7 @@ def _prefix_shared_rows(jobs: Sequence[Job], rows: list[int], texts: dict) -> li
     """Rows whose prompt repeats (a sweep asks each prompt under many configs) and whose steering starts at the
     last prompt token or later: everything before that token is the same unsteered computation for all of them.
     Returned with each prompt's rows side by side, so that batches keep them together."""
-    eligible = [i for i in rows
-                if jobs[i].steering is None or jobs[i].steering.positions in ("prompt-last", "generated")]
+    eligible = [i for i in rows if unsteered_before_last_prompt_token(jobs[i].steering)]
     counts: dict[str, int] = {}
     for i in eligible:
         counts[texts[i]] = counts.get(texts[i], 0) + 1
@@ -256,7 +257,7 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
     """Replies, scores, new-token and prompt-token counts of one batch. On out-of-memory the batch is split in
     halves and retried, so a batch too large for the device costs time, never results."""
     try:
-        if shared_prefix:
+        if shared_prefix and static is None:  # the static decoder shares repeated prompts by itself
             return _answer_shared_prefix(lm, texts, steerings, score, max_new_tokens)
         rows = steerings or [None] * len(texts)
         if score:

@@ -37,6 +37,11 @@ class Steering:
             raise VulnsteerError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
 
 
+def unsteered_before_last_prompt_token(row: Steering | None) -> bool:
+    """Whether a row leaves its prompt up to the last token alone: rows of one prompt that do can share that pass."""
+    return row is None or row.positions in ("prompt-last", "generated")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks whose outputs form the residual stream (Llama/Qwen/Mistral/GPT-2 style models)."""
     for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -239,6 +244,18 @@ class SteeringEngine:
         by_mode = {"prompt-last": last, "prompt": real, "all": real, "generated": torch.zeros_like(real)}
         prefill = torch.stack([by_mode[m][i] for i, m in enumerate(modes)])
         self.prefill_mask = prefill.unsqueeze(-1).to(self.delta.dtype)
+
+    @contextmanager
+    def at_last_prompt_token(self) -> Iterator[None]:
+        """Steer one-token calls as the prompt's last token rather than as a generated one, for a decoder that runs
+        that token apart from the rest of the prompt."""
+        rows = self.prefill_mask.shape[0]
+        decode = self.decode_mask[:rows].clone()
+        self.decode_mask[:rows].copy_(self.prefill_mask[:, -1:])
+        try:
+            yield
+        finally:
+            self.decode_mask[:rows].copy_(decode)
 
     def close(self) -> None:
         for handle in self.handles:
