@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from test_evaluation import make_jobs, make_samples
-from vulnsteer.evaluation import Decoding, evaluate
+from vulnsteer.evaluation import Decoding, Job, evaluate
+from vulnsteer.prompts import Prompt
 from vulnsteer import decoding
 from vulnsteer.decoding import StaticDecoder, packed_decode_attention
 from vulnsteer.errors import VulnsteerError
@@ -30,15 +31,32 @@ def answers(results):
     return [(r.response, r.score) for r in results]
 
 
-@pytest.mark.parametrize("mode", ["generate", "score"])
-def test_engine_matches_the_general_hooks(lm, mode):
+@pytest.mark.parametrize("mode, turns", [("generate", 1), ("score", 2)])
+def test_engine_matches_the_general_hooks(lm, mode, turns):
+    """The static engine answers as `steer()` hooks do; scoring goes through it after a generated turn (a run that
+    only scores has nothing to decode and takes the plain path)."""
     jobs = mixed_jobs(lm)
+    if turns > 1:
+        jobs = [Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",)), job.steering)
+                for job in jobs]
+    engines = []
+    real = decoding.SteeringEngine.set_rows
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoding.SteeringEngine, "set_rows", lambda self, *a: engines.append(1) or real(self, *a))
+        static = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="static"))
     dynamic = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="dynamic"))
-    static = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="static"))
+    assert engines, "the static engine was not used"
     assert [r.response for r in dynamic] == [r.response for r in static]
     if mode == "score":
         assert [r.score for r in static] == pytest.approx([r.score for r in dynamic], abs=1e-4)
     assert all(not layer._forward_hooks for layer in decoder_layers(lm.model)), "engine hooks left behind"
+
+
+def test_a_run_that_only_scores_builds_no_static_engine(lm, monkeypatch):
+    monkeypatch.setattr(decoding.SteeringEngine, "__init__", None)  # building one would fail
+    jobs = mixed_jobs(lm)
+    static = evaluate(lm, jobs, Decoding("score", cache="static"))
+    assert [r.score for r in static] == [r.score for r in evaluate(lm, jobs, Decoding("score"))]
 
 
 def test_static_sweep_shares_each_prompt_and_answers_as_the_plain_path(lm, monkeypatch):

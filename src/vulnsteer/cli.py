@@ -127,7 +127,8 @@ def eval_command(
         None, "--batch-tokens", min=1, help="At most this many rows x padded prompt width per batch (default: what fits "
         "in free GPU memory; 8192 on CPU); within it, batches of similar lengths that waste little on padding."),
     cache: str = typer.Option("dynamic", "--cache",
-                              help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph on a GPU."),
+                              help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph on a GPU "
+                              "(for generation: a run that only scores ignores it)."),
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
@@ -304,7 +305,8 @@ SWEEP_FLAGS = dict(
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
     max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
-    cache=typer.Option(None, "--cache", help="dynamic or static (decode step as a CUDA graph on a GPU)."),
+    cache=typer.Option(None, "--cache", help="dynamic or static (decode step as a CUDA graph on a GPU; a run "
+                                             "that only scores ignores it)."),
     batch_tokens=typer.Option(None, "--batch-tokens", min=1,
                               help="At most this many rows x padded prompt width per batch (default: what fits; "
                                    "8192 on CPU)."),

@@ -182,8 +182,11 @@ def evaluate(
         raise VulnsteerError(f"unknown cache {decoding.cache!r}; use dynamic or static")
     if decoding.batch_tokens is not None and decoding.batch_tokens < 1:
         raise VulnsteerError(f"--batch-tokens must be at least 1, got {decoding.batch_tokens}")
+    # The static cache serves generation: a run that only scores (one turn) takes the plain path, which shares
+    # more of a sweep's work.
+    generates = decoding.mode == "generate" or any(job.prompt.followups for job in jobs)
     static = (StaticDecoder(lm.model, _eos_ids(lm), lm.tokenizer.pad_token_id, max_batch=min(len(jobs), 64))
-              if decoding.cache == "static" else None)
+              if decoding.cache == "static" and generates else None)
     try:
         return _evaluate(lm, jobs, decoding, progress, on_result, static)
     finally:
