@@ -444,6 +444,27 @@ def test_scoring_shares_no_prompt_pass_with_attention_that_takes_no_prepared_mas
                                                                                   abs=1e-4)
 
 
+def test_scoring_a_sliding_window_model_shares_no_prompt_pass():
+    """A prepared 4-D mask would bypass a sliding window: such models score a sweep's rows in full passes, with each
+    job's own scores (the prompts here are longer than the window)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vulnsteer.models import prepare
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                         max_window_layers=0)
+    lm = prepare(Qwen2ForCausalLM(config).float().eval(), tokenizer, "tiny-window", "cpu")
+    vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)) * 4}
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
+            for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0)]
+    together = evaluate(lm, jobs, Decoding("score"))
+    alone = [evaluate(lm, [job], Decoding("score"))[0] for job in jobs]
+    assert [r.score for r in together] == pytest.approx([r.score for r in alone], abs=1e-4)
+
+
 def test_automatic_batch_budget_fits_free_memory():
     """On a GPU the budget comes from free memory: Qwen2.5-14B's KV cache on an H200 holds all 48 hand-crafted
     files in one batch (one read of the weights per decode step); less memory or more new tokens, fewer rows."""

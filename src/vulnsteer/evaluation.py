@@ -323,8 +323,15 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
 
 
 def takes_additive_masks(model) -> bool:
-    """Whether the model's attention takes a prepared 4-D additive mask as given (eager and SDPA attention)."""
-    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+    """Whether the model's attention takes a prepared 4-D additive mask as given (eager and SDPA attention) with
+    nothing else to apply: a sliding window would be bypassed by such a mask."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        windowed = any(kind != "full_attention" for kind in layer_types)
+    else:
+        windowed = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa") and not windowed
 
 
 def _score_side_by_side(model, cache, last_ids: torch.Tensor, mask: torch.Tensor, last_positions: torch.Tensor,
