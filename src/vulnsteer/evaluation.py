@@ -212,19 +212,20 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
             sharing = (static is None and takes_additive_masks(lm.model)) if score else True
             shared = _prefix_shared_rows(jobs, phase, texts) if sharing else []
             rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
+            # Rows that pay a full pass first: a progress bar's rate then errs slow rather than many times fast.
+            groups = [([rest[g] for g in group], False)
+                      for group in batches([lengths[i] for i in rest], budget, cost)]
             if score:  # a prompt's rows cost one pass over it plus a token each: plan the prompts
                 by_prompt: dict[str, list[int]] = {}
                 for i in shared:
                     by_prompt.setdefault(texts[i], []).append(i)
                 prompts = list(by_prompt.values())
-                groups = [([i for g in group for i in prompts[g]], True)
-                          for group in batches([lengths[rows[0]] for rows in prompts], budget, cost)]
+                groups += [([i for g in group for i in prompts[g]], True)
+                           for group in batches([lengths[rows[0]] for rows in prompts], budget, cost)]
             else:  # each row keeps its own copy of the prompt's cache, but pays its padding once per prompt
                 rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
-                groups = [([shared[g] for g in group], True)
-                          for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
-            groups += [([rest[g] for g in group], False)
-                       for group in batches([lengths[i] for i in rest], budget, cost)]
+                groups += [([shared[g] for g in group], True)
+                           for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
             for rows, shared_prefix in groups:
                 start = time.perf_counter()
                 replies, scores, new_tokens, prompt_tokens = _answer(
