@@ -465,6 +465,18 @@ def test_scoring_a_sliding_window_model_shares_no_prompt_pass():
     assert [r.score for r in together] == pytest.approx([r.score for r in alone], abs=1e-4)
 
 
+def test_cheap_and_full_batches_run_at_the_same_pace():
+    """A sweep's rows that share a prompt's pass are cheap: they are spread among the full ones by rows (each list
+    in its order), so that a progress bar's rate holds from the start rather than racing through them first."""
+    from vulnsteer.evaluation import _at_the_same_pace
+
+    cheap = [(list(range(k * 10, k * 10 + 10)), True) for k in range(4)]
+    full = [([100 + k], False) for k in range(2)]
+    merged = _at_the_same_pace(cheap, full)
+    assert merged == [cheap[0], full[0], cheap[1], cheap[2], full[1], cheap[3]]
+    assert _at_the_same_pace([], full) == full and _at_the_same_pace(cheap, []) == cheap
+
+
 def test_automatic_batch_budget_fits_free_memory():
     """On a GPU the budget comes from free memory: Qwen2.5-14B's KV cache on an H200 holds all 48 hand-crafted
     files in one batch (one read of the weights per decode step); less memory or more new tokens, fewer rows."""

@@ -212,20 +212,19 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
             sharing = (static is None and takes_additive_masks(lm.model)) if score else True
             shared = _prefix_shared_rows(jobs, phase, texts) if sharing else []
             rest = sorted(set(phase) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
-            # Rows that pay a full pass first: a progress bar's rate then errs slow rather than many times fast.
-            groups = [([rest[g] for g in group], False)
-                      for group in batches([lengths[i] for i in rest], budget, cost)]
             if score:  # a prompt's rows cost one pass over it plus a token each: plan the prompts
                 by_prompt: dict[str, list[int]] = {}
                 for i in shared:
                     by_prompt.setdefault(texts[i], []).append(i)
                 prompts = list(by_prompt.values())
-                groups += [([i for g in group for i in prompts[g]], True)
-                           for group in batches([lengths[rows[0]] for rows in prompts], budget, cost)]
+                sharing_groups = [[i for g in group for i in prompts[g]]
+                                  for group in batches([lengths[rows[0]] for rows in prompts], budget, cost)]
             else:  # each row keeps its own copy of the prompt's cache, but pays its padding once per prompt
                 rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
-                groups += [([shared[g] for g in group], True)
-                           for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
+                sharing_groups = [[shared[g] for g in group]
+                                  for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
+            full_groups = [[rest[g] for g in group] for group in batches([lengths[i] for i in rest], budget, cost)]
+            groups = _at_the_same_pace([(g, True) for g in sharing_groups], [(g, False) for g in full_groups])
             for rows, shared_prefix in groups:
                 start = time.perf_counter()
                 replies, scores, new_tokens, prompt_tokens = _answer(
@@ -243,6 +242,18 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
                 if progress:
                     progress(sum(1 for i in rows if i in last_turn))
     return results  # type: ignore[return-value]
+
+
+def _at_the_same_pace(first: list[tuple[list[int], bool]], second: list[tuple[list[int], bool]]) -> list:
+    """Both lists of batches in their order, merged so that each list's rows run at the same pace: rows that share a
+    prompt's pass cost a fraction of full ones, and a progress bar's rate (and ETA) should hold from the start."""
+    def paced(batches_):
+        total, done, keyed = sum(len(rows) for rows, _ in batches_), 0, []
+        for batch in batches_:
+            keyed.append((done / total, batch))
+            done += len(batch[0])
+        return keyed
+    return [batch for _, batch in sorted(paced(first) + paced(second), key=lambda pair: pair[0])]
 
 
 def _prefix_shared_rows(jobs: Sequence[Job], rows: list[int], texts: dict) -> list[int]:
