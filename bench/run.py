@@ -1,4 +1,4 @@
-"""CPU benchmark of vulnsteer's evaluation engine: one entry point, six measurements.
+"""CPU benchmark of vulnsteer's evaluation engine: one entry point, seven measurements.
 
 (a) `one`: the original experiment's way (one sample per `generate` call, no batching), `batched`: one
     `evaluate` call in generate mode (length-grouped batches), `score`: one `evaluate` call in score mode
@@ -18,6 +18,9 @@
     prompt pass over the whole padded batch instead of groups of similar length; arms interleaved A B C A B C.
 (f) length bucketing: the batches `evaluate` makes (padded tokens + a cost per batch, minimised) vs the fewest
     batches the same budget allows, for the score pass and for generation (every row decoding max_new_tokens).
+(g) the plain path (`--cache dynamic`) generating, steered at 4 layers at every position: its prompt pass in groups
+    of similar length up to the last prompt token vs one pass over the whole padded batch (as before), same
+    batches, arms interleaved A B A B.
 
 Usage (from the repository root):
     python bench/run.py --model smollm2-135m-instruct --limit 16 --max-new-tokens 64 --repeats 3 \
@@ -32,6 +35,7 @@ import vulnsteer  # noqa: F401  (must stay above every torch import)
 
 import argparse
 from contextlib import nullcontext
+from unittest import mock
 import gc
 import os
 import platform
@@ -45,6 +49,7 @@ from pathlib import Path
 import torch
 import transformers
 
+import vulnsteer.evaluation as evaluation
 from common import REPO, run_info, write_report
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
 from vulnsteer.decoding import StaticDecoder
@@ -58,7 +63,7 @@ from vulnsteer.vectors import relative_layer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
 DEPTHS = (0.25, 0.5, 0.75, 1.0)  # 1.0 -> the last layer
-PARTS = ("a", "b", "c", "d", "e", "f")
+PARTS = ("a", "b", "c", "d", "e", "f", "g")
 
 
 # --- machine and memory ---------------------------------------------------------------------------
@@ -623,6 +628,33 @@ def part_f(lm, jobs, args) -> dict:
             "modes": out}
 
 
+# --- (g) the plain path's prompt pass in length groups ---------------------------------------------
+
+
+def part_g(lm, jobs, args) -> dict:
+    steered = with_steering(jobs, random_steering(lm, steering_layers(lm.num_layers), args.strength, label="g"))
+    decoding = Decoding(mode="generate", max_new_tokens=args.max_new_tokens)
+
+    def whole_batch(model, attention_mask):
+        return [list(range(len(attention_mask)))]
+
+    def run(grouped: bool):
+        with nullcontext() if grouped else mock.patch.object(evaluation, "length_groups", whole_batch):
+            return evaluate(lm, steered, decoding)
+
+    runs = interleaved({"prompt_in_groups": lambda: run(True), "whole_padded_prompt": lambda: run(False)},
+                       args.repeats)
+    grouped, whole = runs["prompt_in_groups"], runs["whole_padded_prompt"]
+    return {
+        "arms": {name: arm_record(runs[name], new_tokens=new_tokens(runs[name]["value"])) for name in runs},
+        "identical_responses": sum(a.response == b.response for a, b in zip(grouped["value"], whole["value"])),
+        "ratios": {"whole padded prompt / in groups": statistics.median(whole["times"]) /
+                   statistics.median(grouped["times"])},
+        "ratios_cpu_time": {"whole padded prompt / in groups": statistics.median(whole["cpu"]) /
+                            statistics.median(grouped["cpu"])},
+    }
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 
@@ -734,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate(lm, warm, Decoding(mode="generate", max_new_tokens=4))
     evaluate(lm, warm, Decoding(mode="score"))
 
-    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e), ("f", part_f)):
+    for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e), ("f", part_f), ("g", part_g)):
         if part in only:
             start = time.perf_counter()
             print(f"part ({part}) ...", file=sys.stderr, flush=True)

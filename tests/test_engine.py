@@ -202,6 +202,28 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_plain_path_runs_the_prompts_in_groups_with_generates_tokens(lm, monkeypatch):
+    """The plain (dynamic-cache) path: long and short prompts run up to their last token in groups of similar
+    length, and every row gets `generate`'s tokens over the whole padded batch, for every kind of steered position."""
+    from vulnsteer import evaluation
+
+    texts = ["char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2, "ok;", "x = y;",
+             "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];", "z = 0;"]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    grouped = []
+    real = evaluation.grouped_prompt_pass
+    monkeypatch.setattr(evaluation, "grouped_prompt_pass", lambda *args: grouped.append(len(args[4])) or real(*args))
+    eos = [lm.tokenizer.eos_token_id]
+    monkeypatch.setattr(evaluation, "_eos_ids", lambda lm_: eos)
+    for seed in (1, 2):
+        rows = steerings(lm, seed)
+        with torch.inference_mode():
+            tokens = evaluation._generate_steered(lm, enc, rows, 8)
+        assert tokens.tolist() == plain_generate(lm, enc, rows, 8, eos).tolist()
+    assert grouped and min(grouped) > 1, "the prompt pass should have run in groups"
+    assert all(not layer._forward_hooks for layer in decoder_layers(lm.model))
+
+
 def test_static_decoder_runs_a_repeated_prompt_once_for_rows_steered_from_its_last_token_on(lm):
     """A sweep's batch (three prompts, each under configs steered at the last prompt token, at generated tokens or
     not at all): each prompt minus its last token runs once, its cache fills all its rows (as each row's own prompt

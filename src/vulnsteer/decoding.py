@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from transformers import AttentionInterface, StaticCache
@@ -178,37 +178,14 @@ class StaticDecoder:
         """Rows in groups of similar length for the prompt pass (one group: the whole batch at once)."""
         if not (self.plain and self.grouped_prefill):
             return [list(range(len(attention_mask)))]
-        lengths = attention_mask.sum(-1).tolist()
-        return batches(lengths, len(lengths) * attention_mask.shape[1], batch_cost(self.model, 1))
+        return length_groups(self.model, attention_mask)
 
     def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups):
-        """The prompt pass in groups of rows, each group only as wide as its longest prompt and with a cache of its
-        own. Returns every row's last logits and, per layer, all rows' keys and values right-aligned in the batch's
-        width, as one left-padded pass would have put them (the slots before are padding, masked)."""
-        width = input_ids.shape[1]
-        lengths = attention_mask.sum(-1).tolist()
-        logits, parts = None, []
-        for group in groups:
-            index = torch.tensor(group, device=self.device)
-            columns = slice(width - max(lengths[i] for i in group), width)
-            mask = attention_mask[index, columns]
+        """`grouped_prompt_pass`, each group steered through the engine."""
+        def steered(group: list[int], mask: torch.Tensor):
             self.steering.set_rows([steerings[i] for i in group], mask)
-            output = self.model(input_ids=input_ids[index, columns], attention_mask=mask,
-                                position_ids=positions[index, columns], use_cache=True, logits_to_keep=1)
-            last = output.logits[:, -1]
-            logits = last.new_empty(len(steerings), last.shape[-1]) if logits is None else logits
-            logits[index] = last
-            parts.append((index, columns, returned_cache(output)))
-        keys_values = []
-        for k in range(len(self.cache.layers)):
-            first = parts[0][2].layers[k]
-            keys = first.keys.new_zeros(len(steerings), first.keys.shape[1], width, first.keys.shape[3])
-            values = first.values.new_zeros(len(steerings), first.values.shape[1], width, first.values.shape[3])
-            for index, columns, cache in parts:
-                keys[index, :, columns] = cache.layers[k].keys
-                values[index, :, columns] = cache.layers[k].values
-            keys_values.append((keys, values))
-        return logits, keys_values
+            return nullcontext()
+        return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered)
 
     def _shared_prompts(self, input_ids, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:
         """For a batch whose rows repeat prompts (a sweep's configs) and steer nothing before the last prompt token:
@@ -309,6 +286,58 @@ class StaticDecoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sliding_window(model) -> bool:
+    """Whether some layer attends through a sliding window: a prepared mask would bypass it, and its cache keeps
+    only the window, so caches of different widths do not line up."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any(kind != "full_attention" for kind in layer_types)
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+
+
+def length_groups(model, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Rows of a left-padded batch in groups of similar length for one prompt pass, planned like scoring batches
+    (padding against the fixed work of one more pass); one group for models with a sliding window, or where a row
+    is all padding (a prompt cut before its only token)."""
+    lengths = attention_mask.sum(-1).tolist()
+    if sliding_window(model) or min(lengths, default=0) == 0:
+        return [list(range(len(lengths)))]
+    return batches(lengths, len(lengths) * attention_mask.shape[1], batch_cost(model, 1))
+
+
+def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: list[list[int]],
+                        steered: Callable[[list[int], torch.Tensor], ContextManager]):
+    """One prompt pass over a left-padded batch in groups of rows, each group only as wide as its longest prompt,
+    with a cache of its own, and steered by `steered(group, its mask)`. Returns every row's last logits and, per
+    layer, all rows' keys and values right-aligned in the batch's width, as one pass over the whole batch would
+    have put them (the slots before are padding, masked)."""
+    width = input_ids.shape[1]
+    lengths = attention_mask.sum(-1).tolist()
+    logits, parts = None, []
+    for group in groups:
+        index = torch.tensor(group, device=input_ids.device)
+        columns = slice(width - max(lengths[i] for i in group), width)
+        mask = attention_mask[index, columns]
+        with steered(group, mask):
+            output = model(input_ids=input_ids[index, columns], attention_mask=mask,
+                           position_ids=positions[index, columns], use_cache=True, logits_to_keep=1)
+        last = output.logits[:, -1]
+        logits = last.new_empty(len(input_ids), last.shape[-1]) if logits is None else logits
+        logits[index] = last
+        parts.append((index, columns, returned_cache(output)))
+    keys_values = []
+    for k in range(len(parts[0][2].layers)):
+        first = parts[0][2].layers[k]
+        keys = first.keys.new_zeros(len(input_ids), first.keys.shape[1], width, first.keys.shape[3])
+        values = first.values.new_zeros(len(input_ids), first.values.shape[1], width, first.values.shape[3])
+        for index, columns, cache in parts:
+            keys[index, :, columns] = cache.layers[k].keys
+            values[index, :, columns] = cache.layers[k].values
+        keys_values.append((keys, values))
+    return logits, keys_values
 
 
 def cache_argument(model) -> str:

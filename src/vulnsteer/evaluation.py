@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from vulnsteer.batching import auto_batch_tokens, batch_cost, batches
 from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.decoding import StaticDecoder, cache_argument, returned_cache
+from vulnsteer.decoding import (StaticDecoder, cache_argument, grouped_prompt_pass, length_groups,
+                                sliding_window)
 from vulnsteer.steering import (Steering, decoder_layers, hidden_of, steer, steer_tokens,
                                 unsteered_before_last_prompt_token, with_hidden)
 from vulnsteer.verdicts import parse_verdict
@@ -288,8 +290,8 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
             def generate_batch(enc):
                 if static is not None:
                     return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, rows)
-                return _generate(lm, enc, max_new_tokens)
-            encoded, generated = _run_batch(lm, texts, steerings, generate_batch, static)
+                return _generate_steered(lm, enc, steerings, max_new_tokens)
+            encoded, generated = _run_batch(lm, texts, None, generate_batch, static)  # it steers by itself
             replies, scores = _decode(lm, generated), [None] * len(texts)
             new_tokens = _generated_lengths(generated, _eos_ids(lm))
     except torch.cuda.OutOfMemoryError:
@@ -302,6 +304,38 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
                          shared_prefix)
         return tuple(a + b for a, b in zip(first, second))
     return replies, scores, new_tokens, encoded["attention_mask"].sum(dim=1).tolist()
+
+
+def _generate_steered(lm: LoadedModel, encoded, steerings, max_new_tokens: int) -> torch.Tensor:
+    """`_generate` under `steer()` hooks; prompts of very different lengths first run in groups of similar length
+    up to their last token (`_prompt_cache`), so that the prompt pass computes less padding."""
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    hooks = steer(lm.model, steerings, mask) if steerings else nullcontext()
+    groups = length_groups(lm.model, mask[:, :-1]) if ids.shape[1] > 1 else []
+    if len(groups) < 2:
+        with hooks:
+            return _generate(lm, encoded, max_new_tokens)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Only rows steered before their last prompt token are steered in that pass (prompt-last is the next call).
+    before_last = [None if unsteered_before_last_prompt_token(row) else row for row in steerings or [None] * len(ids)]
+    cache = _prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], before_last, groups)
+    with hooks:
+        return _generate(lm, {"input_ids": ids, "attention_mask": mask, cache_argument(lm.model): cache},
+                         max_new_tokens)
+
+
+def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]]) -> DynamicCache:
+    """The KV cache of a left-padded batch of prompts, computed in groups of similar length (`grouped_prompt_pass`),
+    row i steered by `steerings[i]` (None: not at all)."""
+    def steered(group: list[int], group_mask: torch.Tensor):
+        rows = [steerings[i] for i in group]
+        return steer(model, rows, group_mask) if any(rows) else nullcontext()
+
+    _, keys_values = grouped_prompt_pass(model, ids, mask, positions, groups, steered)
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(keys_values):
+        cache.update(keys, values, layer)
+    return cache
 
 
 def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int):
@@ -317,9 +351,8 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     of_row = of_row.to(ids.device)
     prompt_tokens = mask.sum(dim=1)[of_row].tolist()
     with torch.inference_mode():
-        prefix = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                          use_cache=True, logits_to_keep=1)  # only its cache is needed
-        cache = returned_cache(prefix)
+        cache = _prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], [None] * len(distinct),
+                              length_groups(lm.model, mask[:, :-1]))
         if score:
             logits = _score_side_by_side(lm.model, cache, ids[:, -1], mask, positions[:, -1], of_row, steerings)
             replies, scores, new_tokens = [""] * len(texts), _log_odds(lm.tokenizer, logits), [0] * len(texts)
@@ -336,14 +369,8 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
 
 def takes_additive_masks(model) -> bool:
     """Whether the model's attention takes a prepared 4-D additive mask as given (eager and SDPA attention) with
-    nothing else to apply: a sliding window would be bypassed by such a mask."""
-    config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        windowed = any(kind != "full_attention" for kind in layer_types)
-    else:
-        windowed = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
-    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa") and not windowed
+    nothing else to apply (a sliding window would be bypassed by such a mask)."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa") and not sliding_window(model)
 
 
 def _score_side_by_side(model, cache, last_ids: torch.Tensor, mask: torch.Tensor, last_positions: torch.Tensor,
