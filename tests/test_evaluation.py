@@ -444,9 +444,11 @@ def test_scoring_shares_no_prompt_pass_with_attention_that_takes_no_prepared_mas
                                                                                   abs=1e-4)
 
 
-def test_scoring_a_sliding_window_model_shares_no_prompt_pass():
-    """A prepared 4-D mask would bypass a sliding window: such models score a sweep's rows in full passes, with each
-    job's own scores (the prompts here are longer than the window)."""
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_a_sliding_window_model_answers_a_sweep_as_each_job_alone(mode):
+    """A prepared 4-D mask would bypass a sliding window, and such a cache keeps only the window: scoring, these
+    models run a sweep's rows in full passes; generating, they share each prompt's pass in the model's own cache.
+    Either way, each job's own answers (the prompts here are longer than the window)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from vulnsteer.models import prepare
@@ -460,9 +462,13 @@ def test_scoring_a_sliding_window_model_shares_no_prompt_pass():
     vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)) * 4}
     jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
             for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0)]
-    together = evaluate(lm, jobs, Decoding("score"))
-    alone = [evaluate(lm, [job], Decoding("score"))[0] for job in jobs]
-    assert [r.score for r in together] == pytest.approx([r.score for r in alone], abs=1e-4)
+    decoding = Decoding(mode, max_new_tokens=6)
+    together = evaluate(lm, jobs, decoding)
+    alone = [evaluate(lm, [job], decoding)[0] for job in jobs]
+    if mode == "score":
+        assert [r.score for r in together] == pytest.approx([r.score for r in alone], abs=1e-4)
+    else:
+        assert [r.response for r in together] == [r.response for r in alone]
 
 
 def test_cheap_and_full_batches_run_at_the_same_pace():

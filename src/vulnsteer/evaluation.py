@@ -29,7 +29,7 @@ from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.decoding import (StaticDecoder, cache_argument, grouped_prompt_pass, length_groups,
+from vulnsteer.decoding import (StaticDecoder, cache_argument, grouped_prompt_pass, length_groups, returned_cache,
                                 sliding_window)
 from vulnsteer.steering import (Steering, decoder_layers, hidden_of, steer, steer_tokens,
                                 unsteered_before_last_prompt_token, with_hidden)
@@ -324,13 +324,17 @@ def _generate_steered(lm: LoadedModel, encoded, steerings, max_new_tokens: int) 
                          max_new_tokens)
 
 
-def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]]) -> DynamicCache:
+def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]]):
     """The KV cache of a left-padded batch of prompts, computed in groups of similar length (`grouped_prompt_pass`),
     row i steered by `steerings[i]` (None: not at all)."""
     def steered(group: list[int], group_mask: torch.Tensor):
         rows = [steerings[i] for i in group]
         return steer(model, rows, group_mask) if any(rows) else nullcontext()
 
+    if len(groups) == 1:  # the model's own cache, which may keep only a sliding window
+        with steered(groups[0], mask):
+            return returned_cache(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                        logits_to_keep=1))
     _, keys_values = grouped_prompt_pass(model, ids, mask, positions, groups, steered)
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(keys_values):
