@@ -368,12 +368,12 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch, one_b
     expected = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
     real_run_batch, tried, ran = evaluation._run_batch, [], []
 
-    def small_device(lm_, texts, steerings, fn, engine=None):
+    def small_device(lm_, texts, fn):
         tried.append(len(texts))
         if len(texts) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         ran.append(len(texts))
-        return real_run_batch(lm_, texts, steerings, fn, engine)
+        return real_run_batch(lm_, texts, fn)
 
     monkeypatch.setattr(evaluation, "_run_batch", small_device)
     results = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))

@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Sequence
 
 import torch
-from transformers import AttentionInterface, StaticCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -165,9 +165,9 @@ class StaticDecoder:
             return
         groups = self._groups(attention_mask)
         if len(groups) > 1:
-            logits, keys_values = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups)
-            for layer, (keys, values) in zip(self.cache.layers, keys_values):
-                layer.update(keys, values)
+            logits, cache = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups)
+            for layer, part in zip(self.cache.layers, cache.layers):
+                layer.update(part.keys, part.values)
             self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
         else:
             self.steering.set_rows(steerings, attention_mask)
@@ -209,9 +209,9 @@ class StaticDecoder:
         step, steered as the prompt's last token, and gives the first new token."""
         index = torch.tensor(first, device=self.device)
         prefix = (input_ids[index, :-1], attention_mask[index, :-1], positions[index, :-1])
-        _, keys_values = self._prompt_pass(*prefix, [None] * len(first), self._groups(prefix[1]))
-        for layer, (keys, values) in zip(self.cache.layers, keys_values):
-            layer.update(keys[of_row], values[of_row])
+        _, cache = self._prompt_pass(*prefix, [None] * len(first), self._groups(prefix[1]))
+        for layer, part in zip(self.cache.layers, cache.layers):
+            layer.update(part.keys[of_row], part.values[of_row])
         self.steering.set_rows(steerings, attention_mask)
         self.ids.copy_(input_ids[:, -1:])
         self.positions.sub_(1)  # the decode step advances it to the last prompt token's position
@@ -311,9 +311,12 @@ def length_groups(model, attention_mask: torch.Tensor) -> list[list[int]]:
 def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: list[list[int]],
                         steered: Callable[[list[int], torch.Tensor], ContextManager]):
     """One prompt pass over a left-padded batch in groups of rows, each group only as wide as its longest prompt,
-    with a cache of its own, and steered by `steered(group, its mask)`. Returns every row's last logits and, per
-    layer, all rows' keys and values right-aligned in the batch's width, as one pass over the whole batch would
-    have put them (the slots before are padding, masked)."""
+    with a cache of its own, and steered by `steered(group, its mask)`. Returns every row's last logits and the
+    batch's KV cache: with one group, the model's own (which may keep only a sliding window); otherwise all rows'
+    keys and values right-aligned in the batch's width, as one pass over the whole batch would have put them (the
+    slots before are padding, masked)."""
+    if len(groups) == 1:
+        groups = [list(range(len(input_ids)))]  # in batch order, so that the model's cache is the batch's
     width = input_ids.shape[1]
     lengths = attention_mask.sum(-1).tolist()
     logits, parts = None, []
@@ -328,16 +331,17 @@ def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: lis
         logits = last.new_empty(len(input_ids), last.shape[-1]) if logits is None else logits
         logits[index] = last
         parts.append((index, columns, returned_cache(output)))
-    keys_values = []
-    for k in range(len(parts[0][2].layers)):
-        first = parts[0][2].layers[k]
+    if len(parts) == 1:
+        return logits, parts[0][2]
+    merged = DynamicCache()
+    for k, first in enumerate(parts[0][2].layers):
         keys = first.keys.new_zeros(len(input_ids), first.keys.shape[1], width, first.keys.shape[3])
         values = first.values.new_zeros(len(input_ids), first.values.shape[1], width, first.values.shape[3])
         for index, columns, cache in parts:
             keys[index, :, columns] = cache.layers[k].keys
             values[index, :, columns] = cache.layers[k].values
-        keys_values.append((keys, values))
-    return logits, keys_values
+        merged.update(keys, values, k)
+    return logits, merged
 
 
 def cache_argument(model) -> str:

@@ -22,15 +22,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from vulnsteer.batching import auto_batch_tokens, batch_cost, batches
 from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.decoding import (StaticDecoder, cache_argument, grouped_prompt_pass, length_groups, returned_cache,
-                                sliding_window)
+from vulnsteer.decoding import StaticDecoder, cache_argument, grouped_prompt_pass, length_groups, sliding_window
 from vulnsteer.steering import (Steering, decoder_layers, hidden_of, steer, steer_tokens,
                                 unsteered_before_last_prompt_token, with_hidden)
 from vulnsteer.verdicts import parse_verdict
@@ -119,12 +117,10 @@ def _steering_of(rows: Sequence[Job]) -> list[Steering | None] | None:
     return steerings if any(steerings) else None
 
 
-def _run_batch(lm: LoadedModel, texts: list[str], steerings, fn, static: StaticDecoder | None = None):
-    """`fn` of the encoded batch, steered by `steer()` hooks; with `static`, its engine's hooks steer instead and
-    `fn` loads the rows into them."""
+def _run_batch(lm: LoadedModel, texts: list[str], fn):
+    """`fn` of the left-padded encoded batch (which steers its rows itself)."""
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    hooks = steer(lm.model, steerings, encoded["attention_mask"]) if steerings and static is None else nullcontext()
-    with torch.inference_mode(), hooks:
+    with torch.inference_mode():
         return encoded, fn(encoded)
 
 
@@ -282,16 +278,17 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
                 if static is not None:
                     static.steering.set_rows(rows, enc["attention_mask"])
                     return yes_no_log_odds(lm, enc)
-                with _shared_trunk(lm.model, texts, steerings):
+                hooks = steer(lm.model, steerings, enc["attention_mask"]) if steerings else nullcontext()
+                with hooks, _shared_trunk(lm.model, texts, steerings):
                     return yes_no_log_odds(lm, enc)
-            encoded, scores = _run_batch(lm, texts, steerings, score_batch, static)
+            encoded, scores = _run_batch(lm, texts, score_batch)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
         else:
             def generate_batch(enc):
                 if static is not None:
                     return static.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, rows)
                 return _generate_steered(lm, enc, steerings, max_new_tokens)
-            encoded, generated = _run_batch(lm, texts, None, generate_batch, static)  # it steers by itself
+            encoded, generated = _run_batch(lm, texts, generate_batch)
             replies, scores = _decode(lm, generated), [None] * len(texts)
             new_tokens = _generated_lengths(generated, _eos_ids(lm))
     except torch.cuda.OutOfMemoryError:
@@ -331,15 +328,7 @@ def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]
         rows = [steerings[i] for i in group]
         return steer(model, rows, group_mask) if any(rows) else nullcontext()
 
-    if len(groups) == 1:  # the model's own cache, which may keep only a sliding window
-        with steered(groups[0], mask):
-            return returned_cache(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                        logits_to_keep=1))
-    _, keys_values = grouped_prompt_pass(model, ids, mask, positions, groups, steered)
-    cache = DynamicCache()
-    for layer, (keys, values) in enumerate(keys_values):
-        cache.update(keys, values, layer)
-    return cache
+    return grouped_prompt_pass(model, ids, mask, positions, groups, steered)[1]
 
 
 def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_tokens: int):
