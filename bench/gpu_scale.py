@@ -19,6 +19,9 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
 * the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does), in the
   scoring batches `evaluate` makes (padding-aware) and in the generate batches (fewer, padded more).
 
+Each arm's figures are written to `--output` as soon as it ends. An arm that fails (a failed capture, an
+out-of-memory) is recorded with its error, the others still run, and the exit status is 1.
+
 In the same run it measures the hardware: dense bf16 matmul TFLOP/s and device-to-device copy bandwidth GB/s
 (read + written bytes), and prints the lower bound of a batched run:
     decode steps x weight bytes / bandwidth  +  prefill FLOPs / matmul rate
@@ -224,6 +227,11 @@ def run_score(model, groups, tokens, device) -> int:
     return rows
 
 
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
 def spread(lengths, k: int) -> list[int]:
     """Indices of `k` items at evenly spaced quantiles of the length distribution."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -333,144 +341,167 @@ def main(argv=None) -> int:
     arms: dict = {}
     report["arms"] = arms
 
-    def save() -> None:
-        """The report so far: a run cut short by a time limit keeps the arms it finished."""
+    def measure(run, *names: str) -> None:
+        """Runs the arms `names` (`run` returns each one's figures) and saves the report so far, so a run cut short
+        by a time limit keeps what it finished. Arms that fail (a failed capture, an out-of-memory) are recorded
+        with the error and the others still run: on a device lent for minutes, one broken arm must not cost the
+        rest."""
+        try:
+            arms.update(run() if len(names) > 1 else {names[0]: run()})
+        except Exception as error:  # noqa: BLE001 (an arm's failure is a result to report, not the run's end)
+            message = f"{type(error).__name__}: {first_line(error)}"
+            arms.update({name: {"error": message} for name in names})
+            print(f"{', '.join(names)} failed: {message}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         write_report(report, args.output)
 
-    # One at a time: a few items, extrapolated.
-    picked = spread(lengths, args.one_items)
-    per_item = []
-    reset_peak(device)
-    for i in picked:
-        enc = left_pad([tokens[i]], device)
-        with Clock(device) as c, torch.inference_mode():
-            generate(model, enc, new_tokens)
-        per_item.append(c.seconds)
-    arms["one_at_a_time"] = {
-        "measured_items": len(picked), "measured_lengths": [lengths[i] for i in picked],
-        "measured_s": [round(s, 3) for s in per_item],
-        "extrapolated_s": statistics.mean(per_item) * len(lengths), "extrapolated": True,
-        "peak_gib": peak_gib(device),
-    }
-    save()
+    def expect_all_tokens(name: str, produced: int) -> None:
+        if produced != new_tokens * len(lengths):
+            raise RuntimeError(f"{name}: {produced} new tokens, expected {new_tokens * len(lengths)}")
 
-    batched = {"batched_generate": None, "batched_generate_steered": None}
-    times: dict[str, list[float]] = {k: [] for k in batched}
-    peaks: dict[str, float | None] = {}
-    plain_tokens: dict = {}  # the steered plain path's tokens, to compare with the static decoder's
-    for _ in range(args.repeats):
-        for name in batched:
-            reset_peak(device)
-            with Clock(device) as c:
-                produced = run_batched(model, groups, tokens, device, new_tokens,
-                                       steering if name.endswith("steered") else None,
-                                       keep=plain_tokens if name.endswith("steered") else None)
-            if produced != new_tokens * len(lengths):
-                raise SystemExit(f"{name}: {produced} new tokens, expected {new_tokens * len(lengths)}")
-            times[name].append(c.seconds)
-            peaks[name] = max(peaks.get(name) or 0, peak_gib(device) or 0) or None
-    for name in batched:
-        arms[name] = {"median_s": statistics.median(times[name]), "runs_s": [round(t, 3) for t in times[name]],
-                      "peak_gib": peaks[name]}
-    save()
-
-    # The static decoder, steered through the engine's buffers: the first pass pays the CUDA-graph capture (one per
-    # batch shape); later passes with other steering replay the captured steps. No end token, so every row runs to
-    # `new_tokens` as the plain path's min_new_tokens makes it.
-    with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups)) as decoder:
-        engine_tokens: dict = {}
-        with Clock(device) as c:
-            run_batched(model, groups, tokens, device, new_tokens, steering, decoder, keep=engine_tokens)
-        capture_s = c.seconds
-        static_times = []
+    def one_at_a_time() -> dict:
+        """A few items, extrapolated."""
+        picked = spread(lengths, args.one_items)
+        per_item = []
         reset_peak(device)
-        for k in range(max(1, args.repeats)):
-            other = random_steering(hidden, layers, args.strength * (1 + k))  # a new config each pass
-            with Clock(device) as c:
-                produced = run_batched(model, groups, tokens, device, new_tokens, other, decoder)
-            if produced != new_tokens * len(lengths):
-                raise SystemExit(f"static: {produced} new tokens, expected {new_tokens * len(lengths)}")
-            static_times.append(c.seconds)
-    arms["static_graph_steered"] = {"median_s": statistics.median(static_times),
-                                    "runs_s": [round(t, 3) for t in static_times],
-                                    "first_pass_with_capture_s": round(capture_s, 2), "peak_gib": peak_gib(device),
-                                    "graphs_captured": decoder.captures, "buffer_sets": decoder.allocations,
-                                    "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens)}
-    save()
-    # The score pass (a goal too, so before the diagnostic arms below), in `evaluate`'s scoring batches and in the
-    # generate batches (fewer, padded more).
-    for name, plan in (("score", score_groups), ("score_in_generate_batches", groups)):
-        score_times = []
+        for i in picked:
+            enc = left_pad([tokens[i]], device)
+            with Clock(device) as c, torch.inference_mode():
+                generate(model, enc, new_tokens)
+            per_item.append(c.seconds)
+        return {"measured_items": len(picked), "measured_lengths": [lengths[i] for i in picked],
+                "measured_s": [round(s, 3) for s in per_item],
+                "extrapolated_s": statistics.mean(per_item) * len(lengths), "extrapolated": True,
+                "peak_gib": peak_gib(device)}
+
+    plain_tokens: dict = {}  # the steered plain path's tokens, to compare with the static decoder's
+
+    def batched_generate() -> dict:
+        """Plain and steered `generate`, interleaved run by run so that drift hits both alike."""
+        times: dict[str, list[float]] = {"batched_generate": [], "batched_generate_steered": []}
+        peaks: dict[str, float | None] = {}
+        for _ in range(max(1, args.repeats)):
+            for name, rows in (("batched_generate", None), ("batched_generate_steered", steering)):
+                reset_peak(device)
+                with Clock(device) as c:
+                    produced = run_batched(model, groups, tokens, device, new_tokens, rows,
+                                           keep=plain_tokens if rows else None)
+                expect_all_tokens(name, produced)
+                times[name].append(c.seconds)
+                peaks[name] = max(peaks.get(name) or 0, peak_gib(device) or 0) or None
+        return {name: {**timed(runs), "peak_gib": peaks[name]} for name, runs in times.items()}
+
+    def score(plan) -> dict:
+        times = []
         reset_peak(device)
         for _ in range(max(1, args.repeats)):
             with Clock(device) as c:
                 run_score(model, plan, tokens, device)
-            score_times.append(c.seconds)
-        arms[name] = {"median_s": statistics.median(score_times), "runs_s": [round(t, 3) for t in score_times],
-                      "peak_gib": peak_gib(device)}
-    save()
+            times.append(c.seconds)
+        return timed(times)
 
-    # The same decoder without the capture, one pass: what the CUDA graph buys.
-    reset_peak(device)
-    with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups), capture=False) as decoder_eager:
-        with Clock(device) as c:
-            run_batched(model, groups, tokens, device, new_tokens, steering, decoder_eager)
-    arms["static_eager_steered"] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)],
-                                    "peak_gib": peak_gib(device)}
-    save()
-    # Captured again with one optimisation off: transformers' own decode attention instead of the packed heads
-    # (nothing to gain from transformers 5.23 on, which packs too; releases before copy the KV cache per query
-    # head), or one prompt pass over the whole padded batch instead of groups of similar length.
-    for name, settings in (("static_graph_transformers_attention", {"packed_attention": False}),
-                           ("static_graph_whole_prefill", {"grouped_prefill": False})):
-        reset_peak(device)
-        with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups), **settings) as variant:
-            run_batched(model, groups, tokens, device, new_tokens, steering, variant)  # pays the capture
+    def static_graph_steered() -> dict:
+        """The static decoder, steered through the engine's buffers: the first pass pays the CUDA-graph capture (one
+        per batch shape); later passes with other steering replay the captured steps. No end token, so every row
+        runs to `new_tokens` as the plain path's min_new_tokens makes it."""
+        with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups)) as decoder:
+            engine_tokens: dict = {}
             with Clock(device) as c:
-                run_batched(model, groups, tokens, device, new_tokens, steering, variant)
-        arms[name] = {"median_s": c.seconds, "runs_s": [round(c.seconds, 3)], "peak_gib": peak_gib(device)}
-        save()
+                run_batched(model, groups, tokens, device, new_tokens, steering, decoder, keep=engine_tokens)
+            capture_s = c.seconds
+            times = []
+            reset_peak(device)
+            for k in range(max(1, args.repeats)):
+                other = random_steering(hidden, layers, args.strength * (1 + k))  # a new config each pass
+                with Clock(device) as c:
+                    produced = run_batched(model, groups, tokens, device, new_tokens, other, decoder)
+                expect_all_tokens("static", produced)
+                times.append(c.seconds)
+        return {**timed(times), "first_pass_with_capture_s": round(capture_s, 2),
+                "graphs_captured": decoder.captures, "buffer_sets": decoder.allocations,
+                "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens) if plain_tokens else None}
 
-    plain, steered = arms["batched_generate"]["median_s"], arms["batched_generate_steered"]["median_s"]
-    forward_calls = new_tokens * len(groups)
+    def static_variant(**settings) -> dict:
+        """One pass of the static decoder with `settings`, after a pass that pays any capture."""
+        reset_peak(device)
+        with StaticDecoder(model, [], PAD_ID, max_batch=max(len(g) for g in groups), **settings) as decoder:
+            if settings.get("capture", True):
+                run_batched(model, groups, tokens, device, new_tokens, steering, decoder)
+            with Clock(device) as c:
+                run_batched(model, groups, tokens, device, new_tokens, steering, decoder)
+        return timed([c.seconds])
+
+    def timed(times: list[float]) -> dict:
+        return {"median_s": statistics.median(times), "runs_s": [round(t, 3) for t in times],
+                "peak_gib": peak_gib(device)}
+
+    # The issue's goals first (steered generation, then the score pass), then the diagnostic arms: what the CUDA
+    # graph buys (the decoder without the capture), and the captured decoder with one optimisation off at a time:
+    # transformers' own decode attention instead of the packed heads (nothing to gain from transformers 5.23 on,
+    # which packs too; releases before copy the KV cache per query head), or one prompt pass over the whole padded
+    # batch instead of groups of similar length.
+    measure(one_at_a_time, "one_at_a_time")
+    measure(batched_generate, "batched_generate", "batched_generate_steered")
+    measure(static_graph_steered, "static_graph_steered")
+    measure(lambda: score(score_groups), "score")
+    measure(lambda: score(groups), "score_in_generate_batches")
+    measure(lambda: static_variant(capture=False), "static_eager_steered")
+    measure(lambda: static_variant(packed_attention=False), "static_graph_transformers_attention")
+    measure(lambda: static_variant(grouped_prefill=False), "static_graph_whole_prefill")
+
+    report["derived"] = derived_figures(arms, hw, lengths, groups, layers, new_tokens, read_bytes, matmul_params,
+                                        n_layers, hidden)
+    report["failed_arms"] = [name for name, arm in arms.items() if "error" in arm]
+    report["wall_s"] = round(time.perf_counter() - wall, 1)
+
+    print_report(report)
+    write_report(report, args.output)
+    return 1 if report["failed_arms"] else 0
+
+
+def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: int, read_bytes: int,
+                    matmul_params: int, n_layers: int, hidden: int) -> dict:
+    """Ratios and the hardware bound, each only where the arms it needs ran."""
+    def seconds(name: str) -> float | None:
+        arm = arms.get(name, {})
+        return arm.get("median_s", arm.get("extrapolated_s"))
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    plain, steered = seconds("batched_generate"), seconds("batched_generate_steered")
+    static = seconds("static_graph_steered")
     derived = {
-        "one_at_a_time_extrapolated / batched": arms["one_at_a_time"]["extrapolated_s"] / plain,
-        "batched / score": plain / arms["score"]["median_s"],
-        "steering_overhead_pct": 100 * (steered - plain) / plain,
-        "steering_us_per_layer_per_step": 1e6 * (steered - plain) / (len(layers) * forward_calls),
-        "decode_tokens_per_s_batched": new_tokens * len(lengths) / plain,
+        "one_at_a_time_extrapolated / batched": ratio(seconds("one_at_a_time"), plain),
+        "batched / score": ratio(plain, seconds("score")),
+        "steering_overhead_pct": 100 * (steered - plain) / plain if plain and steered else None,
+        "steering_us_per_layer_per_step": (1e6 * (steered - plain) / (len(layers) * new_tokens * len(groups))
+                                           if plain and steered else None),
+        "decode_tokens_per_s_batched": ratio(new_tokens * len(lengths), plain),
     }
     if hw:
         rate = hw.get("matmul_tflops_bf16", hw.get("matmul_tflops")) * 1e12
         bw = hw["copy_gbps"] * 1e9
         flops = prefill_flops(matmul_params, lengths, n_layers, hidden)
-        bound_one_batch = new_tokens * read_bytes / bw + flops / rate
         bound_engine = new_tokens * len(groups) * read_bytes / bw + flops / rate
         derived.update({
             "prefill_flops": flops,
-            "bound_s_single_batch": bound_one_batch,
+            "bound_s_single_batch": new_tokens * read_bytes / bw + flops / rate,
             "bound_s_engine_batches": bound_engine,
             "bound_note": "decode steps x weight bytes / copy bandwidth + prefill FLOPs / matmul rate; "
                           "KV-cache reads and decode FLOPs are left out (a lower bound); engine_batches counts "
                           f"{len(groups)} batches x {new_tokens} steps",
-            "batched / bound_engine_batches": plain / bound_engine,
-            "static_graph_steered / bound_engine_batches": arms["static_graph_steered"]["median_s"] / bound_engine,
-            "static_eager / static_graph": arms["static_eager_steered"]["median_s"]
-                                           / arms["static_graph_steered"]["median_s"],
+            "batched / bound_engine_batches": ratio(plain, bound_engine),
+            "static_graph_steered / bound_engine_batches": ratio(static, bound_engine),
+            "static_eager / static_graph": ratio(seconds("static_eager_steered"), static),
             "static_transformers_attention / static_graph":
-                arms["static_graph_transformers_attention"]["median_s"] / arms["static_graph_steered"]["median_s"],
-            "static_whole_prefill / static_graph":
-                arms["static_graph_whole_prefill"]["median_s"] / arms["static_graph_steered"]["median_s"],
-            "score / prefill_bound": arms["score"]["median_s"] / (flops / rate),
-            "score_in_generate_batches / score": arms["score_in_generate_batches"]["median_s"]
-                                                 / arms["score"]["median_s"],
+                ratio(seconds("static_graph_transformers_attention"), static),
+            "static_whole_prefill / static_graph": ratio(seconds("static_graph_whole_prefill"), static),
+            "score / prefill_bound": ratio(seconds("score"), flops / rate),
+            "score_in_generate_batches / score": ratio(seconds("score_in_generate_batches"), seconds("score")),
         })
-    report["derived"] = derived
-    report["wall_s"] = round(time.perf_counter() - wall, 1)
-
-    print_report(report)
-    write_report(report, args.output)
-    return 0
+    return derived
 
 
 def print_report(report: dict) -> None:
@@ -490,12 +521,14 @@ def print_report(report: dict) -> None:
     table.add_column("peak GiB", justify="right")
     table.add_column("note")
     for name, arm in report["arms"].items():
-        if name == "one_at_a_time":
+        if "error" in arm:
+            table.add_row(name, "FAILED", "", arm["error"])
+        elif name == "one_at_a_time":
             table.add_row(name, f"{arm['extrapolated_s']:.2f}", str(arm["peak_gib"]),
                           f"EXTRAPOLATED: mean of {arm['measured_items']} items x {w['prompts']}")
         else:
             note = f"median of {len(arm['runs_s'])}"
-            if "tokens_vs_plain_steered" in arm:
+            if arm.get("tokens_vs_plain_steered"):
                 same = arm["tokens_vs_plain_steered"]
                 note += (f"; tokens = plain steered path in {same['identical_rows']}/{same['rows']} rows, "
                          f"common prefix {same['mean_common_prefix_tokens']:.1f} tokens on average")
@@ -507,7 +540,8 @@ def print_report(report: dict) -> None:
     for key, value in {**report["hardware"], **report["derived"]}.items():
         if key.endswith("note"):
             continue
-        derived.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        derived.add_row(key, f"{value:.4g}" if isinstance(value, float) else "n/a (an arm failed)"
+                        if value is None else str(value))
     console.print(derived)
     if "bound_note" in report["derived"]:
         console.print(report["derived"]["bound_note"])
