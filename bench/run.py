@@ -9,7 +9,7 @@
     0.75 and the last layer, like the original experiment's [12, 24, 36, 47] of 48), arms interleaved A B A B.
     A micro-benchmark times the hooks alone (the pre-hook plus one layer hook on a decode step's tensors).
 (c) K = 4 steering configs: one `evaluate` call holding the jobs of all K configs (per-row steering) vs K
-    separate `evaluate` passes (`--k`, `--sweep-mode`, `--sweep-positions`, `--sweep-cache`).
+    separate `evaluate` passes (`--k`, `--sweep-mode`, `--sweep-positions`, `--sweep-cache`, `--sweep-layers`).
 (d) peak resident memory (VmHWM, reset before each arm through /proc/self/clear_refs; a psutil sampler where
     that is not possible) of every arm.
 (e) the static decoder (`--cache static`) on the same batches as (b), steered, every row decoding max_new_tokens,
@@ -489,11 +489,15 @@ def hook_microbench(lm, steering: Steering, layers: list[int], rows: int, past: 
 
 
 def part_c(lm, jobs, args) -> dict:
-    layers = steering_layers(lm.num_layers)
     strengths = [args.strength * f for f in (-1.0, -0.5, 0.5, 1.0)][: args.k] if args.k <= 4 else \
         [args.strength * (i + 1) for i in range(args.k)]
-    configs = [random_steering(lm, layers, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
-               for i, s in enumerate(strengths)]
+    if args.sweep_layers == "each":  # a layer sweep: config i steers one layer, spread over the depths
+        layers = [[relative_layer((i + 0.5) / args.k, lm.num_layers)] for i in range(args.k)]
+        strengths = [args.strength] * args.k
+    else:
+        layers = [steering_layers(lm.num_layers)] * args.k
+    configs = [random_steering(lm, layers_i, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
+               for i, (layers_i, s) in enumerate(zip(layers, strengths))]
     decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens, cache=args.sweep_cache)
     per_config = [with_steering(jobs, c) for c in configs]
     combined_jobs = [job for group in per_config for job in group]
@@ -517,16 +521,16 @@ def part_c(lm, jobs, args) -> dict:
         "k": k, "jobs_per_config": len(jobs), "mode": args.sweep_mode, "positions": args.sweep_positions,
         "cache": args.sweep_cache,
         "strengths": strengths,
-        "steered_layers": layers,
+        "steered_layers": layers[0] if args.sweep_layers == "fixed" else layers,
         "arms": {
             "per_row_combined": arm_record(comb, new_tokens=new_tokens(comb["value"]),
                                            batches=ran["combined"]),
             "k_separate_passes": arm_record(sep, new_tokens=new_tokens(sep["value"])),
         },
         "per_config": [
-            {"strength": s, "separate_median_s": statistics.median(t), "combined_share_s": med_c / k,
-             "ratio_separate_over_combined_share": statistics.median(t) / (med_c / k)}
-            for s, t in zip(strengths, separate_times)
+            {"strength": s, "layers": layers_i, "separate_median_s": statistics.median(t),
+             "combined_share_s": med_c / k, "ratio_separate_over_combined_share": statistics.median(t) / (med_c / k)}
+            for s, layers_i, t in zip(strengths, layers, separate_times)
         ],
         "ratio_separate_over_combined": med_s / med_c,
         "ratio_separate_over_combined_cpu_time": statistics.median(sep["cpu"]) / statistics.median(comb["cpu"]),
@@ -698,7 +702,8 @@ def print_tables(report: dict) -> None:
             ratios.add_row(part, "K separate / per-row combined (CPU time)",
                            f"{res['ratio_separate_over_combined_cpu_time']:.2f}x")
             for cfg in res["per_config"]:
-                ratios.add_row(part, f"config strength {cfg['strength']:+g}: separate / (combined/K)",
+                ratios.add_row(part, f"config strength {cfg['strength']:+g}, layers {cfg['layers']}: separate / "
+                                     "(combined/K)",
                                f"{cfg['ratio_separate_over_combined_share']:.2f}x")
         if part == "f":
             for mode, res in res["modes"].items():
@@ -729,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-positions", default="all", choices=("all", "prompt-last", "prompt", "generated"),
                    help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
     p.add_argument("--sweep-cache", default="dynamic", choices=("dynamic", "static"), help="(c): KV cache")
+    p.add_argument("--sweep-layers", default="fixed", choices=("fixed", "each"),
+                   help="(c): every config at the same 4 layers, or each config at one layer of its own (a layer "
+                        "sweep, one strength)")
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts (d, memory, comes with every arm)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (e.g. bench/results/<name>.json)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",

@@ -511,31 +511,34 @@ def test_batch_budget_must_be_positive(lm):
         evaluate(lm, make_jobs(make_samples(2)), Decoding("score", batch_tokens=0))
 
 
-def test_scoring_rows_of_one_prompt_share_the_layers_below_the_first_steered_one(lm, one_batch):
-    """Configs that steer a whole prompt cannot share its cache, but the layers below the first steered layer
-    are the same computation for all of them: those layers run once per distinct prompt, with equal scores."""
+def test_scoring_rows_of_one_prompt_share_the_layers_below_their_own_first_steered_one(lm, one_batch):
+    """Configs that steer a whole prompt cannot share its cache, but below its own first steered layer each row
+    computes what its prompt computes unsteered: there a layer runs the rows that have forked plus one row per
+    prompt for the rest, and scores equal each job alone."""
     from vulnsteer.steering import decoder_layers
 
     g = torch.Generator().manual_seed(5)
-    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (2, 3)}
-    configs = [None, Steering(vectors, 1.5, "all"), Steering({3: vectors[3]}, -2.0, "prompt"),
-               Steering(vectors, 0.5, "all")]
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
+    configs = [Steering({2: vectors[2], 3: vectors[3]}, 1.5, "all"), Steering({3: vectors[3]}, -2.0, "prompt"),
+               Steering({2: vectors[2]}, 0.5, "all"), Steering({1: vectors[1]}, 0.0, "all")]  # strength 0: none
     samples = make_samples(3)
-    jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in make_jobs(samples) for c in configs[1:]]
-    jobs.append(Job(samples[0], "S1", build_prompt(samples[0], "S1"), configs[0]))  # one unsteered row
-    rows_seen = {0: [], 1: [], 2: []}
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in make_jobs(samples) for c in configs]
+    jobs.append(Job(samples[0], "S1", build_prompt(samples[0], "S1"), None))  # one unsteered row
     layers = decoder_layers(lm.model)
-    handles = [layers[k].register_forward_hook(
-        lambda m, a, out, k=k: rows_seen[k].append((out[0] if isinstance(out, tuple) else out).shape[0]))
-        for k in rows_seen]
+    rows_seen = {k: [] for k in range(len(layers))}
+    handles = [layers[k].mlp.register_forward_hook(lambda m, a, out, k=k: rows_seen[k].append(out.shape[0]))
+               for k in rows_seen]  # inside the layer: the rows it computes
     try:
         shared = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
     finally:
         for handle in handles:
             handle.remove()
-    # layers 0 and 1 computed one row per prompt (1's output is copied to every row after these hooks ran)
-    assert rows_seen == {0: [3], 1: [3], 2: [len(jobs)]}
+    # Layers 0-1: one row per prompt. Layer 2: the 2 configs steered there x 3 prompts, plus one row per prompt
+    # for its rows steered at 3 or not at all. Layer 3: the 3 steered configs x 3 prompts, plus one row per prompt
+    # for the 4 rows left unsteered (the 3 of strength 0 and prompt 0's unsteered row).
+    assert rows_seen == {0: [3], 1: [3], 2: [9], 3: [12]}
     one_by_one = [evaluate(lm, [job], Decoding("score"))[0] for job in jobs]
     assert [r.score for r in shared] == pytest.approx([r.score for r in one_by_one], abs=1e-4)
     assert shared[0].score != pytest.approx(shared[-1].score, abs=1e-3), "steering should change the score"
-    assert all(not layer._forward_pre_hooks for layer in layers), "trunk hooks left behind"
+    assert shared[3].score == pytest.approx(shared[-1].score, abs=1e-4), "strength 0 should not steer"
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"

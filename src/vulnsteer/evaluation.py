@@ -9,9 +9,9 @@ may hold both, and both see exactly the same prompts and decoding.
 
 A sweep asks each prompt under many configs, so work that does not depend on the config is done once per prompt:
 rows steered from the last prompt token on share one pass over the rest of the prompt (its KV cache; scoring, the
-rows then run as tokens side by side on that one cache), and scoring rows that steer the whole prompt share the
-decoder layers below the first steered one. Batches stay within the
-free GPU memory and group rows by length, as `vulnsteer.batching` plans them.
+rows then run as tokens side by side on that one cache), and scoring rows that steer the whole prompt share with
+their prompt the decoder layers below their own first steered one. Batches stay within the free GPU memory and
+group rows by length, as `vulnsteer.batching` plans them.
 """
 
 from __future__ import annotations
@@ -399,39 +399,67 @@ def _distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
 
 @contextmanager
 def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
-    """Scoring rows that repeat a prompt but steer all of it (a sweep's `all` configs) still share the decoder
-    layers below the first layer any row steers: those layers run on one row per distinct prompt, and the last of
-    them copies its output back to every row. Only for one forward pass without a KV cache (scoring), where nothing
-    else depends on those layers' batch size."""
+    """Scoring rows that repeat a prompt but steer all of it (a sweep's `all` configs) compute the same thing as
+    their prompt unsteered up to their own first steered layer. So each layer runs on the rows that have forked by
+    then (steered at that layer or below) plus one row per prompt for the rest, and copies its output back to every
+    row, before any steering hook sees it: a layer sweep's row at layer 20 shares layers 0-19 with its prompt. Only
+    for one forward pass without a KV cache (scoring), where nothing else depends on a layer's batch size."""
     layers = decoder_layers(model)
-    depth = min((min(row.vectors) for row in steerings or [] if row and row.strength != 0 and row.vectors),
-                default=len(layers))
-    distinct, of_row = _distinct(texts)
-    if len(distinct) == len(texts) or depth == 0:
-        yield
-        return
+    _, of_row = _distinct(texts)
     rows = len(texts)
-    first = torch.tensor([texts.index(t) for t in distinct])
-
-    def narrow(value):  # batch-first inputs of a layer (hidden states, masks, position embeddings): one row each
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
-            return value[first.to(value.device)]
-        return tuple(narrow(v) for v in value) if isinstance(value, tuple) else value
-
-    def narrow_inputs(module, args, kwargs):
-        return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
-
-    def widen_output(module, args, output):
-        hidden = hidden_of(output)
-        return with_hidden(output, hidden[of_row.to(hidden.device)])
-
-    handles = [layer.register_forward_pre_hook(narrow_inputs, with_kwargs=True) for layer in layers[:depth]]
-    handles.append(layers[depth - 1].register_forward_hook(widen_output))
+    forks = [_first_steered_layer(row, len(layers)) for row in steerings or [None] * rows]
+    handles = []
+    for depth, layer in enumerate(layers):
+        live, source = _live_rows(of_row.tolist(), forks, depth)
+        if len(live) < rows:
+            handles.append(layer.register_forward_pre_hook(_narrowing(rows, torch.tensor(live)), with_kwargs=True))
+            handles.append(layer.register_forward_hook(_widening(torch.tensor(source)), prepend=True))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _first_steered_layer(row: Steering | None, n_layers: int) -> int:
+    steered = row is not None and row.strength != 0 and row.vectors
+    return min(row.vectors) if steered else n_layers
+
+
+def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[list[int], list[int]]:
+    """The rows a layer at `depth` computes (those forked from their prompt, and one row per prompt for the others),
+    and for every row the place of its values among them."""
+    live, source, carrier = [], [], {}
+    for row, (prompt, fork) in enumerate(zip(prompt_of_row, forks)):
+        if fork > depth and prompt in carrier:
+            source.append(carrier[prompt])
+            continue
+        if fork > depth:
+            carrier[prompt] = len(live)
+        source.append(len(live))
+        live.append(row)
+    return live, source
+
+
+def _narrowing(rows: int, live: torch.Tensor):
+    """A pre-hook that keeps the `live` rows of a layer's batch-first inputs (hidden states, masks, position
+    embeddings)."""
+    def narrow(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+            return value[live.to(value.device)]
+        return tuple(narrow(v) for v in value) if isinstance(value, tuple) else value
+
+    def hook(module, args, kwargs):
+        return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
+    return hook
+
+
+def _widening(source: torch.Tensor):
+    """A forward hook that gives every row of the batch its values back from the live rows."""
+    def hook(module, args, output):
+        hidden = hidden_of(output)
+        return with_hidden(output, hidden[source.to(hidden.device)])
+    return hook
 
 
 def _decode(lm: LoadedModel, generated: torch.Tensor) -> list[str]:
