@@ -408,11 +408,16 @@ def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
     _, of_row = _distinct(texts)
     rows = len(texts)
     forks = [_first_steered_layer(row, len(layers)) for row in steerings or [None] * rows]
+    steered = {layer for row in steerings or [] if row and row.strength != 0 for layer in row.vectors}
+    plans = [_live_rows(of_row.tolist(), forks, depth) for depth in range(len(layers))] + [(list(range(rows)), [])]
     handles = []
     for depth, layer in enumerate(layers):
-        live, source = _live_rows(of_row.tolist(), forks, depth)
-        if len(live) < rows:
-            handles.append(layer.register_forward_pre_hook(_narrowing(rows, torch.tensor(live)), with_kwargs=True))
+        live, source = plans[depth]
+        if len(live) == rows:
+            continue
+        handles.append(layer.register_forward_pre_hook(_narrowing(rows, torch.tensor(live)), with_kwargs=True))
+        # Back to every row where the next layer computes other rows, and where steering hooks need the batch.
+        if plans[depth + 1][0] != live or depth in steered:
             handles.append(layer.register_forward_hook(_widening(torch.tensor(source)), prepend=True))
     try:
         yield
@@ -443,7 +448,7 @@ def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[
 
 def _narrowing(rows: int, live: torch.Tensor):
     """A pre-hook that keeps the `live` rows of a layer's batch-first inputs (hidden states, masks, position
-    embeddings)."""
+    embeddings); hidden states that the layer before left narrowed pass as they are."""
     def narrow(value):
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
             return value[live.to(value.device)]
