@@ -17,7 +17,9 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
   and one captured pass each with transformers' own decode attention instead of the packed heads and with one
   prompt pass over the whole padded batch instead of groups of similar length;
 * the score pass (one forward per batch, last-token logits only, as `evaluate(mode="score")` does), in the
-  scoring batches `evaluate` makes (padding-aware) and in the generate batches (fewer, padded more).
+  scoring batches `evaluate` makes (padding-aware) and in the generate batches (fewer, padded more);
+* last, a sweep of `--k` configs at the last prompt token through the static decoder: one pass whose rows ask every
+  prompt under every config, against K separate passes.
 
 Each arm's figures are written to `--output` as soon as it ends. An arm that fails (a failed capture, an
 out-of-memory) is recorded with its error, the others still run, and the exit status is 1.
@@ -171,13 +173,13 @@ def left_pad(rows: list[torch.Tensor], device) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def random_steering(hidden: int, layers: list[int], strength: float) -> Steering:
+def random_steering(hidden: int, layers: list[int], strength: float, positions: str = "all") -> Steering:
     gen = torch.Generator().manual_seed(0)
     vectors = {}
     for layer in layers:
         v = torch.randn(hidden, generator=gen)
         vectors[layer] = v / v.norm()
-    return Steering(vectors, strength, "all")
+    return Steering(vectors, strength, positions)
 
 
 def generate(model, encoded: dict, new_tokens: int) -> torch.Tensor:
@@ -260,6 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--one-items", type=int, default=3, help="items timed one at a time (then extrapolated)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each batched arm (interleaved)")
     p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--k", type=int, default=4, help="configs of the K-config sweep arm (the last arm)")
     p.add_argument("--skip-hw", action="store_true", help="skip the matmul / bandwidth measurement")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -432,6 +435,53 @@ def main(argv=None) -> int:
                 run_batched(model, groups, tokens, device, new_tokens, steering, decoder)
         return timed([c.seconds])
 
+    def k_configs() -> dict:
+        """A sweep of `--k` configs at the last prompt token (the original experiment's position) through the static
+        decoder: one pass whose rows ask every prompt under every config (each prompt's pass shared, every row
+        decoding in the same steps) against K separate passes, one config each. A warm-up pass of each pays the
+        captures."""
+        configs = [random_steering(hidden, layers, args.strength * (1 + j), "prompt-last") for j in range(args.k)]
+        width = args.k * max(len(g) for g in groups)
+
+        def combined(decoder, keep: dict | None = None) -> int:
+            produced = 0
+            for group in groups:
+                rows = [(i, j) for i in group for j in range(len(configs))]
+                enc = left_pad([tokens[i] for i, _ in rows], device)
+                with torch.inference_mode():
+                    new = decoder.generate(enc["input_ids"], enc["attention_mask"], new_tokens, configs * len(group))
+                produced += new.numel()
+                if keep is not None:
+                    keep.update(zip(rows, new.tolist()))
+            return produced
+
+        def separate(decoder, keep: dict | None = None) -> int:
+            produced = 0
+            for j, config in enumerate(configs):
+                mine: dict = {}
+                produced += run_batched(model, groups, tokens, device, new_tokens, config, decoder, keep=mine)
+                if keep is not None:
+                    keep.update({(i, j): row for i, row in mine.items()})
+            return produced
+
+        times: dict[str, list[float]] = {"combined": [], "separate": []}
+        kept: dict[str, dict] = {"combined": {}, "separate": {}}
+        with StaticDecoder(model, [], PAD_ID, max_batch=width) as decoder:
+            for name, run in (("combined", combined), ("separate", separate)):
+                run(decoder, kept[name])
+            reset_peak(device)
+            for _ in range(max(1, args.repeats)):
+                for name, run in (("combined", combined), ("separate", separate)):
+                    with Clock(device) as c:
+                        produced = run(decoder)
+                    if produced != args.k * new_tokens * len(lengths):
+                        raise RuntimeError(f"k_configs {name}: {produced} new tokens, expected "
+                                           f"{args.k * new_tokens * len(lengths)}")
+                    times[name].append(c.seconds)
+        return {"k": args.k, **timed(times["combined"]), "separate_median_s": statistics.median(times["separate"]),
+                "separate_runs_s": [round(t, 3) for t in times["separate"]],
+                "tokens_combined_vs_separate": agreement(kept["separate"], kept["combined"])}
+
     def timed(times: list[float]) -> dict:
         return {"median_s": statistics.median(times), "runs_s": [round(t, 3) for t in times],
                 "peak_gib": peak_gib(device)}
@@ -449,6 +499,7 @@ def main(argv=None) -> int:
     measure(lambda: static_variant(capture=False), "static_eager_steered")
     measure(lambda: static_variant(packed_attention=False), "static_graph_transformers_attention")
     measure(lambda: static_variant(grouped_prefill=False), "static_graph_whole_prefill")
+    measure(k_configs, "k_configs_static_prompt_last")
 
     report["derived"] = derived_figures(arms, hw, lengths, groups, layers, new_tokens, read_bytes, matmul_params,
                                         n_layers, hidden)
@@ -501,6 +552,8 @@ def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: i
             "score / prefill_bound": ratio(seconds("score"), flops / rate),
             "score_in_generate_batches / score": ratio(seconds("score_in_generate_batches"), seconds("score")),
         })
+    sweep = arms.get("k_configs_static_prompt_last", {})
+    derived["k_configs: separate / combined"] = ratio(sweep.get("separate_median_s"), sweep.get("median_s"))
     return derived
 
 
@@ -528,10 +581,14 @@ def print_report(report: dict) -> None:
                           f"EXTRAPOLATED: mean of {arm['measured_items']} items x {w['prompts']}")
         else:
             note = f"median of {len(arm['runs_s'])}"
-            if arm.get("tokens_vs_plain_steered"):
-                same = arm["tokens_vs_plain_steered"]
-                note += (f"; tokens = plain steered path in {same['identical_rows']}/{same['rows']} rows, "
-                         f"common prefix {same['mean_common_prefix_tokens']:.1f} tokens on average")
+            for key, other in (("tokens_vs_plain_steered", "plain steered path"),
+                               ("tokens_combined_vs_separate", "K separate passes")):
+                if arm.get(key):
+                    same = arm[key]
+                    note += (f"; tokens = {other} in {same['identical_rows']}/{same['rows']} rows, "
+                             f"common prefix {same['mean_common_prefix_tokens']:.1f} tokens on average")
+            if "separate_median_s" in arm:
+                note += f"; K={arm['k']} separate passes {arm['separate_median_s']:.2f} s"
             table.add_row(name, f"{arm['median_s']:.2f}", str(arm["peak_gib"]), note)
     console.print(table)
     derived = Table(title="hardware and derived")

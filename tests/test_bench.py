@@ -27,7 +27,7 @@ def run_tiny(gpu_scale, tmp_path) -> tuple[int, dict]:
     return code, json.loads(output.read_text())
 
 
-def test_tiny_run_measures_every_arm_and_the_static_decoder_gives_the_plain_paths_tokens(gpu_scale, tmp_path):
+def test_tiny_run_measures_every_arm_and_the_static_decoders_tokens_agree(gpu_scale, tmp_path):
     code, report = run_tiny(gpu_scale, tmp_path)
     assert code == 0 and report["failed_arms"] == []
     assert set(GOAL_ARMS) <= set(report["arms"])
@@ -35,6 +35,10 @@ def test_tiny_run_measures_every_arm_and_the_static_decoder_gives_the_plain_path
     same = report["arms"]["static_graph_steered"]["tokens_vs_plain_steered"]
     assert same["identical_rows"] == same["rows"] == 48  # float32 on CPU: the same greedy tokens
     assert report["derived"]["batched / score"] > 0
+    sweep = report["arms"]["k_configs_static_prompt_last"]
+    assert sweep["k"] == 4 and sweep["median_s"] > 0 and report["derived"]["k_configs: separate / combined"] > 0
+    same = sweep["tokens_combined_vs_separate"]  # the configs' rows in one pass answer as in their own passes
+    assert same["identical_rows"] == same["rows"] == 4 * 48
 
 
 def test_a_failing_arm_is_reported_and_the_others_still_run(gpu_scale, tmp_path, monkeypatch, capsys):
@@ -44,8 +48,8 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(gpu_scale, tmp_path,
     monkeypatch.setattr(gpu_scale.StaticDecoder, "generate", broken)
     code, report = run_tiny(gpu_scale, tmp_path)
     assert code == 1
-    static = [name for name in report["arms"] if name.startswith("static")]
-    assert len(static) == 4 and report["failed_arms"] == static
+    static = [name for name in report["arms"] if "static" in name]
+    assert len(static) == 5 and report["failed_arms"] == static
     assert report["arms"]["static_graph_steered"] == {
         "error": "RuntimeError: CUDA error: operation not permitted when stream is capturing"}
     # The arms after the failed one ran, and the figures that need it are left empty rather than made up.
