@@ -4,6 +4,7 @@ multi-turn prompts, steering labels, and the helpers (batches, render, answer_to
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 import random
 
 import pytest
@@ -509,6 +510,60 @@ def test_automatic_batch_budget_fits_free_memory():
 def test_batch_budget_must_be_positive(lm):
     with pytest.raises(VulnsteerError, match="at least 1"):
         evaluate(lm, make_jobs(make_samples(2)), Decoding("score", batch_tokens=0))
+
+
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_steered_one(lm, one_batch, prompts,
+                                                                                          monkeypatch):
+    """Generating, the prompt pass shares those layers too, and gives every row the keys and values of the layers
+    it shared, so that the decode steps run every row as its own: one prompt (one group), or prompts of three
+    lengths (a group each, their caches merged)."""
+    import vulnsteer.decoding as decoding_module
+    from vulnsteer.steering import decoder_layers
+
+    monkeypatch.setattr(decoding_module, "batch_cost", lambda model, passes: 0.0)  # a group per length
+    g = torch.Generator().manual_seed(7)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
+    configs = [Steering({2: vectors[2]}, 1.5, "all"), Steering({1: vectors[1]}, -2.0, "prompt"),
+               Steering({3: vectors[3]}, -1.0, "all"), Steering({1: vectors[1]}, 0.0, "all")]  # strength 0: none
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in make_jobs(make_samples(prompts)) for c in configs]
+    layers = decoder_layers(lm.model)
+    prompt_rows = {k: [] for k in range(len(layers))}
+    def record(k):
+        def hook(module, args, out):
+            if out.shape[1] > 1:  # prompt passes, not decode steps
+                prompt_rows[k].append(out.shape[0])
+        return hook
+    handles = [layers[k].mlp.register_forward_hook(record(k)) for k in prompt_rows]
+    decoding = Decoding("generate", max_new_tokens=8, batch_tokens=10**6)
+    try:
+        shared = evaluate(lm, jobs, decoding)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Per prompt: layer 0 runs one row; layer 1 the "prompt" row and one row for the others; each later layer adds
+    # the row steered there (the row of strength 0 never forks).
+    assert len(prompt_rows[0]) == prompts
+    assert [sum(prompt_rows[k]) for k in range(4)] == [prompts, 2 * prompts, 3 * prompts, 4 * prompts]
+    one_by_one = [evaluate(lm, [job], decoding)[0] for job in jobs]
+    assert [r.response for r in shared] == [r.response for r in one_by_one]
+    assert len({r.response for r in shared[:len(configs)]}) > 1, "steering changed no answer"
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"
+    # Tokens alone would not show keys given to the wrong rows (tiny random models attend almost uniformly): the
+    # prompt pass's cache equals the one each row computes for itself.
+    import vulnsteer.evaluation as evaluation
+
+    enc = lm.tokenizer([render(lm.tokenizer, job.prompt.messages) for job in jobs], return_tensors="pt",
+                       padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
+    args = (lm.model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [job.steering for job in jobs],
+            decoding_module.length_groups(lm.model, mask), [tuple(row) for row in enc["input_ids"].tolist()])
+    with torch.inference_mode():
+        trunk = [(layer.keys, layer.values) for layer in evaluation._prompt_cache(*args).layers]
+        monkeypatch.setattr(evaluation, "_shared_trunk", lambda *a: nullcontext())
+        own = [(layer.keys, layer.values) for layer in evaluation._prompt_cache(*args).layers]
+    for (keys, values), (own_keys, own_values) in zip(trunk, own):
+        assert torch.allclose(keys, own_keys, atol=1e-5) and torch.allclose(values, own_values, atol=1e-5)
 
 
 def test_scoring_rows_of_one_prompt_share_the_layers_below_their_own_first_steered_one(lm, one_batch):

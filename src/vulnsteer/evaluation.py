@@ -17,7 +17,7 @@ group rows by length, as `vulnsteer.batching` plans them.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -309,24 +309,31 @@ def _generate_steered(lm: LoadedModel, encoded, steerings, max_new_tokens: int) 
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     hooks = steer(lm.model, steerings, mask) if steerings else nullcontext()
     groups = length_groups(lm.model, mask[:, :-1]) if ids.shape[1] > 1 else []
-    if len(groups) < 2:
+    prompts = [tuple(row) for row in ids.masked_fill(mask == 0, -1).tolist()]
+    repeated = len(set(prompts)) < len(prompts)  # a sweep's configs: their prompt pass shares layers (`_shared_trunk`)
+    if len(groups) < 2 and not (groups and repeated):
         with hooks:
             return _generate(lm, encoded, max_new_tokens)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # Only rows steered before their last prompt token are steered in that pass (prompt-last is the next call).
     before_last = [None if unsteered_before_last_prompt_token(row) else row for row in steerings or [None] * len(ids)]
-    cache = _prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], before_last, groups)
+    cache = _prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], before_last, groups, prompts)
     with hooks:
         return _generate(lm, {"input_ids": ids, "attention_mask": mask, cache_argument(lm.model): cache},
                          max_new_tokens)
 
 
-def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]]):
+def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]], prompts: list):
     """The KV cache of a left-padded batch of prompts, computed in groups of similar length (`grouped_prompt_pass`),
-    row i steered by `steerings[i]` (None: not at all)."""
+    row i steered by `steerings[i]` (None: not at all); rows of one prompt (equal `prompts[i]`) share the layers
+    below their own first steered one."""
     def steered(group: list[int], group_mask: torch.Tensor):
         rows = [steerings[i] for i in group]
-        return steer(model, rows, group_mask) if any(rows) else nullcontext()
+        hooks = ExitStack()
+        if any(rows):
+            hooks.enter_context(steer(model, rows, group_mask))
+        hooks.enter_context(_shared_trunk(model, [prompts[i] for i in group], rows))
+        return hooks
 
     return grouped_prompt_pass(model, ids, mask, positions, groups, steered)[1]
 
@@ -345,7 +352,7 @@ def _answer_shared_prefix(lm: LoadedModel, texts: list[str], steerings, score: b
     prompt_tokens = mask.sum(dim=1)[of_row].tolist()
     with torch.inference_mode():
         cache = _prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], [None] * len(distinct),
-                              length_groups(lm.model, mask[:, :-1]))
+                              length_groups(lm.model, mask[:, :-1]), distinct)
         if score:
             logits = _score_side_by_side(lm.model, cache, ids[:, -1], mask, positions[:, -1], of_row, steerings)
             replies, scores, new_tokens = [""] * len(texts), _log_odds(lm.tokenizer, logits), [0] * len(texts)
@@ -390,23 +397,25 @@ def _score_side_by_side(model, cache, last_ids: torch.Tensor, mask: torch.Tensor
     return logits[of_row, torch.tensor(slot, device=of_row.device)]
 
 
-def _distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
-    """The distinct texts in order of appearance, and for each row the index of its text among them."""
+def _distinct(texts: list) -> tuple[list, torch.Tensor]:
+    """The distinct prompts (texts, or token tuples) in order of appearance, and for each row the index of its
+    prompt among them."""
     distinct = list(dict.fromkeys(texts))
     index = {text: i for i, text in enumerate(distinct)}
     return distinct, torch.tensor([index[t] for t in texts])
 
 
 @contextmanager
-def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
-    """Scoring rows that repeat a prompt but steer all of it (a sweep's `all` configs) compute the same thing as
-    their prompt unsteered up to their own first steered layer. So each layer runs on the rows that have forked by
-    then (steered at that layer or below) plus one row per prompt for the rest, and copies its output back to every
-    row, before any steering hook sees it: a layer sweep's row at layer 20 shares layers 0-19 with its prompt. Only
-    for one forward pass without a KV cache (scoring), where nothing else depends on a layer's batch size."""
+def _shared_trunk(model, prompts: list, steerings) -> Iterator[None]:
+    """Rows that repeat a prompt (equal `prompts[i]`) but steer all of it (a sweep's `all` configs) compute the same
+    thing as their prompt unsteered up to their own first steered layer. So each layer runs on the rows that have
+    forked by then (steered at that layer or below) plus one row per prompt for the rest, and copies its output back
+    to every row, before any steering hook sees it, and its keys and values too where it writes a cache: a layer
+    sweep's row at layer 20 shares layers 0-19 with its prompt. For one forward pass over whole prompts (scoring, or
+    a prompt pass before decoding), never for decode steps, whose rows see different tokens."""
     layers = decoder_layers(model)
-    _, of_row = _distinct(texts)
-    rows = len(texts)
+    _, of_row = _distinct(prompts)
+    rows = len(prompts)
     forks = [_first_steered_layer(row, len(layers)) for row in steerings or [None] * rows]
     steered = {layer for row in steerings or [] if row and row.strength != 0 for layer in row.vectors}
     plans = [_live_rows(of_row.tolist(), forks, depth) for depth in range(len(layers))] + [(list(range(rows)), [])]
@@ -419,6 +428,7 @@ def _shared_trunk(model, texts: list[str], steerings) -> Iterator[None]:
         # Back to every row where the next layer computes other rows, and where steering hooks need the batch.
         if plans[depth + 1][0] != live or depth in steered:
             handles.append(layer.register_forward_hook(_widening(torch.tensor(source)), prepend=True))
+        handles.append(layer.register_forward_hook(_widening_cache(depth, torch.tensor(source)), with_kwargs=True))
     try:
         yield
     finally:
@@ -456,6 +466,16 @@ def _narrowing(rows: int, live: torch.Tensor):
 
     def hook(module, args, kwargs):
         return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
+    return hook
+
+
+def _widening_cache(depth: int, source: torch.Tensor):
+    """A forward hook that gives every row its keys and values back where the layer wrote them to a KV cache."""
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed within transformers 5
+        if cache is not None:
+            layer = cache.layers[depth]
+            layer.keys, layer.values = layer.keys[source.to(layer.keys.device)], layer.values[source.to(layer.keys.device)]
     return hook
 
 
