@@ -9,9 +9,9 @@ may hold both, and both see exactly the same prompts and decoding.
 
 A sweep asks each prompt under many configs, so work that does not depend on the config is done once per prompt:
 rows steered from the last prompt token on share one pass over the rest of the prompt (its KV cache; scoring, the
-rows then run as tokens side by side on that one cache), and scoring rows that steer the whole prompt share with
-their prompt the decoder layers below their own first steered one. Batches stay within the free GPU memory and
-group rows by length, as `vulnsteer.batching` plans them.
+rows then run as tokens side by side on that one cache), and rows that steer the whole prompt share with their
+prompt the decoder layers below their own first steered one (scoring, in its one pass; generating, in the prompt
+pass). Batches stay within the free GPU memory and group rows by length, as `vulnsteer.batching` plans them.
 """
 
 from __future__ import annotations
@@ -304,8 +304,9 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
 
 
 def _generate_steered(lm: LoadedModel, encoded, steerings, max_new_tokens: int) -> torch.Tensor:
-    """`_generate` under `steer()` hooks; prompts of very different lengths first run in groups of similar length
-    up to their last token (`_prompt_cache`), so that the prompt pass computes less padding."""
+    """`_generate` under `steer()` hooks. Prompts of very different lengths, or repeated ones (a sweep's configs),
+    first run up to their last token on their own (`_prompt_cache`): in groups of similar length, so that the prompt
+    pass computes less padding, and sharing each prompt's layers below each row's first steered one."""
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     hooks = steer(lm.model, steerings, mask) if steerings else nullcontext()
     groups = length_groups(lm.model, mask[:, :-1]) if ids.shape[1] > 1 else []
