@@ -266,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-hw", action="store_true", help="skip the matmul / bandwidth measurement")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.k < 1 or args.one_items < 1:
+        p.error("--repeats, --k and --one-items must be at least 1")
 
     if args.tiny:
         device, dtype, shape = torch.device("cpu"), torch.float32, TINY

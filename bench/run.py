@@ -748,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown part(s) {', '.join(sorted(unknown))}; use {','.join(PARTS)}")
     if only == {"d"}:
         only = {"a"}  # memory is measured on the arms of the other parts; (a) has the three ways
-    if args.repeats < 1 or args.limit < 1 or args.max_new_tokens < 1:
-        p.error("--repeats, --limit and --max-new-tokens must be at least 1")
+    if args.repeats < 1 or args.limit < 1 or args.max_new_tokens < 1 or args.k < 1:
+        p.error("--repeats, --limit, --max-new-tokens and --k must be at least 1")
 
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)

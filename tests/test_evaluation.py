@@ -448,8 +448,9 @@ def test_scoring_shares_no_prompt_pass_with_attention_that_takes_no_prepared_mas
 @pytest.mark.parametrize("mode", ["score", "generate"])
 def test_a_sliding_window_model_answers_a_sweep_as_each_job_alone(mode):
     """A prepared 4-D mask would bypass a sliding window, and such a cache keeps only the window: scoring, these
-    models run a sweep's rows in full passes; generating, they share each prompt's pass in the model's own cache.
-    Either way, each job's own answers (the prompts here are longer than the window)."""
+    models run a sweep's rows in full passes; generating, they share each prompt's pass in the model's own cache,
+    and the layers below each row's first steered one in it. Either way, each job's own answers (the prompts here
+    are longer than the window)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from vulnsteer.models import prepare
@@ -461,8 +462,9 @@ def test_a_sliding_window_model_answers_a_sweep_as_each_job_alone(mode):
                          max_window_layers=0)
     lm = prepare(Qwen2ForCausalLM(config).float().eval(), tokenizer, "tiny-window", "cpu")
     vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)) * 4}
-    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
-            for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0)]
+    # prompt-last rows share the prompt's pass; "all" rows share layer 0 with it (its window cache copied back)
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, positions))
+            for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0) for positions in ("prompt-last", "all")]
     decoding = Decoding(mode, max_new_tokens=6)
     together = evaluate(lm, jobs, decoding)
     alone = [evaluate(lm, [job], decoding)[0] for job in jobs]

@@ -195,7 +195,7 @@ class StaticDecoder:
             return None
         if attention_mask.shape[1] < 2 or not bool(attention_mask[:, -2].all()):
             return None
-        prompts = [tuple(row) for row in input_ids.masked_fill(attention_mask == 0, -1).tolist()]
+        prompts = prompt_keys(input_ids, attention_mask)
         distinct = {prompt: None for prompt in prompts}
         if len(distinct) == len(prompts):
             return None
@@ -286,6 +286,11 @@ class StaticDecoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple]:
+    """Each row's prompt as a hashable key, padding left out: rows with equal keys ask the same prompt."""
+    return [tuple(row) for row in input_ids.masked_fill(attention_mask == 0, -1).tolist()]
 
 
 def sliding_window(model) -> bool:

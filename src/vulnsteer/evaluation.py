@@ -28,7 +28,8 @@ from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
-from vulnsteer.decoding import StaticDecoder, cache_argument, grouped_prompt_pass, length_groups, sliding_window
+from vulnsteer.decoding import (StaticDecoder, cache_argument, grouped_prompt_pass, length_groups, prompt_keys,
+                                sliding_window)
 from vulnsteer.steering import (Steering, decoder_layers, hidden_of, steer, steer_tokens,
                                 unsteered_before_last_prompt_token, with_hidden)
 from vulnsteer.verdicts import parse_verdict
@@ -310,9 +311,9 @@ def _generate_steered(lm: LoadedModel, encoded, steerings, max_new_tokens: int) 
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     hooks = steer(lm.model, steerings, mask) if steerings else nullcontext()
     groups = length_groups(lm.model, mask[:, :-1]) if ids.shape[1] > 1 else []
-    prompts = [tuple(row) for row in ids.masked_fill(mask == 0, -1).tolist()]
+    prompts = prompt_keys(ids, mask)
     repeated = len(set(prompts)) < len(prompts)  # a sweep's configs: their prompt pass shares layers (`_shared_trunk`)
-    if len(groups) < 2 and not (groups and repeated):
+    if not groups or (len(groups) == 1 and not repeated):
         with hooks:
             return _generate(lm, encoded, max_new_tokens)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -476,7 +477,8 @@ def _widening_cache(depth: int, source: torch.Tensor):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed within transformers 5
         if cache is not None:
             layer = cache.layers[depth]
-            layer.keys, layer.values = layer.keys[source.to(layer.keys.device)], layer.values[source.to(layer.keys.device)]
+            rows = source.to(layer.keys.device)
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
     return hook
 
 
