@@ -4,7 +4,6 @@ must come back with every figure it could measure, even when one of its arms fai
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

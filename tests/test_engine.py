@@ -258,6 +258,81 @@ def test_static_decoder_runs_a_repeated_prompt_once_for_rows_steered_from_its_la
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [1, 3])
+def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_steered_one(lm, monkeypatch,
+                                                                                          lengths):
+    """A sweep's batch whose configs steer whole prompts (one prompt, or three of different lengths, a group each):
+    in the prompt pass each layer runs the rows that have forked by then plus one row per prompt; every row gets
+    `generate`'s tokens, and the cache holds what each row's own prompt pass puts there."""
+    monkeypatch.setattr(decoding, "batch_cost", lambda model, passes: 0.0)  # a group per length
+    texts = ["char buf[8]; strcpy(buf, argv[1]);", "x = y;", "int a[4]; for (i = 0; i <= 4; i++) a[i] = 0;"][:lengths]
+    g = torch.Generator().manual_seed(9)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
+    configs = [Steering({2: vectors[2]}, 1.5, "all"), Steering({1: vectors[1]}, -2.0, "prompt"),
+               Steering({3: vectors[3]}, -3.0, "prompt-last"), Steering({1: vectors[1]}, 2.0, "generated"),
+               None, Steering({1: vectors[1]}, 0.0, "all")]  # strength 0: steers nothing
+    rows = [config for _ in texts for config in configs]
+    enc = lm.tokenizer([t for t in texts for _ in configs], return_tensors="pt", padding=True,
+                       add_special_tokens=False).to(lm.device)
+    eos = [lm.tokenizer.eos_token_id]
+    layers = decoder_layers(lm.model)
+    prompt_rows = {k: 0 for k in range(len(layers))}
+
+    def record(k):
+        def hook(module, args, out):
+            if out.shape[1] > 1:  # prompt passes, not decode steps
+                prompt_rows[k] += out.shape[0]
+        return hook
+    handles = [layer.mlp.register_forward_hook(record(k)) for k, layer in enumerate(layers)]
+    try:
+        with StaticDecoder(lm.model, eos, lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
+            tokens = decoder.generate(enc["input_ids"], enc["attention_mask"], 8, rows)
+            counted = dict(prompt_rows)
+            shared = prompt_cache(decoder, enc["attention_mask"])
+            decoder.shared_prompts = False
+            decoder.generate(enc["input_ids"], enc["attention_mask"], 8, rows)
+            own = prompt_cache(decoder, enc["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Per prompt: layer 0 one row; layer 1 the "prompt" row and one for the rest; layer 2 adds the "all" row;
+    # layer 3 the prompt-last row, steered at the last prompt token (the generated, unsteered and strength-0 rows
+    # never fork).
+    assert [counted[k] for k in range(4)] == [lengths, 2 * lengths, 3 * lengths, 4 * lengths]
+    assert tokens.tolist() == plain_generate(lm, enc, rows, 8, eos).tolist()
+    assert len({tuple(t) for t in tokens.tolist()[:len(configs)]}) > 1, "steering changed nothing"
+    for a, b in zip(shared, own):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"
+
+
+@pytest.mark.parametrize("mode, turns", [("generate", 1), ("score", 2)])
+def test_static_sweep_at_all_positions_answers_as_the_plain_path(lm, mode, turns):
+    """`evaluate --cache static` on a sweep steered at all positions (its rows share their prompt's layers below
+    their own first steered one), generating or scoring after a generated turn, answers as the plain path."""
+    g = torch.Generator().manual_seed(3)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 3)}
+    configs = [None, Steering({1: vectors[1]}, 2.0, "all"), Steering({3: vectors[3]}, -2.0, "all"),
+               Steering(vectors, 1.0, "prompt")]
+    jobs = [Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",) * (turns - 1)), c)
+            for job in make_jobs(make_samples(3)) for c in configs]
+    static = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="static"))
+    dynamic = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="dynamic"))
+    assert [r.response for r in static] == [r.response for r in dynamic]
+    if mode == "score":
+        assert [r.score for r in static] == pytest.approx([r.score for r in dynamic], abs=1e-4)
+    assert len({r.response if mode == "generate" else round(r.score, 3) for r in static[:4]}) > 1
+
+
+def test_engine_refuses_a_prompt_pass_of_other_rows_than_it_was_set_up_for(lm):
+    enc = lm.tokenizer(["abc", "defgh"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    vector = {1: torch.ones(lm.hidden_size)}
+    with SteeringEngine(lm.model) as engine, torch.inference_mode():
+        engine.set_rows([Steering(vector, 1.0, "all"), None], enc["attention_mask"])
+        with pytest.raises(VulnsteerError, match="set up for 2 rows but the batch has 1"):
+            lm.model(input_ids=enc["input_ids"][:1], attention_mask=enc["attention_mask"][:1])
+
+
 def prompt_cache(decoder, attention_mask) -> list[torch.Tensor]:
     """Every layer's keys and values at the prompt slots that are not padding."""
     real = attention_mask.bool()

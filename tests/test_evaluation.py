@@ -562,7 +562,7 @@ def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_st
             decoding_module.length_groups(lm.model, mask), [tuple(row) for row in enc["input_ids"].tolist()])
     with torch.inference_mode():
         trunk = [(layer.keys, layer.values) for layer in evaluation._prompt_cache(*args).layers]
-        monkeypatch.setattr(evaluation, "_shared_trunk", lambda *a: nullcontext())
+        monkeypatch.setattr(evaluation, "shared_trunk", lambda *a: nullcontext())
         own = [(layer.keys, layer.values) for layer in evaluation._prompt_cache(*args).layers]
     for (keys, values), (own_keys, own_values) in zip(trunk, own):
         assert torch.allclose(keys, own_keys, atol=1e-5) and torch.allclose(values, own_values, atol=1e-5)

@@ -29,7 +29,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vulnsteer.batching import batch_cost, batches
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, SteeringEngine, unsteered_before_last_prompt_token
+from vulnsteer.steering import Steering, SteeringEngine, prompt_steering, unsteered_before_last_prompt_token
+from vulnsteer.trunk import shared_trunk
 
 # Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
 UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
@@ -149,7 +150,8 @@ class StaticDecoder:
         """The prompt through transformers' own masking, and the first new token; resets every buffer in place (a
         captured step keeps reading the same addresses). Rows of very different lengths run in groups of similar
         length (`_prompt_pass`), so that the prompt pass computes less padding; rows that repeat a prompt and steer
-        nothing before its last token share one pass over the rest of it (`_prefill_shared`)."""
+        nothing before its last token share one pass over the rest of it (`_prefill_shared`), and rows that repeat
+        a prompt but steer all of it share the layers below their own first steered one (`shared_trunk`)."""
         self.cache.reset()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.valid[:, :self.width].copy_(attention_mask.bool())
@@ -164,8 +166,11 @@ class StaticDecoder:
             self._prefill_shared(input_ids, attention_mask, positions, steerings, *shared)
             return
         groups = self._groups(attention_mask)
-        if len(groups) > 1:
-            logits, cache = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups)
+        prompts = prompt_keys(input_ids, attention_mask)
+        repeated = self.plain and self.shared_prompts and len(set(prompts)) < len(prompts)
+        if len(groups) > 1 or repeated:
+            logits, cache = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups,
+                                              prompts if repeated else None)
             for layer, part in zip(self.cache.layers, cache.layers):
                 layer.update(part.keys, part.values)
             self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
@@ -180,11 +185,15 @@ class StaticDecoder:
             return [list(range(len(attention_mask)))]
         return length_groups(self.model, attention_mask)
 
-    def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups):
-        """`grouped_prompt_pass`, each group steered through the engine."""
+    def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups, prompts: list | None = None):
+        """`grouped_prompt_pass`, each group steered through the engine; rows with equal `prompts[i]` share the
+        layers below their own first steered one (None: no row shares)."""
         def steered(group: list[int], mask: torch.Tensor):
-            self.steering.set_rows([steerings[i] for i in group], mask)
-            return nullcontext()
+            rows = [steerings[i] for i in group]
+            self.steering.set_rows(rows, mask)
+            if prompts is None:
+                return nullcontext()
+            return shared_trunk(self.model, [prompts[i] for i in group], [prompt_steering(row) for row in rows])
         return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered)
 
     def _shared_prompts(self, input_ids, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:

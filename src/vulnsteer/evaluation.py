@@ -17,9 +17,9 @@ pass). Batches stay within the free GPU memory and group rows by length, as `vul
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -30,8 +30,8 @@ from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import Prompt
 from vulnsteer.decoding import (StaticDecoder, cache_argument, grouped_prompt_pass, length_groups, prompt_keys,
                                 sliding_window)
-from vulnsteer.steering import (Steering, decoder_layers, hidden_of, steer, steer_tokens,
-                                unsteered_before_last_prompt_token, with_hidden)
+from vulnsteer.steering import Steering, steer, steer_tokens, unsteered_before_last_prompt_token
+from vulnsteer.trunk import shared_trunk
 from vulnsteer.verdicts import parse_verdict
 
 Mode = Literal["generate", "score"]
@@ -278,9 +278,10 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
             def score_batch(enc):
                 if static is not None:
                     static.steering.set_rows(rows, enc["attention_mask"])
-                    return yes_no_log_odds(lm, enc)
-                hooks = steer(lm.model, steerings, enc["attention_mask"]) if steerings else nullcontext()
-                with hooks, _shared_trunk(lm.model, texts, steerings):
+                    hooks = nullcontext()
+                else:
+                    hooks = steer(lm.model, steerings, enc["attention_mask"]) if steerings else nullcontext()
+                with hooks, shared_trunk(lm.model, texts, steerings):
                     return yes_no_log_odds(lm, enc)
             encoded, scores = _run_batch(lm, texts, score_batch)
             replies, new_tokens = [""] * len(texts), [0] * len(texts)
@@ -312,7 +313,7 @@ def _generate_steered(lm: LoadedModel, encoded, steerings, max_new_tokens: int) 
     hooks = steer(lm.model, steerings, mask) if steerings else nullcontext()
     groups = length_groups(lm.model, mask[:, :-1]) if ids.shape[1] > 1 else []
     prompts = prompt_keys(ids, mask)
-    repeated = len(set(prompts)) < len(prompts)  # a sweep's configs: their prompt pass shares layers (`_shared_trunk`)
+    repeated = len(set(prompts)) < len(prompts)  # a sweep's configs: their prompt pass shares layers (`shared_trunk`)
     if not groups or (len(groups) == 1 and not repeated):
         with hooks:
             return _generate(lm, encoded, max_new_tokens)
@@ -334,7 +335,7 @@ def _prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]
         hooks = ExitStack()
         if any(rows):
             hooks.enter_context(steer(model, rows, group_mask))
-        hooks.enter_context(_shared_trunk(model, [prompts[i] for i in group], rows))
+        hooks.enter_context(shared_trunk(model, [prompts[i] for i in group], rows))
         return hooks
 
     return grouped_prompt_pass(model, ids, mask, positions, groups, steered)[1]
@@ -405,89 +406,6 @@ def _distinct(texts: list) -> tuple[list, torch.Tensor]:
     distinct = list(dict.fromkeys(texts))
     index = {text: i for i, text in enumerate(distinct)}
     return distinct, torch.tensor([index[t] for t in texts])
-
-
-@contextmanager
-def _shared_trunk(model, prompts: list, steerings) -> Iterator[None]:
-    """Rows that repeat a prompt (equal `prompts[i]`) but steer all of it (a sweep's `all` configs) compute the same
-    thing as their prompt unsteered up to their own first steered layer. So each layer runs on the rows that have
-    forked by then (steered at that layer or below) plus one row per prompt for the rest, and copies its output back
-    to every row, before any steering hook sees it, and its keys and values too where it writes a cache: a layer
-    sweep's row at layer 20 shares layers 0-19 with its prompt. For one forward pass over whole prompts (scoring, or
-    a prompt pass before decoding), never for decode steps, whose rows see different tokens."""
-    layers = decoder_layers(model)
-    _, of_row = _distinct(prompts)
-    rows = len(prompts)
-    forks = [_first_steered_layer(row, len(layers)) for row in steerings or [None] * rows]
-    steered = {layer for row in steerings or [] if row and row.strength != 0 for layer in row.vectors}
-    plans = [_live_rows(of_row.tolist(), forks, depth) for depth in range(len(layers))] + [(list(range(rows)), [])]
-    handles = []
-    for depth, layer in enumerate(layers):
-        live, source = plans[depth]
-        if len(live) == rows:
-            continue
-        handles.append(layer.register_forward_pre_hook(_narrowing(rows, torch.tensor(live)), with_kwargs=True))
-        # Back to every row where the next layer computes other rows, and where steering hooks need the batch.
-        if plans[depth + 1][0] != live or depth in steered:
-            handles.append(layer.register_forward_hook(_widening(torch.tensor(source)), prepend=True))
-        handles.append(layer.register_forward_hook(_widening_cache(depth, torch.tensor(source)), with_kwargs=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _first_steered_layer(row: Steering | None, n_layers: int) -> int:
-    steered = row is not None and row.strength != 0 and row.vectors
-    return min(row.vectors) if steered else n_layers
-
-
-def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[list[int], list[int]]:
-    """The rows a layer at `depth` computes (those forked from their prompt, and one row per prompt for the others),
-    and for every row the place of its values among them."""
-    live, source, carrier = [], [], {}
-    for row, (prompt, fork) in enumerate(zip(prompt_of_row, forks)):
-        if fork > depth and prompt in carrier:
-            source.append(carrier[prompt])
-            continue
-        if fork > depth:
-            carrier[prompt] = len(live)
-        source.append(len(live))
-        live.append(row)
-    return live, source
-
-
-def _narrowing(rows: int, live: torch.Tensor):
-    """A pre-hook that keeps the `live` rows of a layer's batch-first inputs (hidden states, masks, position
-    embeddings); hidden states that the layer before left narrowed pass as they are."""
-    def narrow(value):
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
-            return value[live.to(value.device)]
-        return tuple(narrow(v) for v in value) if isinstance(value, tuple) else value
-
-    def hook(module, args, kwargs):
-        return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
-    return hook
-
-
-def _widening_cache(depth: int, source: torch.Tensor):
-    """A forward hook that gives every row its keys and values back where the layer wrote them to a KV cache."""
-    def hook(module, args, kwargs, output):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed within transformers 5
-        if cache is not None:
-            layer = cache.layers[depth]
-            rows = source.to(layer.keys.device)
-            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
-    return hook
-
-
-def _widening(source: torch.Tensor):
-    """A forward hook that gives every row of the batch its values back from the live rows."""
-    def hook(module, args, output):
-        hidden = hidden_of(output)
-        return with_hidden(output, hidden[source.to(hidden.device)])
-    return hook
 
 
 def _decode(lm: LoadedModel, generated: torch.Tensor) -> list[str]:

@@ -42,6 +42,11 @@ def unsteered_before_last_prompt_token(row: Steering | None) -> bool:
     return row is None or row.positions in ("prompt-last", "generated")
 
 
+def prompt_steering(row: Steering | None) -> Steering | None:
+    """What a row steers in a pass over its whole prompt: nothing for rows steered only at generated tokens."""
+    return None if row is None or row.positions == "generated" else row
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks whose outputs form the residual stream (Llama/Qwen/Mistral/GPT-2 style models)."""
     for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -207,6 +212,7 @@ class SteeringEngine:
         self.model = model
         self.layers = decoder_layers(model)
         self._allocate(max_batch)
+        self.prefill_layers: set[int] = set()  # layers that a prompt pass of the current batch steers
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
     def _allocate(self, max_batch: int) -> None:
@@ -221,8 +227,14 @@ class SteeringEngine:
         def hook(module, args, output):
             hidden = hidden_of(output)
             rows, tokens = hidden.shape[:2]
-            mask = self.decode_mask[:rows] if tokens == 1 else self.prefill_mask[:rows]
-            return with_hidden(output, hidden + self.delta[index, :rows].unsqueeze(1) * mask)
+            if tokens == 1:  # a decode step: the same work at every layer, whatever the config, for the capture
+                return with_hidden(output, hidden + self.delta[index, :rows].unsqueeze(1) * self.decode_mask[:rows])
+            if index not in self.prefill_layers:  # a prompt pass, which may run fewer rows here (`shared_trunk`)
+                return output
+            if rows != self.prefill_mask.shape[0]:
+                raise VulnsteerError(f"steering was set up for {self.prefill_mask.shape[0]} rows but the batch has "
+                                     f"{rows}")
+            return with_hidden(output, hidden + self.delta[index, :rows].unsqueeze(1) * self.prefill_mask)
         return hook
 
     def set_rows(self, rows: Sequence[Steering | None], attention_mask: torch.Tensor) -> None:
@@ -231,6 +243,8 @@ class SteeringEngine:
         if batch > self.delta.shape[1]:
             self._allocate(batch)
         deltas = _layer_deltas(rows, self.delta.shape[2], len(self.layers))
+        self.prefill_layers = {layer for row in map(prompt_steering, rows) if row and row.strength != 0
+                               for layer in row.vectors}
         self.delta.zero_()
         for layer, delta in deltas.items():
             self.delta[layer, :batch].copy_(delta)
