@@ -161,13 +161,13 @@ class StaticDecoder:
         self.length.fill_(self.width)
         self.step.zero_()
         self.finished.zero_()
-        shared = self._shared_prompts(input_ids, attention_mask, steerings) if self.plain else None
+        prompts = prompt_keys(input_ids, attention_mask)
+        repeated = self.plain and self.shared_prompts and len(set(prompts)) < len(prompts)
+        shared = self._shared_prompts(prompts, attention_mask, steerings) if repeated else None
         if shared is not None:
             self._prefill_shared(input_ids, attention_mask, positions, steerings, *shared)
             return
         groups = self._groups(attention_mask)
-        prompts = prompt_keys(input_ids, attention_mask)
-        repeated = self.plain and self.shared_prompts and len(set(prompts)) < len(prompts)
         if len(groups) > 1 or repeated:
             logits, cache = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups,
                                               prompts if repeated else None)
@@ -196,18 +196,15 @@ class StaticDecoder:
             return shared_trunk(self.model, [prompts[i] for i in group], [prompt_steering(row) for row in rows])
         return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered)
 
-    def _shared_prompts(self, input_ids, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:
-        """For a batch whose rows repeat prompts (a sweep's configs) and steer nothing before the last prompt token:
-        the first row of each distinct prompt, and each row's prompt among them. None where nothing can be shared
-        (or a prompt is a single token)."""
-        if not self.shared_prompts or not all(map(unsteered_before_last_prompt_token, steerings)):
+    def _shared_prompts(self, prompts: list, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:
+        """For a batch whose rows repeat prompts (`prompts[i]`, a sweep's configs) and steer nothing before the last
+        prompt token: the first row of each distinct prompt, and each row's prompt among them. None where some row
+        steers before it (or a prompt is a single token)."""
+        if not all(map(unsteered_before_last_prompt_token, steerings)):
             return None
         if attention_mask.shape[1] < 2 or not bool(attention_mask[:, -2].all()):
             return None
-        prompts = prompt_keys(input_ids, attention_mask)
         distinct = {prompt: None for prompt in prompts}
-        if len(distinct) == len(prompts):
-            return None
         number = {prompt: k for k, prompt in enumerate(distinct)}
         first = [prompts.index(prompt) for prompt in distinct]
         return first, torch.tensor([number[p] for p in prompts], device=self.device)
