@@ -1,10 +1,12 @@
 """The static-cache engine: same answers as the general hooks and as `generate`, and a decode step whose buffers
 keep their addresses when the steering changes (on a GPU: captured once as a CUDA graph, then replayed)."""
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from test_evaluation import make_jobs, make_samples
 from vulnsteer.evaluation import Decoding, Job, evaluate
@@ -331,6 +333,72 @@ def test_engine_refuses_a_prompt_pass_of_other_rows_than_it_was_set_up_for(lm):
         engine.set_rows([Steering(vector, 1.0, "all"), None], enc["attention_mask"])
         with pytest.raises(VulnsteerError, match="set up for 2 rows but the batch has 1"):
             lm.model(input_ids=enc["input_ids"][:1], attention_mask=enc["attention_mask"][:1])
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode and still alive, and their peak: a storage's Python
+    object lives as long as the storage does, so a finalizer on it sees the memory freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self.seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and id(value.untyped_storage()) not in self.seen:
+                storage = value.untyped_storage()
+                self.seen.add(id(storage))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
+        return out
+
+
+def test_static_prompt_passes_hold_at_most_one_more_copy_of_the_prompts_keys_than_the_budget_counts():
+    """The automatic batch budget counts, when generating, the decoder's cache plus one more copy of the prompt's
+    keys and values. A model whose keys and values outweigh its activations: a prompt pass in groups writes each
+    group straight into the static cache (its peak stays within half a prompt cache of one direct pass), and one
+    that shares a repeated prompt's layers holds one cache of its own until the static one has it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import byte_tokenizer
+    from vulnsteer.models import prepare
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
+                                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
+                                         head_dim=128)).eval()
+    lm = prepare(model, tokenizer, "kv-heavy", "cpu")
+    long_and_short = [f"int a[4]; a[i] = 0; free(p); {i}" * 8 for i in range(3)] + [f"x = y; {i}" * 4 for i in range(3)]
+    vectors = {layer: torch.randn(lm.hidden_size) for layer in (1, 4)}
+    configs = [Steering({1: vectors[1]}, 1.0, "all"), Steering({4: vectors[4]}, 1.0, "all")]
+
+    def peak(texts, **settings) -> tuple[float, int]:
+        enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        rows = [configs[i % 2] for i in range(len(texts))]
+        with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id, **settings) as decoder, \
+                torch.inference_mode():
+            decoder.generate(enc["input_ids"], enc["attention_mask"], 2, rows)  # buffers for this shape
+            with LiveTensorBytes() as memory:
+                decoder.generate(enc["input_ids"], enc["attention_mask"], 2, rows)
+            layer = decoder.cache.layers[0]
+            prompt_cache = 2 * layer.keys[:, :, :enc["input_ids"].shape[1]].nbytes * len(decoder.cache.layers)
+        return memory.peak, prompt_cache
+
+    direct, prompt_cache = peak(long_and_short, grouped_prefill=False, shared_prompts=False)
+    grouped, _ = peak(long_and_short)
+    assert grouped <= direct + 0.5 * prompt_cache, (grouped - direct) / prompt_cache
+    one_prompt = [long_and_short[0]] * 6
+    direct, prompt_cache = peak(one_prompt, grouped_prefill=False, shared_prompts=False)
+    shared, _ = peak(one_prompt)
+    assert direct + 0.5 * prompt_cache < shared <= direct + prompt_cache, (shared - direct) / prompt_cache
 
 
 def prompt_cache(decoder, attention_mask) -> list[torch.Tensor]:

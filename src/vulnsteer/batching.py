@@ -13,7 +13,9 @@ CPU_BATCH_TOKENS = 8192
 
 def auto_batch_tokens(model, max_new_tokens: int, width: int, free_bytes: int | None = None) -> int:
     """Prompt tokens per batch (rows x padded width) that fit in `free_bytes` (on a GPU: what is free now) with a
-    fifth to spare: each row's KV cache for its prompt and new tokens, plus the prefill's transient activations.
+    fifth to spare: each row's KV cache for its prompt and new tokens, plus the prefill's transient activations,
+    and when generating, one more copy of the prompt's keys and values (a prompt pass in groups, or one that shares
+    layers among a prompt's rows, fills a cache of its own before the decoder's holds it).
     `width` is the shortest prompt, whose rows carry the most new tokens per prompt token. On CPU, without
     `free_bytes`: 8192, as larger batches buy little there. An estimate: a batch that still runs out of memory is
     halved and retried. On a GPU it usually means one batch for a whole dataset, so that every decode step reads
@@ -30,7 +32,8 @@ def auto_batch_tokens(model, max_new_tokens: int, width: int, free_bytes: int | 
     kv_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * parameter.element_size()
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     activation_bytes = (4 * config.hidden_size + 2 * intermediate) * parameter.element_size()
-    per_prompt_token = kv_bytes * (1 + max_new_tokens / max(width, 1)) + activation_bytes
+    held = 1 if max_new_tokens == 0 else 2  # the decoding cache's prompt slots, and the prompt pass's own copy
+    per_prompt_token = kv_bytes * (held + max_new_tokens / max(width, 1)) + activation_bytes
     return max(int(0.8 * free_bytes / per_prompt_token), width)  # at least one row
 
 

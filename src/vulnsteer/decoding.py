@@ -169,10 +169,9 @@ class StaticDecoder:
             return
         groups = self._groups(attention_mask)
         if len(groups) > 1 or repeated:
-            logits, cache = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups,
-                                              prompts if repeated else None)
-            for layer, part in zip(self.cache.layers, cache.layers):
-                layer.update(part.keys, part.values)
+            self._hold_prompt_slots()
+            logits, _ = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups,
+                                          prompts if repeated else None, into=self.cache)
             self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
         else:
             self.steering.set_rows(steerings, attention_mask)
@@ -185,7 +184,8 @@ class StaticDecoder:
             return [list(range(len(attention_mask)))]
         return length_groups(self.model, attention_mask)
 
-    def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups, prompts: list | None = None):
+    def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups, prompts: list | None = None,
+                     into=None):
         """`grouped_prompt_pass`, each group steered through the engine; rows with equal `prompts[i]` share the
         layers below their own first steered one (None: no row shares)."""
         def steered(group: list[int], mask: torch.Tensor):
@@ -194,7 +194,18 @@ class StaticDecoder:
             if prompts is None:
                 return nullcontext()
             return shared_trunk(self.model, [prompts[i] for i in group], [prompt_steering(row) for row in rows])
-        return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered)
+        return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered, into)
+
+    def _hold_prompt_slots(self) -> None:
+        """Make the static cache hold the prompt's slots, as a prompt pass through it would (its length counter
+        advanced, its buffers allocated), so that a grouped prompt pass can write its groups straight into it."""
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        zeros = torch.zeros((), dtype=self.dtype, device=self.device).expand(len(self.ids), heads, self.width,
+                                                                             head_dim)
+        for layer in self.cache.layers:
+            layer.update(zeros, zeros)
 
     def _shared_prompts(self, prompts: list, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:
         """For a batch whose rows repeat prompts (`prompts[i]`, a sweep's configs) and steer nothing before the last
@@ -216,14 +227,22 @@ class StaticDecoder:
         index = torch.tensor(first, device=self.device)
         prefix = (input_ids[index, :-1], attention_mask[index, :-1], positions[index, :-1])
         _, cache = self._prompt_pass(*prefix, [None] * len(first), self._groups(prefix[1]))
-        for layer, part in zip(self.cache.layers, cache.layers):
-            layer.update(part.keys[of_row], part.values[of_row])
+        self._fill(cache, of_row)
         self.steering.set_rows(steerings, attention_mask)
         self.ids.copy_(input_ids[:, -1:])
         self.positions.sub_(1)  # the decode step advances it to the last prompt token's position
         self.length.fill_(self.width - 1)
         with self.steering.at_last_prompt_token():
             self._decode_step()
+
+    def _fill(self, cache, of_row: torch.Tensor) -> None:
+        """Put the distinct prompts' keys and values into the static cache, row i from `cache` row `of_row[i]`,
+        releasing each layer of `cache` once copied."""
+        for layer in self.cache.layers:
+            part = cache.layers.pop(0)
+            keys, values = part.keys[of_row], part.values[of_row]
+            del part
+            layer.update(keys, values)
 
     def _last_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
@@ -320,17 +339,19 @@ def length_groups(model, attention_mask: torch.Tensor) -> list[list[int]]:
 
 
 def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: list[list[int]],
-                        steered: Callable[[list[int], torch.Tensor], ContextManager]):
+                        steered: Callable[[list[int], torch.Tensor], ContextManager], into=None):
     """One prompt pass over a left-padded batch in groups of rows, each group only as wide as its longest prompt,
     with a cache of its own, and steered by `steered(group, its mask)`. Returns every row's last logits and the
-    batch's KV cache: with one group, the model's own (which may keep only a sliding window); otherwise all rows'
-    keys and values right-aligned in the batch's width, as one pass over the whole batch would have put them (the
-    slots before are padding, masked)."""
+    batch's KV cache: with one group and no `into`, the model's own (which may keep only a sliding window);
+    otherwise all rows' keys and values right-aligned in the batch's width, as one pass over the whole batch would
+    have put them (the slots before are padding, masked), written group by group into `into` (a cache whose layers
+    hold every row and at least the batch's width, as `StaticDecoder` prepares its own) or into a new cache. Each
+    group's own cache is released before the next group runs."""
     if len(groups) == 1:
         groups = [list(range(len(input_ids)))]  # in batch order, so that the model's cache is the batch's
     width = input_ids.shape[1]
     lengths = attention_mask.sum(-1).tolist()
-    logits, parts = None, []
+    logits = None
     for group in groups:
         index = torch.tensor(group, device=input_ids.device)
         columns = slice(width - max(lengths[i] for i in group), width)
@@ -341,18 +362,19 @@ def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: lis
         last = output.logits[:, -1]
         logits = last.new_empty(len(input_ids), last.shape[-1]) if logits is None else logits
         logits[index] = last
-        parts.append((index, columns, returned_cache(output)))
-    if len(parts) == 1:
-        return logits, parts[0][2]
-    merged = DynamicCache()
-    for k, first in enumerate(parts[0][2].layers):
-        keys = first.keys.new_zeros(len(input_ids), first.keys.shape[1], width, first.keys.shape[3])
-        values = first.values.new_zeros(len(input_ids), first.values.shape[1], width, first.values.shape[3])
-        for index, columns, cache in parts:
-            keys[index, :, columns] = cache.layers[k].keys
-            values[index, :, columns] = cache.layers[k].values
-        merged.update(keys, values, k)
-    return logits, merged
+        cache = returned_cache(output)
+        if len(groups) == 1 and into is None:
+            return logits, cache
+        if into is None:
+            into = DynamicCache()
+            for k, layer in enumerate(cache.layers):
+                shape = (len(input_ids), layer.keys.shape[1], width, layer.keys.shape[3])
+                into.update(layer.keys.new_zeros(shape), layer.values.new_zeros(shape), k)
+        for target, layer in zip(into.layers, cache.layers):
+            target.keys[index, :, columns] = layer.keys
+            target.values[index, :, columns] = layer.values
+        del output, cache, last
+    return logits, into
 
 
 def cache_argument(model) -> str:
