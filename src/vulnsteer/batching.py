@@ -26,15 +26,21 @@ def auto_batch_tokens(model, max_new_tokens: int, width: int, free_bytes: int | 
             return CPU_BATCH_TOKENS
         free_bytes = torch.cuda.mem_get_info(parameter.device)[0]
     config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads, head_dim = key_value_heads(model)
     kv_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * parameter.element_size()
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     activation_bytes = (4 * config.hidden_size + 2 * intermediate) * parameter.element_size()
     held = 1 if max_new_tokens == 0 else 2  # the decoding cache's prompt slots, and the prompt pass's own copy
     per_prompt_token = kv_bytes * (held + max_new_tokens / max(width, 1)) + activation_bytes
     return max(int(0.8 * free_bytes / per_prompt_token), width)  # at least one row
+
+
+def key_value_heads(model) -> tuple[int, int]:
+    """Key/value heads per layer and their size, from the model's config."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 # The fixed work of one forward pass, in prompt tokens of work. On a GPU: the tokens its FLOP rate processes while

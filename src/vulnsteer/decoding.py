@@ -27,7 +27,7 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vulnsteer.batching import batch_cost, batches
+from vulnsteer.batching import batch_cost, batches, key_value_heads
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.steering import Steering, SteeringEngine, prompt_steering, unsteered_before_last_prompt_token
 from vulnsteer.trunk import shared_trunk
@@ -199,11 +199,8 @@ class StaticDecoder:
     def _hold_prompt_slots(self) -> None:
         """Make the static cache hold the prompt's slots, as a prompt pass through it would (its length counter
         advanced, its buffers allocated), so that a grouped prompt pass can write its groups straight into it."""
-        config = self.model.config.get_text_config()
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        zeros = torch.zeros((), dtype=self.dtype, device=self.device).expand(len(self.ids), heads, self.width,
-                                                                             head_dim)
+        heads, head_dim = key_value_heads(self.model)
+        zeros = torch.zeros((), dtype=self.dtype, device=self.device).expand(len(self.ids), heads, self.width, head_dim)
         for layer in self.cache.layers:
             layer.update(zeros, zeros)
 

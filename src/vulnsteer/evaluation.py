@@ -276,11 +276,11 @@ def _answer(lm: LoadedModel, texts: list[str], steerings, score: bool, max_new_t
         rows = steerings or [None] * len(texts)
         if score:
             def score_batch(enc):
+                hooks = nullcontext()
                 if static is not None:
                     static.steering.set_rows(rows, enc["attention_mask"])
-                    hooks = nullcontext()
-                else:
-                    hooks = steer(lm.model, steerings, enc["attention_mask"]) if steerings else nullcontext()
+                elif steerings:
+                    hooks = steer(lm.model, steerings, enc["attention_mask"])
                 with hooks, shared_trunk(lm.model, texts, steerings):
                     return yes_no_log_odds(lm, enc)
             encoded, scores = _run_batch(lm, texts, score_batch)
@@ -400,9 +400,8 @@ def _score_side_by_side(model, cache, last_ids: torch.Tensor, mask: torch.Tensor
     return logits[of_row, torch.tensor(slot, device=of_row.device)]
 
 
-def _distinct(texts: list) -> tuple[list, torch.Tensor]:
-    """The distinct prompts (texts, or token tuples) in order of appearance, and for each row the index of its
-    prompt among them."""
+def _distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct texts in order of appearance, and for each row the index of its text among them."""
     distinct = list(dict.fromkeys(texts))
     index = {text: i for i, text in enumerate(distinct)}
     return distinct, torch.tensor([index[t] for t in texts])

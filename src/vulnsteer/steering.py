@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -40,6 +40,11 @@ class Steering:
 def unsteered_before_last_prompt_token(row: Steering | None) -> bool:
     """Whether a row leaves its prompt up to the last token alone: rows of one prompt that do can share that pass."""
     return row is None or row.positions in ("prompt-last", "generated")
+
+
+def steered_layers(rows: Iterable[Steering | None]) -> set[int]:
+    """The layers that some row steers (rows of strength 0 steer nothing)."""
+    return {layer for row in rows if row and row.strength != 0 for layer in row.vectors}
 
 
 def prompt_steering(row: Steering | None) -> Steering | None:
@@ -243,8 +248,7 @@ class SteeringEngine:
         if batch > self.delta.shape[1]:
             self._allocate(batch)
         deltas = _layer_deltas(rows, self.delta.shape[2], len(self.layers))
-        self.prefill_layers = {layer for row in map(prompt_steering, rows) if row and row.strength != 0
-                               for layer in row.vectors}
+        self.prefill_layers = steered_layers(map(prompt_steering, rows))
         self.delta.zero_()
         for layer, delta in deltas.items():
             self.delta[layer, :batch].copy_(delta)

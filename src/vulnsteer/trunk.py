@@ -13,24 +13,24 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vulnsteer.steering import Steering, decoder_layers, hidden_of, with_hidden
+from vulnsteer.steering import Steering, decoder_layers, hidden_of, steered_layers, with_hidden
 
 
 @contextmanager
 def shared_trunk(model, prompts: Sequence, steerings: Sequence[Steering | None] | None) -> Iterator[None]:
     """For one forward call whose row i asks `prompts[i]` (rows with equal prompts repeat one) steered by
     `steerings[i]` (None: not steered in this call). Rows of one prompt compute the same thing as their prompt
-    unsteered up to their own first steered layer. So each layer runs on the rows that have
-    forked by then (steered at that layer or below) plus one row per prompt for the rest, and copies its output back
-    to every row, before any steering hook sees it, and its keys and values too where it writes a cache: a layer
-    sweep's row at layer 20 shares layers 0-19 with its prompt. For one forward pass over whole prompts (scoring, or
-    a prompt pass before decoding), never for decode steps, whose rows see different tokens."""
+    unsteered up to their own first steered layer. So each layer runs on the rows that have forked by then (steered
+    at that layer or below) plus one row per prompt for the rest, and copies its output back to every row, before
+    any steering hook sees it, and its keys and values too where it writes a cache: a layer sweep's row at layer 20
+    shares layers 0-19 with its prompt. For one forward pass over whole prompts (scoring, or a prompt pass before
+    decoding), never for decode steps, whose rows see different tokens."""
     layers = decoder_layers(model)
     number: dict = {}
     of_row = [number.setdefault(prompt, len(number)) for prompt in prompts]
     rows = len(prompts)
-    forks = [_first_steered_layer(row, len(layers)) for row in steerings or [None] * rows]
-    steered = {layer for row in steerings or [] if row and row.strength != 0 for layer in row.vectors}
+    forks = [min(steered_layers([row]), default=len(layers)) for row in steerings or [None] * rows]
+    steered = steered_layers(steerings or [])
     plans = [_live_rows(of_row, forks, depth) for depth in range(len(layers))] + [(list(range(rows)), [])]
     handles = []
     for depth, layer in enumerate(layers):
@@ -47,11 +47,6 @@ def shared_trunk(model, prompts: Sequence, steerings: Sequence[Steering | None] 
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _first_steered_layer(row: Steering | None, n_layers: int) -> int:
-    steered = row is not None and row.strength != 0 and row.vectors
-    return min(row.vectors) if steered else n_layers
 
 
 def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[list[int], list[int]]:
