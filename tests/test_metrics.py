@@ -11,8 +11,11 @@ from vulnsteer.metrics import (
     MetricsError,
     auroc,
     bootstrap_gain,
+    clustered_auroc,
+    clustered_proportion,
     mcnemar_exact,
     mcnemar_items,
+    sign_flip_p_value,
     summarise,
     summarise_by_cwe,
     wilson_interval,
@@ -143,21 +146,6 @@ def test_auroc_none_without_scores_or_one_class():
     json.dumps(s.to_dict())
 
 
-def test_vectorised_auroc_matches_sklearn_weighted():
-    from vulnsteer.metrics import _arrays, _stat_auroc
-
-    rng = np.random.default_rng(3)
-    items = paired(n_pairs=40, score=lambda v, i: float(rng.integers(0, 5)) + 0.7 * v)  # many ties
-    a = _arrays(items)
-    W = rng.multinomial(a.n_clusters, np.full(a.n_clusters, 1 / a.n_clusters), size=5).astype(float)
-    ours = _stat_auroc(a, W)
-    for row, value in zip(W, ours):
-        w = row[a.cluster]
-        ref = roc_auc_score(a.y, a.score, sample_weight=w)
-        assert value == pytest.approx(ref)
-    assert _stat_auroc(a, np.ones((1, a.n_clusters)))[0] == pytest.approx(auroc(items))
-
-
 def test_bootstrap_gain_contains_observed_and_reproducible():
     base = paired(n_pairs=60, verdict=noisy(0.6, 1), score=lambda v, i: 0.2 * v + np.sin(i))
     steer = paired(n_pairs=60, verdict=noisy(0.85, 2), score=lambda v, i: 1.0 * v + np.sin(i))
@@ -268,3 +256,71 @@ def test_a_pair_split_across_families_is_refused():
              Judged("p0", "CWE-79", False, "vulnerable", family="b")]
     with pytest.raises(MetricsError, match="split across families"):
         summarise(items)
+
+
+def clustered_scores(rng, n_families, copies, shift, noise=0.3):
+    """Families of `copies` near-identical pairs sharing a family effect: scores of copies are correlated."""
+    items = []
+    for f in range(n_families):
+        u = rng.normal()
+        pair_noise = rng.normal(0, noise, size=2)
+        for c in range(copies):
+            for vulnerable, e in ((True, pair_noise[0]), (False, pair_noise[1])):
+                score = u + shift * vulnerable + e + rng.normal(0, 0.01)
+                items.append(Judged(f"f{f}/c{c}", "CWE-787", vulnerable, "unknown", float(score), family=f"f{f}"))
+    return items
+
+
+def test_clustered_auroc_interval_holds_its_estimate_and_covers_the_truth():
+    from scipy.stats import norm as normal
+
+    rng = np.random.default_rng(0)
+    shift, noise, families = 0.8, 0.3, 30
+    between = normal.cdf(shift / math.sqrt(2 + 2 * noise**2))
+    within = normal.cdf(shift / math.sqrt(2 * noise**2))
+    truth = (1 - 1 / families) * between + within / families  # what the estimator estimates
+    covered = 0
+    for _ in range(300):
+        items = clustered_scores(rng, families, copies=4, shift=shift, noise=noise)
+        iv = clustered_auroc(items)
+        assert iv.low <= iv.value <= iv.high and iv.value == pytest.approx(auroc(items))
+        covered += iv.low <= truth <= iv.high
+    assert 0.90 <= covered / 300 <= 0.99
+
+
+def test_auroc_interval_counts_families_not_copies():
+    rng = np.random.default_rng(1)
+    items = clustered_scores(rng, 12, copies=6, shift=0.5)
+    as_pairs = [Judged(it.pair_id, it.cwe, it.vulnerable, it.verdict, it.score) for it in items]
+    clustered, naive = clustered_auroc(items), clustered_auroc(as_pairs)
+    assert clustered.value == naive.value
+    assert clustered.high - clustered.low > 1.8 * (naive.high - naive.low)
+    assert summarise(items, n_boot=10).auroc == clustered
+
+
+def test_sign_flip_test_is_exact_mcnemar_for_single_items_and_counts_a_family_once():
+    for b, c in ((1, 9), (0, 5), (3, 3), (2, 7)):
+        expected = mcnemar_exact([True] * b + [False] * c, [False] * b + [True] * c).p_value
+        assert sign_flip_p_value([-1] * b + [1] * c) == pytest.approx(expected)
+    assert sign_flip_p_value([0, 0]) == 1.0
+    # 8 items that flip as one family of copies are one coin, not eight.
+    assert sign_flip_p_value([8]) == 1.0
+    base = [Judged(f"p{i}", "CWE-89", i % 2 == 0, "vulnerable", family="one") for i in range(16)]
+    steer = [Judged(it.pair_id, it.cwe, it.vulnerable, "vulnerable" if it.vulnerable else "not_vulnerable",
+                    family="one") for it in base]
+    assert mcnemar_items(base, steer).c == 8 and mcnemar_items(base, steer).p_value == 1.0
+    singles = [Judged(it.pair_id, it.cwe, it.vulnerable, it.verdict) for it in base]
+    singles_steer = [Judged(it.pair_id, it.cwe, it.vulnerable, it.verdict) for it in steer]
+    assert mcnemar_items(singles, singles_steer).p_value == pytest.approx(2 / 256)
+
+
+def test_clustered_proportion_is_wilson_for_independent_units_and_wider_for_copies():
+    independent = clustered_proportion([True] * 8 + [False] * 2, [str(i) for i in range(10)])
+    plain = wilson_interval(8, 10)
+    assert (independent.value, independent.low, independent.high) == pytest.approx((0.8, plain.low, plain.high))
+    copies = clustered_proportion([True] * 40 + [False] * 10, [str(i // 5) for i in range(50)])
+    plain = wilson_interval(40, 50)
+    assert copies.value == plain.value == 0.8
+    assert copies.high - copies.low > 1.8 * (plain.high - plain.low)
+    once = wilson_interval(8, 10)  # 10 clusters of 5 identical copies count as 10 units
+    assert (copies.low, copies.high) == pytest.approx((once.low, once.high))

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import tiny_lm
 from vulnsteer.data import load_demo
@@ -18,7 +19,7 @@ from vulnsteer.protocol import pair_folds
 from vulnsteer.report import analyse
 from vulnsteer.sweep import BASELINE, GridPoint, SweepConfig, grid, load_config, run_sweep
 
-SMALL = dict(dataset="demo", limit=8, folds=2, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score",
+SMALL = dict(dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score",
              transfer_strength=2.0)
 
 
@@ -79,6 +80,11 @@ def test_resume_is_refused_for_another_dataset(tmp_path):
     ({"methods": ["magic"]}, "unknown value"),
     ({"positions": ["generated"], "mode": "score"}, "steers nothing"),
     ({"folds": 1}, "folds"),
+    ({"folds": 2}, "folds"),  # nested selection's vectors leave out two folds
+    ({"transfer": "no"}, "transfer must be bool"),
+    ({"strengths": [0]}, "every strength is 0"),
+    ({"select_metric": "auroc", "mode": "generate"}, "needs mode score"),
+    ({"random_draws": 0}, "random_draws"),
     ({"vectors": ["own", "everything"]}, "unknown value"),
     ({"batch_tokens": 0}, "batch_tokens"),
     ({"batch_tokens": "auto"}, "batch_tokens"),
@@ -107,7 +113,7 @@ def test_layers_out_of_range_are_refused_before_anything_is_written(tmp_path):
 
 def _sweep_cmd(model_dir, out_dir, *extra):
     return [sys.executable, "-m", "vulnsteer.cli", "sweep", "--model", str(model_dir), "--dataset", "demo",
-            "--limit", "8", "--folds", "2", "--layers", "1;0,2", "--strengths", "-2,-1,1,2", "--mode", "generate",
+            "--limit", "8", "--folds", "3", "--layers", "1;0,2", "--strengths", "-2,-1,1,2", "--mode", "generate",
             "--max-new-tokens", "12", "--no-transfer", "--dtype", "float32", "-o", str(out_dir), *extra]
 
 
@@ -180,3 +186,137 @@ def test_fold_thresholds_are_fitted_on_other_folds_only():
     # Moving one fold's scores cannot change that fold's own threshold, only the other fold's.
     shifted = [row(i, r.label, r.score + (100.0 if folds[r.sample_id] == 0 else 0.0)) for i, r in enumerate(arm)]
     assert [it.verdict for it in fold_thresholded(shifted, folds)[:4]] == ["vulnerable"] * 4
+
+
+# --- the held-out guarantees, each able to fail -----------------------------------------------------------------
+
+
+def test_every_bank_is_fitted_without_the_folds_it_steers():
+    from vulnsteer.data import family
+    from vulnsteer.prompts import PromptResources
+    from vulnsteer.sweep import load_sweep_samples, plan
+
+    config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3})
+    test, _ = load_sweep_samples(config)
+    sweep = plan(config, tiny_lm("llama"), test, None, PromptResources.from_dataset_root(None), set())
+    by_id = {s.id: s for s in test}
+
+    def families(fold_ids):
+        return {family(s) for s in test if sweep.fold_of[s.id] in fold_ids}
+
+    for fold, banks in sweep.banks.items():
+        for bank in banks.values():
+            assert {family(by_id[i]) for i in bank.meta["train_ids"]}.isdisjoint(families({fold}))
+            assert len(bank.meta["train_ids"]) == sum(sweep.fold_of[s.id] != fold for s in test)
+    assert set(sweep.selection_banks) == {(f, g) for f in range(3) for g in range(3) if f != g}
+    for (f, g), banks in sweep.selection_banks.items():
+        for bank in banks.values():
+            assert {family(by_id[i]) for i in bank.meta["train_ids"]}.isdisjoint(families({f, g}))
+    # Every selection job is steered by the bank fitted without its outer fold and its own fold.
+    selection_jobs = [j for j in sweep.jobs if j.steering and "outer" in j.steering.label]
+    assert selection_jobs and all(j.steering.label["outer"] != sweep.fold_of[j.sample.id] for j in selection_jobs)
+
+
+def _row(i, label, verdict, score=0.0, split="t"):
+    from vulnsteer.evaluation import Result
+
+    return Result(f"s{i:02d}", f"p{i // 2}", "CWE-787", label, split, "x", "S1", "score", "", verdict, score, 1, 0,
+                  0.0)
+
+
+def test_nested_selection_reads_selection_rows_never_the_test_fold():
+    """Config A looks best on the other folds' test rows (whose vectors saw this fold) and on this fold itself;
+    config B is best on the selection rows. Choosing for fold 0 must take B."""
+    from vulnsteer.report import nested_selection
+
+    config = SweepConfig(**{**SMALL, "strengths": [1.0, 2.0], "layers": ["1"], "vectors": ["own"]})
+    a_id, b_id = (GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (1.0, 2.0))
+    n = 12
+    labels = ["vulnerable" if i % 2 == 0 else "patched" for i in range(n)]
+    right = lambda i: "vulnerable" if labels[i] == "vulnerable" else "not_vulnerable"  # noqa: E731
+    wrong = lambda i: "not_vulnerable" if labels[i] == "vulnerable" else "vulnerable"  # noqa: E731
+    folds = {f"s{i:02d}": i // 4 for i in range(n)}
+    arms = {BASELINE: [_row(i, labels[i], "vulnerable") for i in range(n)],
+            a_id: [_row(i, labels[i], right(i)) for i in range(n)],
+            b_id: [_row(i, labels[i], wrong(i)) for i in range(n)]}
+    selection = {f: {a_id: {f"s{i:02d}": _row(i, labels[i], wrong(i)) for i in range(n) if i // 4 != f},
+                     b_id: {f"s{i:02d}": _row(i, labels[i], right(i)) for i in range(n) if i // 4 != f}}
+                 for f in range(3)}
+    sample_ids = sorted(folds)
+    _, chosen = nested_selection(arms, sample_ids, folds, config, selection)
+    assert chosen == {0: b_id, 1: b_id, 2: b_id}
+    # With vectors fitted on another dataset the other folds' test rows are clean, and are what selection reads.
+    _, chosen = nested_selection(arms, sample_ids, folds, SweepConfig(**{**SMALL, "train_dataset": "demo"}), {})
+    assert chosen == {0: a_id, 1: a_id, 2: a_id}
+
+
+def test_selected_thresholds_are_fitted_on_the_chosen_configs_selection_rows():
+    from vulnsteer.report import Analysis, selected_thresholded
+
+    config = SweepConfig(**{**SMALL, "strengths": [1.0, 2.0], "layers": ["1"], "vectors": ["own"]})
+    a_id, b_id = (GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (1.0, 2.0))
+    n = 12
+    labels = ["vulnerable" if i % 2 == 0 else "patched" for i in range(n)]
+    folds = {f"s{i:02d}": i // 4 for i in range(n)}
+    # Test rows: vulnerable items score 10, patched 9 (threshold 9.5 separates them).
+    arm = [_row(i, labels[i], "vulnerable", 10.0 if labels[i] == "vulnerable" else 9.0) for i in range(n)]
+    # B's selection rows put the best threshold near 0.5, A's test rows near 9.5.
+    selection = {f: {b_id: {f"s{i:02d}": _row(i, labels[i], "vulnerable", 1.0 if labels[i] == "vulnerable" else 0.0)
+                            for i in range(n) if i // 4 != f}} for f in range(3)}
+    a = Analysis({}, config, sorted(folds), {BASELINE: arm, a_id: arm, b_id: arm}, folds, [], arm,
+                 {0: b_id, 1: b_id, 2: b_id}, selection)
+    assert [it.verdict for it in selected_thresholded(a)] == ["vulnerable"] * n  # 9 and 10 are both above 0.5
+
+
+def test_strength_zero_rows_on_every_path_equal_the_baseline_in_float32(tmp_path):
+    config = SweepConfig(**{**SMALL, "positions": ["prompt-last", "all"], "transfer": False, "random_draws": 1})
+    run_sweep(config, tmp_path, lm=tiny_lm("qwen2"))
+    a = analyse(tmp_path)
+    control = GridPoint("mean-diff", "1", "own", "all", 0.0).id
+    assert control in a.arms
+    for row, base in zip(a.arms[control], a.arms[BASELINE]):
+        assert row.score == pytest.approx(base.score, abs=1e-5) and row.verdict == base.verdict
+    assert "Numeric path check" in (tmp_path / "report.md").read_text()
+
+
+def test_training_items_that_share_a_family_or_code_with_the_test_set_are_dropped(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from vulnsteer.sweep import load_sweep_samples
+
+    demo = load_demo()[:8]
+    copies = tmp_path / "copies.jsonl"  # the first two pairs under other ids and another source, plus one new pair
+    rows = [{**asdict(s), "id": f"copy-{s.id}", "pair_id": f"copy-{s.pair_id}", "source": "elsewhere",
+             "code": "  " + s.code.replace("\n", "\n\n")} for s in demo[:4]]
+    rows += [{**asdict(s), "id": f"new-{s.id}", "pair_id": f"new-{s.pair_id}", "source": "elsewhere",
+              "code": s.code + "\nint unrelated_helper(void) { return 7; }\n"} for s in demo[4:6]]
+    copies.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "reasoning"}) + "\n" for r in rows))
+    config = SweepConfig(**{**SMALL, "limit": 4, "train_dataset": str(copies)})
+    test, train = load_sweep_samples(config)
+    assert {s.id for s in train} == {f"new-{s.id}" for s in demo[4:6]}
+    assert "dropped 4 of 6 training items" in capsys.readouterr().err
+    with pytest.raises(VulnsteerError, match="nothing is held out"):
+        load_sweep_samples(SweepConfig(**{**SMALL, "limit": None, "train_dataset": "demo"}))
+
+
+def test_resume_refuses_another_dtype_an_edited_config_and_foreign_rows(tmp_path):
+    from vulnsteer.sweep import config_from_store
+
+    config = SweepConfig(**{**SMALL, "transfer": False, "strengths": [2.0], "random_draws": 1})
+    lm = tiny_lm("llama")
+    run_sweep(config, tmp_path, lm=lm)
+    lm.model.to(torch.bfloat16)
+    with pytest.raises(VulnsteerError, match="dtype"):
+        run_sweep(config, tmp_path, lm=lm)
+    db = sqlite3.connect(tmp_path / "sweep.sqlite")
+    stored = json.loads(db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps({**stored, "strengths": [3.0]}),))
+    with pytest.raises(VulnsteerError, match="changed after the sweep began"):
+        config_from_store(tmp_path)
+
+
+def test_resume_with_other_flags_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(tmp_path),
+                             "--strengths", "5"], capture_output=True, text=True)
+    assert result.returncode == 1 and "drop --strengths" in result.stderr and "Traceback" not in result.stderr

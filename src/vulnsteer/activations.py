@@ -1,8 +1,9 @@
 """Residual-stream activations (decoder-layer outputs) of prompts, read at one position per row.
 
-Read positions: `prompt-last` (the last prompt token, where the answer is decided) or `code-mean` (the mean over
+Read positions: `prompt-last` (the last prompt token, where the answer is decided: in score mode the "Answer:" that
+scoring and prompt-last steering act at, in generate mode the end of the chat template) or `code-mean` (the mean over
 the tokens of the code inside the prompt). Both come from each row's attention mask and token offsets, never from
-the padded width. Activations of every layer are cached on disk per (model, sample, prompt, read position), so a
+the padded width. Activations of every layer are cached on disk per (model weights, sample, prompt, mode, read position), so a
 later run that asks for other layers or other vectors does not run the model again.
 """
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.batching import batch_cost, batches
-from vulnsteer.evaluation import render
+from vulnsteer.evaluation import ANSWER_PREFIX, render
 from vulnsteer.models import LoadedModel, cache_dir
 from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.steering import decoder_layers, hidden_of
@@ -35,11 +36,12 @@ class Activations:
     by_layer: dict[int, torch.Tensor]
     read: str
     prompt_id: str
+    mode: str = "generate"  # the prompt as asked in this mode (score mode: with "Answer:")
 
     def subset(self, keep: Callable[[Sample], bool]) -> "Activations":
         index = [i for i, s in enumerate(self.samples) if keep(s)]
         return Activations([self.samples[i] for i in index], {k: v[index] for k, v in self.by_layer.items()},
-                           self.read, self.prompt_id)
+                           self.read, self.prompt_id, self.mode)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -47,11 +49,12 @@ class Activations:
 
 
 def _cache_file(lm: LoadedModel, text: str, read: str) -> Path:
-    """Keyed by the rendered prompt and its token ids, so a change of prompt text, few-shot files, definitions or
-    tokenizer is a miss."""
+    """Keyed by the model's source and weights, the rendered prompt and its token ids, so another checkpoint or a
+    change of prompt text, few-shot files, definitions or tokenizer is a miss."""
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    key = hashlib.sha256("\0".join([lm.model_id, lm.config_hash, str(lm.model.dtype), text, read, str(ids)]).encode())
-    folder = cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.config_hash}"
+    key = hashlib.sha256("\0".join([lm.source, lm.fingerprint, lm.config_hash, str(lm.model.dtype), text, read,
+                                    str(ids)]).encode())
+    folder = cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.fingerprint or lm.config_hash}"
     return folder / f"{key.hexdigest()[:24]}.safetensors"
 
 
@@ -76,11 +79,14 @@ def collect(
     batch_tokens: int = 8192,
     use_cache: bool = True,
     progress: Callable[[int], None] | None = None,
+    mode: str = "generate",
 ) -> Activations:
-    """One forward pass per batch records every decoder layer's output at the read position of each row."""
+    """One forward pass per batch records every decoder layer's output at the read position of each row, on the
+    prompt as `mode` asks it (score mode ends it with "Answer:", where scoring reads the model's yes/no)."""
     if read not in READS:
         raise VulnsteerError(f"unknown read position {read!r}; use one of {', '.join(READS)}")
-    texts = [render(lm.tokenizer, list(build_prompt(s, prompt_id, resources).messages)) for s in samples]
+    prefix = ANSWER_PREFIX if mode == "score" else ""
+    texts = [render(lm.tokenizer, list(build_prompt(s, prompt_id, resources).messages), prefix) for s in samples]
     paths = [_cache_file(lm, text, read) for text in texts]
     rows: dict[int, torch.Tensor] = {}
     for i, path in enumerate(paths):
@@ -100,7 +106,8 @@ def collect(
         if progress:
             progress(len(index))
     stacked = torch.stack([rows[i] for i in range(len(samples))])  # [n, layers, hidden]
-    return Activations(list(samples), {layer: stacked[:, layer] for layer in range(stacked.shape[1])}, read, prompt_id)
+    return Activations(list(samples), {layer: stacked[:, layer] for layer in range(stacked.shape[1])}, read, prompt_id,
+                       mode)
 
 
 def _forward_read(lm: LoadedModel, texts: list[str], samples: list[Sample], read: str) -> torch.Tensor:

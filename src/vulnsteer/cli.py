@@ -147,15 +147,29 @@ def eval_command(
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
     model, prompt = data["model"], data["prompt"]
+    if vectors is None and (strength != 0 or layers is not None or positions != "all" or cwe_vector != "own"):
+        raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
+                             "vector file or drop them")
     samples, resources = _samples_and_resources(**data)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
-    lm = load_lm(model, dtype, mode, device)
-    meta = {**data, "model": lm.model_id, "config_hash": lm.config_hash, "dtype": str(lm.model.dtype)}
-    steering_for = lambda sample: None  # noqa: E731
+    bank = None
     if vectors is not None:
-        from vulnsteer.vectors import load_vectors, steering_for_samples
+        from vulnsteer.protocol import held_out_from
+        from vulnsteer.vectors import load
 
-        bank = load_vectors(vectors, lm)
+        bank = load(vectors)
+        samples = held_out_from(samples, bank.meta, "test items")
+    lm = load_lm(model, dtype, mode, device)
+    meta = {**data, "model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
+            "dtype": str(lm.model.dtype)}
+    steering_for = lambda sample: None  # noqa: E731
+    if bank is not None:
+        from vulnsteer.vectors import check_compatible, steering_for_samples
+
+        check_compatible(bank, lm, str(vectors))
+        if bank.meta.get("mode", mode) != mode:
+            print(f"note: these vectors were read from prompts as {bank.meta['mode']} mode asks them; this run "
+                  f"is in {mode} mode", file=sys.stderr)
         steering_for = steering_for_samples(bank, layers, strength, positions, cwe_vector)
         meta |= {"vectors": str(vectors), "layers": layers, "strength": strength, "positions": positions,
                  "cwe_vector": cwe_vector}
@@ -169,6 +183,13 @@ def eval_command(
 
 MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")
 ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations: prompt-last or code-mean.")
+
+
+def _check_mode(mode: str) -> None:
+    from vulnsteer.evaluation import MODES
+
+    if mode not in MODES:
+        raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
 
 
 def _layers(spec: str | None, lm) -> list[int]:
@@ -185,6 +206,8 @@ def extract_command(
     read: str = ReadOpt,
     normalisation: str = typer.Option("residual", "--normalisation", help="residual (mean residual norm) or unit."),
     output: Path = typer.Option(Path("vectors/vectors.safetensors"), "--output", "-o"),
+    mode: str = typer.Option("generate", "--mode", help="Read the prompt as this mode asks it: generate (the end "
+                             "of the chat template) or score (at 'Answer:', where scoring reads yes/no)."),
     dtype: str = typer.Option("float32", "--dtype"),
     device: Optional[str] = DeviceOpt,
     **data,
@@ -196,10 +219,11 @@ def extract_command(
     if method not in METHODS or normalisation not in NORMALISATIONS:
         raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
                              f"{', '.join(NORMALISATIONS)}")
+    _check_mode(mode)
     samples, resources = _samples_and_resources(**data)
     lm = load_lm(data["model"], dtype, "score", device)
     bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), read, normalisation,
-                       output)
+                       output, mode)
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
           f"{bank.meta['n_train']} samples")
 
@@ -210,9 +234,11 @@ def probe_command(
     method: str = MethodOpt,
     layers: str = typer.Option("all", "--layers"),
     read: str = ReadOpt,
-    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Take method, read and prompt from this file."),
+    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Also score this file's pooled directions on "
+                                           "the items it was not fitted on (method, read, prompt, mode from it)."),
     folds: int = typer.Option(5, "--folds", help="Folds grouped by pair (more than the pairs = leave-one-out)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
+    mode: str = typer.Option("generate", "--mode", help="Read the prompt as this mode asks it (see extract)."),
     dtype: str = typer.Option("float32", "--dtype"),
     device: Optional[str] = DeviceOpt,
     **data,
@@ -221,14 +247,20 @@ def probe_command(
     from vulnsteer.pipeline import run_probe
     from vulnsteer.vectors import load_vectors
 
+    _check_mode(mode)
     samples, resources = _samples_and_resources(**data)
+    labels = {s.label for s in samples}
+    if len(labels) < 2:
+        raise VulnsteerError(f"probe needs vulnerable and patched items; these {len(samples)} are all "
+                             f"{labels.pop()}")
     lm = load_lm(data["model"], dtype, "score", device)
     prompt = data["prompt"]
     bank = None
     if vectors is not None:
         bank = load_vectors(vectors, lm)
         method, read, prompt = bank.meta["method"], bank.meta["read"], bank.meta["prompt"]
-    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir, bank)
+        mode = bank.meta.get("mode", mode)
+    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir, bank, mode)
 
 
 @vectors_app.command("show")
@@ -282,6 +314,11 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
     from vulnsteer.sweep import config_from_store, load_config, run_sweep
 
     if resume is not None:
+        given = sorted("--" + name.replace("_", "-") for name, value in flags.items() if value is not None)
+        given += ["--config"] * (config_path is not None) + ["--output-dir"] * (output_dir is not None)
+        if given:
+            raise VulnsteerError(f"--resume continues a sweep with its stored settings; drop {', '.join(given)} "
+                                 "(or start a new sweep in another folder)")
         config, output_dir = config_from_store(resume), resume
     else:
         config = load_config(config_path, _sweep_overrides(**flags))

@@ -1,6 +1,7 @@
 """Turn (sample, prompt, steering) jobs into verdicts, batched, in two modes.
 
-`generate`: greedy decoding of a free-text answer, parsed into a verdict.
+`generate`: greedy decoding of a free-text answer, parsed into a verdict; then (`Decoding.final_answer`) a forced
+final turn asks for yes or no and scores it as score mode does, a second verdict that needs no parser.
 `score`: no generation; the assistant turn is prefilled with "Answer:" and the log-odds of the next token being
 "yes" rather than "no" is a continuous vulnerability score (> 0 means vulnerable).
 
@@ -37,6 +38,8 @@ from vulnsteer.verdicts import parse_verdict
 Mode = Literal["generate", "score"]
 MODES = ("generate", "score")
 ANSWER_PREFIX = "Answer:"
+FINAL_QUESTION = ("Final answer: does the code above contain the vulnerability you were asked about? "
+                  "Reply with yes or no.")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Result:
     seconds: float  # the batch's wall time divided by its rows
     steering: dict | None = None
     turns: list[str] = field(default_factory=list)  # earlier replies of multi-turn prompts
+    final_score: float | None = None  # generate mode: log-odds of yes in the forced final yes/no turn
+    final_verdict: str | None = None  # ... and its verdict (> 0: vulnerable), beside the parsed one
 
     @property
     def family(self) -> str:
@@ -90,6 +95,8 @@ class Decoding:
     # "dynamic": transformers' `generate`, steering by `steer()` hooks per batch. "static": `StaticDecoder`, a
     # fixed-size cache and a persistent `SteeringEngine`, so that on a GPU a decode step is one CUDA-graph replay.
     cache: str = "dynamic"
+    # Generating: after the free answer, a forced final yes/no turn scored by log-odds (`Result.final_verdict`).
+    final_answer: bool = True
 
 
 def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
@@ -196,12 +203,15 @@ def evaluate(
 def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
     results: list[Result | None] = [None] * len(jobs)
     histories = [[] for _ in jobs]
-    for turn in range(1 + max(len(job.prompt.followups) for job in jobs)):
-        active = [i for i, job in enumerate(jobs) if turn <= len(job.prompt.followups)]
-        last_turn = {i for i in active if turn == len(jobs[i].prompt.followups)}
-        scoring = {i for i in last_turn if decoding.mode == "score"}
+    final = decoding.mode == "generate" and decoding.final_answer  # one more turn, scored
+    followups = [list(job.prompt.followups) + [FINAL_QUESTION] * final for job in jobs]
+    generated = [(0, 0)] * len(jobs)  # (prompt, new) tokens of each row's last generated turn
+    for turn in range(1 + max(map(len, followups))):
+        active = [i for i in range(len(jobs)) if turn <= len(followups[i])]
+        last_turn = {i for i in active if turn == len(followups[i])}
+        scoring = {i for i in last_turn if decoding.mode == "score" or final}
         for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
-            texts = _render_all(lm, jobs, phase, histories, turn, scoring)
+            texts = _render_all(lm, jobs, phase, histories, followups, scoring)
             counts = {t: len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}
             lengths = {i: counts[texts[i]] for i in phase}
             score = bool(phase) and phase[0] in scoring
@@ -233,9 +243,14 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
                 for k, i in enumerate(rows):
                     if i not in last_turn:
                         histories[i].append(replies[k].strip())
+                        generated[i] = (prompt_tokens[k], new_tokens[k])
                         continue
-                    results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k], prompt_tokens[k],
-                                         new_tokens[k], seconds, histories[i])
+                    if final:
+                        results[i] = _result(jobs[i], decoding.mode, histories[i][-1], None, *generated[i],
+                                             seconds, histories[i][:-1], final_score=scores[k])
+                    else:
+                        results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k],
+                                             prompt_tokens[k], new_tokens[k], seconds, histories[i])
                     if on_result:
                         on_result(results[i])
                 if progress:
@@ -411,21 +426,22 @@ def _decode(lm: LoadedModel, generated: torch.Tensor) -> list[str]:
     return lm.tokenizer.batch_decode(generated, skip_special_tokens=True)
 
 
-def _render_all(lm: LoadedModel, jobs: Sequence[Job], rows: list[int], histories, turn: int, scoring) -> dict:
+def _render_all(lm: LoadedModel, jobs: Sequence[Job], rows: list[int], histories, followups, scoring) -> dict:
     """Each row's text; a sweep asks each prompt under many configs, so each distinct conversation renders once."""
     rendered: dict[tuple, str] = {}
     texts = {}
     for i in rows:
         key = (id(jobs[i].prompt), tuple(histories[i]), i in scoring)
         if key not in rendered:
-            rendered[key] = _conversation_text(lm, jobs[i], histories[i], turn, i in scoring)
+            rendered[key] = _conversation_text(lm, jobs[i], histories[i], followups[i], i in scoring)
         texts[i] = rendered[key]
     return texts
 
 
-def _conversation_text(lm: LoadedModel, job: Job, history: list[str], turn: int, score: bool) -> str:
+def _conversation_text(lm: LoadedModel, job: Job, history: list[str], followups: list[str], score: bool) -> str:
+    """The conversation so far: the prompt, then each earlier reply with the follow-up question after it."""
     messages = list(job.prompt.messages)
-    for reply, followup in zip(history, job.prompt.followups[:turn]):
+    for reply, followup in zip(history, followups):
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": followup}]
     return render(lm.tokenizer, messages, ANSWER_PREFIX if score else "")
 
@@ -441,10 +457,15 @@ def _log_odds(tokenizer, last_logits: torch.Tensor) -> list[float]:
     return (logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).tolist()
 
 
-def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history) -> Result:
+def _score_verdict(score: float) -> str:
+    return "vulnerable" if score > 0 else "not_vulnerable"
+
+
+def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history,
+            final_score: float | None = None) -> Result:
     sample = job.sample
     if mode == "score":
-        verdict = "vulnerable" if score > 0 else "not_vulnerable"
+        verdict = _score_verdict(score)
     else:
         verdict = parse_verdict(reply, sample.cwe)
     return Result(
@@ -453,4 +474,6 @@ def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, s
         score=None if score is None else round(float(score), 6), prompt_tokens=int(prompt_tokens),
         new_tokens=int(new_tokens), seconds=round(seconds, 4),
         steering=job.steering.label if job.steering else None, turns=list(history),
+        final_score=None if final_score is None else round(float(final_score), 6),
+        final_verdict=None if final_score is None else _score_verdict(final_score),
     )

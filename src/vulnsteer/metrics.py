@@ -10,14 +10,23 @@ Conventions
   ``"unknown"`` verdict is always wrong.
 * A *pair* is a ``pair_id`` with at least one vulnerable and at least one
   patched member.
-* Bootstrap intervals resample *clusters* with replacement: an item's
-  ``family`` (a pair plus the augmented copies of its scenario, which are not
-  independent evidence), or its ``pair_id`` when it has none, with all of its
-  members, so the two halves of a pair never get separated.  Wilson intervals
-  (accuracy, answer rate, pair accuracy) count items or pairs as independent.
-  Bootstrap intervals are percentile intervals of the replicates; replicates
-  where the statistic is undefined (e.g. a resample with no patched item) are
-  dropped.
+* Every interval and test treats an item's *cluster* as the unit of
+  independent evidence: its ``family`` (a pair plus the augmented copies of its
+  scenario, which are near-duplicates), or its ``pair_id`` when it has none.
+  - Proportions (accuracy, answer rate, answered accuracy, pair accuracy):
+    Wilson intervals at the effective sample size n / deff, with the design
+    effect deff from the cluster-robust variance, never below 1 (Korn and
+    Graubard 1998); with one item per cluster they are plain Wilson intervals.
+  - Balanced accuracy and the gains of proportions: percentile intervals of a
+    bootstrap that resamples clusters with all their members (replicates where
+    the statistic is undefined are dropped).
+  - AUROC and its gains: Obuchowski's (1997) nonparametric clustered AUROC
+    variance, a normal interval; a cluster bootstrap would count a family's own
+    comparisons w^2 times when the family is drawn w times, and shift the
+    interval.
+  - Paired tests (:func:`mcnemar_items`): an exact sign-flip test of the
+    per-cluster differences, which is the exact McNemar test when every
+    cluster holds at most one discordant item.
 * A metric that is undefined on the data (no answered items, a class missing,
   no pairs, no scores) is ``None`` in a :class:`Summary`, and ``bootstrap_gain``
   raises :class:`MetricsError` for it.
@@ -31,7 +40,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 from sklearn.metrics import roc_auc_score
 
 from vulnsteer.errors import VulnsteerError
@@ -187,8 +196,39 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
         raise MetricsError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
     if n == 0:
         return Interval(math.nan, math.nan, math.nan)
-    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return Interval(successes / n, float(ci.low), float(ci.high))
+    return _wilson(successes / n, n, confidence)
+
+
+def _wilson(p: float, n_effective: float, confidence: float) -> Interval:
+    """The Wilson score interval of proportion `p` as if from `n_effective` independent trials."""
+    z = float(norm.ppf(0.5 + confidence / 2))
+    denominator = 1 + z * z / n_effective
+    centre = (p + z * z / (2 * n_effective)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n_effective + z * z / (4 * n_effective**2)) / denominator
+    return Interval(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))  # p inside despite rounding
+
+
+def clustered_proportion(success: Sequence[bool], clusters: Sequence[str], confidence: float = 0.95) -> Interval:
+    """A proportion over units grouped in clusters, with a Wilson interval at the effective sample size.
+
+    The design effect is the cluster-robust (sandwich) variance of the ratio estimator over the binomial one,
+    floored at 1 so a clustered interval is never narrower than the plain one (Korn and Graubard 1998): with every
+    unit its own cluster it is the plain Wilson interval, and k identical copies of each unit count once. NaN
+    interval when there are no units."""
+    _check_confidence(confidence)
+    y = np.asarray(success, dtype=float)
+    n = y.size
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    p = float(y.mean())
+    _, index = np.unique(np.asarray(clusters), return_inverse=True)
+    k = int(index.max()) + 1
+    deff = 1.0
+    if k > 1 and 0.0 < p < 1.0:
+        totals, sizes = np.bincount(index, weights=y), np.bincount(index)
+        robust = float(((totals - p * sizes) ** 2).sum()) / n**2
+        deff = max(1.0, robust / (p * (1 - p) / n))
+    return _wilson(p, n / deff, confidence)
 
 
 @dataclass(frozen=True)
@@ -270,35 +310,48 @@ def _stat_pair_accuracy(a: _Arrays, W: np.ndarray) -> np.ndarray:
     return _safe_div(weights @ _pairs_right(a).astype(float), weights @ a.is_pair.astype(float))
 
 
-def _stat_auroc(a: _Arrays, W: np.ndarray) -> np.ndarray:
-    """Weighted Mann-Whitney AUROC (ties count 1/2), vectorised over resamples.
-
-    Equals ``sklearn.metrics.roc_auc_score(y, score, sample_weight=w)``; written
-    out only so that thousands of bootstrap replicates cost one matrix pass.
-    """
+def _auroc_components(a: _Arrays) -> tuple[float, np.ndarray] | None:
+    """Obuchowski's clustered AUROC: the Mann-Whitney estimate over all (vulnerable, patched) comparisons (ties
+    count 1/2), and per cluster its centred structural component, whose spread gives the variance:
+    var = K / (K - 1) * sum_i a_i^2 over the K clusters. None when a class has no scored item."""
     m = ~np.isnan(a.score)
-    if not m.any():
-        return np.full(W.shape[0], np.nan)
-    order = np.argsort(a.score[m], kind="stable")
-    score, y, cl = a.score[m][order], a.y[m][order], a.cluster[m][order]
-    starts = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])  # ascending tie groups
-    out = np.empty(W.shape[0])
-    chunk = max(1, 4_000_000 // score.size)  # bound memory at ~4M floats per block
-    for lo in range(0, W.shape[0], chunk):
-        w = W[lo : lo + chunk][:, cl]  # per-item weights, (b, n_scored)
-        P = np.add.reduceat(w * y, starts, axis=1)  # weighted positives per tie group
-        N = np.add.reduceat(w * ~y, starts, axis=1)
-        n_below = np.cumsum(N, axis=1) - N
-        num = (P * (n_below + 0.5 * N)).sum(axis=1)
-        out[lo : lo + chunk] = _safe_div(num, P.sum(axis=1) * N.sum(axis=1))
-    return out
+    positive, negative = m & a.y, m & ~a.y
+    if not positive.any() or not negative.any():
+        return None
+    x, y = a.score[positive], a.score[negative]
+    psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+    value = float(psi.mean())
+    n_pos, n_neg = x.size, y.size
+    v10 = np.bincount(a.cluster[positive], weights=psi.mean(1), minlength=a.n_clusters)
+    v01 = np.bincount(a.cluster[negative], weights=psi.mean(0), minlength=a.n_clusters)
+    pos_count = np.bincount(a.cluster[positive], minlength=a.n_clusters)
+    neg_count = np.bincount(a.cluster[negative], minlength=a.n_clusters)
+    components = (v10 - pos_count * value) / n_pos + (v01 - neg_count * value) / n_neg
+    return value, components[(pos_count + neg_count) > 0]
+
+
+def _normal_interval(value: float, components: np.ndarray, confidence: float, lowest: float = 0.0,
+                     highest: float = 1.0) -> Interval:
+    """`value` +- z * sd, the variance K / (K - 1) * sum of squared per-cluster components over the K clusters
+    that hold a scored item (`components` lists only those)."""
+    k = components.size
+    variance = k / (k - 1) * float((components**2).sum()) if k > 1 else 0.0
+    half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(variance)
+    return Interval(value, max(lowest, value - half), min(highest, value + half))
+
+
+def clustered_auroc(items: Sequence[Judged], confidence: float = 0.95) -> Interval | None:
+    """AUROC of ``score`` with Obuchowski's (1997) clustered interval; ``None`` if undefined."""
+    _check_confidence(confidence)
+    a = _arrays(_validate(items))
+    found = _auroc_components(a)
+    return None if found is None else _normal_interval(*found, confidence)
 
 
 _STATS = {
     "accuracy": _stat_accuracy,
     "balanced_accuracy": _stat_balanced_accuracy,
     "pair_accuracy": _stat_pair_accuracy,
-    "auroc": _stat_auroc,
 }
 
 
@@ -344,18 +397,12 @@ def summarise(
     _check_confidence(confidence)
     a = _arrays(items)
     n = len(items)
-    n_correct = int(a.correct.sum())
     n_answered = int(a.answered.sum())
     n_pairs = int(a.is_pair.sum())
-    pairs_right = int(_pairs_right(a).sum())
     W = _cluster_weights(a.n_clusters, n_boot, _rng(seed))
-
-    au = auroc(items)
-    auroc_iv = None
-    if au is not None:
-        boot = _bootstrap(a, "auroc", W, confidence)
-        assert boot is not None
-        auroc_iv = Interval(au, boot.low, boot.high)  # point estimate straight from sklearn
+    answered = a.answered
+    pairs = a.is_pair
+    found = _auroc_components(a)
 
     return Summary(
         n=n,
@@ -364,12 +411,14 @@ def summarise(
         n_patched=int((~a.y).sum()),
         n_unknown=n - n_answered,
         n_scored=int((~np.isnan(a.score)).sum()),
-        accuracy=wilson_interval(n_correct, n, confidence),
-        answered_accuracy=wilson_interval(n_correct, n_answered, confidence) if n_answered else None,
-        answer_rate=wilson_interval(n_answered, n, confidence),
+        accuracy=clustered_proportion(a.correct, a.cluster, confidence),
+        answered_accuracy=clustered_proportion(a.correct[answered], a.cluster[answered], confidence)
+        if n_answered else None,
+        answer_rate=clustered_proportion(answered, a.cluster, confidence),
         balanced_accuracy=_bootstrap(a, "balanced_accuracy", W, confidence),
-        pair_accuracy=wilson_interval(pairs_right, n_pairs, confidence) if n_pairs else None,
-        auroc=auroc_iv,
+        pair_accuracy=clustered_proportion(_pairs_right(a)[pairs], a.pair_cluster[pairs], confidence)
+        if n_pairs else None,
+        auroc=None if found is None else _normal_interval(*found, confidence),
     )
 
 
@@ -416,10 +465,48 @@ def _check_aligned(baseline: list[Judged], steered: list[Judged]) -> None:
 
 
 def mcnemar_items(baseline_items: Sequence[Judged], steered_items: Sequence[Judged]) -> McNemar:
-    """:func:`mcnemar_exact` on two aligned item lists (validated like :func:`bootstrap_gain`)."""
+    """The paired test of two aligned item lists (validated like :func:`bootstrap_gain`), by cluster.
+
+    ``b`` and ``c`` count discordant items as in :func:`mcnemar_exact`. The p-value is the exact two-sided
+    sign-flip test of the per-cluster differences (c_k - b_k): under no effect each cluster's difference is as
+    likely negated, whatever the correlation inside it. With at most one discordant item per cluster this is the
+    exact McNemar test; augmented copies of one scenario that all flip together count as one piece of evidence.
+    """
     base, steer = _validate(baseline_items), _validate(steered_items)
     _check_aligned(base, steer)
-    return mcnemar_exact([it.correct for it in base], [it.correct for it in steer])
+    a = _arrays(base)
+    base_right = np.array([it.correct for it in base])
+    steer_right = np.array([it.correct for it in steer])
+    b = int((base_right & ~steer_right).sum())
+    c = int((~base_right & steer_right).sum())
+    differences = np.bincount(a.cluster, weights=steer_right.astype(float) - base_right, minlength=a.n_clusters)
+    return McNemar(b, c, sign_flip_p_value(differences.astype(int)))
+
+
+def sign_flip_p_value(differences: Sequence[int]) -> float:
+    """Exact two-sided p-value of |sum(differences)| when each difference's sign is a fair coin (integers; the
+    distribution of the sum is built by convolution, so any number of clusters is exact)."""
+    values = np.abs(np.asarray(differences, dtype=np.int64))
+    values = values[values > 0]
+    if values.size == 0:
+        return 1.0
+    total = int(values.sum())
+    distribution = np.zeros(2 * total + 1)  # index = sum + total
+    distribution[total] = 1.0
+    for v in values:
+        distribution = 0.5 * (np.roll(distribution, v) + np.roll(distribution, -v))
+    observed = abs(int(np.sum(differences)))
+    sums = np.arange(-total, total + 1)
+    return float(min(1.0, distribution[np.abs(sums) >= observed].sum()))
+
+
+def _auroc_gain(a_base: _Arrays, a_steer: _Arrays, confidence: float) -> Interval:
+    """AUROC(steered) - AUROC(baseline) on the same items: the difference of the two arms' per-cluster
+    Obuchowski components gives the variance of the difference, correlation between the arms included."""
+    base, steer = _auroc_components(a_base), _auroc_components(a_steer)
+    if base is None or steer is None:
+        raise MetricsError("auroc is undefined on these items (a class is missing)")
+    return _normal_interval(steer[0] - base[0], steer[1] - base[1], confidence, -1.0, 1.0)
 
 
 def bootstrap_gain(
@@ -430,12 +517,14 @@ def bootstrap_gain(
     seed: int | np.random.Generator | None = 0,
     confidence: float = 0.95,
 ) -> Interval:
-    """Gain ``metric(steered) - metric(baseline)`` with a paired pair-bootstrap interval.
+    """Gain ``metric(steered) - metric(baseline)`` with a paired, clustered interval.
 
     The two lists must be aligned item by item (same length, same ``pair_id``,
-    family, ground truth and CWE at each position).  Each replicate resamples
-    clusters once and applies the same resample to both arms.  Raises
-    :class:`MetricsError` when the metric is undefined for either arm.
+    family, ground truth and CWE at each position).  Proportions: each bootstrap
+    replicate resamples clusters once and applies the same resample to both
+    arms.  AUROC: the Obuchowski variance of the difference of the two
+    correlated clustered AUROCs (no bootstrap).  Raises :class:`MetricsError`
+    when the metric is undefined for either arm.
     """
     if metric not in GAIN_METRICS:
         raise MetricsError(f"unknown metric {metric!r}; expected one of {GAIN_METRICS}")
@@ -449,6 +538,8 @@ def bootstrap_gain(
                 raise MetricsError(f"auroc gain needs a score on every item; {name} has items without one")
     a_base = _arrays(base)
     a_steer = _arrays(steer, cluster_ids=list(dict.fromkeys(it.cluster for it in base)))
+    if metric == "auroc":
+        return _auroc_gain(a_base, a_steer, confidence)
     ones = np.ones((1, a_base.n_clusters))
     stat = _STATS[metric]
     observed_base, observed_steer = float(stat(a_base, ones)[0]), float(stat(a_steer, ones)[0])

@@ -149,6 +149,8 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     config_hash: str
+    source: str = ""  # the resolved folder, or the hub id with its revision
+    fingerprint: str = ""  # of the weights themselves (`weights_fingerprint`)
 
     @property
     def num_layers(self) -> int:
@@ -169,6 +171,20 @@ def config_hash(config) -> str:
             "num_attention_heads", "num_key_value_heads")
     fields = {k: getattr(config, k, None) for k in keys}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the weights themselves (names, shapes and up to 4096 evenly spaced values of every tensor), so
+    two checkpoints of one architecture, say both in folders named `checkpoint-100`, never share cached
+    activations or a resumed sweep. Cheap at any size: it reads a few thousand values per tensor."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            digest.update(f"{name}\0{tuple(tensor.shape)}\0".encode())
+            digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def default_device() -> str:
@@ -203,7 +219,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
             raise VulnsteerError(f"GGUF file not found: {spec}")
         source, model_id = str(_converted_folder(path, path.stem)), path.name
     elif Path(spec).is_dir():
-        source, model_id = spec, Path(spec).resolve().name
+        source, model_id = str(Path(spec).resolve()), Path(spec).resolve().name
     elif Path(spec).exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
         raise VulnsteerError(f"unknown model {spec!r}: not a catalogue name ({', '.join(CATALOGUE)}), "
                              "a .gguf file, a model folder or a hub id like Qwen/Qwen2.5-14B-Instruct")
@@ -214,16 +230,18 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:  # transformers raises ValueError for incomplete folders
         raise VulnsteerError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
-    return prepare(model, tokenizer, model_id, device)
+    revision = getattr(model.config, "_commit_hash", None)  # a hub model's revision
+    return prepare(model, tokenizer, model_id, device, source if revision is None else f"{source}@{revision}")
 
 
-def prepare(model, tokenizer, model_id: str, device: str | None = None) -> LoadedModel:
+def prepare(model, tokenizer, model_id: str, device: str | None = None, source: str | None = None) -> LoadedModel:
     """Eval mode, left padding for batched generation, a pad token when the tokenizer has none."""
     model = model.to(device or default_device()).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, model_id, config_hash(model.config))
+    return LoadedModel(model, tokenizer, model_id, config_hash(model.config), source or model_id,
+                       weights_fingerprint(model))
 
 
 def _converted_folder(gguf: Path, name: str) -> Path:

@@ -18,7 +18,7 @@ from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.steering import Steering
 from vulnsteer.store import SampleWriter, open_run, read_samples, result_key, row_key
-from vulnsteer.summary import print_table, reasoning_section, summarise_results, write_summary
+from vulnsteer.summary import final_answer_section, print_table, reasoning_section, summarise_results, write_summary
 
 
 @contextmanager
@@ -85,8 +85,9 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
     results = [by_key[_job_key(job, decoding)] for job in jobs]
     summaries = summarise_results(results, n_boot=n_boot)
     reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
+    final = final_answer_section({"all": results})
     write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)},
-                  sections=[reasoning] if reasoning else [])
+                  sections=[section for section in (final, reasoning) if section])
     print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
     return results
 
@@ -96,20 +97,21 @@ def _job_key(job: Job, decoding: Decoding) -> str:
 
 
 def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                        read: str, batch_tokens: int = 8192):
-    """Activations of every layer, with a progress bar (cached on disk per sample)."""
+                        read: str, mode: str = "generate", batch_tokens: int = 8192):
+    """Activations of every layer on the prompt as `mode` asks it, with a progress bar (cached on disk per
+    sample)."""
     from vulnsteer.activations import collect
 
     with progress("activations", len(samples)) as advance:
-        return collect(lm, samples, prompt_id, resources, read, batch_tokens, progress=advance)
+        return collect(lm, samples, prompt_id, resources, read, batch_tokens, progress=advance, mode=mode)
 
 
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                method: str, layers: list[int], read: str, normalisation: str, output: Path):
+                method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate"):
     """Fit one vector per CWE and layer plus a pooled one, and save them with their metadata."""
     from vulnsteer.vectors import fit, save
 
-    acts = collect_activations(lm, samples, prompt_id, resources, read)
+    acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     bank = fit(acts, lm, method, layers, normalisation)
     save(bank, output)
     return bank
@@ -122,10 +124,11 @@ def _probe_cell(row) -> str:
 
 
 def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None, bank=None):
+              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None, bank=None,
+              mode: str = "generate"):
     """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers. With a
-    vector file (`bank`), also the AUROC of its own pooled directions on these samples, flagged in-sample when
-    they were fitted on any of them."""
+    vector file (`bank`), a column with the AUROC of its own pooled directions on the items it was not fitted on
+    (family and code compared)."""
     import csv
     import json
 
@@ -134,30 +137,37 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
 
     from vulnsteer.probe import probe
 
-    acts = collect_activations(lm, samples, prompt_id, resources, read)
+    acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     rows = probe(acts, layers, method, folds)
+    fixed, n_held_out = {}, 0
+    if bank is not None:
+        from vulnsteer.probe import fixed_direction_auroc
+        from vulnsteer.protocol import overlapping
+        from vulnsteer.vectors import POOLED
+
+        leaked = {s.id for s in overlapping(samples, set(bank.meta.get("train_keys", [])))}
+        leaked |= {s.id for s in samples} & set(bank.meta.get("train_ids", []))
+        held_out = acts.subset(lambda s: s.id not in leaked)
+        n_held_out = len(held_out.samples)
+        print(f"the file's pooled directions: scored on {n_held_out} of {len(samples)} items (the other "
+              f"{len(leaked)} share a family or code with its training set)")
+        directions = {k: v for k, v in bank.for_group(POOLED).items() if k in layers}
+        fixed = fixed_direction_auroc(held_out, directions) if n_held_out else {}
     groups = sorted({r.group for r in rows}, key=lambda g: (g != "pooled", g))
-    table = Table(title=f"probe AUROC ({method}, read {read}, prompt {prompt_id}, {folds}-fold by pair)")
+    table = Table(title=f"probe AUROC ({method}, read {read} in {mode} mode, prompt {prompt_id}, {folds}-fold by "
+                        "pair)")
     table.add_column("layer", justify="right")
     for group in groups:
-        table.add_column(group, justify="right")
+        table.add_column(f"{group} (cross-validated)" if group == "pooled" else group, justify="right")
+    if bank is not None:
+        table.add_column(f"the file's pooled direction ({n_held_out} held-out items)", justify="right")
     for layer in layers:
         by_group = {r.group: r for r in rows if r.layer == layer}
-        table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups))
+        file_cell = [] if bank is None else [f"{fixed[layer]:.3f}" if fixed.get(layer) is not None else "–"]
+        table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups), *file_cell)
     Console(width=200).print(table)
     pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -r.auroc)
     print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
-    fixed = {}
-    if bank is not None:
-        from vulnsteer.probe import fixed_direction_auroc
-        from vulnsteer.vectors import POOLED
-
-        overlap = len({s.id for s in samples} & set(bank.meta.get("train_ids", [])))
-        directions = {k: v for k, v in bank.for_group(POOLED).items() if k in layers}
-        fixed = fixed_direction_auroc(acts, directions)
-        note = f"IN-SAMPLE: fitted on {overlap} of these samples" if overlap else "held out: fitted on other samples"
-        print(f"the file's pooled directions ({note}):",
-              ", ".join(f"{k} ({v:.3f})" for k, v in sorted(fixed.items()) if v is not None))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "probe.csv", "w", newline="") as f:
@@ -165,6 +175,7 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
             writer.writerow(["layer", "group", "auroc", "low", "high", "n"])
             writer.writerows([r.layer, r.group, r.auroc, r.low, r.high, r.n] for r in rows)
         (out_dir / "probe.json").write_text(json.dumps(
-            {"model": lm.model_id, "method": method, "read": read, "prompt": prompt_id, "folds": folds,
-             "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed}, indent=2))
+            {"model": lm.model_id, "method": method, "read": read, "mode": mode, "prompt": prompt_id,
+             "folds": folds, "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed,
+             "vector_file_held_out": n_held_out}, indent=2))
     return rows

@@ -3,6 +3,8 @@ tested on, nor on the twin of that item."""
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import warnings
 from collections import Counter
 from typing import Sequence
@@ -34,3 +36,59 @@ def pair_folds(samples: Sequence[Sample], k: int = 5, seed: int = 0) -> list[tup
         warnings.simplefilter("ignore", UserWarning)
         splits = list(splitter.split(samples, cwes, groups))
     return [(list(train), list(test)) for train, test in splits]
+
+
+def leak_keys(sample: Sample) -> tuple[str, str]:
+    """What makes two items the same evidence: the family within its source (a pair with its augmented copies),
+    and the code up to white space (a copy under another id or in another dataset)."""
+    code = "".join(sample.code.split())
+    return (_short(f"family\0{sample.source}\0{family(sample)}"), _short(f"code\0{code}"))
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def training_keys(samples: Sequence[Sample]) -> list[str]:
+    """The leak keys of a training set, as stored in a vector file's metadata."""
+    return sorted({key for s in samples for key in leak_keys(s)})
+
+
+def overlapping(samples: Sequence[Sample], keys: set[str]) -> list[Sample]:
+    """The items that share a family or code with a training set given by its keys."""
+    return [s for s in samples if any(key in keys for key in leak_keys(s))]
+
+
+def drop_overlap(samples: list[Sample], others: Sequence[Sample], what: str) -> list[Sample]:
+    """`samples` less those that share a family or code with `others`, with a printed count; refused when none
+    is left."""
+    leaked = {s.id for s in overlapping(samples, set(training_keys(others)))}
+    if not leaked:
+        return samples
+    kept = [s for s in samples if s.id not in leaked]
+    print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the other "
+          "set", file=sys.stderr)
+    if not kept:
+        raise VulnsteerError(f"every one of the {what} shares a family or code with the other set: nothing is "
+                             "held out")
+    return kept
+
+
+def held_out_from(samples: list[Sample], vector_meta: dict, what: str = "items") -> list[Sample]:
+    """`samples` less those whose family or code a vector file was fitted on (by id for a file from an older
+    vulnsteer, which lacks the keys), with a printed count; refused when none is left."""
+    if "train_keys" in vector_meta:
+        keys = set(vector_meta["train_keys"])
+        leaked = {s.id for s in overlapping(samples, keys)}
+    else:
+        leaked = {s.id for s in samples} & set(vector_meta.get("train_ids", []))
+        print("held out: this vector file has no family keys (older vulnsteer); compared by id only",
+              file=sys.stderr)
+    kept = [s for s in samples if s.id not in leaked]
+    if leaked:
+        print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the "
+              "vectors' training set", file=sys.stderr)
+    if not kept:
+        raise VulnsteerError(f"every one of the {what} shares a family or code with the vectors' training set: "
+                             "nothing is held out")
+    return kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from vulnsteer.errors import VulnsteerError
@@ -77,14 +78,18 @@ class SampleWriter:
 
 
 class SweepStore:
-    """A sweep's SQLite database (WAL mode): run metadata and one row per (config, sample), each committed on its
-    own, so a crash or `kill -9` loses at most the row being written and a resume never doubles a row."""
+    """A sweep's SQLite database (WAL mode): run metadata, one test row per (config, sample) and one selection row
+    per (outer fold, config, sample), each committed on its own, so a crash or `kill -9` loses at most the row
+    being written and a resume never doubles a row."""
 
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS rows (
         config TEXT NOT NULL, sample_id TEXT NOT NULL, fold INTEGER NOT NULL, result TEXT NOT NULL,
         PRIMARY KEY (config, sample_id));
+    CREATE TABLE IF NOT EXISTS selection_rows (
+        outer INTEGER NOT NULL, config TEXT NOT NULL, sample_id TEXT NOT NULL, fold INTEGER NOT NULL,
+        result TEXT NOT NULL, PRIMARY KEY (outer, config, sample_id));
     """
 
     def __init__(self, path: Path):
@@ -122,22 +127,45 @@ class SweepStore:
             self.db.execute("INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
                             (config, result.sample_id, fold, json.dumps(result.to_dict())))
 
+    def add_selection(self, outer: int, config: str, fold: int, result: Result) -> None:
+        """A row that nested selection for `outer` reads: steered by vectors fitted without `outer` and `fold`."""
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO selection_rows VALUES (?, ?, ?, ?, ?)",
+                            (outer, config, result.sample_id, fold, json.dumps(result.to_dict())))
+
+    def selection_done(self) -> set[tuple[int, str, str]]:
+        return set(self.db.execute("SELECT outer, config, sample_id FROM selection_rows"))
+
     def rows(self) -> list[tuple[str, int, Result]]:
         """(config, fold, result) for every row, in a stable order."""
         query = "SELECT config, fold, result FROM rows ORDER BY config, sample_id"
         return [(c, f, Result(**json.loads(r))) for c, f, r in self.db.execute(query)]
 
+    def selection_rows(self) -> list[tuple[int, str, Result]]:
+        """(outer fold, config, result) for every selection row, in a stable order."""
+        query = "SELECT outer, config, result FROM selection_rows ORDER BY outer, config, sample_id"
+        return [(o, c, Result(**json.loads(r))) for o, c, r in self.db.execute(query)]
+
     def close(self) -> None:
         self.db.close()
 
 
-def read_sweep(out_dir: Path, with_rows: bool = True) -> tuple[dict, list[tuple[str, int, Result]]]:
+@dataclass
+class StoredSweep:
+    meta: dict
+    rows: list[tuple[str, int, Result]]  # (config, fold, result)
+    selection: list[tuple[int, str, Result]]  # (outer fold, config, result)
+
+
+def read_sweep(out_dir: Path, with_rows: bool = True) -> StoredSweep:
     """A finished or interrupted sweep's metadata (and rows), read-only."""
     path = out_dir / "sweep.sqlite"
     if not path.exists():
         raise VulnsteerError(f"no sweep in {out_dir} ({path.name} does not exist)")
     store = SweepStore(path)
     try:
-        return store.meta(), store.rows() if with_rows else []
+        if not with_rows:
+            return StoredSweep(store.meta(), [], [])
+        return StoredSweep(store.meta(), store.rows(), store.selection_rows())
     finally:
         store.close()

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.evaluation import Result
-from vulnsteer.metrics import Interval, Judged, Summary, summarise, summarise_by_cwe
+from vulnsteer.metrics import Interval, Judged, Summary, clustered_proportion, summarise, summarise_by_cwe
 
 COLUMNS = (
     ("accuracy", "acc (unknown = wrong)"),
@@ -72,7 +72,9 @@ def write_summary(out_dir: Path, summaries: dict[str, Summary], meta: dict,
     settings = "\n".join(f"- {key}: `{value}`" for key, value in meta.items())
     (out_dir / "summary.md").write_text(
         f"# vulnsteer eval\n\n{settings}\n\n{markdown_table(summaries)}\n\n"
-        "Intervals are 95%: Wilson for proportions, bootstrap over pairs for balanced accuracy and AUROC. "
+        "Intervals are 95% and count families (a pair with its augmented copies) as the unit: Wilson at the "
+        "design-effect sample size for proportions, a family bootstrap for balanced accuracy, Obuchowski's "
+        "clustered variance for AUROC. "
         "`acc answered` counts only items with a verdict (the SecLLMHolmes definition); `acc` counts "
         "unknown verdicts as wrong.\n" + "".join(f"\n{section.markdown.rstrip()}\n" for section in sections))
 
@@ -149,3 +151,29 @@ def reasoning_section(results: Sequence[Result], samples, *, embedder=None, judg
                                                                 for s in scores)},
             **reasoning.summarise_reasoning(results, scores)}
     return Section("reasoning", data, reasoning_markdown(data))
+
+
+def final_answer_section(arms: dict[str, Sequence[Result]]) -> Section | None:
+    """Generate mode: the forced final yes/no verdict (log-odds, no parser) per arm, beside the parsed one, with
+    how often the two agree (among all rows, and among rows the parser could read). None without such rows."""
+    data, lines = {}, []
+    for name, results in arms.items():
+        rows = [r for r in results if r.final_verdict is not None]
+        if not rows:
+            continue
+        forced = summarise([Judged(r.pair_id, r.cwe, r.label == "vulnerable", r.final_verdict, r.final_score,
+                                   r.family) for r in rows])
+        read = [r for r in rows if r.verdict != "unknown"]
+        agree = clustered_proportion([r.final_verdict == r.verdict for r in rows], [r.family for r in rows])
+        agree_read = clustered_proportion([r.final_verdict == r.verdict for r in read], [r.family for r in read])
+        data[name] = {"metrics": forced.to_dict(), "agreement": agree.to_dict(),
+                      "agreement_where_parsed": agree_read.to_dict(), "n": len(rows), "n_parsed": len(read)}
+        lines.append(f"| {name} | {len(rows)} | {fmt(forced.accuracy)} | {fmt(forced.balanced_accuracy)} | "
+                     f"{fmt(forced.pair_accuracy)} | {fmt(forced.auroc)} | {fmt(agree)} | {fmt(agree_read)} |")
+    if not data:
+        return None
+    markdown = ("## Forced final answer\n\nAfter its free answer the model is asked for a final yes or no, scored by "
+                "log-odds (> 0: vulnerable): a verdict that needs no parser.\n\n"
+                "| arm | n | acc | balanced acc | pair acc | AUROC | agrees with the parser | agrees where parsed |\n"
+                "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    return Section("final_answer", data, markdown)

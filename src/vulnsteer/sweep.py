@@ -2,10 +2,12 @@
 never saw.
 
 Protocol. Vectors are fitted per fold on the other folds' items (folds grouped by pair and scenario, stratified
-by CWE), or once on another dataset (`train_dataset`). Every (config, item) row is therefore held out. The
-baseline is strength 0 on the same prompts, decoding and items. The "selected" config that the headline
-reports is chosen per fold on the *other* folds' rows and scored on this fold's rows only (nested), so the
-headline is never the maximum over the test set.
+by CWE), or once on another dataset (`train_dataset`, whose items that share a family or code with the test set
+are dropped). Every (config, item) row is therefore held out. The baseline is strength 0 on the same prompts,
+decoding and items. The "selected" config that the headline reports is chosen per outer fold f on *selection
+rows*: the items of every other fold g, steered with vectors fitted without f and g (or, with `train_dataset`,
+the test rows of the other folds, whose vectors never saw any test item). So neither the choice nor the
+vectors behind it saw fold f, and the headline is never a maximum over the test set.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.evaluation import MODES, Decoding, Job, Result
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel
 from vulnsteer.pipeline import collect_activations
+from vulnsteer.protocol import drop_overlap, overlapping, pair_folds
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
-from vulnsteer.steering import POSITIONS, Steering
+from vulnsteer.steering import POSITIONS, Steering, unsteered_before_last_prompt_token
 from vulnsteer.store import SweepStore, read_sweep
 from vulnsteer.vectors import METHODS, NORMALISATIONS, POOLED, VectorBank, fit, parse_layers
 
@@ -66,6 +69,7 @@ class SweepConfig:
     transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
     transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
     transfer_strength: float | None = None  # ... and strength (default: the largest positive one)
+    random_draws: int = 3  # random-direction controls per config: a distribution, not one lucky direction
     read: str = "prompt-last"
     normalisation: str = "residual"
     select_metric: str = "balanced_accuracy"
@@ -78,12 +82,18 @@ class SweepConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         for name in ("methods", "layers", "strengths", "vectors", "positions"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
                 raise VulnsteerError(f"config: {name} must be a non-empty list")
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.strengths):
             raise VulnsteerError(f"config: strengths must be numbers, got {self.strengths}")
+        if all(s == 0 for s in self.strengths):
+            raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
+        if self.select_metric == "auroc" and self.mode != "score":
+            raise VulnsteerError("config: select_metric auroc needs mode score (generated answers have no score)")
         _check_choice("methods", self.methods, METHODS)
         _check_choice("vectors", [v for v in self.vectors if not v.startswith("CWE-")], VECTOR_CHOICES)
         _check_choice("positions", self.positions, POSITIONS)
@@ -99,7 +109,8 @@ class SweepConfig:
         if self.batch_tokens is not None:
             _check_integer("batch_tokens", self.batch_tokens, 1)
         _check_integer("max_new_tokens", self.max_new_tokens, 1)
-        _check_integer("folds", self.folds, 2)
+        _check_integer("folds", self.folds, 2 if self.train_dataset else 3)
+        _check_integer("random_draws", self.random_draws, 1)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -122,6 +133,23 @@ def read_toml(path: Path) -> dict:
         raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
 
 
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[str]": list, "list[float]": list}
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """A TOML value of the wrong type (`transfer = "no"`) is refused, not read as truthy."""
+    optional = annotation.endswith(" | None")
+    kind = _TYPES[annotation.removesuffix(" | None")]
+    if value is None and optional:
+        return
+    wrong_bool = isinstance(value, bool) and kind is not bool
+    if wrong_bool or not isinstance(value, kind):
+        raise VulnsteerError(f"config: {name} must be {annotation.removesuffix(' | None')}"
+                             f"{' or unset' if optional else ''}, got {value!r}")
+    if annotation.startswith("list[str]") and not all(isinstance(v, str) for v in value):
+        raise VulnsteerError(f"config: {name} must be a list of strings, got {value!r}")
+
+
 def _check_integer(name: str, value, least: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise VulnsteerError(f"config: {name} must be an integer >= {least}, got {value!r}")
@@ -139,13 +167,17 @@ class GridPoint:
 
     method: str
     layers: str
-    vectors: str  # own | pooled | random | CWE-X
+    vectors: str  # own | pooled | random:K (the K-th random draw) | CWE-X
     positions: str
     strength: float
 
     @property
     def id(self) -> str:
         return f"{self.method}|{self.layers}|{self.vectors}|{self.positions}|{self.strength:+g}"
+
+    @property
+    def is_random(self) -> bool:
+        return self.vectors.startswith("random")
 
     @classmethod
     def parse(cls, config_id: str) -> "GridPoint":
@@ -162,14 +194,31 @@ def transfer_point(config: SweepConfig) -> GridPoint:
                      float(strength))
 
 
+def path_controls(config: SweepConfig) -> list[GridPoint]:
+    """Strength-0 rows at each positions value whose rows take another numeric path than the baseline's (it shares
+    one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
+    float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
+    return [GridPoint(config.methods[0], config.layers[0], "own", p, 0.0) for p in config.positions
+            if not unsteered_before_last_prompt_token(Steering({}, 0.0, p))]
+
+
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
-    """The steered configs: the full grid, plus (with `transfer`) each CWE's vector on every item at one point."""
-    points = [GridPoint(m, lay, v, p, float(s)) for m in config.methods for lay in config.layers
-              for v in config.vectors for p in config.positions for s in config.strengths if s != 0]
+    """The steered configs: the full grid (each random control as `random_draws` directions), plus (with
+    `transfer`) each CWE's vector on every item at one point, plus the strength-0 path controls."""
+    points = [GridPoint(m, lay, name, p, float(s)) for m in config.methods for lay in config.layers
+              for v in config.vectors
+              for name in ([f"random:{k}" for k in range(config.random_draws)] if v == "random" else [v])
+              for p in config.positions for s in config.strengths if s != 0]
     if config.transfer:
         at = transfer_point(config)
         points += [GridPoint(at.method, at.layers, cwe, at.positions, at.strength) for cwe in cwes]
-    return points
+    return points + path_controls(config)
+
+
+def is_candidate(point: GridPoint, config: SweepConfig) -> bool:
+    """The grid's real steering configs, which nested selection may choose (with the baseline); not the random
+    controls, the transfer rows or the path controls."""
+    return point.vectors in config.vectors and not point.is_random and point.strength != 0
 
 
 def dataset_hash(samples: Sequence[Sample]) -> str:
@@ -179,71 +228,108 @@ def dataset_hash(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
+Banks = dict[str, VectorBank]  # method -> bank
+
+
 @dataclass
 class SweepPlan:
-    """What a sweep will run: test items with their fold, vector banks per fold, and the jobs still to do."""
+    """What a sweep will run: test items with their fold, vector banks per fold (and per outer fold and fold for
+    the selection rows), and the jobs still to do."""
 
     samples: list[Sample]
     fold_of: dict[str, int]
-    banks: dict[int, dict[str, VectorBank]]  # fold -> method -> bank
+    banks: dict[int, Banks]  # fold -> the vectors that steer its test rows (fitted without it)
+    selection_banks: dict[tuple[int, int], Banks]  # (outer f, fold g) -> fitted without f and g
     points: list[GridPoint]
     jobs: list[Job]
     total_rows: int
 
 
 def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None]:
+    """Test items, and training items (with `train_dataset`) less those that share a family or code with a test
+    item, so that vectors fitted on another dataset are held out too."""
     test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit, config.max_chars,
                           config.pairs_per_cwe)
     train = None
     if config.train_dataset:
         train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
                                config.train_max_chars, config.train_pairs_per_cwe)
+        train = drop_overlap(train, test, "training items")
     return test, train
 
 
 def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[Sample] | None,
-         resources: PromptResources, done: set[tuple[str, str]]) -> SweepPlan:
+         resources: PromptResources, done: set[tuple[str, str]],
+         selection_done: set[tuple[int, str, str]] = frozenset()) -> SweepPlan:
     """Fit the vectors each fold needs (activations are computed once and cached) and list the remaining jobs."""
-    from vulnsteer.protocol import pair_folds
-
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
     needed = sorted({layer for layers in layer_sets.values() for layer in layers})
     folds = pair_folds(test, config.folds, config.seed)
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
-    banks: dict[int, dict[str, VectorBank]] = {}
+    members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
+    selection_banks: dict[tuple[int, int], Banks] = {}
     if train is None:
-        acts = collect_activations(lm, test, config.prompt, resources, config.read)
-        for f, (fit_on, _) in enumerate(folds):
-            keep = {test[i].id for i in fit_on}
-            banks[f] = _fit(acts.subset(lambda s: s.id in keep), lm, config, needed)
+        acts = collect_activations(lm, test, config.prompt, resources, config.read, config.mode)
+
+        def fit_without(excluded: set[int]) -> Banks:
+            part = acts.subset(lambda s: fold_of[s.id] not in excluded)
+            banks = _fit(part, lm, config, needed)
+            for f in excluded:  # the guarantee, checked on what was fitted
+                check_held_out(banks, members[f])
+            return banks
+
+        banks = {f: fit_without({f}) for f in members}
+        selection_banks = {(f, g): fit_without({f, g}) for f in members for g in members if g != f}
     else:
-        acts = collect_activations(lm, train, config.prompt, resources, config.read)
-        shared = _fit(acts, lm, config, needed)
-        banks = {f: shared for f in range(len(folds))}
+        shared = _fit(collect_activations(lm, train, config.prompt, resources, config.read, config.mode), lm,
+                      config, needed)
+        check_held_out(shared, test)
+        banks = {f: shared for f in members}
     points = grid(config, sorted({s.cwe for s in test}))
     prompts = {s.id: build_prompt(s, config.prompt, resources) for s in test}
+
+    def job(s: Sample, point: GridPoint, banks_: Banks, outer: int | None = None) -> Job:
+        return Job(s, config.prompt, prompts[s.id], _steering(point, s, fold_of[s.id], banks_, layer_sets, outer))
+
     jobs = [Job(s, config.prompt, prompts[s.id]) for s in test if (BASELINE, s.id) not in done]
-    for point in points:
-        for s in test:
-            if (point.id, s.id) not in done:
-                jobs.append(Job(s, config.prompt, prompts[s.id], _steering(point, s, fold_of[s.id], banks, layer_sets)))
-    return SweepPlan(test, fold_of, banks, points, jobs, len(test) * (1 + len(points)))
+    jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test if (p.id, s.id) not in done]
+    candidates = [p for p in points if is_candidate(p, config)]
+    # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
+    # and a config without all of its selection rows is not chosen for that fold.
+    selection = [(f, p, s) for (f, g) in selection_banks for p in candidates for s in members[g]
+                 if p.vectors != "own" or s.cwe in selection_banks[(f, g)][p.method].vectors]
+    jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection
+             if (f, p.id, s.id) not in selection_done]
+    return SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
+                     len(test) * (1 + len(points)) + len(selection))
 
 
-def _fit(acts, lm: LoadedModel, config: SweepConfig, layers: list[int]) -> dict[str, VectorBank]:
+def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
+    """Refuse vectors whose training items share a family or (normalised) code with `test`."""
+    for bank in banks.values():
+        leaked = overlapping(test, set(bank.meta["train_keys"]))
+        if leaked:
+            raise VulnsteerError(f"vectors were fitted on {len(leaked)} of the items they would be tested on "
+                                 f"(e.g. {leaked[0].id}); refusing a result that is not held out")
+
+
+def _fit(acts, lm: LoadedModel, config: SweepConfig, layers: list[int]) -> Banks:
     """One bank per method."""
     return {method: fit(acts, lm, method, layers, config.normalisation) for method in config.methods}
 
 
-def _steering(point: GridPoint, sample: Sample, fold: int, banks, layer_sets) -> Steering:
-    bank = banks[fold][point.method]
+def _steering(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets,
+              outer: int | None = None) -> Steering:
+    bank = banks[point.method]
     layers = layer_sets[point.layers]
-    if point.vectors == "random":
-        vectors = {layer: random_direction(bank.for_group(POOLED)[layer], layer) for layer in layers}
+    if point.is_random:
+        draw = int(point.vectors.partition(":")[2])
+        vectors = {layer: random_direction(bank.for_group(POOLED)[layer], 1000 * draw + layer) for layer in layers}
     else:
         group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
         vectors = {layer: bank.for_group(group)[layer] for layer in layers}
-    return Steering(vectors, point.strength, point.positions, label={"config": point.id, "fold": fold})
+    label = {"config": point.id, "fold": fold} | ({} if outer is None else {"outer": outer})
+    return Steering(vectors, point.strength, point.positions, label=label)
 
 
 def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -256,8 +342,27 @@ def config_of(result: Result) -> str:
     return result.steering["config"] if result.steering else BASELINE
 
 
+def _store_row(store: SweepStore, fold_of: dict[str, int], result: Result) -> None:
+    """A test row, or (steering labelled with an outer fold) a selection row."""
+    if result.steering and "outer" in result.steering:
+        store.add_selection(result.steering["outer"], config_of(result), fold_of[result.sample_id], result)
+    else:
+        store.add(config_of(result), fold_of[result.sample_id], result)
+
+
+RUN_IDENTITY = ("model", "config_hash", "weights", "dtype", "device", "torch", "transformers", "dataset_hash",
+                "train_dataset_hash", "config", "config_sha256")
+
+
+def config_sha256(config: SweepConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
+
+
 def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None) -> Path:
     """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path."""
+    import transformers
+
+    from vulnsteer.batching import auto_batch_tokens
     from vulnsteer.models import default_device, load_model, resolve_dtype
     from vulnsteer.pipeline import prompt_resources, run_jobs
     from vulnsteer.report import write_report
@@ -270,20 +375,31 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
     for spec in config.layers:  # a bad layer is refused before anything is written
         parse_layers(spec, lm.num_layers)
     store = SweepStore(out_dir / "sweep.sqlite")
-    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "dtype": str(lm.model.dtype),
-            "dataset_hash": dataset_hash(test), "train_dataset_hash": dataset_hash(train) if train else None,
-            "config": asdict(config), "vulnsteer": __version__}
+    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
+            "dtype": str(lm.model.dtype), "device": lm.device.type, "torch": torch.__version__,
+            "transformers": transformers.__version__, "dataset_hash": dataset_hash(test),
+            "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
+            "config_sha256": config_sha256(config), "vulnsteer": __version__}
     try:
-        store.claim(meta, must_match=("model", "config_hash", "dataset_hash", "train_dataset_hash", "config"))
-        sweep = plan(config, lm, test, train, resources, store.done())
+        # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with.
+        budget = store.meta().get("batch_tokens") or config.batch_tokens or auto_batch_tokens(
+            lm.model, config.max_new_tokens if config.mode == "generate" else 0,
+            min(len(s.code) for s in test) // 4 + 1)
+        store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
+        sweep = plan(config, lm, test, train, resources, store.done(), store.selection_done())
+        known = {p.id for p in sweep.points} | {BASELINE}
+        foreign = sorted({c for c, _ in store.done()} - known)
+        if foreign:
+            raise VulnsteerError(f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
+                                 "use another --output-dir")
         n_done = sweep.total_rows - len(sweep.jobs)
-        print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items = {sweep.total_rows} rows"
+        print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
+              f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
               f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
         start = time.perf_counter()
         if sweep.jobs:
-            decoding = Decoding(config.mode, config.max_new_tokens, config.batch_tokens, config.cache)
-            run_jobs(lm, sweep.jobs, decoding, "sweep",
-                     on_result=lambda r: store.add(config_of(r), sweep.fold_of[r.sample_id], r))
+            decoding = Decoding(config.mode, config.max_new_tokens, budget, config.cache)
+            run_jobs(lm, sweep.jobs, decoding, "sweep", on_result=lambda r: _store_row(store, sweep.fold_of, r))
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
         _write_probe(lm, sweep, config, resources, out_dir)
     finally:
@@ -295,7 +411,7 @@ def _write_probe(lm, sweep: SweepPlan, config: SweepConfig, resources, out_dir: 
     """Cross-validated probe AUROC per layer on the test items, for the report (activations from the disk cache)."""
     from vulnsteer.probe import probe
 
-    acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read)
+    acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read, config.mode)
     rows = probe(acts, sorted(acts.by_layer), config.methods[0], config.folds, config.seed)
     (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows]))
 
@@ -307,7 +423,15 @@ def load_config(path: Path | None, overrides: dict) -> SweepConfig:
 
 
 def config_from_store(out_dir: Path) -> SweepConfig:
-    meta, _ = read_sweep(out_dir, with_rows=False)
+    """The stored configuration of a sweep to resume; refused when it was edited after the sweep began."""
+    meta = read_sweep(out_dir, with_rows=False).meta
     if "config" not in meta:
         raise VulnsteerError(f"{out_dir} has no sweep configuration to resume")
-    return SweepConfig.from_dict(meta["config"])
+    if "config_sha256" not in meta:
+        raise VulnsteerError(f"{out_dir} was written by an older vulnsteer without a run identity; start a new "
+                             "sweep in another folder")
+    config = SweepConfig.from_dict(meta["config"])
+    if meta["config_sha256"] != config_sha256(config):
+        raise VulnsteerError(f"{out_dir}: the stored sweep configuration was changed after the sweep began; "
+                             "its rows belong to another experiment, so it cannot be resumed")
+    return config

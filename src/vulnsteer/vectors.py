@@ -29,6 +29,7 @@ from vulnsteer.activations import Activations
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel
+from vulnsteer.protocol import training_keys
 from vulnsteer.steering import Steering
 
 METHODS = ("mean-diff", "pca", "probe")
@@ -105,6 +106,9 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
     names += [POOLED] if "pooled" in groups else []
     residual_norms = {layer: float(acts.by_layer[layer].norm(dim=1).mean()) for layer in layers}
+    if method in ("pca", "probe") and len({s.pair_id for s in acts.samples}) < 2:
+        raise VulnsteerError(f"--method {method} needs at least 2 pairs to fit on (a direction from one pair is "
+                             "its difference; use mean-diff)")
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     for name in names:
         part = acts if name == POOLED else acts.subset(lambda s, c=name: s.cwe == c)
@@ -121,7 +125,8 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
         "num_layers": lm.num_layers, "layers": layers, "method": method, "read": acts.read,
         "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
         "train_ids_sha256": hashlib.sha256("\n".join(sorted(s.id for s in acts.samples)).encode()).hexdigest(),
-        "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples), "vulnsteer": __version__,
+        "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples),
+        "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__,
     }
     return VectorBank(vectors, meta)
 
@@ -151,8 +156,17 @@ def load(path: Path) -> VectorBank:
         group, _, layer = key.rpartition("/")
         if not group or not layer.isdigit():
             raise VulnsteerError(f"{path}: tensor {key!r} is not named <group>/<layer>")
+        if not tensor.is_floating_point() or tensor.dim() != 1:
+            raise VulnsteerError(f"{path}: vector {key} must be a 1-D float tensor, got {tensor.dim()}-D "
+                                 f"{str(tensor.dtype).removeprefix('torch.')}")
         if not torch.isfinite(tensor).all():
             raise VulnsteerError(f"{path}: vector {key} has NaN or infinite values")
+        hidden, layers = meta.get("hidden_size"), meta.get("num_layers")
+        if isinstance(hidden, int) and tensor.shape[0] != hidden:
+            raise VulnsteerError(f"{path}: vector {key} has {tensor.shape[0]} values; the file says hidden size "
+                                 f"{hidden}")
+        if isinstance(layers, int) and not 0 <= int(layer) < layers:
+            raise VulnsteerError(f"{path}: vector {key} is for layer {layer}, outside the model's 0..{layers - 1}")
         vectors.setdefault(group, {})[int(layer)] = tensor
     return VectorBank(vectors, meta)
 
@@ -190,6 +204,8 @@ def parse_layers(spec: str | None, num_layers: int, available: list[int] | None 
             value = float(part) if spec.startswith("rel:") else int(part)
         except ValueError as exc:
             raise VulnsteerError(f"bad layer {part!r} in {spec!r}; use e.g. 12,24 or all or rel:0.25,0.5") from exc
+        if spec.startswith("rel:") and not 0 <= value <= 1:
+            raise VulnsteerError(f"relative depth {part} in {spec!r} is outside 0..1")
         layer = relative_layer(value, num_layers) if spec.startswith("rel:") else int(value)
         layer = layer + num_layers if layer < 0 else layer
         if not 0 <= layer < num_layers:

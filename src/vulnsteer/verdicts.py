@@ -88,6 +88,7 @@ _LACK = re.compile(
 _NEG = re.compile(
     r"\bnot\s+" + _W + r"{0,3}?" + _VULN_ADJ + _TAIL
     + r"|\b(?:no|not any|without any|free (?:of|from))\s+" + _W + r"{0,4}?" + _VULN_NOUN + _NOUN_END
+    + r"|\bthere\s+(?:is|are|was|were|will be)\s+not\s+" + _W + r"{0,4}?" + _VULN_NOUN + _NOUN_END
     + r"|\bno\s+(?:issues?|problems?|risks?|instances?|signs?|evidence|indication)\b"
     + r"|\b(?:does|do|did|will|would|can)\s+not\s+" + _W + r"{0,3}?"
     r"(?:contain|have|has|suffer|exhibit|introduce|pose|present|allow|lead|result|cause|include|"
@@ -98,7 +99,14 @@ _NEG = re.compile(
     + r"|\b(?:properly|correctly|safely)\s+(?:validat|sanitiz|escap|encod|check|handl|bound)\w*"
     + r"|\b(?:prevents?|mitigates?|eliminates?)\b"
 )
-_UNSAFE = re.compile(r"\b(?:is|are|looks?|seems?)\s+(?:\w+\s+)?(?:not\s+(?:a\s+|an\s+)?(?:safe|secure)|unsafe|insecure)\b")
+_UNSAFE = re.compile(
+    r"\b(?:is|are|looks?|seems?)\s+(?:\w+\s+)?(?:not\s+(?:a\s+|an\s+)?(?:safe|secure)|unsafe|insecure)\b"
+    # failing to prevent a weakness affirms it ("does not prevent buffer overflows")
+    r"|\b(?:(?:does|do|did|will|would|can)\s+not|fails?\s+to|failed\s+to|nothing)\s+(?:\w+\s+)?"
+    r"(?:prevent|mitigat|protect|stop|guard)\w*"
+)
+# A negated belief negates the claim it introduces ("I don't think this code is vulnerable").
+_NEG_BELIEF = re.compile(r"^(?:.*?\b)?(?:i|we)\s+(?:do|did)\s+not\s+(?:think|believe|consider|feel|expect|see how)\b")
 _AFF = re.compile(
     r"\b(?:is|are|be|been|being|was|were|remains?|looks?|seems?|appears?|becomes?|code|function|"
     r"program|it's|deemed|considered)\s+" + _W + r"{0,2}?" + _VULN_ADJ + r"\b"
@@ -239,6 +247,10 @@ def _polarity(clause: str) -> tuple[int, bool]:
     """Return (+1 affirmed / -1 negated / 0 none-or-mixed, hedged) for one clause."""
     if _HEDGE.search(clause) or _REFUSAL.search(clause):
         return 0, True
+    belief = _NEG_BELIEF.match(clause)
+    if belief:
+        polarity, hedged = _polarity(clause[belief.end():])
+        return -polarity, hedged
     s = _LACK.sub(" ", clause)
     aff = len(_UNSAFE.findall(s))
     s = _UNSAFE.sub(" ", s)
