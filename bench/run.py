@@ -306,7 +306,7 @@ def arm_record(rec: dict, **extra) -> dict:
 
 
 def part_a(lm, jobs, args) -> dict:
-    gen = Decoding(mode="generate", max_new_tokens=args.max_new_tokens)
+    gen = Decoding(mode="generate", max_new_tokens=args.max_new_tokens, final_answer=False)  # the pass alone
     score = Decoding(mode="score", max_new_tokens=args.max_new_tokens)
     ran: dict[str, int] = {}
     arms = {
@@ -395,7 +395,7 @@ def forced_generate(lm, encoded, n: int, steering: Steering | None = None) -> in
 
 
 def part_b(lm, jobs, args) -> dict:
-    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, final_answer=False)
     texts, lengths = prompt_texts(lm, jobs, decoding)
     groups = plan(lm, lengths, decoding)
     encoded = encode(lm, texts, groups)
@@ -498,7 +498,8 @@ def part_c(lm, jobs, args) -> dict:
         layers = [steering_layers(lm.num_layers)] * args.k
     configs = [random_steering(lm, layers_i, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
                for i, (layers_i, s) in enumerate(zip(layers, strengths))]
-    decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens, cache=args.sweep_cache)
+    decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens, cache=args.sweep_cache,
+                        final_answer=False)
     per_config = [with_steering(jobs, c) for c in configs]
     combined_jobs = [job for group in per_config for job in group]
     separate_times: list[list[float]] = [[] for _ in configs]
@@ -550,7 +551,7 @@ def part_e(lm, jobs, args) -> dict:
     steps attending through transformers' attention instead of the packed heads (which, before transformers 5.23,
     copies the KV cache once per query head at every step), and one prompt pass over the whole padded batch
     instead of groups of similar length."""
-    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, final_answer=False)
     texts, lengths = prompt_texts(lm, jobs, decoding)
     groups = plan(lm, lengths, decoding)
     encoded = encode(lm, texts, groups)
@@ -597,7 +598,7 @@ def part_f(lm, jobs, args) -> dict:
     yes/no log-odds as `evaluate` scores) and generation with every row decoding max_new_tokens."""
     out = {}
     for mode in ("score", "generate"):
-        decoding = Decoding(mode=mode, max_new_tokens=args.max_new_tokens)
+        decoding = Decoding(mode=mode, max_new_tokens=args.max_new_tokens, final_answer=False)
         texts, lengths = prompt_texts(lm, jobs, decoding)
         plans = {"padding_aware": plan(lm, lengths, decoding), "fewest_batches": plan(lm, lengths, decoding,
                                                                                        FEWEST_BATCHES)}
@@ -637,7 +638,7 @@ def part_f(lm, jobs, args) -> dict:
 
 def part_g(lm, jobs, args) -> dict:
     steered = with_steering(jobs, random_steering(lm, steering_layers(lm.num_layers), args.strength, label="g"))
-    decoding = Decoding(mode="generate", max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(mode="generate", max_new_tokens=args.max_new_tokens, final_answer=False)
 
     def whole_batch(model, attention_mask):
         return [list(range(len(attention_mask)))]
@@ -771,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Warm-up (untimed): first calls pay one-off costs (oneDNN primitive creation, lazy imports).
     warm = jobs[:2]
-    evaluate(lm, warm, Decoding(mode="generate", max_new_tokens=4))
+    evaluate(lm, warm, Decoding(mode="generate", max_new_tokens=4, final_answer=False))
     evaluate(lm, warm, Decoding(mode="score"))
 
     for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e), ("f", part_f), ("g", part_g)):

@@ -227,3 +227,37 @@ def test_matches_output_hidden_states(lm):
                     normed = lm.model.model.norm(last.unsqueeze(0))[0]
                 torch.testing.assert_close(normed, at[-1], atol=1e-5, rtol=1e-5)
                 assert not torch.allclose(last, at[-1], atol=1e-3), "the recorded last layer is pre-norm"
+
+
+def test_two_checkpoints_in_folders_of_one_name_never_share_cached_activations(tmp_path):
+    from conftest import tiny_lm
+    from vulnsteer.models import load_model
+
+    paths = []
+    for seed, run in ((0, "run-a"), (1, "run-b")):
+        lm = tiny_lm("llama", seed=seed)
+        folder = tmp_path / run / "checkpoint-100"
+        lm.model.save_pretrained(folder)
+        lm.tokenizer.save_pretrained(folder)
+        paths.append(folder)
+    a, b = (load_model(str(p), device="cpu") for p in paths)
+    assert a.model_id == b.model_id == "checkpoint-100" and a.config_hash == b.config_hash
+    assert a.fingerprint != b.fingerprint and a.source != b.source
+    assert _cache_file(a, "rendered prompt", "prompt-last") != _cache_file(b, "rendered prompt", "prompt-last")
+    again = load_model(str(paths[0]), device="cpu")
+    assert _cache_file(again, "rendered prompt", "prompt-last") == _cache_file(a, "rendered prompt", "prompt-last")
+
+
+def test_score_mode_reads_where_the_model_is_asked(lm):
+    """Score mode reads at "Answer:" (where scoring and prompt-last steering act), generate mode at the end of the
+    chat template: two different positions, so two different activations."""
+    samples = make_samples(2)
+    score = collect(lm, samples, "S1", RES, use_cache=False, mode="score")
+    generate = collect(lm, samples, "S1", RES, use_cache=False, mode="generate")
+    assert score.mode == "score" and generate.mode == "generate"
+    assert not torch.allclose(score.by_layer[1], generate.by_layer[1])
+    text = render(lm.tokenizer, list(build_prompt(samples[0], "S1", RES).messages), "Answer:")
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        hidden = lm.model(**ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(score.by_layer[1][0], hidden[2][0, -1].float(), atol=1e-5)

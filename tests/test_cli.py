@@ -151,7 +151,7 @@ def test_garbage_vector_file(monkeypatch, capsys, tmp_path, tiny):
     code, out, err = run_cli(monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(vectors),
                              "-o", str(tmp_path / "out"))
     assert_one_line_error(code, out, err, "not a vulnsteer vector file")
-    assert tiny  # the error came after loading the model
+    assert not tiny  # found before the model loads
 
 
 def test_missing_vector_file(monkeypatch, capsys, tmp_path, tiny):
@@ -330,16 +330,83 @@ def test_eval_with_a_judge_model_adds_the_third_reasoning_vote(monkeypatch, caps
     assert summary["reasoning"]["thresholds"]["judge"] is True
 
 
-def test_probe_with_a_vector_file_flags_in_sample_directions(monkeypatch, capsys, tmp_path, tiny):
+def test_probe_scores_a_vector_file_only_on_items_it_was_not_fitted_on(monkeypatch, capsys, tmp_path, tiny):
     vectors = tmp_path / "v.safetensors"
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "8", "-o", str(vectors))
     assert code == 0, err
-    code, out, err = run_cli(monkeypatch, capsys, "probe", "--dataset", "demo", "--limit", "8", "--folds", "2",
+    code, out, err = run_cli(monkeypatch, capsys, "probe", "--dataset", "demo", "--limit", "16", "--folds", "2",
                              "--vectors", str(vectors), "-o", str(tmp_path / "probe"))
     assert code == 0, err
-    assert "IN-SAMPLE: fitted on 8 of these samples" in out
+    assert "scored on 8 of 16 items (the other 8 share a family or code with its training set)" in out
     saved = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert saved["vector_file_held_out"] == 8
     assert set(saved["vector_file_auroc"]) == {str(layer) for layer in range(4)}
+    # The file's column differs from the cross-validated one (they score different directions on other items).
+    cv = {r["layer"]: r["auroc"] for r in saved["rows"] if r["group"] == "pooled"}
+    assert any(cv[layer] != saved["vector_file_auroc"][str(layer)] for layer in range(4))
+
+
+def test_eval_with_vectors_drops_the_items_they_were_fitted_on(monkeypatch, capsys, tmp_path, tiny):
+    vectors = tmp_path / "v.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "-o", str(vectors))
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out", "--limit", "8", "--mode", "score",
+                                                            "--vectors", str(vectors), "--strength", "1",
+                                                            "--cwe-vector", "pooled"))
+    assert code == 0, err
+    assert "dropped 4 of 8 test items" in err
+    assert len(read_rows(tmp_path / "out" / "samples.jsonl")) == 4
+    code, out, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out2", "--mode", "score",
+                                                             "--vectors", str(vectors)))
+    assert_one_line_error(code, out, err, "nothing is held out")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--strength", "5", "--layers", "999"], "steer with --vectors"),
+])
+def test_bad_combinations_fail_before_the_model_loads(monkeypatch, capsys, tmp_path, no_model, args, message):
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--dataset", "demo", "--limit", "2")
+    assert_one_line_error(code, out, err, message)
+
+
+def test_probe_on_one_class_is_refused(monkeypatch, capsys, tmp_path, no_model):
+    data = tmp_path / "only.jsonl"
+    data.write_text("".join(json.dumps({"id": f"v{i}", "cwe": "CWE-787", "label": "vulnerable", "language": "c",
+                                        "code": f"int f{i}(void) {{ return {i}; }}", "pair_id": f"p{i}"}) + "\n"
+                            for i in range(4)))
+    code, out, err = run_cli(monkeypatch, capsys, "probe", "--dataset", str(data))
+    assert_one_line_error(code, out, err, "all vulnerable")
+
+
+@pytest.mark.parametrize("layers", ["rel:2", "rel:-1", "999"])
+def test_layers_outside_the_model_are_refused(monkeypatch, capsys, tmp_path, tiny, layers):
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "--layers",
+                             layers, "-o", str(tmp_path / "v.safetensors"))
+    assert_one_line_error(code, out, err, "outside 0..1" if layers.startswith("rel") else "out of range")
+
+
+@pytest.mark.parametrize("method", ["pca", "probe"])
+def test_pca_and_probe_from_one_pair_are_refused(monkeypatch, capsys, tmp_path, tiny, method):
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "2", "--method", method,
+                             "-o", str(tmp_path / "v.safetensors"))
+    assert_one_line_error(code, out, err, "at least 2 pairs")
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (torch.ones(64, dtype=torch.int64), "1-D float"),
+    (torch.ones(2, 64), "1-D float"),
+    (torch.ones(32), "hidden size 64"),
+    ("layer 999", "outside the model"),
+])
+def test_malformed_vector_files_are_refused_by_export(monkeypatch, capsys, tmp_path, tensor, message):
+    import json as json_
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    key, value = ("pooled/999", torch.ones(64)) if isinstance(tensor, str) else ("pooled/1", tensor)
+    save_file({key: value}, str(path), metadata={"vulnsteer": json_.dumps({"hidden_size": 64, "num_layers": 4})})
+    code, out, err = run_cli(monkeypatch, capsys, "vectors", "export", str(path), "-o", str(tmp_path / "x.gguf"))
+    assert_one_line_error(code, out, err, message)
 
 
 def test_progress_in_a_log_is_plain_lines(capsys):

@@ -379,3 +379,28 @@ def test_max_chars_and_pairs_per_cwe_keep_whole_pairs():
     one_each = filter_samples(demo, None, None, None, pairs_per_cwe=1)
     assert len({s.pair_id for s in one_each}) == len({s.cwe for s in demo})
     assert all(sum(t.pair_id == s.pair_id for t in one_each) == 2 for s in one_each)
+
+
+def test_juliet_cases_that_differ_only_in_their_data_source_are_one_family():
+    from vulnsteer.data import family_of
+
+    def fam(case):
+        return family_of("github:x", "juliet", f"{case}:bad", case)
+
+    assert fam("juliet-c:CWE190_Integer_Overflow__int_fgets_add_01") == fam(
+        "juliet-c:CWE190_Integer_Overflow__int_rand_add_01") == "juliet-c:CWE190_Integer_Overflow__int_*_add"
+    assert fam("juliet-c:CWE190_Integer_Overflow__int_fgets_add_01") != fam(
+        "juliet-c:CWE190_Integer_Overflow__int_fgets_multiply_01")
+    assert fam("juliet-java:CWE78_OS_Command_Injection__Environment_01") == fam(
+        "juliet-java:CWE78_OS_Command_Injection__getParameter_Servlet_01")
+    assert family_of("sven", "train", "a", "7") == "7"  # other datasets: the pair
+
+
+@pytest.mark.skipif(not (SHARED / "juliet" / "juliet.jsonl").exists(), reason="needs ../shared/datasets/juliet")
+def test_juliet_folds_keep_source_variants_together():
+    from vulnsteer.data import family
+    from vulnsteer.protocol import pair_folds
+
+    samples = [s for s in load_dataset(str(SHARED / "juliet" / "juliet.jsonl")) if s.cwe == "CWE-190"]
+    for train, test in pair_folds(samples, k=4):
+        assert {family(samples[i]) for i in train}.isdisjoint({family(samples[i]) for i in test})

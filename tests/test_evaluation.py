@@ -539,7 +539,7 @@ def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_st
                 prompt_rows[k].append(out.shape[0])
         return hook
     handles = [layers[k].mlp.register_forward_hook(record(k)) for k in prompt_rows]
-    decoding = Decoding("generate", max_new_tokens=8, batch_tokens=10**6)
+    decoding = Decoding("generate", max_new_tokens=8, batch_tokens=10**6, final_answer=False)  # its prompt passes only
     try:
         shared = evaluate(lm, jobs, decoding)
     finally:
@@ -601,3 +601,29 @@ def test_scoring_rows_of_one_prompt_share_the_layers_below_their_own_first_steer
     assert shared[0].score != pytest.approx(shared[-1].score, abs=1e-3), "steering should change the score"
     assert shared[3].score == pytest.approx(shared[-1].score, abs=1e-4), "strength 0 should not steer"
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"
+
+
+def test_generate_mode_adds_a_forced_final_answer_scored_without_a_parser(lm):
+    """After each free answer, the final yes/no turn is the conversation so far plus FINAL_QUESTION, scored as
+    score mode scores, under the row's own steering; its verdict sits beside the parsed one."""
+    from vulnsteer.evaluation import ANSWER_PREFIX, FINAL_QUESTION, yes_no_log_odds
+
+    samples = make_samples(3)
+    vector = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(3)) * 8
+    steered = Steering({1: vector}, 2.0, "all")
+    jobs = make_jobs(samples) + make_jobs(samples, steering=steered)
+    results = evaluate(lm, jobs, Decoding("generate", max_new_tokens=6))
+    plain = evaluate(lm, jobs, Decoding("generate", max_new_tokens=6, final_answer=False))
+    assert [r.response for r in results] == [r.response for r in plain]  # the free answers are untouched
+    assert all(r.final_score is None and r.final_verdict is None for r in plain)
+    for job, r in zip(jobs[:3], results[:3]):
+        messages = [*job.prompt.messages, {"role": "assistant", "content": r.response},
+                    {"role": "user", "content": FINAL_QUESTION}]
+        encoded = lm.tokenizer([render(lm.tokenizer, messages, ANSWER_PREFIX)], return_tensors="pt",
+                               add_special_tokens=False)
+        with torch.inference_mode():
+            expected = yes_no_log_odds(lm, encoded)[0]
+        assert r.final_score == pytest.approx(expected, abs=1e-4)
+        assert r.final_verdict == ("vulnerable" if r.final_score > 0 else "not_vulnerable")
+        assert r.new_tokens > 0 and r.turns == []
+    assert [r.final_score for r in results[:3]] != [r.final_score for r in results[3:]], "final turn unsteered"

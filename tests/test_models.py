@@ -21,8 +21,8 @@ from vulnsteer.models import CatalogueModel, config_hash, gguf_path, load_model,
 
 @pytest.mark.parametrize("device,mode,expected", [
     ("cuda", "generate", torch.bfloat16),
-    ("cuda", "score", torch.bfloat16),
-    ("cuda:1", "score", torch.bfloat16),
+    ("cuda", "score", torch.float32),  # scoring compares numeric paths: float32 everywhere
+    ("cuda:1", "score", torch.float32),
     ("cpu", "generate", torch.bfloat16),
     ("cpu", "score", torch.float32),
 ])

@@ -555,12 +555,32 @@ def fetch_dataset(name: Literal["secllmholmes", "sven"], dest: Path, url: str | 
 
 def family(sample: Sample) -> str:
     """The group of files that must stay on one side of a train/test split: a pair, plus, for SecLLMHolmes,
-    every augmented copy of that pair's hand-crafted scenario (`hc/CWE-X/N`), since those are near-duplicates."""
+    every augmented copy of that pair's hand-crafted scenario (`hc/CWE-X/N`), since those are near-duplicates, and
+    for Juliet every case that differs from it only in its data source (`juliet_family`)."""
     return family_of(sample.source, sample.split, sample.id, sample.pair_id)
+
+
+# Juliet test cases that differ only in where the tainted data comes from share their flaw and sink code: one family.
+_JULIET_SOURCES = re.compile(
+    r"(^|_)(?:connect_socket|listen_socket|connect_tcp|listen_tcp|fgets|fscanf|rand|random|large|negative|zero|max|"
+    r"min|environment|Environment|file|File|console|console_readLine|readLine|PropertiesFile|Property|"
+    r"URLConnection|database|getCookies_Servlet|getParameter_Servlet|getQueryString_Servlet|nextInt|parseInt)"
+    r"(?=_|$)")
+
+
+def juliet_family(pair_id: str) -> str:
+    """`juliet-c:CWE190_Integer_Overflow__int_fgets_add_01` and its `_fscanf_`, `_rand_`... siblings share
+    `juliet-c:CWE190_Integer_Overflow__int_*_add`."""
+    prefix, _, case = pair_id.partition(":")
+    head, _, variant = case.partition("__")
+    variant = re.sub(r"_\d+$", "", variant)  # the flow variant
+    return f"{prefix}:{head}__{_JULIET_SOURCES.sub(lambda m: m.group(1) + '*', variant)}"
 
 
 def family_of(source: str, split: str, sample_id: str, pair_id: str) -> str:
     """`family` from a sample's fields (result rows carry them, not the sample)."""
+    if pair_id.startswith(("juliet-c:", "juliet-java:")):
+        return juliet_family(pair_id)
     if source != SECLLMHOLMES_SOURCE or split == "real-world":
         return pair_id
     parts = sample_id.split("/")

@@ -203,13 +203,12 @@ def evaluate(
 def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
     results: list[Result | None] = [None] * len(jobs)
     histories = [[] for _ in jobs]
-    final = decoding.mode == "generate" and decoding.final_answer  # one more turn, scored
-    followups = [list(job.prompt.followups) + [FINAL_QUESTION] * final for job in jobs]
-    generated = [(0, 0)] * len(jobs)  # (prompt, new) tokens of each row's last generated turn
+    final = decoding.mode == "generate" and decoding.final_answer  # each answer then gets a forced yes/no turn
+    followups = [list(job.prompt.followups) for job in jobs]
     for turn in range(1 + max(map(len, followups))):
         active = [i for i in range(len(jobs)) if turn <= len(followups[i])]
         last_turn = {i for i in active if turn == len(followups[i])}
-        scoring = {i for i in last_turn if decoding.mode == "score" or final}
+        scoring = {i for i in last_turn if decoding.mode == "score"}
         for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
             texts = _render_all(lm, jobs, phase, histories, followups, scoring)
             counts = {t: len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}
@@ -239,23 +238,29 @@ def _evaluate(lm, jobs, decoding, progress, on_result, static) -> list[Result]:
                 replies, scores, new_tokens, prompt_tokens = _answer(
                     lm, [texts[i] for i in rows], _steering_of([jobs[i] for i in rows]), rows[0] in scoring,
                     decoding.max_new_tokens, static, shared_prefix)
+                finals = _final_scores(lm, jobs, rows, replies, histories, followups, decoding, static) \
+                    if final and rows[0] in last_turn else [None] * len(rows)
                 seconds = (time.perf_counter() - start) / len(rows)
                 for k, i in enumerate(rows):
                     if i not in last_turn:
                         histories[i].append(replies[k].strip())
-                        generated[i] = (prompt_tokens[k], new_tokens[k])
                         continue
-                    if final:
-                        results[i] = _result(jobs[i], decoding.mode, histories[i][-1], None, *generated[i],
-                                             seconds, histories[i][:-1], final_score=scores[k])
-                    else:
-                        results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k],
-                                             prompt_tokens[k], new_tokens[k], seconds, histories[i])
+                    results[i] = _result(jobs[i], decoding.mode, replies[k].strip(), scores[k], prompt_tokens[k],
+                                         new_tokens[k], seconds, histories[i], finals[k])
                     if on_result:
                         on_result(results[i])
                 if progress:
                     progress(sum(1 for i in rows if i in last_turn))
     return results  # type: ignore[return-value]
+
+
+def _final_scores(lm, jobs, rows: list[int], replies: list[str], histories, followups, decoding: Decoding,
+                  static) -> list[float]:
+    """The forced final turn of a batch's answers, right after they are generated (so that each finished row is
+    written at once): the reply, then FINAL_QUESTION, scored as score mode scores, under the row's own steering."""
+    texts = [_conversation_text(lm, jobs[i], histories[i] + [replies[k].strip()], followups[i] + [FINAL_QUESTION],
+                                True) for k, i in enumerate(rows)]
+    return _answer(lm, texts, _steering_of([jobs[i] for i in rows]), True, decoding.max_new_tokens, static)[1]
 
 
 def _at_the_same_pace(first: list[tuple[list[int], bool]], second: list[tuple[list[int], bool]]) -> list:

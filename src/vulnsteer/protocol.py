@@ -66,11 +66,11 @@ def drop_overlap(samples: list[Sample], others: Sequence[Sample], what: str) -> 
     if not leaked:
         return samples
     kept = [s for s in samples if s.id not in leaked]
-    print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the other "
-          "set", file=sys.stderr)
     if not kept:
         raise VulnsteerError(f"every one of the {what} shares a family or code with the other set: nothing is "
                              "held out")
+    print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the other "
+          "set", file=sys.stderr)
     return kept
 
 
@@ -82,13 +82,14 @@ def held_out_from(samples: list[Sample], vector_meta: dict, what: str = "items")
         leaked = {s.id for s in overlapping(samples, keys)}
     else:
         leaked = {s.id for s in samples} & set(vector_meta.get("train_ids", []))
-        print("held out: this vector file has no family keys (older vulnsteer); compared by id only",
-              file=sys.stderr)
+        if "train_ids" in vector_meta:
+            print("held out: this vector file has no family keys (older vulnsteer); compared by id only",
+                  file=sys.stderr)
     kept = [s for s in samples if s.id not in leaked]
-    if leaked:
-        print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the "
-              "vectors' training set", file=sys.stderr)
     if not kept:
         raise VulnsteerError(f"every one of the {what} shares a family or code with the vectors' training set: "
                              "nothing is held out")
+    if leaked:
+        print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the "
+              "vectors' training set", file=sys.stderr)
     return kept
