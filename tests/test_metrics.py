@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from vulnsteer.metrics import (
     Interval,
