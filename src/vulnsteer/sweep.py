@@ -381,7 +381,8 @@ def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None)
             "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
             "config_sha256": config_sha256(config), "vulnsteer": __version__}
     try:
-        # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with.
+        # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with. The shortest
+        # code's characters / 4 undercounts its prompt's tokens, which only makes the GPU budget more cautious.
         budget = store.meta().get("batch_tokens") or config.batch_tokens or auto_batch_tokens(
             lm.model, config.max_new_tokens if config.mode == "generate" else 0,
             min(len(s.code) for s in test) // 4 + 1)
