@@ -37,23 +37,28 @@ CPU-side check of the logic with a tiny model (no GPU needed; numbers meaningles
 
 from __future__ import annotations
 
-import vulnsteer  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
-
 import argparse
-from contextlib import nullcontext
 import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-
 from common import run_info, write_report
-from vulnsteer.batching import auto_batch_tokens, batch_cost, batches, padded_tokens
-from vulnsteer.decoding import StaticDecoder
-from vulnsteer.steering import Steering, steer
-from vulnsteer.vectors import relative_layer
+
+import vulnsteer  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+from vulnsteer.engine.planner import (
+    auto_batch_tokens,
+    batch_cost,
+    batches,
+    padded_tokens,
+)
+from vulnsteer.engine.static import StaticDecoder
+from vulnsteer.extract.vectors import relative_layer
+from vulnsteer.records import Steering
+from vulnsteer.steer.hooks import steer
 
 # Prompt lengths (tokens) of the 48 SecLLMHolmes hand-crafted files (datasets/hand-crafted/dataset, in the order
 # `vulnsteer.data.load_secllmholmes` returns them), as rendered with prompt S1 through the chat template of

@@ -29,13 +29,7 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-# vulnsteer first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported (busy-waiting OpenMP threads make
-# timings on a 2-core machine swing threefold).
-import vulnsteer  # noqa: F401  (must stay above every torch import)
-
 import argparse
-from contextlib import nullcontext
-from unittest import mock
 import gc
 import os
 import platform
@@ -44,22 +38,30 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
-
 import vulnsteer.evaluation as evaluation
 from common import REPO, run_info, write_report
+
+# vulnsteer first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported (busy-waiting OpenMP threads make
+# timings on a 2-core machine swing threefold).
+import vulnsteer  # noqa: F401  (must stay above every torch import)
+from vulnsteer.architecture import decoder_layers
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
-from vulnsteer.decoding import StaticDecoder
-from vulnsteer.batching import batch_cost, batches, padded_tokens
-from vulnsteer.evaluation import ANSWER_PREFIX, Decoding, Job, batch_budget, evaluate, render, yes_no_log_odds
+from vulnsteer.engine.evaluate import batch_budget, evaluate
+from vulnsteer.engine.planner import batch_cost, batches, padded_tokens
+from vulnsteer.engine.runners import yes_no_log_odds
+from vulnsteer.engine.static import StaticDecoder
+from vulnsteer.extract.vectors import relative_layer
 from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
-from vulnsteer.prompts import PromptResources
-from vulnsteer.steering import Steering, decoder_layers, steer
-from vulnsteer.vectors import relative_layer
+from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, render
+from vulnsteer.records import Decoding, Job, Steering
+from vulnsteer.steer.hooks import steer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
 DEPTHS = (0.25, 0.5, 0.75, 1.0)  # 1.0 -> the last layer

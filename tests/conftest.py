@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch  # noqa: E402
 
 import vulnsteer  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
-import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HOLMES = SHARED / "secllmholmes"
@@ -46,7 +46,12 @@ def byte_tokenizer(extra_merges: tuple[str, ...] = ()):
 
 
 def tiny_model(arch: str, vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -77,3 +82,12 @@ def lm(request):
 def isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own vulnsteer cache, except the packaged-model cache, shared via VULNSTEER_TEST_MODELS."""
     monkeypatch.setenv("VULNSTEER_CACHE", str(tmp_path / "cache"))
+
+
+def forward_pass_tokens(monkeypatch, tokens: float) -> None:
+    """Make one more batch (or prompt-pass group) cost `tokens` of work on every device: 0 plans a group per
+    length, 1e9 one group as large as the budget allows."""
+    from vulnsteer.engine.planner import FORWARD_PASS_TOKENS
+
+    for device in ("cpu", "cuda"):
+        monkeypatch.setitem(FORWARD_PASS_TOKENS, device, tokens)

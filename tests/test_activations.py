@@ -3,15 +3,19 @@ code-token mask, the disk cache, and agreement with transformers' own `output_hi
 
 import pytest
 import torch
-
-import vulnsteer.activations as activations
 from conftest import byte_tokenizer
-from vulnsteer.activations import Activations, _cache_file, code_token_mask, collect
+
+import vulnsteer.extract.activations as activations
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import render
+from vulnsteer.extract.activations import (
+    Activations,
+    cache_file,
+    code_token_mask,
+    collect,
+)
 from vulnsteer.models import cache_dir
-from vulnsteer.prompts import PromptResources, build_prompt
+from vulnsteer.prompts import PromptResources, build_prompt, render
 
 CODES = [  # different lengths, so a batch is left-padded
     "int main(int c, char **v) { char b[4]; strcpy(b, v[1]); return 0; }",
@@ -71,15 +75,15 @@ def test_batched_equals_each_prompt_alone(lm, read):
         torch.testing.assert_close(batched.by_layer[layer], alone.by_layer[layer], atol=1e-5, rtol=1e-5)
 
 
-def test_forward_read_batch_equals_single_rows(lm):
-    """Directly on `_forward_read`: a left-padded batch gives every row what it gets alone."""
+def testread_batch_batch_equals_single_rows(lm):
+    """Directly on `read_batch`: a left-padded batch gives every row what it gets alone."""
     samples = make_samples(3)
     texts = [text_of(lm, s) for s in samples]
     for read in ("prompt-last", "code-mean"):
-        batch = activations._forward_read(lm, texts, samples, read)
+        batch = activations.read_batch(lm, texts, samples, read)
         assert batch.shape == (3, lm.num_layers, lm.hidden_size)
         for i in range(3):
-            single = activations._forward_read(lm, [texts[i]], [samples[i]], read)[0]
+            single = activations.read_batch(lm, [texts[i]], [samples[i]], read)[0]
             torch.testing.assert_close(batch[i], single, atol=1e-5, rtol=1e-5)
 
 
@@ -142,7 +146,7 @@ def test_second_call_reads_cache(lm, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the model ran although every row is cached")
 
-    monkeypatch.setattr(activations, "_forward_read", boom)
+    monkeypatch.setattr(activations, "read_batch", boom)
     seen = []
     second = collect(lm, samples, "S1", RES, read="prompt-last", progress=seen.append)
     assert seen == [4]
@@ -156,14 +160,14 @@ def test_second_call_reads_cache(lm, monkeypatch):
 def test_partial_cache_runs_only_missing_rows(lm, monkeypatch):
     samples = make_samples(5)
     collect(lm, samples[1:3], "S1", RES)  # rows 1 and 2 cached
-    real = activations._forward_read
+    real = activations.read_batch
     ran = []
 
     def spy(lm_, texts, samples_, read):
         ran.extend(s.id for s in samples_)
         return real(lm_, texts, samples_, read)
 
-    monkeypatch.setattr(activations, "_forward_read", spy)
+    monkeypatch.setattr(activations, "read_batch", spy)
     mixed = collect(lm, samples, "S1", RES)
     assert sorted(ran) == ["s0", "s3", "s4"]
     fresh = collect(lm, samples, "S1", RES, use_cache=False)
@@ -173,25 +177,25 @@ def test_partial_cache_runs_only_missing_rows(lm, monkeypatch):
 
 def test_cache_key_depends_on_the_rendered_prompt_and_read(lm, monkeypatch):
     s = make_samples(1)[0]
-    base = _cache_file(lm, "rendered prompt", "prompt-last")
+    base = cache_file(lm, "rendered prompt", "prompt-last")
     assert base.parent.parent == cache_dir() / "activations"
-    assert _cache_file(lm, "rendered prompt", "prompt-last") == base
-    others = [_cache_file(lm, "rendered prompt ", "prompt-last"), _cache_file(lm, "rendered prompt", "code-mean")]
+    assert cache_file(lm, "rendered prompt", "prompt-last") == base
+    others = [cache_file(lm, "rendered prompt ", "prompt-last"), cache_file(lm, "rendered prompt", "code-mean")]
     assert len({base, *others}) == 3
     # a tokenizer that splits the same text differently (same model id and config) is a miss too
     retrained = type(lm)(lm.model, byte_tokenizer(extra_merges=("re",)), lm.model_id, lm.config_hash)
     assert retrained.tokenizer("rendered prompt")["input_ids"] != lm.tokenizer("rendered prompt")["input_ids"]
-    assert _cache_file(retrained, "rendered prompt", "prompt-last") != base
+    assert cache_file(retrained, "rendered prompt", "prompt-last") != base
     # and collect really recomputes for another prompt id or read position
     collect(lm, [s], "S1", RES, read="prompt-last")
     calls = []
-    real = activations._forward_read
+    real = activations.read_batch
 
     def spy(*args):
         calls.append(args[3])
         return real(*args)
 
-    monkeypatch.setattr(activations, "_forward_read", spy)
+    monkeypatch.setattr(activations, "read_batch", spy)
     collect(lm, [s], "S1", RES, read="prompt-last")
     assert calls == []
     collect(lm, [s], "S2", RES, read="prompt-last")
@@ -231,6 +235,7 @@ def test_matches_output_hidden_states(lm):
 
 def test_two_checkpoints_in_folders_of_one_name_never_share_cached_activations(tmp_path):
     from conftest import tiny_lm
+
     from vulnsteer.models import load_model
 
     paths = []
@@ -243,9 +248,9 @@ def test_two_checkpoints_in_folders_of_one_name_never_share_cached_activations(t
     a, b = (load_model(str(p), device="cpu") for p in paths)
     assert a.model_id == b.model_id == "checkpoint-100" and a.config_hash == b.config_hash
     assert a.fingerprint != b.fingerprint and a.source != b.source
-    assert _cache_file(a, "rendered prompt", "prompt-last") != _cache_file(b, "rendered prompt", "prompt-last")
+    assert cache_file(a, "rendered prompt", "prompt-last") != cache_file(b, "rendered prompt", "prompt-last")
     again = load_model(str(paths[0]), device="cpu")
-    assert _cache_file(again, "rendered prompt", "prompt-last") == _cache_file(a, "rendered prompt", "prompt-last")
+    assert cache_file(again, "rendered prompt", "prompt-last") == cache_file(a, "rendered prompt", "prompt-last")
 
 
 def test_score_mode_reads_where_the_model_is_asked(lm):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_lm
+
 from vulnsteer.cli import main
 
 REQUIRED_FIELDS = {"sample_id", "pair_id", "cwe", "label", "split", "source", "prompt_id", "mode", "response",
@@ -161,7 +161,7 @@ def test_missing_vector_file(monkeypatch, capsys, tmp_path, tiny):
 
 
 def _save_bank(path: Path, hidden: int, layers: int, model: str = "other"):
-    from vulnsteer.vectors import VectorBank, save
+    from vulnsteer.extract.vectors import VectorBank, save
 
     g = torch.Generator().manual_seed(0)
     vectors = {group: {layer: torch.randn(hidden, generator=g) for layer in range(layers)}
@@ -400,6 +400,7 @@ def test_pca_and_probe_from_one_pair_are_refused(monkeypatch, capsys, tmp_path, 
 ])
 def test_malformed_vector_files_are_refused_by_export(monkeypatch, capsys, tmp_path, tensor, message):
     import json as json_
+
     from safetensors.torch import save_file
 
     path = tmp_path / "bad.safetensors"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from vulnsteer import data
+from vulnsteer.cwes import CWES, normalise_cwe
 from vulnsteer.data import (
-    CWES,
     Sample,
     augmentation_group,
     augmentation_id,
@@ -23,7 +23,6 @@ from vulnsteer.data import (
     load_demo,
     load_jsonl,
     load_secllmholmes,
-    normalise_cwe,
     secllmholmes_tree_hash,
 )
 from vulnsteer.errors import VulnsteerError

@@ -5,16 +5,21 @@ import weakref
 
 import pytest
 import torch
+from conftest import forward_pass_tokens
+from test_evaluation import make_jobs, make_samples
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from test_evaluation import make_jobs, make_samples
-from vulnsteer.evaluation import Decoding, Job, evaluate
-from vulnsteer.prompts import Prompt
-from vulnsteer import decoding
-from vulnsteer.decoding import StaticDecoder, packed_decode_attention
+from vulnsteer.architecture import decoder_layers, hidden_of
+from vulnsteer.engine import static
+from vulnsteer.engine.evaluate import evaluate
+from vulnsteer.engine.runners import Generator, default_runners, eos_ids
+from vulnsteer.engine.static import StaticDecoder, packed_decode_attention
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, SteeringEngine, decoder_layers, hidden_of, steer
+from vulnsteer.prompts import Prompt
+from vulnsteer.records import Decoding, Job, Steering
+from vulnsteer.steer.buffers import SteeringEngine
+from vulnsteer.steer.hooks import steer
 
 
 def steerings(lm, seed):
@@ -42,9 +47,9 @@ def test_engine_matches_the_general_hooks(lm, mode, turns):
         jobs = [Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",)), job.steering)
                 for job in jobs]
     engines = []
-    real = decoding.SteeringEngine.set_rows
+    real = SteeringEngine.set_rows
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decoding.SteeringEngine, "set_rows", lambda self, *a: engines.append(1) or real(self, *a))
+        patch.setattr(SteeringEngine, "set_rows", lambda self, *a: engines.append(1) or real(self, *a))
         static = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="static"))
     dynamic = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="dynamic"))
     assert engines, "the static engine was not used"
@@ -55,7 +60,7 @@ def test_engine_matches_the_general_hooks(lm, mode, turns):
 
 
 def test_a_run_that_only_scores_builds_no_static_engine(lm, monkeypatch):
-    monkeypatch.setattr(decoding.SteeringEngine, "__init__", None)  # building one would fail
+    monkeypatch.setattr(SteeringEngine, "__init__", None)  # building one would fail
     jobs = mixed_jobs(lm)
     static = evaluate(lm, jobs, Decoding("score", cache="static"))
     assert [r.score for r in static] == [r.score for r in evaluate(lm, jobs, Decoding("score"))]
@@ -68,14 +73,11 @@ def test_static_sweep_shares_each_prompt_and_answers_as_the_plain_path(lm, monke
     configs = [None, Steering(vectors, 2.0, "prompt-last"), Steering(vectors, -2.0, "prompt-last"),
                Steering(vectors, 1.0, "generated")]
     jobs = [type(job)(job.sample, job.prompt_id, job.prompt, c) for job in make_jobs(make_samples(3)) for c in configs]
-    shared = []
-    real = StaticDecoder._prefill_shared
-    monkeypatch.setattr(StaticDecoder, "_prefill_shared",
-                        lambda self, ids, *args: shared.append(len(ids)) or real(self, ids, *args))
-    static = evaluate(lm, jobs, Decoding("generate", max_new_tokens=8, cache="static"))
-    dynamic = evaluate(lm, jobs, Decoding("generate", max_new_tokens=8, cache="dynamic"))
-    assert sum(shared) == len(jobs)
-    assert [r.response for r in static] == [r.response for r in dynamic]
+    decoding = Decoding("generate", max_new_tokens=8, final_answer=False)
+    with StaticDecoder(lm.model, eos_ids(lm), lm.tokenizer.pad_token_id) as decoder:
+        through_static = evaluate(lm, jobs, decoding, runners=default_runners(8, decoder))
+    assert decoder.shared_prefill_rows == len(jobs)
+    assert [r.response for r in through_static] == [r.response for r in evaluate(lm, jobs, decoding)]
 
 
 def test_engine_grows_for_a_larger_batch_and_adds_nothing_when_unsteered(lm):
@@ -177,11 +179,8 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
     texts = ["char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2, "ok", "x = y;",
              "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];", "z"]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    grouped = []
     with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id) as decoder:
-        real = decoder._prompt_pass
-        monkeypatch.setattr(decoder, "_prompt_pass",
-                            lambda *args, **kwargs: grouped.append(len(args[4])) or real(*args, **kwargs))
+        grouped = decoder.prompt_groups
         addresses = None
         for seed in (1, 2):
             rows = steerings(lm, seed)
@@ -196,7 +195,7 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
         with torch.inference_mode():
             decoder.generate(enc["input_ids"], enc["attention_mask"], 1, rows)
             in_groups = prompt_cache(decoder, enc["attention_mask"])
-            monkeypatch.setattr(decoding, "batch_cost", lambda model, passes: 1e9)  # one group
+            forward_pass_tokens(monkeypatch, 1e9)  # one group
             decoder.generate(enc["input_ids"], enc["attention_mask"], 1, rows)
             whole = prompt_cache(decoder, enc["attention_mask"])
     assert len(grouped) == 3
@@ -207,22 +206,23 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
 def test_plain_path_runs_the_prompts_in_groups_with_generates_tokens(lm, monkeypatch):
     """The plain (dynamic-cache) path: long and short prompts run up to their last token in groups of similar
     length, and every row gets `generate`'s tokens over the whole padded batch, for every kind of steered position."""
-    from vulnsteer import evaluation
-
     texts = ["char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2, "ok;", "x = y;",
              "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];", "z = 0;"]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    grouped = []
-    real = evaluation.grouped_prompt_pass
-    monkeypatch.setattr(evaluation, "grouped_prompt_pass", lambda *args: grouped.append(len(args[4])) or real(*args))
-    eos = [lm.tokenizer.eos_token_id]
-    monkeypatch.setattr(evaluation, "_eos_ids", lambda lm_: eos)
-    for seed in (1, 2):
-        rows = steerings(lm, seed)
-        with torch.inference_mode():
-            tokens = evaluation._generate_steered(lm, enc, rows, 8)
-        assert tokens.tolist() == plain_generate(lm, enc, rows, 8, eos).tolist()
-    assert grouped and min(grouped) > 1, "the prompt pass should have run in groups"
+    prompt_passes = []  # per call of the first layer: how many tokens of each row it ran
+    handle = decoder_layers(lm.model)[0].register_forward_hook(
+        lambda m, a, out: prompt_passes.append(hidden_of(out).shape[1]))
+    try:
+        for seed in (1, 2):
+            rows = steerings(lm, seed)
+            prompt_passes.clear()
+            with torch.inference_mode():
+                tokens = Generator(8).generate(lm, enc, rows)
+            assert tokens.tolist() == plain_generate(lm, enc, rows, 8, eos_ids(lm)).tolist()
+            # the prompt up to its last token in groups (calls of more than one token), then one token per step
+            assert sum(width > 1 for width in prompt_passes) > 1, "the prompt pass should have run in groups"
+    finally:
+        handle.remove()
     assert all(not layer._forward_hooks for layer in decoder_layers(lm.model))
 
 
@@ -266,7 +266,7 @@ def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_s
     """A sweep's batch whose configs steer whole prompts (one prompt, or three of different lengths, a group each):
     in the prompt pass each layer runs the rows that have forked by then plus one row per prompt; every row gets
     `generate`'s tokens, and the cache holds what each row's own prompt pass puts there."""
-    monkeypatch.setattr(decoding, "batch_cost", lambda model, passes: 0.0)  # a group per length
+    forward_pass_tokens(monkeypatch, 0)  # a group per length
     texts = ["char buf[8]; strcpy(buf, argv[1]);", "x = y;", "int a[4]; for (i = 0; i <= 4; i++) a[i] = 0;"][:lengths]
     g = torch.Generator().manual_seed(9)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
@@ -365,9 +365,9 @@ def test_static_prompt_passes_hold_at_most_one_more_copy_of_the_prompts_keys_tha
     keys and values. A model whose keys and values outweigh its activations: a prompt pass in groups writes each
     group straight into the static cache (its peak stays within half a prompt cache of one direct pass), and one
     that shares a repeated prompt's layers holds one cache of its own until the static one has it."""
+    from conftest import byte_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from conftest import byte_tokenizer
     from vulnsteer.models import prepare
 
     tokenizer = byte_tokenizer()
@@ -447,7 +447,7 @@ def test_static_decode_steps_attend_through_packed_heads_and_leave_the_model_as_
         calls.append(query.shape[2])
         return packed_decode_attention(module, query, *args, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, decoding.PACKED_DECODE, counted)
+    monkeypatch.setitem(AttentionInterface._global_mapping, static.PACKED_DECODE, counted)
     assert lm.model.config._attn_implementation == "sdpa"
     enc = lm.tokenizer(["abc", "defgh"], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():

@@ -4,19 +4,25 @@ multi-turn prompts, steering labels, and the helpers (batches, render, answer_to
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import random
 
 import pytest
 import torch
+from conftest import byte_tokenizer, forward_pass_tokens
 
-from conftest import byte_tokenizer
+from vulnsteer.architecture import decoder_layers, hidden_of, takes_additive_masks
 from vulnsteer.data import Sample
+from vulnsteer.engine.evaluate import evaluate
+from vulnsteer.engine.planner import batch_cost, batches
+from vulnsteer.engine.runners import (
+    Scorer,
+    answer_token_ids,
+    default_runners,
+    prompt_cache,
+)
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.batching import batch_cost, batches
-from vulnsteer.evaluation import Decoding, Job, Result, answer_token_ids, evaluate, render
-from vulnsteer.prompts import Prompt, build_prompt
-from vulnsteer.steering import Steering, decoder_layers, hidden_of
+from vulnsteer.prompts import Prompt, build_prompt, render
+from vulnsteer.records import Decoding, Job, Result, Steering
 
 VERDICTS = {"vulnerable", "not_vulnerable", "unknown"}
 
@@ -356,28 +362,24 @@ def test_answer_token_ids_refuses_a_tokenizer_without_single_token_answers():
 @pytest.fixture
 def one_batch(monkeypatch):
     """Batches cost more than any padding: each as large as the budget allows (one, here), as these tests need."""
-    import vulnsteer.evaluation as evaluation
-
-    monkeypatch.setattr(evaluation, "batch_cost", lambda model, passes: 1e9)
+    forward_pass_tokens(monkeypatch, 1e9)
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(lm, monkeypatch, one_batch):
     """A batch that does not fit is halved and retried until it does; results equal an unconstrained run."""
-    import vulnsteer.evaluation as evaluation
-
     jobs = make_jobs(make_samples(5))
     expected = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
-    real_run_batch, tried, ran = evaluation._run_batch, [], []
+    tried, ran = [], []
 
-    def small_device(lm_, texts, fn):
-        tried.append(len(texts))
-        if len(texts) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        ran.append(len(texts))
-        return real_run_batch(lm_, texts, fn)
+    class SmallDevice(Scorer):
+        def run(self, lm_, texts, steerings):
+            tried.append(len(texts))
+            if len(texts) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            ran.append(len(texts))
+            return super().run(lm_, texts, steerings)
 
-    monkeypatch.setattr(evaluation, "_run_batch", small_device)
-    results = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
+    results = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6), runners={"score": SmallDevice()})
     assert tried[0] == 5 and max(ran) <= 2 and sum(ran) == 5
     assert [r.sample_id for r in results] == [r.sample_id for r in expected]
     for a, b in zip(results, expected):
@@ -393,13 +395,16 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, attention)
     prompts of different lengths in one batch: such a batch pays padding once per prompt, not per row, and is
     planned so); their answers equal full passes of each job alone. Scoring, a prompt's rows then run as tokens
     side by side in one row of the batch, the prompt's cache never copied."""
-    import vulnsteer.evaluation as evaluation
-
     lm.model.config._attn_implementation = attention
     calls, shapes = [], []
-    real = evaluation._answer_shared_prefix
-    monkeypatch.setattr(evaluation, "_answer_shared_prefix",
-                        lambda lm_, texts, *a: calls.append(texts) or real(lm_, texts, *a))
+    path = f"{mode}-shared-prefix"
+    shared_runner = default_runners(8)[path]
+
+    class Observed:
+        def run(self, lm_, texts, steerings):
+            calls.append(texts)
+            return shared_runner.run(lm_, texts, steerings)
+
     g = torch.Generator().manual_seed(3)
     vector = {1: torch.randn(lm.hidden_size, generator=g) * 4}
     samples = make_samples(3)
@@ -412,7 +417,7 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, attention)
     layer = decoder_layers(lm.model)[0]
     handle = layer.register_forward_hook(lambda m, a, out: shapes.append(tuple(hidden_of(out).shape[:2])))
     try:
-        shared = evaluate(lm, jobs, decoding)
+        shared = evaluate(lm, jobs, decoding, runners={path: Observed()})
     finally:
         handle.remove()
     assert len(calls) == 1 and len(calls[0]) == 11 and len(set(calls[0])) == 3, "one batch, three distinct prompts"
@@ -433,16 +438,26 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, attention)
 def test_scoring_shares_no_prompt_pass_with_attention_that_takes_no_prepared_mask(lm, monkeypatch):
     """Side-by-side scoring needs a 4-D mask taken as given; other attention kernels (flash attention) score each
     row in full, with the same scores."""
-    import vulnsteer.evaluation as evaluation
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(4)) * 4}
     jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
             for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0)]
     expected = evaluate(lm, jobs, Decoding("score"))
-    monkeypatch.setattr(evaluation, "takes_additive_masks", lambda model: False)
-    monkeypatch.setattr(evaluation, "_answer_shared_prefix", None)  # calling it would fail
-    assert [r.score for r in evaluate(lm, jobs, Decoding("score"))] == pytest.approx([r.score for r in expected],
-                                                                                  abs=1e-4)
+    # An attention kernel of another name (as flash attention is), computing what SDPA computes.
+    monkeypatch.setitem(AttentionInterface._global_mapping, "test_kernel", sdpa_attention_forward)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "test_kernel", sdpa_mask)
+    monkeypatch.setattr(lm.model.config, "_attn_implementation", "test_kernel")
+    assert not takes_additive_masks(lm.model)
+
+    class Refused:
+        def run(self, *args):
+            raise AssertionError("side-by-side scoring with a kernel that takes no prepared mask")
+
+    scores = [r.score for r in evaluate(lm, jobs, Decoding("score"), runners={"score-shared-prefix": Refused()})]
+    assert scores == pytest.approx([r.score for r in expected], abs=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
@@ -477,13 +492,13 @@ def test_a_sliding_window_model_answers_a_sweep_as_each_job_alone(mode):
 def test_cheap_and_full_batches_run_at_the_same_pace():
     """A sweep's rows that share a prompt's pass are cheap: they are spread among the full ones by rows (each list
     in its order), so that a progress bar's rate holds from the start rather than racing through them first."""
-    from vulnsteer.evaluation import _at_the_same_pace
+    from vulnsteer.engine.planner import Batch, interleave
 
-    cheap = [(list(range(k * 10, k * 10 + 10)), True) for k in range(4)]
-    full = [([100 + k], False) for k in range(2)]
-    merged = _at_the_same_pace(cheap, full)
+    cheap = [Batch(list(range(k * 10, k * 10 + 10)), True, True) for k in range(4)]
+    full = [Batch([100 + k], True) for k in range(2)]
+    merged = interleave(cheap, full)
     assert merged == [cheap[0], full[0], cheap[1], cheap[2], full[1], cheap[3]]
-    assert _at_the_same_pace([], full) == full and _at_the_same_pace(cheap, []) == cheap
+    assert interleave([], full) == full and interleave(cheap, []) == cheap
 
 
 def test_automatic_batch_budget_fits_free_memory():
@@ -491,7 +506,7 @@ def test_automatic_batch_budget_fits_free_memory():
     files in one batch (one read of the weights per decode step); less memory or more new tokens, fewer rows."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from vulnsteer.batching import CPU_BATCH_TOKENS, auto_batch_tokens
+    from vulnsteer.engine.planner import CPU_BATCH_TOKENS, auto_batch_tokens
 
     config = Qwen2Config(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                          num_key_value_heads=8, vocab_size=152064)
@@ -522,10 +537,13 @@ def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_st
     """Generating, the prompt pass shares those layers too, and gives every row the keys and values of the layers
     it shared, so that the decode steps run every row as its own: one prompt (one group), or prompts of three
     lengths (a group each, their caches merged)."""
-    import vulnsteer.decoding as decoding_module
-    from vulnsteer.steering import decoder_layers
+    from functools import partial
 
-    monkeypatch.setattr(decoding_module, "batch_cost", lambda model, passes: 0.0)  # a group per length
+    import vulnsteer.engine.runners as runners
+    from vulnsteer.engine.prompt_pass import length_groups
+
+    # One batch (`one_batch`), whose prompt pass runs a group per length.
+    monkeypatch.setattr(runners, "length_groups", partial(length_groups, cost=0.0))
     g = torch.Generator().manual_seed(7)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
     configs = [Steering({2: vectors[2]}, 1.5, "all"), Steering({1: vectors[1]}, -2.0, "prompt"),
@@ -555,17 +573,15 @@ def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_st
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"
     # Tokens alone would not show keys given to the wrong rows (tiny random models attend almost uniformly): the
     # prompt pass's cache equals the one each row computes for itself.
-    import vulnsteer.evaluation as evaluation
-
     enc = lm.tokenizer([render(lm.tokenizer, job.prompt.messages) for job in jobs], return_tensors="pt",
                        padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
     args = (lm.model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [job.steering for job in jobs],
-            decoding_module.length_groups(lm.model, mask), [tuple(row) for row in enc["input_ids"].tolist()])
+            length_groups(lm.model, mask, cost=0.0))
+    prompts = [tuple(row) for row in enc["input_ids"].tolist()]
     with torch.inference_mode():
-        trunk = [(layer.keys, layer.values) for layer in evaluation._prompt_cache(*args).layers]
-        monkeypatch.setattr(evaluation, "shared_trunk", lambda *a: nullcontext())
-        own = [(layer.keys, layer.values) for layer in evaluation._prompt_cache(*args).layers]
+        trunk = [(layer.keys, layer.values) for layer in prompt_cache(*args, prompts).layers]
+        own = [(layer.keys, layer.values) for layer in prompt_cache(*args).layers]  # no row shares
     for (keys, values), (own_keys, own_values) in zip(trunk, own):
         assert torch.allclose(keys, own_keys, atol=1e-5) and torch.allclose(values, own_values, atol=1e-5)
 
@@ -574,7 +590,7 @@ def test_scoring_rows_of_one_prompt_share_the_layers_below_their_own_first_steer
     """Configs that steer a whole prompt cannot share its cache, but below its own first steered layer each row
     computes what its prompt computes unsteered: there a layer runs the rows that have forked plus one row per
     prompt for the rest, and scores equal each job alone."""
-    from vulnsteer.steering import decoder_layers
+    from vulnsteer.architecture import decoder_layers
 
     g = torch.Generator().manual_seed(5)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
@@ -606,7 +622,8 @@ def test_scoring_rows_of_one_prompt_share_the_layers_below_their_own_first_steer
 def test_generate_mode_adds_a_forced_final_answer_scored_without_a_parser(lm):
     """After each free answer, the final yes/no turn is the conversation so far plus FINAL_QUESTION, scored as
     score mode scores, under the row's own steering; its verdict sits beside the parsed one."""
-    from vulnsteer.evaluation import ANSWER_PREFIX, FINAL_QUESTION, yes_no_log_odds
+    from vulnsteer.engine.runners import yes_no_log_odds
+    from vulnsteer.prompts import ANSWER_PREFIX, FINAL_QUESTION
 
     samples = make_samples(3)
     vector = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(3)) * 8

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import HOLMES
+
 from vulnsteer.cli import main
 from vulnsteer.models import CATALOGUE, gguf_path, pull, verify_gguf
 
@@ -97,10 +97,10 @@ def test_steering_invariants_on_the_real_model(model_cache):
     import torch
 
     from vulnsteer.data import load_demo
-    from vulnsteer.evaluation import render
     from vulnsteer.models import load_model
-    from vulnsteer.prompts import build_prompt
-    from vulnsteer.steering import Steering, steer
+    from vulnsteer.prompts import build_prompt, render
+    from vulnsteer.records import Steering
+    from vulnsteer.steer.hooks import steer
 
     lm = load_model(MODEL, dtype=torch.float32, device="cpu")
     texts = [render(lm.tokenizer, list(build_prompt(s, "strict").messages)) for s in load_demo()[:3]]

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_lm
+
 from vulnsteer import models
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.models import CatalogueModel, config_hash, gguf_path, load_model, pull, resolve_dtype, verify_gguf
+from vulnsteer.models import (
+    CatalogueModel,
+    config_hash,
+    gguf_path,
+    load_model,
+    pull,
+    resolve_dtype,
+    verify_gguf,
+)
 
 # --- resolve_dtype ------------------------------------------------------------------------------
 

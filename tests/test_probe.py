@@ -4,13 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-import vulnsteer.probe as probe_module
-from vulnsteer.activations import Activations
+import vulnsteer.extract.probe as probe_module
 from vulnsteer.data import Sample, family
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.probe import ProbeRow, auroc_or_none, fixed_direction_auroc, out_of_fold_scores, probe
+from vulnsteer.extract.activations import Activations
+from vulnsteer.extract.probe import (
+    ProbeRow,
+    auroc_or_none,
+    fixed_direction_auroc,
+    out_of_fold_scores,
+    probe,
+)
+from vulnsteer.extract.vectors import direction
 from vulnsteer.protocol import pair_folds
-from vulnsteer.vectors import direction
 
 CWES = ("CWE-22", "CWE-79", "CWE-787")
 HIDDEN = 32

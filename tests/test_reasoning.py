@@ -9,14 +9,26 @@ import sys
 
 import pytest
 
-from vulnsteer import reasoning
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import Result
+from vulnsteer.experiments import reasoning
+from vulnsteer.experiments.reasoning import (
+    Embedder,
+    ReasoningScore,
+    Rouge1,
+    judge_reasoning,
+    names_cwe,
+    reason_correct,
+    score_reasoning,
+    summarise_reasoning,
+)
+from vulnsteer.experiments.summary import (
+    reasoning_section,
+    summarise_results,
+    write_summary,
+)
 from vulnsteer.metrics import wilson_interval
-from vulnsteer.reasoning import (Embedder, ReasoningScore, Rouge1, judge_reasoning, names_cwe, reason_correct,
-                                 score_reasoning, summarise_reasoning)
-from vulnsteer.summary import reasoning_section, summarise_results, write_summary
+from vulnsteer.records import Result
 
 TRUTH = ("The `name` query parameter is joined to UPLOAD_ROOT without any check, so a request such as "
          "`?name=../../../etc/passwd` resolves outside the upload folder and send_file returns arbitrary files "
@@ -88,7 +100,7 @@ def test_names_cwe():
 
 def test_embedding_model_loads_offline():
     """A fresh process with the hub switched off loads the packaged weights and embeds."""
-    code = ("from vulnsteer.reasoning import Embedder, packaged_model_dir\n"
+    code = ("from vulnsteer.experiments.reasoning import Embedder, packaged_model_dir\n"
             "e = Embedder()\n"
             "v = e.encode(['hello world', 'a path traversal'])\n"
             "assert tuple(v.shape) == (2, 384), v.shape\n"

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from vulnsteer.architecture import decoder_layers
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, decoder_layers, steer, steer_tokens
+from vulnsteer.records import Steering
+from vulnsteer.steer.hooks import steer, steer_tokens
 
 PROMPTS = ["int main() { char b[4]; strcpy(b, argv[1]); }", "x = 1", "def f(p): return open(p).read()"]
 

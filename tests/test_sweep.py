@@ -11,13 +11,20 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_lm
+
 from vulnsteer.data import load_demo
 from vulnsteer.errors import VulnsteerError
+from vulnsteer.experiments.report import analyse
+from vulnsteer.experiments.sweep import (
+    BASELINE,
+    GridPoint,
+    SweepConfig,
+    grid,
+    load_config,
+)
+from vulnsteer.pipeline import run_sweep
 from vulnsteer.protocol import pair_folds
-from vulnsteer.report import analyse
-from vulnsteer.sweep import BASELINE, GridPoint, SweepConfig, grid, load_config, run_sweep
 
 SMALL = dict(dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score",
              transfer_strength=2.0)
@@ -156,7 +163,7 @@ def test_sigkill_midway_then_resume_equals_uninterrupted_run(tmp_path):
 def test_random_control_has_the_norm_of_the_real_vector_and_is_fixed():
     import torch
 
-    from vulnsteer.sweep import random_direction
+    from vulnsteer.experiments.sweep import random_direction
 
     like = torch.randn(64) * 3
     a, b = random_direction(like, 5), random_direction(like, 5)
@@ -166,10 +173,10 @@ def test_random_control_has_the_norm_of_the_real_vector_and_is_fixed():
 
 
 def test_fold_thresholds_are_fitted_on_other_folds_only():
-    from vulnsteer.evaluation import Result
-    from vulnsteer.report import best_threshold, fold_thresholded
-
     import numpy as np
+
+    from vulnsteer.experiments.report import best_threshold, fold_thresholded
+    from vulnsteer.records import Result
 
     assert best_threshold(np.array([1.0, 2.0, 3.0, 4.0]), np.array([False, False, True, True])) == 2.5
     assert best_threshold(np.array([1.0, 2.0]), np.array([True, True])) == 0.0
@@ -193,8 +200,8 @@ def test_fold_thresholds_are_fitted_on_other_folds_only():
 
 def test_every_bank_is_fitted_without_the_folds_it_steers():
     from vulnsteer.data import family
+    from vulnsteer.experiments.sweep import load_sweep_samples, plan
     from vulnsteer.prompts import PromptResources
-    from vulnsteer.sweep import load_sweep_samples, plan
 
     config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3})
     test, _ = load_sweep_samples(config)
@@ -218,7 +225,7 @@ def test_every_bank_is_fitted_without_the_folds_it_steers():
 
 
 def _row(i, label, verdict, score=0.0, split="t"):
-    from vulnsteer.evaluation import Result
+    from vulnsteer.records import Result
 
     return Result(f"s{i:02d}", f"p{i // 2}", "CWE-787", label, split, "x", "S1", "score", "", verdict, score, 1, 0,
                   0.0)
@@ -227,7 +234,7 @@ def _row(i, label, verdict, score=0.0, split="t"):
 def test_nested_selection_reads_selection_rows_never_the_test_fold():
     """Config A looks best on the other folds' test rows (whose vectors saw this fold) and on this fold itself;
     config B is best on the selection rows. Choosing for fold 0 must take B."""
-    from vulnsteer.report import nested_selection
+    from vulnsteer.experiments.report import nested_selection
 
     config = SweepConfig(**{**SMALL, "strengths": [1.0, 2.0], "layers": ["1"], "vectors": ["own"]})
     a_id, b_id = (GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (1.0, 2.0))
@@ -251,7 +258,7 @@ def test_nested_selection_reads_selection_rows_never_the_test_fold():
 
 
 def test_selected_thresholds_are_fitted_on_the_chosen_configs_selection_rows():
-    from vulnsteer.report import Analysis, selected_thresholded
+    from vulnsteer.experiments.report import Analysis, selected_thresholded
 
     config = SweepConfig(**{**SMALL, "strengths": [1.0, 2.0], "layers": ["1"], "vectors": ["own"]})
     a_id, b_id = (GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (1.0, 2.0))
@@ -282,7 +289,7 @@ def test_strength_zero_rows_on_every_path_equal_the_baseline_in_float32(tmp_path
 def test_training_items_that_share_a_family_or_code_with_the_test_set_are_dropped(tmp_path, capsys):
     from dataclasses import asdict
 
-    from vulnsteer.sweep import load_sweep_samples
+    from vulnsteer.experiments.sweep import load_sweep_samples
 
     demo = load_demo()[:8]
     copies = tmp_path / "copies.jsonl"  # the first two pairs under other ids and another source, plus one new pair
@@ -300,7 +307,7 @@ def test_training_items_that_share_a_family_or_code_with_the_test_set_are_droppe
 
 
 def test_resume_refuses_another_dtype_an_edited_config_and_foreign_rows(tmp_path):
-    from vulnsteer.sweep import config_from_store
+    from vulnsteer.experiments.sweep import config_from_store
 
     config = SweepConfig(**{**SMALL, "transfer": False, "strengths": [2.0], "random_draws": 1})
     lm = tiny_lm("llama")

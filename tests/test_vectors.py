@@ -6,16 +6,29 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_lm
 from safetensors.torch import save_file
 
-from conftest import tiny_lm
 from vulnsteer import __version__
-from vulnsteer.activations import Activations
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering
-from vulnsteer.vectors import (POOLED, VectorBank, check_compatible, direction, export_gguf, fit, load,
-                               load_vectors, normalise, parse_layers, relative_layer, save, steering_for_samples)
+from vulnsteer.extract.activations import Activations
+from vulnsteer.extract.vectors import (
+    POOLED,
+    VectorBank,
+    check_compatible,
+    direction,
+    export_gguf,
+    fit,
+    load,
+    load_vectors,
+    normalise,
+    parse_layers,
+    relative_layer,
+    save,
+    steering_for_samples,
+)
+from vulnsteer.records import Steering
 
 HIDDEN, LAYERS = 64, 4  # the tiny models of conftest
 CWES = ("CWE-22", "CWE-79", "CWE-787")

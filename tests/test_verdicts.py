@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vulnsteer.verdicts import VERDICTS, cwe_keywords, parse_verdict
+from vulnsteer.records import VERDICTS
+from vulnsteer.verdicts import cwe_keywords, parse_verdict
 
 ANSWERS = Path(__file__).with_name("answers.jsonl")
 

@@ -141,8 +141,8 @@ def eval_command(
     **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
-    from vulnsteer.evaluation import MODES, Decoding
     from vulnsteer.pipeline import make_jobs, run_eval
+    from vulnsteer.records import MODES, Decoding
 
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
@@ -154,8 +154,8 @@ def eval_command(
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
     bank = None
     if vectors is not None:
+        from vulnsteer.extract.vectors import load
         from vulnsteer.protocol import held_out_from
-        from vulnsteer.vectors import load
 
         bank = load(vectors)
         samples = held_out_from(samples, bank.meta, "test items")
@@ -164,7 +164,7 @@ def eval_command(
             "dtype": str(lm.model.dtype)}
     steering_for = lambda sample: None  # noqa: E731
     if bank is not None:
-        from vulnsteer.vectors import check_compatible, steering_for_samples
+        from vulnsteer.extract.vectors import check_compatible, steering_for_samples
 
         check_compatible(bank, lm, str(vectors))
         if bank.meta.get("mode", mode) != mode:
@@ -186,14 +186,14 @@ ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations:
 
 
 def _check_mode(mode: str) -> None:
-    from vulnsteer.evaluation import MODES
+    from vulnsteer.records import MODES
 
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
 
 
 def _layers(spec: str | None, lm) -> list[int]:
-    from vulnsteer.vectors import parse_layers
+    from vulnsteer.extract.vectors import parse_layers
 
     return parse_layers(spec, lm.num_layers)
 
@@ -213,8 +213,8 @@ def extract_command(
     **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
+    from vulnsteer.extract.vectors import METHODS, NORMALISATIONS
     from vulnsteer.pipeline import run_extract
-    from vulnsteer.vectors import METHODS, NORMALISATIONS
 
     if method not in METHODS or normalisation not in NORMALISATIONS:
         raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
@@ -244,8 +244,8 @@ def probe_command(
     **data,
 ) -> None:
     """Cross-validated AUROC of the projection onto a direction, per layer and CWE: detection without generation."""
+    from vulnsteer.extract.vectors import load_vectors
     from vulnsteer.pipeline import run_probe
-    from vulnsteer.vectors import load_vectors
 
     _check_mode(mode)
     samples, resources = _samples_and_resources(**data)
@@ -266,7 +266,7 @@ def probe_command(
 @vectors_app.command("show")
 def vectors_show(path: Path) -> None:
     """Print a vector file's metadata."""
-    from vulnsteer.vectors import load
+    from vulnsteer.extract.vectors import load
 
     bank = load(path)
     for key, value in bank.meta.items():
@@ -282,7 +282,7 @@ def vectors_export(
     output: Path = typer.Option(..., "--output", "-o"),
 ) -> None:
     """Export one group's vectors as a llama.cpp control-vector file (as repeng writes them)."""
-    from vulnsteer.vectors import export_gguf, load
+    from vulnsteer.extract.vectors import export_gguf, load
 
     if fmt != "gguf":
         raise VulnsteerError(f"unknown format {fmt!r}; only gguf is supported")
@@ -311,7 +311,8 @@ def _sweep_overrides(**flags) -> dict:
 
 
 def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
-    from vulnsteer.sweep import config_from_store, load_config, run_sweep
+    from vulnsteer.experiments.sweep import config_from_store, load_config
+    from vulnsteer.pipeline import run_sweep
 
     if resume is not None:
         given = sorted("--" + name.replace("_", "-") for name, value in flags.items() if value is not None)
@@ -377,7 +378,7 @@ def run_command(
 @app.command("report")
 def report_command(run_dir: Path) -> None:
     """Rewrite report.html / report.md (and rows.csv / rows.jsonl) from a sweep's store."""
-    from vulnsteer.report import write_report
+    from vulnsteer.experiments.report import write_report
 
     report = write_report(run_dir, show=True)
     print(f"report: {report} and {report.with_suffix('.md')}")

@@ -15,10 +15,10 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Literal
 
+from vulnsteer.cwes import TARGET_CWE, normalise_cwe
 from vulnsteer.errors import VulnsteerError
 
 Label = Literal["vulnerable", "patched"]
-CWES = ("CWE-22", "CWE-77", "CWE-79", "CWE-89", "CWE-190", "CWE-416", "CWE-476", "CWE-787")
 
 
 @dataclass(frozen=True)
@@ -38,34 +38,6 @@ class Sample:
     @property
     def is_vulnerable(self) -> bool:
         return self.label == "vulnerable"
-
-
-# --- CWE names -------------------------------------------------------------------------------
-
-_CWE_RE = re.compile(r"(?:cwe[-_ ]?)?0*(\d+)", re.IGNORECASE)
-
-# Upstream CWE -> the SecLLMHolmes CWE it stands for (as in the shared JSONL files' `target_cwe`).
-_TARGET_CWE = MappingProxyType(
-    {
-        "CWE-23": "CWE-22",
-        "CWE-36": "CWE-22",
-        "CWE-78": "CWE-77",
-        "CWE-80": "CWE-79",
-        "CWE-81": "CWE-79",
-        "CWE-83": "CWE-79",
-        "CWE-121": "CWE-787",
-        "CWE-122": "CWE-787",
-        "CWE-125": "CWE-787",
-    }
-)
-
-
-def normalise_cwe(cwe: str) -> str:
-    """Spell a CWE one way (`cwe-79`, `79`, `CWE-079` -> `CWE-79`) so datasets and filters agree."""
-    match = _CWE_RE.fullmatch(cwe.strip())
-    if match is None:
-        raise VulnsteerError(f"not a CWE id: {cwe!r} (expected e.g. CWE-79)")
-    return f"CWE-{int(match.group(1))}"
 
 
 # --- SecLLMHolmes ----------------------------------------------------------------------------
@@ -488,7 +460,7 @@ def _sven_pair(record: dict, split: str, file_name: str, index: int) -> list[dic
             "code": record[key],
             "pair_id": base,
             "source": f"github:eth-sri/sven@{SVEN_COMMIT}:data_train_val/{split}/{file_name}#L{index + 1}",
-            "target_cwe": _TARGET_CWE.get(cwe, cwe),
+            "target_cwe": TARGET_CWE.get(cwe, cwe),
             "meta": meta,
         }
         for tag, label, key in (("vul", "vulnerable", "func_src_before"), ("pat", "patched", "func_src_after"))

@@ -44,10 +44,9 @@ from scipy.stats import binomtest, norm
 from sklearn.metrics import roc_auc_score
 
 from vulnsteer.errors import VulnsteerError
+from vulnsteer.records import VERDICTS
 
-Verdict = Literal["vulnerable", "not_vulnerable", "unknown"]
 GainMetric = Literal["balanced_accuracy", "accuracy", "pair_accuracy", "auroc"]
-VERDICTS = ("vulnerable", "not_vulnerable", "unknown")
 GAIN_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
 
 

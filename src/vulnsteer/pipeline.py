@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -9,16 +10,36 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from vulnsteer import __version__
 from vulnsteer.data import Sample
-from vulnsteer.evaluation import Decoding, Job, Result, evaluate
+from vulnsteer.engine.evaluate import evaluate
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.experiments.store import (
+    SampleWriter,
+    open_run,
+    read_samples,
+    result_key,
+    row_key,
+)
+from vulnsteer.experiments.summary import (
+    final_answer_section,
+    print_table,
+    reasoning_section,
+    summarise_results,
+    write_summary,
+)
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
-from vulnsteer.steering import Steering
-from vulnsteer.store import SampleWriter, open_run, read_samples, result_key, row_key
-from vulnsteer.summary import final_answer_section, print_table, reasoning_section, summarise_results, write_summary
+from vulnsteer.records import Decoding, Job, Result, Steering
 
 
 @contextmanager
@@ -100,7 +121,7 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
                         read: str, mode: str = "generate", batch_tokens: int = 8192):
     """Activations of every layer on the prompt as `mode` asks it, with a progress bar (cached on disk per
     sample)."""
-    from vulnsteer.activations import collect
+    from vulnsteer.extract.activations import collect
 
     with progress("activations", len(samples)) as advance:
         return collect(lm, samples, prompt_id, resources, read, batch_tokens, progress=advance, mode=mode)
@@ -109,7 +130,7 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
                 method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate"):
     """Fit one vector per CWE and layer plus a pooled one, and save them with their metadata."""
-    from vulnsteer.vectors import fit, save
+    from vulnsteer.extract.vectors import fit, save
 
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     bank = fit(acts, lm, method, layers, normalisation)
@@ -135,15 +156,15 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
     from rich.console import Console
     from rich.table import Table
 
-    from vulnsteer.probe import probe
+    from vulnsteer.extract.probe import probe
 
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     rows = probe(acts, layers, method, folds)
     fixed, n_held_out = {}, 0
     if bank is not None:
-        from vulnsteer.probe import fixed_direction_auroc
+        from vulnsteer.extract.probe import fixed_direction_auroc
+        from vulnsteer.extract.vectors import POOLED
         from vulnsteer.protocol import overlapping
-        from vulnsteer.vectors import POOLED
 
         leaked = {s.id for s in overlapping(samples, set(bank.meta.get("train_keys", [])))}
         leaked |= {s.id for s in samples} & set(bank.meta.get("train_ids", []))
@@ -179,3 +200,75 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
              "folds": folds, "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed,
              "vector_file_held_out": n_held_out}, indent=2))
     return rows
+
+
+def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
+    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path."""
+    import torch
+    import transformers
+
+    from vulnsteer.engine.planner import auto_batch_tokens
+    from vulnsteer.experiments.report import write_report
+    from vulnsteer.experiments.store import SweepStore
+    from vulnsteer.experiments.sweep import (
+        BASELINE,
+        RUN_IDENTITY,
+        config_sha256,
+        dataset_hash,
+        load_sweep_samples,
+        plan,
+        store_row,
+    )
+    from vulnsteer.extract.vectors import parse_layers
+    from vulnsteer.models import default_device, load_model, resolve_dtype
+
+    test, train = load_sweep_samples(config)
+    resources = prompt_resources(config.dataset)
+    if lm is None:
+        device = default_device()
+        lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+    for spec in config.layers:  # a bad layer is refused before anything is written
+        parse_layers(spec, lm.num_layers)
+    store = SweepStore(out_dir / "sweep.sqlite")
+    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
+            "dtype": str(lm.model.dtype), "device": lm.device.type, "torch": torch.__version__,
+            "transformers": transformers.__version__, "dataset_hash": dataset_hash(test),
+            "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
+            "config_sha256": config_sha256(config), "vulnsteer": __version__}
+    try:
+        # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with. The shortest
+        # code's characters / 4 undercounts its prompt's tokens, which only makes the GPU budget more cautious.
+        budget = store.meta().get("batch_tokens") or config.batch_tokens or auto_batch_tokens(
+            lm.model, config.max_new_tokens if config.mode == "generate" else 0,
+            min(len(s.code) for s in test) // 4 + 1)
+        store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
+        sweep = plan(config, lm, test, train, resources, store.done(), store.selection_done(),
+                     lambda samples: collect_activations(lm, samples, config.prompt, resources, config.read,
+                                                         config.mode))
+        known = {p.id for p in sweep.points} | {BASELINE}
+        foreign = sorted({c for c, _ in store.done()} - known)
+        if foreign:
+            raise VulnsteerError(f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
+                                 "use another --output-dir")
+        n_done = sweep.total_rows - len(sweep.jobs)
+        print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
+              f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
+              f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
+        start = time.perf_counter()
+        if sweep.jobs:
+            decoding = Decoding(config.mode, config.max_new_tokens, budget, config.cache)
+            run_jobs(lm, sweep.jobs, decoding, "sweep", on_result=lambda r: store_row(store, sweep.fold_of, r))
+        print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
+        _write_probe(lm, sweep, config, resources, out_dir)
+    finally:
+        store.close()
+    return write_report(out_dir, show=True)
+
+
+def _write_probe(lm, sweep, config, resources, out_dir: Path) -> None:
+    """Cross-validated probe AUROC per layer on the test items, for the report (activations from the disk cache)."""
+    from vulnsteer.extract.probe import probe
+
+    acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read, config.mode)
+    rows = probe(acts, sorted(acts.by_layer), config.methods[0], config.folds, config.seed)
+    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows]))

@@ -30,35 +30,11 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
-from vulnsteer.data import Sample, normalise_cwe
+from vulnsteer.cwes import BY_ID, CATALOGUE, normalise_cwe
+from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
-
-SECLLMHOLMES_IDS: tuple[str, ...] = (
-    "S1", "S2", "S3", "S4", "S5", "S6",
-    "R1", "R2", "R3", "R4", "R5", "R6",
-    "D1", "D2", "D3", "D4", "D5",
-)
-PROMPT_IDS: tuple[str, ...] = SECLLMHOLMES_IDS + ("strict",)
-
-# Upstream `src/constants.py` PROMPTS_MAP: (zero-/few-shot, task-oriented / role-oriented).
-PROMPT_KINDS: dict[str, tuple[str, str]] = {
-    "S1": ("ZS", "TO"), "S2": ("ZS", "RO"), "S3": ("ZS", "RO"), "S4": ("ZS", "RO"),
-    "S5": ("FS", "TO"), "S6": ("FS", "RO"),
-    "R1": ("ZS", "TO"), "R2": ("ZS", "RO"), "R3": ("ZS", "TO"),
-    "R4": ("FS", "RO"), "R5": ("FS", "RO"), "R6": ("FS", "TO"),
-    "D1": ("ZS", "TO"), "D2": ("ZS", "RO"), "D3": ("FS", "RO"), "D4": ("FS", "RO"), "D5": ("FS", "TO"),
-    "strict": ("ZS", "RO"),
-}
-
-# Few-shot answer folder each few-shot strategy uses (upstream `dir_path/<folder>/<cwe>[-p].txt`).
-_FEW_SHOT_REASONING: dict[str, str] = {
-    "S5": "reasoning", "S6": "reasoning", "D3": "reasoning",
-    "R4": "step-by-step-reasoning", "R5": "step-by-step-reasoning", "R6": "step-by-step-reasoning",
-    "D4": "step-by-step-reasoning", "D5": "step-by-step-reasoning",
-}
-_NEEDS_DEFINITION = frozenset({"D1", "D2", "D3", "D4", "D5"})
 
 _DATASET_HINT = (
     "pass --dataset pointing at a SecLLMHolmes datasets/ folder (or a clone of ai4cloudops/SecLLMHolmes "
@@ -75,27 +51,8 @@ class CweInfo:
     definition: str | None = None  # upstream mitre-cwe-definitions.json entry ("Name: description ...")
 
 
-# Official MITRE names (CWE 4.14) and the SecLLMHolmes names (upstream src/constants.py CWES).
-BUILTIN_CWES: dict[str, CweInfo] = {
-    "CWE-22": CweInfo("Improper Limitation of a Pathname to a Restricted Directory ('Path Traversal')",
-                      "path traversal"),
-    "CWE-77": CweInfo("Improper Neutralization of Special Elements used in a Command ('Command Injection')",
-                      "OS command injection"),
-    "CWE-79": CweInfo("Improper Neutralization of Input During Web Page Generation ('Cross-site Scripting')",
-                      "cross-site scripting"),
-    "CWE-89": CweInfo("Improper Neutralization of Special Elements used in an SQL Command ('SQL Injection')",
-                      "SQL injection"),
-    "CWE-190": CweInfo("Integer Overflow or Wraparound", "integer overflow"),
-    "CWE-416": CweInfo("Use After Free", "use after free"),
-    "CWE-476": CweInfo("NULL Pointer Dereference", "NULL pointer dereference"),
-    "CWE-787": CweInfo("Out-of-bounds Write", "out-of-bounds write"),
-}
-
-# Upstream src/constants.py LANG: extension of each CWE's few-shot example files.
-_FEW_SHOT_EXT: dict[str, str] = {
-    "CWE-22": "c", "CWE-77": "c", "CWE-79": "py", "CWE-89": "py",
-    "CWE-190": "c", "CWE-416": "c", "CWE-476": "c", "CWE-787": "c",
-}
+# The catalogue's CWEs by name only; a SecLLMHolmes dataset folder adds their MITRE definitions.
+BUILTIN_CWES: dict[str, CweInfo] = {cwe.id: CweInfo(cwe.name, cwe.short_name) for cwe in CATALOGUE}
 
 _LANGUAGE_NAMES: dict[str, str] = {
     "c": "C", "h": "C", "cpp": "C++", "c++": "C++", "cc": "C++", "cxx": "C++", "hpp": "C++",
@@ -178,10 +135,11 @@ def _check_id(prompt_id: str) -> str:
 def required_resources(prompt_id: str) -> frozenset[str]:
     """Which dataset resources a strategy needs: a subset of {"few_shot", "definitions"}."""
     _check_id(prompt_id)
+    strategy = STRATEGIES.get(prompt_id)
     needs = set()
-    if prompt_id in _FEW_SHOT_REASONING:
+    if strategy and strategy.few_shot:
         needs.add("few_shot")
-    if prompt_id in _NEEDS_DEFINITION:
+    if strategy and strategy.definition:
         needs.add("definitions")
     return frozenset(needs)
 
@@ -280,6 +238,61 @@ def _strict_user(cwe: str, name: str, language: str, code: str) -> str:
     )
 
 
+# ---- the strategies, declared ----------------------------------------------------------------------
+
+# How a user turn lays out the code, given (code, CWE short name, definition): upstream `prepare_prompt` layouts.
+_USER_TURNS: dict[str, Callable[[str, str, str], str]] = {
+    "code": lambda code, n, d: code,
+    "question": lambda code, n, d: _fmt_question(code, _question(n)),
+    "step-by-step": lambda code, n, d: _fmt_qa(code, _question(n), "Let's think step by step."),
+    "definition": lambda code, n, d: _fmt_def(d, code, _question(n)),
+    "overview": lambda code, n, d: _fmt_none(code) + "\n\n" + _r3_turns(n)[0],  # R3's first turn; the rest follow
+}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One SecLLMHolmes strategy: its system turn (from the CWE's short name and definition), the layout of its
+    user turn and of its few-shot examples' user turns, and where its few-shot answers live."""
+
+    kind: tuple[str, str]  # upstream src/constants.py PROMPTS_MAP: (zero-/few-shot, task-/role-oriented)
+    system: Callable[[str, str], str] | None = None
+    user: str = "code"  # a key of _USER_TURNS
+    few_shot: str | None = None  # the answers' folder (upstream `dir_path/<folder>/<cwe>[-p].txt`)
+    few_shot_user: str = "code"
+    definition: bool = False  # pastes the MITRE definition (from the dataset's mitre-cwe-definitions.json)
+
+
+def _fixed(text: str) -> Callable[[str, str], str]:
+    return lambda n, d: text
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "S1": Strategy(("ZS", "TO"), user="question"),
+    "S2": Strategy(("ZS", "RO"), _fixed("You are a helpful assistant."), "question"),
+    "S3": Strategy(("ZS", "RO"), _fixed("You are a code security expert."), "question"),
+    "S4": Strategy(("ZS", "RO"), lambda n, d: _expert(n)),
+    "S5": Strategy(("FS", "TO"), user="question", few_shot="reasoning", few_shot_user="question"),
+    "S6": Strategy(("FS", "RO"), lambda n, d: _expert(n), few_shot="reasoning"),
+    "R1": Strategy(("ZS", "TO"), user="step-by-step"),
+    "R2": Strategy(("ZS", "RO"), lambda n, d: _r2_system(n)),
+    "R3": Strategy(("ZS", "TO"), user="overview"),
+    "R4": Strategy(("FS", "RO"), lambda n, d: _expert(n), few_shot="step-by-step-reasoning"),
+    "R5": Strategy(("FS", "RO"), lambda n, d: _r5_system(n), few_shot="step-by-step-reasoning"),
+    "R6": Strategy(("FS", "TO"), lambda n, d: _r6_system(n), few_shot="step-by-step-reasoning"),
+    "D1": Strategy(("ZS", "TO"), user="definition", definition=True),
+    "D2": Strategy(("ZS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, definition=True),
+    "D3": Strategy(("FS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, few_shot="reasoning", definition=True),
+    "D4": Strategy(("FS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, few_shot="step-by-step-reasoning",
+                   definition=True),
+    "D5": Strategy(("FS", "TO"), lambda n, d: f"Analyze the given code for the security vulnerability known as {n}."
+                   f"\n\n{d}", few_shot="step-by-step-reasoning", definition=True),
+}
+SECLLMHOLMES_IDS: tuple[str, ...] = tuple(STRATEGIES)
+PROMPT_IDS: tuple[str, ...] = SECLLMHOLMES_IDS + ("strict",)
+PROMPT_KINDS: dict[str, tuple[str, str]] = {key: s.kind for key, s in STRATEGIES.items()} | {"strict": ("ZS", "RO")}
+
+
 # ---- resources -------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=256)
@@ -292,7 +305,7 @@ def _read(path: Path) -> str:
 
 def _few_shot_code_path(few_shot_dir: Path, cwe: str, patched: bool) -> Path:
     stem = cwe.lower() + ("-p" if patched else "")
-    ext = _FEW_SHOT_EXT.get(cwe)
+    ext = BY_ID[cwe].few_shot_ext if cwe in BY_ID else None
     if ext is not None:
         path = few_shot_dir / "examples" / f"{stem}.{ext}"
         if path.is_file():
@@ -342,7 +355,29 @@ def _definition(info: CweInfo, cwe: str) -> str:
     return info.definition
 
 
-# ---- public entry point --------------------------------------------------------------------------
+# ---- public entry points -------------------------------------------------------------------------
+
+# Score mode prefills the assistant turn with it; the yes/no log-odds are read at its last token.
+ANSWER_PREFIX = "Answer:"
+# Generate mode's forced final turn, asked after the free answer and scored as score mode scores.
+FINAL_QUESTION = ("Final answer: does the code above contain the vulnerability you were asked about? "
+                  "Reply with yes or no.")
+
+
+def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
+    """Apply the chat template up to the assistant turn; fold the system prompt into the first user turn for
+    templates that reject a system role."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates raise their own exception types (jinja2 TemplateError among them)
+        if messages[0]["role"] != "system":
+            raise
+        system, first, *rest = messages
+        merged = {"role": first["role"], "content": system["content"] + "\n\n" + first["content"]}
+        text = tokenizer.apply_chat_template([merged, *rest], tokenize=False, add_generation_prompt=True)
+    return text + prefix
+
+
 
 def build_prompt(sample: Sample, prompt_id: str, resources: PromptResources | None = None) -> Prompt:
     """Build the chat messages of strategy `prompt_id` for `sample` (the caller applies the chat template)."""
@@ -358,47 +393,15 @@ def build_prompt(sample: Sample, prompt_id: str, resources: PromptResources | No
             {"role": "user", "content": _strict_user(cwe, info.name, sample.language, code)},
         ])
 
+    strategy = STRATEGIES[prompt_id]
     n = info.short_name
-    q = _question(n)
-    system = ""
-    examples: list[dict[str, str]] = []
-    followups: tuple[str, ...] = ()
-    defin = _definition(info, cwe) if prompt_id in _NEEDS_DEFINITION else ""
-    folder = _FEW_SHOT_REASONING.get(prompt_id)
-
-    if prompt_id in ("S1", "S2", "S3"):
-        system = {"S1": "", "S2": "You are a helpful assistant.", "S3": "You are a code security expert."}[prompt_id]
-        text = _fmt_question(code, q)
-    elif prompt_id == "S4":
-        system, text = _expert(n), code
-    elif prompt_id == "S5":
-        examples = _few_shot_examples(resources, cwe, folder, lambda c: _fmt_question(c, q))
-        text = _fmt_question(code, q)
-    elif prompt_id in ("S6", "R4"):
-        system, text = _expert(n), code
-        examples = _few_shot_examples(resources, cwe, folder, lambda c: c)
-    elif prompt_id == "R1":
-        text = _fmt_qa(code, q, "Let's think step by step.")
-    elif prompt_id == "R2":
-        system, text = _r2_system(n), code
-    elif prompt_id == "R3":
-        first, *rest = _r3_turns(n)
-        text = _fmt_none(code) + "\n\n" + first
-        followups = tuple(rest)
-    elif prompt_id in ("R5", "R6"):
-        system = _r5_system(n) if prompt_id == "R5" else _r6_system(n)
-        text = code
-        examples = _few_shot_examples(resources, cwe, folder, lambda c: c)
-    elif prompt_id == "D1":
-        text = _fmt_def(defin, code, q)
-    elif prompt_id in ("D2", "D3", "D4"):
-        system, text = _expert(n) + "\n\n" + defin, code
-        if prompt_id != "D2":
-            examples = _few_shot_examples(resources, cwe, folder, lambda c: c)
-    else:  # D5
-        system = f"Analyze the given code for the security vulnerability known as {n}.\n\n{defin}"
-        text = code
-        examples = _few_shot_examples(resources, cwe, folder, lambda c: c)
+    definition = _definition(info, cwe) if strategy.definition else ""
+    system = strategy.system(n, definition) if strategy.system else ""
+    text = _USER_TURNS[strategy.user](code, n, definition)
+    examples = (_few_shot_examples(resources, cwe, strategy.few_shot,
+                                   lambda c: _USER_TURNS[strategy.few_shot_user](c, n, definition))
+                if strategy.few_shot else [])
+    followups = _r3_turns(n)[1:] if strategy.user == "overview" else ()
 
     messages: list[dict[str, str]] = []
     if system:  # upstream chat() drops an empty system prompt

@@ -25,29 +25,16 @@ of precedence:
 from __future__ import annotations
 
 import re
-from typing import Literal
 
-Verdict = Literal["vulnerable", "not_vulnerable", "unknown"]
-VERDICTS: tuple[str, ...] = ("vulnerable", "not_vulnerable", "unknown")
+from vulnsteer.cwes import CATALOGUE
+from vulnsteer.records import Verdict
 
 VULN: Verdict = "vulnerable"
 SAFE: Verdict = "not_vulnerable"
 UNKNOWN: Verdict = "unknown"
 
-# Key phrases per supported CWE: answers name CWEs loosely, never by their full MITRE title.
-CWE_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "CWE-22": ("path traversal", "directory traversal", "path-traversal", "cwe-22", "restricted directory"),
-    "CWE-77": ("command injection", "shell injection", "os command", "cwe-77", "cwe-78"),
-    "CWE-79": ("cross-site scripting", "cross site scripting", "xss", "script injection",
-               "html injection", "cwe-79"),
-    "CWE-89": ("sql injection", "sqli", "sql command", "cwe-89"),
-    "CWE-190": ("integer overflow", "integer wraparound", "wraparound", "wrap-around", "wraps around",
-                "wrap around", "integer underflow", "cwe-190"),
-    "CWE-416": ("use after free", "use-after-free", "uaf", "dangling pointer", "cwe-416"),
-    "CWE-476": ("null pointer", "null-pointer", "null dereference", "nullptr dereference", "cwe-476"),
-    "CWE-787": ("out-of-bounds write", "out of bounds write", "buffer overflow", "buffer overrun",
-                "heap overflow", "stack overflow", "out-of-bounds", "out of bounds", "oob write", "cwe-787"),
-}
+# Key phrases per catalogue CWE: answers name CWEs loosely, never by their full MITRE title.
+CWE_KEYWORDS: dict[str, tuple[str, ...]] = {cwe.id: cwe.keywords for cwe in CATALOGUE}
 # Vulnerability kinds outside the map: a clause about only these says nothing about the asked CWE.
 OTHER_KEYWORDS: tuple[str, ...] = (
     "format string", "race condition", "memory leak", "double free", "denial of service",
@@ -55,16 +42,7 @@ OTHER_KEYWORDS: tuple[str, ...] = (
     "timing attack", "open redirect", "ssrf",
 )
 # Fragments of MITRE titles -> id, for callers that pass the full CWE name.
-_NAME_HINTS: tuple[tuple[str, str], ...] = (
-    ("pathname", "CWE-22"), ("path traversal", "CWE-22"),
-    ("command injection", "CWE-77"), ("os command", "CWE-77"),
-    ("web page generation", "CWE-79"), ("cross-site scripting", "CWE-79"),
-    ("sql", "CWE-89"),
-    ("integer overflow", "CWE-190"), ("wraparound", "CWE-190"),
-    ("use after free", "CWE-416"), ("use-after-free", "CWE-416"),
-    ("null pointer", "CWE-476"),
-    ("out-of-bounds write", "CWE-787"), ("buffer overflow", "CWE-787"),
-)
+_NAME_HINTS: tuple[tuple[str, str], ...] = tuple((hint, cwe.id) for cwe in CATALOGUE for hint in cwe.title_hints)
 
 _W = r"(?:[\w'-]+\s+)"  # one filler word
 _VULN_NOUN = (

@@ -1,12 +1,16 @@
-"""How rows are grouped into batches: a token budget from the free memory, and the grouping by length that wastes
-least on padding for what each batch costs."""
+"""How rows become batches: a token budget from the free memory, the grouping by length that wastes least on
+padding for what each batch costs, and the plan of one phase of an evaluation as plain `Batch` records (which rows,
+on which execution path)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from vulnsteer.architecture import key_value_heads
 
 CPU_BATCH_TOKENS = 8192
 
@@ -33,14 +37,6 @@ def auto_batch_tokens(model, max_new_tokens: int, width: int, free_bytes: int | 
     held = 1 if max_new_tokens == 0 else 2  # the decoding cache's prompt slots, and the prompt pass's own copy
     per_prompt_token = kv_bytes * (held + max_new_tokens / max(width, 1)) + activation_bytes
     return max(int(0.8 * free_bytes / per_prompt_token), width)  # at least one row
-
-
-def key_value_heads(model) -> tuple[int, int]:
-    """Key/value heads per layer and their size, from the model's config."""
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 # The fixed work of one forward pass, in prompt tokens of work. On a GPU: the tokens its FLOP rate processes while
@@ -85,3 +81,67 @@ def batches(lengths: Sequence[int], batch_tokens: int, cost: float) -> list[list
         groups.append(order[start[j]:j])
         j = int(start[j])
     return groups[::-1]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows of a run (indices into its jobs) that run together, and on which path: scoring or generating, and
+    whether they repeat prompts steered from the last token on, so that each prompt's pass runs once for all."""
+
+    rows: list[int]
+    score: bool
+    shared_prefix: bool = False
+
+    @property
+    def path(self) -> str:
+        """The runner that takes it (`vulnsteer.engine.runners`)."""
+        return ("score" if self.score else "generate") + ("-shared-prefix" if self.shared_prefix else "")
+
+
+def plan_phase(texts: dict[int, str], lengths: dict[int, int], leaves_prompt_alone: dict[int, bool], score: bool,
+               sharing: bool, budget: int, cost: float) -> list[Batch]:
+    """The batches of one phase of a run (its rows are the keys of `texts`, each with its rendered text, token
+    count and whether its steering leaves the prompt before its last token alone). With `sharing`, rows that
+    repeat such a prompt go into shared-prefix batches: scoring, a prompt's rows cost one pass over it plus a token
+    each, so the prompts are planned; generating, each row keeps its own copy of the prompt's cache but pays its
+    padding once per prompt. The others are planned by length. `cost` is one more batch's fixed work
+    (`batch_cost`)."""
+    rows = list(texts)
+    shared = prefix_shared_rows(rows, texts, leaves_prompt_alone) if sharing else []
+    rest = sorted(set(rows) - set(shared), key=lambda i: texts[i])  # a prompt's rows side by side
+    if score:
+        by_prompt: dict[str, list[int]] = {}
+        for i in shared:
+            by_prompt.setdefault(texts[i], []).append(i)
+        prompts = list(by_prompt.values())
+        sharing_groups = [[i for g in group for i in prompts[g]]
+                          for group in batches([lengths[rows_[0]] for rows_ in prompts], budget, cost)]
+    else:
+        rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
+        sharing_groups = [[shared[g] for g in group]
+                          for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
+    full_groups = [[rest[g] for g in group] for group in batches([lengths[i] for i in rest], budget, cost)]
+    return interleave([Batch(g, score, True) for g in sharing_groups], [Batch(g, score, False) for g in full_groups])
+
+
+def prefix_shared_rows(rows: list[int], texts: dict[int, str], leaves_prompt_alone: dict[int, bool]) -> list[int]:
+    """Rows whose prompt repeats (a sweep asks each prompt under many configs) and whose steering starts at the
+    last prompt token or later: everything before that token is the same unsteered computation for all of them.
+    Returned with each prompt's rows side by side, so that batches keep them together."""
+    eligible = [i for i in rows if leaves_prompt_alone[i]]
+    counts: dict[str, int] = {}
+    for i in eligible:
+        counts[texts[i]] = counts.get(texts[i], 0) + 1
+    return sorted((i for i in eligible if counts[texts[i]] > 1), key=lambda i: texts[i])
+
+
+def interleave(first: list[Batch], second: list[Batch]) -> list[Batch]:
+    """Both lists of batches in their order, merged so that each list's rows run at the same pace: rows that share a
+    prompt's pass cost a fraction of full ones, and a progress bar's rate (and ETA) should hold from the start."""
+    def paced(batches_: list[Batch]) -> list[tuple[float, Batch]]:
+        total, done, keyed = sum(len(b.rows) for b in batches_), 0, []
+        for batch in batches_:
+            keyed.append((done / total, batch))
+            done += len(batch.rows)
+        return keyed
+    return [batch for _, batch in sorted(paced(first) + paced(second), key=lambda pair: pair[0])]

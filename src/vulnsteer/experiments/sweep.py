@@ -14,25 +14,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import tomllib
 import torch
 
-from vulnsteer import __version__
 from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import MODES, Decoding, Job, Result
+from vulnsteer.experiments.store import SweepStore, read_sweep
+from vulnsteer.extract.activations import Activations, collect
+from vulnsteer.extract.vectors import (
+    METHODS,
+    NORMALISATIONS,
+    POOLED,
+    VectorBank,
+    fit,
+    parse_layers,
+)
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel
-from vulnsteer.pipeline import collect_activations
-from vulnsteer.protocol import drop_overlap, overlapping, pair_folds
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
-from vulnsteer.steering import POSITIONS, Steering, unsteered_before_last_prompt_token
-from vulnsteer.store import SweepStore, read_sweep
-from vulnsteer.vectors import METHODS, NORMALISATIONS, POOLED, VectorBank, fit, parse_layers
+from vulnsteer.protocol import drop_overlap, overlapping, pair_folds
+from vulnsteer.records import (
+    CACHES,
+    MODES,
+    POSITIONS,
+    Job,
+    Result,
+    Steering,
+    SteeringId,
+)
+from vulnsteer.steer.hooks import leaves_prompt_alone
 
 BASELINE = "baseline"
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
@@ -101,7 +114,7 @@ class SweepConfig:
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
         _check_choice("normalisation", [self.normalisation], NORMALISATIONS)
         _check_choice("select_metric", [self.select_metric], SELECT_METRICS)
-        _check_choice("cache", [self.cache], ("dynamic", "static"))
+        _check_choice("cache", [self.cache], CACHES)
         if self.mode == "score" and "generated" in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
         if self.transfer_strength == 0:
@@ -199,7 +212,7 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
     return [GridPoint(config.methods[0], config.layers[0], "own", p, 0.0) for p in config.positions
-            if not unsteered_before_last_prompt_token(Steering({}, 0.0, p))]
+            if not leaves_prompt_alone(Steering({}, 0.0, p))]
 
 
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
@@ -260,8 +273,13 @@ def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] 
 
 def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[Sample] | None,
          resources: PromptResources, done: set[tuple[str, str]],
-         selection_done: set[tuple[int, str, str]] = frozenset()) -> SweepPlan:
-    """Fit the vectors each fold needs (activations are computed once and cached) and list the remaining jobs."""
+         selection_done: set[tuple[int, str, str]] = frozenset(),
+         activations: Callable[[Sequence[Sample]], Activations] | None = None) -> SweepPlan:
+    """Fit the vectors each fold needs and list the remaining jobs. `activations(samples)` reads the samples'
+    activations as the sweep asks its prompts (default: `collect`, cached on disk, without a progress bar)."""
+    if activations is None:
+        activations = lambda samples: collect(lm, samples, config.prompt, resources, config.read,  # noqa: E731
+                                              mode=config.mode)
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
     needed = sorted({layer for layers in layer_sets.values() for layer in layers})
     folds = pair_folds(test, config.folds, config.seed)
@@ -269,7 +287,7 @@ def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[S
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
     selection_banks: dict[tuple[int, int], Banks] = {}
     if train is None:
-        acts = collect_activations(lm, test, config.prompt, resources, config.read, config.mode)
+        acts = activations(test)
 
         def fit_without(excluded: set[int]) -> Banks:
             part = acts.subset(lambda s: fold_of[s.id] not in excluded)
@@ -281,8 +299,7 @@ def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[S
         banks = {f: fit_without({f}) for f in members}
         selection_banks = {(f, g): fit_without({f, g}) for f in members for g in members if g != f}
     else:
-        shared = _fit(collect_activations(lm, train, config.prompt, resources, config.read, config.mode), lm,
-                      config, needed)
+        shared = _fit(activations(train), lm, config, needed)
         check_held_out(shared, test)
         banks = {f: shared for f in members}
     points = grid(config, sorted({s.cwe for s in test}))
@@ -328,7 +345,7 @@ def _steering(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_s
     else:
         group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
         vectors = {layer: bank.for_group(group)[layer] for layer in layers}
-    label = {"config": point.id, "fold": fold} | ({} if outer is None else {"outer": outer})
+    label = SteeringId(config=point.id, fold=fold, outer=outer)
     return Steering(vectors, point.strength, point.positions, label=label)
 
 
@@ -339,13 +356,13 @@ def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def config_of(result: Result) -> str:
-    return result.steering["config"] if result.steering else BASELINE
+    return result.steering.config if result.steering and result.steering.config else BASELINE
 
 
-def _store_row(store: SweepStore, fold_of: dict[str, int], result: Result) -> None:
+def store_row(store: SweepStore, fold_of: dict[str, int], result: Result) -> None:
     """A test row, or (steering labelled with an outer fold) a selection row."""
-    if result.steering and "outer" in result.steering:
-        store.add_selection(result.steering["outer"], config_of(result), fold_of[result.sample_id], result)
+    if result.steering and result.steering.is_selection:
+        store.add_selection(result.steering.outer, config_of(result), fold_of[result.sample_id], result)
     else:
         store.add(config_of(result), fold_of[result.sample_id], result)
 
@@ -356,65 +373,6 @@ RUN_IDENTITY = ("model", "config_hash", "weights", "dtype", "device", "torch", "
 
 def config_sha256(config: SweepConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
-
-
-def run_sweep(config: SweepConfig, out_dir: Path, lm: LoadedModel | None = None) -> Path:
-    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path."""
-    import transformers
-
-    from vulnsteer.batching import auto_batch_tokens
-    from vulnsteer.models import default_device, load_model, resolve_dtype
-    from vulnsteer.pipeline import prompt_resources, run_jobs
-    from vulnsteer.report import write_report
-
-    test, train = load_sweep_samples(config)
-    resources = prompt_resources(config.dataset)
-    if lm is None:
-        device = default_device()
-        lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
-    for spec in config.layers:  # a bad layer is refused before anything is written
-        parse_layers(spec, lm.num_layers)
-    store = SweepStore(out_dir / "sweep.sqlite")
-    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
-            "dtype": str(lm.model.dtype), "device": lm.device.type, "torch": torch.__version__,
-            "transformers": transformers.__version__, "dataset_hash": dataset_hash(test),
-            "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
-            "config_sha256": config_sha256(config), "vulnsteer": __version__}
-    try:
-        # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with. The shortest
-        # code's characters / 4 undercounts its prompt's tokens, which only makes the GPU budget more cautious.
-        budget = store.meta().get("batch_tokens") or config.batch_tokens or auto_batch_tokens(
-            lm.model, config.max_new_tokens if config.mode == "generate" else 0,
-            min(len(s.code) for s in test) // 4 + 1)
-        store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
-        sweep = plan(config, lm, test, train, resources, store.done(), store.selection_done())
-        known = {p.id for p in sweep.points} | {BASELINE}
-        foreign = sorted({c for c, _ in store.done()} - known)
-        if foreign:
-            raise VulnsteerError(f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
-                                 "use another --output-dir")
-        n_done = sweep.total_rows - len(sweep.jobs)
-        print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
-              f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
-              f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
-        start = time.perf_counter()
-        if sweep.jobs:
-            decoding = Decoding(config.mode, config.max_new_tokens, budget, config.cache)
-            run_jobs(lm, sweep.jobs, decoding, "sweep", on_result=lambda r: _store_row(store, sweep.fold_of, r))
-        print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
-        _write_probe(lm, sweep, config, resources, out_dir)
-    finally:
-        store.close()
-    return write_report(out_dir, show=True)
-
-
-def _write_probe(lm, sweep: SweepPlan, config: SweepConfig, resources, out_dir: Path) -> None:
-    """Cross-validated probe AUROC per layer on the test items, for the report (activations from the disk cache)."""
-    from vulnsteer.probe import probe
-
-    acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read, config.mode)
-    rows = probe(acts, sorted(acts.by_layer), config.methods[0], config.folds, config.seed)
-    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows]))
 
 
 def load_config(path: Path | None, overrides: dict) -> SweepConfig:

@@ -25,12 +25,12 @@ from safetensors.torch import safe_open, save_file
 from sklearn.linear_model import LogisticRegression
 
 from vulnsteer import __version__
-from vulnsteer.activations import Activations
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
+from vulnsteer.extract.activations import Activations
 from vulnsteer.models import LoadedModel
 from vulnsteer.protocol import training_keys
-from vulnsteer.steering import Steering
+from vulnsteer.records import Steering, SteeringId
 
 METHODS = ("mean-diff", "pca", "probe")
 NORMALISATIONS = ("residual", "unit")
@@ -234,8 +234,8 @@ def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, 
         group = sample.cwe if cwe_vector == "own" else cwe_vector
         by_layer = bank.for_group(group)
         return Steering({layer: by_layer[layer] for layer in chosen}, strength, positions,
-                        label={"vectors": group, "layers": chosen, "strength": strength, "positions": positions,
-                               "method": bank.meta.get("method")})
+                        label=SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
+                                         method=bank.meta.get("method")))
     return steering
 
 

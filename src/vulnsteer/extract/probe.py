@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from vulnsteer.activations import Activations
 from vulnsteer.data import family
+from vulnsteer.extract.activations import Activations
+from vulnsteer.extract.vectors import direction
 from vulnsteer.metrics import Judged, summarise
 from vulnsteer.protocol import pair_folds
-from vulnsteer.vectors import direction
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import Result
-from vulnsteer.metrics import Interval, Judged, Summary, clustered_proportion, summarise, summarise_by_cwe
+from vulnsteer.metrics import (
+    Interval,
+    Judged,
+    Summary,
+    clustered_proportion,
+    summarise,
+    summarise_by_cwe,
+)
+from vulnsteer.records import Result
 
 COLUMNS = (
     ("accuracy", "acc (unknown = wrong)"),
@@ -131,7 +138,7 @@ def reasoning_section(results: Sequence[Result], samples, *, embedder=None, judg
     """Score and summarise the reasoning of generate-mode results (None when there are none: score mode has no
     text to judge). `samples`: the run's samples (a list, or a dict by id) carrying ground-truth reasoning.
     Pass `scores` (from `reasoning.score_reasoning`, aligned with `results`) to skip scoring here."""
-    from vulnsteer import reasoning
+    from vulnsteer.experiments import reasoning
 
     keep = [i for i, r in enumerate(results) if r.mode == "generate"]
     if not keep:

@@ -17,13 +17,12 @@ from typing import Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from vulnsteer.architecture import decoder_layers, hidden_of
 from vulnsteer.data import Sample
+from vulnsteer.engine.planner import batch_cost, batches
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.batching import batch_cost, batches
-from vulnsteer.evaluation import ANSWER_PREFIX, render
 from vulnsteer.models import LoadedModel, cache_dir
-from vulnsteer.prompts import PromptResources, build_prompt
-from vulnsteer.steering import decoder_layers, hidden_of
+from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, build_prompt, render
 
 READS = ("prompt-last", "code-mean")
 
@@ -48,7 +47,7 @@ class Activations:
         return torch.tensor([s.is_vulnerable for s in self.samples])
 
 
-def _cache_file(lm: LoadedModel, text: str, read: str) -> Path:
+def cache_file(lm: LoadedModel, text: str, read: str) -> Path:
     """Keyed by the model's source and weights, the rendered prompt and its token ids, so another checkpoint or a
     change of prompt text, few-shot files, definitions or tokenizer is a miss."""
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -87,7 +86,7 @@ def collect(
         raise VulnsteerError(f"unknown read position {read!r}; use one of {', '.join(READS)}")
     prefix = ANSWER_PREFIX if mode == "score" else ""
     texts = [render(lm.tokenizer, list(build_prompt(s, prompt_id, resources).messages), prefix) for s in samples]
-    paths = [_cache_file(lm, text, read) for text in texts]
+    paths = [cache_file(lm, text, read) for text in texts]
     rows: dict[int, torch.Tensor] = {}
     for i, path in enumerate(paths):
         if use_cache and path.exists():
@@ -98,7 +97,7 @@ def collect(
     lengths = [len(lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo]
     for group in batches(lengths, batch_tokens, batch_cost(lm.model, 1)):
         index = [todo[g] for g in group]
-        for i, acts in zip(index, _forward_read(lm, [texts[i] for i in index], [samples[i] for i in index], read)):
+        for i, acts in zip(index, read_batch(lm, [texts[i] for i in index], [samples[i] for i in index], read)):
             rows[i] = acts
             if use_cache:
                 paths[i].parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ def collect(
                        mode)
 
 
-def _forward_read(lm: LoadedModel, texts: list[str], samples: list[Sample], read: str) -> torch.Tensor:
+def read_batch(lm: LoadedModel, texts: list[str], samples: list[Sample], read: str) -> torch.Tensor:
     """[rows, layers, hidden] float32 activations of one batch."""
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     width = encoded["input_ids"].shape[1]

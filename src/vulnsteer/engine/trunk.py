@@ -13,7 +13,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vulnsteer.steering import Steering, decoder_layers, hidden_of, steered_layers, with_hidden
+from vulnsteer.architecture import (
+    Hooks,
+    decoder_layers,
+    given_cache,
+    hidden_of,
+    with_hidden,
+)
+from vulnsteer.records import Steering
+from vulnsteer.steer.hooks import steered_layers
 
 
 @contextmanager
@@ -32,21 +40,17 @@ def shared_trunk(model, prompts: Sequence, steerings: Sequence[Steering | None] 
     forks = [min(steered_layers([row]), default=len(layers)) for row in steerings or [None] * rows]
     steered = steered_layers(steerings or [])
     plans = [_live_rows(of_row, forks, depth) for depth in range(len(layers))] + [(list(range(rows)), [])]
-    handles = []
-    for depth, layer in enumerate(layers):
-        live, source = plans[depth]
-        if len(live) == rows:
-            continue
-        handles.append(layer.register_forward_pre_hook(_narrowing(rows, torch.tensor(live)), with_kwargs=True))
-        # Back to every row where the next layer computes other rows, and where steering hooks need the batch.
-        if plans[depth + 1][0] != live or depth in steered:
-            handles.append(layer.register_forward_hook(_widening(torch.tensor(source)), prepend=True))
-        handles.append(layer.register_forward_hook(_widening_cache(depth, torch.tensor(source)), with_kwargs=True))
-    try:
+    with Hooks() as installed:
+        for depth, layer in enumerate(layers):
+            live, source = plans[depth]
+            if len(live) == rows:
+                continue
+            installed.add(layer.register_forward_pre_hook(_narrowing(rows, torch.tensor(live)), with_kwargs=True))
+            # Back to every row where the next layer computes other rows, and where steering hooks need the batch.
+            if plans[depth + 1][0] != live or depth in steered:
+                installed.add(layer.register_forward_hook(_widening(torch.tensor(source)), prepend=True))
+            installed.add(layer.register_forward_hook(_widening_cache(depth, torch.tensor(source)), with_kwargs=True))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[list[int], list[int]]:
@@ -80,7 +84,7 @@ def _narrowing(rows: int, live: torch.Tensor):
 def _widening_cache(depth: int, source: torch.Tensor):
     """A forward hook that gives every row its keys and values back where the layer wrote them to a KV cache."""
     def hook(module, args, kwargs, output):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed within transformers 5
+        cache = given_cache(kwargs)
         if cache is not None:
             layer = cache.layers[depth]
             rows = source.to(layer.keys.device)

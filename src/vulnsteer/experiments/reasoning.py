@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from vulnsteer.data import Sample
+from vulnsteer.engine.runners import answer_token_ids, yes_no_log_odds
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import ANSWER_PREFIX, Result, answer_token_ids, render, yes_no_log_odds
 from vulnsteer.metrics import wilson_interval
+from vulnsteer.prompts import ANSWER_PREFIX, render
+from vulnsteer.records import Result, SteeringId
 from vulnsteer.verdicts import cwe_keywords
 
 ROUGE_THRESHOLD = 0.34  # SecLLMHolmes ROUGE_THRES, applied to the same quantity (ground-truth unigram coverage)
@@ -246,15 +248,11 @@ def score_reasoning(
 # --- summaries ----------------------------------------------------------------------------------------------------
 
 
-def condition_name(steering: dict | None) -> str:
+def condition_name(steering: SteeringId | None) -> str:
     """"baseline", or "steered" with the steering settings, so that results of several settings stay apart."""
     if not steering:
         return "baseline"
-    return "steered (" + ", ".join(f"{k}={v}" for k, v in sorted(steering.items())) + ")"
-
-
-def _verdict_correct(r: Result) -> bool:
-    return r.verdict != "unknown" and (r.verdict == "vulnerable") == (r.label == "vulnerable")
+    return "steered (" + ", ".join(f"{k}={v}" for k, v in sorted(steering.to_dict().items())) + ")"
 
 
 def _rate(successes: int, n: int, confidence: float) -> dict:
@@ -277,7 +275,7 @@ def _by_cwe(pairs: Sequence[tuple[str, bool]], confidence: float) -> dict:
 
 def _summarise_condition(rows: Sequence[tuple[Result, ReasoningScore | None]], confidence: float) -> dict:
     scored = [(r, s) for r, s in rows if s is not None]
-    right = [(r, s) for r, s in scored if _verdict_correct(r)]
+    right = [(r, s) for r, s in scored if r.correct]
     return {
         "answers": len(rows),
         "scored": len(scored),

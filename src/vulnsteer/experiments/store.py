@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.evaluation import Result
+from vulnsteer.records import Result, SteeringId
 
 
 def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:
@@ -34,9 +34,9 @@ def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:
     return {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
 
 
-def row_key(sample_id: str, prompt_id: str, mode: str, steering: dict | None) -> str:
+def row_key(sample_id: str, prompt_id: str, mode: str, steering: SteeringId | None) -> str:
     """What makes a row unique within a run folder."""
-    return json.dumps([sample_id, prompt_id, mode, steering], sort_keys=True)
+    return json.dumps([sample_id, prompt_id, mode, steering.to_dict() if steering else None], sort_keys=True)
 
 
 def result_key(result: Result) -> str:
@@ -50,7 +50,7 @@ def read_samples(path: Path) -> list[Result]:
     rows, lines = [], path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(Result(**json.loads(line)))
+            rows.append(Result.from_dict(json.loads(line)))
         except (json.JSONDecodeError, TypeError) as exc:
             if number == len(lines):
                 break
@@ -139,12 +139,12 @@ class SweepStore:
     def rows(self) -> list[tuple[str, int, Result]]:
         """(config, fold, result) for every row, in a stable order."""
         query = "SELECT config, fold, result FROM rows ORDER BY config, sample_id"
-        return [(c, f, Result(**json.loads(r))) for c, f, r in self.db.execute(query)]
+        return [(c, f, Result.from_dict(json.loads(r))) for c, f, r in self.db.execute(query)]
 
     def selection_rows(self) -> list[tuple[int, str, Result]]:
         """(outer fold, config, result) for every selection row, in a stable order."""
         query = "SELECT outer, config, result FROM selection_rows ORDER BY outer, config, sample_id"
-        return [(o, c, Result(**json.loads(r))) for o, c, r in self.db.execute(query)]
+        return [(o, c, Result.from_dict(json.loads(r))) for o, c, r in self.db.execute(query)]
 
     def close(self) -> None:
         self.db.close()

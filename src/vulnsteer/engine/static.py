@@ -17,20 +17,22 @@ more memory per step than its weights.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
 
 import torch
-from transformers import AttentionInterface, DynamicCache, StaticCache
+from transformers import AttentionInterface, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vulnsteer.batching import batch_cost, batches, key_value_heads
+from vulnsteer.architecture import cache_argument, key_value_heads
+from vulnsteer.engine.prompt_pass import grouped_prompt_pass, length_groups, prompt_keys
+from vulnsteer.engine.trunk import shared_trunk
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.steering import Steering, SteeringEngine, prompt_steering, unsteered_before_last_prompt_token
-from vulnsteer.trunk import shared_trunk
+from vulnsteer.records import Steering
+from vulnsteer.steer.buffers import SteeringEngine
+from vulnsteer.steer.hooks import leaves_prompt_alone, prompt_steering
 
 # Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
 UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
@@ -102,6 +104,8 @@ class StaticDecoder:
         self.graph = None
         self.allocations = 0  # buffer sets built (one per batch shape), for tests and benchmarks
         self.captures = 0  # decode steps captured as CUDA graphs
+        self.prompt_groups: list[int] = []  # groups of each grouped prompt pass
+        self.shared_prefill_rows = 0  # rows whose prompt pass they shared with other rows of their prompt
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  steerings: Sequence[Steering | None]) -> torch.Tensor:
@@ -194,6 +198,7 @@ class StaticDecoder:
             if prompts is None:
                 return nullcontext()
             return shared_trunk(self.model, [prompts[i] for i in group], [prompt_steering(row) for row in rows])
+        self.prompt_groups.append(len(groups))
         return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered, into)
 
     def _hold_prompt_slots(self) -> None:
@@ -208,7 +213,7 @@ class StaticDecoder:
         """For a batch whose rows repeat prompts (`prompts[i]`, a sweep's configs) and steer nothing before the last
         prompt token: the first row of each distinct prompt, and each row's prompt among them. None where some row
         steers before it (or a prompt is a single token)."""
-        if not all(map(unsteered_before_last_prompt_token, steerings)):
+        if not all(map(leaves_prompt_alone, steerings)):
             return None
         if attention_mask.shape[1] < 2 or not bool(attention_mask[:, -2].all()):
             return None
@@ -221,6 +226,7 @@ class StaticDecoder:
         """Each distinct prompt minus its last token runs once, unsteered (in groups of similar length); its keys and
         values fill the cache of every row that asks it; then the last prompt token runs for all rows as a one-token
         step, steered as the prompt's last token, and gives the first new token."""
+        self.shared_prefill_rows += len(of_row)
         index = torch.tensor(first, device=self.device)
         prefix = (input_ids[index, :-1], attention_mask[index, :-1], positions[index, :-1])
         _, cache = self._prompt_pass(*prefix, [None] * len(first), self._groups(prefix[1]))
@@ -308,77 +314,3 @@ class StaticDecoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple]:
-    """Each row's prompt as a hashable key, padding left out: rows with equal keys ask the same prompt."""
-    return [tuple(row) for row in input_ids.masked_fill(attention_mask == 0, -1).tolist()]
-
-
-def sliding_window(model) -> bool:
-    """Whether some layer attends through a sliding window: a prepared mask would bypass it, and its cache keeps
-    only the window, so caches of different widths do not line up."""
-    config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return any(kind != "full_attention" for kind in layer_types)
-    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
-
-
-def length_groups(model, attention_mask: torch.Tensor) -> list[list[int]]:
-    """Rows of a left-padded batch in groups of similar length for one prompt pass, planned like scoring batches
-    (padding against the fixed work of one more pass); one group for models with a sliding window, or where a row
-    is all padding (a prompt cut before its only token)."""
-    lengths = attention_mask.sum(-1).tolist()
-    if sliding_window(model) or min(lengths, default=0) == 0:
-        return [list(range(len(lengths)))]
-    return batches(lengths, len(lengths) * attention_mask.shape[1], batch_cost(model, 1))
-
-
-def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: list[list[int]],
-                        steered: Callable[[list[int], torch.Tensor], ContextManager], into=None):
-    """One prompt pass over a left-padded batch in groups of rows, each group only as wide as its longest prompt,
-    with a cache of its own, and steered by `steered(group, its mask)`. Returns every row's last logits and the
-    batch's KV cache: with one group and no `into`, the model's own (which may keep only a sliding window);
-    otherwise all rows' keys and values right-aligned in the batch's width, as one pass over the whole batch would
-    have put them (the slots before are padding, masked), written group by group into `into` (a cache whose layers
-    hold every row and at least the batch's width, as `StaticDecoder` prepares its own) or into a new cache. Each
-    group's own cache is released before the next group runs."""
-    if len(groups) == 1:
-        groups = [list(range(len(input_ids)))]  # in batch order, so that the model's cache is the batch's
-    width = input_ids.shape[1]
-    lengths = attention_mask.sum(-1).tolist()
-    logits = None
-    for group in groups:
-        index = torch.tensor(group, device=input_ids.device)
-        columns = slice(width - max(lengths[i] for i in group), width)
-        mask = attention_mask[index, columns]
-        with steered(group, mask):
-            output = model(input_ids=input_ids[index, columns], attention_mask=mask,
-                           position_ids=positions[index, columns], use_cache=True, logits_to_keep=1)
-        last = output.logits[:, -1]
-        logits = last.new_empty(len(input_ids), last.shape[-1]) if logits is None else logits
-        logits[index] = last
-        cache = returned_cache(output)
-        if len(groups) == 1 and into is None:
-            return logits, cache
-        if into is None:
-            into = DynamicCache()
-            for k, layer in enumerate(cache.layers):
-                shape = (len(input_ids), layer.keys.shape[1], width, layer.keys.shape[3])
-                into.update(layer.keys.new_zeros(shape), layer.values.new_zeros(shape), k)
-        for target, layer in zip(into.layers, cache.layers):
-            target.keys[index, :, columns] = layer.keys
-            target.values[index, :, columns] = layer.values
-        del output, cache, last
-    return logits, into
-
-
-def cache_argument(model) -> str:
-    """`cache` in recent transformers releases, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def returned_cache(output):
-    """The KV cache a forward pass returns (its name changed within transformers 5)."""
-    return getattr(output, "cache", None) or output.past_key_values

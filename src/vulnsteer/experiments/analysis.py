@@ -1,0 +1,265 @@
+"""The analysis of a sweep: every number its report shows, computed from the store with no rendering. Arms are
+configs with all their rows; the headline's selected arm is chosen by nested selection on selection rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from vulnsteer.data import Sample, augmentation_group, augmentation_id
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.experiments.store import read_sweep
+from vulnsteer.experiments.summary import judged
+from vulnsteer.experiments.sweep import (
+    BASELINE,
+    GridPoint,
+    SweepConfig,
+    is_candidate,
+    path_controls,
+    transfer_point,
+)
+from vulnsteer.metrics import (
+    Interval,
+    Judged,
+    bootstrap_gain,
+    clustered_proportion,
+    mcnemar_items,
+    summarise,
+)
+from vulnsteer.records import Result
+
+N_BOOT = 1000
+
+
+@dataclass(frozen=True)
+class ConfigStats:
+    config: str
+    value: float  # the selection metric
+    gain: Interval
+    b: int  # baseline right, steered wrong
+    c: int  # baseline wrong, steered right
+    p_value: float
+    auroc: float  # score mode: threshold-free, so it moves when verdicts at the 0 threshold do not
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows, computed from the store."""
+
+    meta: dict
+    config: SweepConfig
+    sample_ids: list[str]
+    arms: dict[str, list[Result]]  # config id -> results aligned with sample_ids (complete configs only)
+    folds: dict[str, int]
+    stats: list[ConfigStats]
+    selected: list[Result]
+    selected_by_fold: dict[int, str]
+    # outer fold -> config -> sample id -> the selection row (vectors fitted without the outer fold and the row's)
+    selection: dict[int, dict[str, dict[str, Result]]]
+
+
+def metric_value(items: Sequence[Judged], metric: str) -> float:
+    value = getattr(summarise(items, n_boot=1), metric)
+    return float("nan") if value is None else value.value
+
+
+def analyse(out_dir: Path) -> Analysis:
+    stored = read_sweep(out_dir)
+    meta = stored.meta
+    if "config" not in meta:
+        raise VulnsteerError(f"{out_dir} has no sweep configuration")
+    config = SweepConfig.from_dict(meta["config"])
+    by_config: dict[str, dict[str, Result]] = {}
+    folds: dict[str, int] = {}
+    for config_id, fold, result in stored.rows:
+        by_config.setdefault(config_id, {})[result.sample_id] = result
+        folds[result.sample_id] = fold
+    if BASELINE not in by_config:
+        raise VulnsteerError(f"{out_dir} has no baseline rows yet; resume the sweep first")
+    sample_ids = sorted(by_config[BASELINE])
+    arms = {c: [rows_[s] for s in sample_ids] for c, rows_ in by_config.items() if set(rows_) >= set(sample_ids)}
+    selection: dict[int, dict[str, dict[str, Result]]] = {}
+    for outer, config_id, result in stored.selection:
+        selection.setdefault(outer, {}).setdefault(config_id, {})[result.sample_id] = result
+    base = judged(arms[BASELINE])
+    metric = config.select_metric
+    stats = []
+    for config_id in arms:
+        if config_id == BASELINE:
+            continue
+        steered = judged(arms[config_id])
+        test = mcnemar_items(base, steered)
+        gain = bootstrap_gain(base, steered, metric, n_boot=N_BOOT, seed=0)
+        stats.append(ConfigStats(config_id, metric_value(steered, metric), gain, test.b, test.c, test.p_value,
+                                 metric_value(steered, "auroc")))
+    selected, selected_by_fold = nested_selection(arms, sample_ids, folds, config, selection)
+    return Analysis(meta, config, sample_ids, arms, folds, sorted(stats, key=lambda s: -s.gain.value), selected,
+                    selected_by_fold, selection)
+
+
+def _is_candidate(config_id: str, config: SweepConfig) -> bool:
+    return config_id == BASELINE or is_candidate(GridPoint.parse(config_id), config)
+
+
+def control_of(config_id: str, config: SweepConfig) -> list[str]:
+    """The random-direction controls (one per draw) at the same method, layers, positions and strength."""
+    if config_id == BASELINE:
+        return [BASELINE] * config.random_draws
+    p = GridPoint.parse(config_id)
+    return [GridPoint(p.method, p.layers, f"random:{k}", p.positions, p.strength).id
+            for k in range(config.random_draws)]
+
+
+def best_threshold(scores: np.ndarray, vulnerable: np.ndarray) -> float:
+    """The score threshold with the highest balanced accuracy (midpoints between sorted scores; 0 if one class)."""
+    if vulnerable.all() or not vulnerable.any():
+        return 0.0
+    values = np.unique(scores)
+    candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+    predicted = scores[None, :] > candidates[:, None]
+    balanced = (predicted[:, vulnerable].mean(1) + (~predicted[:, ~vulnerable]).mean(1)) / 2
+    return float(candidates[int(np.argmax(balanced))])
+
+
+def fold_thresholded(arm: list[Result], folds: dict[str, int], fitted_on=None) -> list[Judged]:
+    """Score-mode verdicts at a threshold fitted for each fold f on `fitted_on(f)` (default: the other folds' rows
+    of the same arm), never on fold f's own rows."""
+    if fitted_on is None:
+        fitted_on = lambda f: [r for r in arm if folds[r.sample_id] != f]  # noqa: E731
+    thresholds = {}
+    for f in sorted({folds[r.sample_id] for r in arm}):
+        rows = fitted_on(f)
+        assert all(folds[r.sample_id] != f for r in rows), "a threshold fitted on its own fold"
+        thresholds[f] = best_threshold(np.array([r.score for r in rows], dtype=float),
+                                       np.array([r.label == "vulnerable" for r in rows]))
+    return [Judged(r.pair_id, r.cwe, r.label == "vulnerable",
+                   "vulnerable" if r.score > thresholds[folds[r.sample_id]] else "not_vulnerable", r.score, r.family)
+            for r in arm]
+
+
+def selection_rows(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
+                   config: SweepConfig, selection, fold: int, config_id: str) -> list[Result] | None:
+    """The rows that choosing for `fold` may look at: every other fold's items under `config_id`, steered by
+    vectors that never saw `fold` (the selection rows; with `train_dataset`, the test rows, whose vectors saw no
+    test item; the baseline has no vectors). None while they are incomplete."""
+    others = [i for i, s in enumerate(sample_ids) if folds[s] != fold]
+    if config_id == BASELINE or config.train_dataset:
+        return [arms[config_id][i] for i in others] if config_id in arms else None
+    rows = selection.get(fold, {}).get(config_id, {})
+    if not all(sample_ids[i] in rows for i in others):
+        return None
+    return [rows[sample_ids[i]] for i in others]
+
+
+def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
+                     config: SweepConfig, selection) -> tuple[list[Result], dict[int, str]]:
+    """For each fold, pick the config (baseline included) with the best metric on its selection rows, and take its
+    test rows on this fold. Ties go to the baseline, then to the weaker strength."""
+    candidates = sorted({c for c in arms if _is_candidate(c, config)}
+                        | {c for by_config in selection.values() for c in by_config})
+    chosen: dict[int, str] = {}
+    for fold in sorted(set(folds[s] for s in sample_ids)):
+        def rank(config_id: str):
+            rows = selection_rows(arms, sample_ids, folds, config, selection, fold, config_id)
+            value = float("nan") if rows is None else metric_value(judged(rows), config.select_metric)
+            strength = 0.0 if config_id == BASELINE else abs(GridPoint.parse(config_id).strength)
+            return (-(value if value == value else -1.0), config_id != BASELINE, strength, config_id)
+
+        chosen[fold] = min((c for c in candidates if c in arms), key=rank)
+    return [arms[chosen[folds[s]]][i] for i, s in enumerate(sample_ids)], chosen
+
+
+def selected_thresholded(a: Analysis) -> list[Judged]:
+    """The selected arm judged at thresholds fitted, for each fold, on the selection rows of the config chosen
+    for that fold: neither the threshold nor the vectors behind it saw the fold."""
+    def fitted_on(fold: int) -> list[Result]:
+        return selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, fold, a.selected_by_fold[fold])
+    return fold_thresholded(a.selected, a.folds, fitted_on)
+
+
+def control_arms(a: Analysis) -> list[list[Result]]:
+    """Per random draw, each fold's selected config replaced by that draw's random-direction control ([] without
+    controls)."""
+    arms = []
+    for k in range(a.config.random_draws):
+        controls = {fold: control_of(c, a.config)[k] for fold, c in a.selected_by_fold.items()}
+        if not all(c in a.arms for c in controls.values()):
+            return []
+        arms.append([a.arms[controls[a.folds[s]]][i] for i, s in enumerate(a.sample_ids)])
+    return arms
+
+
+def path_check(a: Analysis) -> list[list[str]]:
+    """Strength-0 rows on each other numeric path against the baseline: how much the path alone moves scores and
+    verdicts (nothing, in float32)."""
+    rows = []
+    for point in path_controls(a.config):
+        arm = a.arms.get(point.id)
+        if arm is None:
+            continue
+        differ = sum(r.verdict != b.verdict for r, b in zip(arm, a.arms[BASELINE]))
+        scores = [abs(r.score - b.score) for r, b in zip(arm, a.arms[BASELINE])
+                  if r.score is not None and b.score is not None]
+        rows.append([point.positions, f"{max(scores):.3g}" if scores else "–", f"{differ} of {len(arm)}"])
+    return rows
+
+
+def transfer_matrix(a: Analysis) -> tuple[list[str], dict[tuple[str, str], Interval], str] | None:
+    """Gain in accuracy on CWE j's items when CWE i's vector steers them (the diagonal: each CWE's own vector),
+    with a 95% family-bootstrap interval, at the sweep's transfer point."""
+    if not a.config.transfer:
+        return None
+    at = transfer_point(a.config)
+    base = a.arms[BASELINE]
+    cwes = sorted({r.cwe for r in base})
+    cells = {}
+    for vector in cwes:
+        arm = a.arms.get(GridPoint(at.method, at.layers, vector, at.positions, at.strength).id)
+        for target in cwes:
+            if arm is not None:
+                index = [k for k, r in enumerate(base) if r.cwe == target]
+                cells[(vector, target)] = bootstrap_gain(judged([base[k] for k in index]),
+                                                         judged([arm[k] for k in index]), "accuracy",
+                                                         n_boot=N_BOOT)
+    return cwes, cells, f"{at.method}, layers {at.layers}, positions {at.positions}, strength {at.strength:+g}"
+
+
+def flip_rates(a: Analysis) -> dict[str, dict[str, Interval | int]] | None:
+    """Share of augmented files whose verdict differs from their reference (trivial: the hand-crafted original;
+    non-trivial: the `_0` version), baseline vs the selected configs, with intervals clustered by family. None
+    without augmented data."""
+    def sample_of(r: Result) -> Sample:
+        return Sample(r.sample_id, r.cwe, r.label, "", "", r.pair_id, r.split, r.source)
+
+    out: dict[str, dict[str, Interval | int]] = {}
+    for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected)):
+        groups: dict[str, list[Result]] = {}
+        for r in arm:
+            key = augmentation_group(sample_of(r))
+            if key:
+                groups.setdefault(key, []).append(r)
+        for kind in ("trivial", "non-trivial"):
+            flips: list[tuple[bool, str]] = []  # (flipped, family)
+            for members in groups.values():
+                ids = {augmentation_id(sample_of(r)): r for r in members}
+                if kind == "trivial" and None in ids:
+                    flips += [(r.verdict != ids[None].verdict, r.family) for k, r in ids.items() if k and "_" not in k]
+                if kind == "non-trivial":
+                    flips += [(ids[k].verdict != ids[k[:-2] + "_0"].verdict, ids[k].family) for k in ids
+                              if k and k.endswith("_1") and k[:-2] + "_0" in ids]
+            if flips:
+                out.setdefault(kind, {})[name] = clustered_proportion([f for f, _ in flips], [c for _, c in flips])
+                out[kind]["n"] = len(flips)
+    return out or None
+
+
+def examples(a: Analysis, k: int = 6) -> list[list[str]]:
+    """Items where the verdict changed first, then others; answer text in generate mode, score in score mode."""
+    pairs = list(zip(a.arms[BASELINE], a.selected))
+    pairs.sort(key=lambda p: p[0].verdict == p[1].verdict)
+    show = lambda r: (f"{r.verdict} (score {r.score:+.2f})" if r.score is not None  # noqa: E731
+                      else f"{r.verdict}: {r.response[:300]}")
+    return [[b.sample_id, b.label, show(b), show(s)] for b, s in pairs[:k]]

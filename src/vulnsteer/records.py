@@ -1,0 +1,162 @@
+"""The records every layer shares: what a row of work is, how it is run, and what it gives back.
+
+They carry no machinery: the engine runs `Job`s under a `Decoding`, steering hooks read `Steering`, stores and
+reports read and write `Result`s. Types that several modules name (modes, positions, verdicts) are defined here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import torch
+
+from vulnsteer.data import Sample, family_of
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.prompts import Prompt
+
+Mode = Literal["generate", "score"]
+MODES: tuple[Mode, ...] = ("generate", "score")
+Positions = Literal["prompt-last", "prompt", "generated", "all"]
+POSITIONS: tuple[Positions, ...] = ("prompt-last", "prompt", "generated", "all")
+Verdict = Literal["vulnerable", "not_vulnerable", "unknown"]
+VERDICTS: tuple[Verdict, ...] = ("vulnerable", "not_vulnerable", "unknown")
+Cache = Literal["dynamic", "static"]
+CACHES: tuple[Cache, ...] = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class SteeringId:
+    """What a row's steering was, as result files record it (fields left None are not written).
+
+    A sweep row names its grid point (`config`), the fold it was tested in and, for a selection row, the outer
+    fold whose choice it informs; a steered `eval` row names the vectors, layers, strength, positions and method.
+    """
+
+    config: str | None = None
+    fold: int | None = None
+    outer: int | None = None
+    vectors: str | None = None
+    layers: list[int] | None = None
+    strength: float | None = None
+    positions: str | None = None
+    method: str | None = None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> SteeringId | None:
+        if values is None:
+            return None
+        known = {f.name for f in fields(cls)}
+        if not set(values) <= known:
+            raise VulnsteerError(f"unknown steering fields {sorted(set(values) - known)}")
+        return cls(**values)
+
+    @property
+    def is_selection(self) -> bool:
+        """A selection row: it informs the choice for its outer fold and is never a test row."""
+        return self.outer is not None
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What one row gets: at each layer, `strength * vectors[layer]` added at the chosen positions."""
+
+    vectors: dict[int, torch.Tensor]
+    strength: float
+    positions: Positions = "all"
+    label: SteeringId | None = field(default=None, compare=False)  # what to record in result files
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise VulnsteerError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
+
+    @property
+    def steered_layers(self) -> set[int]:
+        """The layers this row changes (none at strength 0)."""
+        return set(self.vectors) if self.strength != 0 else set()
+
+    @property
+    def leaves_prompt_alone(self) -> bool:
+        """Whether the prompt before its last token is unsteered: rows of one prompt that are can share that pass."""
+        return self.positions in ("prompt-last", "generated")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of work: a sample asked with a prompt, optionally steered."""
+
+    sample: Sample
+    prompt_id: str
+    prompt: Prompt
+    steering: Steering | None = None
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Settings shared by every row of a run, recorded in summary.json."""
+
+    mode: Mode = "generate"
+    max_new_tokens: int = 192
+    # Prompt tokens per batch (rows x padded width); bounds memory. None: as many as fit (`auto_batch_tokens`).
+    batch_tokens: int | None = None
+    # "dynamic": transformers' `generate`, steering by `steer()` hooks per batch. "static": `StaticDecoder`, a
+    # fixed-size cache and a persistent `SteeringEngine`, so that on a GPU a decode step is one CUDA-graph replay.
+    cache: Cache = "dynamic"
+    # Generating: after the free answer, a forced final yes/no turn scored by log-odds (`Result.final_verdict`).
+    final_answer: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise VulnsteerError(f"unknown mode {self.mode!r}; use generate or score")
+        if self.cache not in CACHES:
+            raise VulnsteerError(f"unknown cache {self.cache!r}; use dynamic or static")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise VulnsteerError(f"--batch-tokens must be at least 1, got {self.batch_tokens}")
+
+
+@dataclass
+class Result:
+    """One line of samples.jsonl."""
+
+    sample_id: str
+    pair_id: str
+    cwe: str
+    label: str
+    split: str
+    source: str
+    prompt_id: str
+    mode: str
+    response: str
+    verdict: str
+    score: float | None
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # the batch's wall time divided by its rows
+    steering: SteeringId | None = None
+    turns: list[str] = field(default_factory=list)  # earlier replies of multi-turn prompts
+    final_score: float | None = None  # generate mode: log-odds of yes in the forced final yes/no turn
+    final_verdict: str | None = None  # ... and its verdict (> 0: vulnerable), beside the parsed one
+
+    @property
+    def family(self) -> str:
+        """The pair with its augmented copies: one cluster for bootstrap intervals."""
+        return family_of(self.source, self.split, self.sample_id, self.pair_id)
+
+    @property
+    def is_vulnerable(self) -> bool:
+        return self.label == "vulnerable"
+
+    @property
+    def correct(self) -> bool:
+        """The verdict matches the ground truth; "unknown" is never correct."""
+        return self.verdict != "unknown" and (self.verdict == "vulnerable") == self.is_vulnerable
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "steering": self.steering.to_dict() if self.steering else None}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Result:
+        return cls(**{**values, "steering": SteeringId.from_dict(values.get("steering"))})
