@@ -58,7 +58,7 @@ from vulnsteer.engine.planner import (
 from vulnsteer.engine.static import StaticDecoder
 from vulnsteer.extract.vectors import relative_layer
 from vulnsteer.records import Steering
-from vulnsteer.steer.hooks import steer
+from vulnsteer.steering.hooks import steer
 
 # Prompt lengths (tokens) of the 48 SecLLMHolmes hand-crafted files (datasets/hand-crafted/dataset, in the order
 # `vulnsteer.data.load_secllmholmes` returns them), as rendered with prompt S1 through the chat template of

@@ -61,7 +61,7 @@ from vulnsteer.models import load_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, render
 from vulnsteer.records import Decoding, Job, Steering
-from vulnsteer.steer.hooks import steer
+from vulnsteer.steering.hooks import steer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
 DEPTHS = (0.25, 0.5, 0.75, 1.0)  # 1.0 -> the last layer
@@ -709,11 +709,11 @@ def print_tables(report: dict) -> None:
                                      "(combined/K)",
                                f"{cfg['ratio_separate_over_combined_share']:.2f}x")
         if part == "f":
-            for mode, res in res["modes"].items():
-                aware, fewest = res["arms"][f"{mode}_padding_aware"], res["arms"][f"{mode}_fewest_batches"]
+            for mode, arm in res["modes"].items():
+                aware, fewest = arm["arms"][f"{mode}_padding_aware"], arm["arms"][f"{mode}_fewest_batches"]
                 ratios.add_row(part, f"{mode}: padded tokens (batches), padding-aware vs fewest; prompt tokens",
                                f"{aware['padded_tokens']} ({len(aware['batches'])}) vs {fewest['padded_tokens']} "
-                               f"({len(fewest['batches'])}); {res['prompt_tokens']}")
+                               f"({len(fewest['batches'])}); {arm['prompt_tokens']}")
     console.print(table)
     console.print(ratios)
 

@@ -45,7 +45,7 @@ def test_collect_shapes_all_layers(lm, read):
     assert acts.read == read and acts.prompt_id == "S1"
     assert acts.samples == samples
     assert sorted(acts.by_layer) == list(range(lm.num_layers))
-    for layer, x in acts.by_layer.items():
+    for x in acts.by_layer.values():
         assert x.shape == (4, lm.hidden_size)
         assert x.dtype == torch.float32
         assert torch.isfinite(x).all()

@@ -18,8 +18,8 @@ from vulnsteer.engine.static import StaticDecoder, packed_decode_attention
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.prompts import Prompt
 from vulnsteer.records import Decoding, Job, Steering
-from vulnsteer.steer.buffers import SteeringEngine
-from vulnsteer.steer.hooks import steer
+from vulnsteer.steering.buffers import SteeringEngine
+from vulnsteer.steering.hooks import steer
 
 
 def steerings(lm, seed):

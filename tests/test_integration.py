@@ -100,7 +100,7 @@ def test_steering_invariants_on_the_real_model(model_cache):
     from vulnsteer.models import load_model
     from vulnsteer.prompts import build_prompt, render
     from vulnsteer.records import Steering
-    from vulnsteer.steer.hooks import steer
+    from vulnsteer.steering.hooks import steer
 
     lm = load_model(MODEL, dtype=torch.float32, device="cpu")
     texts = [render(lm.tokenizer, list(build_prompt(s, "strict").messages)) for s in load_demo()[:3]]

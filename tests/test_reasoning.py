@@ -28,7 +28,7 @@ from vulnsteer.experiments.summary import (
     write_summary,
 )
 from vulnsteer.metrics import wilson_interval
-from vulnsteer.records import Result
+from vulnsteer.records import Result, SteeringId
 
 TRUTH = ("The `name` query parameter is joined to UPLOAD_ROOT without any check, so a request such as "
          "`?name=../../../etc/passwd` resolves outside the upload folder and send_file returns arbitrary files "
@@ -52,7 +52,7 @@ def sample(sid: str, cwe: str = "CWE-22", label: str = "vulnerable", truth: str 
 
 
 def result(sid: str, response: str, cwe: str = "CWE-22", label: str = "vulnerable", verdict: str = "vulnerable",
-           steering: dict | None = None, mode: str = "generate", new_tokens: int | None = None) -> Result:
+           steering: SteeringId | None = None, mode: str = "generate", new_tokens: int | None = None) -> Result:
     return Result(sample_id=sid, pair_id=sid, cwe=cwe, label=label, split="test", source="test", prompt_id="S1",
                   mode=mode, response=response, verdict=verdict, score=None, prompt_tokens=10,
                   new_tokens=len(response.split()) if new_tokens is None else new_tokens, seconds=0.0,
@@ -174,7 +174,7 @@ def fake_scores(results: list[Result], correct: list[bool]) -> list[ReasoningSco
 
 
 def test_summary_rates_per_cwe_with_wilson_intervals():
-    steer = {"layer": 12, "strength": 4.0}
+    steer = SteeringId(layers=[12], strength=4.0)
     results = [
         result("1", "path traversal: " + "x " * 8, verdict="vulnerable"),
         result("2", "cwe-22 here", verdict="vulnerable"),
@@ -186,7 +186,7 @@ def test_summary_rates_per_cwe_with_wilson_intervals():
     ]
     scores = fake_scores(results, [True, False, True, True, False, False, False])
     out = summarise_reasoning(results, scores)
-    assert list(out["conditions"]) == ["baseline", "steered (layer=12, strength=4.0)"]
+    assert list(out["conditions"]) == ["baseline", "steered (layers=[12], strength=4.0)"]
     base, steered = out["conditions"].values()
     assert base["answers"] == 4 and base["scored"] == 4
     rate = base["reasoning_correct"]
@@ -201,7 +201,7 @@ def test_summary_rates_per_cwe_with_wilson_intervals():
     assert (named["CWE-22"]["k"], named["CWE-22"]["n"]) == (2, 3)
     assert base["mean_words"] == pytest.approx((10 + 2 + 2 + 3) / 4)
     assert steered["reasoning_correct"]["all"]["k"] == 0 and steered["names_cwe"]["all"]["k"] == 0
-    delta = out["vs_baseline"]["steered (layer=12, strength=4.0)"]
+    delta = out["vs_baseline"]["steered (layers=[12], strength=4.0)"]
     assert delta["mean_words"] == pytest.approx((30 + 1) / 2 - 17 / 4, abs=1e-3)
     assert delta["reasoning_correct"] == pytest.approx(0 - 2 / 3, abs=1e-3)
     json.dumps(out, allow_nan=False)  # summary.json stays strict JSON (empty groups give null, not NaN)

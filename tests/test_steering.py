@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from vulnsteer.architecture import decoder_layers
+from vulnsteer.architecture import decoder_layers, hidden_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.records import Steering
-from vulnsteer.steer.hooks import steer, steer_tokens
+from vulnsteer.steering.hooks import steer, steer_tokens
 
 PROMPTS = ["int main() { char b[4]; strcpy(b, argv[1]); }", "x = 1", "def f(p): return open(p).read()"]
 
@@ -81,7 +81,7 @@ def test_padding_is_never_steered(lm):
     seen = {}
     enc = encode(lm, PROMPTS)
     layer = decoder_layers(lm.model)[1]
-    handle = layer.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    handle = layer.register_forward_hook(lambda m, a, out: seen.__setitem__("h", hidden_of(out)))
     try:
         with torch.inference_mode():
             lm.model(**enc)

@@ -15,7 +15,7 @@ from conftest import tiny_lm
 
 from vulnsteer.data import load_demo
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.experiments.report import analyse
+from vulnsteer.experiments.analysis import analyse
 from vulnsteer.experiments.sweep import (
     BASELINE,
     GridPoint,
@@ -175,7 +175,7 @@ def test_random_control_has_the_norm_of_the_real_vector_and_is_fixed():
 def test_fold_thresholds_are_fitted_on_other_folds_only():
     import numpy as np
 
-    from vulnsteer.experiments.report import best_threshold, fold_thresholded
+    from vulnsteer.experiments.analysis import best_threshold, fold_thresholded
     from vulnsteer.records import Result
 
     assert best_threshold(np.array([1.0, 2.0, 3.0, 4.0]), np.array([False, False, True, True])) == 2.5
@@ -220,8 +220,8 @@ def test_every_bank_is_fitted_without_the_folds_it_steers():
         for bank in banks.values():
             assert {family(by_id[i]) for i in bank.meta["train_ids"]}.isdisjoint(families({f, g}))
     # Every selection job is steered by the bank fitted without its outer fold and its own fold.
-    selection_jobs = [j for j in sweep.jobs if j.steering and "outer" in j.steering.label]
-    assert selection_jobs and all(j.steering.label["outer"] != sweep.fold_of[j.sample.id] for j in selection_jobs)
+    selection_jobs = [j for j in sweep.jobs if j.steering and j.steering.label.outer is not None]
+    assert selection_jobs and all(j.steering.label.outer != sweep.fold_of[j.sample.id] for j in selection_jobs)
 
 
 def _row(i, label, verdict, score=0.0, split="t"):
@@ -234,7 +234,7 @@ def _row(i, label, verdict, score=0.0, split="t"):
 def test_nested_selection_reads_selection_rows_never_the_test_fold():
     """Config A looks best on the other folds' test rows (whose vectors saw this fold) and on this fold itself;
     config B is best on the selection rows. Choosing for fold 0 must take B."""
-    from vulnsteer.experiments.report import nested_selection
+    from vulnsteer.experiments.analysis import nested_selection
 
     config = SweepConfig(**{**SMALL, "strengths": [1.0, 2.0], "layers": ["1"], "vectors": ["own"]})
     a_id, b_id = (GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (1.0, 2.0))
@@ -258,7 +258,7 @@ def test_nested_selection_reads_selection_rows_never_the_test_fold():
 
 
 def test_selected_thresholds_are_fitted_on_the_chosen_configs_selection_rows():
-    from vulnsteer.experiments.report import Analysis, selected_thresholded
+    from vulnsteer.experiments.analysis import Analysis, selected_thresholded
 
     config = SweepConfig(**{**SMALL, "strengths": [1.0, 2.0], "layers": ["1"], "vectors": ["own"]})
     a_id, b_id = (GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (1.0, 2.0))

@@ -183,7 +183,7 @@ def test_fit_groups_and_metadata(llama, method):
     assert bank.groups == sorted([*CWES, POOLED])
     for group in bank.groups:
         assert sorted(bank.vectors[group]) == list(range(LAYERS))
-        for layer, v in bank.vectors[group].items():
+        for v in bank.vectors[group].values():
             assert v.shape == (HIDDEN,)
             assert abs(float(v.norm()) - 1) < 1e-4
     for cwe in CWES:  # each CWE's vector points along its own planted direction
@@ -386,18 +386,18 @@ def test_steering_for_samples(llama):
     assert own.strength == 2.5 and own.positions == "prompt-last"
     for layer in (1, 3):
         assert torch.equal(own.vectors[layer], bank.vectors["CWE-79"][layer])
-    assert own.label == {"vectors": "CWE-79", "layers": [1, 3], "strength": 2.5, "positions": "prompt-last",
-                         "method": "mean-diff"}
+    assert own.label.to_dict() == {"vectors": "CWE-79", "layers": [1, 3], "strength": 2.5,
+                                   "positions": "prompt-last", "method": "mean-diff"}
 
     pooled = steering_for_samples(bank, "-1", -1.0, "all", cwe_vector=POOLED)(sample)
     assert sorted(pooled.vectors) == [3]
     assert torch.equal(pooled.vectors[3], bank.vectors[POOLED][3])
-    assert pooled.label["vectors"] == POOLED and pooled.label["strength"] == -1.0
+    assert pooled.label.vectors == POOLED and pooled.label.strength == -1.0
 
     named = steering_for_samples(bank, None, 1.0, "generated", cwe_vector="CWE-22")(sample)
     assert sorted(named.vectors) == list(range(LAYERS))
     assert torch.equal(named.vectors[0], bank.vectors["CWE-22"][0])
-    assert named.label["vectors"] == "CWE-22"
+    assert named.label.vectors == "CWE-22"
 
 
 def test_steering_for_samples_errors(llama):

@@ -46,7 +46,8 @@ def test_answer_file_is_well_formed():
 @pytest.mark.parametrize(
     "row",
     [
-        pytest.param(r, id=f"{i}-{r['kind']}", marks=[pytest.mark.xfail(strict=True, reason=XFAIL[i])] if i in XFAIL else [])
+        pytest.param(r, id=f"{i}-{r['kind']}",
+                     marks=[pytest.mark.xfail(strict=True, reason=XFAIL[i])] if i in XFAIL else [])
         for i, r in enumerate(ROWS)
     ],
 )
@@ -62,7 +63,10 @@ def test_accuracy_beats_naive_keyword_matching():
     assert naive <= ours - 0.25
 
 
-@pytest.mark.parametrize("name", ["CWE-89", "cwe89", "Improper Neutralization of Special Elements used in an SQL Command ('SQL Injection')"])
+SQL_TITLE = "Improper Neutralization of Special Elements used in an SQL Command ('SQL Injection')"
+
+
+@pytest.mark.parametrize("name", ["CWE-89", "cwe89", SQL_TITLE])
 def test_cwe_name_forms(name):
     assert "sql injection" in cwe_keywords(name)
     text = "No buffer overflow here. However, the code is vulnerable to SQL injection."

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 import typer
 
 from vulnsteer.errors import VulnsteerError
+
+if TYPE_CHECKING:
+    from vulnsteer.data import Sample
+    from vulnsteer.records import Cache, Mode, Steering
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Measure and steer how well a language model detects vulnerabilities in code.")
@@ -124,11 +128,11 @@ def eval_command(
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
     batch_tokens: Optional[int] = typer.Option(
-        None, "--batch-tokens", min=1, help="At most this many rows x padded prompt width per batch (default: what fits "
-        "in free GPU memory; 8192 on CPU); within it, batches of similar lengths that waste little on padding."),
+        None, "--batch-tokens", min=1, help="At most this many rows x padded prompt width per batch (default: what "
+        "fits in free GPU memory; 8192 on CPU); within it, batches of similar lengths that waste little on padding."),
     cache: str = typer.Option("dynamic", "--cache",
-                              help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph on a GPU "
-                              "(for generation: a run that only scores ignores it)."),
+                              help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph "
+                              "on a GPU (for generation: a run that only scores ignores it)."),
     dtype: str = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
@@ -162,7 +166,7 @@ def eval_command(
     lm = load_lm(model, dtype, mode, device)
     meta = {**data, "model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
             "dtype": str(lm.model.dtype)}
-    steering_for = lambda sample: None  # noqa: E731
+    steering_for: Callable[[Sample], Steering | None] = lambda sample: None  # noqa: E731
     if bank is not None:
         from vulnsteer.extract.vectors import check_compatible, steering_for_samples
 
@@ -178,7 +182,8 @@ def eval_command(
     if judge_model is not None and mode == "generate":
         judge = lm if judge_model == model else load_lm(judge_model, "float32", "score", device)
         meta["judge_model"] = judge_model
-    run_eval(lm, jobs, Decoding(mode, max_new_tokens, batch_tokens, cache), output_dir, meta, judge_lm=judge)
+    decoding = Decoding(cast("Mode", mode), max_new_tokens, batch_tokens, cast("Cache", cache))
+    run_eval(lm, jobs, decoding, output_dir, meta, judge_lm=judge)
 
 
 MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")

@@ -117,7 +117,8 @@ def _real_world_samples(root: Path) -> list[Sample]:
         cwe = details.get(project, {}).get(cve, {}).get("cwe")
         if cwe is None:
             raise VulnsteerError(f"{details_path} gives no CWE for {project}/{cve}")
-        for stem, label in (("vuln", "vulnerable"), ("patch", "patched")):
+        labels: tuple[tuple[str, Label], ...] = (("vuln", "vulnerable"), ("patch", "patched"))
+        for stem, label in labels:
             path = cve_dir / f"{stem}.c"
             if not path.is_file():
                 raise VulnsteerError(f"missing {path} (each real-world CVE needs vuln.c and patch.c)")
@@ -304,7 +305,7 @@ def load_dataset(spec: str) -> list[Sample]:
 
 
 def filter_samples(
-    samples: list[Sample], splits: list[str] | None, cwes: list[str] | None, limit: int | None,
+    samples: list[Sample], splits: list[str] | None = None, cwes: list[str] | None = None, limit: int | None = None,
     max_chars: int | None = None, pairs_per_cwe: int | None = None,
 ) -> list[Sample]:
     """Keep the chosen splits and CWEs (None keeps all), pairs whose code is at most `max_chars` long, the first
@@ -484,7 +485,7 @@ def _sven_rows(folder: Path) -> list[dict]:
     return rows
 
 
-def fetch_dataset(name: Literal["secllmholmes", "sven"], dest: Path, url: str | None = None) -> Path:
+def fetch_dataset(name: str, dest: Path, url: str | None = None) -> Path:
     """Download a pinned dataset into `dest` and return what `load_dataset` takes.
 
     * `secllmholmes`: the repository at commit 9421928, kept as `dest/SecLLMHolmes`; returns its

@@ -207,7 +207,8 @@ def _wilson(p: float, n_effective: float, confidence: float) -> Interval:
     return Interval(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))  # p inside despite rounding
 
 
-def clustered_proportion(success: Sequence[bool], clusters: Sequence[str], confidence: float = 0.95) -> Interval:
+def clustered_proportion(success: Sequence[bool] | np.ndarray, clusters: Sequence | np.ndarray,
+                         confidence: float = 0.95) -> Interval:
     """A proportion over units grouped in clusters, with a Wilson interval at the effective sample size.
 
     The design effect is the cluster-robust (sandwich) variance of the ratio estimator over the binomial one,
@@ -482,7 +483,7 @@ def mcnemar_items(baseline_items: Sequence[Judged], steered_items: Sequence[Judg
     return McNemar(b, c, sign_flip_p_value(differences.astype(int)))
 
 
-def sign_flip_p_value(differences: Sequence[int]) -> float:
+def sign_flip_p_value(differences: Sequence[int] | np.ndarray) -> float:
     """Exact two-sided p-value of |sum(differences)| when each difference's sign is a fair coin (integers; the
     distribution of the sum is built by convolution, so any number of clusters is exact)."""
     values = np.abs(np.asarray(differences, dtype=np.int64))
@@ -511,7 +512,7 @@ def _auroc_gain(a_base: _Arrays, a_steer: _Arrays, confidence: float) -> Interva
 def bootstrap_gain(
     baseline_items: Sequence[Judged],
     steered_items: Sequence[Judged],
-    metric: GainMetric = "balanced_accuracy",
+    metric: GainMetric | str = "balanced_accuracy",
     n_boot: int = 2000,
     seed: int | np.random.Generator | None = 0,
     confidence: float = 0.95,

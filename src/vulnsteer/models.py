@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vulnsteer.errors import VulnsteerError
 
@@ -145,8 +146,8 @@ def verify_gguf(path: Path, entry: CatalogueModel) -> None:
 class LoadedModel:
     """A model and its tokenizer, loaded once per process, plus what identifies them in result files."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     model_id: str
     config_hash: str
     source: str = ""  # the resolved folder, or the hub id with its revision
@@ -261,7 +262,7 @@ def _converted_folder(gguf: Path, name: str) -> Path:
     except (OSError, ValueError, KeyError) as exc:
         raise VulnsteerError(f"could not read GGUF file {gguf}: {str(exc).splitlines()[0]}") from exc
     # A GGUF-loaded model carries its quantizer; save_pretrained refuses it until both are cleared.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = folder.with_name(folder.name + ".tmp")

@@ -117,8 +117,9 @@ def _job_key(job: Job, decoding: Decoding) -> str:
     return row_key(job.sample.id, job.prompt_id, decoding.mode, job.steering.label if job.steering else None)
 
 
-def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                        read: str, mode: str = "generate", batch_tokens: int = 8192):
+def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
+                        resources: PromptResources | None = None, read: str = "prompt-last", mode: str = "generate",
+                        batch_tokens: int = 8192):
     """Activations of every layer on the prompt as `mode` asks it, with a progress bar (cached on disk per
     sample)."""
     from vulnsteer.extract.activations import collect
@@ -187,7 +188,7 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
         file_cell = [] if bank is None else [f"{fixed[layer]:.3f}" if fixed.get(layer) is not None else "–"]
         table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups), *file_cell)
     Console(width=200).print(table)
-    pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -r.auroc)
+    pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -float(r.auroc))  # type: ignore[arg-type]
     print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

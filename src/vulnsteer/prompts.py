@@ -177,7 +177,8 @@ def _fmt_none(code: str) -> str:  # prepare_prompt(prompt="None")
 
 
 def _expert(cwe_name: str) -> str:
-    return f"You are a code security expert who analyzes the given code for the security vulnerability known as {cwe_name}."
+    return ("You are a code security expert who analyzes the given code for the security vulnerability known as "
+            f"{cwe_name}.")
 
 
 def _r2_system(n: str) -> str:  # src/prompt_templates.py promptR2 (note the "." after step 3, unlike R5)
@@ -216,9 +217,11 @@ def _r3_turns(n: str) -> tuple[str, str, str, str]:
     return (
         "Provide a brief overview of the code.",
         # "knows as" is upstream's spelling; kept so the prompt is the benchmark's.
-        f"Based on the overview identify the sub-components in code that could lead to a security vulnerability knows as {n}.",
+        f"Based on the overview identify the sub-components in code that could lead to a security vulnerability knows "
+        f"as {n}.",
         f"Perform a detailed analysis of the identified sub-components for the existence of the {n} vulnerability.",
-        f"Based on the detailed analysis decide and answer whether the {n} vulnerability is present in the given code or not.",
+        f"Based on the detailed analysis decide and answer whether the {n} vulnerability is present in the given code "
+        "or not.",
     )
 
 

@@ -54,11 +54,6 @@ class SteeringId:
             raise VulnsteerError(f"unknown steering fields {sorted(set(values) - known)}")
         return cls(**values)
 
-    @property
-    def is_selection(self) -> bool:
-        """A selection row: it informs the choice for its outer fold and is never a test row."""
-        return self.outer is not None
-
 
 @dataclass(frozen=True)
 class Steering:

@@ -25,7 +25,7 @@ from vulnsteer.engine.static import StaticDecoder
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import ANSWER_PREFIX, FINAL_QUESTION, render
 from vulnsteer.records import Decoding, Job, Result
-from vulnsteer.steer.hooks import leaves_prompt_alone
+from vulnsteer.steering.hooks import leaves_prompt_alone
 from vulnsteer.verdicts import parse_verdict
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ContextManager, Protocol, Sequence
 
 import torch
 
@@ -26,8 +26,8 @@ from vulnsteer.engine.static import StaticDecoder
 from vulnsteer.engine.trunk import shared_trunk
 from vulnsteer.models import LoadedModel
 from vulnsteer.records import Steering
-from vulnsteer.steer.buffers import SteeringEngine
-from vulnsteer.steer.hooks import leaves_prompt_alone, steer, steer_tokens
+from vulnsteer.steering.buffers import SteeringEngine
+from vulnsteer.steering.hooks import leaves_prompt_alone, steer, steer_tokens
 
 Steerings = Sequence[Steering | None] | None  # None: no row of the batch is steered
 
@@ -125,7 +125,7 @@ class Scorer:
     def run(self, lm: LoadedModel, texts: list[str], steerings: Steerings) -> Answers:
         encoded = encode(lm, texts)
         with torch.inference_mode():
-            hooks = nullcontext()
+            hooks: ContextManager = nullcontext()
             if self.engine is not None:
                 self.engine.set_rows(steerings or [None] * len(texts), encoded["attention_mask"])
             elif steerings:
@@ -141,7 +141,7 @@ def generate(lm: LoadedModel, encoded, max_new_tokens: int) -> torch.Tensor:
     # decoder is the fast path). Rows that bring their own cache (a shared prompt prefix) keep it.
     given = any(key in encoded for key in ("cache", "past_key_values"))
     cache = {"cache_implementation": None if given else "dynamic", "disable_compile": True}
-    out = lm.model.generate(
+    out = lm.model.generate(  # type: ignore[operator]
         **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
         eos_token_id=eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id, **cache,
     )

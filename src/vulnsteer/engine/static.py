@@ -31,8 +31,8 @@ from vulnsteer.engine.prompt_pass import grouped_prompt_pass, length_groups, pro
 from vulnsteer.engine.trunk import shared_trunk
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.records import Steering
-from vulnsteer.steer.buffers import SteeringEngine
-from vulnsteer.steer.hooks import leaves_prompt_alone, prompt_steering
+from vulnsteer.steering.buffers import SteeringEngine
+from vulnsteer.steering.hooks import leaves_prompt_alone, prompt_steering
 
 # Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
 UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
@@ -101,7 +101,7 @@ class StaticDecoder:
         devices = {p.device for p in model.parameters()}
         self.capture = capture and self.device.type == "cuda" and len(devices) == 1  # False: eager (benchmarks)
         self.key: tuple | None = None  # (rows, prompt width, new tokens, steering buffer) of the buffers below
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.allocations = 0  # buffer sets built (one per batch shape), for tests and benchmarks
         self.captures = 0  # decode steps captured as CUDA graphs
         self.prompt_groups: list[int] = []  # groups of each grouped prompt pass
@@ -207,7 +207,7 @@ class StaticDecoder:
         heads, head_dim = key_value_heads(self.model)
         zeros = torch.zeros((), dtype=self.dtype, device=self.device).expand(len(self.ids), heads, self.width, head_dim)
         for layer in self.cache.layers:
-            layer.update(zeros, zeros)
+            layer.update(zeros, zeros)  # type: ignore[union-attr]
 
     def _shared_prompts(self, prompts: list, attention_mask, steerings) -> tuple[list[int], torch.Tensor] | None:
         """For a batch whose rows repeat prompts (`prompts[i]`, a sweep's configs) and steer nothing before the last
@@ -245,7 +245,7 @@ class StaticDecoder:
             part = cache.layers.pop(0)
             keys, values = part.keys[of_row], part.values[of_row]
             del part
-            layer.update(keys, values)
+            layer.update(keys, values)  # type: ignore[union-attr]
 
     def _last_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,

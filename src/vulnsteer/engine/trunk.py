@@ -21,7 +21,7 @@ from vulnsteer.architecture import (
     with_hidden,
 )
 from vulnsteer.records import Steering
-from vulnsteer.steer.hooks import steered_layers
+from vulnsteer.steering.hooks import steered_layers
 
 
 @contextmanager
@@ -56,7 +56,9 @@ def shared_trunk(model, prompts: Sequence, steerings: Sequence[Steering | None] 
 def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[list[int], list[int]]:
     """The rows a layer at `depth` computes (those forked from their prompt, and one row per prompt for the others),
     and for every row the place of its values among them."""
-    live, source, carrier = [], [], {}
+    live: list[int] = []
+    source: list[int] = []
+    carrier: dict[int, int] = {}
     for row, (prompt, fork) in enumerate(zip(prompt_of_row, forks)):
         if fork > depth and prompt in carrier:
             source.append(carrier[prompt])

@@ -135,8 +135,9 @@ def fold_thresholded(arm: list[Result], folds: dict[str, int], fitted_on=None) -
         assert all(folds[r.sample_id] != f for r in rows), "a threshold fitted on its own fold"
         thresholds[f] = best_threshold(np.array([r.score for r in rows], dtype=float),
                                        np.array([r.label == "vulnerable" for r in rows]))
-    return [Judged(r.pair_id, r.cwe, r.label == "vulnerable",
-                   "vulnerable" if r.score > thresholds[folds[r.sample_id]] else "not_vulnerable", r.score, r.family)
+    return [Judged(r.pair_id, r.cwe, r.is_vulnerable,
+                   "vulnerable" if float(r.score) > thresholds[folds[r.sample_id]] else "not_vulnerable",  # type: ignore[arg-type]
+                   r.score, r.family)
             for r in arm]
 
 
@@ -162,7 +163,7 @@ def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds
                         | {c for by_config in selection.values() for c in by_config})
     chosen: dict[int, str] = {}
     for fold in sorted(set(folds[s] for s in sample_ids)):
-        def rank(config_id: str):
+        def rank(config_id: str, fold: int = fold):
             rows = selection_rows(arms, sample_ids, folds, config, selection, fold, config_id)
             value = float("nan") if rows is None else metric_value(judged(rows), config.select_metric)
             strength = 0.0 if config_id == BASELINE else abs(GridPoint.parse(config_id).strength)
@@ -176,7 +177,9 @@ def selected_thresholded(a: Analysis) -> list[Judged]:
     """The selected arm judged at thresholds fitted, for each fold, on the selection rows of the config chosen
     for that fold: neither the threshold nor the vectors behind it saw the fold."""
     def fitted_on(fold: int) -> list[Result]:
-        return selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, fold, a.selected_by_fold[fold])
+        rows = selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, fold, a.selected_by_fold[fold])
+        assert rows is not None, "the chosen config has all its selection rows"
+        return rows
     return fold_thresholded(a.selected, a.folds, fitted_on)
 
 
@@ -232,7 +235,8 @@ def flip_rates(a: Analysis) -> dict[str, dict[str, Interval | int]] | None:
     non-trivial: the `_0` version), baseline vs the selected configs, with intervals clustered by family. None
     without augmented data."""
     def sample_of(r: Result) -> Sample:
-        return Sample(r.sample_id, r.cwe, r.label, "", "", r.pair_id, r.split, r.source)
+        return Sample(r.sample_id, r.cwe, "vulnerable" if r.is_vulnerable else "patched", "", "", r.pair_id, r.split,
+                      r.source)
 
     out: dict[str, dict[str, Interval | int]] = {}
     for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected)):

@@ -9,6 +9,7 @@ import io
 import json
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -116,7 +117,8 @@ def probe_plot(probe_rows: list[dict]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(5, 2.8))
     layers, values = [p[0] for p in pooled], [p[1] for p in pooled]
     if all(p[2] is not None for p in pooled):
-        ax.fill_between(layers, [p[2] for p in pooled], [p[3] for p in pooled], alpha=0.2, label="95% interval")
+        ax.fill_between(layers, [p[2] or 0.0 for p in pooled], [p[3] or 0.0 for p in pooled], alpha=0.2,
+                        label="95% interval")
     ax.plot(layers, values, marker="o")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer")
@@ -198,7 +200,8 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
     metric = a.config.select_metric
     sections: list[tuple[str, str]] = []  # (title, markdown)
 
-    metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"] + (["auroc"] if a.config.mode == "score" else [])
+    metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"]
+    metrics += ["auroc"] if a.config.mode == "score" else []
     arms = [("baseline", base), ("selected (nested, held-out)", chosen)]
     lines = [_comparison("Selected vs baseline", base_items, chosen_items, metric)]
     controls = [judged(arm) for arm in control_arms(a)]
@@ -259,16 +262,17 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
         figures.append(("Probe AUROC by layer", "probe", png))
     transfer = transfer_matrix(a)
     if transfer and transfer[1]:
-        cwes, cells, title = transfer
+        cwes, gains, title = transfer
         figures.append(("Cross-CWE transfer", "transfer", transfer_plot(*transfer)))
         sections.append((f"Cross-CWE transfer: accuracy gain [95%] ({title})",
                          _table(["vector of \\ items of", *cwes],
-                                [[v, *(fmt(cells[(v, t)]) if (v, t) in cells else "–" for t in cwes)]
+                                [[v, *(fmt(gains[(v, t)]) if (v, t) in gains else "–" for t in cwes)]
                                  for v in cwes])))
 
     flips = flip_rates(a)
     if flips:
-        rows = [[kind, str(v["n"]), fmt(v["baseline"]), fmt(v["selected"])] for kind, v in flips.items()]
+        rows = [[kind, str(v["n"]), fmt(cast(Interval, v["baseline"])), fmt(cast(Interval, v["selected"]))]
+                for kind, v in flips.items()]
         sections.append(("Robustness: verdict flips under augmentation",
                          _table(["augmentation", "n compared", "baseline flip rate [95%]",
                                  "selected flip rate [95%]"], rows)))

@@ -168,7 +168,7 @@ def final_answer_section(arms: dict[str, Sequence[Result]]) -> Section | None:
         rows = [r for r in results if r.final_verdict is not None]
         if not rows:
             continue
-        forced = summarise([Judged(r.pair_id, r.cwe, r.label == "vulnerable", r.final_verdict, r.final_score,
+        forced = summarise([Judged(r.pair_id, r.cwe, r.is_vulnerable, str(r.final_verdict), r.final_score,
                                    r.family) for r in rows])
         read = [r for r in rows if r.verdict != "unknown"]
         agree = clustered_proportion([r.final_verdict == r.verdict for r in rows], [r.family for r in rows])

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import tomllib
 import torch
@@ -41,11 +41,12 @@ from vulnsteer.records import (
     MODES,
     POSITIONS,
     Job,
+    Positions,
     Result,
     Steering,
     SteeringId,
 )
-from vulnsteer.steer.hooks import leaves_prompt_alone
+from vulnsteer.steering.hooks import leaves_prompt_alone
 
 BASELINE = "baseline"
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
@@ -96,7 +97,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            _check_type(f.name, getattr(self, f.name), str(f.type))
         for name in ("methods", "layers", "strengths", "vectors", "positions"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
@@ -146,20 +147,21 @@ def read_toml(path: Path) -> dict:
         raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
 
 
-_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[str]": list, "list[float]": list}
+_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool,
+                                              "list[str]": list, "list[float]": list}
 
 
-def _check_type(name: str, value, annotation: str) -> None:
+def _check_type(name: str, value: Any, annotation: str) -> None:
     """A TOML value of the wrong type (`transfer = "no"`) is refused, not read as truthy."""
     optional = annotation.endswith(" | None")
-    kind = _TYPES[annotation.removesuffix(" | None")]
+    kind: type | tuple[type, ...] = _TYPES[annotation.removesuffix(" | None")]
     if value is None and optional:
         return
     wrong_bool = isinstance(value, bool) and kind is not bool
     if wrong_bool or not isinstance(value, kind):
         raise VulnsteerError(f"config: {name} must be {annotation.removesuffix(' | None')}"
                              f"{' or unset' if optional else ''}, got {value!r}")
-    if annotation.startswith("list[str]") and not all(isinstance(v, str) for v in value):
+    if annotation.startswith("list[str]") and not all(isinstance(v, str) for v in cast(list, value)):
         raise VulnsteerError(f"config: {name} must be a list of strings, got {value!r}")
 
 
@@ -212,7 +214,7 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
     return [GridPoint(config.methods[0], config.layers[0], "own", p, 0.0) for p in config.positions
-            if not leaves_prompt_alone(Steering({}, 0.0, p))]
+            if not leaves_prompt_alone(Steering({}, 0.0, cast(Positions, p)))]
 
 
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
@@ -273,7 +275,7 @@ def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] 
 
 def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[Sample] | None,
          resources: PromptResources, done: set[tuple[str, str]],
-         selection_done: set[tuple[int, str, str]] = frozenset(),
+         selection_done: set[tuple[int, str, str]] | frozenset = frozenset(),
          activations: Callable[[Sequence[Sample]], Activations] | None = None) -> SweepPlan:
     """Fit the vectors each fold needs and list the remaining jobs. `activations(samples)` reads the samples'
     activations as the sweep asks its prompts (default: `collect`, cached on disk, without a progress bar)."""
@@ -346,7 +348,7 @@ def _steering(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_s
         group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
         vectors = {layer: bank.for_group(group)[layer] for layer in layers}
     label = SteeringId(config=point.id, fold=fold, outer=outer)
-    return Steering(vectors, point.strength, point.positions, label=label)
+    return Steering(vectors, point.strength, cast(Positions, point.positions), label=label)
 
 
 def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -361,7 +363,7 @@ def config_of(result: Result) -> str:
 
 def store_row(store: SweepStore, fold_of: dict[str, int], result: Result) -> None:
     """A test row, or (steering labelled with an outer fold) a selection row."""
-    if result.steering and result.steering.is_selection:
+    if result.steering and result.steering.outer is not None:
         store.add_selection(result.steering.outer, config_of(result), fold_of[result.sample_id], result)
     else:
         store.add(config_of(result), fold_of[result.sample_id], result)

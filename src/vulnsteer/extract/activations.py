@@ -3,8 +3,8 @@
 Read positions: `prompt-last` (the last prompt token, where the answer is decided: in score mode the "Answer:" that
 scoring and prompt-last steering act at, in generate mode the end of the chat template) or `code-mean` (the mean over
 the tokens of the code inside the prompt). Both come from each row's attention mask and token offsets, never from
-the padded width. Activations of every layer are cached on disk per (model weights, sample, prompt, mode, read position), so a
-later run that asks for other layers or other vectors does not run the model again.
+the padded width. Activations of every layer are cached on disk per (model weights, sample, prompt, mode, read
+position), so a later run that asks for other layers or other vectors does not run the model again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class Activations:
         return Activations([self.samples[i] for i in index], {k: v[index] for k, v in self.by_layer.items()},
                            self.read, self.prompt_id, self.mode)
 
+    def of_cwe(self, cwe: str) -> Activations:
+        return self.subset(lambda s: s.cwe == cwe)
+
     @property
     def labels(self) -> torch.Tensor:
         return torch.tensor([s.is_vulnerable for s in self.samples])
@@ -73,7 +76,7 @@ def collect(
     lm: LoadedModel,
     samples: Sequence[Sample],
     prompt_id: str,
-    resources: PromptResources,
+    resources: PromptResources | None,
     read: str = "prompt-last",
     batch_tokens: int = 8192,
     use_cache: bool = True,

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
 from vulnsteer.models import LoadedModel
 from vulnsteer.protocol import training_keys
-from vulnsteer.records import Steering, SteeringId
+from vulnsteer.records import Positions, Steering, SteeringId
 
 METHODS = ("mean-diff", "pca", "probe")
 NORMALISATIONS = ("residual", "unit")
@@ -111,7 +111,7 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
                              "its difference; use mean-diff)")
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     for name in names:
-        part = acts if name == POOLED else acts.subset(lambda s, c=name: s.cwe == c)
+        part = acts if name == POOLED else acts.of_cwe(name)
         _check_classes(part, name)
         pair_ids = [s.pair_id for s in part.samples]
         vectors[name] = {
@@ -233,7 +233,7 @@ def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, 
     def steering(sample: Sample) -> Steering:
         group = sample.cwe if cwe_vector == "own" else cwe_vector
         by_layer = bank.for_group(group)
-        return Steering({layer: by_layer[layer] for layer in chosen}, strength, positions,
+        return Steering({layer: by_layer[layer] for layer in chosen}, strength, cast(Positions, positions),
                         label=SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
                                          method=bank.meta.get("method")))
     return steering

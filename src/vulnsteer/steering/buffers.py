@@ -10,7 +10,7 @@ import torch
 from vulnsteer.architecture import Hooks, decoder_layers, hidden_of, with_hidden
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.records import Steering
-from vulnsteer.steer.hooks import layer_deltas, prompt_steering, steered_layers
+from vulnsteer.steering.hooks import layer_deltas, prompt_steering, steered_layers
 
 
 class SteeringEngine:

@@ -1,0 +1,87 @@
+"""The package's layers: every import (at module level or inside a function) goes down or sideways, never up, and no
+two modules import each other, directly or in a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import vulnsteer
+
+PACKAGE = Path(vulnsteer.__file__).parent
+# Lowest first. A module may import its own layer and the ones below.
+LAYERS = [
+    {"errors"},
+    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "protocol"},
+    {"steering"},
+    {"engine"},
+    {"extract"},
+    {"experiments"},
+    {"pipeline"},
+    {"cli"},
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: Path) -> set[str]:
+    """The vulnsteer modules `path` imports, anywhere in the file."""
+    found = set()
+    known = modules()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("vulnsteer.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vulnsteer"):
+            for alias in node.names:  # `from vulnsteer.engine import planner` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in known else node.module)
+    return found - {"vulnsteer"}
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    for number, layer in enumerate(LAYERS):
+        if top in layer:
+            return number
+    raise AssertionError(f"{module} is in no layer; add it to LAYERS")
+
+
+@pytest.mark.parametrize("module", sorted(set(modules()) - {"vulnsteer"}))
+def test_imports_go_down_or_sideways(module):
+    path = modules()[module]
+    upward = sorted(target for target in imports(path) if layer_of(target) > layer_of(module))
+    assert not upward, f"{module} (layer {layer_of(module)}) imports from above: {upward}"
+
+
+def test_no_import_circles():
+    graph = {module: imports(path) - {module} for module, path in modules().items() if module != "vulnsteer"}
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import circle: " + " -> ".join(trail + [module])
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            visit(target, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_public_api_is_small_typed_and_importable():
+    """`from vulnsteer import *` gives the names a user needs, each a documented function or class."""
+    assert 8 <= len(vulnsteer.__all__) <= 20
+    for name in vulnsteer.__all__:
+        value = getattr(vulnsteer, name)
+        assert callable(value) and value.__doc__, name
