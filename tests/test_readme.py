@@ -1,0 +1,31 @@
+"""The README's Python example runs as written, on a tiny model saved to a folder in place of the catalogue model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import tiny_lm
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_example() -> str:
+    section = README.read_text().split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_python_example_runs(tmp_path, capsys):
+    code = python_example()
+    assert '"smollm2-135m-instruct"' in code
+    tiny = tiny_lm("qwen2")
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "model")
+    namespace: dict = {}
+    exec(compile(code.replace('"smollm2-135m-instruct"', repr(str(tmp_path / "model"))), "README.md", "exec"),
+         namespace)
+    baseline, steered = namespace["baseline"]["all"], namespace["with_vector"]["all"]
+    assert baseline.n == steered.n == len(namespace["test"]) > 0
+    assert not {s.cwe for s in namespace["test"]} & {s.cwe for s in namespace["train"]}, "the example is held out"
+    assert namespace["logits"].shape[0] == 2
+    assert capsys.readouterr().out.strip(), "the example prints its two balanced accuracies"
