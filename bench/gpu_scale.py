@@ -8,10 +8,10 @@ suppressed with `min_new_tokens`, so every row generates all 200: a real model s
 
 * one-at-a-time `generate` (the original experiment's way): only `--one-items` items (spread over the length
   distribution), extrapolated to 48 (mean per item x 48): printed as such;
-* batched `generate` exactly as `vulnsteer.evaluation.evaluate` groups rows (`batches(lengths, batch_tokens, cost)`,
+* batched `generate` exactly as `vulnsteer.engine.evaluate` groups rows (`batches(lengths, batch_tokens, cost)`,
   left padding), without and with per-row steering at 4 layers (relative depths 0.25/0.5/0.75/last =
-  [12, 24, 36, 47] of 48, through `vulnsteer.steering.steer`);
-* the static decoder (`vulnsteer.decoding.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
+  [12, 24, 36, 47] of 48, through `vulnsteer.steering.hooks.steer`);
+* the static decoder (`vulnsteer.engine.static.StaticDecoder`, `--cache static`), steered: each decode step a CUDA-graph
   replay; the first pass (with the capture) is reported apart, later passes change the steering without re-capture,
   and its tokens are compared with the plain steered path's; then, for comparison, one pass without the capture,
   and one captured pass each with transformers' own decode attention instead of the packed heads and with one
@@ -188,7 +188,7 @@ def random_steering(hidden: int, layers: list[int], strength: float, positions: 
 
 
 def generate(model, encoded: dict, new_tokens: int) -> torch.Tensor:
-    # As vulnsteer.evaluation's plain path does: dynamic cache, never compiled (hooks would be invisible to it).
+    # As the engine's Generator does: dynamic cache, never compiled (hooks would be invisible to it).
     return model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           temperature=None, top_p=None, top_k=None, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
                           cache_implementation="dynamic", disable_compile=True)
