@@ -182,8 +182,14 @@ def eval_command(
     if judge_model is not None and mode == "generate":
         judge = lm if judge_model == model else load_lm(judge_model, "float32", "score", device)
         meta["judge_model"] = judge_model
+    sections = []
+    if bank is not None:
+        from vulnsteer.experiments.side_effects import code_side_effects
+        from vulnsteer.experiments.summary import side_effects_section
+
+        sections.append(side_effects_section(code_side_effects(lm, samples, {"steered": steering_for})))
     decoding = Decoding(cast("Mode", mode), max_new_tokens, batch_tokens, cast("Cache", cache))
-    run_eval(lm, jobs, decoding, output_dir, meta, judge_lm=judge)
+    run_eval(lm, jobs, decoding, output_dir, meta, judge_lm=judge, sections=sections)
 
 
 MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")
@@ -283,15 +289,28 @@ def vectors_show(path: Path) -> None:
 def vectors_export(
     path: Path,
     group: str = typer.Option("pooled", "--group", help="pooled or a CWE id."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp control vector)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp control vector) or lm-eval (the steering "
+                            "config of lm-evaluation-harness's `steered` model)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="lm-eval: layers to steer (default: all the file's)."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="lm-eval: the steering strength."),
     output: Path = typer.Option(..., "--output", "-o"),
 ) -> None:
-    """Export one group's vectors as a llama.cpp control-vector file (as repeng writes them)."""
-    from vulnsteer.extract.vectors import export_gguf, load
+    """Export one group's vectors: a llama.cpp control vector (as repeng writes them) or an lm-eval steer file."""
+    from vulnsteer.extract.vectors import export_gguf, export_lm_eval, load, parse_layers
 
-    if fmt != "gguf":
-        raise VulnsteerError(f"unknown format {fmt!r}; only gguf is supported")
-    export_gguf(load(path), group, output)
+    bank = load(path)
+    if fmt == "gguf":
+        if layers is not None or strength is not None:
+            raise VulnsteerError("--layers and --strength are for --format lm-eval (a control vector's strength "
+                                 "is set when llama.cpp loads it)")
+        export_gguf(bank, group, output)
+    elif fmt == "lm-eval":
+        if strength is None:
+            raise VulnsteerError("--format lm-eval needs --strength")
+        available = sorted(bank.for_group(group))
+        export_lm_eval(bank, group, parse_layers(layers, bank.meta["num_layers"], available), strength, output)
+    else:
+        raise VulnsteerError(f"unknown format {fmt!r}; use gguf or lm-eval")
     print(f"wrote {output}")
 
 

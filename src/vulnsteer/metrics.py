@@ -548,3 +548,25 @@ def bootstrap_gain(
     W = _cluster_weights(a_base.n_clusters, n_boot, _rng(seed))
     reps = stat(a_steer, W) - stat(a_base, W)
     return Interval(observed_steer - observed_base, *_percentiles(reps, confidence))
+
+
+def clustered_ratio(numerators: Sequence[float] | np.ndarray, denominators: Sequence[float] | np.ndarray,
+                    clusters: Sequence | np.ndarray, n_boot: int = 2000, seed: int = 0,
+                    confidence: float = 0.95) -> Interval:
+    """sum(numerators) / sum(denominators) (a per-token mean over items of different lengths) with a percentile
+    interval from a bootstrap over clusters (families), so that copies of one scenario count once."""
+    _check_confidence(confidence)
+    _check_n_boot(n_boot)
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if len(num) != len(den) or len(num) != len(clusters):
+        raise MetricsError("numerators, denominators and clusters must have one entry per item")
+    if not len(num) or den.sum() <= 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    _, index = np.unique(np.asarray(clusters, dtype=str), return_inverse=True)
+    n_clusters = int(index.max()) + 1
+    by_cluster = np.bincount(index, weights=num, minlength=n_clusters), np.bincount(index, weights=den,
+                                                                                  minlength=n_clusters)
+    W = _cluster_weights(n_clusters, n_boot, _rng(seed))
+    reps = _safe_div(W @ by_cluster[0], W @ by_cluster[1])
+    low, high = _percentiles(reps, confidence)
+    return Interval(float(num.sum() / den.sum()), low, high)

@@ -31,6 +31,7 @@ from vulnsteer.experiments.store import (
     row_key,
 )
 from vulnsteer.experiments.summary import (
+    Section,
     final_answer_section,
     print_table,
     reasoning_section,
@@ -87,9 +88,10 @@ def run_jobs(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, descripti
 
 
 def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
-             n_boot: int = 2000, judge_lm: LoadedModel | None = None) -> list[Result]:
+             n_boot: int = 2000, judge_lm: LoadedModel | None = None, sections: Sequence[Section] = ()) -> list[Result]:
     """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
-    `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers."""
+    `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers; `sections` are added
+    to the summary."""
     meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
     done = open_run(out_dir, meta)
     todo = [job for job in jobs if _job_key(job, decoding) not in done]
@@ -108,7 +110,7 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
     reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
     final = final_answer_section({"all": results})
     write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)},
-                  sections=[section for section in (final, reasoning) if section])
+                  sections=[*(section for section in (final, reasoning) if section), *sections])
     print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
     return results
 
@@ -261,9 +263,34 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
             run_jobs(lm, sweep.jobs, decoding, "sweep", on_result=lambda r: store_row(store, sweep.fold_of, r))
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
         _write_probe(lm, sweep, config, resources, out_dir)
+        _write_side_effects(lm, sweep, config, out_dir)
     finally:
         store.close()
     return write_report(out_dir, show=True)
+
+
+def _write_side_effects(lm, sweep, config, out_dir: Path) -> None:
+    """side_effects.json: what the chosen configs (each fold's, and the top descriptive one) cost on plain code, at
+    every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off)."""
+    from vulnsteer.experiments.analysis import analyse
+    from vulnsteer.experiments.side_effects import MAX_TOKENS, code_side_effects
+    from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate, steering_for
+    from vulnsteer.extract.vectors import parse_layers
+
+    a = analyse(out_dir)
+    by_gain = [s.config for s in a.stats if is_candidate(GridPoint.parse(s.config), config)]
+    chosen = {c for c in a.selected_by_fold.values() if c != BASELINE} | set(by_gain[:1])
+    shapes = {GridPoint.parse(c).id.rsplit("|", 1)[0] for c in chosen}
+    points = [p for p in sweep.points if is_candidate(p, config) and p.id.rsplit("|", 1)[0] in shapes]
+    layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
+    def steering_of(point):
+        return lambda s: steering_for(point, s, sweep.fold_of[s.id], sweep.banks[sweep.fold_of[s.id]], layer_sets)
+
+    configs: dict[str, Callable[[Sample], Steering | None]] = {p.id: steering_of(p) for p in points}
+    with progress("side effects", len(sweep.samples)) as advance:
+        effects = code_side_effects(lm, sweep.samples, configs, progress=advance)
+    (out_dir / "side_effects.json").write_text(json.dumps(
+        {"max_tokens": MAX_TOKENS, "configs": [e.to_dict() for e in effects]}, indent=2))
 
 
 def _write_probe(lm, sweep, config, resources, out_dir: Path) -> None:

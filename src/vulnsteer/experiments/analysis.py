@@ -267,3 +267,11 @@ def examples(a: Analysis, k: int = 6) -> list[list[str]]:
     show = lambda r: (f"{r.verdict} (score {r.score:+.2f})" if r.score is not None  # noqa: E731
                       else f"{r.verdict}: {r.response[:300]}")
     return [[b.sample_id, b.label, show(b), show(s)] for b, s in pairs[:k]]
+
+
+def answer_costs(a: Analysis) -> list[tuple[str, float, Interval]]:
+    """Generate mode, per arm (baseline, selected): mean new tokens, and the share of answers the verdict parser
+    cannot read, with an interval clustered by family."""
+    return [(name, float(np.mean([r.new_tokens for r in arm])),
+             clustered_proportion([r.verdict == "unknown" for r in arm], [r.family for r in arm]))
+            for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected))]

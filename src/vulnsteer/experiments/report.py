@@ -21,6 +21,7 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     N_BOOT,
     Analysis,
     analyse,
+    answer_costs,
     control_arms,
     examples,
     flip_rates,
@@ -30,7 +31,7 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     selected_thresholded,
     transfer_matrix,
 )
-from vulnsteer.experiments.summary import fmt, judged  # noqa: E402
+from vulnsteer.experiments.summary import fmt, interval_of, judged  # noqa: E402
 from vulnsteer.experiments.sweep import BASELINE, GridPoint  # noqa: E402
 from vulnsteer.metrics import (  # noqa: E402
     Interval,
@@ -124,6 +125,27 @@ def probe_plot(probe_rows: list[dict]) -> bytes | None:
     ax.set_xlabel("layer")
     ax.set_ylabel("AUROC (cross-validated)")
     ax.set_title("probe: projection onto the pooled direction", fontsize=9)
+    return _png(fig)
+
+
+def tradeoff_plot(effects: list[dict], gains: dict[str, Interval], metric: str) -> bytes:
+    """Gain in the selection metric against mean KL on plain code, one line per config shape across strengths."""
+    by_shape: dict[str, list[tuple[float, float, float]]] = {}
+    for e in effects:
+        point = GridPoint.parse(e["config"])
+        gain = gains.get(e["config"])
+        if gain is not None:
+            by_shape.setdefault(point.id.rsplit("|", 1)[0], []).append((e["kl"]["value"], gain.value, point.strength))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for shape, points in sorted(by_shape.items()):
+        points.sort(key=lambda p: p[2])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=shape)
+        for kl, value, strength in points:
+            ax.annotate(f"{strength:+g}", (kl, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("mean KL on plain code (nats per token)")
+    ax.set_ylabel(f"gain in {metric}")
+    ax.legend(fontsize=6)
     return _png(fig)
 
 
@@ -268,6 +290,29 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
                          _table(["vector of \\ items of", *cwes],
                                 [[v, *(fmt(gains[(v, t)]) if (v, t) in gains else "–" for t in cwes)]
                                  for v in cwes])))
+
+    effects_path = out_dir / "side_effects.json"
+    if effects_path.exists():
+        effects = json.loads(effects_path.read_text())
+        config_gains = {st.config: st.gain for st in a.stats}
+        rows_ = [[e["config"], fmt(config_gains.get(e["config"])), fmt(interval_of(e["kl"])),
+                  fmt(interval_of(e["nll_change"]))] for e in effects["configs"]]
+        if rows_:
+            sections.append(("Side effects on plain code", (
+                f"What the chosen configs cost the model away from the task, at every strength: each item's code "
+                f"(first {effects['max_tokens']} tokens, no prompt) read unsteered and steered at every token with "
+                "its own fold's vectors; mean KL divergence of the next-token distribution and change in negative "
+                "log-likelihood of the code's next token, nats per token, 95% family-bootstrap intervals. A gain "
+                "that needs a large KL is bought with the model's general behaviour.\n\n"
+                + _table(["config", f"gain in {metric} [95%]", "KL(unsteered ‖ steered)", "Δ NLL per token"],
+                         rows_))))
+            figures.append(("Gain against side effect", "tradeoff",
+                            tradeoff_plot(effects["configs"], config_gains, metric)))
+    if a.config.mode == "generate":
+        answers = answer_costs(a)
+        sections.append(("Answers: length and readability", _table(
+            ["arm", "mean new tokens", "unreadable by the verdict parser [95%]"],
+            [[name, f"{tokens:.1f}", fmt(unreadable)] for name, tokens, unreadable in answers])))
 
     flips = flip_rates(a)
     if flips:

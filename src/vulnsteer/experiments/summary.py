@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,11 @@ def summarise_results(results: Sequence[Result], n_boot: int = 2000, seed: int =
     """Overall (key "all") and per-CWE summaries."""
     items = judged(results)
     return {"all": summarise(items, n_boot=n_boot, seed=seed), **summarise_by_cwe(items, n_boot=n_boot, seed=seed)}
+
+
+def interval_of(values: dict) -> Interval:
+    """An interval read back from JSON (`Interval.to_dict`, where NaN was written as null)."""
+    return Interval(*(math.nan if values[k] is None else values[k] for k in ("value", "low", "high")))
 
 
 def fmt(interval: Interval | None) -> str:
@@ -184,3 +190,14 @@ def final_answer_section(arms: dict[str, Sequence[Result]]) -> Section | None:
                 "| arm | n | acc | balanced acc | pair acc | AUROC | agrees with the parser | agrees where parsed |\n"
                 "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     return Section("final_answer", data, markdown)
+
+
+def side_effects_section(effects: Sequence) -> Section:
+    """What the run's steering costs on the items' own code (`side_effects.code_side_effects`)."""
+    rows = "\n".join(f"| {e.config} | {e.items} | {e.tokens} | {fmt(e.kl)} | {fmt(e.nll_change)} |" for e in effects)
+    markdown = ("## Side effects on plain code\n\nEach item's code (no prompt) read unsteered and steered at every "
+                "token: mean KL divergence of the next-token distribution and change in negative log-likelihood of "
+                "the code's next token, nats per token, 95% family-bootstrap intervals.\n\n"
+                "| steering | items | tokens | KL(unsteered ‖ steered) | Δ NLL per token |\n|---|---|---|---|---|\n"
+                + rows + "\n")
+    return Section("side_effects", {"configs": [e.to_dict() for e in effects]}, markdown)

@@ -308,7 +308,7 @@ def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[S
     prompts = {s.id: build_prompt(s, config.prompt, resources) for s in test}
 
     def job(s: Sample, point: GridPoint, banks_: Banks, outer: int | None = None) -> Job:
-        return Job(s, config.prompt, prompts[s.id], _steering(point, s, fold_of[s.id], banks_, layer_sets, outer))
+        return Job(s, config.prompt, prompts[s.id], steering_for(point, s, fold_of[s.id], banks_, layer_sets, outer))
 
     jobs = [Job(s, config.prompt, prompts[s.id]) for s in test if (BASELINE, s.id) not in done]
     jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test if (p.id, s.id) not in done]
@@ -337,8 +337,8 @@ def _fit(acts, lm: LoadedModel, config: SweepConfig, layers: list[int]) -> Banks
     return {method: fit(acts, lm, method, layers, config.normalisation) for method in config.methods}
 
 
-def _steering(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets,
-              outer: int | None = None) -> Steering:
+def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets: dict[str, list[int]],
+                 outer: int | None = None) -> Steering:
     bank = banks[point.method]
     layers = layer_sets[point.layers]
     if point.is_random:

@@ -1,0 +1,97 @@
+"""What steering costs the model: how far it moves the next-token distribution on plain code, away from the
+detection task.
+
+Each item's code (no prompt around it) is read by the model unsteered and steered, with the steering added at every
+token (the most a config can change; configs that steer one position change less). Per config, over every
+predicted token: the mean KL divergence KL(unsteered || steered) of the next-token distribution, and the change in
+negative log-likelihood of the code's own next token (steered minus unsteered, nats per token). A config that raises
+detection while it rewrites the model's view of ordinary code has a cost to report beside its gain. Intervals come
+from a bootstrap over families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+
+from vulnsteer.data import Sample, family
+from vulnsteer.engine.planner import batch_cost, batches
+from vulnsteer.metrics import Interval, clustered_ratio
+from vulnsteer.models import LoadedModel
+from vulnsteer.records import Steering
+from vulnsteer.steering.hooks import steer
+
+MAX_TOKENS = 256  # tokens of each file read; longer files are cut (the cost is quadratic in attention)
+
+
+@dataclass(frozen=True)
+class SideEffect:
+    """One steering config's cost on plain code, pooled over items (per predicted token)."""
+
+    config: str
+    kl: Interval  # mean KL(unsteered || steered) of the next-token distribution, nats
+    nll_change: Interval  # mean NLL of the code's next token, steered minus unsteered, nats
+    tokens: int  # predicted tokens the KL is averaged over
+    items: int
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "kl": self.kl.to_dict(), "nll_change": self.nll_change.to_dict(),
+                "tokens": self.tokens, "items": self.items}
+
+
+def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
+                      configs: dict[str, Callable[[Sample], Steering | None]], batch_tokens: int = 8192,
+                      max_tokens: int = MAX_TOKENS, progress: Callable[[int], None] | None = None,
+                      ) -> list[SideEffect]:
+    """Side effects of each config (`configs[name](sample)`: the steering that item gets, as in the run whose
+    cost is measured) on the samples' code. The unsteered pass runs once per batch and serves every config."""
+    encoded = [lm.tokenizer(s.code, add_special_tokens=False)["input_ids"][:max_tokens] for s in samples]
+    keep = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
+    sums = {name: {"kl": [0.0] * len(samples), "nll": [0.0] * len(samples)} for name in configs}
+    tokens = [len(encoded[i]) if i in keep else 0 for i in range(len(samples))]
+    for group in batches([len(encoded[i]) for i in keep], batch_tokens, batch_cost(lm.model, 1)):
+        rows = [keep[g] for g in group]
+        ids, mask = _left_padded(lm, [encoded[i] for i in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row as if alone, padding on the left
+        with torch.inference_mode():
+            base = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
+            for name, steering_of in configs.items():
+                steerings = [_everywhere(steering_of(samples[i])) for i in rows]
+                with steer(lm.model, steerings, mask):
+                    steered = lm.model(input_ids=ids, attention_mask=mask,
+                                       position_ids=positions).logits.float().log_softmax(-1)
+                kl, nll = _per_row(base, steered, ids, mask)
+                for k, i in enumerate(rows):
+                    sums[name]["kl"][i], sums[name]["nll"][i] = kl[k], nll[k]
+        if progress:
+            progress(len(rows))
+    clusters = [family(s) for s in samples]
+    predicted = [max(n - 1, 0) for n in tokens]
+    return [SideEffect(name, clustered_ratio(sums[name]["kl"], tokens, clusters),
+                       clustered_ratio(sums[name]["nll"], predicted, clusters), sum(tokens), len(keep))
+            for name in configs]
+
+
+def _everywhere(row: Steering | None) -> Steering | None:
+    return None if row is None else replace(row, positions="all")
+
+
+def _left_padded(lm: LoadedModel, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
+    return ids, mask
+
+
+def _per_row(base: torch.Tensor, steered: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    """Per row: the KL summed over its real positions, and its steered-minus-unsteered NLL of the next real token
+    summed over the positions that have one."""
+    real = mask.bool()
+    kl = (base.exp() * (base - steered)).sum(-1).masked_fill(~real, 0.0).sum(-1)
+    target = ids[:, 1:, None]
+    change = -(steered[:, :-1].gather(-1, target) - base[:, :-1].gather(-1, target)).squeeze(-1)
+    nll = change.masked_fill(~(real[:, :-1] & real[:, 1:]), 0.0).sum(-1)
+    return kl.tolist(), nll.tolist()
