@@ -21,6 +21,7 @@ from vulnsteer.experiments.sweep import (
     GridPoint,
     SweepConfig,
     grid,
+    is_candidate,
     load_config,
 )
 from vulnsteer.pipeline import run_sweep
@@ -71,6 +72,13 @@ def test_sweep_rows_are_held_out_and_complete(tmp_path):
     for chosen in a.selected_by_fold.values():
         assert chosen == BASELINE or GridPoint.parse(chosen).vectors in {"own", "pooled"}
     assert "random-direction control" in (tmp_path / "report.md").read_text()
+    # Side effects: every strength of the shape of the top config (and of each fold's chosen one), each with a cost.
+    effects = json.loads((tmp_path / "side_effects.json").read_text())["configs"]
+    top = next(s.config for s in a.stats if is_candidate(GridPoint.parse(s.config), config))
+    shape = top.rsplit("|", 1)[0]
+    assert {e["config"] for e in effects} >= {f"{shape}|{s:+g}" for s in config.strengths}
+    assert all(e["kl"]["value"] > 0 and e["tokens"] > 0 for e in effects)
+    assert "Side effects on plain code" in (tmp_path / "report.md").read_text()
 
 
 def test_resume_is_refused_for_another_dataset(tmp_path):

@@ -129,16 +129,18 @@ def probe_plot(probe_rows: list[dict]) -> bytes | None:
 
 
 def tradeoff_plot(effects: list[dict], gains: dict[str, Interval], metric: str) -> bytes:
-    """Gain in the selection metric against mean KL on plain code, one line per config shape across strengths."""
+    """Gain in the selection metric against mean KL on plain code: a line per config shape and sign of the strength,
+    from the weakest push to the strongest."""
     by_shape: dict[str, list[tuple[float, float, float]]] = {}
     for e in effects:
         point = GridPoint.parse(e["config"])
         gain = gains.get(e["config"])
         if gain is not None:
-            by_shape.setdefault(point.id.rsplit("|", 1)[0], []).append((e["kl"]["value"], gain.value, point.strength))
+            line = f"{point.id.rsplit('|', 1)[0]} ({'+' if point.strength > 0 else '-'})"
+            by_shape.setdefault(line, []).append((e["kl"]["value"], gain.value, point.strength))
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for shape, points in sorted(by_shape.items()):
-        points.sort(key=lambda p: p[2])
+        points.sort(key=lambda p: abs(p[2]))
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=shape)
         for kl, value, strength in points:
             ax.annotate(f"{strength:+g}", (kl, value), fontsize=7, xytext=(3, 3), textcoords="offset points")

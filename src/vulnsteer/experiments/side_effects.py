@@ -24,6 +24,7 @@ from vulnsteer.records import Steering
 from vulnsteer.steering.hooks import steer
 
 MAX_TOKENS = 256  # tokens of each file read; longer files are cut (the cost is quadratic in attention)
+LOGITS_BUDGET = 2**26  # float32 values of one batch's logits (256 MiB; a few such tensors are alive at once)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
     keep = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
     sums = {name: {"kl": [0.0] * len(samples), "nll": [0.0] * len(samples)} for name in configs}
     tokens = [len(encoded[i]) if i in keep else 0 for i in range(len(samples))]
-    for group in batches([len(encoded[i]) for i in keep], batch_tokens, batch_cost(lm.model, 1)):
+    vocabulary = lm.model.get_output_embeddings().weight.shape[0]
+    budget = max(max_tokens, min(batch_tokens, LOGITS_BUDGET // vocabulary))  # every position's logits are kept
+    for group in batches([len(encoded[i]) for i in keep], budget, batch_cost(lm.model, 1)):
         rows = [keep[g] for g in group]
         ids, mask = _left_padded(lm, [encoded[i] for i in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row as if alone, padding on the left
