@@ -8,16 +8,13 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
 from vulnsteer.data import load_demo
+from vulnsteer.extract.lm_eval import continuation_log_likelihood, loglikelihood_task
 from vulnsteer.extract.vectors import load
 from vulnsteer.models import load_model
 from vulnsteer.records import Steering
-from vulnsteer.steering.hooks import steer
 
 vectors, here = Path(sys.argv[1]), Path(sys.argv[2])
 here.mkdir(parents=True, exist_ok=True)
@@ -31,18 +28,8 @@ for s in load_demo()[:16]:
         docs.append({"context": "\n".join(lines[:-1]) + "\n", "target": lines[-1]})
 (here / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
 (here / "tasks").mkdir(exist_ok=True)
-(here / "tasks" / "demo_code.yaml").write_text(f"""task: demo_code
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {here / 'docs.jsonl'}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - metric: acc
-""")
+(here / "tasks" / "demo_code.yaml").write_text(loglikelihood_task("demo_code", here / "docs.jsonl"))
+
 subprocess.run([sys.executable, "-m", "vulnsteer.cli", "vectors", "export", str(vectors),
                 "--format", "lm-eval", "--layers", "15", "--strength", str(strength), "-o", str(here / "steer.pt")],
                check=True)
@@ -57,21 +44,11 @@ logged = [json.loads(line) for line in samples.read_text().splitlines()]
 theirs = {row["doc"]["context"]: float(row["resps"][0][0][0]) for row in logged}
 
 
-def own(context, target, rows=None):
-    spaces = len(context) - len(context.rstrip())  # lm-eval moves trailing white space to the continuation
-    if spaces:
-        context, target = context[:-spaces], context[-spaces:] + target
-    c = lm.tokenizer(context, add_special_tokens=False)["input_ids"]
-    w = lm.tokenizer(context + target, add_special_tokens=False)["input_ids"]
-    with torch.inference_mode(), (steer(lm.model, rows) if rows else nullcontext()):
-        logp = lm.model(input_ids=torch.tensor([w[:-1]])).logits.float().log_softmax(-1)[0]
-    return float(sum(logp[p, w[p + 1]] for p in range(len(c) - 1, len(w) - 1)))
-
-
 rows = [Steering({15: bank.for_group("pooled")[15]}, strength, "all")]
 diffs, moves = [], []
 for d in docs:
-    ours, base = own(d["context"], d["target"], rows), own(d["context"], d["target"])
+    ours = continuation_log_likelihood(lm, d["context"], d["target"], rows)
+    base = continuation_log_likelihood(lm, d["context"], d["target"])
     diffs.append(abs(theirs[d["context"]] - ours))
     moves.append(abs(ours - base))
 print(json.dumps({"docs": len(docs), "strength": strength, "max_abs_diff_lm_eval_vs_vulnsteer": max(diffs),

@@ -8,16 +8,15 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_lm
 
+from vulnsteer.extract.lm_eval import continuation_log_likelihood, loglikelihood_task
 from vulnsteer.extract.vectors import VectorBank, save
 from vulnsteer.records import Steering
-from vulnsteer.steering.hooks import steer
 
 pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
 
@@ -26,31 +25,6 @@ DOCS = [
     {"context": "char buf[8]; strcpy(buf,", "target": " argv[1]);"},
     {"context": "free(p); p->next =", "target": " NULL;"},
 ]
-TASK = """task: vulnsteer_tiny
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - metric: acc
-"""
-
-
-def own_loglikelihood(lm, context: str, target: str, rows=None) -> float:
-    """Sum of log P(target tokens | context), split as lm-eval splits a (context, continuation) pair."""
-    context_ids = lm.tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = lm.tokenizer(context + target, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([whole[:-1]])
-    with torch.inference_mode(), steer(lm.model, rows) if rows else nullcontext():
-        logp = lm.model(input_ids=ids).logits.float().log_softmax(-1)[0]
-    positions = range(len(context_ids) - 1, len(whole) - 1)
-    return float(sum(logp[p, whole[p + 1]] for p in positions))
-
-
 def test_lm_eval_steered_model_reads_our_export_and_scores_as_our_hooks(tmp_path):
     lm = tiny_lm("llama")
     model_dir = tmp_path / "model"
@@ -70,7 +44,7 @@ def test_lm_eval_steered_model_reads_our_export_and_scores_as_our_hooks(tmp_path
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "vulnsteer_tiny.yaml").write_text(TASK.format(data=tmp_path / "docs.jsonl"))
+    (tasks / "vulnsteer_tiny.yaml").write_text(loglikelihood_task("vulnsteer_tiny", tmp_path / "docs.jsonl"))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "steered",
                           "--model_args", f"pretrained={model_dir},steer_path={steer_file},dtype=float32",
@@ -84,8 +58,8 @@ def test_lm_eval_steered_model_reads_our_export_and_scores_as_our_hooks(tmp_path
 
     rows = [Steering({layer: vectors["pooled"][layer] for layer in (1, 2)}, 1.5, "all")]
     for doc in DOCS:
-        ours = own_loglikelihood(lm, doc["context"], doc["target"], rows)
-        unsteered = own_loglikelihood(lm, doc["context"], doc["target"])
+        ours = continuation_log_likelihood(lm, doc["context"], doc["target"], rows)
+        unsteered = continuation_log_likelihood(lm, doc["context"], doc["target"])
         assert theirs[doc["context"]] == pytest.approx(ours, abs=1e-4)
         assert abs(theirs[doc["context"]] - unsteered) > 1e-3, "the steering changed nothing"
 

@@ -296,7 +296,8 @@ def vectors_export(
     output: Path = typer.Option(..., "--output", "-o"),
 ) -> None:
     """Export one group's vectors: a llama.cpp control vector (as repeng writes them) or an lm-eval steer file."""
-    from vulnsteer.extract.vectors import export_gguf, export_lm_eval, load, parse_layers
+    from vulnsteer.extract.lm_eval import export_lm_eval
+    from vulnsteer.extract.vectors import export_gguf, load, parse_layers
 
     bank = load(path)
     if fmt == "gguf":

@@ -92,6 +92,11 @@ class Interval:
     def to_dict(self) -> dict[str, float | None]:
         return {"value": _json_float(self.value), "low": _json_float(self.low), "high": _json_float(self.high)}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "Interval":
+        """Read back `to_dict`, which writes NaN as null."""
+        return cls(*(math.nan if values[k] is None else values[k] for k in ("value", "low", "high")))
+
 
 @dataclass(frozen=True)
 class McNemar:

@@ -211,6 +211,7 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
     import transformers
 
     from vulnsteer.engine.planner import auto_batch_tokens
+    from vulnsteer.experiments.analysis import analyse
     from vulnsteer.experiments.report import write_report
     from vulnsteer.experiments.store import SweepStore
     from vulnsteer.experiments.sweep import (
@@ -263,25 +264,24 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
             run_jobs(lm, sweep.jobs, decoding, "sweep", on_result=lambda r: store_row(store, sweep.fold_of, r))
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
         _write_probe(lm, sweep, config, resources, out_dir)
-        _write_side_effects(lm, sweep, config, out_dir)
+        analysis = analyse(out_dir)
+        _write_side_effects(lm, sweep, config, analysis, out_dir)
     finally:
         store.close()
-    return write_report(out_dir, show=True)
+    return write_report(out_dir, show=True, analysis=analysis)
 
 
-def _write_side_effects(lm, sweep, config, out_dir: Path) -> None:
+def _write_side_effects(lm, sweep, config, a, out_dir: Path) -> None:
     """side_effects.json: what the chosen configs (each fold's, and the top descriptive one) cost on plain code, at
     every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off)."""
-    from vulnsteer.experiments.analysis import analyse
     from vulnsteer.experiments.side_effects import MAX_TOKENS, code_side_effects
     from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate, steering_for
     from vulnsteer.extract.vectors import parse_layers
 
-    a = analyse(out_dir)
     by_gain = [s.config for s in a.stats if is_candidate(GridPoint.parse(s.config), config)]
     chosen = {c for c in a.selected_by_fold.values() if c != BASELINE} | set(by_gain[:1])
-    shapes = {GridPoint.parse(c).id.rsplit("|", 1)[0] for c in chosen}
-    points = [p for p in sweep.points if is_candidate(p, config) and p.id.rsplit("|", 1)[0] in shapes]
+    shapes = {GridPoint.parse(c).shape for c in chosen}
+    points = [p for p in sweep.points if is_candidate(p, config) and p.shape in shapes]
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
     def steering_of(point):
         return lambda s: steering_for(point, s, sweep.fold_of[s.id], sweep.banks[sweep.fold_of[s.id]], layer_sets)

@@ -293,7 +293,6 @@ STRATEGIES: dict[str, Strategy] = {
 }
 SECLLMHOLMES_IDS: tuple[str, ...] = tuple(STRATEGIES)
 PROMPT_IDS: tuple[str, ...] = SECLLMHOLMES_IDS + ("strict",)
-PROMPT_KINDS: dict[str, tuple[str, str]] = {key: s.kind for key, s in STRATEGIES.items()} | {"strict": ("ZS", "RO")}
 
 
 # ---- resources -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     selected_thresholded,
     transfer_matrix,
 )
-from vulnsteer.experiments.summary import fmt, interval_of, judged  # noqa: E402
+from vulnsteer.experiments.summary import fmt, judged  # noqa: E402
 from vulnsteer.experiments.sweep import BASELINE, GridPoint  # noqa: E402
 from vulnsteer.metrics import (  # noqa: E402
     Interval,
@@ -136,7 +136,7 @@ def tradeoff_plot(effects: list[dict], gains: dict[str, Interval], metric: str) 
         point = GridPoint.parse(e["config"])
         gain = gains.get(e["config"])
         if gain is not None:
-            line = f"{point.id.rsplit('|', 1)[0]} ({'+' if point.strength > 0 else '-'})"
+            line = f"{point.shape} ({'+' if point.strength > 0 else '-'})"
             by_shape.setdefault(line, []).append((e["kl"]["value"], gain.value, point.strength))
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for shape, points in sorted(by_shape.items()):
@@ -214,10 +214,10 @@ def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str)
     return line
 
 
-def write_report(out_dir: Path, show: bool = False) -> Path:
+def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = None) -> Path:
     """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl; `show`
-    also prints the headline on the console."""
-    a = analyse(out_dir)
+    also prints the headline on the console. `analysis`: the store's analysis, when the caller has it already."""
+    a = analysis or analyse(out_dir)
     export_rows(a, out_dir)
     base_items, chosen_items = judged(a.arms[BASELINE]), judged(a.selected)
     base, chosen = summarise(base_items, n_boot=N_BOOT), summarise(chosen_items, n_boot=N_BOOT)
@@ -297,8 +297,8 @@ def write_report(out_dir: Path, show: bool = False) -> Path:
     if effects_path.exists():
         effects = json.loads(effects_path.read_text())
         config_gains = {st.config: st.gain for st in a.stats}
-        rows_ = [[e["config"], fmt(config_gains.get(e["config"])), fmt(interval_of(e["kl"])),
-                  fmt(interval_of(e["nll_change"]))] for e in effects["configs"]]
+        rows_ = [[e["config"], fmt(config_gains.get(e["config"])), fmt(Interval.from_dict(e["kl"])),
+                  fmt(Interval.from_dict(e["nll_change"]))] for e in effects["configs"]]
         if rows_:
             sections.append(("Side effects on plain code", (
                 f"What the chosen configs cost the model away from the task, at every strength: each item's code "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,11 +39,6 @@ def summarise_results(results: Sequence[Result], n_boot: int = 2000, seed: int =
     """Overall (key "all") and per-CWE summaries."""
     items = judged(results)
     return {"all": summarise(items, n_boot=n_boot, seed=seed), **summarise_by_cwe(items, n_boot=n_boot, seed=seed)}
-
-
-def interval_of(values: dict) -> Interval:
-    """An interval read back from JSON (`Interval.to_dict`, where NaN was written as null)."""
-    return Interval(*(math.nan if values[k] is None else values[k] for k in ("value", "low", "high")))
 
 
 def fmt(interval: Interval | None) -> str:

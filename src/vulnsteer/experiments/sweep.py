@@ -188,7 +188,12 @@ class GridPoint:
 
     @property
     def id(self) -> str:
-        return f"{self.method}|{self.layers}|{self.vectors}|{self.positions}|{self.strength:+g}"
+        return f"{self.shape}|{self.strength:+g}"
+
+    @property
+    def shape(self) -> str:
+        """The config less its strength: the points of a strength curve share it."""
+        return f"{self.method}|{self.layers}|{self.vectors}|{self.positions}"
 
     @property
     def is_random(self) -> bool:

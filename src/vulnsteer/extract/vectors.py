@@ -254,23 +254,3 @@ def export_gguf(bank: VectorBank, group: str, path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-# Where lm-evaluation-harness's `steered` model hooks a decoder block: module names under `model.base_model`.
-_LM_EVAL_HOOKPOINTS = {"gpt2": "h.{layer}"}
-
-
-def export_lm_eval(bank: VectorBank, group: str, layers: list[int], strength: float, path: Path) -> None:
-    """The steering config that lm-evaluation-harness's `steered` model reads (`lm_eval --model steered
-    --model_args pretrained=...,steer_path=FILE`): at each layer's decoder-block output, `strength * vector` added
-    at every position, which is vulnsteer's `positions="all"` (lm-eval also adds it at padding, which its
-    right-padded log-likelihood batches never read)."""
-    by_layer = bank.for_group(group)
-    missing = [layer for layer in layers if layer not in by_layer]
-    if missing:
-        raise VulnsteerError(f"the vector file has no {group} vector for layer(s) {missing}; it has {sorted(by_layer)}")
-    hookpoint = _LM_EVAL_HOOKPOINTS.get(str(bank.meta.get("model_type")), "layers.{layer}")
-    config = {hookpoint.format(layer=layer): {"action": "add", "steering_vector": by_layer[layer].float().clone(),
-                                              "steering_coefficient": float(strength), "bias": None}
-              for layer in layers}
-    torch.save(config, path)
