@@ -45,7 +45,7 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default:
 DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt, limit=LimitOpt,
                   max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
-_INT_FLAGS = {"limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
+_INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
               "train_pairs_per_cwe", "batch_tokens"}
 
 
@@ -336,8 +336,11 @@ def _sweep_overrides(**flags) -> dict:
 
 
 def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
-    from vulnsteer.experiments.sweep import config_from_store, load_config
+    from vulnsteer.experiments.cluster import ClusterOptions
+    from vulnsteer.experiments.sweep import config_from_store, load_config, read_toml
     from vulnsteer.pipeline import run_sweep
+
+    ray, workers = flags.pop("ray"), flags.pop("workers")  # where it runs: allowed with --resume
 
     if resume is not None:
         given = sorted("--" + name.replace("_", "-") for name, value in flags.items() if value is not None)
@@ -349,7 +352,9 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
     else:
         config = load_config(config_path, _sweep_overrides(**flags))
         output_dir = output_dir or default_dir
-    report = run_sweep(config, output_dir)
+    table = read_toml(config_path).get("cluster", {}) if config_path else {}
+    cluster = ClusterOptions.from_settings(table, ray, workers)
+    report = run_sweep(config, output_dir, cluster=cluster)
     print(f"report: {report} and {report.with_suffix('.md')}")
 
 
@@ -373,6 +378,10 @@ SWEEP_FLAGS = dict(
     batch_tokens=typer.Option(None, "--batch-tokens", min=1,
                               help="At most this many rows x padded prompt width per batch (default: what fits; "
                                    "8192 on CPU)."),
+    ray=typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
+                     help="Run on Ray workers: 'local' starts Ray here, 'auto' joins this machine's cluster, or a "
+                          "head node's HOST:PORT / ray://HOST:10001 (needs vulnsteer[ray])."),
+    workers=typer.Option(None, "--workers", min=1, help="Ray workers, one model replica each (one GPU each)."),
 )
 
 

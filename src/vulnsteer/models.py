@@ -142,6 +142,22 @@ def verify_gguf(path: Path, entry: CatalogueModel) -> None:
         raise VulnsteerError(f"{entry.name}: sha256 mismatch ({digest[:12]}... != pinned {entry.sha256[:12]}...)")
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies a loaded model and sizes its vectors, without its weights: a sweep's driver on a cluster
+    plans, fits vectors and writes result files from this while the workers hold the model."""
+
+    model_id: str
+    model_type: str
+    config_hash: str
+    source: str
+    fingerprint: str
+    num_layers: int
+    hidden_size: int
+    dtype: str  # e.g. "torch.float32"
+    device: str  # "cpu", "cuda", ...
+
+
 @dataclass
 class LoadedModel:
     """A model and its tokenizer, loaded once per process, plus what identifies them in result files."""
@@ -164,6 +180,15 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.model_id, self.model_type, self.config_hash, self.source, self.fingerprint,
+                         self.num_layers, self.hidden_size, str(self.model.dtype), self.device.type)
 
 
 def config_hash(config) -> str:

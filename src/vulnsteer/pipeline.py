@@ -23,12 +23,14 @@ from vulnsteer import __version__
 from vulnsteer.data import Sample
 from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.errors import VulnsteerError
+from vulnsteer.experiments.backends import Backend
+from vulnsteer.experiments.cluster import ClusterOptions
 from vulnsteer.experiments.store import (
     SampleWriter,
+    job_key,
     open_run,
     read_samples,
     result_key,
-    row_key,
 )
 from vulnsteer.experiments.summary import (
     Section,
@@ -94,7 +96,7 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
     to the summary."""
     meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
     done = open_run(out_dir, meta)
-    todo = [job for job in jobs if _job_key(job, decoding) not in done]
+    todo = [job for job in jobs if job_key(job, decoding.mode) not in done]
     if done:
         print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out_dir / 'samples.jsonl'}")
     writer = SampleWriter(out_dir / "samples.jsonl", list(done.values()))
@@ -105,7 +107,7 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
     finally:
         writer.close()
     by_key = {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
-    results = [by_key[_job_key(job, decoding)] for job in jobs]
+    results = [by_key[job_key(job, decoding.mode)] for job in jobs]
     summaries = summarise_results(results, n_boot=n_boot)
     reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
     final = final_answer_section({"all": results})
@@ -113,10 +115,6 @@ def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: 
                   sections=[*(section for section in (final, reasoning) if section), *sections])
     print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
     return results
-
-
-def _job_key(job: Job, decoding: Decoding) -> str:
-    return row_key(job.sample.id, job.prompt_id, decoding.mode, job.steering.label if job.steering else None)
 
 
 def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
@@ -205,12 +203,33 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
     return rows
 
 
-def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
-    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path."""
+def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: ClusterOptions | None = None) -> Path:
+    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path. The
+    model work runs on `lm` (loaded here when None), or with `cluster` on Ray workers that each load the model."""
+    from vulnsteer.experiments.backends import LocalBackend
+    from vulnsteer.experiments.cluster import RayBackend
+    from vulnsteer.experiments.sweep import load_sweep_samples
+    from vulnsteer.models import default_device, load_model, resolve_dtype
+
+    test, train = load_sweep_samples(config)
+    if cluster is not None:
+        backend: Backend = RayBackend(cluster, config.model, config.dtype, config.mode)
+    else:
+        if lm is None:
+            device = default_device()
+            lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+        backend = LocalBackend(lm)
+    try:
+        return _sweep_on(backend, config, test, train, out_dir)
+    finally:
+        if isinstance(backend, RayBackend):
+            backend.close()
+
+
+def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path) -> Path:
     import torch
     import transformers
 
-    from vulnsteer.engine.planner import auto_batch_tokens
     from vulnsteer.experiments.analysis import analyse
     from vulnsteer.experiments.report import write_report
     from vulnsteer.experiments.store import SweepStore
@@ -219,36 +238,32 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
         RUN_IDENTITY,
         config_sha256,
         dataset_hash,
-        load_sweep_samples,
         plan,
         store_row,
     )
     from vulnsteer.extract.vectors import parse_layers
-    from vulnsteer.models import default_device, load_model, resolve_dtype
 
-    test, train = load_sweep_samples(config)
-    resources = prompt_resources(config.dataset)
-    if lm is None:
-        device = default_device()
-        lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+    info, resources = backend.info, prompt_resources(config.dataset)
     for spec in config.layers:  # a bad layer is refused before anything is written
-        parse_layers(spec, lm.num_layers)
+        parse_layers(spec, info.num_layers)
     store = SweepStore(out_dir / "sweep.sqlite")
-    meta = {"model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
-            "dtype": str(lm.model.dtype), "device": lm.device.type, "torch": torch.__version__,
+    meta = {"model": info.model_id, "config_hash": info.config_hash, "weights": info.fingerprint,
+            "dtype": info.dtype, "device": info.device, "torch": torch.__version__,
             "transformers": transformers.__version__, "dataset_hash": dataset_hash(test),
             "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
             "config_sha256": config_sha256(config), "vulnsteer": __version__}
+
+    def activations(samples: Sequence[Sample]):
+        with progress("activations", len(samples)) as advance:
+            return backend.activations(samples, config.prompt, resources, config.read, config.mode, advance)
+
     try:
         # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with. The shortest
         # code's characters / 4 undercounts its prompt's tokens, which only makes the GPU budget more cautious.
-        budget = store.meta().get("batch_tokens") or config.batch_tokens or auto_batch_tokens(
-            lm.model, config.max_new_tokens if config.mode == "generate" else 0,
-            min(len(s.code) for s in test) // 4 + 1)
+        budget = store.meta().get("batch_tokens") or config.batch_tokens or backend.batch_tokens(
+            config.max_new_tokens if config.mode == "generate" else 0, min(len(s.code) for s in test) // 4 + 1)
         store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
-        sweep = plan(config, lm, test, train, resources, store.done(), store.selection_done(),
-                     lambda samples: collect_activations(lm, samples, config.prompt, resources, config.read,
-                                                         config.mode))
+        sweep = plan(config, info, test, train, resources, store.done(), store.selection_done(), activations)
         known = {p.id for p in sweep.points} | {BASELINE}
         foreign = sorted({c for c, _ in store.done()} - known)
         if foreign:
@@ -261,20 +276,21 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None) -> Path:
         start = time.perf_counter()
         if sweep.jobs:
             decoding = Decoding(config.mode, config.max_new_tokens, budget, config.cache)
-            run_jobs(lm, sweep.jobs, decoding, "sweep", on_result=lambda r: store_row(store, sweep.fold_of, r))
+            with progress("sweep", len(sweep.jobs)) as advance:
+                backend.evaluate(sweep.jobs, decoding, advance, lambda r: store_row(store, sweep.fold_of, r))
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
-        _write_probe(lm, sweep, config, resources, out_dir)
+        _write_probe(activations(sweep.samples), config, out_dir)
         analysis = analyse(out_dir)
-        _write_side_effects(lm, sweep, config, analysis, out_dir)
+        _write_side_effects(backend, sweep, config, analysis, out_dir)
     finally:
         store.close()
     return write_report(out_dir, show=True, analysis=analysis)
 
 
-def _write_side_effects(lm, sweep, config, a, out_dir: Path) -> None:
+def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> None:
     """side_effects.json: what the chosen configs (each fold's, and the top descriptive one) cost on plain code, at
     every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off)."""
-    from vulnsteer.experiments.side_effects import MAX_TOKENS, code_side_effects
+    from vulnsteer.experiments.side_effects import MAX_TOKENS
     from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate, steering_for
     from vulnsteer.extract.vectors import parse_layers
 
@@ -282,21 +298,20 @@ def _write_side_effects(lm, sweep, config, a, out_dir: Path) -> None:
     chosen = {c for c in a.selected_by_fold.values() if c != BASELINE} | set(by_gain[:1])
     shapes = {GridPoint.parse(c).shape for c in chosen}
     points = [p for p in sweep.points if is_candidate(p, config) and p.shape in shapes]
-    layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
+    layer_sets = {spec: parse_layers(spec, backend.info.num_layers) for spec in config.layers}
     def steering_of(point):
         return lambda s: steering_for(point, s, sweep.fold_of[s.id], sweep.banks[sweep.fold_of[s.id]], layer_sets)
 
     configs: dict[str, Callable[[Sample], Steering | None]] = {p.id: steering_of(p) for p in points}
     with progress("side effects", len(sweep.samples)) as advance:
-        effects = code_side_effects(lm, sweep.samples, configs, progress=advance)
+        effects = backend.side_effects(sweep.samples, configs, advance)
     (out_dir / "side_effects.json").write_text(json.dumps(
         {"max_tokens": MAX_TOKENS, "configs": [e.to_dict() for e in effects]}, indent=2))
 
 
-def _write_probe(lm, sweep, config, resources, out_dir: Path) -> None:
-    """Cross-validated probe AUROC per layer on the test items, for the report (activations from the disk cache)."""
+def _write_probe(acts, config, out_dir: Path) -> None:
+    """Cross-validated probe AUROC per layer on the test items, for the report."""
     from vulnsteer.extract.probe import probe
 
-    acts = collect_activations(lm, sweep.samples, config.prompt, resources, config.read, config.mode)
     rows = probe(acts, sorted(acts.by_layer), config.methods[0], config.folds, config.seed)
     (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.records import Result, SteeringId
+from vulnsteer.records import Job, Result, SteeringId
 
 
 def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:
@@ -37,6 +37,11 @@ def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:
 def row_key(sample_id: str, prompt_id: str, mode: str, steering: SteeringId | None) -> str:
     """What makes a row unique within a run folder."""
     return json.dumps([sample_id, prompt_id, mode, steering.to_dict() if steering else None], sort_keys=True)
+
+
+def job_key(job: Job, mode: str) -> str:
+    """The key of the row `job` makes in `mode`."""
+    return row_key(job.sample.id, job.prompt_id, mode, job.steering.label if job.steering else None)
 
 
 def result_key(result: Result) -> str:

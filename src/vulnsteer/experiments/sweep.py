@@ -33,7 +33,7 @@ from vulnsteer.extract.vectors import (
     fit,
     parse_layers,
 )
-from vulnsteer.models import DEFAULT_MODEL, LoadedModel
+from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
 from vulnsteer.protocol import drop_overlap, overlapping, pair_folds
 from vulnsteer.records import (
@@ -278,13 +278,15 @@ def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] 
     return test, train
 
 
-def plan(config: SweepConfig, lm: LoadedModel, test: list[Sample], train: list[Sample] | None,
+def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], train: list[Sample] | None,
          resources: PromptResources, done: set[tuple[str, str]],
          selection_done: set[tuple[int, str, str]] | frozenset = frozenset(),
          activations: Callable[[Sequence[Sample]], Activations] | None = None) -> SweepPlan:
     """Fit the vectors each fold needs and list the remaining jobs. `activations(samples)` reads the samples'
     activations as the sweep asks its prompts (default: `collect`, cached on disk, without a progress bar)."""
     if activations is None:
+        if not isinstance(lm, LoadedModel):
+            raise TypeError("plan() reads activations itself only from a LoadedModel")
         activations = lambda samples: collect(lm, samples, config.prompt, resources, config.read,  # noqa: E731
                                               mode=config.mode)
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
@@ -337,7 +339,7 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
                                  f"(e.g. {leaked[0].id}); refusing a result that is not held out")
 
 
-def _fit(acts, lm: LoadedModel, config: SweepConfig, layers: list[int]) -> Banks:
+def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: list[int]) -> Banks:
     """One bank per method."""
     return {method: fit(acts, lm, method, layers, config.normalisation) for method in config.methods}
 
@@ -385,6 +387,7 @@ def config_sha256(config: SweepConfig) -> str:
 def load_config(path: Path | None, overrides: dict) -> SweepConfig:
     """A config from TOML with flag overrides on top (flags left unset are None and do not override)."""
     base = read_toml(path) if path else {}
+    base.pop("cluster", None)  # where the sweep runs, not what it is (`ClusterOptions.from_settings`)
     return SweepConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 

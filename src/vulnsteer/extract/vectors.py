@@ -28,7 +28,7 @@ from vulnsteer import __version__
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
-from vulnsteer.models import LoadedModel
+from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.protocol import training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
 
@@ -99,7 +99,7 @@ class VectorBank:
         return self.vectors[group]
 
 
-def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: list[int] | None = None,
+def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
         normalisation: str = "residual", groups: str = "cwe+pooled") -> VectorBank:
     """A vector per CWE (and/or pooled over all CWEs) and layer from training activations."""
     layers = layers if layers is not None else sorted(acts.by_layer)
@@ -120,7 +120,7 @@ def fit(acts: Activations, lm: LoadedModel, method: str = "mean-diff", layers: l
             for layer in layers
         }
     meta = {
-        "model": lm.model_id, "model_type": lm.model.config.model_type, "config_hash": lm.config_hash,
+        "model": lm.model_id, "model_type": lm.model_type, "config_hash": lm.config_hash,
         "hidden_size": lm.hidden_size,
         "num_layers": lm.num_layers, "layers": layers, "method": method, "read": acts.read,
         "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
