@@ -142,6 +142,15 @@ def eval_command(
     cwe_vector: str = typer.Option("own", "--cwe-vector", help="own, pooled, or a CWE id like CWE-787."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model",
                                               help="A model whose yes/no judgement is a third reasoning vote."),
+    base_url: Optional[str] = typer.Option(None, "--base-url",
+                                           help="OpenAI-compatible endpoint for --model openai:NAME, e.g. "
+                                                "http://127.0.0.1:8080/v1."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env",
+                                    help="Environment variable that holds the endpoint's key (never written)."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight to the endpoint."),
+    timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Seconds per request."),
+    retries: int = typer.Option(5, "--retries", min=0, help="Retries of a request on 429, 5xx or a lost "
+                                                            "connection, with exponential back-off."),
     **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
@@ -156,6 +165,20 @@ def eval_command(
                              "vector file or drop them")
     samples, resources = _samples_and_resources(**data)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
+    decoding = Decoding(cast("Mode", mode), max_new_tokens, batch_tokens, cast("Cache", cache))
+    from vulnsteer.engine.api import ApiModel, is_api_model
+
+    if is_api_model(model):
+        if vectors is not None:
+            raise VulnsteerError(f"--vectors steers a local model's hidden states; {model} is served over HTTP "
+                                 "(evaluate it unsteered, or steer a local model)")
+        api = ApiModel(model.removeprefix("openai:"), base_url or "", api_key_env, concurrency, timeout, retries)
+        judge_lm = load_lm(judge_model, "float32", "score", device) if judge_model and mode == "generate" else None
+        run_eval(api, make_jobs(samples, prompt, resources), decoding, output_dir,
+                 {**data, **api.meta, **({"judge_model": judge_model} if judge_lm else {})}, judge_lm=judge_lm)
+        return
+    if base_url is not None:
+        raise VulnsteerError("--base-url is for API models: --model openai:NAME")
     bank = None
     if vectors is not None:
         from vulnsteer.extract.vectors import load
@@ -188,7 +211,6 @@ def eval_command(
         from vulnsteer.experiments.summary import side_effects_section
 
         sections.append(side_effects_section(code_side_effects(lm, samples, {"steered": steering_for})))
-    decoding = Decoding(cast("Mode", mode), max_new_tokens, batch_tokens, cast("Cache", cache))
     run_eval(lm, jobs, decoding, output_dir, meta, judge_lm=judge, sections=sections)
 
 

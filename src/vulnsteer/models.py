@@ -237,6 +237,9 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
+    if spec.startswith("openai:"):
+        raise VulnsteerError(f"{spec} answers over HTTP, without hidden states: only `eval` (unsteered) can use an "
+                             "API model")
     if spec in CATALOGUE:
         folder = _converted_folder(gguf_path(spec) if gguf_path(spec).exists() else pull(spec), spec)
         source, model_id = str(folder), spec

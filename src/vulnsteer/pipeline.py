@@ -21,6 +21,7 @@ from rich.progress import (
 
 from vulnsteer import __version__
 from vulnsteer.data import Sample
+from vulnsteer.engine.api import ApiModel, evaluate_api
 from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.backends import Backend
@@ -82,14 +83,16 @@ def make_jobs(samples: Sequence[Sample], prompt_id: str, resources: PromptResour
     return [Job(s, prompt_id, build_prompt(s, prompt_id, resources), steering_for(s)) for s in samples]
 
 
-def run_jobs(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, description: str,
+def run_jobs(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding, description: str,
              on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Evaluate with a progress bar."""
+    """Evaluate with a progress bar, on a local model or through an API endpoint."""
     with progress(description, len(jobs)) as advance:
+        if isinstance(lm, ApiModel):
+            return evaluate_api(lm, jobs, decoding, progress=advance, on_result=on_result)
         return evaluate(lm, jobs, decoding, progress=advance, on_result=on_result)
 
 
-def run_eval(lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
+def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
              n_boot: int = 2000, judge_lm: LoadedModel | None = None, sections: Sequence[Section] = ()) -> list[Result]:
     """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
     `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers; `sections` are added

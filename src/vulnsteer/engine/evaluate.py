@@ -91,7 +91,7 @@ class _Run:
                         if i not in last_turn:
                             self.histories[i].append(reply)
                             continue
-                        self.results[i] = _result(self.jobs[i], self.decoding.mode, reply, answers.scores[k],
+                        self.results[i] = make_result(self.jobs[i], self.decoding.mode, reply, answers.scores[k],
                                                   answers.prompt_tokens[k], answers.new_tokens[k], seconds,
                                                   self.histories[i], finals[k])
                         if on_result:
@@ -144,8 +144,9 @@ def _score_verdict(score: float) -> str:
     return "vulnerable" if score > 0 else "not_vulnerable"
 
 
-def _result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history,
-            final_score: float | None = None) -> Result:
+def make_result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history,
+                final_score: float | None = None) -> Result:
+    """A row as every engine writes it: the verdict from the score (> 0: vulnerable) or parsed from the reply."""
     sample = job.sample
     verdict = _score_verdict(score) if mode == "score" else parse_verdict(reply, sample.cwe)
     return Result(

@@ -179,6 +179,8 @@ def _ray():
 class RayBackend:
     """The sweep's model work on `options.workers` Ray actors, each holding the model (see the module docstring)."""
 
+    info: ModelInfo
+
     def __init__(self, options: ClusterOptions, model: str, dtype: str, mode: str):
         ray = self.ray = _ray()
         self.started = not ray.is_initialized()
