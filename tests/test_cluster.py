@@ -28,10 +28,15 @@ SETTINGS = dict(dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local two-CPU Ray cluster for the module (workers inherit this environment, so the cache is set first)."""
+    before = os.environ.get("VULNSTEER_CACHE")
     os.environ["VULNSTEER_CACHE"] = str(tmp_path_factory.mktemp("ray-cache"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    if before is None:
+        os.environ.pop("VULNSTEER_CACHE", None)
+    else:
+        os.environ["VULNSTEER_CACHE"] = before
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,58 @@
+"""What Ray adds per shard: the same score-mode rows (demo files x 2 prompt strategies, packaged
+smollm2-135m-instruct, float32, CPU) evaluated three ways, side by side, after a warm-up run of each: the local
+engine on all rows at once; the local engine on the shards a cluster run cuts, one after another (what sharding
+alone costs: batches never span shards); one Ray worker holding the same model with the machine's CPUs (sharding
+plus Ray's scheduling, serialisation and streaming). Model loading and actor start are left out (once per worker
+per sweep).
+
+    python bench/ray_overhead.py [REPEATS]
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from vulnsteer.data import load_demo
+from vulnsteer.experiments.backends import LocalBackend
+from vulnsteer.experiments.cluster import SHARDS_PER_WORKER, ClusterOptions, RayBackend, job_cost, shards
+from vulnsteer.models import load_model
+from vulnsteer.pipeline import make_jobs
+from vulnsteer.prompts import PromptResources
+from vulnsteer.records import Decoding
+
+MODEL = "smollm2-135m-instruct"
+repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+resources = PromptResources.from_dataset_root(None)
+jobs = [job for prompt in ("S1", "S2") for job in make_jobs(load_demo(), prompt, resources)]
+decoding = Decoding("score", batch_tokens=8192)
+
+
+def timed(run) -> list[float]:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+local = LocalBackend(load_model(MODEL, dtype=torch.float32, device="cpu"))
+cut = shards([job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs], SHARDS_PER_WORKER)
+runs = {"local": timed(lambda: local.evaluate(jobs, decoding)),
+        "local_sharded": timed(lambda: [local.evaluate([jobs[i] for i in shard], decoding) for shard in cut])}
+cluster = RayBackend(ClusterOptions("local", workers=1), MODEL, "float32", "score")
+try:
+    runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding))
+finally:
+    cluster.close()
+median = {name: statistics.median(times) for name, times in runs.items()}
+print(json.dumps({
+    "rows": len(jobs), "shards": len(cut), "repeats": repeats, "torch_threads": torch.get_num_threads(),
+    "seconds": {name: [round(t, 2) for t in times] for name, times in runs.items()},
+    "ratio_sharded_to_local": round(median["local_sharded"] / median["local"], 3),
+    "ratio_ray_to_local_sharded": round(median["ray_1_worker"] / median["local_sharded"], 3),
+    "ray_overhead_per_shard_ms": round(1000 * (median["ray_1_worker"] - median["local_sharded"]) / len(cut), 1),
+}, indent=2))
