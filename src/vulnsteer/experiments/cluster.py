@@ -138,12 +138,12 @@ class ModelWorker:
             rows = [finished.get()]
             while not finished.empty():
                 rows.append(finished.get())
+            results = [r for r in rows if isinstance(r, Result)]
+            if results:
+                yield results  # rows finished before a failure are kept too
             failure = next((r for r in rows if isinstance(r, BaseException)), None)
             if failure is not None:
                 raise failure
-            results = [r for r in rows if r is not end]
-            if results:
-                yield results
             if len(results) < len(rows):
                 return
 
