@@ -402,7 +402,7 @@ SWEEP_FLAGS = dict(
                                    "8192 on CPU)."),
     ray=typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
                      help="Run on Ray workers: 'local' starts Ray here, 'auto' joins this machine's cluster, or a "
-                          "head node's HOST:PORT / ray://HOST:10001 (needs vulnsteer[ray])."),
+                          "head node's HOST:PORT / ray://HOST:10001 (needs the ray extra)."),
     workers=typer.Option(None, "--workers", min=1, help="Ray workers, one model replica each (one GPU each)."),
 )
 
