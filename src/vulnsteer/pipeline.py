@@ -244,6 +244,7 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         plan,
         store_row,
     )
+    from vulnsteer.extract.activations import Activations
     from vulnsteer.extract.vectors import parse_layers
 
     info, resources = backend.info, prompt_resources(config.dataset)
@@ -256,9 +257,14 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
             "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
             "config_sha256": config_sha256(config), "vulnsteer": __version__}
 
-    def activations(samples: Sequence[Sample]):
-        with progress("activations", len(samples)) as advance:
-            return backend.activations(samples, config.prompt, resources, config.read, config.mode, advance)
+    read: dict[tuple[str, ...], Activations] = {}  # planning and the probe ask for the test items' alike
+
+    def activations(samples: Sequence[Sample]) -> Activations:
+        key = tuple(s.id for s in samples)
+        if key not in read:
+            with progress("activations", len(samples)) as advance:
+                read[key] = backend.activations(samples, config.prompt, resources, config.read, config.mode, advance)
+        return read[key]
 
     try:
         # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with. The shortest

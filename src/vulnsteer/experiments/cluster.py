@@ -144,7 +144,7 @@ class ModelWorker:
             failure = next((r for r in rows if isinstance(r, BaseException)), None)
             if failure is not None:
                 raise failure
-            if len(results) < len(rows):
+            if any(r is end for r in rows):
                 return
 
     def activations(self, samples, prompt_id, resources, read, mode) -> Iterator[list[tuple[str, Any]]]:
@@ -153,6 +153,7 @@ class ModelWorker:
         yield [(s.id, [acts.by_layer[layer][i] for layer in layers]) for i, s in enumerate(acts.samples)]
 
     def side_effects(self, requests: list[tuple[list, dict]]) -> Iterator[list[list[SideEffect]]]:
+        """One request (samples, configs), measured as one unit: a shard of one item, so a dead worker's is redone."""
         samples, configs = requests[0]
         yield [self.backend.side_effects(samples, configs)]
 
