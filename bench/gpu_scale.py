@@ -44,6 +44,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import run_info, write_report
@@ -57,7 +58,7 @@ from vulnsteer.engine.planner import (
 )
 from vulnsteer.engine.static import StaticDecoder
 from vulnsteer.extract.vectors import relative_layer
-from vulnsteer.records import Steering
+from vulnsteer.records import Positions, Steering
 from vulnsteer.steering.hooks import steer
 
 # Prompt lengths (tokens) of the 48 SecLLMHolmes hand-crafted files (datasets/hand-crafted/dataset, in the order
@@ -73,10 +74,10 @@ HANDCRAFTED_S1_LENGTHS = (
 )
 assert len(HANDCRAFTED_S1_LENGTHS) == 48 and sum(HANDCRAFTED_S1_LENGTHS) == 14012
 
-QWEN25_14B = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+QWEN25_14B: dict[str, Any] = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
                   intermediate_size=13824, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
                   rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+TINY: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=160, vocab_size=1000, max_position_embeddings=4096, rope_theta=1e6,
             rms_norm_eps=1e-6, tie_word_embeddings=False)
 DEPTHS = (0.25, 0.5, 0.75, 1.0)
@@ -178,7 +179,7 @@ def left_pad(rows: list[torch.Tensor], device) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def random_steering(hidden: int, layers: list[int], strength: float, positions: str = "all") -> Steering:
+def random_steering(hidden: int, layers: list[int], strength: float, positions: Positions = "all") -> Steering:
     gen = torch.Generator().manual_seed(0)
     vectors = {}
     for layer in layers:
@@ -259,7 +260,8 @@ def prefill_flops(n_params_matmul: int, lengths, layers: int, hidden: int) -> fl
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the logic, numbers meaningless")
+    p.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
+                   help="tiny config on CPU: checks the logic, numbers meaningless")
     p.add_argument("--new-tokens", type=int, default=None, help="default 200 (8 with --tiny)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="padded prompt tokens per batch, as Decoding.batch_tokens (default: the engine's automatic "
@@ -530,7 +532,7 @@ def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: i
 
     plain, steered = seconds("batched_generate"), seconds("batched_generate_steered")
     static = seconds("static_graph_steered")
-    derived = {
+    derived: dict[str, Any] = {
         "one_at_a_time_extrapolated / batched": ratio(seconds("one_at_a_time"), plain),
         "batched / score": ratio(plain, seconds("score")),
         "steering_overhead_pct": 100 * (steered - plain) / plain if plain and steered else None,
@@ -539,7 +541,7 @@ def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: i
         "decode_tokens_per_s_batched": ratio(new_tokens * len(lengths), plain),
     }
     if hw:
-        rate = hw.get("matmul_tflops_bf16", hw.get("matmul_tflops")) * 1e12
+        rate = float(hw.get("matmul_tflops_bf16") or hw["matmul_tflops"]) * 1e12
         bw = hw["copy_gbps"] * 1e9
         flops = prefill_flops(matmul_params, lengths, n_layers, hidden)
         bound_engine = new_tokens * len(groups) * read_bytes / bw + flops / rate

@@ -5,11 +5,16 @@ alone costs: batches never span shards); one Ray worker holding the same model w
 plus Ray's scheduling, serialisation and streaming). Model loading and actor start are left out (once per worker
 per sweep).
 
-    python bench/ray_overhead.py [REPEATS]
+    python bench/ray_overhead.py [--repeats 3] [--smoke]
 """
+
+from __future__ import annotations
+
+import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -17,19 +22,15 @@ import torch
 from vulnsteer.data import load_demo
 from vulnsteer.experiments.backends import LocalBackend
 from vulnsteer.experiments.cluster import SHARDS_PER_WORKER, ClusterOptions, RayBackend, job_cost, shards
-from vulnsteer.models import load_model
+from vulnsteer.models import load_model, random_model
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources
 from vulnsteer.records import Decoding
 
 MODEL = "smollm2-135m-instruct"
-repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-resources = PromptResources.from_dataset_root(None)
-jobs = [job for prompt in ("S1", "S2") for job in make_jobs(load_demo(), prompt, resources)]
-decoding = Decoding("score", batch_tokens=8192)
 
 
-def timed(run) -> list[float]:
+def timed(run, repeats: int) -> list[float]:
     run()  # warm-up
     times = []
     for _ in range(repeats):
@@ -39,20 +40,50 @@ def timed(run) -> list[float]:
     return times
 
 
-local = LocalBackend(load_model(MODEL, dtype=torch.float32, device="cpu"))
-cut = shards([job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs], SHARDS_PER_WORKER)
-runs = {"local": timed(lambda: local.evaluate(jobs, decoding)),
-        "local_sharded": timed(lambda: [local.evaluate([jobs[i] for i in shard], decoding) for shard in cut])}
-cluster = RayBackend(ClusterOptions("local", workers=1), MODEL, "float32", "score")
-try:
-    runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding))
-finally:
-    cluster.close()
-median = {name: statistics.median(times) for name, times in runs.items()}
-print(json.dumps({
-    "rows": len(jobs), "shards": len(cut), "repeats": repeats, "torch_threads": torch.get_num_threads(),
-    "seconds": {name: [round(t, 2) for t in times] for name, times in runs.items()},
-    "ratio_sharded_to_local": round(median["local_sharded"] / median["local"], 3),
-    "ratio_ray_to_local_sharded": round(median["ray_1_worker"] / median["local_sharded"], 3),
-    "ray_overhead_per_shard_ms": round(1000 * (median["ray_1_worker"] - median["local_sharded"]) / len(cut), 1),
-}, indent=2))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds: a tiny random model saved to a temporary folder, 4 items, 1 repeat (checks the "
+                        "script runs; its numbers mean nothing)")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    resources = PromptResources.from_dataset_root(None)
+    items = load_demo()[:4] if args.smoke else load_demo()
+    jobs = [job for prompt in ("S1", "S2") for job in make_jobs(items, prompt, resources)]
+    decoding = Decoding("score", batch_tokens=8192)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            tiny = random_model("qwen2")
+            tiny.model.save_pretrained(tmp)
+            tiny.tokenizer.save_pretrained(tmp)
+            model, repeats = tmp, 1
+        else:
+            model, repeats = MODEL, args.repeats
+        local = LocalBackend(load_model(model, dtype=torch.float32, device="cpu"))
+        cut = shards([job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs], SHARDS_PER_WORKER)
+        def sharded() -> None:
+            for shard in cut:
+                local.evaluate([jobs[i] for i in shard], decoding)
+
+        runs = {"local": timed(lambda: local.evaluate(jobs, decoding), repeats),
+                "local_sharded": timed(sharded, repeats)}
+        cluster = RayBackend(ClusterOptions("local", workers=1), str(model), "float32", "score")
+        try:
+            runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding), repeats)
+        finally:
+            cluster.close()
+    median = {name: statistics.median(times) for name, times in runs.items()}
+    print(json.dumps({
+        "rows": len(jobs), "shards": len(cut), "repeats": repeats, "torch_threads": torch.get_num_threads(),
+        "smoke": args.smoke, "seconds": {name: [round(t, 2) for t in times] for name, times in runs.items()},
+        "ratio_sharded_to_local": round(median["local_sharded"] / median["local"], 3),
+        "ratio_ray_to_local_sharded": round(median["ray_1_worker"] / median["local_sharded"], 3),
+        "ray_overhead_per_shard_ms": round(1000 * (median["ray_1_worker"] - median["local_sharded"]) / len(cut), 1),
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

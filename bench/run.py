@@ -40,11 +40,11 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
 import transformers
-import vulnsteer.evaluation as evaluation
 from common import REPO, run_info, write_report
 
 # vulnsteer first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported (busy-waiting OpenMP threads make
@@ -52,15 +52,16 @@ from common import REPO, run_info, write_report
 import vulnsteer  # noqa: F401  (must stay above every torch import)
 from vulnsteer.architecture import decoder_layers
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
+from vulnsteer.engine import runners
 from vulnsteer.engine.evaluate import batch_budget, evaluate
 from vulnsteer.engine.planner import batch_cost, batches, padded_tokens
 from vulnsteer.engine.runners import yes_no_log_odds
 from vulnsteer.engine.static import StaticDecoder
 from vulnsteer.extract.vectors import relative_layer
-from vulnsteer.models import load_model, resolve_dtype
+from vulnsteer.models import load_model, random_model, resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, render
-from vulnsteer.records import Decoding, Job, Steering
+from vulnsteer.records import Decoding, Job, Positions, Steering, SteeringId
 from vulnsteer.steering.hooks import steer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
@@ -261,14 +262,14 @@ def steering_layers(n_layers: int) -> list[int]:
 
 
 def random_steering(lm, layers: list[int], strength: float, seed: int = 0, label: str = "",
-                    positions: str = "all") -> Steering:
+                    positions: Positions = "all") -> Steering:
     """Random unit vectors (a small, nonzero push: strength 0 would install no hook at all)."""
     gen = torch.Generator().manual_seed(seed)
     vectors = {}
     for layer in layers:
         v = torch.randn(lm.hidden_size, generator=gen)
         vectors[layer] = v / v.norm()
-    return Steering(vectors, strength, positions, label={"bench": label, "strength": strength, "layers": layers})
+    return Steering(vectors, strength, positions, label=SteeringId(config=label, strength=strength, layers=layers))
 
 
 def with_steering(jobs: list[Job], steering: Steering | None) -> list[Job]:
@@ -281,7 +282,8 @@ def new_tokens(results) -> int:
 
 def interleaved(arms: dict, repeats: int) -> dict:
     """Run arm functions A B C A B C ... `repeats` times; per arm the times, peaks and the last return value."""
-    out = {name: {"times": [], "peaks": [], "starts": [], "cpu": [], "other": [], "value": None} for name in arms}
+    out: dict[str, dict[str, Any]] = {name: {"times": [], "peaks": [], "starts": [], "cpu": [], "other": [],
+                                             "value": None} for name in arms}
     for _ in range(repeats):
         for name, fn in arms.items():
             seconds, peak, start, value, cpu, other = timed(fn)
@@ -646,7 +648,7 @@ def part_g(lm, jobs, args) -> dict:
         return [list(range(len(attention_mask)))]
 
     def run(grouped: bool):
-        with nullcontext() if grouped else mock.patch.object(evaluation, "length_groups", whole_batch):
+        with nullcontext() if grouped else mock.patch.object(runners, "length_groups", whole_batch):
             return evaluate(lm, steered, decoding)
 
     runs = interleaved({"prompt_in_groups": lambda: run(True), "whole_padded_prompt": lambda: run(False)},
@@ -742,9 +744,14 @@ def main(argv: list[str] | None = None) -> int:
                         "sweep, one strength)")
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts (d, memory, comes with every arm)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (e.g. bench/results/<name>.json)")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds, offline: a tiny random model on 2 demo items, 1 repeat, 4 new tokens (checks that "
+                        "every part runs; its numbers mean nothing)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="first wait (at most this long) until other processes use < 10%% of the CPUs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.dataset, args.limit, args.repeats, args.max_new_tokens, args.k, args.dtype = "demo", 2, 1, 4, 2, "float32"
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - set(PARTS)
     if unknown:
@@ -760,10 +767,11 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     dtype = resolve_dtype(args.dtype, "generate", args.device)
     t0 = time.perf_counter()
-    lm = load_model(args.model, dtype=dtype, device=args.device)
+    lm = random_model("qwen2", device=args.device) if args.smoke else load_model(args.model, dtype=dtype,
+                                                                                   device=args.device)
     load_s = time.perf_counter() - t0
     jobs, data_desc = load_jobs(args, lm)
-    report = {
+    report: dict[str, Any] = {
         "machine": machine_info(args),
         "config": {"model": lm.model_id, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
                    "dataset": data_desc, "prompt": args.prompt, "jobs": len(jobs), "repeats": args.repeats,

@@ -1,9 +1,13 @@
-"""The GPU benchmark's logic, run on CPU with its tiny model: a device session is lent for minutes, so the script
+"""The benchmarks: every script in bench/ answers --help and runs its --smoke mode end to end on a tiny model; and
+the GPU benchmark's logic, run on CPU with its tiny model: a device session is lent for minutes, so the script
 must come back with every figure it could measure, even when one of its arms fails there."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,28 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(gpu_scale, tmp_path,
     assert report["derived"]["static_eager / static_graph"] is None
     assert report["derived"]["static_graph_steered / bound_engine_batches"] is None
     assert "static_graph_steered failed" in capsys.readouterr().err
+
+
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")
+# Extra arguments a script's --smoke run needs (an output folder); every other script runs on `--smoke` alone.
+SMOKE_ARGS = {"lm_eval_agreement.py": ["{tmp}"]}
+
+
+def run_script(name: str, args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_answers_help_without_running(name, tmp_path):
+    run = run_script(name, ["--help"], tmp_path)
+    assert run.returncode == 0 and "usage:" in run.stdout and "--smoke" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_runs_its_smoke_mode(name, tmp_path):
+    """What docs/performance.md tells users to run must start: each script, end to end on a tiny model."""
+    args = [a.format(tmp=tmp_path / "out") for a in SMOKE_ARGS.get(name, [])]
+    run = run_script(name, ["--smoke", *args], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr

@@ -323,3 +323,30 @@ def test_clustered_proportion_is_wilson_for_independent_units_and_wider_for_copi
     assert copies.high - copies.low > 1.8 * (plain.high - plain.low)
     once = wilson_interval(8, 10)  # 10 clusters of 5 identical copies count as 10 units
     assert (copies.low, copies.high) == pytest.approx((once.low, once.high))
+
+
+def _pairs(scores: list[tuple[float, float]], shift: float = 0.0) -> list[Judged]:
+    """One pair per (vulnerable score, patched score); the verdict is the score's sign."""
+    items = []
+    for k, (v, p) in enumerate(scores):
+        for vulnerable, score in ((True, v + shift), (False, p + shift)):
+            items.append(Judged(f"p{k}", "CWE-1", vulnerable, "vulnerable" if score > 0 else "not_vulnerable", score))
+    return items
+
+
+def test_pair_ordering_counts_pairs_whose_vulnerable_file_scores_higher_ties_half():
+    s = summarise(_pairs([(2.0, 1.0), (0.5, 3.0), (1.0, 1.0), (4.0, -1.0)]), n_boot=50)
+    assert s.pair_ordering.value == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert s.pair_ordering.low <= s.pair_ordering.value <= s.pair_ordering.high
+    assert s.yes_rate.value == pytest.approx(7 / 8)  # every score but -1 is above 0
+
+
+def test_a_shift_of_every_score_moves_the_yes_rate_not_pair_ordering():
+    scores = [(2.0, 1.0), (0.5, 3.0), (1.5, 1.0), (4.0, -1.0)]
+    before, after = summarise(_pairs(scores), n_boot=50), summarise(_pairs(scores, shift=-2.5), n_boot=50)
+    assert before.pair_ordering.value == after.pair_ordering.value == 0.75
+    assert before.yes_rate.value == 7 / 8 and after.yes_rate.value == 2 / 8
+    always_yes = summarise(_pairs([(1.0, 1.0)] * 4), n_boot=50)  # calls everything vulnerable, same score
+    assert always_yes.yes_rate.value == 1.0 and always_yes.pair_ordering.value == 0.5
+    unscored = [Judged(f"p{k}", "CWE-1", v, "vulnerable") for k in range(2) for v in (True, False)]
+    assert summarise(unscored, n_boot=50).pair_ordering is None

@@ -62,3 +62,22 @@ def test_a_stronger_push_costs_more(lm):
     kls = [e.kl.value for e in effects]
     assert kls == sorted(kls) and kls[0] < kls[-1]
     assert all(e.kl.low <= e.kl.value <= e.kl.high for e in effects)
+
+
+@pytest.mark.parametrize("logits_budget", [2**26, 1])  # every config in one pass, or one config a pass
+def test_configs_side_by_side_give_what_each_gives_alone(lm, monkeypatch, logits_budget):
+    """The configs' rows share one pass and the layers below their first steered one with the unsteered row:
+    each config's numbers are still those of its own pass."""
+    from vulnsteer.experiments import side_effects
+
+    monkeypatch.setattr(side_effects, "LOGITS_BUDGET", logits_budget)
+    samples = make_samples(4)
+    g = torch.Generator().manual_seed(4)
+    vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in range(lm.num_layers)}
+    configs = {f"{layer}:{s}": (lambda layer_, s_: lambda sample: Steering({layer_: vectors[layer_]}, s_))(layer, s)
+               for layer in (0, 2, 3) for s in (-1.0, 1.0)}
+    together = code_side_effects(lm, samples, configs)
+    for effect in together:
+        (alone,) = code_side_effects(lm, samples, {effect.config: configs[effect.config]})
+        assert effect.kl.value == pytest.approx(alone.kl.value, rel=1e-4) and effect.kl.value > 0
+        assert effect.nll_change.value == pytest.approx(alone.nll_change.value, rel=1e-4, abs=1e-6)

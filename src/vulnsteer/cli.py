@@ -214,7 +214,9 @@ def eval_command(
     run_eval(lm, jobs, decoding, output_dir, meta, judge_lm=judge, sections=sections)
 
 
-MethodOpt = typer.Option("mean-diff", "--method", help="mean-diff, pca or probe.")
+MethodOpt = typer.Option("mean-diff", "--method",
+                         help="mean-diff, pca, probe, or trained (learned on the model's answers at the last prompt "
+                              "token).")
 ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations: prompt-last or code-mean.")
 
 
@@ -277,7 +279,7 @@ def probe_command(
     **data,
 ) -> None:
     """Cross-validated AUROC of the projection onto a direction, per layer and CWE: detection without generation."""
-    from vulnsteer.extract.vectors import load_vectors
+    from vulnsteer.extract.vectors import DIRECTIONS, load_vectors
     from vulnsteer.pipeline import run_probe
 
     _check_mode(mode)
@@ -291,8 +293,10 @@ def probe_command(
     bank = None
     if vectors is not None:
         bank = load_vectors(vectors, lm)
-        method, read, prompt = bank.meta["method"], bank.meta["read"], bank.meta["prompt"]
+        read, prompt = bank.meta["read"], bank.meta["prompt"]
         mode = bank.meta.get("mode", mode)
+        if bank.meta["method"] in DIRECTIONS:  # a learned file's column is its own; the probes read off activations
+            method = bank.meta["method"]
     run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir, bank, mode)
 
 
@@ -363,16 +367,18 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
     from vulnsteer.pipeline import run_sweep
 
     ray, workers = flags.pop("ray"), flags.pop("workers")  # where it runs: allowed with --resume
+    grid = flags.pop("grid")
 
     if resume is not None:
         given = sorted("--" + name.replace("_", "-") for name, value in flags.items() if value is not None)
         given += ["--config"] * (config_path is not None) + ["--output-dir"] * (output_dir is not None)
+        given += ["--grid"] * (grid is not None)
         if given:
             raise VulnsteerError(f"--resume continues a sweep with its stored settings; drop {', '.join(given)} "
                                  "(or start a new sweep in another folder)")
         config, output_dir = config_from_store(resume), resume
     else:
-        config = load_config(config_path, _sweep_overrides(**flags))
+        config = load_config(config_path, _sweep_overrides(**flags), grid)
         output_dir = output_dir or default_dir
     table = read_toml(config_path).get("cluster", {}) if config_path else {}
     cluster = ClusterOptions.from_settings(table, ray, workers)
@@ -381,6 +387,9 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
 
 
 SWEEP_FLAGS = dict(
+    grid=typer.Option(None, "--grid", help="quick (the default: minutes on a laptop CPU) or full (3 layer sets x 4 "
+                                           "strengths x 2 positions, 3 random draws: hours on a CPU); a TOML file "
+                                           "and other flags override its values."),
     model=typer.Option(None, "--model", "-m"), dataset=typer.Option(None, "--dataset", "-d"),
     split=typer.Option(None, "--split"), cwe=typer.Option(None, "--cwe"), limit=typer.Option(None, "--limit"),
     train_dataset=typer.Option(None, "--train-dataset", help="Fit vectors here, test on --dataset."),
@@ -389,7 +398,7 @@ SWEEP_FLAGS = dict(
     train_max_chars=typer.Option(None, "--train-max-chars"),
     train_pairs_per_cwe=typer.Option(None, "--train-pairs-per-cwe"),
     prompt=typer.Option(None, "--prompt"), mode=typer.Option(None, "--mode"), folds=typer.Option(None, "--folds"),
-    methods=typer.Option(None, "--methods", help="mean-diff,pca,probe"),
+    methods=typer.Option(None, "--methods", help="mean-diff,pca,probe,trained"),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),

@@ -127,6 +127,10 @@ class Summary:
       Wilson over pairs; ``None`` when there are no pairs.
     * ``auroc``: ROC AUC of ``score`` vs ground truth over the ``n_scored`` items
       that have a score, pair bootstrap; ``None`` without scores or with one class.
+    * ``pair_ordering``: share of pairs whose vulnerable file scores higher than its patched twin (ties count
+      1/2), Wilson at the family-clustered effective size; ``None`` without scored pairs. What discrimination a
+      config buys, whatever the threshold: a shift of every score moves ``yes_rate``, not this.
+    * ``yes_rate``: share of items answered "vulnerable", family-clustered Wilson.
     """
 
     n: int
@@ -141,13 +145,16 @@ class Summary:
     balanced_accuracy: Interval | None
     pair_accuracy: Interval | None
     auroc: Interval | None
+    pair_ordering: Interval | None = None
+    yes_rate: Interval | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-safe dict (NaN becomes ``None``)."""
         out: dict[str, object] = {}
         for name in ("n", "n_pairs", "n_vulnerable", "n_patched", "n_unknown", "n_scored"):
             out[name] = getattr(self, name)
-        for name in ("accuracy", "answered_accuracy", "answer_rate", "balanced_accuracy", "pair_accuracy", "auroc"):
+        for name in ("accuracy", "answered_accuracy", "answer_rate", "balanced_accuracy", "pair_accuracy", "auroc",
+                     "pair_ordering", "yes_rate"):
             iv = getattr(self, name)
             out[name] = None if iv is None else iv.to_dict()
         return out
@@ -310,6 +317,23 @@ def _pairs_right(a: _Arrays) -> np.ndarray:
     return (wrong == 0) & a.is_pair
 
 
+def _pair_order(a: _Arrays) -> np.ndarray:
+    """Per pair: 1 when its vulnerable side's (mean) score is above its patched side's, 1/2 on a tie, 0 below;
+    NaN for a pair without a score on both sides."""
+    scored = ~np.isnan(a.score)
+    size = a.is_pair.size
+
+    def side_mean(side: np.ndarray) -> np.ndarray:
+        keep = scored & side
+        total = np.bincount(a.pair[keep], weights=a.score[keep], minlength=size)
+        count = np.bincount(a.pair[keep], minlength=size)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    vulnerable, patched = side_mean(a.y), side_mean(~a.y)
+    order = np.where(vulnerable > patched, 1.0, np.where(vulnerable == patched, 0.5, 0.0))
+    return np.where(np.isnan(vulnerable) | np.isnan(patched), np.nan, order)
+
+
 def _stat_pair_accuracy(a: _Arrays, W: np.ndarray) -> np.ndarray:
     weights = W[:, a.pair_cluster]  # a pair counts as often as its cluster is drawn
     return _safe_div(weights @ _pairs_right(a).astype(float), weights @ a.is_pair.astype(float))
@@ -408,6 +432,9 @@ def summarise(
     answered = a.answered
     pairs = a.is_pair
     found = _auroc_components(a)
+    order = _pair_order(a)
+    ordered = ~np.isnan(order)
+    said_yes = answered & (a.correct == a.y)
 
     return Summary(
         n=n,
@@ -424,6 +451,9 @@ def summarise(
         pair_accuracy=clustered_proportion(_pairs_right(a)[pairs], a.pair_cluster[pairs], confidence)
         if n_pairs else None,
         auroc=None if found is None else _normal_interval(*found, confidence),
+        pair_ordering=clustered_proportion(order[ordered], a.pair_cluster[ordered], confidence)
+        if ordered.any() else None,
+        yes_rate=clustered_proportion(said_yes, a.cluster, confidence),
     )
 
 

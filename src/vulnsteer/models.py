@@ -299,3 +299,46 @@ def _converted_folder(gguf: Path, name: str) -> Path:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)
     return folder
+
+
+def byte_tokenizer(extra_merges: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer built here (no download), with merges that make "yes"/"no" single tokens as in
+    real tokenizers, and chat special tokens; `extra_merges` (two-character words) make another tokenizer of the
+    same texts."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as bpe
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in ["Ġy", "Ġye", "Ġyes", "Ġn", "Ġno", "ye", "yes", "no", *extra_merges]:
+        left, right = (word[:-1], word[-1]) if word not in ("Ġy", "Ġn") else (word[0], word[1])
+        if word not in vocab:
+            merges.append((left, right))
+            vocab[word] = len(vocab)
+    tok = Tokenizer(bpe.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+def random_model(arch: str = "qwen2", seed: int = 0, device: str = "cpu", layers: int = 4,
+                 hidden: int = 64) -> LoadedModel:
+    """A tiny randomly initialised Llama or Qwen2 model with `byte_tokenizer`: the unit tests' model, and what
+    every benchmark's `--smoke` runs on (seconds, offline; its numbers mean nothing)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    architectures = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = architectures[arch]
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    model = model_class(config_class(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=512)).float().eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return prepare(model, tokenizer, f"tiny-{arch}", device)

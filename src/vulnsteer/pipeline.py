@@ -12,7 +12,6 @@ from typing import Callable, Iterator, Sequence
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -47,27 +46,39 @@ from vulnsteer.records import Decoding, Job, Result, Steering
 
 
 @contextmanager
-def progress(description: str, total: int, log_every: float = 30.0) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`. On a terminal, a live bar; in a log (output not a terminal, e.g. a batch job), a plain
-    line at most every `log_every` seconds and at the end, since a bar would only show once it is finished."""
+def progress(description: str, total: int, log_every: float = 30.0,
+             work: float | None = None) -> Iterator[Callable[..., None]]:
+    """Yields `advance(rows, cost=None)`. On a terminal, a live bar; in a log (output not a terminal, e.g. a batch
+    job), a plain line at most every `log_every` seconds and at the end, since a bar would only show once it is
+    finished. Given `work`, the rows' total cost (`planner.row_costs`), time left is estimated from the cost done
+    (each `advance` says its rows' cost), which holds while cheap and costly rows come in any order."""
     console = Console()
+    units = float(work) if work else float(total)
     if console.is_terminal:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task, n)
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.fields[rows]}/" + str(total)), TimeElapsedColumn(), TextColumn("eta"),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task(description, total=units, rows=0)
+            rows_done = 0
+
+            def advance_bar(n: int, cost: float | None = None) -> None:
+                nonlocal rows_done
+                rows_done += n
+                bar.update(task, advance=cost if work else n, rows=rows_done)
+            yield advance_bar
         return
     start = last = time.monotonic()
-    done = 0
+    done, done_units = 0, 0.0
 
-    def advance(n: int) -> None:
-        nonlocal done, last
+    def advance(n: int, cost: float | None = None) -> None:
+        nonlocal done, done_units, last
         done += n
+        done_units += cost if work and cost is not None else n
         now = time.monotonic()
         if now - last >= log_every or done >= total:
             last = now
-            eta = f"{(now - start) / done * (total - done):.0f} s" if done else "?"
-            print(f"{description}: {done}/{total} ({100 * done / max(total, 1):.0f}%), "
+            eta = f"{(now - start) / done_units * (units - done_units):.0f} s" if done_units else "?"
+            print(f"{description}: {done}/{total} ({100 * done_units / max(units, 1):.0f}%), "
                   f"{now - start:.0f} s elapsed, eta {eta}", flush=True)
     yield advance
 
@@ -137,7 +148,7 @@ def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, reso
     from vulnsteer.extract.vectors import fit, save
 
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
-    bank = fit(acts, lm, method, layers, normalisation)
+    bank = fit(acts, lm, method, layers, normalisation, resources=resources)
     save(bank, output)
     return bank
 
@@ -242,7 +253,6 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         config_sha256,
         dataset_hash,
         plan,
-        store_row,
     )
     from vulnsteer.extract.activations import Activations
     from vulnsteer.extract.vectors import parse_layers
@@ -272,7 +282,8 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         budget = store.meta().get("batch_tokens") or config.batch_tokens or backend.batch_tokens(
             config.max_new_tokens if config.mode == "generate" else 0, min(len(s.code) for s in test) // 4 + 1)
         store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
-        sweep = plan(config, info, test, train, resources, store.done(), store.selection_done(), activations)
+        sweep = plan(config, backend.local_model() or info, test, train, resources, store.done(),
+                     store.selection_done(), activations)
         known = {p.id for p in sweep.points} | {BASELINE}
         foreign = sorted({c for c, _ in store.done()} - known)
         if foreign:
@@ -284,9 +295,7 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
               f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
         start = time.perf_counter()
         if sweep.jobs:
-            decoding = Decoding(config.mode, config.max_new_tokens, budget, config.cache)
-            with progress("sweep", len(sweep.jobs)) as advance:
-                backend.evaluate(sweep.jobs, decoding, advance, lambda r: store_row(store, sweep.fold_of, r))
+            _run_rows(backend, sweep, Decoding(config.mode, config.max_new_tokens, budget, config.cache), store)
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
         _write_probe(activations(sweep.samples), config, out_dir)
         analysis = analyse(out_dir)
@@ -294,6 +303,39 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
     finally:
         store.close()
     return write_report(out_dir, show=True, analysis=analysis)
+
+
+def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_rows: int = 4) -> None:
+    """Run the sweep's rows into the store. The first few (baseline rows, when left) run alone and are timed, so
+    that the time the whole sweep will take is printed before the bulk of it starts, from this machine's measured
+    rate and each row's cost; the progress bar's estimate then follows the cost done."""
+    from vulnsteer.engine.planner import row_costs
+    from vulnsteer.experiments.sweep import store_row
+
+    def key(sample_id: str, label) -> tuple:
+        return sample_id, label.config if label else None, label.outer if label else None
+
+    costs = row_costs(sweep.jobs, decoding, backend.info.num_layers)
+    cost_of = {key(j.sample.id, j.steering.label if j.steering else None): c for j, c in zip(sweep.jobs, costs)}
+    first, rest = sweep.jobs[:calibration_rows], sweep.jobs[calibration_rows:]
+    with progress("sweep", len(sweep.jobs), work=sum(costs)) as advance:
+        def on_result(result: Result) -> None:
+            store_row(store, sweep.fold_of, result)
+            advance(1, cost_of[key(result.sample_id, result.steering)])
+
+        started = time.perf_counter()
+        backend.evaluate(first, decoding, None, on_result)
+        per_unit = (time.perf_counter() - started) / max(sum(costs[:len(first)]), 1e-9)
+        if rest:
+            left = per_unit * sum(costs[len(first):])
+            print(f"sweep: about {_duration(left)} left for {len(rest)} rows, at the rate of the first "
+                  f"{len(first)} on this machine", flush=True)
+            backend.evaluate(rest, decoding, None, on_result)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> None:
@@ -321,6 +363,8 @@ def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> No
 def _write_probe(acts, config, out_dir: Path) -> None:
     """Cross-validated probe AUROC per layer on the test items, for the report."""
     from vulnsteer.extract.probe import probe
+    from vulnsteer.extract.vectors import DIRECTIONS
 
-    rows = probe(acts, sorted(acts.by_layer), config.methods[0], config.folds, config.seed)
+    method = next((m for m in config.methods if m in DIRECTIONS), "probe")  # a learned method has no read-out
+    rows = probe(acts, sorted(acts.by_layer), method, config.folds, config.seed)
     (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows]))

@@ -7,7 +7,7 @@ reports read and write `Result`s. Types that several modules name (modes, positi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -55,14 +55,19 @@ class SteeringId:
         return cls(**values)
 
 
+Edit = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] -> what to add to them
+
+
 @dataclass(frozen=True)
 class Steering:
-    """What one row gets: at each layer, `strength * vectors[layer]` added at the chosen positions."""
+    """What one row gets: at each layer, `strength * vectors[layer]` added at the chosen positions, and
+    `strength * edits[layer](h)` for learned edits that depend on the hidden state h (LoReFT)."""
 
     vectors: dict[int, torch.Tensor]
     strength: float
     positions: Positions = "all"
     label: SteeringId | None = field(default=None, compare=False)  # what to record in result files
+    edits: dict[int, Edit] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -71,7 +76,7 @@ class Steering:
     @property
     def steered_layers(self) -> set[int]:
         """The layers this row changes (none at strength 0)."""
-        return set(self.vectors) if self.strength != 0 else set()
+        return set(self.vectors) | set(self.edits) if self.strength != 0 else set()
 
     @property
     def leaves_prompt_alone(self) -> bool:

@@ -252,17 +252,23 @@ class SharedPrefixScorer(_SharedPrefix):
             slot.append(len(tokens[prompt]))
             tokens[prompt].append(steering if steering and steering.positions != "generated" else None)
         width = max(map(len, tokens))
-        own = torch.eye(width, dtype=torch.bool, device=mask.device).expand(len(tokens), -1, -1)
-        visible = torch.cat([mask[:, None, :-1].bool().expand(-1, width, -1), own], dim=-1)
-        dtype = next(model.parameters()).dtype
-        additive = torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(~visible,
-                                                                                          torch.finfo(dtype).min)
+        additive = side_by_side_mask(mask[:, :-1], width, next(model.parameters()).dtype)
         with steer_tokens(model, tokens):
             logits = model(input_ids=ids[:, -1, None].expand(-1, width), attention_mask=additive[:, None],
                            position_ids=positions[:, -1, None].expand(-1, width), use_cache=True,
                            **{cache_argument(model): cache}).logits
         last = logits[of_row, torch.tensor(slot, device=of_row.device)]
         return _scored(log_odds(lm.tokenizer, last), prompt_tokens)
+
+
+def side_by_side_mask(prefix_mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask [rows, width, prefix + width] of `width` copies of each row's last token run side
+    by side after its cached prefix (`prefix_mask`, left padded): each copy sees the prefix's real tokens and
+    itself, not the other copies."""
+    own = torch.eye(width, dtype=torch.bool, device=prefix_mask.device).expand(len(prefix_mask), -1, -1)
+    visible = torch.cat([prefix_mask[:, None, :].bool().expand(-1, width, -1), own], dim=-1)
+    return torch.zeros(visible.shape, dtype=dtype, device=prefix_mask.device).masked_fill(~visible,
+                                                                                        torch.finfo(dtype).min)
 
 
 class SharedPrefixGenerator(_SharedPrefix):

@@ -21,6 +21,10 @@ SteeringOf = Callable[[Sample], Steering | None]
 class Backend(Protocol):
     info: ModelInfo
 
+    def local_model(self) -> LoadedModel | None:
+        """The model when it is in this process (learned methods fit on it), else None."""
+        ...
+
     def batch_tokens(self, max_new_tokens: int, shortest_prompt: int) -> int: ...
 
     def activations(self, samples: Sequence[Sample], prompt_id: str, resources: PromptResources, read: str,
@@ -39,6 +43,9 @@ class LocalBackend:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
         self.info = lm.info
+
+    def local_model(self) -> LoadedModel | None:
+        return self.lm
 
     def batch_tokens(self, max_new_tokens: int, shortest_prompt: int) -> int:
         return auto_batch_tokens(self.lm.model, max_new_tokens, shortest_prompt)

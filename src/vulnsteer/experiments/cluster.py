@@ -252,6 +252,9 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
 
+    def local_model(self) -> None:
+        return None  # the weights live on the workers
+
     def batch_tokens(self, max_new_tokens: int, shortest_prompt: int) -> int:
         """The first worker's budget serves all (a cluster's GPUs are alike, or the smallest should be first)."""
         return self._call(self.workers[0].batch_tokens.remote(max_new_tokens, shortest_prompt))
@@ -338,3 +341,5 @@ class RayBackend:
                 continue
             got.update(value_key(v) for v in values)
             received(values)
+        for ready, replacement in starting.items():  # the work ended first: restore the pool for the next call
+            self._join(replacement, self._call(ready))

@@ -214,6 +214,26 @@ def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str)
     return line
 
 
+def _discrimination_table(a: Analysis) -> str:
+    """Per CWE and overall, baseline vs selected: the yes-rate (which a shift of every score moves) beside pair
+    ordering (which only telling a file from its patched twin moves; score mode)."""
+    score_mode = a.config.mode == "score"
+    arms = {"baseline": judged(a.arms[BASELINE]), "selected": judged(a.selected)}
+    by_cwe = {name: {"all": summarise(items, n_boot=N_BOOT), **summarise_by_cwe(items, n_boot=N_BOOT)}
+              for name, items in arms.items()}
+    header = ["CWE", *(f"{name} yes-rate" for name in arms)]
+    header += [f"{name} pair ordering" for name in arms] if score_mode else []
+    rows = []
+    for group in by_cwe["baseline"]:
+        row = [group, *(fmt(by_cwe[name][group].yes_rate) for name in arms)]
+        row += [fmt(by_cwe[name][group].pair_ordering) for name in arms] if score_mode else []
+        rows.append(row)
+    note = ("A fixed vector added where the answer is read moves a file and its patched twin alike: it changes the "
+            "yes-rate, hardly pair ordering (the share of pairs whose vulnerable file scores above its twin, ties "
+            "1/2). A gain in balanced accuracy with pair ordering unchanged is a threshold shift.")
+    return f"{note}\n\n{_table(header, rows)}"
+
+
 def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = None) -> Path:
     """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl; `show`
     also prints the headline on the console. `analysis`: the store's analysis, when the caller has it already."""
@@ -225,7 +245,8 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
     sections: list[tuple[str, str]] = []  # (title, markdown)
 
     metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"]
-    metrics += ["auroc"] if a.config.mode == "score" else []
+    metrics += ["auroc", "pair_ordering"] if a.config.mode == "score" else []
+    metrics += ["yes_rate"]  # a threshold shift moves it; discrimination moves pair ordering
     arms = [("baseline", base), ("selected (nested, held-out)", chosen)]
     lines = [_comparison("Selected vs baseline", base_items, chosen_items, metric)]
     controls = [judged(arm) for arm in control_arms(a)]
@@ -262,6 +283,7 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
 
         Console(width=160).print(Markdown(f"## Headline ({len(a.sample_ids)} items)\n\n{sections[0][1]}"))
 
+    sections.append(("Threshold or discrimination, per CWE", _discrimination_table(a)))
     checks = path_check(a)
     if checks:
         sections.append(("Numeric path check", "Strength-0 rows on the path that rows steered before the last "

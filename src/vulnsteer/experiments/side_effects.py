@@ -18,6 +18,7 @@ import torch
 
 from vulnsteer.data import Sample, family
 from vulnsteer.engine.planner import batch_cost, batches
+from vulnsteer.engine.trunk import shared_trunk
 from vulnsteer.metrics import Interval, clustered_ratio
 from vulnsteer.models import LoadedModel
 from vulnsteer.records import Steering
@@ -47,34 +48,44 @@ def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
                       max_tokens: int = MAX_TOKENS, progress: Callable[[int], None] | None = None,
                       ) -> list[SideEffect]:
     """Side effects of each config (`configs[name](sample)`: the steering that item gets, as in the run whose
-    cost is measured) on the samples' code. The unsteered pass runs once per batch and serves every config."""
+    cost is measured) on the samples' code. Each item's unsteered row and its rows under the configs run in one
+    forward pass, the configs' rows sharing the unsteered row's layers below their first steered one
+    (`shared_trunk`): a config steering half-way up costs half a pass."""
     encoded = [lm.tokenizer(s.code, add_special_tokens=False)["input_ids"][:max_tokens] for s in samples]
     keep = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
-    sums = {name: {"kl": [0.0] * len(samples), "nll": [0.0] * len(samples)} for name in configs}
+    names = list(configs)
+    sums = {name: {"kl": [0.0] * len(samples), "nll": [0.0] * len(samples)} for name in names}
     tokens = [len(encoded[i]) if i in keep else 0 for i in range(len(samples))]
     vocabulary = lm.model.get_output_embeddings().weight.shape[0]
-    budget = max(max_tokens, min(batch_tokens, LOGITS_BUDGET // vocabulary))  # every position's logits are kept
+    logits_tokens = max(max_tokens, LOGITS_BUDGET // vocabulary)  # every position's logits are kept
+    per_pass = max(1, min(len(names), logits_tokens // max_tokens - 1))  # configs beside the unsteered row
+    chunks = [names[k:k + per_pass] for k in range(0, len(names), per_pass)]
+    budget = max(max_tokens, min(batch_tokens, logits_tokens) // (1 + per_pass))
     for group in batches([len(encoded[i]) for i in keep], budget, batch_cost(lm.model, 1)):
-        rows = [keep[g] for g in group]
-        ids, mask = _left_padded(lm, [encoded[i] for i in rows])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row as if alone, padding on the left
-        with torch.inference_mode():
-            base = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
-            for name, steering_of in configs.items():
-                steerings = [_everywhere(steering_of(samples[i])) for i in rows]
-                with steer(lm.model, steerings, mask):
-                    steered = lm.model(input_ids=ids, attention_mask=mask,
-                                       position_ids=positions).logits.float().log_softmax(-1)
-                kl, nll = _per_row(base, steered, ids, mask)
-                for k, i in enumerate(rows):
+        items = [keep[g] for g in group]
+        ids, mask = _left_padded(lm, [encoded[i] for i in items])
+        for chunk in chunks:
+            width = 1 + len(chunk)  # rows per item: unsteered, then one per config
+            steerings = [None if c == 0 else _everywhere(configs[chunk[c - 1]](samples[i]))
+                         for i in items for c in range(width)]
+            rows_ids, rows_mask = ids.repeat_interleave(width, 0), mask.repeat_interleave(width, 0)
+            positions = (rows_mask.cumsum(-1) - 1).clamp(min=0)  # each row as if alone, padding on the left
+            prompts = [i for i in items for _ in range(width)]
+            with torch.inference_mode(), steer(lm.model, steerings, rows_mask), \
+                    shared_trunk(lm.model, prompts, steerings):
+                logits = lm.model(input_ids=rows_ids, attention_mask=rows_mask, position_ids=positions).logits
+            logp = logits.float().log_softmax(-1).unflatten(0, (len(items), width))
+            for c, name in enumerate(chunk, start=1):
+                kl, nll = _per_row(logp[:, 0], logp[:, c], ids, mask)
+                for k, i in enumerate(items):
                     sums[name]["kl"][i], sums[name]["nll"][i] = kl[k], nll[k]
         if progress:
-            progress(len(rows))
+            progress(len(items))
     clusters = [family(s) for s in samples]
     predicted = [max(n - 1, 0) for n in tokens]
     return [SideEffect(name, clustered_ratio(sums[name]["kl"], tokens, clusters),
                        clustered_ratio(sums[name]["nll"], predicted, clusters), sum(tokens), len(keep))
-            for name in configs]
+            for name in names]
 
 
 def _everywhere(row: Steering | None) -> Steering | None:

@@ -28,6 +28,8 @@ COLUMNS = (
     ("pair_accuracy", "pair acc"),
     ("answer_rate", "answer rate"),
     ("auroc", "AUROC"),
+    ("pair_ordering", "pair ordering"),
+    ("yes_rate", "yes-rate"),
 )
 
 

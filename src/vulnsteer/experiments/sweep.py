@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence, cast
@@ -25,7 +26,9 @@ from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.store import SweepStore, read_sweep
 from vulnsteer.extract.activations import Activations, collect
+from vulnsteer.extract.trained import Prefix, prefix_pass
 from vulnsteer.extract.vectors import (
+    LEARNED,
     METHODS,
     NORMALISATIONS,
     POOLED,
@@ -75,15 +78,16 @@ class SweepConfig:
     folds: int = 4
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["mean-diff"])
-    layers: list[str] = field(default_factory=lambda: ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"])
-    strengths: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    # The defaults are the `quick` grid (GRIDS): 12 configs spanning depth, sign, vector choice and a control.
+    layers: list[str] = field(default_factory=lambda: ["rel:0.5", "rel:0.25,0.5,0.75,0.98"])
+    strengths: list[float] = field(default_factory=lambda: [-1.0, 1.0])
     vectors: list[str] = field(default_factory=lambda: ["own", "pooled", "random"])  # see VECTOR_CHOICES
     # prompt-last (the original experiment's position) shares each prompt's cache across configs in score mode
-    positions: list[str] = field(default_factory=lambda: ["prompt-last", "all"])
+    positions: list[str] = field(default_factory=lambda: ["prompt-last"])
     transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
     transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
     transfer_strength: float | None = None  # ... and strength (default: the largest positive one)
-    random_draws: int = 3  # random-direction controls per config: a distribution, not one lucky direction
+    random_draws: int = 1  # random-direction controls per config: a distribution, not one lucky direction
     read: str = "prompt-last"
     normalisation: str = "residual"
     select_metric: str = "balanced_accuracy"
@@ -102,8 +106,9 @@ class SweepConfig:
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
                 raise VulnsteerError(f"config: {name} must be a non-empty list")
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.strengths):
-            raise VulnsteerError(f"config: strengths must be numbers, got {self.strengths}")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                   for s in self.strengths):
+            raise VulnsteerError(f"config: strengths must be finite numbers, got {self.strengths}")
         if all(s == 0 for s in self.strengths):
             raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
         if self.select_metric == "auroc" and self.mode != "score":
@@ -136,6 +141,16 @@ class SweepConfig:
             return cls(**values)
         except TypeError as exc:
             raise VulnsteerError(f"config: {exc}") from exc
+
+
+# Named grids, laid under a TOML file and flags. `quick` is SweepConfig's defaults: every part of the protocol
+# (baseline, a held-out grid, nested selection, controls, transfer, side effects, report) in minutes on a 2-core CPU.
+# `full` is the grid of the first experiments: 3 layer sets x 4 strengths x 2 positions, 3 random draws per config.
+GRIDS: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "full": {"layers": ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"], "strengths": [-1.0, -0.5, 0.5, 1.0],
+             "positions": ["prompt-last", "all"], "random_draws": 3},
+}
 
 
 def read_toml(path: Path) -> dict:
@@ -295,12 +310,17 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
     selection_banks: dict[tuple[int, int], Banks] = {}
+    # Learned methods train on the model's answers: each training item's prompt prefix runs once for every bank.
+    learned = [m for m in config.methods if m in LEARNED]
+    prefix = None
+    if learned and isinstance(lm, LoadedModel):
+        prefix = prefix_pass(lm, train if train is not None else test, config.prompt, resources)
     if train is None:
         acts = activations(test)
 
         def fit_without(excluded: set[int]) -> Banks:
             part = acts.subset(lambda s: fold_of[s.id] not in excluded)
-            banks = _fit(part, lm, config, needed)
+            banks = _fit(part, lm, config, needed, prefix, resources)
             for f in excluded:  # the guarantee, checked on what was fitted
                 check_held_out(banks, members[f])
             return banks
@@ -308,7 +328,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         banks = {f: fit_without({f}) for f in members}
         selection_banks = {(f, g): fit_without({f, g}) for f in members for g in members if g != f}
     else:
-        shared = _fit(activations(train), lm, config, needed)
+        shared = _fit(activations(train), lm, config, needed, prefix, resources)
         check_held_out(shared, test)
         banks = {f: shared for f in members}
     points = grid(config, sorted({s.cwe for s in test}))
@@ -339,9 +359,11 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
                                  f"(e.g. {leaked[0].id}); refusing a result that is not held out")
 
 
-def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: list[int]) -> Banks:
+def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: list[int], prefix: Prefix | None = None,
+         resources: PromptResources | None = None) -> Banks:
     """One bank per method."""
-    return {method: fit(acts, lm, method, layers, config.normalisation) for method in config.methods}
+    return {method: fit(acts, lm, method, layers, config.normalisation, prefix=prefix, resources=resources)
+            for method in config.methods}
 
 
 def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets: dict[str, list[int]],
@@ -384,11 +406,16 @@ def config_sha256(config: SweepConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
 
 
-def load_config(path: Path | None, overrides: dict) -> SweepConfig:
-    """A config from TOML with flag overrides on top (flags left unset are None and do not override)."""
+def load_config(path: Path | None, overrides: dict, grid: str | None = None) -> SweepConfig:
+    """A config from a named grid (`grid`, else the TOML's `grid` key, else quick), then the TOML file, then the
+    flags on top (flags left unset are None and do not override)."""
     base = read_toml(path) if path else {}
     base.pop("cluster", None)  # where the sweep runs, not what it is (`ClusterOptions.from_settings`)
-    return SweepConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})
+    name = grid or base.pop("grid", None) or "quick"
+    base.pop("grid", None)
+    if name not in GRIDS:
+        raise VulnsteerError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}")
+    return SweepConfig.from_dict({**GRIDS[name], **base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def config_from_store(out_dir: Path) -> SweepConfig:

@@ -4,7 +4,8 @@ does with our vectors can be set beside what our hooks do on the same weights. T
 endpoint also serves `eval --model openai:NAME` in the tests.
 
 The binary is `$VULNSTEER_LLAMA_SERVER`, `llama-server` on PATH, or one built once into the cache from the llama.cpp
-that llama-cpp-python vendors (its sdist from PyPI; cmake and a C++ compiler; about 6 minutes on 2 cores).
+that llama-cpp-python vendors (its sdist from PyPI; cmake and a C++ compiler; minutes on 2 cores), portably unless
+`VULNSTEER_LLAMA_BUILD=native` (see `BUILDS`). `python -m vulnsteer.extract.llama_cpp` builds it and prints its path.
 
 Layer convention: llama.cpp adds `direction.<il>` to the output of block il (0-based), the residual stream our
 layer il hooks; it has no slot for layer 0 (the loader refuses index 0), so exports leave layer 0 out.
@@ -12,9 +13,12 @@ layer il hooks; it has no slot for layer 0 (the loader refuses index 0), so expo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,17 +38,64 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_
                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]  # no download at build time
 
 
+# What ggml is compiled for. `portable` (the default) is x86-64-v3 (AVX2, FMA, F16C, BMI2; no AVX-512, no AMX) on
+# x86 and ggml's generic build elsewhere: it runs on any machine of the last decade, including the VMs whose CPUs
+# report AVX-512/AMX that the hypervisor does not allow (a `-march=native` build dies there with SIGILL). `native`
+# (`VULNSTEER_LLAMA_BUILD=native`) is faster where it runs, and is keyed by this CPU's flags so it is never reused
+# on another CPU.
+BUILDS = {
+    "portable": ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+                 "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF"],
+    "native": ["-DGGML_NATIVE=ON"],
+}
+PORTABLE_X86_NEEDS = {"avx", "avx2", "fma", "f16c", "bmi2"}  # what the portable build executes on x86
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux reports them (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def build_kind() -> str:
+    kind = os.environ.get("VULNSTEER_LLAMA_BUILD", "portable")
+    if kind not in BUILDS:
+        raise VulnsteerError(f"VULNSTEER_LLAMA_BUILD={kind!r}: expected one of {', '.join(BUILDS)}")
+    return kind
+
+
+def build_key(kind: str, machine: str | None = None, flags: set[str] | None = None) -> str:
+    """The cache folder name of a build: version, kind and a hash of what the binary was built for (the cmake
+    flags and the architecture; for a native build also this CPU's flags)."""
+    machine = machine or platform.machine()
+    target = [LLAMA_CPP_PYTHON, machine, *CMAKE_FLAGS, *BUILDS[kind]]
+    if kind == "native":
+        target += sorted(cpu_flags() if flags is None else flags)
+    digest = hashlib.sha256("\n".join(target).encode()).hexdigest()[:12]
+    return f"{LLAMA_CPP_PYTHON.replace('==', '-')}-{kind}-{machine}-{digest}"
+
+
 def server_binary(build: bool = True) -> Path:
     """The llama-server to use (see the module docstring); built into the cache when there is none."""
     given = os.environ.get("VULNSTEER_LLAMA_SERVER") or shutil.which("llama-server")
     if given:
         return Path(given)
-    built = cache_dir() / "llama.cpp" / LLAMA_CPP_PYTHON.replace("==", "-") / "bin" / "llama-server"
+    kind = build_kind()
+    built = cache_dir() / "llama.cpp" / build_key(kind) / "bin" / "llama-server"
     if built.exists() or not build:
         return built
+    missing = PORTABLE_X86_NEEDS - cpu_flags()
+    if kind == "portable" and platform.machine() in ("x86_64", "AMD64") and cpu_flags() and missing:
+        raise VulnsteerError(f"this CPU lacks {', '.join(sorted(missing))}, which the portable llama-server build "
+                             "needs: set VULNSTEER_LLAMA_BUILD=native, or VULNSTEER_LLAMA_SERVER=/path/to/llama-server")
     folder = built.parent.parent
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"building llama-server from {LLAMA_CPP_PYTHON}'s llama.cpp into {folder} (once, minutes)",
+        print(f"building llama-server ({kind}) from {LLAMA_CPP_PYTHON}'s llama.cpp into {folder} (once, minutes)",
               file=sys.stderr, flush=True)
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp,
               LLAMA_CPP_PYTHON])
@@ -52,8 +103,9 @@ def server_binary(build: bool = True) -> Path:
         with tarfile.open(sdist) as archive:
             archive.extractall(tmp, filter="data")
         source = next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
-        _run(["cmake", "-S", str(source), "-B", str(folder), *CMAKE_FLAGS])
+        _run(["cmake", "-S", str(source), "-B", str(folder), *CMAKE_FLAGS, *BUILDS[kind]])
         _run(["cmake", "--build", str(folder), "--target", "llama-server", "-j", str(os.cpu_count() or 2)])
+    print(f"built llama-server ({kind}) in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return built
 
 
@@ -62,6 +114,17 @@ def _run(cmd: list[str]) -> None:
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise VulnsteerError(f"building llama-server failed at `{' '.join(cmd[:3])}`: {tail[0]}")
+
+
+def exit_message(binary: str, returncode: int, last_line: str) -> str:
+    """One line on why llama-server ended: a signal (SIGILL: built for instructions this CPU does not allow) gets
+    its name and the fix, an exit status the server's last log line."""
+    if returncode >= 0:
+        return f"llama-server exited with {returncode}: {last_line}"
+    name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else f"signal {-returncode}"
+    why = " (an illegal instruction: it was built for a CPU this machine is not)" if name == "SIGILL" else ""
+    return (f"llama-server {binary} was killed by {name}{why}; point VULNSTEER_LLAMA_SERVER at a llama-server built "
+            f"for this machine, or unset it to use the portable build (VULNSTEER_LLAMA_BUILD=portable)")
 
 
 def free_port() -> int:
@@ -93,7 +156,7 @@ class LlamaServer:
             if self.process.poll() is not None:
                 self.log.seek(0)
                 last = self.log.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise VulnsteerError(f"llama-server exited with {self.process.returncode}: {last[0]}")
+                raise VulnsteerError(exit_message(self.cmd[0], self.process.returncode, last[0]))
             try:
                 urllib.request.urlopen(f"{self.url}/health", timeout=1).close()
                 return self
@@ -136,3 +199,7 @@ def hook_logprobs(lm, token_ids: list[int], vectors: dict, strength: float):
 def mean_gap(llama: dict[int, float], ours) -> float:
     """Mean |llama.cpp - ours| log-probability over llama.cpp's top tokens."""
     return sum(abs(logprob - float(ours[token])) for token, logprob in llama.items()) / len(llama)
+
+
+if __name__ == "__main__":
+    print(server_binary())

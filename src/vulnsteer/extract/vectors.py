@@ -4,7 +4,9 @@ Directions point from patched towards vulnerable code. Methods:
 - `mean-diff`: mean(vulnerable) - mean(patched);
 - `pca`: first principal component of the paired differences (vulnerable - patched of the same pair), signed so
   vulnerable samples project higher;
-- `probe`: the weight vector of a logistic-regression probe (scikit-learn) on standardised activations.
+- `probe`: the weight vector of a logistic-regression probe (scikit-learn) on standardised activations;
+- `trained`: learned on the model's answer by gradient descent (`extract/trained.py`); its norm is what it learned,
+  within a bound, not set by the normalisation.
 Normalisation: `unit` (norm 1) or `residual` (norm = mean residual-stream norm of that layer), so that a strength
 means the same at every layer and in every model: with `residual`, strength 1 adds one typical residual norm.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, cast
 
@@ -28,11 +30,15 @@ from vulnsteer import __version__
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
+from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_vectors
 from vulnsteer.models import LoadedModel, ModelInfo
+from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
 
-METHODS = ("mean-diff", "pca", "probe")
+DIRECTIONS = ("mean-diff", "pca", "probe")  # read off activations alone
+LEARNED = ("trained",)  # fitted on the model's answers
+METHODS = DIRECTIONS + LEARNED
 NORMALISATIONS = ("residual", "unit")
 POOLED = "pooled"
 
@@ -60,6 +66,9 @@ def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], me
         mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
         probe = LogisticRegression(C=0.1, max_iter=2000).fit(((x - mean) / std).numpy(), vulnerable.numpy())
         return torch.from_numpy(probe.coef_[0]).float() / std  # back to the unstandardised space
+    if method in LEARNED:
+        raise VulnsteerError(f"{method} vectors are fitted on the model's answers, not read off activations; use "
+                             f"one of {', '.join(DIRECTIONS)} here")
     raise VulnsteerError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
 
 
@@ -100,8 +109,11 @@ class VectorBank:
 
 
 def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
-        normalisation: str = "residual", groups: str = "cwe+pooled") -> VectorBank:
-    """A vector per CWE (and/or pooled over all CWEs) and layer from training activations."""
+        normalisation: str = "residual", groups: str = "cwe+pooled", prefix: Prefix | None = None,
+        resources: PromptResources | None = None, training: Training = Training()) -> VectorBank:
+    """A vector per CWE (and/or pooled over all CWEs) and layer from training activations. `trained` vectors are
+    fitted on the model itself, on `prefix` (a `trained.Prefix` holding at least the training items, reused across
+    folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions)."""
     layers = layers if layers is not None else sorted(acts.by_layer)
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
     names += [POOLED] if "pooled" in groups else []
@@ -113,12 +125,24 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
     for name in names:
         part = acts if name == POOLED else acts.of_cwe(name)
         _check_classes(part, name)
+        if method in LEARNED:
+            continue
         pair_ids = [s.pair_id for s in part.samples]
         vectors[name] = {
             layer: normalise(direction(part.by_layer[layer], part.labels, pair_ids, method), normalisation,
                              residual_norms[layer])
             for layer in layers
         }
+    extra = {}
+    if method in LEARNED:
+        if not isinstance(lm, LoadedModel):
+            raise VulnsteerError(f"--method {method} is fitted on the model's answers: it needs the model in this "
+                                 "process (not a Ray driver's model description)")
+        ids = [s.id for s in acts.samples]
+        prefix = prefix.select(ids) if prefix is not None else prefix_pass(lm, acts.samples, acts.prompt_id, resources)
+        vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training)
+        extra = {"training": asdict(training), "trained_at": "the last token of score mode's prompt",
+                 "normalisation_note": "learned norm, at most max_norm mean residual norms"}
     meta = {
         "model": lm.model_id, "model_type": lm.model_type, "config_hash": lm.config_hash,
         "hidden_size": lm.hidden_size,
@@ -126,7 +150,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
         "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
         "train_ids_sha256": hashlib.sha256("\n".join(sorted(s.id for s in acts.samples)).encode()).hexdigest(),
         "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples),
-        "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__,
+        "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__, **extra,
     }
     return VectorBank(vectors, meta)
 

@@ -58,6 +58,9 @@ class SteeringEngine:
     def set_rows(self, rows: Sequence[Steering | None], attention_mask: torch.Tensor) -> None:
         """Load one batch: row i gets `rows[i]`; `attention_mask` is the batch's left-padded prompt mask."""
         batch, width = attention_mask.shape
+        if any(row and row.edits for row in rows):
+            raise VulnsteerError("learned edits (loreft) depend on the hidden state and cannot be written into the "
+                                 "static decoder's buffers; use --cache dynamic")
         if batch > self.delta.shape[1]:
             self._allocate(batch)
         deltas = layer_deltas(rows, self.delta.shape[2], len(self.layers))

@@ -25,7 +25,7 @@ from vulnsteer.architecture import (
     with_hidden,
 )
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.records import POSITIONS, Steering
+from vulnsteer.records import POSITIONS, Edit, Steering
 
 
 def leaves_prompt_alone(row: Steering | None) -> bool:
@@ -79,12 +79,34 @@ class _PositionTracker:
         self.masks = (by_mode[self.mode_of_row] & real).unsqueeze(-1).to(self.dtype)  # modes in POSITIONS order
 
 
-def layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: int) -> dict[int, torch.Tensor]:
-    """Per steered layer, a [batch, hidden] matrix of what each row adds (zero rows for unsteered rows)."""
-    layers = sorted({layer for row in rows if row for layer in row.vectors})
+def _check_layers(layers: Iterable[int], n_layers: int) -> None:
     for layer in layers:
         if not 0 <= layer < n_layers:
             raise VulnsteerError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+
+
+def layer_edits(rows: Sequence[Steering | None], n_layers: int) -> dict[int, list[tuple[int, float, Edit]]]:
+    """Per layer, the rows with a learned edit there: (row, strength, edit)."""
+    edits: dict[int, list[tuple[int, float, Edit]]] = {}
+    for i, row in enumerate(rows):
+        if row and row.strength != 0:
+            for layer, edit in row.edits.items():
+                edits.setdefault(layer, []).append((i, row.strength, edit))
+    _check_layers(edits, n_layers)
+    return edits
+
+
+def edited(hidden: torch.Tensor, entries: list[tuple[int, float, Edit]]) -> torch.Tensor:
+    """What the edits add to `hidden` [rows, ...]: `strength * edit(h)` on their rows, zero elsewhere."""
+    by_row = {i: (strength, edit) for i, strength, edit in entries}
+    return torch.stack([by_row[i][0] * by_row[i][1](h) if i in by_row else torch.zeros_like(h)
+                        for i, h in enumerate(hidden)])
+
+
+def layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: int) -> dict[int, torch.Tensor]:
+    """Per steered layer, a [batch, hidden] matrix of what each row adds (zero rows for unsteered rows)."""
+    layers = sorted({layer for row in rows if row for layer in row.vectors})
+    _check_layers(layers, n_layers)
     deltas = {}
     for layer in layers:
         delta = torch.zeros(len(rows), hidden_size)
@@ -112,7 +134,8 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
     """
     layers = decoder_layers(model)
     deltas = layer_deltas(rows, model.config.hidden_size, len(layers))
-    if not deltas:
+    edits = layer_edits(rows, len(layers))
+    if not deltas and not edits:
         yield
         return
     parameter = next(model.parameters())
@@ -125,12 +148,15 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
             hidden = hidden_of(output)
             if hidden.shape[0] != len(rows):
                 raise VulnsteerError(f"steering was set up for {len(rows)} rows but the batch has {hidden.shape[0]}")
-            return with_hidden(output, hidden + deltas[layer].unsqueeze(1) * tracker.masks)
+            change = deltas[layer].unsqueeze(1) if layer in deltas else 0
+            if layer in edits:
+                change = change + edited(hidden, edits[layer])
+            return with_hidden(output, hidden + change * tracker.masks)
         return hook
 
     with Hooks() as installed:
         installed.add(base_model(model).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
-        for layer in deltas:
+        for layer in sorted({*deltas, *edits}):
             installed.add(layers[layer].register_forward_hook(add_delta(layer)))
         yield
 
@@ -144,19 +170,23 @@ def steer_tokens(model, rows: Sequence[Sequence[Steering | None]]) -> Iterator[N
     width = max((len(row) for row in rows), default=0)
     flat = [row[t] if t < len(row) else None for row in rows for t in range(width)]
     deltas = layer_deltas(flat, model.config.hidden_size, len(layers))
+    edits = layer_edits(flat, len(layers))
     parameter = next(model.parameters())
     deltas = {k: v.view(len(rows), width, -1).to(parameter.device, parameter.dtype) for k, v in deltas.items()}
 
     def add_delta(layer: int):
         def hook(module, args, output):
             hidden = hidden_of(output)
-            if hidden.shape[:2] != deltas[layer].shape[:2]:
+            if hidden.shape[:2] != (len(rows), width):
                 raise VulnsteerError(f"steering was set up for {len(rows)} rows of {width} tokens but the batch "
                                      f"has {hidden.shape[0]} of {hidden.shape[1]}")
-            return with_hidden(output, hidden + deltas[layer])
+            change = deltas[layer] if layer in deltas else 0
+            if layer in edits:  # token t of row b is entry b * width + t of the flat list
+                change = change + edited(hidden.flatten(0, 1), edits[layer]).view_as(hidden)
+            return with_hidden(output, hidden + change)
         return hook
 
     with Hooks() as installed:
-        for layer in deltas:
+        for layer in sorted({*deltas, *edits}):
             installed.add(layers[layer].register_forward_hook(add_delta(layer)))
         yield

@@ -1,0 +1,141 @@
+"""Steering vectors learned from the answer (`--method trained`).
+
+Fixed directions (mean-diff, PCA, probe) are fitted without looking at what the model answers. A trained vector is:
+per group (each CWE and pooled) and layer, a vector optimised by gradient descent so that, added at the last prompt
+token of score mode's prompt (where the answer is read), the yes/no log-odds there says the label (binary
+cross-entropy), with its norm kept within `max_norm` mean residual norms of its layer (projected after every step).
+Each layer's vector is trained alone at its layer, as every bank's vectors are used: one per steered layer.
+
+Cost near a forward pass. Steering the last prompt token changes nothing before it, so each training item's prompt
+less that token runs once, unsteered and without gradients, into a KV cache (`Prefix`) that every fold, group,
+layer and step reuses. A step runs each item's last token once per (layer, group) side by side in one sequence over
+that cache (each copy sees the prompt and itself, as the sweep's scorer runs configs) and backpropagates through
+those tokens only: the gradient equals the full pass's (tests/test_trained.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from vulnsteer.architecture import cache_argument
+from vulnsteer.data import Sample
+from vulnsteer.engine.prompt_pass import length_groups
+from vulnsteer.engine.runners import answer_token_ids, encode, prompt_cache, side_by_side_mask
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.models import LoadedModel
+from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, build_prompt, render
+from vulnsteer.records import Steering
+from vulnsteer.steering.hooks import steer_tokens
+
+
+@dataclass(frozen=True)
+class Training:
+    """How trained vectors are fitted: Adam steps on the whole training set, the learning rate and the norm bound
+    in units of the layer's mean residual norm (the unit of `residual` normalisation: strength 1 adds one)."""
+
+    steps: int = 40
+    learning_rate: float = 0.05
+    max_norm: float = 1.0
+
+
+@dataclass
+class Prefix:
+    """Items' score-mode prompts less their last token, run once without gradients: the batch's KV cache (left
+    padded), and what the last tokens need to run after it."""
+
+    sample_ids: list[str]
+    cache: Any  # a transformers DynamicCache (its layers' types vary by release)
+    last_ids: torch.Tensor  # [n] each prompt's last token
+    positions: torch.Tensor  # [n] its position (padding on the left not counted)
+    mask: torch.Tensor  # [n, width - 1] the prefix's attention mask
+    labels: torch.Tensor  # [n] 1.0 for vulnerable items
+
+    def select(self, sample_ids: Sequence[str]) -> Prefix:
+        """The rows of these items (a fold's training set), in that order, sharing nothing mutable with this one."""
+        index_of = {sample_id: i for i, sample_id in enumerate(self.sample_ids)}
+        index = torch.tensor([index_of[s] for s in sample_ids], device=self.last_ids.device)
+        cache = DynamicCache()
+        for k, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[index], layer.values[index], k)
+        return Prefix(list(sample_ids), cache, self.last_ids[index], self.positions[index], self.mask[index],
+                      self.labels[index])
+
+
+def score_text(lm: LoadedModel, sample: Sample, prompt_id: str, resources: PromptResources | None) -> str:
+    """The prompt as score mode asks it (chat template, then "Answer:")."""
+    return render(lm.tokenizer, list(build_prompt(sample, prompt_id, resources).messages), ANSWER_PREFIX)
+
+
+def prefix_pass(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
+                resources: PromptResources | None = None) -> Prefix:
+    texts = [score_text(lm, s, prompt_id, resources) for s in samples]
+    encoded = encode(lm, texts)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], [None] * len(texts),
+                             length_groups(lm.model, mask[:, :-1]), texts)
+    labels = torch.tensor([float(s.is_vulnerable) for s in samples], device=ids.device)
+    return Prefix([s.id for s in samples], cache, ids[:, -1], positions[:, -1], mask[:, :-1], labels)
+
+
+def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[Steering | None]]) -> torch.Tensor:
+    """log P(yes) - log P(no) after each item's last token, once per entry of `tokens[i]` (its steering; all rows
+    as wide as the widest, unsteered where shorter): [items, width], differentiable in the steering vectors. The
+    prefix's cache is left as it was."""
+    model = lm.model
+    width = max(len(row) for row in tokens)
+    length = prefix.cache.get_seq_length()
+    additive = side_by_side_mask(prefix.mask, width, next(model.parameters()).dtype)
+    try:
+        with steer_tokens(model, tokens):
+            logits = model(input_ids=prefix.last_ids[:, None].expand(-1, width), attention_mask=additive[:, None],
+                           position_ids=prefix.positions[:, None].expand(-1, width), use_cache=True,
+                           **{cache_argument(model): prefix.cache}).logits
+    finally:
+        for layer in prefix.cache.layers:  # the copies' keys and values were appended (crop's API varies)
+            layer.keys, layer.values = layer.keys[:, :, :length].detach(), layer.values[:, :, :length].detach()
+    yes, no = answer_token_ids(lm.tokenizer)
+    logp = logits.float().log_softmax(-1)
+    return logp[..., yes].logsumexp(-1) - logp[..., no].logsumexp(-1)
+
+
+def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
+                  layers: Sequence[int], residual_norms: dict[int, float], pooled: str,
+                  settings: Training = Training()) -> dict[str, dict[int, torch.Tensor]]:
+    """A vector per group and layer. Group `pooled` trains on every item, a CWE's group on that CWE's items; all of
+    them in the same steps (each copy of an item's last token carries one (group, layer) vector, and no two copies
+    share a vector with another's gradient)."""
+    if prefix.sample_ids != [s.id for s in samples]:  # the held-out check reads the items, so they must be these
+        raise VulnsteerError("trained vectors: the prefix holds other items than the training items (select them "
+                             "first); refusing to train on items the vectors may be tested on")
+    hidden = lm.hidden_size
+    device = prefix.last_ids.device
+    # A tiny fixed random start: a zero vector would install no hook at all, so it would get no gradient.
+    generator = torch.Generator().manual_seed(0)
+    units = {g: {layer: (1e-3 * torch.randn(hidden, generator=generator)).to(device).requires_grad_()
+                 for layer in layers} for g in groups}
+    slots = [[(g, layer) for g in groups if g in (pooled, s.cwe) for layer in layers] for s in samples]
+    width = max(map(len, slots))
+    labels = prefix.labels[:, None].expand(-1, width)
+    present = torch.tensor([[k < len(row) for k in range(width)] for row in slots], device=device)
+    parameters = [u for by_layer in units.values() for u in by_layer.values()]
+    optimiser = torch.optim.Adam(parameters, lr=settings.learning_rate)
+    for _ in range(settings.steps):
+        vectors = {(g, layer): units[g][layer] * residual_norms[layer] for g in groups for layer in layers}
+        tokens = [[Steering({layer: vectors[(g, layer)]}, 1.0) for g, layer in row] for row in slots]
+        scores = answer_log_odds(lm, prefix, tokens)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(scores[present], labels[present])
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)  # the model's weights get no gradient
+        for parameter, grad in zip(parameters, grads):
+            parameter.grad = grad
+        optimiser.step()
+        with torch.no_grad():
+            for u in parameters:
+                u.mul_((settings.max_norm / u.norm().clamp(min=1e-12)).clamp(max=1.0))
+    return {g: {layer: (units[g][layer] * residual_norms[layer]).detach().float().cpu() for layer in layers}
+            for g in groups}

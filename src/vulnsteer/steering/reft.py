@@ -1,0 +1,57 @@
+"""LoReFT (Wu et al. 2024, "ReFT: Representation Finetuning for Language Models"): a learned low-rank edit of the
+residual stream, h + Rᵀ(Wh + b − Rh), with R ∈ ℝ^{r×d} of orthonormal rows. In the subspace R spans, the hidden
+state's coordinates Rh are replaced by learned ones Wh + b; outside it nothing changes. R stays orthonormal through
+a torch parametrization (`torch.nn.utils.parametrizations.orthogonal`), and the edit computes in float32 whatever
+the model's dtype. As a `Steering` edit it is scaled by the row's strength: strength 1 is the paper's intervention.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch.nn.utils.parametrizations import orthogonal
+
+
+class LowRankEdit(torch.nn.Module):
+    """Called on hidden states [..., d], returns what LoReFT adds to them: Rᵀ(Wh + b − Rh)."""
+
+    def __init__(self, hidden: int, rank: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.rotate = orthogonal(torch.nn.Linear(hidden, rank, bias=False))  # weight R: [rank, hidden]
+        self.learned = torch.nn.Linear(hidden, rank)  # weight W, bias b
+        with torch.no_grad():  # a seeded start, so a fit is repeatable
+            generator = generator or torch.Generator().manual_seed(0)
+            self.rotate.weight = torch.linalg.qr(torch.randn(hidden, rank, generator=generator))[0].T
+            self.learned.weight.copy_(self.rotation)  # W = R, b = 0: the edit starts as the identity
+            self.learned.bias.zero_()
+
+    @property
+    def rank(self) -> int:
+        return self.learned.out_features
+
+    @property
+    def rotation(self) -> torch.Tensor:
+        """R, its rows orthonormal (the parametrization recomputes it from its free parameters)."""
+        return cast(torch.Tensor, self.rotate.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.float()
+        rotation = self.rotation
+        return ((self.learned(h) - h @ rotation.T) @ rotation).to(hidden.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """R, W and b, detached, float32: what a vector file stores."""
+        return {"R": self.rotation.detach().float().cpu().contiguous(),
+                "W": self.learned.weight.detach().float().cpu().contiguous(),
+                "b": self.learned.bias.detach().float().cpu().contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> LowRankEdit:
+        rank, hidden = tensors["W"].shape
+        edit = cls(hidden, rank)
+        with torch.no_grad():
+            edit.rotate.weight = tensors["R"].float()
+            edit.learned.weight.copy_(tensors["W"])
+            edit.learned.bias.copy_(tensors["b"])
+        return edit.requires_grad_(False)
