@@ -1,5 +1,7 @@
-"""Trained steering vectors (`--method trained`): the cached-prefix gradient is the full pass's, training moves the
-answer as its loss asks within the norm bound, and the vectors reach files, sweeps and the held-out checks."""
+"""Learned interventions: trained steering vectors (`--method trained`) and LoReFT edits (`--method loreft`). The
+cached-prefix gradient is the full pass's; training moves the answer as its loss asks (vectors within their norm
+bound); LoReFT computes the paper's formula and can read a label that a fixed vector cannot; both reach files,
+sweeps and the held-out checks."""
 
 from __future__ import annotations
 
@@ -12,19 +14,20 @@ from test_evaluation import make_samples
 from vulnsteer.engine.runners import answer_token_ids, encode
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import collect
-from vulnsteer.extract.trained import Training, answer_log_odds, prefix_pass, score_text, train_vectors
+from vulnsteer.extract.trained import Training, answer_log_odds, prefix_pass, score_text, train_edits, train_vectors
 from vulnsteer.extract.vectors import POOLED, fit
 from vulnsteer.prompts import PromptResources
 from vulnsteer.records import Steering
 from vulnsteer.steering.hooks import steer
+from vulnsteer.steering.reft import LowRankEdit
 
 
-def full_pass_log_odds(lm, samples, vector, layer):
-    """The plain way: every prompt in full, steered at its last token by `vector` at `layer`."""
+def full_pass_log_odds(lm, samples, row: Steering):
+    """The plain way: every prompt in full, steered at its last token by `row`."""
     encoded = encode(lm, [score_text(lm, s, "S1", None) for s in samples])
     mask = encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with steer(lm.model, [Steering({layer: vector}, 1.0, "prompt-last")] * len(samples), mask):
+    with steer(lm.model, [row] * len(samples), mask):
         logits = lm.model(**encoded, position_ids=positions).logits[:, -1]
     yes, no = answer_token_ids(lm.tokenizer)
     logp = logits.float().log_softmax(-1)
@@ -41,20 +44,30 @@ def sharpen(lm, factor: float = 8.0):
     return lm
 
 
-def test_the_cached_prefix_gives_the_full_pass_scores_and_gradient(lm):
+@pytest.mark.parametrize("kind", ["vector", "loreft"])
+def test_the_cached_prefix_gives_the_full_pass_scores_and_gradient(lm, kind):
     """Float32: scores within 1e-5, the gradient of the cross-entropy within 1e-4 relative, on prompts of different
-    lengths (left padding) and at two layers."""
+    lengths (left padding), at two layers, for a steering vector and for a LoReFT edit."""
     sharpen(lm)
     samples = make_samples(4)
     labels = torch.tensor([float(s.is_vulnerable) for s in samples])
     prefix = prefix_pass(lm, samples)
     for layer in (1, lm.num_layers - 1):
-        vector = (torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(layer)) * 2).requires_grad_()
-        full = full_pass_log_odds(lm, samples, vector, layer)
-        (full_grad,) = torch.autograd.grad(torch.nn.functional.binary_cross_entropy_with_logits(full, labels), vector)
-        cached = answer_log_odds(lm, prefix, [[Steering({layer: vector}, 1.0)]] * len(samples))[:, 0]
+        generator = torch.Generator().manual_seed(layer)
+        if kind == "vector":
+            vector = (torch.randn(lm.hidden_size, generator=generator) * 2).requires_grad_()
+            row, parameter = Steering({layer: vector}, 1.0, "prompt-last"), vector
+        else:
+            edit = LowRankEdit(lm.hidden_size, 2, generator)
+            with torch.no_grad():
+                edit.learned.weight.normal_(generator=generator)
+            row, parameter = Steering({}, 1.0, "prompt-last", edits={layer: edit}), edit.learned.weight
+        full = full_pass_log_odds(lm, samples, row)
+        (full_grad,) = torch.autograd.grad(torch.nn.functional.binary_cross_entropy_with_logits(full, labels),
+                                           parameter)
+        cached = answer_log_odds(lm, prefix, [[row]] * len(samples))[:, 0]
         (cached_grad,) = torch.autograd.grad(
-            torch.nn.functional.binary_cross_entropy_with_logits(cached, labels), vector)
+            torch.nn.functional.binary_cross_entropy_with_logits(cached, labels), parameter)
         assert (cached - full).abs().max() < 1e-5
         assert torch.allclose(cached_grad, full_grad, rtol=1e-4, atol=1e-6) and full_grad.norm() > 0
     length = prefix.cache.get_seq_length()
@@ -104,9 +117,10 @@ def test_fit_trains_per_cwe_and_pooled_and_records_how(lm):
             assert cosine > 0.95  # equal up to the float noise of another padding width
 
 
-def test_a_sweep_runs_trained_vectors_beside_mean_diff_held_out(tmp_path, monkeypatch):
-    """`methods = ["mean-diff", "trained"]`: one prefix pass serves every fold's training; every bank, trained ones
-    included, passes the held-out check on its fold; the trained configs have their rows and reach the report."""
+def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, monkeypatch):
+    """`methods = ["mean-diff", "trained", "loreft"]`: one prefix pass serves every fold's training; every bank,
+    learned ones included, passes the held-out check on its fold; the learned configs and their random controls
+    have their rows and reach the report."""
     from vulnsteer.experiments import sweep as sweep_module
     from vulnsteer.experiments.analysis import analyse
     from vulnsteer.experiments.sweep import SweepConfig
@@ -125,11 +139,120 @@ def test_a_sweep_runs_trained_vectors_beside_mean_diff_held_out(tmp_path, monkey
     monkeypatch.setattr(sweep_module, "check_held_out", counting)
     monkeypatch.setattr(sweep_module, "prefix_pass", lambda *a, **k: passes.append(1) or prefix_pass_(*a, **k))
     config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-1.0, 1.0], mode="score",
-                         methods=["mean-diff", "trained"], vectors=["pooled"], transfer=False)
+                         methods=["mean-diff", "trained", "loreft"], vectors=["pooled", "random"], transfer=False)
     report = run_sweep(config, tmp_path, lm=random_model("llama"))
     assert len(passes) == 1
-    assert checked.count("trained") == checked.count("mean-diff") > 0
+    assert checked.count("trained") == checked.count("loreft") == checked.count("mean-diff") > 0
     a = analyse(tmp_path)
-    trained = [c for c in a.arms if c.startswith("trained|")]
-    assert trained and all(len(a.arms[c]) == len(a.sample_ids) for c in trained)
-    assert report.exists() and "trained|1|pooled|prompt-last" in (tmp_path / "report.md").read_text()
+    for method in ("trained", "loreft"):
+        arms = [c for c in a.arms if c.startswith(f"{method}|")]
+        assert len(arms) == 4 and all(len(a.arms[c]) == len(a.sample_ids) for c in arms)  # pooled, random x 2
+    random_rows = {r.sample_id: r.score for r in a.arms["loreft|1|random:0|prompt-last|+1"]}
+    learned_rows = {r.sample_id: r.score for r in a.arms["loreft|1|pooled|prompt-last|+1"]}
+    assert random_rows != learned_rows  # the control is another edit
+    assert report.exists() and "loreft|1|pooled|prompt-last" in (tmp_path / "report.md").read_text()
+
+
+def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
+    """R = the first two unit vectors, W = 0, b = (2, -1): Φ(h) = h + Rᵀ(Wh + b − Rh) sets h's first two coordinates
+    to 2 and -1 and leaves the rest; R stays orthonormal through the parametrization after a gradient step."""
+    edit = LowRankEdit(6, 2)
+    with torch.no_grad():
+        edit.rotate.weight = torch.eye(6)[:2]
+        edit.learned.weight.zero_()
+        edit.learned.bias.copy_(torch.tensor([2.0, -1.0]))
+    h = torch.randn(3, 6, dtype=torch.float64)
+    out = h + edit(h)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out[:, :2], torch.tensor([[2.0, -1.0]] * 3, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(out[:, 2:], h[:, 2:])
+    optimiser = torch.optim.SGD(edit.parameters(), lr=0.5)
+    (edit(torch.randn(4, 6)) ** 2).sum().backward()
+    optimiser.step()
+    rotation = edit.rotation
+    assert torch.allclose(rotation @ rotation.T, torch.eye(2), atol=1e-5) and not torch.allclose(rotation,
+                                                                                                 torch.eye(6)[:2])
+
+
+def readable_pairs(prefix: str, n_pairs: int, seed: int) -> list:
+    """Pairs whose twins differ by one call (gets vs fgets) inside otherwise random code: the label is linearly
+    readable at the answer position (a probe reads it), but a random model does not answer it."""
+    import random
+
+    from vulnsteer.data import Sample
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "count", "size", "len", "idx", "tmp", "ptr", "data", "value"]
+    samples = []
+    for k in range(n_pairs):
+        a, b = rng.sample(words, 2)
+        for vulnerable in (True, False):
+            call = "gets(buf);" if vulnerable else "fgets(buf, n, stdin);"
+            samples.append(Sample(id=f"{prefix}{k}{'v' if vulnerable else 'p'}", cwe="CWE-787",
+                                  label="vulnerable" if vulnerable else "patched", language="c",
+                                  code=f"void f(int {a}, int {b}) {{ char buf[8]; {call} }}",
+                                  pair_id=f"{prefix}{k}", split="unit", source="synthetic"))
+    return samples
+
+
+def held_out_balanced_accuracy(lm, prefix, samples, row) -> float:
+    with torch.no_grad():
+        scores = answer_log_odds(lm, prefix, [[row]] * len(samples))[:, 0]
+    said, truth = scores > 0, torch.tensor([s.is_vulnerable for s in samples])
+    return float(((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2)
+
+
+def test_loreft_reads_a_label_the_model_does_not_answer_and_a_fixed_vector_cannot(capsys):
+    """Synthetic pairs, a random model at chance: LoReFT fitted on 16 training pairs reaches held-out balanced
+    accuracy >= 0.9 on 8 other pairs at the plain log-odds > 0 verdict. The trained vector's figure is printed: a
+    fixed vector moves every item alike, so it mostly moves the threshold."""
+    from vulnsteer.extract.probe import probe
+    from vulnsteer.models import random_model
+
+    lm = random_model("qwen2")
+    train, test = readable_pairs("a", 16, 0), readable_pairs("b", 8, 1)
+    acts = collect(lm, train + test, "S1", PromptResources(), mode="score")
+    readable = {r.layer: r.auroc for r in probe(acts, [1, 2], "probe", 4) if r.group == POOLED}
+    assert min(readable.values()) > 0.9  # the premise: linearly readable at the answer position
+    train_prefix, test_prefix = prefix_pass(lm, train), prefix_pass(lm, test)
+    assert held_out_balanced_accuracy(lm, test_prefix, test, None) == 0.5  # unsteered: at chance
+    layer = 2
+    edits = train_edits(lm, train_prefix, train, [POOLED], [layer], POOLED,
+                        Training(steps=60, learning_rate=0.02, rank=1))
+    loreft = held_out_balanced_accuracy(lm, test_prefix, test, Steering({}, 1.0, edits={layer: edits[POOLED][layer]}))
+    norms = {layer: float(acts.by_layer[layer].norm(dim=1).mean())}
+    vectors = train_vectors(lm, train_prefix, train, [POOLED], [layer], norms, POOLED, Training(steps=60))
+    trained = held_out_balanced_accuracy(lm, test_prefix, test, Steering({layer: vectors[POOLED][layer]}, 1.0))
+    print(f"held-out balanced accuracy: unsteered 0.5, loreft r=1 {loreft:.3f}, trained vector {trained:.3f}")
+    assert loreft >= 0.9
+
+
+def test_a_loreft_bank_saves_loads_and_steers_as_fitted(lm, tmp_path):
+    from vulnsteer.extract.vectors import load, save, steering_for_samples
+
+    samples = make_samples(6)
+    acts = collect(lm, samples, "S1", PromptResources(), mode="score")
+    bank = fit(acts, lm, "loreft", [1, 2], training=Training(steps=3, rank=2))
+    assert bank.vectors == {} and set(bank.groups) == {POOLED, "CWE-787"} and bank.layers == [1, 2]
+    save(bank, tmp_path / "reft.safetensors")
+    again = load(tmp_path / "reft.safetensors")
+    prefix = prefix_pass(lm, samples)
+    for group in bank.groups:
+        row, reloaded = bank.steering(group, [1, 2], 1.0), again.steering(group, [1, 2], 1.0)
+        with torch.no_grad():
+            first = answer_log_odds(lm, prefix, [[row]] * len(samples))
+            second = answer_log_odds(lm, prefix, [[reloaded]] * len(samples))
+        assert torch.allclose(first, second, atol=1e-5)
+    steering = steering_for_samples(again, "2", 0.5, "prompt-last")(samples[0])
+    assert set(steering.edits) == {2} and steering.vectors == {} and steering.steered_layers == {2}
+    with pytest.raises(VulnsteerError, match="edits, not steering vectors"):
+        again.for_group(POOLED)
+
+
+def test_the_static_decoder_refuses_edits_in_one_line(lm):
+    from vulnsteer.steering.buffers import SteeringEngine
+
+    edit = LowRankEdit(lm.hidden_size, 1)
+    engine = SteeringEngine(lm.model)
+    with pytest.raises(VulnsteerError, match="use --cache dynamic"):
+        engine.set_rows([Steering({}, 1.0, edits={1: edit})], torch.ones(1, 4, dtype=torch.long))

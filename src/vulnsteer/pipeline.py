@@ -27,6 +27,7 @@ from vulnsteer.experiments.backends import Backend
 from vulnsteer.experiments.cluster import ClusterOptions
 from vulnsteer.experiments.store import (
     SampleWriter,
+    exclusive,
     job_key,
     open_run,
     read_samples,
@@ -108,27 +109,29 @@ def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding
     """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
     `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers; `sections` are added
     to the summary."""
-    meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
-    done = open_run(out_dir, meta)
-    todo = [job for job in jobs if job_key(job, decoding.mode) not in done]
-    if done:
-        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out_dir / 'samples.jsonl'}")
-    writer = SampleWriter(out_dir / "samples.jsonl", list(done.values()))
-    start = time.perf_counter()
-    try:
-        if todo:
-            run_jobs(lm, todo, decoding, "eval", on_result=writer.write)
-    finally:
-        writer.close()
-    by_key = {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
-    results = [by_key[job_key(job, decoding.mode)] for job in jobs]
-    summaries = summarise_results(results, n_boot=n_boot)
-    reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
-    final = final_answer_section({"all": results})
-    write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)},
-                  sections=[*(section for section in (final, reasoning) if section), *sections])
-    print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
-    return results
+    with exclusive(out_dir):  # one writer per folder
+        meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
+        done = open_run(out_dir, meta)
+        todo = [job for job in jobs if job_key(job, decoding.mode) not in done]
+        if done:
+            print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out_dir / 'samples.jsonl'}")
+        writer = SampleWriter(out_dir / "samples.jsonl", list(done.values()))
+        start = time.perf_counter()
+        try:
+            if todo:
+                run_jobs(lm, todo, decoding, "eval", on_result=writer.write)
+        finally:
+            writer.close()
+        by_key = {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
+        results = [by_key[job_key(job, decoding.mode)] for job in jobs]
+        summaries = summarise_results(results, n_boot=n_boot)
+        reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
+        final = final_answer_section({"all": results})
+        seconds = round(time.perf_counter() - start, 1)
+        write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": seconds},
+                      sections=[*(section for section in (final, reasoning) if section), *sections])
+        print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
+        return results
 
 
 def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
@@ -226,18 +229,19 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
     from vulnsteer.models import default_device, load_model, resolve_dtype
 
     test, train = load_sweep_samples(config)
-    if cluster is not None:
-        backend: Backend = RayBackend(cluster, config.model, config.dtype, config.mode)
-    else:
-        if lm is None:
-            device = default_device()
-            lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
-        backend = LocalBackend(lm)
-    try:
-        return _sweep_on(backend, config, test, train, out_dir)
-    finally:
-        if isinstance(backend, RayBackend):
-            backend.close()
+    with exclusive(out_dir):  # one writer per folder, refused before the model loads
+        if cluster is not None:
+            backend: Backend = RayBackend(cluster, config.model, config.dtype, config.mode)
+        else:
+            if lm is None:
+                device = default_device()
+                lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+            backend = LocalBackend(lm)
+        try:
+            return _sweep_on(backend, config, test, train, out_dir)
+        finally:
+            if isinstance(backend, RayBackend):
+                backend.close()
 
 
 def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path) -> Path:

@@ -7,7 +7,7 @@ reports read and write `Result`s. Types that several modules name (modes, positi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 
@@ -67,7 +67,7 @@ class Steering:
     strength: float
     positions: Positions = "all"
     label: SteeringId | None = field(default=None, compare=False)  # what to record in result files
-    edits: dict[int, Edit] = field(default_factory=dict, compare=False)
+    edits: Mapping[int, Edit] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.positions not in POSITIONS:

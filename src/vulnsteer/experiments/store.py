@@ -7,13 +7,40 @@ refused rather than mixed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.records import Job, Result, SteeringId
+
+
+@contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder for one writer: a second run into it (an `eval`, a `sweep`, a `--resume`) is refused
+    with the holder's PID, never run beside it. An advisory `flock` on `out_dir/.lock`, released by the kernel when
+    the holder exits, however it exits (kill -9 included), so a stale lock never blocks a rerun."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise VulnsteerError(f"{out_dir} is in use by another vulnsteer run (pid {holder}); wait for it to end, "
+                                 "or write to another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence, cast
@@ -50,6 +51,7 @@ from vulnsteer.records import (
     SteeringId,
 )
 from vulnsteer.steering.hooks import leaves_prompt_alone
+from vulnsteer.steering.reft import random_edit
 
 BASELINE = "baseline"
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
@@ -315,12 +317,15 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     prefix = None
     if learned and isinstance(lm, LoadedModel):
         prefix = prefix_pass(lm, train if train is not None else test, config.prompt, resources)
+    training_sets = 1 if train is not None else len(members) ** 2  # each fold, and each pair for selection
+    fitted = _announce_fits(learned, training_sets)
     if train is None:
         acts = activations(test)
 
         def fit_without(excluded: set[int]) -> Banks:
             part = acts.subset(lambda s: fold_of[s.id] not in excluded)
             banks = _fit(part, lm, config, needed, prefix, resources)
+            fitted()
             for f in excluded:  # the guarantee, checked on what was fitted
                 check_held_out(banks, members[f])
             return banks
@@ -329,6 +334,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         selection_banks = {(f, g): fit_without({f, g}) for f in members for g in members if g != f}
     else:
         shared = _fit(activations(train), lm, config, needed, prefix, resources)
+        fitted()
         check_held_out(shared, test)
         banks = {f: shared for f in members}
     points = grid(config, sorted({s.cwe for s in test}))
@@ -343,11 +349,26 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
     # and a config without all of its selection rows is not chosen for that fold.
     selection = [(f, p, s) for (f, g) in selection_banks for p in candidates for s in members[g]
-                 if p.vectors != "own" or s.cwe in selection_banks[(f, g)][p.method].vectors]
+                 if p.vectors != "own" or s.cwe in selection_banks[(f, g)][p.method].groups]
     jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection
              if (f, p.id, s.id) not in selection_done]
     return SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
                      len(test) * (1 + len(points)) + len(selection))
+
+
+def _announce_fits(learned: list[str], training_sets: int) -> Callable[[], None]:
+    """Learned methods take a while to fit: a line per training set, with the time so far."""
+    if not learned:
+        return lambda: None
+    print(f"fitting {', '.join(learned)} on {training_sets} training sets (every fold's, and for nested selection "
+          "every pair of folds')", flush=True)
+    start, done = time.monotonic(), 0
+
+    def fitted() -> None:
+        nonlocal done
+        done += 1
+        print(f"fitted {done}/{training_sets} training sets, {time.monotonic() - start:.0f} s", flush=True)
+    return fitted
 
 
 def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
@@ -370,14 +391,17 @@ def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, laye
                  outer: int | None = None) -> Steering:
     bank = banks[point.method]
     layers = layer_sets[point.layers]
+    label = SteeringId(config=point.id, fold=fold, outer=outer)
+    positions = cast(Positions, point.positions)
     if point.is_random:
         draw = int(point.vectors.partition(":")[2])
+        if bank.edits:  # the pooled edit's form in a random subspace of its rank
+            edits = {layer: random_edit(bank.edits[POOLED][layer], 1000 * draw + layer) for layer in layers}
+            return Steering({}, point.strength, positions, label, edits=edits)
         vectors = {layer: random_direction(bank.for_group(POOLED)[layer], 1000 * draw + layer) for layer in layers}
-    else:
-        group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
-        vectors = {layer: bank.for_group(group)[layer] for layer in layers}
-    label = SteeringId(config=point.id, fold=fold, outer=outer)
-    return Steering(vectors, point.strength, cast(Positions, point.positions), label=label)
+        return Steering(vectors, point.strength, positions, label)
+    group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
+    return bank.steering(group, layers, point.strength, positions, label)
 
 
 def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ those tokens only: the gradient equals the full pass's (tests/test_trained.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -30,16 +30,19 @@ from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, build_prompt, render
 from vulnsteer.records import Steering
 from vulnsteer.steering.hooks import steer_tokens
+from vulnsteer.steering.reft import LowRankEdit
 
 
 @dataclass(frozen=True)
 class Training:
-    """How trained vectors are fitted: Adam steps on the whole training set, the learning rate and the norm bound
-    in units of the layer's mean residual norm (the unit of `residual` normalisation: strength 1 adds one)."""
+    """How learned interventions are fitted: Adam steps on the whole training set; for trained vectors the learning
+    rate and the norm bound are in units of the layer's mean residual norm (the unit of `residual` normalisation:
+    strength 1 adds one); for LoReFT edits, the rank."""
 
     steps: int = 40
     learning_rate: float = 0.05
-    max_norm: float = 1.0
+    max_norm: float = 1.0  # trained vectors
+    rank: int = 4  # loreft edits (1-8)
 
 
 @dataclass
@@ -107,27 +110,62 @@ def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[S
 def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
                   layers: Sequence[int], residual_norms: dict[int, float], pooled: str,
                   settings: Training = Training()) -> dict[str, dict[int, torch.Tensor]]:
-    """A vector per group and layer. Group `pooled` trains on every item, a CWE's group on that CWE's items; all of
-    them in the same steps (each copy of an item's last token carries one (group, layer) vector, and no two copies
-    share a vector with another's gradient)."""
-    if prefix.sample_ids != [s.id for s in samples]:  # the held-out check reads the items, so they must be these
-        raise VulnsteerError("trained vectors: the prefix holds other items than the training items (select them "
-                             "first); refusing to train on items the vectors may be tested on")
-    hidden = lm.hidden_size
-    device = prefix.last_ids.device
+    """A steering vector per group and layer (`--method trained`), its norm projected onto the bound each step."""
     # A tiny fixed random start: a zero vector would install no hook at all, so it would get no gradient.
     generator = torch.Generator().manual_seed(0)
-    units = {g: {layer: (1e-3 * torch.randn(hidden, generator=generator)).to(device).requires_grad_()
+    device = prefix.last_ids.device
+    units = {g: {layer: (1e-3 * torch.randn(lm.hidden_size, generator=generator)).to(device).requires_grad_()
                  for layer in layers} for g in groups}
+
+    def steering(group: str, layer: int) -> Steering:
+        return Steering({layer: units[group][layer] * residual_norms[layer]}, 1.0)
+
+    def project() -> None:
+        for by_layer in units.values():
+            for u in by_layer.values():
+                u.mul_((settings.max_norm / u.norm().clamp(min=1e-12)).clamp(max=1.0))
+
+    _train(lm, prefix, samples, groups, layers, pooled, steering,
+           [u for by_layer in units.values() for u in by_layer.values()], settings, project)
+    return {g: {layer: (units[g][layer] * residual_norms[layer]).detach().float().cpu() for layer in layers}
+            for g in groups}
+
+
+def train_edits(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
+                layers: Sequence[int], pooled: str,
+                settings: Training = Training()) -> dict[str, dict[int, LowRankEdit]]:
+    """A LoReFT edit of rank `settings.rank` per group and layer (`--method loreft`), float32, R orthonormal."""
+    generator = torch.Generator().manual_seed(0)
+    device = prefix.last_ids.device
+    edits = {g: {layer: LowRankEdit(lm.hidden_size, settings.rank, generator).to(device) for layer in layers}
+             for g in groups}
+
+    def steering(group: str, layer: int) -> Steering:
+        return Steering({}, 1.0, edits={layer: edits[group][layer]})
+
+    _train(lm, prefix, samples, groups, layers, pooled, steering,
+           [p for by_layer in edits.values() for edit in by_layer.values() for p in edit.parameters()], settings)
+    return {g: {layer: edit.cpu().requires_grad_(False) for layer, edit in by_layer.items()}
+            for g, by_layer in edits.items()}
+
+
+def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str], layers: Sequence[int],
+           pooled: str, steering: Callable[[str, int], Steering], parameters: list[torch.Tensor],
+           settings: Training, after_step: Callable[[], None] = lambda: None) -> None:
+    """Adam on the binary cross-entropy of the answer's log-odds against the label. Group `pooled` trains on every
+    item, a CWE's group on that CWE's items, all in the same steps: each copy of an item's last token carries one
+    (group, layer) intervention, and no two interventions share a parameter."""
+    if prefix.sample_ids != [s.id for s in samples]:  # the held-out check reads the items, so they must be these
+        raise VulnsteerError("learned interventions: the prefix holds other items than the training items (select "
+                             "them first); refusing to train on items they may be tested on")
     slots = [[(g, layer) for g in groups if g in (pooled, s.cwe) for layer in layers] for s in samples]
     width = max(map(len, slots))
+    device = prefix.last_ids.device
     labels = prefix.labels[:, None].expand(-1, width)
     present = torch.tensor([[k < len(row) for k in range(width)] for row in slots], device=device)
-    parameters = [u for by_layer in units.values() for u in by_layer.values()]
     optimiser = torch.optim.Adam(parameters, lr=settings.learning_rate)
     for _ in range(settings.steps):
-        vectors = {(g, layer): units[g][layer] * residual_norms[layer] for g in groups for layer in layers}
-        tokens = [[Steering({layer: vectors[(g, layer)]}, 1.0) for g, layer in row] for row in slots]
+        tokens = [[steering(g, layer) for g, layer in row] for row in slots]
         scores = answer_log_odds(lm, prefix, tokens)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(scores[present], labels[present])
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)  # the model's weights get no gradient
@@ -135,7 +173,4 @@ def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], gr
             parameter.grad = grad
         optimiser.step()
         with torch.no_grad():
-            for u in parameters:
-                u.mul_((settings.max_norm / u.norm().clamp(min=1e-12)).clamp(max=1.0))
-    return {g: {layer: (units[g][layer] * residual_norms[layer]).detach().float().cpu() for layer in layers}
-            for g in groups}
+            after_step()

@@ -6,7 +6,9 @@ Directions point from patched towards vulnerable code. Methods:
   vulnerable samples project higher;
 - `probe`: the weight vector of a logistic-regression probe (scikit-learn) on standardised activations;
 - `trained`: learned on the model's answer by gradient descent (`extract/trained.py`); its norm is what it learned,
-  within a bound, not set by the normalisation.
+  within a bound, not set by the normalisation;
+- `loreft`: not a vector but a learned low-rank edit per group and layer (`steering/reft.py`), trained the same way;
+  a bank of them holds `edits` instead of `vectors`, and steers through the same `Steering` records.
 Normalisation: `unit` (norm 1) or `residual` (norm = mean residual-stream norm of that layer), so that a strength
 means the same at every layer and in every model: with `residual`, strength 1 adds one typical residual norm.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, cast
 
@@ -30,14 +32,15 @@ from vulnsteer import __version__
 from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
-from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_vectors
+from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits, train_vectors
 from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
+from vulnsteer.steering.reft import LowRankEdit
 
 DIRECTIONS = ("mean-diff", "pca", "probe")  # read off activations alone
-LEARNED = ("trained",)  # fitted on the model's answers
+LEARNED = ("trained", "loreft")  # fitted on the model's answers
 METHODS = DIRECTIONS + LEARNED
 NORMALISATIONS = ("residual", "unit")
 POOLED = "pooled"
@@ -92,20 +95,38 @@ def normalise(vector: torch.Tensor, how: str, residual_norm: float) -> torch.Ten
 
 @dataclass
 class VectorBank:
-    """Directions per group (a CWE id or "pooled") and layer, with the metadata that says where they came from."""
+    """Directions per group (a CWE id or "pooled") and layer, with the metadata that says where they came from; or,
+    for `loreft`, learned edits per group and layer (`edits`, `vectors` empty)."""
 
     vectors: dict[str, dict[int, torch.Tensor]]
     meta: dict
+    edits: dict[str, dict[int, LowRankEdit]] = field(default_factory=dict)
 
     @property
     def groups(self) -> list[str]:
-        return sorted(self.vectors)
+        return sorted({*self.vectors, *self.edits})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for by_layer in self.vectors.values() for layer in by_layer}
+                      | {layer for by_layer in self.edits.values() for layer in by_layer})
 
     def for_group(self, group: str) -> dict[int, torch.Tensor]:
+        if group in self.edits:
+            raise VulnsteerError(f"this file holds {self.meta.get('method')} edits, not steering vectors: it steers "
+                                 "through `eval --vectors` and sweeps, but has no direction to export or project on")
         if group not in self.vectors:
             raise VulnsteerError(f"no vector for {group} (too few training items?); there are vectors for "
                                  f"{', '.join(self.groups)}")
         return self.vectors[group]
+
+    def steering(self, group: str, layers: list[int], strength: float, positions: Positions = "all",
+                 label: SteeringId | None = None) -> Steering:
+        """What this bank's `group` adds at `layers`: its vectors, or its edits."""
+        if group in self.edits:
+            return Steering({}, strength, positions, label, edits={layer: self.edits[group][layer] for layer in layers})
+        by_layer = self.for_group(group)
+        return Steering({layer: by_layer[layer] for layer in layers}, strength, positions, label)
 
 
 def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
@@ -133,16 +154,20 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
                              residual_norms[layer])
             for layer in layers
         }
-    extra = {}
+    extra: dict = {}
+    edits: dict[str, dict[int, LowRankEdit]] = {}
     if method in LEARNED:
         if not isinstance(lm, LoadedModel):
             raise VulnsteerError(f"--method {method} is fitted on the model's answers: it needs the model in this "
                                  "process (not a Ray driver's model description)")
         ids = [s.id for s in acts.samples]
         prefix = prefix.select(ids) if prefix is not None else prefix_pass(lm, acts.samples, acts.prompt_id, resources)
-        vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training)
-        extra = {"training": asdict(training), "trained_at": "the last token of score mode's prompt",
-                 "normalisation_note": "learned norm, at most max_norm mean residual norms"}
+        extra = {"training": asdict(training), "trained_at": "the last token of score mode's prompt"}
+        if method == "trained":
+            vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training)
+            extra["normalisation_note"] = "learned norm, at most max_norm mean residual norms"
+        else:
+            edits = train_edits(lm, prefix, acts.samples, names, layers, POOLED, training)
     meta = {
         "model": lm.model_id, "model_type": lm.model_type, "config_hash": lm.config_hash,
         "hidden_size": lm.hidden_size,
@@ -152,7 +177,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
         "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples),
         "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__, **extra,
     }
-    return VectorBank(vectors, meta)
+    return VectorBank(vectors, meta, edits)
 
 
 def save(bank: VectorBank, path: Path) -> None:
@@ -160,6 +185,8 @@ def save(bank: VectorBank, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{g}/{layer}": v.float().contiguous() for g, by_layer in bank.vectors.items()
                for layer, v in by_layer.items()}
+    tensors |= {f"{g}/{layer}/{part}": t for g, by_layer in bank.edits.items() for layer, edit in by_layer.items()
+                for part, t in edit.tensors().items()}
     save_file(tensors, str(path), metadata={"vulnsteer": json.dumps(bank.meta)})
 
 
@@ -176,8 +203,15 @@ def load(path: Path) -> VectorBank:
     if not isinstance(meta, dict):
         raise VulnsteerError(f"{path} has no vulnsteer metadata; write it with `vulnsteer extract`")
     vectors: dict[str, dict[int, torch.Tensor]] = {}
+    parts: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # a learned edit's R, W and b
     for key, tensor in tensors.items():
         group, _, layer = key.rpartition("/")
+        if layer in EDIT_PARTS and group.rpartition("/")[2].isdigit():
+            group, _, layer = group.rpartition("/")
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise VulnsteerError(f"{path}: edit tensor {key} must be finite floats")
+            parts.setdefault((group, int(layer)), {})[key.rpartition("/")[2]] = tensor
+            continue
         if not group or not layer.isdigit():
             raise VulnsteerError(f"{path}: tensor {key!r} is not named <group>/<layer>")
         if not tensor.is_floating_point() or tensor.dim() != 1:
@@ -192,7 +226,29 @@ def load(path: Path) -> VectorBank:
         if isinstance(layers, int) and not 0 <= int(layer) < layers:
             raise VulnsteerError(f"{path}: vector {key} is for layer {layer}, outside the model's 0..{layers - 1}")
         vectors.setdefault(group, {})[int(layer)] = tensor
-    return VectorBank(vectors, meta)
+    return VectorBank(vectors, meta, _edits(parts, meta, path))
+
+
+EDIT_PARTS = ("R", "W", "b")
+
+
+def _edits(parts: dict[tuple[str, int], dict[str, torch.Tensor]], meta: dict,
+           path: Path) -> dict[str, dict[int, LowRankEdit]]:
+    """LoReFT edits from their stored parts, each shape checked against the file's hidden size."""
+    hidden, n_layers = meta.get("hidden_size"), meta.get("num_layers")
+    edits: dict[str, dict[int, LowRankEdit]] = {}
+    for (group, layer), found in parts.items():
+        missing = [p for p in EDIT_PARTS if p not in found]
+        if missing:
+            raise VulnsteerError(f"{path}: the edit {group}/{layer} lacks {', '.join(missing)}")
+        rank = found["b"].shape[0] if found["b"].dim() == 1 else -1
+        if rank < 1 or found["R"].shape != (rank, hidden) or found["W"].shape != (rank, hidden):
+            raise VulnsteerError(f"{path}: the edit {group}/{layer} has shapes R {tuple(found['R'].shape)}, W "
+                                 f"{tuple(found['W'].shape)}, b {tuple(found['b'].shape)}; expected rank x {hidden}")
+        if isinstance(n_layers, int) and not 0 <= layer < n_layers:
+            raise VulnsteerError(f"{path}: edit {group}/{layer} is outside the model's 0..{n_layers - 1}")
+        edits.setdefault(group, {})[layer] = LowRankEdit.from_tensors(found)
+    return edits
 
 
 def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors") -> None:
@@ -203,6 +259,9 @@ def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors")
             f"{source} were made for a model with hidden size {meta.get('hidden_size')} and "
             f"{meta.get('num_layers')} layers ({meta.get('model')}); {lm.model_id} has {lm.hidden_size} and "
             f"{lm.num_layers}")
+    for layer in bank.layers:
+        if not 0 <= layer < lm.num_layers:
+            raise VulnsteerError(f"{source}: layer {layer} is out of range (0..{lm.num_layers - 1})")
     for by_layer in bank.vectors.values():
         for layer, vector in by_layer.items():
             if not 0 <= layer < lm.num_layers:
@@ -249,17 +308,17 @@ def relative_layer(depth: float, num_layers: int) -> int:
 def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: str,
                          cwe_vector: str = "own") -> Callable[[Sample], Steering]:
     """A function giving each sample its steering: its own CWE's vector, the pooled one, or a named CWE's."""
-    available = sorted({layer for by_layer in bank.vectors.values() for layer in by_layer})
-    chosen = parse_layers(layers, bank.meta["num_layers"], available)
-    if cwe_vector != "own":
-        bank.for_group(cwe_vector)
+    chosen = parse_layers(layers, bank.meta["num_layers"], bank.layers)
+    if cwe_vector != "own" and cwe_vector not in bank.groups:
+        bank.for_group(cwe_vector)  # says which groups there are
 
     def steering(sample: Sample) -> Steering:
         group = sample.cwe if cwe_vector == "own" else cwe_vector
-        by_layer = bank.for_group(group)
-        return Steering({layer: by_layer[layer] for layer in chosen}, strength, cast(Positions, positions),
-                        label=SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
-                                         method=bank.meta.get("method")))
+        if group not in bank.groups:
+            bank.for_group(group)
+        return bank.steering(group, chosen, strength, cast(Positions, positions),
+                             SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
+                                        method=bank.meta.get("method")))
     return steering
 
 

@@ -55,3 +55,11 @@ class LowRankEdit(torch.nn.Module):
             edit.learned.weight.copy_(tensors["W"])
             edit.learned.bias.copy_(tensors["b"])
         return edit.requires_grad_(False)
+
+
+def random_edit(like: LowRankEdit, seed: int) -> LowRankEdit:
+    """The control for a learned edit: its W and b in a random subspace of the same rank (R drawn at random)."""
+    tensors = like.tensors()
+    rank, hidden = tensors["R"].shape
+    random = torch.randn(hidden, rank, generator=torch.Generator().manual_seed(seed))
+    return LowRankEdit.from_tensors({**tensors, "R": torch.linalg.qr(random)[0].T.contiguous()})
