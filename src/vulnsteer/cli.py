@@ -6,6 +6,8 @@ Every user error ends as one line on stderr and a non-zero exit, never a traceba
 
 from __future__ import annotations
 
+import math
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, cast
@@ -140,6 +142,9 @@ def eval_command(
     strength: float = typer.Option(0.0, "--strength", help="Positive pushes towards 'vulnerable'."),
     positions: str = typer.Option("all", "--positions", help="prompt-last, prompt, generated or all."),
     cwe_vector: str = typer.Option("own", "--cwe-vector", help="own, pooled, or a CWE id like CWE-787."),
+    allow_other_weights: bool = typer.Option(False, "--allow-other-weights",
+                                             help="Steer with vectors fitted on other weights of this architecture "
+                                                  "(refused by default; the summary records it)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model",
                                               help="A model whose yes/no judgement is a third reasoning vote."),
     base_url: Optional[str] = typer.Option(None, "--base-url",
@@ -159,6 +164,8 @@ def eval_command(
 
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
+    if not math.isfinite(strength):
+        raise VulnsteerError(f"--strength must be a finite number, got {strength}")
     model, prompt = data["model"], data["prompt"]
     if vectors is None and (strength != 0 or layers is not None or positions != "all" or cwe_vector != "own"):
         raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
@@ -193,7 +200,9 @@ def eval_command(
     if bank is not None:
         from vulnsteer.extract.vectors import check_compatible, steering_for_samples
 
-        check_compatible(bank, lm, str(vectors))
+        check_compatible(bank, lm, str(vectors), allow_other_weights)
+        if allow_other_weights and bank.meta.get("weights_bf16"):
+            meta["vectors_from_other_weights_allowed"] = True
         if bank.meta.get("mode", mode) != mode:
             print(f"note: these vectors were read from prompts as {bank.meta['mode']} mode asks them; this run "
                   f"is in {mode} mode", file=sys.stderr)
@@ -441,12 +450,22 @@ def run_command(
 
 
 @app.command("report")
-def report_command(run_dir: Path) -> None:
+def report_command(run_dir: Path, check: bool = typer.Option(
+        False, "--check", help="Re-verify every stored steered row's provenance (its vectors never saw its fold) "
+                               "before writing the report.")) -> None:
     """Rewrite report.html / report.md (and rows.csv / rows.jsonl) from a sweep's store."""
     from vulnsteer.experiments.report import write_report
+    from vulnsteer.experiments.sweep import check_stored_provenance
 
+    if check:
+        print(f"provenance: {check_stored_provenance(run_dir)} steered rows re-verified: none was steered by "
+              "vectors that saw its fold")
     report = write_report(run_dir, show=True)
     print(f"report: {report} and {report.with_suffix('.md')}")
+
+
+INTERRUPTED = ("vulnsteer: interrupted; every finished row is saved in the output folder (samples.jsonl, or "
+               "sweep.sqlite), rerun the same command (a sweep: `vulnsteer sweep --resume DIR`) to continue")
 
 
 def main() -> None:
@@ -460,9 +479,18 @@ def main() -> None:
     except (OSError, MemoryError) as exc:  # disk full, permissions, out of memory: say it plainly
         print(f"vulnsteer: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except sqlite3.DatabaseError as exc:  # a page of sweep.sqlite overwritten, a truncated file
+        print(f"vulnsteer: error: a sweep database is damaged ({exc}); recover its rows with `sqlite3 "
+              "DIR/sweep.sqlite .recover | sqlite3 NEW/sweep.sqlite` and resume NEW, or start another --output-dir",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
-        print("vulnsteer: interrupted; finished rows are saved, rerun the same command to continue", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into exit status 130 without a word
+            print(INTERRUPTED, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -199,17 +199,21 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def weights_fingerprint(model: torch.nn.Module, rounded_to: torch.dtype | None = None) -> str:
     """A hash of the weights themselves (names, shapes and up to 4096 evenly spaced values of every tensor), so
     two checkpoints of one architecture, say both in folders named `checkpoint-100`, never share cached
-    activations or a resumed sweep. Cheap at any size: it reads a few thousand values per tensor."""
+    activations or a resumed sweep. Cheap at any size: it reads a few thousand values per tensor. `rounded_to`
+    (bfloat16) hashes the values as that dtype holds them: one checkpoint loaded in float32 or bfloat16 gives one
+    hash, which is what a vector file records of the weights it was fitted on."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             digest.update(f"{name}\0{tuple(tensor.shape)}\0".encode())
-            digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+            values = flat[::step][:4096]
+            values = values.to(rounded_to) if rounded_to is not None else values
+            digest.update(values.float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -237,6 +241,9 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VulnsteerError(f"--device {device}: this torch build has no usable CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu, or install torch built for your CUDA")
     if spec.startswith("openai:"):
         raise VulnsteerError(f"{spec} answers over HTTP, without hidden states: only `eval` (unsteered) can use an "
                              "API model")

@@ -285,9 +285,17 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         # code's characters / 4 undercounts its prompt's tokens, which only makes the GPU budget more cautious.
         budget = store.meta().get("batch_tokens") or config.batch_tokens or backend.batch_tokens(
             config.max_new_tokens if config.mode == "generate" else 0, min(len(s.code) for s in test) // 4 + 1)
-        store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
+        store.check({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
         sweep = plan(config, backend.local_model() or info, test, train, resources, store.done(),
                      store.selection_done(), activations)
+        # Written only now that everything checkable before the first row was checked: a start refused by the
+        # plan (no such vector, no patched item) leaves a folder the corrected command can use.
+        store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
+        store.record("banks", {bank: sorted(keys) for bank, keys in sweep.bank_keys.items()})
+        moved = sorted(s for s, folds in store.folds().items() if folds != {sweep.fold_of.get(s)})
+        if moved:
+            raise VulnsteerError(f"{out_dir} holds rows whose folds are not the ones its seed and data give (e.g. "
+                                 f"{moved[0]}): the store was edited; start another --output-dir")
         known = {p.id for p in sweep.points} | {BASELINE}
         foreign = sorted({c for c, _ in store.done()} - known)
         if foreign:

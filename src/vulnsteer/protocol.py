@@ -93,3 +93,26 @@ def held_out_from(samples: list[Sample], vector_meta: dict, what: str = "items")
         print(f"held out: dropped {len(leaked)} of {len(samples)} {what} that share a family or code with the "
               "vectors' training set", file=sys.stderr)
     return kept
+
+
+def bank_id(vector_meta: dict) -> str:
+    """A vector bank's identity in stored rows: a digest of the items it was fitted on."""
+    return vector_meta["train_ids_sha256"][:16]
+
+
+def check_provenance(rows: Sequence[tuple[Sample, str, Sequence[Sample]]], bank_keys: dict[str, set[str]]) -> None:
+    """Each steered row (its item, the id of the bank that steers it, and the items that bank must not have seen:
+    the row's own fold, and for a selection row its outer fold too) was steered by vectors fitted on none of them,
+    by family or code. Checked on the rows themselves, before they run and again from a store (`report --check`),
+    so a bank mapped to the wrong fold is refused however the mapping went wrong."""
+    seen: dict[tuple[str, str], bool] = {}
+    for sample, bank, unseen in rows:
+        if bank not in bank_keys:
+            raise VulnsteerError(f"a row of {sample.id} names vectors {bank} that this sweep did not fit")
+        for item in (sample, *unseen):
+            if (bank, item.id) not in seen:
+                seen[(bank, item.id)] = bool(overlapping([item], bank_keys[bank]))
+            if seen[(bank, item.id)]:
+                raise VulnsteerError(f"the row of {sample.id} is steered by vectors {bank}, fitted on {item.id}'s "
+                                     "family or code, which that row must not have seen: refusing a result that is "
+                                     "not held out")

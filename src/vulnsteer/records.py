@@ -6,6 +6,7 @@ reports read and write `Result`s. Types that several modules name (modes, positi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Literal, Mapping
 
@@ -41,6 +42,7 @@ class SteeringId:
     strength: float | None = None
     positions: str | None = None
     method: str | None = None
+    bank: str | None = None  # a sweep row: the id of the vectors that steered it (`protocol.bank_id`)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -159,4 +161,10 @@ class Result:
 
     @classmethod
     def from_dict(cls, values: dict) -> Result:
+        """A stored row; a score that is not a finite number (or absent) is refused, never read as a verdict."""
+        for name in ("score", "final_score"):
+            value = values.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise VulnsteerError(f"{name} must be a finite number or null, got {value!r}")
         return cls(**{**values, "steering": SteeringId.from_dict(values.get("steering"))})

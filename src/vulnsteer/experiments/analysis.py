@@ -132,7 +132,8 @@ def fold_thresholded(arm: list[Result], folds: dict[str, int], fitted_on=None) -
     thresholds = {}
     for f in sorted({folds[r.sample_id] for r in arm}):
         rows = fitted_on(f)
-        assert all(folds[r.sample_id] != f for r in rows), "a threshold fitted on its own fold"
+        if any(folds[r.sample_id] == f for r in rows):  # an error, not an assert: `python -O` keeps it
+            raise VulnsteerError(f"the threshold for fold {f} would be fitted on that fold's own rows")
         thresholds[f] = best_threshold(np.array([r.score for r in rows], dtype=float),
                                        np.array([r.label == "vulnerable" for r in rows]))
     return [Judged(r.pair_id, r.cwe, r.is_vulnerable,
@@ -148,11 +149,28 @@ def selection_rows(arms: dict[str, list[Result]], sample_ids: list[str], folds: 
     test item; the baseline has no vectors). None while they are incomplete."""
     others = [i for i, s in enumerate(sample_ids) if folds[s] != fold]
     if config_id == BASELINE or config.train_dataset:
-        return [arms[config_id][i] for i in others] if config_id in arms else None
-    rows = selection.get(fold, {}).get(config_id, {})
-    if not all(sample_ids[i] in rows for i in others):
-        return None
-    return [rows[sample_ids[i]] for i in others]
+        chosen = [arms[config_id][i] for i in others] if config_id in arms else None
+    else:
+        by_sample = selection.get(fold, {}).get(config_id, {})
+        chosen = [by_sample[sample_ids[i]] for i in others] if all(sample_ids[i] in by_sample for i in others) \
+            else None
+    if chosen is not None:
+        _check_selection_rows(chosen, folds, fold, config_id)
+    return chosen
+
+
+def _check_selection_rows(rows: list[Result], folds: dict[str, int], fold: int, config_id: str) -> None:
+    """The guarantee of nested selection, checked on the rows it reads: none is an item of the fold being chosen
+    for, and each steered one was planned for that fold's choice (its outer fold), or is a test row whose vectors
+    never saw a test item (`train_dataset`)."""
+    for row in rows:
+        if folds[row.sample_id] == fold:
+            raise VulnsteerError(f"choosing a config for fold {fold} would read its own test row {row.sample_id}: "
+                                 "refusing a selection that is not nested")
+        outer = row.steering.outer if row.steering else None
+        if outer is not None and outer != fold:
+            raise VulnsteerError(f"choosing a config for fold {fold} would read a selection row planned for fold "
+                                 f"{outer} ({config_id}, {row.sample_id}): its vectors may have seen fold {fold}")
 
 
 def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
@@ -178,7 +196,8 @@ def selected_thresholded(a: Analysis) -> list[Judged]:
     for that fold: neither the threshold nor the vectors behind it saw the fold."""
     def fitted_on(fold: int) -> list[Result]:
         rows = selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, fold, a.selected_by_fold[fold])
-        assert rows is not None, "the chosen config has all its selection rows"
+        if rows is None:
+            raise VulnsteerError(f"fold {fold}'s chosen config {a.selected_by_fold[fold]} lacks selection rows")
         return rows
     return fold_thresholded(a.selected, a.folds, fitted_on)
 

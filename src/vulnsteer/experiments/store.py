@@ -49,7 +49,7 @@ def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:
     meta_path = out_dir / "run.json"
     if meta_path.exists():
         try:
-            previous = json.loads(meta_path.read_text())
+            previous = json.loads(read_text(meta_path))
         except json.JSONDecodeError as exc:
             raise VulnsteerError(f"{meta_path} is not valid JSON ({exc.msg}); use another --output-dir") from exc
         changed = sorted(k for k in set(previous) | set(meta) if previous.get(k) != meta.get(k))
@@ -79,15 +79,25 @@ def read_samples(path: Path) -> list[Result]:
     """Rows of a samples.jsonl; a line cut short by a crash (the last one) is dropped and redone."""
     if not path.exists():
         return []
-    rows, lines = [], path.read_text().splitlines()
+    rows, lines = [], read_text(path).splitlines()
     for number, line in enumerate(lines, 1):
         try:
             rows.append(Result.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as exc:
-            if number == len(lines):
+        except (json.JSONDecodeError, TypeError, VulnsteerError) as exc:
+            if number == len(lines) and not isinstance(exc, VulnsteerError):
                 break
-            raise VulnsteerError(f"{path}:{number} is not a vulnsteer result row ({exc})") from exc
+            raise VulnsteerError(f"{path}:{number} is not a vulnsteer result row ({exc}); fix or delete that line, "
+                                 "or write to another --output-dir") from exc
     return rows
+
+
+def read_text(path: Path) -> str:
+    """A text file the run wrote (or a config), refused in one line when it is not text."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise VulnsteerError(f"{path} is not a text file (byte {exc.start} is not UTF-8): it was damaged or "
+                             "replaced; restore it, or write to another --output-dir") from exc
 
 
 class SampleWriter:
@@ -135,21 +145,31 @@ class SweepStore:
         except sqlite3.DatabaseError as exc:
             raise VulnsteerError(f"{path} is not a vulnsteer sweep database ({exc})") from exc
         self.path = path
+        self.written = 0
 
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
 
+    def check(self, meta: dict, must_match: tuple[str, ...]) -> None:
+        """Refuse a resumed run whose `must_match` values differ from the stored ones (writes nothing)."""
+        previous = self.meta()
+        changed = [k for k in must_match if previous and previous.get(k) != meta.get(k)]
+        if changed:
+            raise VulnsteerError(f"{self.path.parent} holds a sweep with another {', '.join(changed)}; "
+                                 "resume it with the same settings or use another --output-dir")
+
     def claim(self, meta: dict, must_match: tuple[str, ...]) -> None:
         """Write the run's metadata, or check that a resumed run has the same values for `must_match` keys."""
-        previous = self.meta()
-        if previous:
-            changed = [k for k in must_match if previous.get(k) != meta.get(k)]
-            if changed:
-                raise VulnsteerError(f"{self.path.parent} holds a sweep with another {', '.join(changed)}; "
-                                     "resume it with the same settings or use another --output-dir")
+        self.check(meta, must_match)
+        if self.meta():
             return
         with self.db:
             self.db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+
+    def record(self, key: str, value) -> None:
+        """Store (or replace) one metadata entry that is not part of the run's identity."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def done(self) -> set[tuple[str, str]]:
         return set(self.db.execute("SELECT config, sample_id FROM rows"))
@@ -158,12 +178,23 @@ class SweepStore:
         with self.db:  # one transaction per row: atomic, durable in WAL mode
             self.db.execute("INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
                             (config, result.sample_id, fold, json.dumps(result.to_dict())))
+        self._written()
+
+    CHECKPOINT_ROWS = 500
+
+    def _written(self) -> None:
+        """Every CHECKPOINT_ROWS rows, fold the write-ahead log into the database file, so that the rows of a run
+        killed with -9 are in sweep.sqlite itself, not only in sweep.sqlite-wal beside it."""
+        self.written += 1
+        if self.written % self.CHECKPOINT_ROWS == 0:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def add_selection(self, outer: int, config: str, fold: int, result: Result) -> None:
         """A row that nested selection for `outer` reads: steered by vectors fitted without `outer` and `fold`."""
         with self.db:
             self.db.execute("INSERT OR IGNORE INTO selection_rows VALUES (?, ?, ?, ?, ?)",
                             (outer, config, result.sample_id, fold, json.dumps(result.to_dict())))
+        self._written()
 
     def selection_done(self) -> set[tuple[int, str, str]]:
         return set(self.db.execute("SELECT outer, config, sample_id FROM selection_rows"))
@@ -171,14 +202,35 @@ class SweepStore:
     def rows(self) -> list[tuple[str, int, Result]]:
         """(config, fold, result) for every row, in a stable order."""
         query = "SELECT config, fold, result FROM rows ORDER BY config, sample_id"
-        return [(c, f, Result.from_dict(json.loads(r))) for c, f, r in self.db.execute(query)]
+        return [(c, f, self._result(r, c)) for c, f, r in self.db.execute(query)]
 
     def selection_rows(self) -> list[tuple[int, str, Result]]:
         """(outer fold, config, result) for every selection row, in a stable order."""
         query = "SELECT outer, config, result FROM selection_rows ORDER BY outer, config, sample_id"
-        return [(o, c, Result.from_dict(json.loads(r))) for o, c, r in self.db.execute(query)]
+        return [(o, c, self._result(r, c)) for o, c, r in self.db.execute(query)]
+
+    def folds(self) -> dict[str, set[int]]:
+        """The fold each stored test row gave its item (one each, in a store that is not mixed)."""
+        folds: dict[str, set[int]] = {}
+        for sample_id, fold in self.db.execute("SELECT DISTINCT sample_id, fold FROM rows"):
+            folds.setdefault(sample_id, set()).add(fold)
+        return folds
+
+    def _result(self, stored: str, config: str) -> Result:
+        try:
+            return Result.from_dict(json.loads(stored))
+        except (json.JSONDecodeError, TypeError, VulnsteerError) as exc:
+            raise VulnsteerError(f"{self.path} holds a row of {config} that is not a result ({exc}); the store was "
+                                 "edited or damaged: delete that row with sqlite3, or start another --output-dir") \
+                from exc
 
     def close(self) -> None:
+        import sqlite3
+
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.DatabaseError:
+            pass  # a damaged store: the error that found it is the one to report
         self.db.close()
 
 

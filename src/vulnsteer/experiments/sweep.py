@@ -25,7 +25,7 @@ import torch
 
 from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.experiments.store import SweepStore, read_sweep
+from vulnsteer.experiments.store import SweepStore, read_sweep, read_text
 from vulnsteer.extract.activations import Activations, collect
 from vulnsteer.extract.trained import Prefix, prefix_pass
 from vulnsteer.extract.vectors import (
@@ -39,7 +39,7 @@ from vulnsteer.extract.vectors import (
 )
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
-from vulnsteer.protocol import drop_overlap, overlapping, pair_folds
+from vulnsteer.protocol import bank_id, check_provenance, drop_overlap, overlapping, pair_folds
 from vulnsteer.records import (
     CACHES,
     MODES,
@@ -157,7 +157,7 @@ GRIDS: dict[str, dict[str, Any]] = {
 
 def read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_text(path))
     except FileNotFoundError as exc:
         raise VulnsteerError(f"config file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -281,6 +281,31 @@ class SweepPlan:
     jobs: list[Job]
     total_rows: int
 
+    @property
+    def bank_keys(self) -> dict[str, set[str]]:
+        """Every bank's id and the leak keys of the items it was fitted on."""
+        return {bank_id(b.meta): set(b.meta["train_keys"])
+                for banks in [*self.banks.values(), *self.selection_banks.values()] for b in banks.values()}
+
+
+def provenance_rows(rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: dict[str, int],
+                    samples: Sequence[Sample]) -> list[tuple[Sample, str, list[Sample]]]:
+    """For each steered row: its item, its bank's id, and the items its bank must not have seen (the row's fold;
+    for a selection row, its outer fold's too). A steered row without a bank id is refused (an older store)."""
+    members: dict[int, list[Sample]] = {}
+    for s in samples:
+        members.setdefault(fold_of[s.id], []).append(s)
+    out = []
+    for sample, label in rows:
+        if label is None or label.config is None:
+            continue
+        if label.bank is None:
+            raise VulnsteerError(f"the row of {sample.id} under {label.config} names no vectors: its provenance "
+                                 "cannot be checked (a store from an older vulnsteer)")
+        unseen = members[fold_of[sample.id]] + (members[label.outer] if label.outer is not None else [])
+        out.append((sample, label.bank, unseen))
+    return out
+
 
 def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None]:
     """Test items, and training items (with `train_dataset`) less those that share a family or code with a test
@@ -352,8 +377,33 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
                  if p.vectors != "own" or s.cwe in selection_banks[(f, g)][p.method].groups]
     jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection
              if (f, p.id, s.id) not in selection_done]
-    return SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
-                     len(test) * (1 + len(points)) + len(selection))
+    sweep = SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
+                      len(test) * (1 + len(points)) + len(selection))
+    # The guarantee, checked on the rows about to run, whatever built them: no row's vectors saw its fold.
+    check_provenance(provenance_rows([(j.sample, j.steering.label if j.steering else None) for j in jobs], fold_of,
+                                     test), sweep.bank_keys)
+    return sweep
+
+
+def check_stored_provenance(out_dir: Path) -> int:
+    """Re-verify a stored sweep's steered rows (`report --check`): each names a bank whose training items, stored
+    with the run, share no family or code with the row's fold (and a selection row's outer fold). Returns the
+    number of rows checked; a violation is a one-line error."""
+    stored = read_sweep(out_dir)
+    config = SweepConfig.from_dict(stored.meta["config"])
+    if "banks" not in stored.meta:
+        raise VulnsteerError(f"{out_dir} records no vector banks (a store from an older vulnsteer): nothing to check")
+    test, _ = load_sweep_samples(config)
+    by_id = {s.id: s for s in test}
+    fold_of = {r.sample_id: fold for _, fold, r in stored.rows}
+    missing = sorted(set(fold_of) - set(by_id))
+    if missing:
+        raise VulnsteerError(f"{out_dir} holds rows of items its dataset no longer has (e.g. {missing[0]})")
+    rows = [(by_id[r.sample_id], r.steering) for _, _, r in stored.rows]
+    rows += [(by_id[r.sample_id], r.steering) for _, _, r in stored.selection]
+    checked = provenance_rows(rows, fold_of, [by_id[s] for s in fold_of])
+    check_provenance(checked, {bank: set(keys) for bank, keys in stored.meta["banks"].items()})
+    return len(checked)
 
 
 def _announce_fits(learned: list[str], training_sets: int) -> Callable[[], None]:
@@ -391,7 +441,7 @@ def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, laye
                  outer: int | None = None) -> Steering:
     bank = banks[point.method]
     layers = layer_sets[point.layers]
-    label = SteeringId(config=point.id, fold=fold, outer=outer)
+    label = SteeringId(config=point.id, fold=fold, outer=outer, bank=bank_id(bank.meta))
     positions = cast(Positions, point.positions)
     if point.is_random:
         draw = int(point.vectors.partition(":")[2])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, cast
@@ -33,7 +34,7 @@ from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
 from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits, train_vectors
-from vulnsteer.models import LoadedModel, ModelInfo
+from vulnsteer.models import LoadedModel, ModelInfo, weights_fingerprint
 from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
@@ -177,6 +178,8 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
         "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples),
         "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__, **extra,
     }
+    if isinstance(lm, LoadedModel):  # the weights themselves (a Ray driver has only their description)
+        meta["weights_bf16"] = weights_fingerprint(lm.model, torch.bfloat16)
     return VectorBank(vectors, meta, edits)
 
 
@@ -251,9 +254,19 @@ def _edits(parts: dict[tuple[str, int], dict[str, torch.Tensor]], meta: dict,
     return edits
 
 
-def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors") -> None:
-    """Vectors from a model of another shape cannot steer this one."""
+def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors",
+                     allow_other_weights: bool = False) -> None:
+    """Vectors from a model of another shape cannot steer this one; from other weights of the same shape (another
+    checkpoint, a fine-tune) they are refused unless `allow_other_weights`, with a warning then."""
     meta = bank.meta
+    fitted_on = meta.get("weights_bf16")
+    if fitted_on and fitted_on != weights_fingerprint(lm.model, torch.bfloat16):
+        if not allow_other_weights:
+            raise VulnsteerError(f"{source} were fitted on other weights than {lm.model_id}'s (same architecture, "
+                                 f"another checkpoint: {meta.get('model')}); pass --allow-other-weights to use them "
+                                 "anyway")
+        print(f"warning: {source} were fitted on other weights ({meta.get('model')}) than {lm.model_id}'s",
+              file=sys.stderr)
     if meta.get("hidden_size") != lm.hidden_size or meta.get("num_layers") != lm.num_layers:
         raise VulnsteerError(
             f"{source} were made for a model with hidden size {meta.get('hidden_size')} and "
