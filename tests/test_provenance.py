@@ -197,3 +197,36 @@ def test_strength_0_rows_run_on_the_steered_path_not_the_baselines(lm):
     paths_of = {name: {path for path, rows in seen.items() if any(row is kind for row in rows)}
                 for name, kind in (("zero", zero), ("steered", steered))}
     assert paths_of["zero"] == paths_of["steered"] and len(paths_of["zero"]) == 1, seen.keys()
+
+
+def test_the_fitted_threshold_is_exact_under_float_noise_and_ties_take_the_middle_of_their_run():
+    """Item 10: scores equal up to float noise (a resumed run's) fit one threshold; a tie between thresholds is
+    broken by the middle of the first run of best ones, not by which rounding came first."""
+    import numpy as np
+
+    from vulnsteer.experiments.analysis import best_threshold
+
+    labels = np.array([False, True, False, True, True, False])
+    scores = np.array([-1.0, 0.5, 0.2, 0.2, 2.0, -0.3])
+    noisy = scores + np.array([1e-6, -2e-6, 3e-6, -1e-6, 0.0, 2e-6])
+    assert best_threshold(scores, labels) == best_threshold(noisy, labels)
+    # Patched 1 and 3, vulnerable 3 and 4: thresholds 2 and 3.5 both reach balanced accuracy 0.75, and no
+    # candidate lies between them: the tie is broken by their middle, 2.75, not by which comes first.
+    tied = np.array([1.0, 3.0, 3.0, 4.0])
+    assert best_threshold(tied, np.array([False, False, True, True])) == 2.75
+
+
+def test_the_report_says_in_how_many_folds_each_config_could_be_chosen(tmp_path):
+    """Item 9: an own-CWE config without all its selection rows in a fold cannot be chosen there; the report says
+    so per config instead of listing it among the winners silently."""
+    run_sweep(SweepConfig(**{**SMALL, "vectors": ["own", "pooled"]}), tmp_path, lm=random_model("llama"))
+    a = analysis.analyse(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "eligible (folds)" in report
+    folds = sorted(set(a.folds.values()))
+    for stat in a.stats[:15]:
+        n = sum(analysis.selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, stat.config)
+                is not None for f in folds)
+        escaped = stat.config.replace("|", "\\|")  # Markdown tables escape the bars of a config id
+        line = next(line for line in report.splitlines() if line.startswith(f"| {escaped} |"))
+        assert f"| {n}/{len(folds)} |" in line, line

@@ -150,7 +150,16 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     random_rows = {r.sample_id: r.score for r in a.arms["loreft|1|random:0|prompt-last|+1"]}
     learned_rows = {r.sample_id: r.score for r in a.arms["loreft|1|pooled|prompt-last|+1"]}
     assert random_rows != learned_rows  # the control is another edit
-    assert report.exists() and "loreft|1|pooled|prompt-last" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert report.exists() and "loreft|1|pooled|prompt-last" in text
+    # The methods side by side: each row's arm chosen among its own method's configs only.
+    from vulnsteer.experiments.analysis import method_arms
+
+    table = text.split("## Methods side by side")[1].split("\n## ")[0]
+    for method, arm in method_arms(a).items():
+        assert f"| {method} (nested selection among its configs) |" in table
+        assert {r.steering.config.split("|")[0] for r in arm if r.steering} <= {method}
+    assert set(a.meta["fit_seconds"]) == {"mean-diff", "trained", "loreft"}
 
 
 def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():

@@ -292,6 +292,7 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         # plan (no such vector, no patched item) leaves a folder the corrected command can use.
         store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
         store.record("banks", {bank: sorted(keys) for bank, keys in sweep.bank_keys.items()})
+        store.record("fit_seconds", sweep.fit_seconds)
         moved = sorted(s for s, folds in store.folds().items() if folds != {sweep.fold_of.get(s)})
         if moved:
             raise VulnsteerError(f"{out_dir} holds rows whose folds are not the ones its seed and data give (e.g. "

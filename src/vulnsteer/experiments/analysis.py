@@ -113,15 +113,24 @@ def control_of(config_id: str, config: SweepConfig) -> list[str]:
             for k in range(config.random_draws)]
 
 
+SCORE_RESOLUTION = 1e-4  # log-odds closer than this are one value to a threshold: float noise never decides it
+
+
 def best_threshold(scores: np.ndarray, vulnerable: np.ndarray) -> float:
-    """The score threshold with the highest balanced accuracy (midpoints between sorted scores; 0 if one class)."""
+    """The score threshold with the highest balanced accuracy (0 if one class). Candidates are the midpoints
+    between the distinct scores at SCORE_RESOLUTION; a tie is broken exactly, by the middle of the first run of
+    best candidates (so two runs whose scores differ by float noise, as a resumed one may, fit one threshold)."""
     if vulnerable.all() or not vulnerable.any():
         return 0.0
-    values = np.unique(scores)
+    values = np.unique(np.round(scores / SCORE_RESOLUTION) * SCORE_RESOLUTION)
     candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
     predicted = scores[None, :] > candidates[:, None]
     balanced = (predicted[:, vulnerable].mean(1) + (~predicted[:, ~vulnerable]).mean(1)) / 2
-    return float(candidates[int(np.argmax(balanced))])
+    best = np.flatnonzero(balanced == balanced.max())
+    last = best[0]
+    while last + 1 < len(candidates) and balanced[last + 1] == balanced.max():
+        last += 1
+    return float((candidates[best[0]] + candidates[last]) / 2)
 
 
 def fold_thresholded(arm: list[Result], folds: dict[str, int], fitted_on=None) -> list[Judged]:
@@ -189,6 +198,19 @@ def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds
 
         chosen[fold] = min((c for c in candidates if c in arms), key=rank)
     return [arms[chosen[folds[s]]][i] for i, s in enumerate(sample_ids)], chosen
+
+
+def method_arms(a: Analysis) -> dict[str, list[Result]]:
+    """Per method of the sweep, the arm nested selection gives when it may choose only that method's configs (or
+    the baseline): the methods side by side under one protocol."""
+    out = {}
+    for method in a.config.methods:
+        def own(config_id: str, method: str = method) -> bool:
+            return config_id == BASELINE or GridPoint.parse(config_id).method == method
+        arms = {c: rows for c, rows in a.arms.items() if own(c)}
+        selection = {f: {c: rows for c, rows in by_config.items() if own(c)} for f, by_config in a.selection.items()}
+        out[method] = nested_selection(arms, a.sample_ids, a.folds, a.config, selection)[0]
+    return out
 
 
 def selected_thresholded(a: Analysis) -> list[Judged]:

@@ -26,13 +26,15 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     examples,
     flip_rates,
     fold_thresholded,
+    method_arms,
     metric_value,
     path_check,
     selected_thresholded,
+    selection_rows,
     transfer_matrix,
 )
 from vulnsteer.experiments.summary import fmt, judged  # noqa: E402
-from vulnsteer.experiments.sweep import BASELINE, GridPoint  # noqa: E402
+from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate  # noqa: E402
 from vulnsteer.metrics import (  # noqa: E402
     Interval,
     Judged,
@@ -214,6 +216,43 @@ def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str)
     return line
 
 
+# Parameters a method fits per group (pooled or a CWE) and steered layer, for hidden size d (LoReFT: rank r).
+PARAMETERS = {"mean-diff": "d", "pca": "d", "probe": "d", "trained": "d", "loreft": "2rd + r"}
+
+
+def _methods_table(a: Analysis, out_dir: Path) -> str:
+    """One row per method, each the arm nested selection gives among that method's configs only, beside the
+    baseline and the probe's read-out: the methods under one protocol, with what each fits and what fitting cost."""
+    score_mode = a.config.mode == "score"
+    metrics = ["balanced_accuracy", "pair_accuracy", *(["pair_ordering", "auroc"] if score_mode else []),
+               "yes_rate"]
+    base = judged(a.arms[BASELINE])
+    seconds = a.meta.get("fit_seconds", {})
+    rows = [["baseline (the prompt alone)", "0", *(fmt(getattr(summarise(base, n_boot=N_BOOT), m)) for m in metrics),
+             "–", "–", "–"]]
+    for method, arm in method_arms(a).items():
+        items = judged(arm)
+        gain = bootstrap_gain(base, items, a.config.select_metric, n_boot=N_BOOT)
+        test = mcnemar_items(base, items)
+        rows.append([f"{method} (nested selection among its configs)", f"{PARAMETERS.get(method, '?')} per layer "
+                     "and group", *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics), fmt(gain),
+                     f"{test.p_value:.3g}", f"{seconds[method]:.1f}" if method in seconds else "–"])
+    probe_path = out_dir / "probe.json"
+    if probe_path.exists() and score_mode:
+        pooled = [r for r in json.loads(probe_path.read_text()) if r.get("group") == "pooled" and r.get("auroc")]
+        if pooled:
+            best = max(pooled, key=lambda r: r["auroc"])
+            cells = ["–"] * len(metrics)
+            cells[metrics.index("auroc")] = f"{best['auroc']:.3f}"
+            rows.append([f"probe read-out at layer {best['layer']} (a detector, not an intervention; best layer: "
+                         "descriptive)", "d + 1", *cells, "–", "–", "–"])
+    return ("Each method's arm is chosen per fold by nested selection among that method's configs only (or the "
+            "baseline), so the rows compare methods under one protocol. The gain is in "
+            f"{a.config.select_metric} over the baseline with a family-bootstrap interval; p is the paired "
+            "sign-flip test by family; fit seconds add up every fold's and selection pair's fit.\n\n"
+            + _table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows))
+
+
 def _discrimination_table(a: Analysis) -> str:
     """Per CWE and overall, baseline vs selected: the yes-rate (which a shift of every score moves) beside pair
     ordering (which only telling a file from its patched twin moves; score mode)."""
@@ -274,6 +313,9 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
         lines.append(_comparison("At fitted thresholds, selected vs baseline", base_thresholded,
                                  selected_thresholded_, "balanced_accuracy"))
     md = _table(["arm", *metrics], arms_rows)
+    if a.config.mode == "score":
+        lines.append("The selected arm's AUROC pools the scores of folds whose chosen configs may differ: a pooled "
+                     "figure, not one config's.")
     counts = Counter(a.selected_by_fold.values())
     choices = "; ".join(f"`{c}` in {n} of {len(a.selected_by_fold)} folds" for c, n in counts.most_common())
     sections.append(("Headline", f"{md}\n\n" + "\n\n".join(lines) + f"\n\nSelected: {choices}"))
@@ -283,6 +325,7 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
 
         Console(width=160).print(Markdown(f"## Headline ({len(a.sample_ids)} items)\n\n{sections[0][1]}"))
 
+    sections.append(("Methods side by side", _methods_table(a, out_dir)))
     sections.append(("Threshold or discrimination, per CWE", _discrimination_table(a)))
     checks = path_check(a)
     if checks:
@@ -293,12 +336,26 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
                          + _table(["positions", "max |score difference|", "verdicts that differ"], checks)))
 
     score_mode = a.config.mode == "score"
-    top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}"]
+    folds = sorted(set(a.folds.values()))
+
+    def eligible(config_id: str) -> str:
+        """In how many folds nested selection could choose this config (all its selection rows exist); controls
+        and transfer rows are never candidates."""
+        if not is_candidate(GridPoint.parse(config_id), a.config):
+            return "not a candidate"
+        n = sum(selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, config_id) is not None
+                for f in folds)
+        return f"{n}/{len(folds)}"
+    top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}", eligible(s.config)]
            + ([f"{s.auroc:.3f}"] if score_mode else []) for s in a.stats[:15]]
     base_auroc = f" (baseline {metric_value(base_items, 'auroc'):.3f})" if score_mode else ""
     sections.append(("Top configs (descriptive, all held-out rows)",
-                     _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]", "b/c",
-                             "sign-flip p"] + ([f"AUROC{base_auroc}"] if score_mode else []), top)))
+                     "A config is eligible in a fold when nested selection had all its selection rows there (an "
+                     "own-CWE vector needs the CWE among the fold pair's training items); one eligible in no fold "
+                     "could never be the headline's choice.\n\n"
+                     + _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]", "b/c",
+                               "sign-flip p", "eligible (folds)"] + ([f"AUROC{base_auroc}"] if score_mode else []),
+                              top)))
 
     figures: list[tuple[str, str, bytes]] = [("Gain over strength × layer", name, png)
                                              for name, png in gain_heatmaps(a)]

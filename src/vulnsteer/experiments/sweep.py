@@ -282,6 +282,15 @@ class SweepPlan:
     total_rows: int
 
     @property
+    def fit_seconds(self) -> dict[str, float]:
+        """Seconds spent fitting each method, over every fold's and selection pair's bank."""
+        seconds: dict[str, float] = {}
+        for banks in {id(b): b for b in [*self.banks.values(), *self.selection_banks.values()]}.values():
+            for method, bank in banks.items():
+                seconds[method] = seconds.get(method, 0.0) + bank.meta.get("fit_seconds", 0.0)
+        return seconds
+
+    @property
     def bank_keys(self) -> dict[str, set[str]]:
         """Every bank's id and the leak keys of the items it was fitted on."""
         return {bank_id(b.meta): set(b.meta["train_keys"])

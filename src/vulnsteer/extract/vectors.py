@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, cast
@@ -136,6 +137,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
     """A vector per CWE (and/or pooled over all CWEs) and layer from training activations. `trained` vectors are
     fitted on the model itself, on `prefix` (a `trained.Prefix` holding at least the training items, reused across
     folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions)."""
+    started = time.perf_counter()
     layers = layers if layers is not None else sorted(acts.by_layer)
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
     names += [POOLED] if "pooled" in groups else []
@@ -180,6 +182,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
     }
     if isinstance(lm, LoadedModel):  # the weights themselves (a Ray driver has only their description)
         meta["weights_bf16"] = weights_fingerprint(lm.model, torch.bfloat16)
+    meta["fit_seconds"] = round(time.perf_counter() - started, 3)
     return VectorBank(vectors, meta, edits)
 
 
