@@ -228,3 +228,27 @@ def test_a_resumed_store_whose_rows_have_other_folds_is_refused(model_dir, tmp_p
             hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()),))
     store.close()
     one_line_error(*cli(["sweep", "--resume", str(out)], capsys), "folds are not the ones")
+
+
+def test_an_eval_refused_before_its_first_row_leaves_the_folder_to_the_corrected_command(model_dir, tmp_path,
+                                                                                          capsys):
+    """A LoReFT file cannot go through the static decoder: the refusal comes before any row, and the same folder
+    then takes the corrected command (its settings were not kept)."""
+    from vulnsteer.data import load_demo
+    from vulnsteer.extract.activations import collect
+    from vulnsteer.extract.trained import Training
+    from vulnsteer.extract.vectors import fit, save
+    from vulnsteer.prompts import PromptResources
+
+    lm = random_model("llama")
+    train = load_demo()[:8]
+    save(fit(collect(lm, train, "S1", PromptResources()), lm, "loreft", [1], training=Training(steps=2, rank=1)),
+         tmp_path / "reft.safetensors")
+    out = str(tmp_path / "e")
+    args = ["eval", "--model", str(model_dir), "--dataset", "demo", "--limit", "12", "--vectors",
+            str(tmp_path / "reft.safetensors"), "--layers", "1", "--strength", "1", "--cwe-vector", "pooled",
+            "--mode", "generate", "--max-new-tokens", "4", "-o", out]
+    one_line_error(*cli([*args, "--cache", "static"], capsys), "use --cache dynamic")
+    assert not (tmp_path / "e" / "run.json").exists()
+    code, err = cli([*args, "--cache", "dynamic"], capsys)
+    assert code == 0, err

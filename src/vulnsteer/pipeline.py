@@ -111,6 +111,7 @@ def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding
     to the summary."""
     with exclusive(out_dir):  # one writer per folder
         meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
+        fresh = not (out_dir / "run.json").exists()
         done = open_run(out_dir, meta)
         todo = [job for job in jobs if job_key(job, decoding.mode) not in done]
         if done:
@@ -120,8 +121,13 @@ def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding
         try:
             if todo:
                 run_jobs(lm, todo, decoding, "eval", on_result=writer.write)
-        finally:
+        except BaseException:
             writer.close()
+            if fresh and not writer.written:  # a refused start: leave the folder to the corrected command
+                for name in ("run.json", "samples.jsonl"):
+                    (out_dir / name).unlink(missing_ok=True)
+            raise
+        writer.close()
         by_key = {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
         results = [by_key[job_key(job, decoding.mode)] for job in jobs]
         summaries = summarise_results(results, n_boot=n_boot)

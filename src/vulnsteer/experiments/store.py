@@ -109,10 +109,12 @@ class SampleWriter:
         tmp.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in done))
         os.replace(tmp, path)
         self.file = open(path, "a")
+        self.written = 0
 
     def write(self, result: Result) -> None:
         self.file.write(json.dumps(result.to_dict()) + "\n")
         self.file.flush()
+        self.written += 1
 
     def close(self) -> None:
         os.fsync(self.file.fileno())
