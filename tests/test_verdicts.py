@@ -98,3 +98,21 @@ def test_parser_on_real_answers_it_was_not_written_against():
     assert all(r["model"] and r["sample"] for r in rows)
     ours, naive = parser_accuracy(HELD_OUT), parser_accuracy(HELD_OUT, naive_verdict)
     assert ours >= 0.95 and ours > naive
+
+
+@pytest.mark.parametrize("text, cwe, expected", [
+    ("Yes - the code has a buffer overflow in strcpy.", "CWE-787", "vulnerable"),
+    ("Yes – the code writes past the end of buf.", "CWE-787", "vulnerable"),
+    ("Yes — the loop writes past the end.", "CWE-787", "vulnerable"),
+    ("Yes (CWE-416): the pointer is used after free.", "CWE-416", "vulnerable"),
+    ("No (CWE-416): the pointer is never used after it is freed.", "CWE-416", "not_vulnerable"),
+    ("No - the input is validated before use.", "CWE-787", "not_vulnerable"),
+    ("No [the code checks the length].", "CWE-787", "not_vulnerable"),
+    ("The code is not free of buffer overflow issues.", "CWE-787", "vulnerable"),
+    ("This function is not entirely free from vulnerabilities.", "CWE-787", "vulnerable"),
+    ("The code is free of buffer overflows.", "CWE-787", "not_vulnerable"),
+    ("Yes-and-no: it depends on the caller.", "CWE-787", "unknown"),
+])
+def test_answer_shapes_the_parser_used_to_misread(text, cwe, expected):
+    """Issue 29, item 13: a verdict followed by a dash or a bracket, and a negated negative."""
+    assert parse_verdict(text, cwe) == expected

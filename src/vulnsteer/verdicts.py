@@ -9,12 +9,14 @@ of precedence:
 2. Explicit answer lines: ``Answer: yes``, ``**Answer:** No``, ``The answer is: NO``,
    ``Vulnerable: yes``, ``Verdict: not vulnerable``, a line that is only "yes"/"no", or
    ``CWE-89: Yes`` list items (matched to the asked CWE).  Conflicting answers -> "unknown".
-3. A leading "Yes"/"No" ("No." / "No, ..." but not the determiner in "No buffer overflow").
+3. A leading "Yes"/"No" ("No." / "No, ..." / "Yes - ..." / "Yes (CWE-416): ..." but not the determiner in
+   "No buffer overflow").
    Rules 2 and 3 are overruled to "unknown" when a conclusion sentence ("Therefore, ...")
    clearly says the opposite, and "Yes and no" is a hedge.
 4. Sentence/clause analysis: each clause gets a polarity from negated phrases ("not
    vulnerable", "no ... vulnerability", "does not contain", "is safe") checked *before*
-   affirmed ones ("is vulnerable", "contains a ... overflow", "leads to ..."); phrases about
+   affirmed ones ("is vulnerable", "contains a ... overflow", "leads to ..."), except a negated negative ("not
+   free of overflows"), which affirms; phrases about
    missing checks ("does not validate", "no bounds check") are evidence, not verdicts, and
    are ignored.  When a CWE is given, clauses about the asked CWE win over generic ones and
    clauses about other CWEs are dropped.  The last conclusion clause decides; otherwise all
@@ -82,6 +84,8 @@ _UNSAFE = re.compile(
     # failing to prevent a weakness affirms it ("does not prevent buffer overflows")
     r"|\b(?:(?:does|do|did|will|would|can)\s+not|fails?\s+to|failed\s+to|nothing)\s+(?:\w+\s+)?"
     r"(?:prevent|mitigat|protect|stop|guard)\w*"
+    # a negated negative affirms: "not free of overflows", "not entirely free from vulnerabilities"
+    r"|\bnot\s+(?:entirely\s+|completely\s+|totally\s+|fully\s+)?free\s+(?:of|from)\b"
 )
 # A negated belief negates the claim it introduces ("I don't think this code is vulnerable").
 _NEG_BELIEF = re.compile(r"^(?:.*?\b)?(?:i|we)\s+(?:do|did)\s+not\s+(?:think|believe|consider|feel|expect|see how)\b")
@@ -123,7 +127,9 @@ _ANSWER_KEY = re.compile(
 )
 _KEY_LINE = re.compile(r"^\s*(?:[-*+>]\s*|\d+[.)]\s*)?([^:?=\n.!;]{1,80}?)\s*[:=?]\s*[:\-]?\s*" + _ANSWER_VALUE)
 _ANSWER_IS = re.compile(r"\b(?:the|my)\s+(?:final\s+)?answer\s+(?:is|would be)\s*:?\s*" + _ANSWER_VALUE)
-_LEADING = re.compile(r"^(?:[-*>]\s*)?(yes|no|sí)(?=$|[\s.,!;:)\-]*$|[.,!;:)\-]|\s+(?:it|the|this|that|there|i|we)\b)")
+# After the word: the end, punctuation, a dash (hyphen, en or em) or a bracket ("Yes (CWE-416): ..."), or a pronoun.
+_LEADING = re.compile(r"^(?:[-*>]\s*)?(yes|no|sí)(?=$|[\s.,!;:)\-]*$|[.,!;:)\-]|\s*[-\u2013\u2014(\[]"
+                      r"|\s+(?:it|the|this|that|there|i|we)\b)")
 _YES_VALUES = {"yes", "vulnerable", "true", "sí"}
 
 
@@ -313,7 +319,7 @@ def _explicit_answer(lines: list[str], keys: tuple[str, ...]) -> Verdict | None:
 def _leading_answer(lines: list[str]) -> Verdict | None:
     """A first word of "Yes"/"No" used as an answer, not as a determiner ("No buffer ...")."""
     first = lines[0]
-    if re.match(r"^yes\s*(?:and|&|/)\s*no\b", first):
+    if re.match(r"^yes[\s-]*(?:and|&|/)[\s-]*no\b", first):
         return UNKNOWN
     m = _LEADING.match(first)
     return _value(m.group(1)) if m else None
