@@ -154,10 +154,15 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
                 method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate"):
     """Fit one vector per CWE and layer plus a pooled one, and save them with their metadata."""
-    from vulnsteer.extract.vectors import fit, save
+    from vulnsteer.extract.trained import Training
+    from vulnsteer.extract.vectors import LEARNED, fit, save
 
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
-    bank = fit(acts, lm, method, layers, normalisation, resources=resources)
+    if method in LEARNED:
+        with progress(f"fitting {method}", Training().steps) as advance:
+            bank = fit(acts, lm, method, layers, normalisation, resources=resources, progress=advance)
+    else:
+        bank = fit(acts, lm, method, layers, normalisation, resources=resources)
     save(bank, output)
     return bank
 

@@ -109,7 +109,8 @@ def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[S
 
 def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
                   layers: Sequence[int], residual_norms: dict[int, float], pooled: str,
-                  settings: Training = Training()) -> dict[str, dict[int, torch.Tensor]]:
+                  settings: Training = Training(),
+                  progress: Callable[[int], None] | None = None) -> dict[str, dict[int, torch.Tensor]]:
     """A steering vector per group and layer (`--method trained`), its norm projected onto the bound each step."""
     # A tiny fixed random start: a zero vector would install no hook at all, so it would get no gradient.
     generator = torch.Generator().manual_seed(0)
@@ -126,14 +127,14 @@ def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], gr
                 u.mul_((settings.max_norm / u.norm().clamp(min=1e-12)).clamp(max=1.0))
 
     _train(lm, prefix, samples, groups, layers, pooled, steering,
-           [u for by_layer in units.values() for u in by_layer.values()], settings, project)
+           [u for by_layer in units.values() for u in by_layer.values()], settings, project, progress)
     return {g: {layer: (units[g][layer] * residual_norms[layer]).detach().float().cpu() for layer in layers}
             for g in groups}
 
 
 def train_edits(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
-                layers: Sequence[int], pooled: str,
-                settings: Training = Training()) -> dict[str, dict[int, LowRankEdit]]:
+                layers: Sequence[int], pooled: str, settings: Training = Training(),
+                progress: Callable[[int], None] | None = None) -> dict[str, dict[int, LowRankEdit]]:
     """A LoReFT edit of rank `settings.rank` per group and layer (`--method loreft`), float32, R orthonormal."""
     generator = torch.Generator().manual_seed(0)
     device = prefix.last_ids.device
@@ -144,14 +145,16 @@ def train_edits(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], grou
         return Steering({}, 1.0, edits={layer: edits[group][layer]})
 
     _train(lm, prefix, samples, groups, layers, pooled, steering,
-           [p for by_layer in edits.values() for edit in by_layer.values() for p in edit.parameters()], settings)
+           [p for by_layer in edits.values() for edit in by_layer.values() for p in edit.parameters()], settings,
+           progress=progress)
     return {g: {layer: edit.cpu().requires_grad_(False) for layer, edit in by_layer.items()}
             for g, by_layer in edits.items()}
 
 
 def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str], layers: Sequence[int],
            pooled: str, steering: Callable[[str, int], Steering], parameters: list[torch.Tensor],
-           settings: Training, after_step: Callable[[], None] = lambda: None) -> None:
+           settings: Training, after_step: Callable[[], None] = lambda: None,
+           progress: Callable[[int], None] | None = None) -> None:
     """Adam on the binary cross-entropy of the answer's log-odds against the label. Group `pooled` trains on every
     item, a CWE's group on that CWE's items, all in the same steps: each copy of an item's last token carries one
     (group, layer) intervention, and no two interventions share a parameter."""
@@ -174,3 +177,5 @@ def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: S
         optimiser.step()
         with torch.no_grad():
             after_step()
+        if progress:
+            progress(1)

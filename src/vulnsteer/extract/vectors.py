@@ -133,10 +133,12 @@ class VectorBank:
 
 def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
         normalisation: str = "residual", groups: str = "cwe+pooled", prefix: Prefix | None = None,
-        resources: PromptResources | None = None, training: Training = Training()) -> VectorBank:
+        resources: PromptResources | None = None, training: Training = Training(),
+        progress: Callable[[int], None] | None = None) -> VectorBank:
     """A vector per CWE (and/or pooled over all CWEs) and layer from training activations. `trained` vectors are
     fitted on the model itself, on `prefix` (a `trained.Prefix` holding at least the training items, reused across
-    folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions)."""
+    folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions); `progress`
+    hears of each training step."""
     started = time.perf_counter()
     layers = layers if layers is not None else sorted(acts.by_layer)
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
@@ -167,10 +169,11 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
         prefix = prefix.select(ids) if prefix is not None else prefix_pass(lm, acts.samples, acts.prompt_id, resources)
         extra = {"training": asdict(training), "trained_at": "the last token of score mode's prompt"}
         if method == "trained":
-            vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training)
+            vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training,
+                                    progress)
             extra["normalisation_note"] = "learned norm, at most max_norm mean residual norms"
         else:
-            edits = train_edits(lm, prefix, acts.samples, names, layers, POOLED, training)
+            edits = train_edits(lm, prefix, acts.samples, names, layers, POOLED, training, progress)
     meta = {
         "model": lm.model_id, "model_type": lm.model_type, "config_hash": lm.config_hash,
         "hidden_size": lm.hidden_size,
