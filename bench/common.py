@@ -9,6 +9,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,3 +46,15 @@ def write_report(report: dict, path: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def timed(run, repeats: int, warm_up: bool = False) -> list[float]:
+    """Seconds of each of `repeats` calls of `run` (after one untimed call with `warm_up`)."""
+    if warm_up:
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_info, write_report
+from common import run_info, timed, write_report
 
 import vulnsteer  # noqa: F401  (sets OMP_WAIT_POLICY before torch does work)
 from vulnsteer.data import filter_samples, load_demo
@@ -72,15 +72,6 @@ def configs(lm: LoadedModel, k: int, positions: Positions) -> list[Steering]:
 
 def steered(jobs: list[Job], rows: list[Steering]) -> list[list[Job]]:
     return [[Job(j.sample, j.prompt_id, j.prompt, row) for j in jobs] for row in rows]
-
-
-def timed(run, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

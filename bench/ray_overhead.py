@@ -15,9 +15,9 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
+from common import timed
 
 from vulnsteer.data import load_demo
 from vulnsteer.experiments.backends import LocalBackend
@@ -28,16 +28,6 @@ from vulnsteer.prompts import PromptResources
 from vulnsteer.records import Decoding
 
 MODEL = "smollm2-135m-instruct"
-
-
-def timed(run, repeats: int) -> list[float]:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             for shard in cut:
                 local.evaluate([jobs[i] for i in shard], decoding)
 
-        runs = {"local": timed(lambda: local.evaluate(jobs, decoding), repeats),
-                "local_sharded": timed(sharded, repeats)}
+        runs = {"local": timed(lambda: local.evaluate(jobs, decoding), repeats, warm_up=True),
+                "local_sharded": timed(sharded, repeats, warm_up=True)}
         cluster = RayBackend(ClusterOptions("local", workers=1), str(model), "float32", "score")
         try:
-            runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding), repeats)
+            runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding), repeats, warm_up=True)
         finally:
             cluster.close()
     median = {name: statistics.median(times) for name, times in runs.items()}

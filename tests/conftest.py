@@ -39,3 +39,19 @@ def forward_pass_tokens(monkeypatch, tokens: float) -> None:
 
     for device in ("cpu", "cuda"):
         monkeypatch.setitem(FORWARD_PASS_TOKENS, device, tokens)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI, run in this process as `vulnsteer ARGS`: (exit status, stdout, stderr)."""
+    import sys
+
+    from vulnsteer.cli import main
+
+    old, sys.argv = sys.argv, ["vulnsteer", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err

@@ -14,15 +14,14 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import sys
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from vulnsteer.cli import main
 from vulnsteer.data import load_demo
 from vulnsteer.extract.activations import collect
 from vulnsteer.extract.llama_cpp import LlamaServer, free_port, hook_logprobs, mean_gap, server_binary
@@ -87,15 +86,7 @@ def test_llama_cpp_steers_with_our_control_vector_as_our_hooks_do(lm, tmp_path):
 
 
 def _eval(args, capsys) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["vulnsteer", "eval", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
+    return run_cli(["eval", *args], capsys)
 
 
 def _rows(folder: Path) -> dict[str, dict]:
@@ -196,11 +187,5 @@ def test_api_errors_are_one_line_and_5xx_are_retried(lm, tmp_path, capsys, monke
     for args, message in cases:
         code, _, err = _eval([*args, *data, "-o", str(tmp_path / "e")], capsys)
         assert code == 1 and message in err and "Traceback" not in err, err
-    old = sys.argv
-    sys.argv = ["vulnsteer", "sweep", "--model", "openai:smollm2", "--limit", "2", "-o", str(tmp_path / "s")]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    assert exit_info.value.code == 1 and "only `eval` (unsteered)" in capsys.readouterr().err
+    code, _, err = run_cli(["sweep", "--model", "openai:smollm2", "--limit", "2", "-o", str(tmp_path / "s")], capsys)
+    assert code == 1 and "only `eval` (unsteered)" in err

@@ -8,6 +8,7 @@ import json
 import sqlite3
 
 import pytest
+from conftest import run_cli
 
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments import analysis
@@ -87,21 +88,10 @@ def test_selection_that_reads_the_fold_it_chooses_for_or_another_folds_rows_is_r
 
 
 def test_report_check_reverifies_a_real_store_and_fails_a_hand_edited_one(tmp_path, capsys):
-    from vulnsteer.cli import main
-
     run_sweep(SweepConfig(**SMALL, methods=["mean-diff", "trained"]), tmp_path, lm=random_model("llama"))
 
     def report_check() -> tuple[int, str, str]:
-        import sys
-
-        old, sys.argv = sys.argv, ["vulnsteer", "report", str(tmp_path), "--check"]
-        try:
-            with pytest.raises(SystemExit) as exit_info:
-                main()
-        finally:
-            sys.argv = old
-        out = capsys.readouterr()
-        return exit_info.value.code or 0, out.out, out.err
+        return run_cli(["report", str(tmp_path), "--check"], capsys)
 
     code, out, err = report_check()
     assert code == 0 and "steered rows re-verified" in out, err

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli
 
 from vulnsteer.models import random_model
 
@@ -60,16 +61,8 @@ def test_a_second_writer_on_a_folder_is_refused_with_the_holders_pid(command, mo
 
 def cli(args: list[str], capsys) -> tuple[int, str]:
     """Run the CLI in this process; (exit status, stderr)."""
-    from vulnsteer.cli import main
-
-    old = sys.argv
-    sys.argv = ["vulnsteer", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    return exit_info.value.code or 0, capsys.readouterr().err
+    code, _, err = run_cli(args, capsys)
+    return code, err
 
 
 def one_line_error(code: int, err: str, *needles: str) -> None:
