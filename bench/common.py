@@ -58,3 +58,11 @@ def timed(run, repeats: int, warm_up: bool = False) -> list[float]:
         run()
         times.append(time.perf_counter() - start)
     return times
+
+
+def bench_model(name: str, smoke: bool, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The model a benchmark measures: `name`, or with `--smoke` the unit tests' tiny random one (offline, seconds;
+    its figures mean nothing)."""
+    from vulnsteer.models import load_model, random_model
+
+    return random_model("qwen2", device=device) if smoke else load_model(name, dtype=dtype, device=device)

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_info, timed, write_report
+from common import bench_model, run_info, timed, write_report
 
 import vulnsteer  # noqa: F401  (sets OMP_WAIT_POLICY before torch does work)
 from vulnsteer.data import filter_samples, load_demo
 from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.extract.vectors import relative_layer
-from vulnsteer.models import LoadedModel, load_model, random_model
+from vulnsteer.models import LoadedModel
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources
 from vulnsteer.records import Decoding, Job, Positions, Steering
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--items, --k, --repeats and --matmul-n must be at least 1")
     if args.smoke:
         args.items, args.k, args.repeats, args.matmul_n = 4, 2, 1, 256
-    lm = random_model("qwen2") if args.smoke else load_model(args.model, dtype=torch.float32, device="cpu")
+    lm = bench_model(args.model, args.smoke)
     samples = filter_samples(load_demo(), None, None, args.items)
     jobs = make_jobs(samples, "S1", PromptResources())
     decoding = Decoding("score", final_answer=False)

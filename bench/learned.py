@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_info, write_report
+from common import bench_model, run_info, write_report
 
 import vulnsteer  # noqa: F401  (sets OMP_WAIT_POLICY before torch does work)
 from vulnsteer.data import filter_samples, load_demo
 from vulnsteer.engine.runners import encode
 from vulnsteer.extract.trained import Training, prefix_pass, score_text, train_edits, train_vectors
 from vulnsteer.extract.vectors import POOLED, parse_layers
-from vulnsteer.models import load_model, random_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--items, --steps, --rank and --repeats must be at least 1")
     if args.smoke:
         args.items, args.steps, args.repeats, args.layers = 4, 2, 1, "1"
-    lm = random_model("qwen2") if args.smoke else load_model(args.model, dtype=torch.float32, device="cpu")
+    lm = bench_model(args.model, args.smoke)
     items = filter_samples(load_demo(), None, None, args.items)
     layers = parse_layers(args.layers, lm.num_layers)
     groups = [POOLED] + (sorted({s.cwe for s in items}) if args.groups == "cwe+pooled" else [])

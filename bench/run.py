@@ -45,7 +45,7 @@ from unittest import mock
 
 import torch
 import transformers
-from common import REPO, run_info, write_report
+from common import REPO, bench_model, run_info, write_report
 
 # vulnsteer first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported (busy-waiting OpenMP threads make
 # timings on a 2-core machine swing threefold).
@@ -58,7 +58,7 @@ from vulnsteer.engine.planner import batch_cost, batches, padded_tokens
 from vulnsteer.engine.runners import yes_no_log_odds
 from vulnsteer.engine.static import StaticDecoder
 from vulnsteer.extract.vectors import relative_layer
-from vulnsteer.models import load_model, random_model, resolve_dtype
+from vulnsteer.models import resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, render
 from vulnsteer.records import Decoding, Job, Positions, Steering, SteeringId
@@ -767,8 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     dtype = resolve_dtype(args.dtype, "generate", args.device)
     t0 = time.perf_counter()
-    lm = random_model("qwen2", device=args.device) if args.smoke else load_model(args.model, dtype=dtype,
-                                                                                   device=args.device)
+    lm = bench_model(args.model, args.smoke, dtype, args.device)
     load_s = time.perf_counter() - t0
     jobs, data_desc = load_jobs(args, lm)
     report: dict[str, Any] = {

@@ -111,8 +111,9 @@ def test_vectors_from_other_weights_of_the_same_architecture_are_refused(tmp_pat
     assert fitted_on.config_hash == other.config_hash  # what the old check compared: it passed
     bank = fit(collect(fitted_on, load_demo()[:8], "S1", PromptResources()), fitted_on, "mean-diff", [1])
     check_compatible(bank, fitted_on)
-    fitted_on.model.to(torch.bfloat16)
-    check_compatible(bank, fitted_on)  # the same weights in another dtype are the same weights
+    same_in_bf16 = random_model("llama", seed=0)
+    same_in_bf16.model.to(torch.bfloat16)
+    check_compatible(bank, same_in_bf16)  # the same weights in another dtype are the same weights
     with pytest.raises(VulnsteerError, match="fitted on other weights.*--allow-other-weights"):
         check_compatible(bank, other)
     check_compatible(bank, other, allow_other_weights=True)

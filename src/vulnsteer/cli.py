@@ -224,8 +224,8 @@ def eval_command(
 
 
 MethodOpt = typer.Option("mean-diff", "--method",
-                         help="mean-diff, pca, probe, or trained (learned on the model's answers at the last prompt "
-                              "token).")
+                         help="mean-diff, pca, probe, or a method learned on the model's answers at the last prompt "
+                              "token: trained (a vector) or loreft (a low-rank edit).")
 ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations: prompt-last or code-mean.")
 
 
@@ -407,7 +407,7 @@ SWEEP_FLAGS = dict(
     train_max_chars=typer.Option(None, "--train-max-chars"),
     train_pairs_per_cwe=typer.Option(None, "--train-pairs-per-cwe"),
     prompt=typer.Option(None, "--prompt"), mode=typer.Option(None, "--mode"), folds=typer.Option(None, "--folds"),
-    methods=typer.Option(None, "--methods", help="mean-diff,pca,probe,trained"),
+    methods=typer.Option(None, "--methods", help="mean-diff,pca,probe,trained,loreft"),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),

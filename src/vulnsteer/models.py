@@ -16,6 +16,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -184,6 +185,12 @@ class LoadedModel:
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
+
+    @cached_property
+    def weights_bf16(self) -> str:
+        """The weights' fingerprint rounded to bfloat16: one checkpoint in float32 or bfloat16 gives one value
+        (what vector files record of the weights they were fitted on)."""
+        return weights_fingerprint(self.model, torch.bfloat16)
 
     @property
     def info(self) -> ModelInfo:

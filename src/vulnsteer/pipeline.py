@@ -336,16 +336,13 @@ def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_ro
     from vulnsteer.engine.planner import row_costs
     from vulnsteer.experiments.sweep import store_row
 
-    def key(sample_id: str, label) -> tuple:
-        return sample_id, label.config if label else None, label.outer if label else None
-
     costs = row_costs(sweep.jobs, decoding, backend.info.num_layers)
-    cost_of = {key(j.sample.id, j.steering.label if j.steering else None): c for j, c in zip(sweep.jobs, costs)}
+    cost_of = {job_key(j, decoding.mode): c for j, c in zip(sweep.jobs, costs)}
     first, rest = sweep.jobs[:calibration_rows], sweep.jobs[calibration_rows:]
     with progress("sweep", len(sweep.jobs), work=sum(costs)) as advance:
         def on_result(result: Result) -> None:
             store_row(store, sweep.fold_of, result)
-            advance(1, cost_of[key(result.sample_id, result.steering)])
+            advance(1, cost_of[result_key(result)])
 
         started = time.perf_counter()
         backend.evaluate(first, decoding, None, on_result)

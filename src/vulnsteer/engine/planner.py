@@ -147,17 +147,22 @@ def interleave(first: list[Batch], second: list[Batch]) -> list[Batch]:
     return [batch for _, batch in sorted(paced(first) + paced(second), key=lambda pair: pair[0])]
 
 
+def prompt_tokens_estimate(job) -> float:
+    """A job's prompt tokens without tokenising it: 4 characters a token (planning needs only proportions)."""
+    return sum(len(message["content"]) for message in job.prompt.messages) / 4
+
+
 def row_costs(jobs: Sequence, decoding, num_layers: int) -> list[float]:
     """Tokens of work each row adds, for an estimate of time left that holds from the first rows on (rows differ
     tenfold in cost, so counting rows misleads). A prompt's tokens are paid once by the rows that leave it alone
     (unsteered, or steered from its last token on: they share one pass over it); a row steered over its prompt pays
     the layers from its first steered one up (the layers below are shared); every row pays its own answer. Prompts
-    count 4 characters a token."""
+    count 4 characters a token (`prompt_tokens_estimate`)."""
     answer = decoding.max_new_tokens if decoding.mode == "generate" else 1
     paid: set[tuple[str, str]] = set()
     costs = []
     for job in jobs:
-        prompt = sum(len(message["content"]) for message in job.prompt.messages) / 4
+        prompt = prompt_tokens_estimate(job)
         row = job.steering
         if row is None or row.leaves_prompt_alone:
             key = (job.sample.id, job.prompt_id)

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
+from vulnsteer.engine.planner import prompt_tokens_estimate
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.backends import LocalBackend, SteeringOf
 from vulnsteer.experiments.side_effects import SideEffect
@@ -79,8 +80,7 @@ def shards(costs: Sequence[float], groups: Sequence[Hashable], n: int) -> list[l
 
 def job_cost(job: Job, decoding: Decoding) -> float:
     """Tokens a row costs, roughly: its prompt (4 characters a token) and what it generates."""
-    prompt = sum(len(message["content"]) for message in job.prompt.messages) / 4
-    return prompt + (decoding.max_new_tokens if decoding.mode == "generate" else 1)
+    return prompt_tokens_estimate(job) + (decoding.max_new_tokens if decoding.mode == "generate" else 1)
 
 
 def _worker_error(exc) -> VulnsteerError:

@@ -35,7 +35,7 @@ from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
 from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits, train_vectors
-from vulnsteer.models import LoadedModel, ModelInfo, weights_fingerprint
+from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
@@ -184,7 +184,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
         "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__, **extra,
     }
     if isinstance(lm, LoadedModel):  # the weights themselves (a Ray driver has only their description)
-        meta["weights_bf16"] = weights_fingerprint(lm.model, torch.bfloat16)
+        meta["weights_bf16"] = lm.weights_bf16
     meta["fit_seconds"] = round(time.perf_counter() - started, 3)
     return VectorBank(vectors, meta, edits)
 
@@ -266,7 +266,7 @@ def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors",
     checkpoint, a fine-tune) they are refused unless `allow_other_weights`, with a warning then."""
     meta = bank.meta
     fitted_on = meta.get("weights_bf16")
-    if fitted_on and fitted_on != weights_fingerprint(lm.model, torch.bfloat16):
+    if fitted_on and fitted_on != lm.weights_bf16:
         if not allow_other_weights:
             raise VulnsteerError(f"{source} were fitted on other weights than {lm.model_id}'s (same architecture, "
                                  f"another checkpoint: {meta.get('model')}); pass --allow-other-weights to use them "
