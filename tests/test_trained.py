@@ -14,7 +14,16 @@ from test_evaluation import make_samples
 from vulnsteer.engine.runners import answer_token_ids, encode
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import collect
-from vulnsteer.extract.trained import Training, answer_log_odds, prefix_pass, score_text, train_edits, train_vectors
+from vulnsteer.extract.trained import (
+    Training,
+    answer_log_odds,
+    log_odds,
+    next_token_logprobs,
+    prefix_pass,
+    score_text,
+    train_edits,
+    train_vectors,
+)
 from vulnsteer.extract.vectors import POOLED, fit
 from vulnsteer.prompts import PromptResources
 from vulnsteer.records import Steering
@@ -89,6 +98,26 @@ def test_training_moves_the_answer_as_asked_within_the_norm_bound(lm):
             after = answer_log_odds(lm, prefix, [[Steering({layer: vectors[POOLED][layer]}, 1.0)]] * len(samples))
             assert after[:, 0].mean() > before.mean() + 0.1, (layer, before, after)
             assert vectors[POOLED][layer].norm() <= 0.5 * norms[layer] + 1e-4
+
+
+def test_a_heavy_kl_penalty_keeps_the_trained_vector_close_to_the_unsteered_model(lm):
+    """kl_weight x KL(unsteered || steered) at the steered token: with a large weight the fitted vector moves the
+    next-token distribution and the answer's log-odds less than the same fit without it."""
+    samples = [replace(s, label="vulnerable") for s in make_samples(6)]
+    prefix = prefix_pass(lm, samples)
+    norms = {2: 3.0}
+    with torch.no_grad():
+        before = next_token_logprobs(lm, prefix, [[None]] * len(samples))[:, 0]
+    moved = {}
+    for weight in (0.0, 100.0):
+        settings = Training(steps=25, learning_rate=0.1, max_norm=0.5, kl_weight=weight)
+        vector = train_vectors(lm, prefix, samples, [POOLED], [2], norms, POOLED, settings)[POOLED][2]
+        with torch.no_grad():
+            after = next_token_logprobs(lm, prefix, [[Steering({2: vector}, 1.0)]] * len(samples))[:, 0]
+        kl = float((before.exp() * (before - after)).sum(-1).mean())
+        moved[weight] = (kl, float((log_odds(lm, after) - log_odds(lm, before)).mean()))
+    assert moved[0.0][1] > 0.1  # without the penalty the answer moves as asked
+    assert moved[100.0][0] < 0.5 * moved[0.0][0] and moved[100.0][1] < moved[0.0][1], moved
 
 
 def test_training_refuses_a_prefix_holding_other_items_than_its_training_items(lm):

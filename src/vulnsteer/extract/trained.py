@@ -43,6 +43,9 @@ class Training:
     learning_rate: float = 0.05
     max_norm: float = 1.0  # trained vectors
     rank: int = 4  # loreft edits (1-8)
+    # Adds kl_weight x KL(unsteered || steered) of the next-token distribution where the intervention acts (the
+    # prompt's last token) on the training prompts: the fit pays for moving the whole distribution, not just yes/no.
+    kl_weight: float = 0.0
 
 
 @dataclass
@@ -90,6 +93,19 @@ def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[S
     """log P(yes) - log P(no) after each item's last token, once per entry of `tokens[i]` (its steering; all rows
     as wide as the widest, unsteered where shorter): [items, width], differentiable in the steering vectors. The
     prefix's cache is left as it was."""
+    return log_odds(lm, next_token_logprobs(lm, prefix, tokens))
+
+
+def log_odds(lm: LoadedModel, logp: torch.Tensor) -> torch.Tensor:
+    """log P(yes) - log P(no) from next-token log-probabilities [..., vocab]."""
+    yes, no = answer_token_ids(lm.tokenizer)
+    return logp[..., yes].logsumexp(-1) - logp[..., no].logsumexp(-1)
+
+
+def next_token_logprobs(lm: LoadedModel, prefix: Prefix,
+                        tokens: Sequence[Sequence[Steering | None]]) -> torch.Tensor:
+    """The float32 next-token log-probabilities after each item's last token, once per entry of `tokens[i]`:
+    [items, width, vocab] (see `answer_log_odds`)."""
     model = lm.model
     width = max(len(row) for row in tokens)
     length = prefix.cache.get_seq_length()
@@ -102,9 +118,7 @@ def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[S
     finally:
         for layer in prefix.cache.layers:  # the copies' keys and values were appended (crop's API varies)
             layer.keys, layer.values = layer.keys[:, :, :length].detach(), layer.values[:, :, :length].detach()
-    yes, no = answer_token_ids(lm.tokenizer)
-    logp = logits.float().log_softmax(-1)
-    return logp[..., yes].logsumexp(-1) - logp[..., no].logsumexp(-1)
+    return logits.float().log_softmax(-1)
 
 
 def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
@@ -155,9 +169,10 @@ def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: S
            pooled: str, steering: Callable[[str, int], Steering], parameters: list[torch.Tensor],
            settings: Training, after_step: Callable[[], None] = lambda: None,
            progress: Callable[[int], None] | None = None) -> None:
-    """Adam on the binary cross-entropy of the answer's log-odds against the label. Group `pooled` trains on every
-    item, a CWE's group on that CWE's items, all in the same steps: each copy of an item's last token carries one
-    (group, layer) intervention, and no two interventions share a parameter."""
+    """Adam on the binary cross-entropy of the answer's log-odds against the label (plus the KL penalty, when
+    weighted). Group `pooled` trains on every item, a CWE's group on that CWE's items, all in the same steps: each
+    copy of an item's last token carries one (group, layer) intervention, and no two interventions share a
+    parameter."""
     if prefix.sample_ids != [s.id for s in samples]:  # the held-out check reads the items, so they must be these
         raise VulnsteerError("learned interventions: the prefix holds other items than the training items (select "
                              "them first); refusing to train on items they may be tested on")
@@ -167,10 +182,17 @@ def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: S
     labels = prefix.labels[:, None].expand(-1, width)
     present = torch.tensor([[k < len(row) for k in range(width)] for row in slots], device=device)
     optimiser = torch.optim.Adam(parameters, lr=settings.learning_rate)
+    unsteered = None
+    if settings.kl_weight:
+        with torch.no_grad():
+            unsteered = next_token_logprobs(lm, prefix, [[None]] * len(samples))  # [n, 1, vocab]
     for _ in range(settings.steps):
         tokens = [[steering(g, layer) for g, layer in row] for row in slots]
-        scores = answer_log_odds(lm, prefix, tokens)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(scores[present], labels[present])
+        logp = next_token_logprobs(lm, prefix, tokens)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds(lm, logp)[present], labels[present])
+        if unsteered is not None:
+            kl = (unsteered.exp() * (unsteered - logp)).sum(-1)  # KL(unsteered || steered) per copy
+            loss = loss + settings.kl_weight * kl[present].mean()
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)  # the model's weights get no gradient
         for parameter, grad in zip(parameters, grads):
             parameter.grad = grad
