@@ -335,3 +335,55 @@ def test_resume_with_other_flags_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(tmp_path),
                              "--strengths", "5"], capture_output=True, text=True)
     assert result.returncode == 1 and "drop --strengths" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_best_prompt_is_chosen_on_the_training_folds_only():
+    """S3 is right on fold 0's own items and wrong elsewhere; S5 is right on the other folds' items. The prompt
+    for fold 0 must be S5 (its rows on fold 0 form the arm), chosen on no item of fold 0; a prompt only as good as
+    the sweep's own loses the tie to it."""
+    from vulnsteer.experiments.analysis import Analysis, best_prompt
+
+    config = SweepConfig(**{**SMALL, "prompts": ["S3", "S5", "R1"]})
+    n = 12
+    labels = ["vulnerable" if i % 2 == 0 else "patched" for i in range(n)]
+    right = lambda i: "vulnerable" if labels[i] == "vulnerable" else "not_vulnerable"  # noqa: E731
+    wrong = lambda i: "not_vulnerable" if labels[i] == "vulnerable" else "vulnerable"  # noqa: E731
+    folds = {f"s{i:02d}": i // 4 for i in range(n)}
+    base = [_row(i, labels[i], "vulnerable") for i in range(n)]
+    others = {"prompt:S3": [_row(i, labels[i], right(i) if i // 4 == 0 else wrong(i)) for i in range(n)],
+              "prompt:S5": [_row(i, labels[i], wrong(i) if i // 4 == 0 else right(i)) for i in range(n)],
+              "prompt:R1": list(base)}
+    a = Analysis({}, config, sorted(folds), {BASELINE: base}, folds, [], base, {}, {}, others)
+    choice = best_prompt(a)
+    assert choice is not None and choice.chosen[0] == "S5"
+    assert [r.verdict for r in choice.rows[:4]] == [wrong(i) for i in range(4)]  # S5's rows on fold 0
+    for fold, items in choice.chosen_on.items():
+        assert items and not {s for s in items if folds[s] == fold}
+    # Only R1 (as good as the sweep's own S1 everywhere) and S1 left: the tie goes to S1.
+    a.others = {"prompt:R1": list(base)}
+    assert set(best_prompt(a).chosen.values()) == {"S1"}
+
+
+def test_a_sweep_stores_the_candidate_prompts_rows_and_reports_the_best_prompt(tmp_path):
+    """`prompts`: every candidate prompt's unsteered rows are stored under its own config id with its prompt (so a
+    resume skips them), and the report's methods table has the best-prompt row with each fold's choice."""
+    lm = tiny_lm("qwen2")
+    config = SweepConfig(**{**SMALL, "layers": ["1"], "vectors": ["pooled"], "transfer": False,
+                            "prompts": ["S1", "S3", "strict"]})
+    run_sweep(config, tmp_path, lm=lm)
+    a = analyse(tmp_path)
+    assert set(a.others) == {"prompt:S3", "prompt:strict"}
+    for config_id, rows in a.others.items():
+        assert all(r.prompt_id == config_id.removeprefix("prompt:") and r.steering is None for r in rows)
+    assert all(r.prompt_id == "S1" for r in a.arms[BASELINE])
+    assert any(r.score != b.score for r, b in zip(a.others["prompt:S3"], a.arms[BASELINE]))  # another prompt
+    text = (tmp_path / "report.md").read_text()
+    assert "| best prompt (chosen on training folds) |" in text and "fold 0: " in text
+    from vulnsteer.experiments.sweep import load_sweep_samples, plan
+    from vulnsteer.experiments.store import SweepStore
+    from vulnsteer.prompts import PromptResources
+
+    store = SweepStore(tmp_path / "sweep.sqlite")
+    test, _ = load_sweep_samples(config)
+    assert plan(config, lm, test, None, PromptResources(), store.done(), store.selection_done()).jobs == []
+    store.close()

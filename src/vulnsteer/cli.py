@@ -352,7 +352,7 @@ def vectors_export(
 
 def _sweep_overrides(**flags) -> dict:
     """Flags given on the command line, in config-file form (lists split on commas; layer sets on ';')."""
-    lists = {"split", "cwe", "methods", "vectors", "positions", "train_split"}
+    lists = {"split", "cwe", "methods", "vectors", "positions", "train_split", "prompts"}
     out = {}
     for key, value in flags.items():
         if value is None:
@@ -407,6 +407,8 @@ SWEEP_FLAGS = dict(
     train_max_chars=typer.Option(None, "--train-max-chars"),
     train_pairs_per_cwe=typer.Option(None, "--train-pairs-per-cwe"),
     prompt=typer.Option(None, "--prompt"), mode=typer.Option(None, "--mode"), folds=typer.Option(None, "--folds"),
+    prompts=typer.Option(None, "--prompts", help="The best-prompt arm's candidates (all, or e.g. S1,S3,strict): "
+                                                 "per fold the best on the training folds' items."),
     methods=typer.Option(None, "--methods", help="mean-diff,pca,probe,trained,loreft"),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),

@@ -263,8 +263,8 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
     from vulnsteer.experiments.report import write_report
     from vulnsteer.experiments.store import SweepStore
     from vulnsteer.experiments.sweep import (
-        BASELINE,
         RUN_IDENTITY,
+        arm_ids,
         config_sha256,
         dataset_hash,
         plan,
@@ -308,7 +308,7 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         if moved:
             raise VulnsteerError(f"{out_dir} holds rows whose folds are not the ones its seed and data give (e.g. "
                                  f"{moved[0]}): the store was edited; start another --output-dir")
-        known = {p.id for p in sweep.points} | {BASELINE}
+        known = arm_ids(config, sweep.points)
         foreign = sorted({c for c, _ in store.done()} - known)
         if foreign:
             raise VulnsteerError(f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
@@ -341,7 +341,7 @@ def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_ro
     first, rest = sweep.jobs[:calibration_rows], sweep.jobs[calibration_rows:]
     with progress("sweep", len(sweep.jobs), work=sum(costs)) as advance:
         def on_result(result: Result) -> None:
-            store_row(store, sweep.fold_of, result)
+            store_row(store, sweep, result)
             advance(1, cost_of[result_key(result)])
 
         started = time.perf_counter()

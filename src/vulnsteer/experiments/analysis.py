@@ -3,7 +3,7 @@ configs with all their rows; the headline's selected arm is chosen by nested sel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -15,9 +15,11 @@ from vulnsteer.experiments.store import read_sweep
 from vulnsteer.experiments.summary import judged
 from vulnsteer.experiments.sweep import (
     BASELINE,
+    PROMPT_ARM,
     GridPoint,
     SweepConfig,
     is_candidate,
+    is_grid_config,
     path_controls,
     transfer_point,
 )
@@ -59,6 +61,7 @@ class Analysis:
     selected_by_fold: dict[int, str]
     # outer fold -> config -> sample id -> the selection row (vectors fitted without the outer fold and the row's)
     selection: dict[int, dict[str, dict[str, Result]]]
+    others: dict[str, list[Result]] = field(default_factory=dict)  # arms beside the grid's (candidate prompts)
 
 
 def metric_value(items: Sequence[Judged], metric: str) -> float:
@@ -80,7 +83,8 @@ def analyse(out_dir: Path) -> Analysis:
     if BASELINE not in by_config:
         raise VulnsteerError(f"{out_dir} has no baseline rows yet; resume the sweep first")
     sample_ids = sorted(by_config[BASELINE])
-    arms = {c: [rows_[s] for s in sample_ids] for c, rows_ in by_config.items() if set(rows_) >= set(sample_ids)}
+    complete = {c: [rows_[s] for s in sample_ids] for c, rows_ in by_config.items() if set(rows_) >= set(sample_ids)}
+    arms = {c: rows_ for c, rows_ in complete.items() if is_grid_config(c)}
     selection: dict[int, dict[str, dict[str, Result]]] = {}
     for outer, config_id, result in stored.selection:
         selection.setdefault(outer, {}).setdefault(config_id, {})[result.sample_id] = result
@@ -97,7 +101,7 @@ def analyse(out_dir: Path) -> Analysis:
                                  metric_value(steered, "auroc")))
     selected, selected_by_fold = nested_selection(arms, sample_ids, folds, config, selection)
     return Analysis(meta, config, sample_ids, arms, folds, sorted(stats, key=lambda s: -s.gain.value), selected,
-                    selected_by_fold, selection)
+                    selected_by_fold, selection, {c: rows_ for c, rows_ in complete.items() if c not in arms})
 
 
 def _is_candidate(config_id: str, config: SweepConfig) -> bool:
@@ -211,6 +215,40 @@ def method_arms(a: Analysis) -> dict[str, list[Result]]:
         selection = {f: {c: rows for c, rows in by_config.items() if own(c)} for f, by_config in a.selection.items()}
         out[method] = nested_selection(arms, a.sample_ids, a.folds, a.config, selection)[0]
     return out
+
+
+@dataclass
+class PromptChoice:
+    """The best-prompt arm: per fold, the prompt chosen and the items it was chosen on (never the fold's own)."""
+
+    rows: list[Result]  # aligned with the analysis' sample_ids
+    chosen: dict[int, str]
+    chosen_on: dict[int, list[str]]
+    candidates: list[str]
+
+
+def best_prompt(a: Analysis) -> PromptChoice | None:
+    """Per fold f, the prompt (the sweep's own among them) whose unsteered rows on the other folds' items score best
+    in the selection metric, and its rows on fold f: a prompt fitted on training folds only, as a vector is. Ties go
+    to the sweep's own prompt. None without candidate prompts."""
+    arms = {a.config.prompt: a.arms[BASELINE]}
+    arms |= {c.removeprefix(PROMPT_ARM): rows for c, rows in a.others.items() if c.startswith(PROMPT_ARM)}
+    if len(arms) < 2:
+        return None
+    chosen, chosen_on = {}, {}
+    for fold in sorted(set(a.folds.values())):
+        training = [i for i, s in enumerate(a.sample_ids) if a.folds[s] != fold]
+
+        def rank(prompt: str, fold: int = fold, training: list[int] = training):
+            rows = [arms[prompt][i] for i in training]
+            _check_selection_rows(rows, a.folds, fold, PROMPT_ARM + prompt)  # the guarantee, on the rows read
+            value = metric_value(judged(rows), a.config.select_metric)
+            return (-(value if value == value else -1.0), prompt != a.config.prompt, prompt)
+
+        chosen[fold] = min(arms, key=rank)
+        chosen_on[fold] = [a.sample_ids[i] for i in training]
+    rows = [arms[chosen[a.folds[s]]][i] for i, s in enumerate(a.sample_ids)]
+    return PromptChoice(rows, chosen, chosen_on, sorted(arms))
 
 
 def selected_thresholded(a: Analysis) -> list[Judged]:

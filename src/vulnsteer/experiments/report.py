@@ -22,6 +22,7 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     Analysis,
     analyse,
     answer_costs,
+    best_prompt,
     control_arms,
     examples,
     flip_rates,
@@ -228,15 +229,28 @@ def _methods_table(a: Analysis, out_dir: Path) -> str:
                "yes_rate"]
     base = judged(a.arms[BASELINE])
     seconds = a.meta.get("fit_seconds", {})
-    rows = [["baseline (the prompt alone)", "0", *(fmt(getattr(summarise(base, n_boot=N_BOOT), m)) for m in metrics),
-             "–", "–", "–"]]
-    for method, arm in method_arms(a).items():
+
+    def row(name: str, parameters: str, arm: list, fit_seconds: str = "–") -> list[str]:
         items = judged(arm)
         gain = bootstrap_gain(base, items, a.config.select_metric, n_boot=N_BOOT)
         test = mcnemar_items(base, items)
-        rows.append([f"{method} (nested selection among its configs)", f"{PARAMETERS.get(method, '?')} per layer "
-                     "and group", *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics), fmt(gain),
-                     f"{test.p_value:.3g}", f"{seconds[method]:.1f}" if method in seconds else "–"])
+        return [name, parameters, *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics), fmt(gain),
+                f"{test.p_value:.3g}", fit_seconds]
+
+    rows = [["baseline (the prompt alone)", "0", *(fmt(getattr(summarise(base, n_boot=N_BOOT), m)) for m in metrics),
+             "–", "–", "–"]]
+    prompts = best_prompt(a)
+    notes = ""
+    if prompts is not None:
+        rows.append(row("best prompt (chosen on training folds)", f"0 (one of {len(prompts.candidates)} prompts)",
+                        prompts.rows))
+        chosen = ", ".join(f"fold {f}: {p} (on {len(prompts.chosen_on[f])} items of the other folds)"
+                           for f, p in prompts.chosen.items())
+        notes += f"\n\nBest prompt, chosen per fold among {', '.join(prompts.candidates)}: {chosen}."
+    for method, arm in method_arms(a).items():
+        rows.append(row(f"{method} (nested selection among its configs)",
+                        f"{PARAMETERS.get(method, '?')} per layer and group", arm,
+                        f"{seconds[method]:.1f}" if method in seconds else "–"))
     probe_path = out_dir / "probe.json"
     if probe_path.exists() and score_mode:
         pooled = [r for r in json.loads(probe_path.read_text()) if r.get("group") == "pooled" and r.get("auroc")]
@@ -250,7 +264,7 @@ def _methods_table(a: Analysis, out_dir: Path) -> str:
             "baseline), so the rows compare methods under one protocol. The gain is in "
             f"{a.config.select_metric} over the baseline with a family-bootstrap interval; p is the paired "
             "sign-flip test by family; fit seconds add up every fold's and selection pair's fit.\n\n"
-            + _table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows))
+            + _table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows) + notes)
 
 
 def _discrimination_table(a: Analysis) -> str:
@@ -468,7 +482,7 @@ def export_rows(a: Analysis, out_dir: Path) -> None:
     with open(out_dir / "rows.jsonl", "w") as jf, open(out_dir / "rows.csv", "w", newline="") as cf:
         writer = csv.writer(cf)
         writer.writerow(fields)
-        for config_id, results in a.arms.items():
+        for config_id, results in {**a.arms, **a.others}.items():
             for r in results:
                 jf.write(json.dumps({"config": config_id, "fold": a.folds[r.sample_id], **r.to_dict()}) + "\n")
                 writer.writerow([config_id, a.folds[r.sample_id], r.sample_id, r.cwe, r.label, r.verdict, r.score,

@@ -76,6 +76,9 @@ class SweepConfig:
     train_max_chars: int | None = None
     train_pairs_per_cwe: int | None = None
     prompt: str = "S1"
+    # The best-prompt arm: these prompts ("all": the 17 SecLLMHolmes prompts and strict) each asked of every item
+    # unsteered; per fold, the one best on the other folds' items gives the arm (report: "best prompt").
+    prompts: list[str] | None = None
     mode: str = "score"
     folds: int = 4
     seed: int = 0
@@ -120,6 +123,7 @@ class SweepConfig:
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("mode", [self.mode], MODES)
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
+        _check_choice("prompts", self.prompts or [], (*PROMPT_IDS, "all"))
         _check_choice("normalisation", [self.normalisation], NORMALISATIONS)
         _check_choice("select_metric", [self.select_metric], SELECT_METRICS)
         _check_choice("cache", [self.cache], CACHES)
@@ -258,6 +262,25 @@ def is_candidate(point: GridPoint, config: SweepConfig) -> bool:
     return point.vectors in config.vectors and not point.is_random and point.strength != 0
 
 
+PROMPT_ARM = "prompt:"  # the config id of a candidate prompt's unsteered rows: "prompt:S3"
+
+
+def prompt_candidates(config: SweepConfig) -> list[str]:
+    """The best-prompt arm's prompts other than the sweep's own (whose unsteered rows are the baseline's)."""
+    asked = list(PROMPT_IDS) if "all" in (config.prompts or []) else config.prompts or []
+    return [p for p in dict.fromkeys(asked) if p != config.prompt]
+
+
+def is_grid_config(config_id: str) -> bool:
+    """A steering config of the grid (or the baseline), not another arm's rows (a candidate prompt's)."""
+    return not config_id.startswith(PROMPT_ARM)
+
+
+def arm_ids(config: SweepConfig, points: Sequence[GridPoint]) -> set[str]:
+    """Every config id a sweep's test rows may be stored under."""
+    return {BASELINE, *(p.id for p in points), *(PROMPT_ARM + p for p in prompt_candidates(config))}
+
+
 def dataset_hash(samples: Sequence[Sample]) -> str:
     digest = hashlib.sha256()
     for s in sorted(samples, key=lambda s: s.id):
@@ -280,6 +303,7 @@ class SweepPlan:
     points: list[GridPoint]
     jobs: list[Job]
     total_rows: int
+    prompt: str  # the sweep's prompt: its unsteered rows are the baseline, other prompts' the best-prompt arm's
 
     @property
     def fit_seconds(self) -> dict[str, float]:
@@ -378,6 +402,9 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         return Job(s, config.prompt, prompts[s.id], steering_for(point, s, fold_of[s.id], banks_, layer_sets, outer))
 
     jobs = [Job(s, config.prompt, prompts[s.id]) for s in test if (BASELINE, s.id) not in done]
+    others = prompt_candidates(config)  # unsteered: they fit nothing, and the arm's choice reads other folds only
+    jobs += [Job(s, p, build_prompt(s, p, resources)) for p in others for s in test
+             if (PROMPT_ARM + p, s.id) not in done]
     jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test if (p.id, s.id) not in done]
     candidates = [p for p in points if is_candidate(p, config)]
     # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
@@ -387,7 +414,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection
              if (f, p.id, s.id) not in selection_done]
     sweep = SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
-                      len(test) * (1 + len(points)) + len(selection))
+                      len(test) * (1 + len(points) + len(others)) + len(selection), config.prompt)
     # The guarantee, checked on the rows about to run, whatever built them: no row's vectors saw its fold.
     check_provenance(provenance_rows([(j.sample, j.steering.label if j.steering else None) for j in jobs], fold_of,
                                      test), sweep.bank_keys)
@@ -469,16 +496,20 @@ def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
     return vector / vector.norm() * like.norm()
 
 
-def config_of(result: Result) -> str:
-    return result.steering.config if result.steering and result.steering.config else BASELINE
+def config_of(result: Result, prompt: str) -> str:
+    """A row's config id: its grid point; unsteered, the baseline (the sweep's `prompt`) or a candidate prompt."""
+    if result.steering and result.steering.config:
+        return result.steering.config
+    return BASELINE if result.prompt_id == prompt else PROMPT_ARM + result.prompt_id
 
 
-def store_row(store: SweepStore, fold_of: dict[str, int], result: Result) -> None:
+def store_row(store: SweepStore, sweep: SweepPlan, result: Result) -> None:
     """A test row, or (steering labelled with an outer fold) a selection row."""
+    fold = sweep.fold_of[result.sample_id]
     if result.steering and result.steering.outer is not None:
-        store.add_selection(result.steering.outer, config_of(result), fold_of[result.sample_id], result)
+        store.add_selection(result.steering.outer, config_of(result, sweep.prompt), fold, result)
     else:
-        store.add(config_of(result), fold_of[result.sample_id], result)
+        store.add(config_of(result, sweep.prompt), fold, result)
 
 
 RUN_IDENTITY = ("model", "config_hash", "weights", "dtype", "device", "torch", "transformers", "dataset_hash",
