@@ -379,8 +379,8 @@ def test_a_sweep_stores_the_candidate_prompts_rows_and_reports_the_best_prompt(t
     assert any(r.score != b.score for r, b in zip(a.others["prompt:S3"], a.arms[BASELINE]))  # another prompt
     text = (tmp_path / "report.md").read_text()
     assert "| best prompt (chosen on training folds) |" in text and "fold 0: " in text
-    from vulnsteer.experiments.sweep import load_sweep_samples, plan
     from vulnsteer.experiments.store import SweepStore
+    from vulnsteer.experiments.sweep import load_sweep_samples, plan
     from vulnsteer.prompts import PromptResources
 
     store = SweepStore(tmp_path / "sweep.sqlite")

@@ -410,6 +410,9 @@ SWEEP_FLAGS = dict(
     prompts=typer.Option(None, "--prompts", help="The best-prompt arm's candidates (all, or e.g. S1,S3,strict): "
                                                  "per fold the best on the training folds' items."),
     methods=typer.Option(None, "--methods", help="mean-diff,pca,probe,trained,loreft"),
+    lora_steps=typer.Option(None, "--lora-steps", min=0,
+                            help="Add the LoRA ceiling (peft, r=8 on q,k,v,o): per fold, this many steps on its "
+                                 "training items (needs the lora extra)."),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),

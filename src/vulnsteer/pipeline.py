@@ -267,7 +267,9 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         arm_ids,
         config_sha256,
         dataset_hash,
+        lora_rows,
         plan,
+        store_row,
     )
     from vulnsteer.extract.activations import Activations
     from vulnsteer.extract.vectors import parse_layers
@@ -275,6 +277,9 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
     info, resources = backend.info, prompt_resources(config.dataset)
     for spec in config.layers:  # a bad layer is refused before anything is written
         parse_layers(spec, info.num_layers)
+    local = backend.local_model()
+    if config.lora_steps and local is None:
+        raise VulnsteerError("lora_steps: LoRA trains the model in this process; run the sweep without --ray")
     store = SweepStore(out_dir / "sweep.sqlite")
     meta = {"model": info.model_id, "config_hash": info.config_hash, "weights": info.fingerprint,
             "dtype": info.dtype, "device": info.device, "torch": torch.__version__,
@@ -320,6 +325,13 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         start = time.perf_counter()
         if sweep.jobs:
             _run_rows(backend, sweep, Decoding(config.mode, config.max_new_tokens, budget, config.cache), store)
+        if local is not None and config.lora_steps:
+            fits = store.meta().get("lora_fits", {})
+            for fold, rows, fit in lora_rows(local, config, sweep, resources, store.done()):
+                for row in rows:
+                    store_row(store, sweep, row)
+                fits[str(fold)] = {"parameters": fit.parameters, "seconds": round(fit.seconds, 3)}
+                store.record("lora_fits", fits)
         print(f"sweep rows done in {time.perf_counter() - start:.1f} s")
         _write_probe(activations(sweep.samples), config, out_dir)
         analysis = analyse(out_dir)

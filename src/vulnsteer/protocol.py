@@ -95,6 +95,11 @@ def held_out_from(samples: list[Sample], vector_meta: dict, what: str = "items")
     return kept
 
 
+def items_sha256(samples: Sequence[Sample]) -> str:
+    """A digest of a training set's item ids (a vector file's `train_ids_sha256`)."""
+    return hashlib.sha256("\n".join(sorted(s.id for s in samples)).encode()).hexdigest()
+
+
 def bank_id(vector_meta: dict) -> str:
     """A vector bank's identity in stored rows: a digest of the items it was fitted on."""
     return vector_meta["train_ids_sha256"][:16]

@@ -35,7 +35,7 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     transfer_matrix,
 )
 from vulnsteer.experiments.summary import fmt, judged  # noqa: E402
-from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate  # noqa: E402
+from vulnsteer.experiments.sweep import BASELINE, LORA, GridPoint, is_candidate  # noqa: E402
 from vulnsteer.metrics import (  # noqa: E402
     Interval,
     Judged,
@@ -251,6 +251,16 @@ def _methods_table(a: Analysis, out_dir: Path) -> str:
         rows.append(row(f"{method} (nested selection among its configs)",
                         f"{PARAMETERS.get(method, '?')} per layer and group", arm,
                         f"{seconds[method]:.1f}" if method in seconds else "–"))
+    fits = a.meta.get("lora_fits", {})
+    if LORA in a.others and fits:
+        counts = sorted({fit["parameters"] for fit in fits.values()})
+        rows.append(row(f"LoRA r=8 on q,k,v,o (fine-tuning ceiling, {a.config.lora_steps} steps per fold)",
+                        " or ".join(f"{n:,}" for n in counts), a.others[LORA],
+                        f"{sum(fit['seconds'] for fit in fits.values()):.1f}"))
+        notes += ("\n\nLoRA is fitted once per fold on that fold's training items (no nested selection: one "
+                  "setting) and scores the fold's items as score mode does; its fit runs every training prompt in "
+                  "full each step (adapters change every position, so no prefix cache), then the base model is "
+                  "restored.")
     probe_path = out_dir / "probe.json"
     if probe_path.exists() and score_mode:
         pooled = [r for r in json.loads(probe_path.read_text()) if r.get("group") == "pooled" and r.get("auroc")]

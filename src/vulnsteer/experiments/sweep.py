@@ -16,17 +16,19 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import tomllib
 import torch
 
 from vulnsteer.data import Sample, filter_samples, load_dataset
+from vulnsteer.engine.evaluate import make_result
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.store import SweepStore, read_sweep, read_text
 from vulnsteer.extract.activations import Activations, collect
+from vulnsteer.extract.lora import LoraFit, LoraTraining, fit_and_score
 from vulnsteer.extract.trained import Prefix, prefix_pass
 from vulnsteer.extract.vectors import (
     LEARNED,
@@ -39,7 +41,15 @@ from vulnsteer.extract.vectors import (
 )
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
-from vulnsteer.protocol import bank_id, check_provenance, drop_overlap, overlapping, pair_folds
+from vulnsteer.protocol import (
+    bank_id,
+    check_provenance,
+    drop_overlap,
+    items_sha256,
+    overlapping,
+    pair_folds,
+    training_keys,
+)
 from vulnsteer.records import (
     CACHES,
     MODES,
@@ -79,6 +89,8 @@ class SweepConfig:
     # The best-prompt arm: these prompts ("all": the 17 SecLLMHolmes prompts and strict) each asked of every item
     # unsteered; per fold, the one best on the other folds' items gives the arm (report: "best prompt").
     prompts: list[str] | None = None
+    # > 0: the LoRA ceiling arm (peft, r=8 on q,k,v,o), fitted per fold on its training items with this many steps
+    lora_steps: int = 0
     mode: str = "score"
     folds: int = 4
     seed: int = 0
@@ -136,6 +148,9 @@ class SweepConfig:
         _check_integer("max_new_tokens", self.max_new_tokens, 1)
         _check_integer("folds", self.folds, 2 if self.train_dataset else 3)
         _check_integer("random_draws", self.random_draws, 1)
+        _check_integer("lora_steps", self.lora_steps, 0)
+        if self.lora_steps and self.mode != "score":
+            raise VulnsteerError("config: lora_steps needs mode score (LoRA is trained and read at the answer's score)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -263,6 +278,7 @@ def is_candidate(point: GridPoint, config: SweepConfig) -> bool:
 
 
 PROMPT_ARM = "prompt:"  # the config id of a candidate prompt's unsteered rows: "prompt:S3"
+LORA = "lora"  # the config id of the LoRA ceiling's rows
 
 
 def prompt_candidates(config: SweepConfig) -> list[str]:
@@ -272,13 +288,14 @@ def prompt_candidates(config: SweepConfig) -> list[str]:
 
 
 def is_grid_config(config_id: str) -> bool:
-    """A steering config of the grid (or the baseline), not another arm's rows (a candidate prompt's)."""
-    return not config_id.startswith(PROMPT_ARM)
+    """A steering config of the grid (or the baseline), not another arm's rows (a candidate prompt's, LoRA's)."""
+    return not config_id.startswith(PROMPT_ARM) and config_id != LORA
 
 
 def arm_ids(config: SweepConfig, points: Sequence[GridPoint]) -> set[str]:
     """Every config id a sweep's test rows may be stored under."""
-    return {BASELINE, *(p.id for p in points), *(PROMPT_ARM + p for p in prompt_candidates(config))}
+    return {BASELINE, *(p.id for p in points), *(PROMPT_ARM + p for p in prompt_candidates(config)),
+            *([LORA] if config.lora_steps else [])}
 
 
 def dataset_hash(samples: Sequence[Sample]) -> str:
@@ -304,6 +321,7 @@ class SweepPlan:
     jobs: list[Job]
     total_rows: int
     prompt: str  # the sweep's prompt: its unsteered rows are the baseline, other prompts' the best-prompt arm's
+    lora_train: dict[int, list[Sample]]  # fold -> the items LoRA is fitted on for it (empty without the arm)
 
     @property
     def fit_seconds(self) -> dict[str, float]:
@@ -317,8 +335,9 @@ class SweepPlan:
     @property
     def bank_keys(self) -> dict[str, set[str]]:
         """Every bank's id and the leak keys of the items it was fitted on."""
-        return {bank_id(b.meta): set(b.meta["train_keys"])
+        keys = {bank_id(b.meta): set(b.meta["train_keys"])
                 for banks in [*self.banks.values(), *self.selection_banks.values()] for b in banks.values()}
+        return keys | {lora_bank(items): set(training_keys(items)) for items in self.lora_train.values()}
 
 
 def provenance_rows(rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: dict[str, int],
@@ -396,6 +415,8 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         check_held_out(shared, test)
         banks = {f: shared for f in members}
     points = grid(config, sorted({s.cwe for s in test}))
+    lora_train = {f: train if train is not None else [s for s in test if fold_of[s.id] != f] for f in members} \
+        if config.lora_steps else {}
     prompts = {s.id: build_prompt(s, config.prompt, resources) for s in test}
 
     def job(s: Sample, point: GridPoint, banks_: Banks, outer: int | None = None) -> Job:
@@ -414,11 +435,38 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection
              if (f, p.id, s.id) not in selection_done]
     sweep = SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
-                      len(test) * (1 + len(points) + len(others)) + len(selection), config.prompt)
+                      len(test) * (1 + len(points) + len(others) + bool(config.lora_steps)) + len(selection),
+                      config.prompt, lora_train)
     # The guarantee, checked on the rows about to run, whatever built them: no row's vectors saw its fold.
     check_provenance(provenance_rows([(j.sample, j.steering.label if j.steering else None) for j in jobs], fold_of,
                                      test), sweep.bank_keys)
     return sweep
+
+
+def lora_bank(items: Sequence[Sample]) -> str:
+    """The id LoRA rows name for the adapters fitted on `items` (a digest of their ids, as a vector bank's)."""
+    return bank_id({"train_ids_sha256": items_sha256(items)})
+
+
+def lora_rows(lm: LoadedModel, config: SweepConfig, sweep: SweepPlan, resources: PromptResources,
+              done: set[tuple[str, str]]) -> Iterator[tuple[int, list[Result], LoraFit]]:
+    """The LoRA ceiling: per fold with rows left, adapters fitted on that fold's training items (the other folds',
+    or `train_dataset`'s) score the fold's items as score mode does; each row names the adapters' training set,
+    and the rows are checked like steered rows before they are stored. The model is restored after each fit."""
+    members: dict[int, list[Sample]] = {}
+    for s in sweep.samples:
+        members.setdefault(sweep.fold_of[s.id], []).append(s)
+    for fold, train in sorted(sweep.lora_train.items()):
+        if all((LORA, s.id) in done for s in members[fold]):
+            continue
+        print(f"LoRA: fitting on {len(train)} items for fold {fold} ({config.lora_steps} steps)", flush=True)
+        fit = fit_and_score(lm, train, members[fold], config.prompt, resources, LoraTraining(steps=config.lora_steps))
+        label = SteeringId(config=LORA, fold=fold, bank=lora_bank(train))
+        rows = [replace(make_result(Job(s, config.prompt, build_prompt(s, config.prompt, resources)), "score", "",
+                                    fit.scores[s.id], 0, 0, 0.0, []), steering=label) for s in members[fold]]
+        check_provenance(provenance_rows([(s, label) for s in members[fold]], sweep.fold_of, sweep.samples),
+                         sweep.bank_keys)
+        yield fold, rows, fit
 
 
 def check_stored_provenance(out_dir: Path) -> int:

@@ -15,7 +15,6 @@ means the same at every layer and in every model: with `residual`, strength 1 ad
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -37,7 +36,7 @@ from vulnsteer.extract.activations import Activations
 from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits, train_vectors
 from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.prompts import PromptResources
-from vulnsteer.protocol import training_keys
+from vulnsteer.protocol import items_sha256, training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
 from vulnsteer.steering.reft import LowRankEdit
 
@@ -179,7 +178,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
         "hidden_size": lm.hidden_size,
         "num_layers": lm.num_layers, "layers": layers, "method": method, "read": acts.read,
         "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
-        "train_ids_sha256": hashlib.sha256("\n".join(sorted(s.id for s in acts.samples)).encode()).hexdigest(),
+        "train_ids_sha256": items_sha256(acts.samples),
         "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples),
         "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__, **extra,
     }

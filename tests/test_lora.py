@@ -1,0 +1,95 @@
+"""The LoRA ceiling (`extract/lora.py`): fitted on training items only, the base model restored bit for bit after
+each fit, and what it reaches on the synthetic readable pairs of tests/test_trained.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_evaluation import make_samples
+from test_trained import readable_pairs
+
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.extract.lora import LoraTraining, fit_and_score
+from vulnsteer.extract.trained import answer_log_odds, prefix_pass
+from vulnsteer.protocol import drop_overlap
+
+
+def test_after_a_lora_fit_the_base_model_is_bit_identical(lm):
+    """No leak between folds: the adapters are gone, every weight tensor and every output is what it was."""
+    samples = make_samples(6)
+    before = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+    grads = {name: p.requires_grad for name, p in lm.model.named_parameters()}
+    modules = [type(m) for m in lm.model.modules()]
+    with torch.no_grad():
+        scores = answer_log_odds(lm, prefix_pass(lm, samples), [[None]] * len(samples))
+    train, test = samples[:4], drop_overlap(samples[4:], samples[:4], "test items")
+    fit = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=3, learning_rate=0.05))
+    unadapted = dict(zip((s.id for s in samples), scores[:, 0].tolist()))
+    assert fit.parameters > 0 and any(v != pytest.approx(unadapted[k]) for k, v in fit.scores.items())
+    assert [type(m) for m in lm.model.modules()] == modules
+    after = dict(lm.model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n], t) for n, t in before.items())
+    assert {name: p.requires_grad for name, p in after.items()} == grads
+    with torch.no_grad():
+        again = answer_log_odds(lm, prefix_pass(lm, samples), [[None]] * len(samples))
+    assert torch.equal(again, scores)
+
+
+def test_lora_refuses_to_be_tested_on_its_training_items(lm):
+    samples = make_samples(6)
+    with pytest.raises(VulnsteerError, match="not held out"):
+        fit_and_score(lm, samples, samples[4:], "S1", None, LoraTraining(steps=1))
+
+
+def test_lora_on_readable_pairs_reports_its_held_out_balanced_accuracy(capsys):
+    """Fitted on 16 training pairs, scored on 8 others at the plain log-odds > 0 verdict (the figure is printed)."""
+    from vulnsteer.models import random_model
+
+    lm = random_model("qwen2")
+    train = readable_pairs("a", 16, 0)
+    test = drop_overlap(readable_pairs("b", 8, 1), train, "test items")  # the twins' code repeats across sets
+    fit = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=30, learning_rate=0.01))
+    said = torch.tensor([fit.scores[s.id] > 0 for s in test])
+    truth = torch.tensor([s.is_vulnerable for s in test])
+    balanced = float(((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2)
+    with capsys.disabled():
+        print(f"\nLoRA r=8 (q,k,v,o), 30 steps: held-out balanced accuracy {balanced:.3f}, "
+              f"{fit.parameters} parameters, {fit.seconds:.1f} s")
+    assert 0.0 <= balanced <= 1.0
+
+
+def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeypatch):
+    """`lora_steps`: one fit per fold on the other folds' items, the fold's rows stored under `lora` naming that
+    training set, the stored provenance re-verified, the table's LoRA row with its real parameter count; a resume
+    fits nothing again."""
+    from vulnsteer.data import family
+    from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.analysis import analyse
+    from vulnsteer.experiments.sweep import LORA, SweepConfig, check_stored_provenance
+    from vulnsteer.models import random_model
+    from vulnsteer.pipeline import run_sweep
+
+    fits: list[tuple[set[str], set[str]]] = []
+    fit_ = sweep_module.fit_and_score
+
+    def recording(lm, train, test, *args, **kwargs):
+        fits.append(({family(s) for s in train}, {family(s) for s in test}))
+        return fit_(lm, train, test, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "fit_and_score", recording)
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
+                         vectors=["pooled"], transfer=False, lora_steps=2)
+    lm = random_model("llama")
+    run_sweep(config, tmp_path, lm=lm)
+    a = analyse(tmp_path)
+    assert len(fits) == 3 and all(train and test and not train & test for train, test in fits)
+    rows = a.others[LORA]
+    assert len(rows) == len(a.sample_ids)
+    assert all(r.steering.config == LORA and r.steering.fold == a.folds[r.sample_id] for r in rows)
+    assert check_stored_provenance(tmp_path) >= len(rows)
+    parameters = {fit["parameters"] for fit in a.meta["lora_fits"].values()}
+    # r (in + out) per projection: q, o are 64 -> 64; k, v 64 -> 32 (2 of 4 heads); 4 layers, r = 8.
+    assert parameters == {4 * 8 * (2 * (64 + 64) + 2 * (64 + 32))}
+    assert f"{parameters.pop():,}" in (tmp_path / "report.md").read_text().split("LoRA r=8")[1][:200]
+    run_sweep(config, tmp_path, lm=lm)
+    assert len(fits) == 3  # resumed: every LoRA row was stored
