@@ -42,20 +42,21 @@ def test_lora_refuses_to_be_tested_on_its_training_items(lm):
 
 
 def test_lora_on_readable_pairs_reports_its_held_out_balanced_accuracy(capsys):
-    """Fitted on 16 training pairs, scored on 8 others at the plain log-odds > 0 verdict (the figure is printed)."""
+    """Fitted on 16 training pairs, scored on the 6 other pairs that share no code with them, at the plain log-odds
+    > 0 verdict where the unsteered model is at chance: the ceiling reads the label (the figure is printed)."""
     from vulnsteer.models import random_model
 
     lm = random_model("qwen2")
     train = readable_pairs("a", 16, 0)
     test = drop_overlap(readable_pairs("b", 8, 1), train, "test items")  # the twins' code repeats across sets
-    fit = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=30, learning_rate=0.01))
+    fit = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=15, learning_rate=0.01))
     said = torch.tensor([fit.scores[s.id] > 0 for s in test])
     truth = torch.tensor([s.is_vulnerable for s in test])
     balanced = float(((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2)
     with capsys.disabled():
-        print(f"\nLoRA r=8 (q,k,v,o), 30 steps: held-out balanced accuracy {balanced:.3f}, "
+        print(f"\nLoRA r=8 (q,k,v,o), 15 steps: held-out balanced accuracy {balanced:.3f}, "
               f"{fit.parameters} parameters, {fit.seconds:.1f} s")
-    assert 0.0 <= balanced <= 1.0
+    assert balanced >= 0.9
 
 
 def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeypatch):

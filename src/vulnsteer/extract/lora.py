@@ -56,8 +56,10 @@ def adapted(lm: LoadedModel, settings: LoraTraining) -> Iterator[list[torch.nn.P
         raise VulnsteerError("the LoRA arm needs peft: pip install 'vulnsteer[lora]'") from exc
 
     trainable = {name: p.requires_grad for name, p in lm.model.named_parameters()}
-    peft_model = get_peft_model(lm.model, LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
-                                                     target_modules=list(settings.targets)))
+    with torch.random.fork_rng(devices=[]):  # a seeded start (peft draws A at random), so a fit is repeatable
+        torch.manual_seed(0)
+        peft_model = get_peft_model(lm.model, LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank,
+                                                         lora_dropout=0.0, target_modules=list(settings.targets)))
     try:
         yield [p for p in peft_model.parameters() if p.requires_grad]
     finally:
