@@ -104,10 +104,24 @@ def test_resume_is_refused_for_another_dataset(tmp_path):
     ({"batch_tokens": 0}, "batch_tokens"),
     ({"batch_tokens": "auto"}, "batch_tokens"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompts": ["S1", "S99"]}, "prompts has unknown value"),
+    ({"lora_steps": -1}, "lora_steps"),
+    ({"lora_steps": 2, "mode": "generate"}, "lora_steps needs mode score"),
 ])
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(VulnsteerError, match=message):
         SweepConfig.from_dict(bad)
+
+
+def test_the_best_prompt_and_lora_flags_reach_the_config():
+    """`--prompts all --lora-steps 3`: every prompt but the sweep's own is a candidate; LoRA runs 3 steps a fold."""
+    from vulnsteer.cli import _sweep_overrides
+    from vulnsteer.experiments.sweep import prompt_candidates
+    from vulnsteer.prompts import PROMPT_IDS
+
+    config = load_config(None, _sweep_overrides(prompts="all", lora_steps=3, prompt="S2"))
+    assert prompt_candidates(config) == [p for p in PROMPT_IDS if p != "S2"] and config.lora_steps == 3
+    assert prompt_candidates(load_config(None, _sweep_overrides(prompts="S1,S3,S3"))) == ["S3"]
 
 
 def test_toml_config_and_flag_overrides(tmp_path):

@@ -48,7 +48,7 @@ DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt
                   max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
 _INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
-              "train_pairs_per_cwe", "batch_tokens"}
+              "train_pairs_per_cwe", "batch_tokens", "lora_steps"}
 
 
 def _with_options(options: dict):
