@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from vulnsteer.extract.vectors import (
     parse_layers,
 )
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
-from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
+from vulnsteer.prompts import PROMPT_IDS, Prompt, PromptResources, build_prompt
 from vulnsteer.protocol import (
     bank_id,
     check_provenance,
@@ -287,6 +288,24 @@ def prompt_candidates(config: SweepConfig) -> list[str]:
     return [p for p in dict.fromkeys(asked) if p != config.prompt]
 
 
+def candidate_prompts(config: SweepConfig, test: Sequence[Sample],
+                      resources: PromptResources) -> dict[str, dict[str, Prompt]]:
+    """The best-prompt arm's prompts built for every item, before anything is fitted: a named prompt the dataset
+    cannot ask (it lacks the few-shot files or CWE definitions) is refused at once; with "all" it is left out."""
+    built, left_out = {}, []
+    for prompt in prompt_candidates(config):
+        try:
+            built[prompt] = {s.id: build_prompt(s, prompt, resources) for s in test}
+        except VulnsteerError:
+            if "all" not in (config.prompts or []):
+                raise
+            left_out.append(prompt)
+    if left_out:
+        print(f"best prompt: {', '.join(left_out)} left out (this dataset lacks the few-shot files or CWE "
+              "definitions they need)", file=sys.stderr)
+    return built
+
+
 def is_grid_config(config_id: str) -> bool:
     """A steering config of the grid (or the baseline), not another arm's rows (a candidate prompt's, LoRA's)."""
     return not config_id.startswith(PROMPT_ARM) and config_id != LORA
@@ -388,6 +407,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     folds = pair_folds(test, config.folds, config.seed)
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
+    others = candidate_prompts(config, test, resources)  # unsteered: they fit nothing; the arm's choice is nested
     selection_banks: dict[tuple[int, int], Banks] = {}
     # Learned methods train on the model's answers: each training item's prompt prefix runs once for every bank.
     learned = [m for m in config.methods if m in LEARNED]
@@ -423,9 +443,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         return Job(s, config.prompt, prompts[s.id], steering_for(point, s, fold_of[s.id], banks_, layer_sets, outer))
 
     jobs = [Job(s, config.prompt, prompts[s.id]) for s in test if (BASELINE, s.id) not in done]
-    others = prompt_candidates(config)  # unsteered: they fit nothing, and the arm's choice reads other folds only
-    jobs += [Job(s, p, build_prompt(s, p, resources)) for p in others for s in test
-             if (PROMPT_ARM + p, s.id) not in done]
+    jobs += [Job(s, p, others[p][s.id]) for p in others for s in test if (PROMPT_ARM + p, s.id) not in done]
     jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test if (p.id, s.id) not in done]
     candidates = [p for p in points if is_candidate(p, config)]
     # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
