@@ -401,3 +401,19 @@ def test_a_sweep_stores_the_candidate_prompts_rows_and_reports_the_best_prompt(t
     test, _ = load_sweep_samples(config)
     assert plan(config, lm, test, None, PromptResources(), store.done(), store.selection_done()).jobs == []
     store.close()
+
+
+def test_a_candidate_prompt_the_dataset_cannot_ask_is_refused_before_any_fit(capsys):
+    """The demo set has no few-shot files: S5 named is refused before a vector is fitted; "all" leaves it out."""
+    from vulnsteer.experiments.sweep import candidate_prompts, load_sweep_samples, plan
+    from vulnsteer.pipeline import prompt_resources
+
+    config = SweepConfig(**{**SMALL, "prompts": ["S3", "S5"]})
+    test, _ = load_sweep_samples(config)
+    read = []
+    with pytest.raises(VulnsteerError, match="few-shot"):
+        plan(config, tiny_lm("llama"), test, None, prompt_resources("demo"), set(),
+             activations=lambda samples: read.append(samples))
+    assert read == []
+    built = candidate_prompts(SweepConfig(**{**SMALL, "prompts": ["all"]}), test, prompt_resources("demo"))
+    assert "S3" in built and "S5" not in built and "S5" in capsys.readouterr().err
