@@ -335,3 +335,14 @@ def test_resume_with_other_flags_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(tmp_path),
                              "--strengths", "5"], capture_output=True, text=True)
     assert result.returncode == 1 and "drop --strengths" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_learned_methods_steer_single_layer_sets_only_and_need_one():
+    """A learned intervention is trained alone at its layer: the grid never applies several at once, and a config
+    whose layer sets all hold several layers is refused for them."""
+    config = SweepConfig(methods=["mean-diff", "trained", "loreft"], layers=["rel:0.5", "1,2"], transfer=False)
+    points = grid(config, ["CWE-79"])
+    assert {p.layers for p in points if p.method == "mean-diff"} == {"rel:0.5", "1,2"}
+    assert {p.layers for p in points if p.method in ("trained", "loreft")} == {"rel:0.5"}
+    with pytest.raises(VulnsteerError, match="single-layer set"):
+        SweepConfig(methods=["mean-diff", "loreft"], layers=["1,2", "all"])

@@ -125,6 +125,10 @@ class SweepConfig:
         _check_choice("cache", [self.cache], CACHES)
         if self.mode == "score" and "generated" in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
+        if any(m in LEARNED for m in self.methods) and not self.learned_layers:
+            raise VulnsteerError(f"config: {', '.join(m for m in self.methods if m in LEARNED)} learn one "
+                                 "intervention per layer, each trained alone; give a single-layer set in layers "
+                                 f"(e.g. rel:0.5), got {'; '.join(self.layers)}")
         if self.transfer_strength == 0:
             raise VulnsteerError("config: transfer_strength 0 steers nothing")
         if self.batch_tokens is not None:
@@ -132,6 +136,16 @@ class SweepConfig:
         _check_integer("max_new_tokens", self.max_new_tokens, 1)
         _check_integer("folds", self.folds, 2 if self.train_dataset else 3)
         _check_integer("random_draws", self.random_draws, 1)
+
+    @property
+    def learned_layers(self) -> list[str]:
+        """The layer sets learned methods steer: the single-layer ones. Each learned intervention is optimised alone
+        at its layer, for the answer it gives there; several applied at once were never trained together."""
+        return [spec for spec in self.layers if "," not in spec and spec != "all"]
+
+    def layer_sets(self, method: str) -> list[str]:
+        """The layer sets `method`'s configs steer."""
+        return self.learned_layers if method in LEARNED else self.layers
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -227,7 +241,8 @@ def transfer_point(config: SweepConfig) -> GridPoint:
     strength = config.transfer_strength
     if strength is None:
         strength = max(config.strengths, key=lambda s: (s > 0, abs(s)))
-    return GridPoint(config.methods[0], config.transfer_layers or config.layers[0], "own", config.positions[0],
+    method = config.methods[0]
+    return GridPoint(method, config.transfer_layers or config.layer_sets(method)[0], "own", config.positions[0],
                      float(strength))
 
 
@@ -235,14 +250,16 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     """Strength-0 rows at each positions value whose rows take another numeric path than the baseline's (it shares
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
-    return [GridPoint(config.methods[0], config.layers[0], "own", p, 0.0) for p in config.positions
+    return [GridPoint(config.methods[0], config.layer_sets(config.methods[0])[0], "own", p, 0.0)
+            for p in config.positions
             if not leaves_prompt_alone(Steering({}, 0.0, cast(Positions, p)))]
 
 
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
-    """The steered configs: the full grid (each random control as `random_draws` directions), plus (with
+    """The steered configs: the full grid (learned methods at single-layer sets only; each random control as
+    `random_draws` directions), plus (with
     `transfer`) each CWE's vector on every item at one point, plus the strength-0 path controls."""
-    points = [GridPoint(m, lay, name, p, float(s)) for m in config.methods for lay in config.layers
+    points = [GridPoint(m, lay, name, p, float(s)) for m in config.methods for lay in config.layer_sets(m)
               for v in config.vectors
               for name in ([f"random:{k}" for k in range(config.random_draws)] if v == "random" else [v])
               for p in config.positions for s in config.strengths if s != 0]
@@ -341,7 +358,8 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         activations = lambda samples: collect(lm, samples, config.prompt, resources, config.read,  # noqa: E731
                                               mode=config.mode)
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
-    needed = sorted({layer for layers in layer_sets.values() for layer in layers})
+    needed = {m: sorted({layer for spec in config.layer_sets(m) for layer in layer_sets[spec]})
+              for m in config.methods}
     folds = pair_folds(test, config.folds, config.seed)
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
@@ -439,10 +457,10 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
                                  f"(e.g. {leaked[0].id}); refusing a result that is not held out")
 
 
-def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: list[int], prefix: Prefix | None = None,
-         resources: PromptResources | None = None) -> Banks:
-    """One bank per method."""
-    return {method: fit(acts, lm, method, layers, config.normalisation, prefix=prefix, resources=resources)
+def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: dict[str, list[int]],
+         prefix: Prefix | None = None, resources: PromptResources | None = None) -> Banks:
+    """One bank per method, at the layers its configs steer."""
+    return {method: fit(acts, lm, method, layers[method], config.normalisation, prefix=prefix, resources=resources)
             for method in config.methods}
 
 
