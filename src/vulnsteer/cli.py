@@ -7,6 +7,7 @@ Every user error ends as one line on stderr and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -15,6 +16,10 @@ from typing import TYPE_CHECKING, Callable, Optional, cast
 import typer
 
 from vulnsteer.errors import VulnsteerError
+
+# Busy-waiting OpenMP threads make CPU timings on small machines swing threefold. Set by the command line, before
+# any torch work, never by importing the library; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from vulnsteer.data import Sample
