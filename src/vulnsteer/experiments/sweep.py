@@ -37,6 +37,7 @@ from vulnsteer.extract.vectors import (
     fit,
     parse_layers,
 )
+from vulnsteer.metrics import GAIN_METRICS
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
 from vulnsteer.protocol import bank_id, check_provenance, drop_overlap, overlapping, pair_folds
@@ -54,7 +55,7 @@ from vulnsteer.steering.hooks import leaves_prompt_alone
 from vulnsteer.steering.reft import random_edit
 
 BASELINE = "baseline"
-SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
+SELECT_METRICS = GAIN_METRICS  # a config is chosen by any metric a gain is measured in
 # own: each item's CWE vector; pooled: one vector for all CWEs; random: a control, a fixed random direction with
 # the pooled vector's norm (a gain that random steering matches is not evidence); or a CWE id for every item.
 VECTOR_CHOICES = ("own", "pooled", "random")
