@@ -29,8 +29,8 @@ def pair_samples(cwes=CWES, pairs_per_cwe=6, only_vulnerable=()):
             for label in ("vulnerable", "patched"):
                 if label == "patched" and cwe in only_vulnerable:
                     continue
-                samples.append(Sample(id=f"{cwe}/{p}/{label}", cwe=cwe, label=label, language="c", code=f"c{cwe[4:]}_{p}(x);",
-                                      pair_id=f"{cwe}/{p}", split="train", source="test"))
+                samples.append(Sample(id=f"{cwe}/{p}/{label}", cwe=cwe, label=label, language="c",
+                                      code=f"c{cwe[4:]}_{p}(x);", pair_id=f"{cwe}/{p}", split="train", source="test"))
     return samples
 
 
