@@ -116,13 +116,19 @@ class HeldOut:
                 "near-duplicate code with the training data (--drop-overlap)")
 
 
+def with_families(test: Sequence[Sample], leaked: set[str]) -> list[Sample]:
+    """The items of `test` in a family (within `test`) that holds a `leaked` item: what is not held out."""
+    groups = families(test)
+    hit = {g for s, g in zip(test, groups) if s.id in leaked}
+    return [s for s, g in zip(test, groups) if g in hit]
+
+
 def held_out(test: Sequence[Sample], leaked: set[str], drop: bool, what: str) -> HeldOut:
     """`test` less every family (within `test`) with a `leaked` item (one that shares a key with `what`, the
     training data): refused with the count unless `drop` (--drop-overlap), and refused when nothing is left."""
-    groups = families(test)
-    dropped_groups = {g for s, g in zip(test, groups) if s.id in leaked}
-    kept = [s for s, g in zip(test, groups) if g not in dropped_groups]
-    dropped = len(test) - len(kept)
+    gone = {s.id for s in with_families(test, leaked)}
+    kept = [s for s in test if s.id not in gone]
+    dropped = len(gone)
     if dropped and not drop:
         raise VulnsteerError(f"{dropped} of the {len(test)} test items are in families that share a family, code or "
                              f"near-duplicate code with {what}: nothing about them is held out; pass --drop-overlap "
