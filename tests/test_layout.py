@@ -17,7 +17,8 @@ PACKAGE = Path(vulnsteer.__file__).parent
 # Lowest first. A module may import its own layer and the ones below.
 LAYERS = [
     {"errors"},
-    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "protocol"},
+    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "neardup",
+     "protocol"},
     {"steering"},
     {"engine"},
     {"extract"},

@@ -1,9 +1,10 @@
 """Held-out steering sweeps: strengths x layer sets x methods x vector choices x positions, on items the vectors
 never saw.
 
-Protocol. Vectors are fitted per fold on the other folds' items (folds grouped by pair and scenario, stratified
-by CWE), or once on another dataset (`train_dataset`, whose items that share a family or code with the test set
-are dropped). Every (config, item) row is therefore held out. The baseline is strength 0 on the same prompts,
+Protocol. Vectors are fitted per fold on the other folds' items (folds grouped by family: pair, scenario and
+near-duplicate code across sources; stratified by CWE over families), or once on another dataset (`train_dataset`;
+a test family that shares a family, code or near-duplicate code with it is refused, or dropped with
+`drop_overlap`). Every (config, item) row is therefore held out. The baseline is strength 0 on the same prompts,
 decoding and items. The "selected" config that the headline reports is chosen per outer fold f on *selection
 rows*: the items of every other fold g, steered with vectors fitted without f and g (or, with `train_dataset`,
 the test rows of the other folds, whose vectors never saw any test item). So neither the choice nor the
@@ -40,7 +41,7 @@ from vulnsteer.extract.vectors import (
 from vulnsteer.metrics import GAIN_METRICS
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, PromptResources, build_prompt
-from vulnsteer.protocol import bank_id, check_provenance, drop_overlap, overlapping, pair_folds
+from vulnsteer.protocol import bank_id, check_provenance, held_out, overlapping, pair_folds, training_keys
 from vulnsteer.records import (
     CACHES,
     MODES,
@@ -76,6 +77,7 @@ class SweepConfig:
     pairs_per_cwe: int | None = None
     train_max_chars: int | None = None
     train_pairs_per_cwe: int | None = None
+    drop_overlap: bool = False  # with train_dataset: drop test families that overlap it (refused otherwise)
     prompt: str = "S1"
     mode: str = "score"
     folds: int = 4
@@ -334,17 +336,19 @@ def provenance_rows(rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: d
     return out
 
 
-def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None]:
-    """Test items, and training items (with `train_dataset`) less those that share a family or code with a test
-    item, so that vectors fitted on another dataset are held out too."""
+def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None, str | None]:
+    """Test items, training items (with `train_dataset`), and a note on the test families dropped because they
+    overlap the training data (refused unless `drop_overlap`), so that vectors fitted on another dataset are
+    held out too."""
     test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit, config.max_chars,
                           config.pairs_per_cwe)
-    train = None
-    if config.train_dataset:
-        train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
-                               config.train_max_chars, config.train_pairs_per_cwe)
-        train = drop_overlap(train, test, "training items")
-    return test, train
+    if not config.train_dataset:
+        return test, None, None
+    train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
+                           config.train_max_chars, config.train_pairs_per_cwe)
+    leaked = {s.id for s in overlapping(test, set(training_keys(train)))}
+    kept = held_out(test, leaked, config.drop_overlap, f"the training data ({config.train_dataset})")
+    return kept.samples, train, kept.note
 
 
 def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], train: list[Sample] | None,
@@ -421,7 +425,7 @@ def check_stored_provenance(out_dir: Path) -> int:
     config = SweepConfig.from_dict(stored.meta["config"])
     if "banks" not in stored.meta:
         raise VulnsteerError(f"{out_dir} records no vector banks (a store from an older vulnsteer): nothing to check")
-    test, _ = load_sweep_samples(config)
+    test, _, _ = load_sweep_samples(config)
     by_id = {s.id: s for s in test}
     fold_of = {r.sample_id: fold for _, fold, r in stored.rows}
     missing = sorted(set(fold_of) - set(by_id))
