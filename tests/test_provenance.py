@@ -220,3 +220,25 @@ def test_the_report_says_in_how_many_folds_each_config_could_be_chosen(tmp_path)
         escaped = stat.config.replace("|", "\\|")  # Markdown tables escape the bars of a config id
         line = next(line for line in report.splitlines() if line.startswith(f"| {escaped} |"))
         assert f"| {n}/{len(folds)} |" in line, line
+
+
+def test_a_vector_file_drops_the_test_items_it_was_fitted_on_by_family_or_code_and_refuses_when_none_is_left(capsys):
+    """`eval --vectors`: items sharing a family (the twin of a training item) or code (a copy under another id)
+    with the file's training set are dropped and counted; a file without keys (older vulnsteer) compares ids."""
+    from vulnsteer.data import Sample
+    from vulnsteer.protocol import held_out_from, training_keys
+
+    def item(pair: str, label: str, code: str) -> Sample:
+        return Sample(f"{pair}:{label}", "CWE-79", label, "c", code, pair, "t", "demo")  # type: ignore[arg-type]
+
+    train = [item("a", "vulnerable", "int f() { return 1; }")]
+    twin, copy = item("a", "patched", "int f() { return 2; }"), item("z", "vulnerable", "int  f() {return 1;}")
+    fresh = [item("b", "vulnerable", "int g() { return 3; }"), item("b", "patched", "int g() { return 4; }")]
+    meta = {"train_keys": training_keys(train)}
+    assert held_out_from([twin, *fresh, copy], meta) == fresh
+    assert "dropped 2 of 4 items that share" in capsys.readouterr().err
+    assert held_out_from(fresh, meta) == fresh and not capsys.readouterr().err  # nothing to drop: silent
+    by_id = held_out_from([twin, *fresh], {"train_ids": [twin.id]})
+    assert by_id == fresh and "compared by id only" in capsys.readouterr().err
+    with pytest.raises(VulnsteerError, match="every one of the test items shares"):
+        held_out_from([twin, copy], meta, "test items")
