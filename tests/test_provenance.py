@@ -240,5 +240,6 @@ def test_a_vector_file_drops_the_test_items_it_was_fitted_on_by_family_or_code_a
     assert held_out_from(fresh, meta) == fresh and not capsys.readouterr().err  # nothing to drop: silent
     by_id = held_out_from([twin, *fresh], {"train_ids": [twin.id]})
     assert by_id == fresh and "compared by id only" in capsys.readouterr().err
+    assert held_out_from(fresh, {}) == fresh  # a file that records no training set: nothing to compare
     with pytest.raises(VulnsteerError, match="every one of the test items shares"):
         held_out_from([twin, copy], meta, "test items")
