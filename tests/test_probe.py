@@ -195,6 +195,7 @@ def check_partition(samples, folds):
         assert sorted(train + test) == list(range(n))
         assert not set(train) & set(test)
         assert not {family(samples[i]) for i in train} & {family(samples[i]) for i in test}
+        assert not {samples[i].pair_id for i in train} & {samples[i].pair_id for i in test}  # whatever `family` says
         assert test, "no empty fold"
 
 

@@ -222,3 +222,32 @@ def test_the_report_says_in_how_many_folds_each_config_could_be_chosen(tmp_path)
         escaped = stat.config.replace("|", "\\|")  # Markdown tables escape the bars of a config id
         line = next(line for line in report.splitlines() if line.startswith(f"| {escaped} |"))
         assert f"| {n}/{len(folds)} |" in line, line
+
+
+def test_a_vector_file_drops_the_test_items_it_was_fitted_on_by_family_or_code_and_refuses_when_none_is_left(capsys):
+    """`eval --vectors`: items sharing a family (the twin of a training item) or code (a copy under another id)
+    with the file's training set are refused with their count, or dropped with --drop-overlap; a file without
+    keys (older vulnsteer) compares ids."""
+    from vulnsteer.data import Sample
+    from vulnsteer.protocol import held_out, leaked_ids, training_keys
+
+    def item(pair: str, label: str, code: str) -> Sample:
+        return Sample(f"{pair}:{label}", "CWE-79", label, "c", code, pair, "t", "demo")  # type: ignore[arg-type]
+
+    train = [item("a", "vulnerable", "int f() { return 1; }")]
+    twin, copy = item("a", "patched", "int f() { return 2; }"), item("z", "vulnerable", "int  f() {return 1;}")
+    fresh = [item("b", "vulnerable", "char *g(char *s) { return strdup(s); }"),
+             item("b", "patched", "char *g(char *s) { return s ? strdup(s) : NULL; }")]
+    meta = {"train_keys": training_keys(train)}
+    leaked = leaked_ids([twin, *fresh, copy], meta)
+    assert leaked == {twin.id, copy.id}
+    with pytest.raises(VulnsteerError, match="2 of the 4 test items"):
+        held_out([twin, *fresh, copy], leaked, False, "the file's training items")
+    kept = held_out([twin, *fresh, copy], leaked, True, "the file's training items")
+    assert kept.samples == fresh and kept.dropped == 2
+    assert not leaked_ids(fresh, meta)
+    assert leaked_ids([twin, *fresh], {"train_ids": [twin.id]}) == {twin.id}
+    assert "compared by id only" in capsys.readouterr().err
+    assert not leaked_ids(fresh, {})  # a file that records no training set: nothing to compare
+    with pytest.raises(VulnsteerError, match="every one of the 2 test items shares"):
+        held_out([twin, copy], leaked, True, "the file's training items")
