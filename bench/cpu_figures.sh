@@ -4,6 +4,9 @@
 # learned intervention's training step. JSON and logs under bench/results/<date>/; run from the repository root
 # with the project installed and the main job's model pulled (`vulnsteer models pull smollm2-135m-instruct`).
 set -euo pipefail
+# As the command line does for itself: OpenMP threads that sleep rather than spin (spinning makes timings on 2
+# cores swing threefold). OpenMP reads it when torch loads, so it is set before any benchmark starts.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 out=bench/results/$(date -u +%Y-%m-%d)
 mkdir -p "$out"
 { date -u; lscpu | grep -E "Model name|^CPU\(s\)"; python -c "import torch, transformers; \

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from common import bench_model, run_info, timed, write_report
 
-import vulnsteer  # noqa: F401  (sets OMP_WAIT_POLICY before torch does work)
 from vulnsteer.data import filter_samples, load_demo
 from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.extract.vectors import relative_layer

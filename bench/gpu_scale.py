@@ -49,7 +49,6 @@ from typing import Any
 import torch
 from common import run_info, write_report
 
-import vulnsteer  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 from vulnsteer.engine.planner import (
     auto_batch_tokens,
     batch_cost,

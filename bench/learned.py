@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from common import bench_model, run_info, write_report
 
-import vulnsteer  # noqa: F401  (sets OMP_WAIT_POLICY before torch does work)
 from vulnsteer.data import filter_samples, load_demo
 from vulnsteer.engine.runners import encode
 from vulnsteer.extract.trained import Training, prefix_pass, score_text, train_edits, train_vectors

@@ -47,9 +47,6 @@ import torch
 import transformers
 from common import REPO, bench_model, run_info, write_report
 
-# vulnsteer first: it sets OMP_WAIT_POLICY=PASSIVE before torch is imported (busy-waiting OpenMP threads make
-# timings on a 2-core machine swing threefold).
-import vulnsteer  # noqa: F401  (must stay above every torch import)
 from vulnsteer.architecture import decoder_layers
 from vulnsteer.data import filter_samples, load_demo, load_secllmholmes
 from vulnsteer.engine import runners

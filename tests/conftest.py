@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import vulnsteer  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
-from vulnsteer import models
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line does, before torch loads
+from vulnsteer import models  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HOLMES = SHARED / "secllmholmes"

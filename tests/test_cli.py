@@ -346,18 +346,25 @@ def test_probe_scores_a_vector_file_only_on_items_it_was_not_fitted_on(monkeypat
     assert any(cv[layer] != saved["vector_file_auroc"][str(layer)] for layer in range(4))
 
 
-def test_eval_with_vectors_drops_the_items_they_were_fitted_on(monkeypatch, capsys, tmp_path, tiny):
+def test_eval_with_vectors_refuses_or_drops_the_items_they_were_fitted_on(monkeypatch, capsys, tmp_path, tiny):
     vectors = tmp_path / "v.safetensors"
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "-o", str(vectors))
     assert code == 0, err
     code, _, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out", "--limit", "8", "--mode", "score",
                                                             "--vectors", str(vectors), "--strength", "1",
                                                             "--cwe-vector", "pooled"))
+    assert_one_line_error(code, _, err, "4 of the 8 test items are in families that share")  # refused by default
+    code, _, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out", "--limit", "8", "--mode", "score",
+                                                            "--vectors", str(vectors), "--strength", "1",
+                                                            "--cwe-vector", "pooled", "--drop-overlap"))
     assert code == 0, err
     assert "dropped 4 of 8 test items" in err
     assert len(read_rows(tmp_path / "out" / "samples.jsonl")) == 4
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["meta"]["held_out"].startswith("dropped 4 of 8 test items (whole families)")
+    assert "dropped 4 of 8 test items" in (tmp_path / "out" / "summary.md").read_text()
     code, out, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out2", "--mode", "score",
-                                                             "--vectors", str(vectors)))
+                                                             "--vectors", str(vectors), "--drop-overlap"))
     assert_one_line_error(code, out, err, "nothing is held out")
 
 

@@ -4,6 +4,9 @@ two modules import each other, directly or in a circle."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ PACKAGE = Path(vulnsteer.__file__).parent
 # Lowest first. A module may import its own layer and the ones below.
 LAYERS = [
     {"errors"},
-    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "protocol"},
+    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "neardup",
+     "protocol"},
     {"steering"},
     {"engine"},
     {"extract"},
@@ -85,3 +89,19 @@ def test_the_public_api_is_small_typed_and_importable():
     for name in vulnsteer.__all__:
         value = getattr(vulnsteer, name)
         assert callable(value) and value.__doc__, name
+
+
+def test_importing_the_library_changes_no_environment_variable():
+    """Only the command line sets OMP_WAIT_POLICY: a library import must leave a user's process as it was."""
+    code = ("import os, sys; before = dict(os.environ); import vulnsteer, vulnsteer.pipeline; "
+            "sys.exit(0 if dict(os.environ) == before else 1)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    cli = "import os, vulnsteer.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    assert subprocess.run([sys.executable, "-c", cli], env=env, capture_output=True, text=True).stdout == "PASSIVE\n"
+
+
+def test_records_load_without_torch():
+    """Every layer imports the records; they are plain data, so importing them must not load torch."""
+    code = "import sys, vulnsteer.records; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -11,7 +11,13 @@ from test_trained import readable_pairs
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.lora import LoraTraining, fit_and_score
 from vulnsteer.extract.trained import answer_log_odds, prefix_pass
-from vulnsteer.protocol import drop_overlap
+from vulnsteer.protocol import overlapping, training_keys
+
+
+def unseen(samples, train):
+    """`samples` less those sharing a family or code with `train` (which LoRA refuses to be tested on)."""
+    leaked = {s.id for s in overlapping(samples, set(training_keys(train)))}
+    return [s for s in samples if s.id not in leaked]
 
 
 def test_after_a_lora_fit_the_base_model_is_bit_identical(lm):
@@ -22,7 +28,7 @@ def test_after_a_lora_fit_the_base_model_is_bit_identical(lm):
     modules = [type(m) for m in lm.model.modules()]
     with torch.no_grad():
         scores = answer_log_odds(lm, prefix_pass(lm, samples), [[None]] * len(samples))
-    train, test = samples[:4], drop_overlap(samples[4:], samples[:4], "test items")
+    train, test = samples[:4], unseen(samples[4:], samples[:4])
     fit = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=3, learning_rate=0.05))
     unadapted = dict(zip((s.id for s in samples), scores[:, 0].tolist()))
     assert fit.parameters > 0 and any(v != pytest.approx(unadapted[k]) for k, v in fit.scores.items())
@@ -42,13 +48,13 @@ def test_lora_refuses_to_be_tested_on_its_training_items(lm):
 
 
 def test_lora_on_readable_pairs_reports_its_held_out_balanced_accuracy(capsys):
-    """Fitted on 16 training pairs, scored on the 6 other pairs that share no code with them, at the plain log-odds
-    > 0 verdict where the unsteered model is at chance: the ceiling reads the label (the figure is printed)."""
+    """Fitted on 16 training pairs, scored on the other pairs that share no family or code with them, at the plain
+    log-odds > 0 verdict: the ceiling reads the label (the figure is printed)."""
     from vulnsteer.models import random_model
 
     lm = random_model("qwen2")
     train = readable_pairs("a", 16, 0)
-    test = drop_overlap(readable_pairs("b", 8, 1), train, "test items")  # the twins' code repeats across sets
+    test = unseen(readable_pairs("b", 8, 1), train)
     fit = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=15, learning_rate=0.01))
     said = torch.tensor([fit.scores[s.id] > 0 for s in test])
     truth = torch.tensor([s.is_vulnerable for s in test])

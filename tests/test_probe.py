@@ -29,8 +29,8 @@ def pair_samples(cwes=CWES, pairs_per_cwe=6, only_vulnerable=()):
             for label in ("vulnerable", "patched"):
                 if label == "patched" and cwe in only_vulnerable:
                     continue
-                samples.append(Sample(id=f"{cwe}/{p}/{label}", cwe=cwe, label=label, language="c", code="x",
-                                      pair_id=f"{cwe}/{p}", split="train", source="test"))
+                samples.append(Sample(id=f"{cwe}/{p}/{label}", cwe=cwe, label=label, language="c",
+                                      code=f"c{cwe[4:]}_{p}(x);", pair_id=f"{cwe}/{p}", split="train", source="test"))
     return samples
 
 
@@ -195,6 +195,7 @@ def check_partition(samples, folds):
         assert sorted(train + test) == list(range(n))
         assert not set(train) & set(test)
         assert not {family(samples[i]) for i in train} & {family(samples[i]) for i in test}
+        assert not {samples[i].pair_id for i in train} & {samples[i].pair_id for i in test}  # whatever `family` says
         assert test, "no empty fold"
 
 
@@ -238,7 +239,7 @@ def test_pair_folds_keep_augmented_copies_with_their_scenario():
             for stem in (str(n), f"p_{n}"):
                 samples.append(Sample(id=f"{prefix}/CWE-79/{stem}.c", cwe="CWE-79",
                                       label="patched" if stem.startswith("p_") else "vulnerable", language="c",
-                                      code="x", pair_id=f"{prefix}/CWE-79/{n}", split=prefix.split("/")[0],
+                                      code=f"s{n}(x);", pair_id=f"{prefix}/CWE-79/{n}", split=prefix.split("/")[0],
                                       source="secllmholmes"))
     assert len({family(s) for s in samples}) == 4
     folds = pair_folds(samples, 2)

@@ -154,9 +154,17 @@ def test_strict_without_dataset():
 
 
 def test_zero_shot_without_dataset():
+    """Strategies that need no dataset files build from the built-in CWE names alone (a lower-case CWE id too):
+    the code and the question reach the model, and the question names nothing left unfilled."""
+    built = 0
     for pid in PROMPT_IDS:
         if not needs_resources(pid):
-            build_prompt(_toy(cwe="cwe-787"), pid, PromptResources())
+            prompt = build_prompt(_toy(cwe="cwe-787"), pid, PromptResources())
+            text = "\n".join(m["content"] for m in prompt.messages)
+            assert "int main(void)" in text, pid
+            assert "{" not in prompt.question.replace("{ return 0; }", ""), pid  # no unfilled template field
+            built += 1
+    assert built >= 6
 
 
 def test_required_resources():

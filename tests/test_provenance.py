@@ -113,12 +113,12 @@ def test_report_check_reverifies_a_real_store_and_fails_a_hand_edited_one(tmp_pa
 
 
 def test_augmented_copies_of_a_test_scenario_never_count_as_held_out():
-    """Item 5: the family joins a hand-crafted scenario with every augmented copy of it (and the key carries the
+    """Item 5: the family joins a hand-crafted scenario with every augmented copy of it (and near-duplicates in any
     source). Fitting on SecLLMHolmes' augmented files and testing on the hand-crafted ones holds nothing out."""
     from conftest import HOLMES
 
     from vulnsteer.data import family, load_secllmholmes
-    from vulnsteer.protocol import drop_overlap
+    from vulnsteer.protocol import held_out, overlapping, training_keys
 
     if not HOLMES.exists():
         pytest.skip("../shared/datasets/secllmholmes is not here")
@@ -126,8 +126,10 @@ def test_augmented_copies_of_a_test_scenario_never_count_as_held_out():
     test = [s for s in items if s.split == "hand-crafted"]
     augmented = [s for s in items if s.split.startswith("augmented")]
     assert len(augmented) >= 136 and {family(s) for s in augmented} <= {family(s) for s in test}
-    with pytest.raises(VulnsteerError, match="every one of the training items shares a family"):
-        drop_overlap(augmented, test, "training items")
+    leaked = {s.id for s in overlapping(test, set(training_keys(augmented)))}
+    with pytest.raises(VulnsteerError, match=r"^\d+ of the 48 test items .* pass --drop-overlap"):
+        held_out(test, leaked, False, "the augmented files")
+    assert len(held_out(test, leaked, True, "the augmented files").samples) < len(test)
 
 
 def test_clustered_intervals_are_never_narrower_than_the_plain_one():
@@ -220,3 +222,32 @@ def test_the_report_says_in_how_many_folds_each_config_could_be_chosen(tmp_path)
         escaped = stat.config.replace("|", "\\|")  # Markdown tables escape the bars of a config id
         line = next(line for line in report.splitlines() if line.startswith(f"| {escaped} |"))
         assert f"| {n}/{len(folds)} |" in line, line
+
+
+def test_a_vector_file_drops_the_test_items_it_was_fitted_on_by_family_or_code_and_refuses_when_none_is_left(capsys):
+    """`eval --vectors`: items sharing a family (the twin of a training item) or code (a copy under another id)
+    with the file's training set are refused with their count, or dropped with --drop-overlap; a file without
+    keys (older vulnsteer) compares ids."""
+    from vulnsteer.data import Sample
+    from vulnsteer.protocol import held_out, leaked_ids, training_keys
+
+    def item(pair: str, label: str, code: str) -> Sample:
+        return Sample(f"{pair}:{label}", "CWE-79", label, "c", code, pair, "t", "demo")  # type: ignore[arg-type]
+
+    train = [item("a", "vulnerable", "int f() { return 1; }")]
+    twin, copy = item("a", "patched", "int f() { return 2; }"), item("z", "vulnerable", "int  f() {return 1;}")
+    fresh = [item("b", "vulnerable", "char *g(char *s) { return strdup(s); }"),
+             item("b", "patched", "char *g(char *s) { return s ? strdup(s) : NULL; }")]
+    meta = {"train_keys": training_keys(train)}
+    leaked = leaked_ids([twin, *fresh, copy], meta)
+    assert leaked == {twin.id, copy.id}
+    with pytest.raises(VulnsteerError, match="2 of the 4 test items"):
+        held_out([twin, *fresh, copy], leaked, False, "the file's training items")
+    kept = held_out([twin, *fresh, copy], leaked, True, "the file's training items")
+    assert kept.samples == fresh and kept.dropped == 2
+    assert not leaked_ids(fresh, meta)
+    assert leaked_ids([twin, *fresh], {"train_ids": [twin.id]}) == {twin.id}
+    assert "compared by id only" in capsys.readouterr().err
+    assert not leaked_ids(fresh, {})  # a file that records no training set: nothing to compare
+    with pytest.raises(VulnsteerError, match="every one of the 2 test items shares"):
+        held_out([twin, copy], leaked, True, "the file's training items")

@@ -241,7 +241,7 @@ def test_an_eval_refused_before_its_first_row_leaves_the_folder_to_the_corrected
     out = str(tmp_path / "e")
     args = ["eval", "--model", str(model_dir), "--dataset", "demo", "--limit", "12", "--vectors",
             str(tmp_path / "reft.safetensors"), "--layers", "1", "--strength", "1", "--cwe-vector", "pooled",
-            "--mode", "generate", "--max-new-tokens", "4", "-o", out]
+            "--mode", "generate", "--max-new-tokens", "4", "--drop-overlap", "-o", out]
     one_line_error(*cli([*args, "--cache", "static"], capsys), "use --cache dynamic")
     assert not (tmp_path / "e" / "run.json").exists()
     code, err = cli([*args, "--cache", "dynamic"], capsys)

@@ -226,7 +226,7 @@ def test_every_bank_is_fitted_without_the_folds_it_steers():
     from vulnsteer.prompts import PromptResources
 
     config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3})
-    test, _ = load_sweep_samples(config)
+    test, _, _ = load_sweep_samples(config)
     sweep = plan(config, tiny_lm("llama"), test, None, PromptResources.from_dataset_root(None), set())
     by_id = {s.id: s for s in test}
 
@@ -308,7 +308,7 @@ def test_strength_zero_rows_on_every_path_equal_the_baseline_in_float32(tmp_path
     assert "Numeric path check" in (tmp_path / "report.md").read_text()
 
 
-def test_training_items_that_share_a_family_or_code_with_the_test_set_are_dropped(tmp_path, capsys):
+def test_test_items_that_share_a_family_or_code_with_the_training_set_are_refused_or_dropped(tmp_path, capsys):
     from dataclasses import asdict
 
     from vulnsteer.experiments.sweep import load_sweep_samples
@@ -318,14 +318,16 @@ def test_training_items_that_share_a_family_or_code_with_the_test_set_are_droppe
     rows = [{**asdict(s), "id": f"copy-{s.id}", "pair_id": f"copy-{s.pair_id}", "source": "elsewhere",
              "code": "  " + s.code.replace("\n", "\n\n")} for s in demo[:4]]
     rows += [{**asdict(s), "id": f"new-{s.id}", "pair_id": f"new-{s.pair_id}", "source": "elsewhere",
-              "code": s.code + "\nint unrelated_helper(void) { return 7; }\n"} for s in demo[4:6]]
+              "code": s.code + "\nint unrelated_helper(void) { return 7; }\n"} for s in demo[6:8]]
     copies.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "reasoning"}) + "\n" for r in rows))
-    config = SweepConfig(**{**SMALL, "limit": 4, "train_dataset": str(copies)})
-    test, train = load_sweep_samples(config)
-    assert {s.id for s in train} == {f"new-{s.id}" for s in demo[4:6]}
-    assert "dropped 4 of 6 training items" in capsys.readouterr().err
+    config = SweepConfig(**{**SMALL, "limit": 6, "train_dataset": str(copies)})
+    with pytest.raises(VulnsteerError, match="^4 of the 6 test items .* pass --drop-overlap"):
+        load_sweep_samples(config)
+    test, train, note = load_sweep_samples(SweepConfig(**{**asdict(config), "drop_overlap": True}))
+    assert {s.id for s in test} == {s.id for s in demo[4:6]} and len(train or []) == 6
+    assert note and note.startswith("dropped 4 of 6 test items") and note in capsys.readouterr().err
     with pytest.raises(VulnsteerError, match="nothing is held out"):
-        load_sweep_samples(SweepConfig(**{**SMALL, "limit": None, "train_dataset": "demo"}))
+        load_sweep_samples(SweepConfig(**{**SMALL, "limit": None, "train_dataset": "demo", "drop_overlap": True}))
 
 
 def test_resume_refuses_another_dtype_an_edited_config_and_foreign_rows(tmp_path):
@@ -349,6 +351,17 @@ def test_resume_with_other_flags_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(tmp_path),
                              "--strengths", "5"], capture_output=True, text=True)
     assert result.returncode == 1 and "drop --strengths" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_learned_methods_steer_single_layer_sets_only_and_need_one():
+    """A learned intervention is trained alone at its layer: the grid never applies several at once, and a config
+    whose layer sets all hold several layers is refused for them."""
+    config = SweepConfig(methods=["mean-diff", "trained", "loreft"], layers=["rel:0.5", "1,2"], transfer=False)
+    points = grid(config, ["CWE-79"])
+    assert {p.layers for p in points if p.method == "mean-diff"} == {"rel:0.5", "1,2"}
+    assert {p.layers for p in points if p.method in ("trained", "loreft")} == {"rel:0.5"}
+    with pytest.raises(VulnsteerError, match="single-layer set"):
+        SweepConfig(methods=["mean-diff", "loreft"], layers=["1,2", "all"])
 
 
 def test_the_best_prompt_is_chosen_on_the_training_folds_only():
@@ -398,7 +411,7 @@ def test_a_sweep_stores_the_candidate_prompts_rows_and_reports_the_best_prompt(t
     from vulnsteer.prompts import PromptResources
 
     store = SweepStore(tmp_path / "sweep.sqlite")
-    test, _ = load_sweep_samples(config)
+    test = load_sweep_samples(config)[0]
     assert plan(config, lm, test, None, PromptResources(), store.done(), store.selection_done()).jobs == []
     store.close()
 
@@ -409,7 +422,7 @@ def test_a_candidate_prompt_the_dataset_cannot_ask_is_refused_before_any_fit(cap
     from vulnsteer.pipeline import prompt_resources
 
     config = SweepConfig(**{**SMALL, "prompts": ["S3", "S5"]})
-    test, _ = load_sweep_samples(config)
+    test = load_sweep_samples(config)[0]
     read = []
     with pytest.raises(VulnsteerError, match="few-shot"):
         plan(config, tiny_lm("llama"), test, None, prompt_resources("demo"), set(),

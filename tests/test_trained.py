@@ -214,7 +214,9 @@ def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
 
 def readable_pairs(prefix: str, n_pairs: int, seed: int) -> list:
     """Pairs whose twins differ by one call (gets vs fgets) inside otherwise random code: the label is linearly
-    readable at the answer position (a probe reads it), but a random model does not answer it."""
+    readable at the answer position (a probe reads it), but a random model does not answer it. The random words are
+    called names, so pairs differ after `neardup`'s normalisation too (as parameter names they would be one
+    family, and the probe's folds would have a single group)."""
     import random
 
     from vulnsteer.data import Sample
@@ -228,7 +230,7 @@ def readable_pairs(prefix: str, n_pairs: int, seed: int) -> list:
             call = "gets(buf);" if vulnerable else "fgets(buf, n, stdin);"
             samples.append(Sample(id=f"{prefix}{k}{'v' if vulnerable else 'p'}", cwe="CWE-787",
                                   label="vulnerable" if vulnerable else "patched", language="c",
-                                  code=f"void f(int {a}, int {b}) {{ char buf[8]; {call} }}",
+                                  code=f"void f(int n) {{ char buf[8]; {a}({b}(n)); {b}_{a}(n); {call} }}",
                                   pair_id=f"{prefix}{k}", split="unit", source="synthetic"))
     return samples
 
@@ -256,7 +258,7 @@ def test_loreft_reads_a_label_the_model_does_not_answer_and_a_fixed_vector_canno
     assert held_out_balanced_accuracy(lm, test_prefix, test, None) == 0.5  # unsteered: at chance
     layer = 2
     edits = train_edits(lm, train_prefix, train, [POOLED], [layer], POOLED,
-                        Training(steps=60, learning_rate=0.02, rank=1))
+                        Training(steps=120, learning_rate=0.02, rank=1))
     loreft = held_out_balanced_accuracy(lm, test_prefix, test, Steering({}, 1.0, edits={layer: edits[POOLED][layer]}))
     norms = {layer: float(acts.by_layer[layer].norm(dim=1).mean())}
     vectors = train_vectors(lm, train_prefix, train, [POOLED], [layer], norms, POOLED, Training(steps=60))

@@ -5,12 +5,7 @@ line's start) stays fast. Everything else lives in its module: `vulnsteer.engine
 `vulnsteer.extract`, `vulnsteer.experiments` and the ground floor (`data`, `prompts`, `models`, `metrics`, ...).
 """
 
-import os
 from importlib import import_module
-
-# Busy-waiting OpenMP threads make CPU timings on small machines swing threefold; torch reads this at import,
-# so it is set here, before any submodule imports torch. A user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

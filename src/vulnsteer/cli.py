@@ -7,6 +7,7 @@ Every user error ends as one line on stderr and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -15,6 +16,10 @@ from typing import TYPE_CHECKING, Callable, Optional, cast
 import typer
 
 from vulnsteer.errors import VulnsteerError
+
+# Busy-waiting OpenMP threads make CPU timings on small machines swing threefold. Set by the command line, before
+# any torch work, never by importing the library; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from vulnsteer.data import Sample
@@ -156,6 +161,9 @@ def eval_command(
     timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Seconds per request."),
     retries: int = typer.Option(5, "--retries", min=0, help="Retries of a request on 429, 5xx or a lost "
                                                             "connection, with exponential back-off."),
+    drop_overlap: bool = typer.Option(False, "--drop-overlap", help="With --vectors: drop the test families that "
+                                      "share a family, code or near-duplicate code with the vectors' training data "
+                                      "(refused otherwise); the summary says how many."),
     **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
@@ -186,16 +194,17 @@ def eval_command(
         return
     if base_url is not None:
         raise VulnsteerError("--base-url is for API models: --model openai:NAME")
-    bank = None
+    bank, dropped = None, None
     if vectors is not None:
         from vulnsteer.extract.vectors import load
-        from vulnsteer.protocol import held_out_from
+        from vulnsteer.protocol import held_out, leaked_ids
 
         bank = load(vectors)
-        samples = held_out_from(samples, bank.meta, "test items")
+        kept = held_out(samples, leaked_ids(samples, bank.meta), drop_overlap, f"the training data of {vectors}")
+        samples, dropped = kept.samples, kept.note
     lm = load_lm(model, dtype, mode, device)
     meta = {**data, "model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
-            "dtype": str(lm.model.dtype)}
+            "dtype": str(lm.model.dtype), **({"held_out": dropped} if dropped else {})}
     steering_for: Callable[[Sample], Steering | None] = lambda sample: None  # noqa: E731
     if bank is not None:
         from vulnsteer.extract.vectors import check_compatible, steering_for_samples
@@ -403,6 +412,9 @@ SWEEP_FLAGS = dict(
     split=typer.Option(None, "--split"), cwe=typer.Option(None, "--cwe"), limit=typer.Option(None, "--limit"),
     train_dataset=typer.Option(None, "--train-dataset", help="Fit vectors here, test on --dataset."),
     train_split=typer.Option(None, "--train-split"),
+    drop_overlap=typer.Option(None, "--drop-overlap/--refuse-overlap",
+                              help="With --train-dataset: drop the test families that share a family, code or "
+                                   "near-duplicate code with it (refused by default); the report says how many."),
     max_chars=typer.Option(None, "--max-chars"), pairs_per_cwe=typer.Option(None, "--pairs-per-cwe"),
     train_max_chars=typer.Option(None, "--train-max-chars"),
     train_pairs_per_cwe=typer.Option(None, "--train-pairs-per-cwe"),

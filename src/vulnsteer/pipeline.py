@@ -193,10 +193,9 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
     if bank is not None:
         from vulnsteer.extract.probe import fixed_direction_auroc
         from vulnsteer.extract.vectors import POOLED
-        from vulnsteer.protocol import overlapping
+        from vulnsteer.protocol import leaked_ids
 
-        leaked = {s.id for s in overlapping(samples, set(bank.meta.get("train_keys", [])))}
-        leaked |= {s.id for s in samples} & set(bank.meta.get("train_ids", []))
+        leaked = leaked_ids(samples, bank.meta)
         held_out = acts.subset(lambda s: s.id not in leaked)
         n_held_out = len(held_out.samples)
         print(f"the file's pooled directions: scored on {n_held_out} of {len(samples)} items (the other "
@@ -239,7 +238,7 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
     from vulnsteer.experiments.sweep import load_sweep_samples
     from vulnsteer.models import default_device, load_model, resolve_dtype
 
-    test, train = load_sweep_samples(config)
+    test, train, dropped = load_sweep_samples(config)
     with exclusive(out_dir):  # one writer per folder, refused before the model loads
         if cluster is not None:
             backend: Backend = RayBackend(cluster, config.model, config.dtype, config.mode)
@@ -249,13 +248,14 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
                 lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
             backend = LocalBackend(lm)
         try:
-            return _sweep_on(backend, config, test, train, out_dir)
+            return _sweep_on(backend, config, test, train, out_dir, dropped)
         finally:
             if isinstance(backend, RayBackend):
                 backend.close()
 
 
-def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path) -> Path:
+def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path,
+              dropped: str | None = None) -> Path:
     import torch
     import transformers
 
@@ -306,13 +306,15 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
                      store.selection_done(), activations)
         # Written only now that everything checkable before the first row was checked: a start refused by the
         # plan (no such vector, no patched item) leaves a folder the corrected command can use.
+        moved = sorted(s for s, folds in store.folds().items() if folds != {sweep.fold_of.get(s)})
+        if moved:  # checked before anything is recorded, so a refused store keeps what it held
+            raise VulnsteerError(f"{out_dir} holds {len(moved)} items whose stored folds are not the ones its seed "
+                                 f"and data give (e.g. {moved[0]}): the store was edited, or written by a vulnsteer "
+                                 "that planned folds otherwise; start another --output-dir")
         store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
         store.record("banks", {bank: sorted(keys) for bank, keys in sweep.bank_keys.items()})
         store.record("fit_seconds", sweep.fit_seconds)
-        moved = sorted(s for s, folds in store.folds().items() if folds != {sweep.fold_of.get(s)})
-        if moved:
-            raise VulnsteerError(f"{out_dir} holds rows whose folds are not the ones its seed and data give (e.g. "
-                                 f"{moved[0]}): the store was edited; start another --output-dir")
+        store.record("held_out", dropped)
         known = arm_ids(config, sweep.points)
         foreign = sorted({c for c, _ in store.done()} - known)
         if foreign:

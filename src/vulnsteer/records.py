@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Literal, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
 from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.prompts import Prompt
+
+if TYPE_CHECKING:  # records are plain data: importing them must not load torch
+    import torch
 
 Mode = Literal["generate", "score"]
 MODES: tuple[Mode, ...] = ("generate", "score")
@@ -57,7 +58,7 @@ class SteeringId:
         return cls(**values)
 
 
-Edit = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] -> what to add to them
+Edit = Callable[["torch.Tensor"], "torch.Tensor"]  # hidden states [..., hidden] -> what to add to them
 
 
 @dataclass(frozen=True)

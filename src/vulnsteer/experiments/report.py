@@ -175,12 +175,15 @@ def transfer_plot(cwes: list[str], cells: dict[tuple[str, str], Interval], title
 def protocol_text(a: Analysis) -> str:
     c = a.config
     if c.train_dataset:
-        fitted = (f"fitted once on {c.train_dataset} (less its items that share a family or code with a test item) "
-                  f"and tested on {c.dataset}")
+        fitted = f"fitted once on {c.train_dataset} and tested on {c.dataset}"
+        dropped = a.meta.get("held_out")
+        fitted += (f" ({dropped}, since nothing about them would be held out)" if dropped else
+                   " (no test item shares a family, code or near-duplicate code with the training data)")
         chooser = "the other folds' rows (their vectors saw no test item)"
     else:
-        fitted = (f"fitted per fold on the other folds' items ({c.folds} folds grouped by pair and scenario, "
-                  "stratified by CWE)")
+        fitted = (f"fitted per fold on the other folds' items ({c.folds} folds grouped by family: a pair, the "
+                  "augmented copies of its scenario and near-duplicate code in any source; each CWE's families "
+                  "spread evenly over the folds)")
         chooser = ("selection rows: every other fold g's items steered with vectors fitted without this fold and "
                    "g, so neither the choice nor the vectors behind it saw this fold")
     return (f"Steering vectors ({', '.join(c.methods)}, read at {c.read} of the prompt as {c.mode} mode asks it, "
@@ -453,7 +456,7 @@ def _reasoning_section(a: Analysis):
     from vulnsteer.experiments.summary import reasoning_section
     from vulnsteer.experiments.sweep import load_sweep_samples
 
-    samples, _ = load_sweep_samples(a.config)
+    samples, _, _ = load_sweep_samples(a.config)
     selected = [replace(r, steering=SteeringId(config="selected (nested)")) for r in a.selected]
     return reasoning_section(a.arms[BASELINE] + selected, samples)
 

@@ -1,9 +1,10 @@
 """Held-out steering sweeps: strengths x layer sets x methods x vector choices x positions, on items the vectors
 never saw.
 
-Protocol. Vectors are fitted per fold on the other folds' items (folds grouped by pair and scenario, stratified
-by CWE), or once on another dataset (`train_dataset`, whose items that share a family or code with the test set
-are dropped). Every (config, item) row is therefore held out. The baseline is strength 0 on the same prompts,
+Protocol. Vectors are fitted per fold on the other folds' items (folds grouped by family: pair, scenario and
+near-duplicate code across sources; stratified by CWE over families), or once on another dataset (`train_dataset`;
+a test family that shares a family, code or near-duplicate code with it is refused, or dropped with
+`drop_overlap`). Every (config, item) row is therefore held out. The baseline is strength 0 on the same prompts,
 decoding and items. The "selected" config that the headline reports is chosen per outer fold f on *selection
 rows*: the items of every other fold g, steered with vectors fitted without f and g (or, with `train_dataset`,
 the test rows of the other folds, whose vectors never saw any test item). So neither the choice nor the
@@ -40,12 +41,13 @@ from vulnsteer.extract.vectors import (
     fit,
     parse_layers,
 )
+from vulnsteer.metrics import GAIN_METRICS
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, Prompt, PromptResources, build_prompt
 from vulnsteer.protocol import (
     bank_id,
     check_provenance,
-    drop_overlap,
+    held_out,
     items_sha256,
     overlapping,
     pair_folds,
@@ -65,7 +67,7 @@ from vulnsteer.steering.hooks import leaves_prompt_alone
 from vulnsteer.steering.reft import random_edit
 
 BASELINE = "baseline"
-SELECT_METRICS = ("balanced_accuracy", "accuracy", "pair_accuracy", "auroc")
+SELECT_METRICS = GAIN_METRICS  # a config is chosen by any metric a gain is measured in
 # own: each item's CWE vector; pooled: one vector for all CWEs; random: a control, a fixed random direction with
 # the pooled vector's norm (a gain that random steering matches is not evidence); or a CWE id for every item.
 VECTOR_CHOICES = ("own", "pooled", "random")
@@ -86,6 +88,7 @@ class SweepConfig:
     pairs_per_cwe: int | None = None
     train_max_chars: int | None = None
     train_pairs_per_cwe: int | None = None
+    drop_overlap: bool = False  # with train_dataset: drop test families that overlap it (refused otherwise)
     prompt: str = "S1"
     # The best-prompt arm: these prompts ("all": the 17 SecLLMHolmes prompts and strict) each asked of every item
     # unsteered; per fold, the one best on the other folds' items gives the arm (report: "best prompt").
@@ -142,6 +145,10 @@ class SweepConfig:
         _check_choice("cache", [self.cache], CACHES)
         if self.mode == "score" and "generated" in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
+        if any(m in LEARNED for m in self.methods) and not self.learned_layers:
+            raise VulnsteerError(f"config: {', '.join(m for m in self.methods if m in LEARNED)} learn one "
+                                 "intervention per layer, each trained alone; give a single-layer set in layers "
+                                 f"(e.g. rel:0.5), got {'; '.join(self.layers)}")
         if self.transfer_strength == 0:
             raise VulnsteerError("config: transfer_strength 0 steers nothing")
         if self.batch_tokens is not None:
@@ -152,6 +159,16 @@ class SweepConfig:
         _check_integer("lora_steps", self.lora_steps, 0)
         if self.lora_steps and self.mode != "score":
             raise VulnsteerError("config: lora_steps needs mode score (LoRA is trained and read at the answer's score)")
+
+    @property
+    def learned_layers(self) -> list[str]:
+        """The layer sets learned methods steer: the single-layer ones. Each learned intervention is optimised alone
+        at its layer, for the answer it gives there; several applied at once were never trained together."""
+        return [spec for spec in self.layers if "," not in spec and spec != "all"]
+
+    def layer_sets(self, method: str) -> list[str]:
+        """The layer sets `method`'s configs steer."""
+        return self.learned_layers if method in LEARNED else self.layers
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -247,7 +264,8 @@ def transfer_point(config: SweepConfig) -> GridPoint:
     strength = config.transfer_strength
     if strength is None:
         strength = max(config.strengths, key=lambda s: (s > 0, abs(s)))
-    return GridPoint(config.methods[0], config.transfer_layers or config.layers[0], "own", config.positions[0],
+    method = config.methods[0]
+    return GridPoint(method, config.transfer_layers or config.layer_sets(method)[0], "own", config.positions[0],
                      float(strength))
 
 
@@ -255,14 +273,16 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     """Strength-0 rows at each positions value whose rows take another numeric path than the baseline's (it shares
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
-    return [GridPoint(config.methods[0], config.layers[0], "own", p, 0.0) for p in config.positions
+    return [GridPoint(config.methods[0], config.layer_sets(config.methods[0])[0], "own", p, 0.0)
+            for p in config.positions
             if not leaves_prompt_alone(Steering({}, 0.0, cast(Positions, p)))]
 
 
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
-    """The steered configs: the full grid (each random control as `random_draws` directions), plus (with
+    """The steered configs: the full grid (learned methods at single-layer sets only; each random control as
+    `random_draws` directions), plus (with
     `transfer`) each CWE's vector on every item at one point, plus the strength-0 path controls."""
-    points = [GridPoint(m, lay, name, p, float(s)) for m in config.methods for lay in config.layers
+    points = [GridPoint(m, lay, name, p, float(s)) for m in config.methods for lay in config.layer_sets(m)
               for v in config.vectors
               for name in ([f"random:{k}" for k in range(config.random_draws)] if v == "random" else [v])
               for p in config.positions for s in config.strengths if s != 0]
@@ -378,17 +398,19 @@ def provenance_rows(rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: d
     return out
 
 
-def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None]:
-    """Test items, and training items (with `train_dataset`) less those that share a family or code with a test
-    item, so that vectors fitted on another dataset are held out too."""
+def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] | None, str | None]:
+    """Test items, training items (with `train_dataset`), and a note on the test families dropped because they
+    overlap the training data (refused unless `drop_overlap`), so that vectors fitted on another dataset are
+    held out too."""
     test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit, config.max_chars,
                           config.pairs_per_cwe)
-    train = None
-    if config.train_dataset:
-        train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
-                               config.train_max_chars, config.train_pairs_per_cwe)
-        train = drop_overlap(train, test, "training items")
-    return test, train
+    if not config.train_dataset:
+        return test, None, None
+    train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
+                           config.train_max_chars, config.train_pairs_per_cwe)
+    leaked = {s.id for s in overlapping(test, set(training_keys(train)))}
+    kept = held_out(test, leaked, config.drop_overlap, f"the training data ({config.train_dataset})")
+    return kept.samples, train, kept.note
 
 
 def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], train: list[Sample] | None,
@@ -403,7 +425,8 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         activations = lambda samples: collect(lm, samples, config.prompt, resources, config.read,  # noqa: E731
                                               mode=config.mode)
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
-    needed = sorted({layer for layers in layer_sets.values() for layer in layers})
+    needed = {m: sorted({layer for spec in config.layer_sets(m) for layer in layer_sets[spec]})
+              for m in config.methods}
     folds = pair_folds(test, config.folds, config.seed)
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
@@ -495,7 +518,7 @@ def check_stored_provenance(out_dir: Path) -> int:
     config = SweepConfig.from_dict(stored.meta["config"])
     if "banks" not in stored.meta:
         raise VulnsteerError(f"{out_dir} records no vector banks (a store from an older vulnsteer): nothing to check")
-    test, _ = load_sweep_samples(config)
+    test, _, _ = load_sweep_samples(config)
     by_id = {s.id: s for s in test}
     fold_of = {r.sample_id: fold for _, fold, r in stored.rows}
     missing = sorted(set(fold_of) - set(by_id))
@@ -532,10 +555,10 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
                                  f"(e.g. {leaked[0].id}); refusing a result that is not held out")
 
 
-def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: list[int], prefix: Prefix | None = None,
-         resources: PromptResources | None = None) -> Banks:
-    """One bank per method."""
-    return {method: fit(acts, lm, method, layers, config.normalisation, prefix=prefix, resources=resources)
+def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: dict[str, list[int]],
+         prefix: Prefix | None = None, resources: PromptResources | None = None) -> Banks:
+    """One bank per method, at the layers its configs steer."""
+    return {method: fit(acts, lm, method, layers[method], config.normalisation, prefix=prefix, resources=resources)
             for method in config.methods}
 
 
