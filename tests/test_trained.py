@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_evaluation import make_samples
 
+from vulnsteer.data import filter_samples, load_demo
 from vulnsteer.engine.runners import answer_token_ids, encode
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import collect
@@ -296,3 +297,20 @@ def test_the_static_decoder_refuses_edits_in_one_line(lm):
     engine = SteeringEngine(lm.model)
     with pytest.raises(VulnsteerError, match="use --cache dynamic"):
         engine.set_rows([Steering({}, 1.0, edits={1: edit})], torch.ones(1, 4, dtype=torch.long))
+
+
+def test_the_answer_log_odds_from_two_rows_of_the_output_layer_equal_the_full_softmaxs(lm):
+    """Training reads only the yes and no rows of the output layer: the same log-odds (and gradient) as the full
+    vocabulary's log-softmax."""
+    from vulnsteer.extract.trained import answer_log_odds, log_odds, next_token_logprobs
+    samples = filter_samples(load_demo(), None, None, 4)
+    prefix = prefix_pass(lm, samples)
+    vector = (0.1 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    tokens = [[None, Steering({1: vector}, 1.0)] for _ in samples]
+    fast = answer_log_odds(lm, prefix, tokens)
+    full = log_odds(lm, next_token_logprobs(lm, prefix, tokens))
+    assert torch.allclose(fast, full, atol=1e-5)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), vector)
+    (grad_full,) = torch.autograd.grad(full.sum(), vector)
+    assert torch.allclose(grad_fast, grad_full, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(fast[:, 0], fast[:, 1])  # the steered copy's answer moved

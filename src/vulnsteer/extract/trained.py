@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from vulnsteer.architecture import cache_argument
+from vulnsteer.architecture import base_model, cache_argument
 from vulnsteer.data import Sample
 from vulnsteer.engine.prompt_pass import length_groups
 from vulnsteer.engine.runners import answer_token_ids, encode, prompt_cache, side_by_side_mask
@@ -92,8 +92,11 @@ def prefix_pass(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1
 def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[Steering | None]]) -> torch.Tensor:
     """log P(yes) - log P(no) after each item's last token, once per entry of `tokens[i]` (its steering; all rows
     as wide as the widest, unsteered where shorter): [items, width], differentiable in the steering vectors. The
-    prefix's cache is left as it was."""
-    return log_odds(lm, next_token_logprobs(lm, prefix, tokens))
+    prefix's cache is left as it was. Only the yes and no rows of the output layer are computed: the softmax's
+    normaliser cancels in the difference, and the full vocabulary's logits cost a quarter of a step or more."""
+    yes, no = answer_token_ids(lm.tokenizer)
+    logits = next_token_logits(lm, prefix, tokens, yes + no)
+    return logits[..., :len(yes)].logsumexp(-1) - logits[..., len(yes):].logsumexp(-1)
 
 
 def log_odds(lm: LoadedModel, logp: torch.Tensor) -> torch.Tensor:
@@ -106,19 +109,36 @@ def next_token_logprobs(lm: LoadedModel, prefix: Prefix,
                         tokens: Sequence[Sequence[Steering | None]]) -> torch.Tensor:
     """The float32 next-token log-probabilities after each item's last token, once per entry of `tokens[i]`:
     [items, width, vocab] (see `answer_log_odds`)."""
+    return next_token_logits(lm, prefix, tokens).log_softmax(-1)
+
+
+def next_token_logits(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[Steering | None]],
+                      vocabulary: list[int] | None = None) -> torch.Tensor:
+    """The float32 next-token logits after each item's last token, once per entry of `tokens[i]`: [items, width,
+    vocab], or only the `vocabulary` tokens' columns, in that order, where the output layer is a plain linear map."""
     model = lm.model
     width = max(len(row) for row in tokens)
     length = prefix.cache.get_seq_length()
     additive = side_by_side_mask(prefix.mask, width, next(model.parameters()).dtype)
+    inputs = dict(input_ids=prefix.last_ids[:, None].expand(-1, width), attention_mask=additive[:, None],
+                  position_ids=prefix.positions[:, None].expand(-1, width), use_cache=True,
+                  **{cache_argument(model): prefix.cache})
+    head = model.get_output_embeddings()
+    plain = isinstance(head, torch.nn.Linear) and not any(
+        getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
     try:
         with steer_tokens(model, tokens):
-            logits = model(input_ids=prefix.last_ids[:, None].expand(-1, width), attention_mask=additive[:, None],
-                           position_ids=prefix.positions[:, None].expand(-1, width), use_cache=True,
-                           **{cache_argument(model): prefix.cache}).logits
+            if vocabulary is None or not plain:
+                logits = model(**inputs).logits
+            else:
+                hidden = base_model(model)(**inputs).last_hidden_state
+                bias = None if head.bias is None else head.bias[vocabulary]
+                logits = torch.nn.functional.linear(hidden, head.weight[vocabulary], bias)
     finally:
         for layer in prefix.cache.layers:  # the copies' keys and values were appended (crop's API varies)
             layer.keys, layer.values = layer.keys[:, :, :length].detach(), layer.values[:, :, :length].detach()
-    return logits.float().log_softmax(-1)
+    logits = logits.float()
+    return logits if vocabulary is None or plain else logits[..., vocabulary]
 
 
 def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
@@ -188,9 +208,12 @@ def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: S
             unsteered = next_token_logprobs(lm, prefix, [[None]] * len(samples))  # [n, 1, vocab]
     for _ in range(settings.steps):
         tokens = [[steering(g, layer) for g, layer in row] for row in slots]
-        logp = next_token_logprobs(lm, prefix, tokens)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds(lm, logp)[present], labels[present])
-        if unsteered is not None:
+        if unsteered is None:  # the answer's two rows of the output layer suffice
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                answer_log_odds(lm, prefix, tokens)[present], labels[present])
+        else:
+            logp = next_token_logprobs(lm, prefix, tokens)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds(lm, logp)[present], labels[present])
             kl = (unsteered.exp() * (unsteered - logp)).sum(-1)  # KL(unsteered || steered) per copy
             loss = loss + settings.kl_weight * kl[present].mean()
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)  # the model's weights get no gradient
