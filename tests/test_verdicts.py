@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vulnsteer.records import VERDICTS
-from vulnsteer.verdicts import cwe_keywords, parse_verdict
+from vulnsteer.verdicts import cwe_keywords, is_english, parse_verdict
 
 ANSWERS = Path(__file__).with_name("answers.jsonl")
 
@@ -116,3 +116,16 @@ def test_parser_on_real_answers_it_was_not_written_against():
 def test_answer_shapes_the_parser_used_to_misread(text, cwe, expected):
     """Issue 29, item 13: a verdict followed by a dash or a bracket, and a negated negative."""
     assert parse_verdict(text, cwe) == expected
+
+
+@pytest.mark.parametrize("text, english", [
+    ("Yes, the code is vulnerable to SQL injection.", True),
+    ("No", True),
+    ("```c\nstrcpy(buf, input);\n```", True),
+    ("Sí, el código es vulnerable a inyección SQL porque concatena la entrada.", False),
+    ("Le code est vulnérable car il ne vérifie pas la taille du tampon.", False),
+    ("Der Code ist anfällig für einen Pufferüberlauf, weil er die Länge nicht prüft.", False),
+    ("是的，代码存在漏洞。strcpy 没有检查长度，可能导致缓冲区溢出。", False),
+])
+def test_is_english(text, english):
+    assert is_english(text) is english

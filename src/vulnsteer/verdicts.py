@@ -131,6 +131,8 @@ _ANSWER_IS = re.compile(r"\b(?:the|my)\s+(?:final\s+)?answer\s+(?:is|would be)\s
 _LEADING = re.compile(r"^(?:[-*>]\s*)?(yes|no|sí)(?=$|[\s.,!;:)\-]*$|[.,!;:)\-]|\s*[-\u2013\u2014(\[]"
                       r"|\s+(?:it|the|this|that|there|i|we)\b)")
 _YES_VALUES = {"yes", "vulnerable", "true", "sí"}
+# Function words of almost any English sentence, none of them a word of Spanish, French, German or Italian.
+_ENGLISH_WORDS = frozenset("the is of to and this that it does there are be with for has have was".split())
 
 
 def parse_verdict(text: str, cwe_name: str | None = None) -> Verdict:
@@ -158,6 +160,18 @@ def parse_verdict(text: str, cwe_name: str | None = None) -> Verdict:
         return explicit
     verdict = _judge(clauses, keys)
     return verdict if verdict is not None else UNKNOWN
+
+
+def is_english(text: str) -> bool:
+    """Whether an answer is in English, so that reports can count answers in other languages (which the rules above,
+    written for English, mostly read as no answer). Answers of fewer than five distinct words count as English."""
+    prose = re.sub(r"```.*?(?:```|$)|`[^`]*`", " ", text or "", flags=re.S)  # code is in no language
+    words = re.findall(r"[^\W\d_]+", prose.lower())
+    if len(set(words)) < 5:
+        return True
+    if sum(not w.isascii() for w in words) > len(words) / 2:
+        return False
+    return any(w in _ENGLISH_WORDS for w in words)
 
 
 def cwe_keywords(cwe_name: str | None) -> tuple[str, ...]:

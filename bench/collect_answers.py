@@ -1,0 +1,149 @@
+"""Collect real free-text answers of local models across every prompt id, for labelling the verdict parser by hand.
+
+Each model answers `--per-prompt` files under each of the 18 prompt ids (SecLLMHolmes S1-S6, R1-R6, D1-D5 and
+strict), files taken in a seeded order that cycles through the CWEs, so prompts and CWEs are spread. The answers come
+from the engine that `vulnsteer eval --mode generate` runs (appended to `<output>/<model>.jsonl` one by one, so a
+rerun resumes), greedy, from the packaged GGUF weights: by default served by llama.cpp's `llama-server`
+(`--engine llama`, the path of `vulnsteer eval --model openai:NAME`; ten times cheaper on a shared 2-core CPU), or
+dequantised into torch float32 (`--engine torch`, the default path of `vulnsteer eval`). Distinct answers are then split, seeded and stratified by prompt, into a tuning half and a
+held-out half, written unlabelled as `tuning.jsonl` and `heldout.jsonl` in the output folder.
+
+    nice -n 10 python bench/collect_answers.py --model smollm2-135m-instruct=8 \
+        --model qwen2.5-coder-0.5b-instruct=5 -o runs/answers
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vulnsteer.data import Sample, filter_samples, load_dataset
+from vulnsteer.engine.api import ApiModel, evaluate_api
+from vulnsteer.engine.evaluate import evaluate
+from vulnsteer.extract.llama_cpp import LlamaServer
+from vulnsteer.models import gguf_path, load_model, pull
+from vulnsteer.pipeline import make_jobs, prompt_resources
+from vulnsteer.prompts import PROMPT_IDS
+from vulnsteer.records import Decoding, Job, Result
+
+SETS = ("tuning", "heldout")
+
+
+def spread(samples: list[Sample], seed: int) -> list[Sample]:
+    """Samples in a seeded order that takes one of each CWE in turn, so any run of picks spreads the CWEs."""
+    rng = random.Random(seed)
+    by_cwe: dict[str, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.id):
+        by_cwe.setdefault(s.cwe, []).append(s)
+    for group in by_cwe.values():
+        rng.shuffle(group)
+    rounds = itertools.zip_longest(*(by_cwe[c] for c in sorted(by_cwe)))
+    return [s for round_ in rounds for s in round_ if s is not None]
+
+
+def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str) -> list[Job]:
+    """`per_prompt` files for each prompt id, continuing the CWE-spread order from one prompt to the next; ordered
+    round by round (one job of every prompt, then the next), so a collection cut short still covers every prompt."""
+    order = itertools.cycle(spread(samples, seed))
+    resources = prompt_resources(dataset)
+    by_prompt = [make_jobs([next(order) for _ in range(per_prompt)], p, resources) for p in PROMPT_IDS]
+    return [job for round_ in zip(*by_prompt) for job in round_]
+
+
+def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: Path, deadline: float) -> None:
+    """Answer the jobs not yet in `path` (resumable), appending one row per answer as it comes, until `deadline`."""
+    done = {(r["prompt"], r["sample_id"]) for r in read_rows(path)}
+    with open(path, "a", encoding="utf-8") as f:
+        for job in jobs:
+            if (job.prompt_id, job.sample.id) in done:
+                continue
+            if time.monotonic() > deadline:
+                print(f"{model}: time is up, {len(read_rows(path))} of {len(jobs)} answers")
+                return
+            r = answer(job)
+            row = {"model": model, "prompt": r.prompt_id, "sample_id": r.sample_id, "cwe": r.cwe, "answer": r.response}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def split_answers(rows: list[dict], seed: int) -> list[dict]:
+    """Distinct answers (first of each identical text kept), each given a `set`: half of each prompt's answers, in a
+    seeded order, are for tuning and the rest are held out (an odd one out goes to the held-out half)."""
+    seen: set[str] = set()
+    unique = [r for r in rows if not (r["answer"] in seen or seen.add(r["answer"]))]  # type: ignore[func-returns-value]
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for prompt_id in PROMPT_IDS:
+        group = [r for r in unique if r["prompt"] == prompt_id]
+        rng.shuffle(group)
+        half = len(group) // 2
+        out += [{**r, "set": SETS[k >= half]} for k, r in enumerate(group)]
+    return out
+
+
+def parse_model(spec: str) -> tuple[str, int]:
+    name, _, count = spec.partition("=")
+    return name, int(count or 6)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", type=parse_model, required=True,
+                        help="NAME=FILES_PER_PROMPT, e.g. smollm2-135m-instruct=8 (repeatable)")
+    parser.add_argument("--dataset", default="../shared/datasets/secllmholmes", help="SecLLMHolmes datasets folder")
+    parser.add_argument("--split", default="hand-crafted", help="dataset split the files come from")
+    parser.add_argument("--demo", type=int, default=8, help="also this many files of the built-in demo set")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--engine", choices=("llama", "torch"), default="llama",
+                        help="llama: llama-server on the GGUF file; torch: the weights in float32 (slow on a CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="llama-server threads (more spin-wait on a busy CPU)")
+    parser.add_argument("--minutes", type=float, default=25.0, help="stop generating after this long (rerun resumes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("runs/answers"))
+    args = parser.parse_args(argv)
+
+    samples = filter_samples(load_dataset(args.dataset), splits=[args.split])
+    samples += spread(load_dataset("demo"), args.seed)[:args.demo]
+    decoding = Decoding("generate", args.max_new_tokens, args.batch_tokens, final_answer=False)
+    deadline = time.monotonic() + 60 * args.minutes
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model, per_prompt in args.model:
+        jobs = plan_jobs(samples, per_prompt, args.seed, args.dataset)
+        path = args.output_dir / f"{model}.jsonl"
+        if args.engine == "llama":
+            pull(model, quiet=True)
+            with LlamaServer(gguf_path(model), threads=args.threads, context=8192, extra=["-np", "1"]) as server:
+                api = ApiModel(model, f"{server.url}/v1", concurrency=1, timeout=600)
+                collect(lambda job: evaluate_api(api, [job], decoding)[0], model, jobs, path, deadline)
+        else:
+            lm = load_model(model, dtype=torch.float32, device="cpu")
+            collect(lambda job: evaluate(lm, [job], decoding)[0], model, jobs, path, deadline)
+        rows += read_rows(path)
+    split = split_answers(rows, args.seed)
+    for name in SETS:
+        with open(args.output_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in split:
+                if r["set"] == name:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"{len(rows)} answers, {len(split)} distinct: "
+          + ", ".join(f"{sum(r['set'] == n for r in split)} {n}" for n in SETS))
+
+
+if __name__ == "__main__":
+    main()
