@@ -3,10 +3,11 @@
 Each model answers `--per-prompt` files under each of the 18 prompt ids (SecLLMHolmes S1-S6, R1-R6, D1-D5 and
 strict), files taken in a seeded order that cycles through the CWEs, so prompts and CWEs are spread. The answers come
 from the engine that `vulnsteer eval --mode generate` runs (appended to `<output>/<model>.jsonl` one by one, so a
-rerun resumes), greedy, from the packaged GGUF weights: by default served by llama.cpp's `llama-server`
-(`--engine llama`, the path of `vulnsteer eval --model openai:NAME`; ten times cheaper on a shared 2-core CPU), or
-dequantised into torch float32 (`--engine torch`, the default path of `vulnsteer eval`). Distinct answers are then split, seeded and stratified by prompt, into a tuning half and a
-held-out half, written unlabelled as `tuning.jsonl` and `heldout.jsonl` in the output folder.
+rerun resumes), greedy, from the packaged GGUF weights: by default served by llama.cpp's `llama-server` (`--engine
+llama`, the path of `vulnsteer eval --model openai:NAME`; far cheaper on a busy 2-core CPU), or dequantised into
+torch float32 (`--engine torch`, the default path of `vulnsteer eval`). Distinct answers are then split, seeded and
+stratified by model and prompt, into a tuning half and a held-out half, written unlabelled as `tuning.jsonl` and
+`heldout.jsonl` in the output folder. `--report FILE...` prints the agreement table of files labelled by hand.
 
     nice -n 10 python bench/collect_answers.py --model smollm2-135m-instruct=8 \
         --model qwen2.5-coder-0.5b-instruct=5 -o runs/answers
@@ -28,10 +29,12 @@ from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.engine.api import ApiModel, evaluate_api
 from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.extract.llama_cpp import LlamaServer
+from vulnsteer.metrics import wilson_interval
 from vulnsteer.models import gguf_path, load_model, pull
 from vulnsteer.pipeline import make_jobs, prompt_resources
 from vulnsteer.prompts import PROMPT_IDS
 from vulnsteer.records import Decoding, Job, Result
+from vulnsteer.verdicts import parse_verdict
 
 SETS = ("tuning", "heldout")
 
@@ -81,18 +84,48 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def split_answers(rows: list[dict], seed: int) -> list[dict]:
-    """Distinct answers (first of each identical text kept), each given a `set`: half of each prompt's answers, in a
-    seeded order, are for tuning and the rest are held out (an odd one out goes to the held-out half)."""
+    """Distinct answers (the first of identical texts kept), each given a `set`. Within each model and prompt, the
+    answers in collection order form pairs, and a seeded coin sends one of each pair to the tuning half and the
+    other to the held-out half (a last unpaired answer is held out): stratified by model and prompt, and fixed for
+    each answer as soon as its pair is in, so tuning can start on a collection still running."""
     seen: set[str] = set()
-    unique = [r for r in rows if not (r["answer"] in seen or seen.add(r["answer"]))]  # type: ignore[func-returns-value]
-    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["answer"] not in seen:
+            seen.add(r["answer"])
+            groups.setdefault((r["model"], r["prompt"]), []).append(r)
     out: list[dict] = []
-    for prompt_id in PROMPT_IDS:
-        group = [r for r in unique if r["prompt"] == prompt_id]
-        rng.shuffle(group)
-        half = len(group) // 2
-        out += [{**r, "set": SETS[k >= half]} for k, r in enumerate(group)]
+    for (model, prompt), group in groups.items():
+        rng = random.Random(f"{seed}/{model}/{prompt}")
+        for k in range(0, len(group), 2):
+            pair = group[k:k + 2]
+            first = SETS[rng.random() < 0.5] if len(pair) == 2 else "heldout"
+            out += [{**r, "set": first if j == 0 else SETS[first == "tuning"]} for j, r in enumerate(pair)]
     return out
+
+
+def keyword_verdict(text: str) -> str:
+    """The original experiment's rule: any mention of "vulnerab" means yes."""
+    return "vulnerable" if "vulnerab" in text.lower() else "not_vulnerable"
+
+
+def report(paths: list[Path]) -> None:
+    """Agreement of the parser and of the keyword rule with the hand labels of each file, per model and in all, with
+    Wilson 95% intervals, and how many answers are in another language (Markdown table rows)."""
+    print("| set | model | n | parser right | parser share | keyword rule right | keyword share | other language |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        rows = read_rows(path)
+        for model in sorted({r["model"] for r in rows}) + ["all"]:
+            group = [r for r in rows if model in ("all", r["model"])]
+            n = len(group)
+            ours = sum(parse_verdict(r["answer"], r["cwe"]) == r["label"] for r in group)
+            keyword = sum(keyword_verdict(r["answer"]) == r["label"] for r in group)
+            other = sum(r["language"] != "en" for r in group)
+            shares = [wilson_interval(k, n) for k in (ours, keyword)]
+            print(f"| {path.stem} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
+                  f"{shares[0].high:.2f}] | {keyword} | {shares[1].value:.3f} [{shares[1].low:.2f},"
+                  f"{shares[1].high:.2f}] | {other} |")
 
 
 def parse_model(spec: str) -> tuple[str, int]:
@@ -102,7 +135,7 @@ def parse_model(spec: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", type=parse_model, required=True,
+    parser.add_argument("--model", action="append", type=parse_model, default=[],
                         help="NAME=FILES_PER_PROMPT, e.g. smollm2-135m-instruct=8 (repeatable)")
     parser.add_argument("--dataset", default="../shared/datasets/secllmholmes", help="SecLLMHolmes datasets folder")
     parser.add_argument("--split", default="hand-crafted", help="dataset split the files come from")
@@ -115,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=25.0, help="stop generating after this long (rerun resumes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("runs/answers"))
+    parser.add_argument("--report", type=Path, nargs="+", help="only print the agreement table of labelled files")
     args = parser.parse_args(argv)
+    if args.report:
+        report(args.report)
+        return
 
     samples = filter_samples(load_dataset(args.dataset), splits=[args.split])
     samples += spread(load_dataset("demo"), args.seed)[:args.demo]
@@ -130,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
             pull(model, quiet=True)
             with LlamaServer(gguf_path(model), threads=args.threads, context=8192, extra=["-np", "1"]) as server:
                 api = ApiModel(model, f"{server.url}/v1", concurrency=1, timeout=600)
-                collect(lambda job: evaluate_api(api, [job], decoding)[0], model, jobs, path, deadline)
+                collect(lambda job, api=api: evaluate_api(api, [job], decoding)[0], model, jobs, path, deadline)
         else:
             lm = load_model(model, dtype=torch.float32, device="cpu")
-            collect(lambda job: evaluate(lm, [job], decoding)[0], model, jobs, path, deadline)
+            collect(lambda job, lm=lm: evaluate(lm, [job], decoding)[0], model, jobs, path, deadline)
         rows += read_rows(path)
     split = split_answers(rows, args.seed)
     for name in SETS:
