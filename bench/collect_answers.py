@@ -85,22 +85,23 @@ def read_rows(path: Path) -> list[dict]:
 
 def split_answers(rows: list[dict], seed: int) -> list[dict]:
     """Distinct answers (the first of identical texts kept), each given a `set`. Within each model and prompt, the
-    answers in collection order form pairs, and a seeded coin sends one of each pair to the tuning half and the
-    other to the held-out half (a last unpaired answer is held out): stratified by model and prompt, and fixed for
-    each answer as soon as its pair is in, so tuning can start on a collection still running."""
+    answers in collection order form pairs; the answers left without one (in collection order) pair up among
+    themselves; a seeded coin sends one of each pair to the tuning half and the other to the held-out half, and a
+    last unpaired answer is held out. Stratified by model and prompt, and fixed for each paired answer as soon as its
+    pair is in, so tuning can start on a collection still running."""
     seen: set[str] = set()
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["answer"] not in seen:
             seen.add(r["answer"])
             groups.setdefault((r["model"], r["prompt"]), []).append(r)
+    pairs = [(key, group[k:k + 2]) for key, group in groups.items() for k in range(0, len(group) - 1, 2)]
+    left = [group[-1] for group in groups.values() if len(group) % 2]
+    pairs += [(("left", str(k)), left[k:k + 2]) for k in range(0, len(left), 2)]
     out: list[dict] = []
-    for (model, prompt), group in groups.items():
-        rng = random.Random(f"{seed}/{model}/{prompt}")
-        for k in range(0, len(group), 2):
-            pair = group[k:k + 2]
-            first = SETS[rng.random() < 0.5] if len(pair) == 2 else "heldout"
-            out += [{**r, "set": first if j == 0 else SETS[first == "tuning"]} for j, r in enumerate(pair)]
+    for key, pair in pairs:
+        first = SETS[random.Random(f"{seed}/{key[0]}/{key[1]}").random() < 0.5] if len(pair) == 2 else "heldout"
+        out += [{**r, "set": first if j == 0 else SETS[first == "tuning"]} for j, r in enumerate(pair)]
     return out
 
 

@@ -159,3 +159,21 @@ def test_held_out_half_agreement_is_pinned():
     check_labelled(rows)
     right = sum(parse_verdict(r["answer"], r["cwe"]) == r["label"] for r in rows)
     assert right >= HELD_OUT_2_RIGHT
+
+
+@pytest.mark.parametrize("text, cwe, expected", [
+    ("The vulnerability in the given code is SQL Injection. It builds the query from user input.", "CWE-89",
+     "vulnerable"),
+    ("The vulnerability in the given code is the use of free(file) after the fgets function.", "CWE-416",
+     "vulnerable"),
+    ("### Sub-components that Could Lead to Out-of-Bounds Write\n\n1. **Array buf**: declared with three elements.",
+     "CWE-787", "unknown"),
+    ("## Vulnerable\n\nstrcpy copies the input into a 16-byte buffer.", "CWE-787", "vulnerable"),
+    ("### Verdict: **Not vulnerable**", "CWE-787", "not_vulnerable"),
+    ("## Analysis\nThe loop copies len bytes.\n\n**No**\n", "CWE-787", "not_vulnerable"),
+    ("The length check could lead to an out-of-bounds write if it were removed.", "CWE-787", "unknown"),
+])
+def test_answer_shapes_of_the_tuning_half(text, cwe, expected):
+    """Shapes from answers_tuning.jsonl (issue 29, item 13): "the vulnerability in the code is X" states a verdict; a
+    Markdown heading that says what could lead to a weakness does not; a verdict as a heading or a bold line does."""
+    assert parse_verdict(text, cwe) == expected

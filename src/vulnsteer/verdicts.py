@@ -98,11 +98,14 @@ _AFF = re.compile(
     + _W + r"{0,5}?" + _VULN_NOUN
     + r"|\b" + _VULN_NOUN + r"\s+(?:\w+\s+)?(?:exists?|is present|occurs?|lies|happens)\b"
     + r"|\b(?:can|could) be exploited\b|\ban attacker (?:can|could)\b"
+    # "The vulnerability in the given code is the use of free(file) after ..."
+    + r"|\bthe\s+(?:\w+\s+)?vulnerabilit(?:y|ies)\s+(?:in|of)\s+(?:the\s+|this\s+)?(?:given\s+|provided\s+)?"
+    r"(?:code|function|snippet|program)\s+(?:is|are|lies|occurs|exists)\b"
 )
 # A modal or hedge attached to the claim itself ("may be vulnerable", "could potentially contain").
 _SOFT_AFF = re.compile(
     r"\b(?:may|might|could)\s+(?:potentially\s+|possibly\s+|also\s+)?(?:be\s+)?(?:\w+\s+)?"
-    r"(?:vulnerable|susceptible|exploitable|contain|have|be at risk|introduce)"
+    r"(?:vulnerable|susceptible|exploitable|contain|have|be at risk|introduce|lead|result|cause|allow)"
     r"|\b(?:potentially|possibly)\s+(?:vulnerable|susceptible|exploitable)"
 )
 _HEDGE = re.compile(
@@ -165,7 +168,8 @@ def parse_verdict(text: str, cwe_name: str | None = None) -> Verdict:
 def is_english(text: str) -> bool:
     """Whether an answer is in English, so that reports can count answers in other languages (which the rules above,
     written for English, mostly read as no answer). Answers of fewer than five distinct words count as English."""
-    prose = re.sub(r"```.*?(?:```|$)|`[^`]*`", " ", text or "", flags=re.S)  # code is in no language
+    prose = re.sub(r"```.*?(?:```|$)|`[^`]*`", " ", text or "", flags=re.S)  # code is in no language, fenced
+    prose = re.sub(r"(?m)^\s*#\s*(?:include|define|import)\b.*$|^.*[;{}]\s*$", " ", prose)  # ... or not
     words = re.findall(r"[^\W\d_]+", prose.lower())
     if len(set(words)) < 5:
         return True
