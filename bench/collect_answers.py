@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
+from common import bench_model
 
 from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.engine.api import ApiModel, evaluate_api
 from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.extract.llama_cpp import LlamaServer
 from vulnsteer.metrics import wilson_interval
-from vulnsteer.models import gguf_path, load_model, pull
+from vulnsteer.models import gguf_path, pull
 from vulnsteer.pipeline import make_jobs, prompt_resources
-from vulnsteer.prompts import PROMPT_IDS
+from vulnsteer.prompts import PROMPT_IDS, needs_resources
 from vulnsteer.records import Decoding, Job, Result
 from vulnsteer.verdicts import parse_verdict
 
@@ -51,12 +51,13 @@ def spread(samples: list[Sample], seed: int) -> list[Sample]:
     return [s for round_ in rounds for s in round_ if s is not None]
 
 
-def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str) -> list[Job]:
+def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str,
+              prompt_ids: tuple[str, ...] = PROMPT_IDS) -> list[Job]:
     """`per_prompt` files for each prompt id, continuing the CWE-spread order from one prompt to the next; ordered
     round by round (one job of every prompt, then the next), so a collection cut short still covers every prompt."""
     order = itertools.cycle(spread(samples, seed))
     resources = prompt_resources(dataset)
-    by_prompt = [make_jobs([next(order) for _ in range(per_prompt)], p, resources) for p in PROMPT_IDS]
+    by_prompt = [make_jobs([next(order) for _ in range(per_prompt)], p, resources) for p in prompt_ids]
     return [job for round_ in zip(*by_prompt) for job in round_]
 
 
@@ -149,20 +150,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=25.0, help="stop generating after this long (rerun resumes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("runs/answers"))
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model on the demo set (seconds; its "
+                        "answers mean nothing)")
     parser.add_argument("--report", type=Path, nargs="+", help="only print the agreement table of labelled files")
     args = parser.parse_args(argv)
     if args.report:
         report(args.report)
         return
 
-    samples = filter_samples(load_dataset(args.dataset), splits=[args.split])
-    samples += spread(load_dataset("demo"), args.seed)[:args.demo]
+    if args.smoke:  # the unit tests' tiny random model on the demo set, the prompts that need no dataset files
+        args.model, args.engine, args.max_new_tokens, args.dataset = [("smoke", 1)], "torch", 4, "demo"
+    samples = load_dataset(args.dataset)
+    if not args.smoke:
+        samples = filter_samples(samples, splits=[args.split]) + spread(load_dataset("demo"), args.seed)[:args.demo]
+    prompt_ids = tuple(p for p in PROMPT_IDS if not (args.smoke and needs_resources(p)))
     decoding = Decoding("generate", args.max_new_tokens, args.batch_tokens, final_answer=False)
     deadline = time.monotonic() + 60 * args.minutes
     args.output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for model, per_prompt in args.model:
-        jobs = plan_jobs(samples, per_prompt, args.seed, args.dataset)
+        jobs = plan_jobs(samples, per_prompt, args.seed, args.dataset, prompt_ids)
         path = args.output_dir / f"{model}.jsonl"
         if args.engine == "llama":
             pull(model, quiet=True)
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 api = ApiModel(model, f"{server.url}/v1", concurrency=1, timeout=600)
                 collect(lambda job, api=api: evaluate_api(api, [job], decoding)[0], model, jobs, path, deadline)
         else:
-            lm = load_model(model, dtype=torch.float32, device="cpu")
+            lm = bench_model(model, args.smoke)
             collect(lambda job, lm=lm: evaluate(lm, [job], decoding)[0], model, jobs, path, deadline)
         rows += read_rows(path)
     split = split_answers(rows, args.seed)
