@@ -20,6 +20,7 @@ import itertools
 import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +76,11 @@ def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: 
             row = {"model": model, "prompt": r.prompt_id, "sample_id": r.sample_id, "cwe": r.cwe, "answer": r.response}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
+
+
+def answer_one(run: Callable, model, decoding: Decoding, job: Job) -> Result:
+    """One job through an engine (`evaluate` or `evaluate_api`), so that each answer is stored as it comes."""
+    return run(model, [job], decoding)[0]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -175,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
             pull(model, quiet=True)
             with LlamaServer(gguf_path(model), threads=args.threads, context=8192, extra=["-np", "1"]) as server:
                 api = ApiModel(model, f"{server.url}/v1", concurrency=1, timeout=600)
-                collect(lambda job, api=api: evaluate_api(api, [job], decoding)[0], model, jobs, path, deadline)
+                collect(partial(answer_one, evaluate_api, api, decoding), model, jobs, path, deadline)
         else:
             lm = bench_model(model, args.smoke)
-            collect(lambda job, lm=lm: evaluate(lm, [job], decoding)[0], model, jobs, path, deadline)
+            collect(partial(answer_one, evaluate, lm, decoding), model, jobs, path, deadline)
         rows += read_rows(path)
     split = split_answers(rows, args.seed)
     for name in SETS:
