@@ -228,3 +228,15 @@ def test_reasoning_section_in_summary_files(tmp_path, embedder):
     write_summary(tmp_path, summaries, {"model": "m"})  # the old call still works, with no extra section
     assert "reasoning" not in json.loads((tmp_path / "summary.json").read_text())
     assert reasoning_section([results[3]], samples, embedder=embedder) is None  # score mode only: nothing to add
+
+
+def test_language_section_counts_answers_in_other_languages():
+    from vulnsteer.experiments.summary import language_section
+
+    rows = [result("a", "Yes, the code is vulnerable to path traversal."),
+            result("b", "Sí, el código es vulnerable porque no comprueba la ruta."),
+            result("c", "The code is not vulnerable.")]
+    section = language_section(rows)
+    assert section is not None and section.data["other"] == 1 and section.data["samples"] == ["b"]
+    assert "1 of 3" in section.markdown
+    assert language_section([result("d", "", mode="score")]) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vulnsteer.records import VERDICTS
-from vulnsteer.verdicts import cwe_keywords, parse_verdict
+from vulnsteer.verdicts import cwe_keywords, is_english, parse_verdict
 
 ANSWERS = Path(__file__).with_name("answers.jsonl")
 
@@ -115,4 +115,65 @@ def test_parser_on_real_answers_it_was_not_written_against():
 ])
 def test_answer_shapes_the_parser_used_to_misread(text, cwe, expected):
     """Issue 29, item 13: a verdict followed by a dash or a bracket, and a negated negative."""
+    assert parse_verdict(text, cwe) == expected
+
+
+@pytest.mark.parametrize("text, english", [
+    ("Yes, the code is vulnerable to SQL injection.", True),
+    ("No", True),
+    ("```c\nstrcpy(buf, input);\n```", True),
+    ("Sí, el código es vulnerable a inyección SQL porque concatena la entrada.", False),
+    ("Le code est vulnérable car il ne vérifie pas la taille du tampon.", False),
+    ("Der Code ist anfällig für einen Pufferüberlauf, weil er die Länge nicht prüft.", False),
+    ("是的，代码存在漏洞。strcpy 没有检查长度，可能导致缓冲区溢出。", False),
+])
+def test_is_english(text, english):
+    assert is_english(text) is english
+
+
+TUNING = Path(__file__).with_name("answers_tuning.jsonl")
+HELD_OUT_2 = Path(__file__).with_name("answers_heldout2.jsonl")
+# Tuning answers the parser still reads differently from the hand label (index in answers_tuning.jsonl: why).
+TUNING_MISSES: dict[int, str] = {}
+# Right of the held-out half, measured once after the parser was frozen (docs/results.md); a regression fails.
+HELD_OUT_2_RIGHT = 22  # of 26
+
+
+def check_labelled(rows: list[dict]) -> None:
+    assert rows and all(r["labelled_by"] == "hand" and r["label"] in VERDICTS and r["language"] in ("en", "other")
+                        for r in rows)
+    assert all(is_english(r["answer"]) == (r["language"] == "en") for r in rows)
+
+
+def test_tuning_half_is_read_as_labelled():
+    """answers_tuning.jsonl (bench/collect_answers.py, labelled by hand): the half the parser was tuned on."""
+    rows = load_answers(TUNING)
+    check_labelled(rows)
+    misses = {i for i, r in enumerate(rows) if parse_verdict(r["answer"], r["cwe"]) != r["label"]}
+    assert misses == set(TUNING_MISSES)
+
+
+def test_held_out_half_agreement_is_pinned():
+    """answers_heldout2.jsonl: the other half, labelled by hand after the parser was frozen; never tuned on."""
+    rows = load_answers(HELD_OUT_2)
+    check_labelled(rows)
+    right = sum(parse_verdict(r["answer"], r["cwe"]) == r["label"] for r in rows)
+    assert right >= HELD_OUT_2_RIGHT
+
+
+@pytest.mark.parametrize("text, cwe, expected", [
+    ("The vulnerability in the given code is SQL Injection. It builds the query from user input.", "CWE-89",
+     "vulnerable"),
+    ("The vulnerability in the given code is the use of free(file) after the fgets function.", "CWE-416",
+     "vulnerable"),
+    ("### Sub-components that Could Lead to Out-of-Bounds Write\n\n1. **Array buf**: declared with three elements.",
+     "CWE-787", "unknown"),
+    ("## Vulnerable\n\nstrcpy copies the input into a 16-byte buffer.", "CWE-787", "vulnerable"),
+    ("### Verdict: **Not vulnerable**", "CWE-787", "not_vulnerable"),
+    ("## Analysis\nThe loop copies len bytes.\n\n**No**\n", "CWE-787", "not_vulnerable"),
+    ("The length check could lead to an out-of-bounds write if it were removed.", "CWE-787", "unknown"),
+])
+def test_answer_shapes_of_the_tuning_half(text, cwe, expected):
+    """Shapes from answers_tuning.jsonl (issue 29, item 13): "the vulnerability in the code is X" states a verdict; a
+    Markdown heading that says what could lead to a weakness does not; a verdict as a heading or a bold line does."""
     assert parse_verdict(text, cwe) == expected

@@ -36,6 +36,7 @@ from vulnsteer.experiments.store import (
 from vulnsteer.experiments.summary import (
     Section,
     final_answer_section,
+    language_section,
     print_table,
     reasoning_section,
     summarise_results,
@@ -133,9 +134,10 @@ def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding
         summaries = summarise_results(results, n_boot=n_boot)
         reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
         final = final_answer_section({"all": results})
+        languages = language_section(results)
         seconds = round(time.perf_counter() - start, 1)
         write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": seconds},
-                      sections=[*(section for section in (final, reasoning) if section), *sections])
+                      sections=[*(section for section in (final, reasoning, languages) if section), *sections])
         print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
         return results
 

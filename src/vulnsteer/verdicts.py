@@ -98,11 +98,14 @@ _AFF = re.compile(
     + _W + r"{0,5}?" + _VULN_NOUN
     + r"|\b" + _VULN_NOUN + r"\s+(?:\w+\s+)?(?:exists?|is present|occurs?|lies|happens)\b"
     + r"|\b(?:can|could) be exploited\b|\ban attacker (?:can|could)\b"
+    # "The vulnerability in the given code is the use of free(file) after ..."
+    + r"|\bthe\s+(?:\w+\s+)?vulnerabilit(?:y|ies)\s+(?:in|of)\s+(?:the\s+|this\s+)?(?:given\s+|provided\s+)?"
+    r"(?:code|function|snippet|program)\s+(?:is|are|lies|occurs|exists)\b"
 )
 # A modal or hedge attached to the claim itself ("may be vulnerable", "could potentially contain").
 _SOFT_AFF = re.compile(
     r"\b(?:may|might|could)\s+(?:potentially\s+|possibly\s+|also\s+)?(?:be\s+)?(?:\w+\s+)?"
-    r"(?:vulnerable|susceptible|exploitable|contain|have|be at risk|introduce)"
+    r"(?:vulnerable|susceptible|exploitable|contain|have|be at risk|introduce|lead|result|cause|allow)"
     r"|\b(?:potentially|possibly)\s+(?:vulnerable|susceptible|exploitable)"
 )
 _HEDGE = re.compile(
@@ -131,6 +134,8 @@ _ANSWER_IS = re.compile(r"\b(?:the|my)\s+(?:final\s+)?answer\s+(?:is|would be)\s
 _LEADING = re.compile(r"^(?:[-*>]\s*)?(yes|no|sí)(?=$|[\s.,!;:)\-]*$|[.,!;:)\-]|\s*[-\u2013\u2014(\[]"
                       r"|\s+(?:it|the|this|that|there|i|we)\b)")
 _YES_VALUES = {"yes", "vulnerable", "true", "sí"}
+# Function words of almost any English sentence, none of them a word of Spanish, French, German or Italian.
+_ENGLISH_WORDS = frozenset("the is of to and this that it does there are be with for has have was".split())
 
 
 def parse_verdict(text: str, cwe_name: str | None = None) -> Verdict:
@@ -158,6 +163,19 @@ def parse_verdict(text: str, cwe_name: str | None = None) -> Verdict:
         return explicit
     verdict = _judge(clauses, keys)
     return verdict if verdict is not None else UNKNOWN
+
+
+def is_english(text: str) -> bool:
+    """Whether an answer is in English, so that reports can count answers in other languages (which the rules above,
+    written for English, mostly read as no answer). Answers of fewer than five distinct words count as English."""
+    prose = re.sub(r"```.*?(?:```|$)|`[^`]*`", " ", text or "", flags=re.S)  # code is in no language, fenced
+    prose = re.sub(r"(?m)^\s*#\s*(?:include|define|import)\b.*$|^.*[;{}]\s*$", " ", prose)  # ... or not
+    words = re.findall(r"[^\W\d_]+", prose.lower())
+    if len(set(words)) < 5:
+        return True
+    if sum(not w.isascii() for w in words) > len(words) / 2:
+        return False
+    return any(w in _ENGLISH_WORDS for w in words)
 
 
 def cwe_keywords(cwe_name: str | None) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from vulnsteer.metrics import (
     summarise_by_cwe,
 )
 from vulnsteer.records import Result
+from vulnsteer.verdicts import is_english
 
 COLUMNS = (
     ("accuracy", "acc (unknown = wrong)"),
@@ -160,6 +161,17 @@ def reasoning_section(results: Sequence[Result], samples, *, embedder=None, judg
                                                                 for s in scores)},
             **reasoning.summarise_reasoning(results, scores)}
     return Section("reasoning", data, reasoning_markdown(data))
+
+
+def language_section(results: Sequence[Result]) -> Section | None:
+    """Generate mode: how many free answers are in a language other than English, which the parser (English rules)
+    mostly reads as no answer; their verdicts count as given. None in score mode."""
+    answers = [r for r in results if r.mode == "generate"]
+    if not answers:
+        return None
+    other = [r.sample_id for r in answers if not is_english(r.response)]
+    markdown = f"## Languages\n\nAnswers in a language other than English: {len(other)} of {len(answers)}.\n"
+    return Section("languages", {"other": len(other), "n": len(answers), "samples": other}, markdown)
 
 
 def final_answer_section(arms: dict[str, Sequence[Result]]) -> Section | None:
