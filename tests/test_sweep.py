@@ -364,6 +364,14 @@ def test_learned_methods_steer_single_layer_sets_only_and_need_one():
         SweepConfig(methods=["mean-diff", "loreft"], layers=["1,2", "all"])
 
 
+def test_the_quick_grid_runs_the_learned_methods_beside_mean_diff():
+    quick = load_config(None, {})
+    assert quick.methods == ["mean-diff", "trained", "loreft"] and quick.learned_layers == ["rel:0.5"]
+    assert load_config(None, {"learned_steps": 5}).learned_steps == 5
+    with pytest.raises(VulnsteerError, match="learned_steps"):
+        load_config(None, {"learned_steps": 0})
+
+
 def test_the_best_prompt_is_chosen_on_the_training_folds_only():
     """S3 is right on fold 0's own items and wrong elsewhere; S5 is right on the other folds' items. The prompt
     for fold 0 must be S5 (its rows on fold 0 form the arm), chosen on no item of fold 0; a prompt only as good as

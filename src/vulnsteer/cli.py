@@ -53,7 +53,7 @@ DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt
                   max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
 _INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
-              "train_pairs_per_cwe", "batch_tokens", "lora_steps"}
+              "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps"}
 
 
 def _with_options(options: dict):
@@ -425,6 +425,8 @@ SWEEP_FLAGS = dict(
     lora_steps=typer.Option(None, "--lora-steps", min=0,
                             help="Add the LoRA ceiling (peft, r=8 on q,k,v,o): per fold, this many steps on its "
                                  "training items (needs the lora extra)."),
+    learned_steps=typer.Option(None, "--learned-steps", min=1,
+                               help="Adam steps of each trained/loreft fit (one per fold and per pair of folds)."),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),

@@ -31,7 +31,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.store import SweepStore, read_sweep, read_text
 from vulnsteer.extract.activations import Activations, collect
 from vulnsteer.extract.lora import LoraFit, LoraTraining, fit_and_score
-from vulnsteer.extract.trained import Prefix, prefix_pass
+from vulnsteer.extract.trained import Prefix, Training, prefix_pass
 from vulnsteer.extract.vectors import (
     LEARNED,
     METHODS,
@@ -95,6 +95,7 @@ class SweepConfig:
     prompts: list[str] | None = None
     # > 0: the LoRA ceiling arm (peft, r=8 on q,k,v,o), fitted per fold on its training items with this many steps
     lora_steps: int = 0
+    learned_steps: int = Training().steps  # Adam steps of each `trained`/`loreft` fit (every fold's and pair's)
     mode: str = "score"
     folds: int = 4
     seed: int = 0
@@ -157,6 +158,7 @@ class SweepConfig:
         _check_integer("folds", self.folds, 2 if self.train_dataset else 3)
         _check_integer("random_draws", self.random_draws, 1)
         _check_integer("lora_steps", self.lora_steps, 0)
+        _check_integer("learned_steps", self.learned_steps, 1)
         if self.lora_steps and self.mode != "score":
             raise VulnsteerError("config: lora_steps needs mode score (LoRA is trained and read at the answer's score)")
 
@@ -182,11 +184,13 @@ class SweepConfig:
             raise VulnsteerError(f"config: {exc}") from exc
 
 
-# Named grids, laid under a TOML file and flags. `quick` is SweepConfig's defaults: every part of the protocol
-# (baseline, a held-out grid, nested selection, controls, transfer, side effects, report) in minutes on a 2-core CPU.
+# Named grids, laid under a TOML file and flags. `quick` is SweepConfig's defaults with the learned methods beside
+# mean-diff: every part of the protocol (baseline, a held-out grid, learned interventions, nested selection,
+# controls, transfer, side effects, report) in minutes on a 2-core CPU. 3 folds and 20 steps: each learned method
+# is fitted 9 times (every fold, every pair of folds).
 # `full` is the grid of the first experiments: 3 layer sets x 4 strengths x 2 positions, 3 random draws per config.
 GRIDS: dict[str, dict[str, Any]] = {
-    "quick": {},
+    "quick": {"methods": ["mean-diff", "trained", "loreft"], "folds": 3, "learned_steps": 20},
     "full": {"layers": ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"], "strengths": [-1.0, -0.5, 0.5, 1.0],
              "positions": ["prompt-last", "all"], "random_draws": 3},
 }
@@ -558,8 +562,9 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
 def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: dict[str, list[int]],
          prefix: Prefix | None = None, resources: PromptResources | None = None) -> Banks:
     """One bank per method, at the layers its configs steer."""
-    return {method: fit(acts, lm, method, layers[method], config.normalisation, prefix=prefix, resources=resources)
-            for method in config.methods}
+    training = Training(steps=config.learned_steps)
+    return {method: fit(acts, lm, method, layers[method], config.normalisation, prefix=prefix, resources=resources,
+                        training=training) for method in config.methods}
 
 
 def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets: dict[str, list[int]],
