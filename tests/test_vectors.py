@@ -437,3 +437,25 @@ def test_export_gguf_reads_back(llama, tmp_path):
         assert tensors[f"direction.{layer}"].dtype == np.float32
     with pytest.raises(VulnsteerError, match="no vector for CWE-1"):
         export_gguf(bank, "CWE-1", tmp_path / "none.gguf")
+
+
+def test_a_direction_method_is_one_function_and_one_registry_line(monkeypatch, tmp_path):
+    """Registering a toy direction (the vulnerable items' mean alone) makes it a method everywhere a method goes:
+    fitted per group and layer, and swept under the held-out protocol."""
+    from vulnsteer.experiments.analysis import analyse
+    from vulnsteer.experiments.sweep import SweepConfig
+    from vulnsteer.extract import vectors
+    from vulnsteer.models import random_model
+    from vulnsteer.pipeline import run_sweep
+
+    def vulnerable_mean(x, vulnerable, pair_ids):
+        return x[vulnerable].mean(0)
+    monkeypatch.setitem(vectors.DIRECTIONS, "vulnerable-mean", vulnerable_mean)
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
+                         methods=["vulnerable-mean"], vectors=["pooled"], transfer=False)
+    run_sweep(config, tmp_path, lm=random_model("llama"))
+    a = analyse(tmp_path)
+    assert "vulnerable-mean|1|pooled|prompt-last|+1" in a.arms
+    monkeypatch.delitem(vectors.DIRECTIONS, "vulnerable-mean")
+    with pytest.raises(VulnsteerError, match="methods"):
+        SweepConfig(methods=["vulnerable-mean"])

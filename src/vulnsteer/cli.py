@@ -266,11 +266,11 @@ def extract_command(
     **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
-    from vulnsteer.extract.vectors import METHODS, NORMALISATIONS
+    from vulnsteer.extract.vectors import NORMALISATIONS, methods
     from vulnsteer.pipeline import run_extract
 
-    if method not in METHODS or normalisation not in NORMALISATIONS:
-        raise VulnsteerError(f"use --method from {', '.join(METHODS)} and --normalisation from "
+    if method not in methods() or normalisation not in NORMALISATIONS:
+        raise VulnsteerError(f"use --method from {', '.join(methods())} and --normalisation from "
                              f"{', '.join(NORMALISATIONS)}")
     _check_mode(mode)
     samples, resources = _samples_and_resources(**data)

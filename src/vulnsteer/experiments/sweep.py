@@ -34,13 +34,13 @@ from vulnsteer.extract.lora import LoraFit, LoraTraining, fit_and_score
 from vulnsteer.extract.trained import Prefix, Training, prefix_pass
 from vulnsteer.extract.vectors import (
     LEARNED,
-    METHODS,
     NORMALISATIONS,
     POOLED,
     VectorBank,
     fit,
     parse_layers,
 )
+from vulnsteer.extract.vectors import methods as known_methods
 from vulnsteer.metrics import GAIN_METRICS
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, Prompt, PromptResources, build_prompt
@@ -135,7 +135,7 @@ class SweepConfig:
             raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
         if self.select_metric == "auroc" and self.mode != "score":
             raise VulnsteerError("config: select_metric auroc needs mode score (generated answers have no score)")
-        _check_choice("methods", self.methods, METHODS)
+        _check_choice("methods", self.methods, known_methods())
         _check_choice("vectors", [v for v in self.vectors if not v.startswith("CWE-")], VECTOR_CHOICES)
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("mode", [self.mode], MODES)

@@ -40,9 +40,6 @@ from vulnsteer.protocol import items_sha256, training_keys
 from vulnsteer.records import Positions, Steering, SteeringId
 from vulnsteer.steering.reft import LowRankEdit
 
-DIRECTIONS = ("mean-diff", "pca", "probe")  # read off activations alone
-LEARNED = ("trained", "loreft")  # fitted on the model's answers
-METHODS = DIRECTIONS + LEARNED
 NORMALISATIONS = ("residual", "unit")
 POOLED = "pooled"
 
@@ -54,26 +51,52 @@ def _check_classes(acts: Activations, group: str) -> None:
         raise VulnsteerError(f"{group}: no {missing} sample to fit a direction on")
 
 
+def mean_diff(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str]) -> torch.Tensor:
+    return x[vulnerable].mean(0) - x[~vulnerable].mean(0)
+
+
+def first_principal_difference(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str]) -> torch.Tensor:
+    """The first right singular vector of the paired differences, signed so that pairs move along it on average."""
+    diffs = _paired_differences(x, vulnerable, pair_ids)
+    if len(diffs) < 2:
+        return diffs.mean(0)
+    # Uncentred: the shift that all pairs share is the signal, so it must not be subtracted away.
+    _, _, v = torch.linalg.svd(diffs, full_matrices=False)
+    first = v[0]
+    return first if (diffs @ first).mean() >= 0 else -first
+
+
+def probe_weights(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str]) -> torch.Tensor:
+    """A logistic probe's weights on standardised activations, mapped back to the activations' own space."""
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    probe = LogisticRegression(C=0.1, max_iter=2000).fit(((x - mean) / std).numpy(), vulnerable.numpy())
+    return torch.from_numpy(probe.coef_[0]).float() / std
+
+
+# The methods: directions read off activations alone (a function of activations [n, hidden], boolean labels and
+# pair ids: a new one is one function and one line here), and interventions fitted on the model's answers
+# (`extract/trained.py`), which `fit` dispatches by name.
+DIRECTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor]] = {
+    "mean-diff": mean_diff,
+    "pca": first_principal_difference,
+    "probe": probe_weights,
+}
+LEARNED = ("trained", "loreft")
+
+
+def methods() -> tuple[str, ...]:
+    """Every method's name, registered directions included."""
+    return (*DIRECTIONS, *LEARNED)
+
+
 def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], method: str) -> torch.Tensor:
     """One raw (unnormalised) direction from activations `x` [n, hidden] with boolean labels `vulnerable`."""
-    if method == "mean-diff":
-        return x[vulnerable].mean(0) - x[~vulnerable].mean(0)
-    if method == "pca":
-        diffs = _paired_differences(x, vulnerable, pair_ids)
-        if len(diffs) < 2:
-            return diffs.mean(0)
-        # Uncentred: the shift that all pairs share is the signal, so it must not be subtracted away.
-        _, _, v = torch.linalg.svd(diffs, full_matrices=False)
-        first = v[0]
-        return first if (diffs @ first).mean() >= 0 else -first
-    if method == "probe":
-        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-        probe = LogisticRegression(C=0.1, max_iter=2000).fit(((x - mean) / std).numpy(), vulnerable.numpy())
-        return torch.from_numpy(probe.coef_[0]).float() / std  # back to the unstandardised space
     if method in LEARNED:
         raise VulnsteerError(f"{method} vectors are fitted on the model's answers, not read off activations; use "
                              f"one of {', '.join(DIRECTIONS)} here")
-    raise VulnsteerError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in DIRECTIONS:
+        raise VulnsteerError(f"unknown method {method!r}; use one of {', '.join(methods())}")
+    return DIRECTIONS[method](x, vulnerable, pair_ids)
 
 
 def _paired_differences(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str]) -> torch.Tensor:
