@@ -100,3 +100,32 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
     assert f"{parameters.pop():,}" in (tmp_path / "report.md").read_text().split("LoRA r=8")[1][:200]
     run_sweep(config, tmp_path, lm=lm)
     assert len(fits) == 3  # resumed: every LoRA row was stored
+
+
+def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkeypatch):
+    """Every fold's training set is the training dataset: one fit scores them all, and its seconds count once."""
+    import json
+    from dataclasses import asdict
+
+    from vulnsteer.data import load_demo
+    from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.analysis import analyse
+    from vulnsteer.experiments.sweep import LORA, SweepConfig
+    from vulnsteer.models import random_model
+    from vulnsteer.pipeline import run_sweep
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({k: v for k, v in asdict(s).items() if k in
+                                         ("id", "cwe", "label", "language", "code", "pair_id", "source")}) + "\n"
+                             for s in load_demo()[16:24]))
+    fits = []
+    fit_ = sweep_module.fit_and_score
+    monkeypatch.setattr(sweep_module, "fit_and_score", lambda *a, **k: fits.append(1) or fit_(*a, **k))
+    config = SweepConfig(dataset="demo", limit=8, train_dataset=str(train), drop_overlap=True, folds=2,
+                         layers=["1"], strengths=[1.0], mode="score", vectors=["pooled"], transfer=False,
+                         lora_steps=1)
+    run_sweep(config, tmp_path / "run", lm=random_model("llama"))
+    a = analyse(tmp_path / "run")
+    assert len(fits) == 1 and len(a.others[LORA]) == len(a.sample_ids)
+    seconds = [fit["seconds"] for fit in a.meta["lora_fits"].values()]
+    assert len(seconds) == 2 and sorted(seconds)[0] == 0.0 < sorted(seconds)[1]

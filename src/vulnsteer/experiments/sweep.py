@@ -497,21 +497,28 @@ def lora_rows(lm: LoadedModel, config: SweepConfig, sweep: SweepPlan, resources:
               done: set[tuple[str, str]]) -> Iterator[tuple[int, list[Result], LoraFit]]:
     """The LoRA ceiling: per fold with rows left, adapters fitted on that fold's training items (the other folds',
     or `train_dataset`'s) score the fold's items as score mode does; each row names the adapters' training set,
-    and the rows are checked like steered rows before they are stored. The model is restored after each fit."""
+    and the rows are checked like steered rows before they are stored. Folds that share a training set (every fold,
+    with `train_dataset`) share one fit, whose seconds count once. The model is restored after each fit."""
     members: dict[int, list[Sample]] = {}
     for s in sweep.samples:
         members.setdefault(sweep.fold_of[s.id], []).append(s)
+    by_training_set: dict[str, list[int]] = {}
     for fold, train in sorted(sweep.lora_train.items()):
-        if all((LORA, s.id) in done for s in members[fold]):
-            continue
-        print(f"LoRA: fitting on {len(train)} items for fold {fold} ({config.lora_steps} steps)", flush=True)
-        fit = fit_and_score(lm, train, members[fold], config.prompt, resources, LoraTraining(steps=config.lora_steps))
-        label = SteeringId(config=LORA, fold=fold, bank=lora_bank(train))
-        rows = [replace(make_result(Job(s, config.prompt, build_prompt(s, config.prompt, resources)), "score", "",
-                                    fit.scores[s.id], 0, 0, 0.0, []), steering=label) for s in members[fold]]
-        check_provenance(provenance_rows([(s, label) for s in members[fold]], sweep.fold_of, sweep.samples),
-                         sweep.bank_keys)
-        yield fold, rows, fit
+        if not all((LORA, s.id) in done for s in members[fold]):
+            by_training_set.setdefault(lora_bank(train), []).append(fold)
+    for bank, folds in by_training_set.items():
+        train = sweep.lora_train[folds[0]]
+        test = [s for fold in folds for s in members[fold]]
+        print(f"LoRA: fitting on {len(train)} items for fold(s) {', '.join(map(str, folds))} "
+              f"({config.lora_steps} steps)", flush=True)
+        fit = fit_and_score(lm, train, test, config.prompt, resources, LoraTraining(steps=config.lora_steps))
+        for k, fold in enumerate(folds):
+            label = SteeringId(config=LORA, fold=fold, bank=bank)
+            rows = [replace(make_result(Job(s, config.prompt, build_prompt(s, config.prompt, resources)), "score",
+                                        "", fit.scores[s.id], 0, 0, 0.0, []), steering=label) for s in members[fold]]
+            check_provenance(provenance_rows([(s, label) for s in members[fold]], sweep.fold_of, sweep.samples),
+                             sweep.bank_keys)
+            yield fold, rows, fit if k == 0 else replace(fit, seconds=0.0)
 
 
 def check_stored_provenance(out_dir: Path) -> int:
