@@ -431,3 +431,17 @@ def test_progress_in_a_log_is_plain_lines(capsys):
         advance(3)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in lines] == ["activations: 1/4 (25%)", "activations: 4/4 (100%)"]
+
+
+def test_extract_fits_a_learned_method_as_its_flags_say(monkeypatch, capsys, tmp_path, tiny):
+    from vulnsteer.extract.vectors import load
+
+    path = tmp_path / "edits.safetensors"
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "--method",
+                             "loreft", "--layers", "1", "--steps", "2", "--rank", "2", "--kl-weight", "0.5",
+                             "--mode", "score", "-o", str(path))
+    assert code == 0, err
+    bank = load(path)
+    training = bank.meta["training"]
+    assert (training["steps"], training["rank"], training["kl_weight"]) == (2, 2, 0.5)
+    assert {edit.learned.weight.shape[0] for by_layer in bank.edits.values() for edit in by_layer.values()} == {2}

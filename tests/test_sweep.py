@@ -370,6 +370,10 @@ def test_the_quick_grid_runs_the_learned_methods_beside_mean_diff():
     assert load_config(None, {"learned_steps": 5}).learned_steps == 5
     with pytest.raises(VulnsteerError, match="learned_steps"):
         load_config(None, {"learned_steps": 0})
+    with pytest.raises(VulnsteerError, match="rank must be 1 to 8"):
+        load_config(None, {"rank": 9})
+    with pytest.raises(VulnsteerError, match="kl_weight"):
+        load_config(None, {"kl_weight": -1.0})
 
 
 def test_the_best_prompt_is_chosen_on_the_training_folds_only():

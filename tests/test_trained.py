@@ -158,12 +158,13 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     from vulnsteer.pipeline import run_sweep
 
     checked: list[str] = []
-    steps: set[int] = set()
+    steps: set[tuple] = set()
     check = sweep_module.check_held_out
 
     def counting(banks, test):
         checked.extend(bank.meta["method"] for bank in banks.values())
-        steps.update(bank.meta["training"]["steps"] for bank in banks.values() if "training" in bank.meta)
+        steps.update((t["steps"], t["rank"], t["kl_weight"]) for t in
+                     (bank.meta["training"] for bank in banks.values() if "training" in bank.meta))
         check(banks, test)
 
     passes = []
@@ -172,10 +173,10 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     monkeypatch.setattr(sweep_module, "prefix_pass", lambda *a, **k: passes.append(1) or prefix_pass_(*a, **k))
     config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-1.0, 1.0], mode="score",
                          methods=["mean-diff", "trained", "loreft"], vectors=["pooled", "random"], transfer=False,
-                         learned_steps=3)
+                         learned_steps=3, rank=2, kl_weight=0.5)
     report = run_sweep(config, tmp_path, lm=random_model("llama"))
     assert len(passes) == 1
-    assert steps == {3}  # learned_steps reaches every learned fit
+    assert steps == {(3, 2, 0.5)}  # learned_steps, rank and kl_weight reach every learned fit
     assert checked.count("trained") == checked.count("loreft") == checked.count("mean-diff") > 0
     a = analyse(tmp_path)
     for method in ("trained", "loreft"):

@@ -53,7 +53,7 @@ DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt
                   max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
 _INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
-              "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps"}
+              "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps", "rank"}
 
 
 def _with_options(options: dict):
@@ -263,9 +263,14 @@ def extract_command(
                              "of the chat template) or score (at 'Answer:', where scoring reads yes/no)."),
     dtype: str = typer.Option("float32", "--dtype"),
     device: Optional[str] = DeviceOpt,
+    steps: int = typer.Option(40, "--steps", min=1, help="trained/loreft: Adam steps."),
+    rank: int = typer.Option(4, "--rank", min=1, max=8, help="loreft: the edit's rank."),
+    kl_weight: float = typer.Option(0.0, "--kl-weight", min=0.0,
+                                    help="trained/loreft: also pay this x KL(unsteered || steered) at that token."),
     **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
+    from vulnsteer.extract.trained import Training
     from vulnsteer.extract.vectors import NORMALISATIONS, methods
     from vulnsteer.pipeline import run_extract
 
@@ -276,7 +281,7 @@ def extract_command(
     samples, resources = _samples_and_resources(**data)
     lm = load_lm(data["model"], dtype, "score", device)
     bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), read, normalisation,
-                       output, mode)
+                       output, mode, Training(steps=steps, rank=rank, kl_weight=kl_weight))
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
           f"{bank.meta['n_train']} samples")
 
@@ -375,6 +380,11 @@ def _sweep_overrides(**flags) -> dict:
                 value = [float(v) for v in value.split(",") if v.strip()]
             except ValueError as exc:
                 raise VulnsteerError(f"--strengths must be numbers separated by commas, got {value!r}") from exc
+        elif key == "kl_weight":
+            try:
+                value = float(value)
+            except ValueError as exc:
+                raise VulnsteerError(f"--kl-weight must be a number, got {value!r}") from exc
         out[key] = value
     return out
 
@@ -427,6 +437,9 @@ SWEEP_FLAGS = dict(
                                  "training items (needs the lora extra)."),
     learned_steps=typer.Option(None, "--learned-steps", min=1,
                                help="Adam steps of each trained/loreft fit (one per fold and per pair of folds)."),
+    rank=typer.Option(None, "--rank", min=1, max=8, help="Rank of loreft edits (default 4)."),
+    kl_weight=typer.Option(None, "--kl-weight",
+                           help="Learned fits also pay this x KL(unsteered || steered) at the steered token."),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
     vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),

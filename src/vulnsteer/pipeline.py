@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -45,6 +45,9 @@ from vulnsteer.experiments.summary import (
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.records import Decoding, Job, Result, Steering
+
+if TYPE_CHECKING:
+    from vulnsteer.extract.trained import Training
 
 
 @contextmanager
@@ -154,15 +157,19 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
 
 
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate"):
-    """Fit one vector per CWE and layer plus a pooled one, and save them with their metadata."""
+                method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate",
+                training: Training | None = None):
+    """Fit one vector per CWE and layer plus a pooled one (learned methods as `training` says), and save them with
+    their metadata."""
     from vulnsteer.extract.trained import Training
     from vulnsteer.extract.vectors import LEARNED, fit, save
 
+    training = training or Training()
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     if method in LEARNED:
-        with progress(f"fitting {method}", Training().steps) as advance:
-            bank = fit(acts, lm, method, layers, normalisation, resources=resources, progress=advance)
+        with progress(f"fitting {method}", training.steps) as advance:
+            bank = fit(acts, lm, method, layers, normalisation, resources=resources, training=training,
+                       progress=advance)
     else:
         bank = fit(acts, lm, method, layers, normalisation, resources=resources)
     save(bank, output)

@@ -96,6 +96,8 @@ class SweepConfig:
     # > 0: the LoRA ceiling arm (peft, r=8 on q,k,v,o), fitted per fold on its training items with this many steps
     lora_steps: int = 0
     learned_steps: int = Training().steps  # Adam steps of each `trained`/`loreft` fit (every fold's and pair's)
+    rank: int = Training().rank  # of `loreft` edits (1-8)
+    kl_weight: float = Training().kl_weight  # > 0: learned fits also pay weight x KL(unsteered || steered)
     mode: str = "score"
     folds: int = 4
     seed: int = 0
@@ -159,6 +161,10 @@ class SweepConfig:
         _check_integer("random_draws", self.random_draws, 1)
         _check_integer("lora_steps", self.lora_steps, 0)
         _check_integer("learned_steps", self.learned_steps, 1)
+        if not 1 <= self.rank <= 8:
+            raise VulnsteerError(f"config: rank must be 1 to 8, got {self.rank}")
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise VulnsteerError(f"config: kl_weight must be a finite number >= 0, got {self.kl_weight}")
         if self.lora_steps and self.mode != "score":
             raise VulnsteerError("config: lora_steps needs mode score (LoRA is trained and read at the answer's score)")
 
@@ -171,6 +177,11 @@ class SweepConfig:
     def layer_sets(self, method: str) -> list[str]:
         """The layer sets `method`'s configs steer."""
         return self.learned_layers if method in LEARNED else self.layers
+
+    @property
+    def training(self) -> Training:
+        """How the learned methods are fitted."""
+        return Training(steps=self.learned_steps, rank=self.rank, kl_weight=float(self.kl_weight))
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -569,9 +580,8 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
 def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: dict[str, list[int]],
          prefix: Prefix | None = None, resources: PromptResources | None = None) -> Banks:
     """One bank per method, at the layers its configs steer."""
-    training = Training(steps=config.learned_steps)
     return {method: fit(acts, lm, method, layers[method], config.normalisation, prefix=prefix, resources=resources,
-                        training=training) for method in config.methods}
+                        training=config.training) for method in config.methods}
 
 
 def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets: dict[str, list[int]],
