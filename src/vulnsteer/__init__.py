@@ -27,6 +27,10 @@ _PUBLIC = {
     "summarise_results": ("vulnsteer.experiments.summary", "summarise_results"),
     "SweepConfig": ("vulnsteer.experiments.sweep", "SweepConfig"),
     "run_sweep": ("vulnsteer.pipeline", "run_sweep"),
+    "run_local_eval": ("vulnsteer.pipeline", "run_local_eval"),
+    "held_out_for": ("vulnsteer.pipeline", "held_out_for"),
+    "save_vectors": ("vulnsteer.extract.vectors", "save"),
+    "SteerWith": ("vulnsteer.pipeline", "SteerWith"),
 }
 __all__ = list(_PUBLIC)
 

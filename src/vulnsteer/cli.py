@@ -6,12 +6,11 @@ Every user error ends as one line on stderr and a non-zero exit, never a traceba
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, cast
+from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 
@@ -22,8 +21,7 @@ from vulnsteer.errors import VulnsteerError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
-    from vulnsteer.data import Sample
-    from vulnsteer.records import Cache, Mode, Steering
+    from vulnsteer.records import Cache, Mode
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Measure and steer how well a language model detects vulnerabilities in code.")
@@ -167,13 +165,11 @@ def eval_command(
     **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
-    from vulnsteer.pipeline import make_jobs, run_eval
+    from vulnsteer.pipeline import SteerWith, held_out_for, make_jobs, run_eval, run_local_eval
     from vulnsteer.records import MODES, Decoding
 
     if mode not in MODES:
         raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
-    if not math.isfinite(strength):
-        raise VulnsteerError(f"--strength must be a finite number, got {strength}")
     model, prompt = data["model"], data["prompt"]
     if vectors is None and (strength != 0 or layers is not None or positions != "all" or cwe_vector != "own"):
         raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
@@ -194,42 +190,16 @@ def eval_command(
         return
     if base_url is not None:
         raise VulnsteerError("--base-url is for API models: --model openai:NAME")
-    bank, dropped = None, None
+    held_out = None  # refused before the model loads
     if vectors is not None:
-        from vulnsteer.extract.vectors import load
-        from vulnsteer.protocol import held_out, leaked_ids
-
-        bank = load(vectors)
-        kept = held_out(samples, leaked_ids(samples, bank.meta), drop_overlap, f"the training data of {vectors}")
-        samples, dropped = kept.samples, kept.note
+        held_out = held_out_for(samples, SteerWith(vectors, layers, strength, positions, cwe_vector, drop_overlap,
+                                                   allow_other_weights))
     lm = load_lm(model, dtype, mode, device)
-    meta = {**data, "model": lm.model_id, "config_hash": lm.config_hash, "weights": lm.fingerprint,
-            "dtype": str(lm.model.dtype), **({"held_out": dropped} if dropped else {})}
-    steering_for: Callable[[Sample], Steering | None] = lambda sample: None  # noqa: E731
-    if bank is not None:
-        from vulnsteer.extract.vectors import check_compatible, steering_for_samples
-
-        check_compatible(bank, lm, str(vectors), allow_other_weights)
-        if allow_other_weights and bank.meta.get("weights_bf16"):
-            meta["vectors_from_other_weights_allowed"] = True
-        if bank.meta.get("mode", mode) != mode:
-            print(f"note: these vectors were read from prompts as {bank.meta['mode']} mode asks them; this run "
-                  f"is in {mode} mode", file=sys.stderr)
-        steering_for = steering_for_samples(bank, layers, strength, positions, cwe_vector)
-        meta |= {"vectors": str(vectors), "layers": layers, "strength": strength, "positions": positions,
-                 "cwe_vector": cwe_vector}
-    jobs = make_jobs(samples, prompt, resources, steering_for)
     judge = None
     if judge_model is not None and mode == "generate":
         judge = lm if judge_model == model else load_lm(judge_model, "float32", "score", device)
-        meta["judge_model"] = judge_model
-    sections = []
-    if bank is not None:
-        from vulnsteer.experiments.side_effects import code_side_effects
-        from vulnsteer.experiments.summary import side_effects_section
-
-        sections.append(side_effects_section(code_side_effects(lm, samples, {"steered": steering_for})))
-    run_eval(lm, jobs, decoding, output_dir, meta, judge_lm=judge, sections=sections)
+        data = {**data, "judge_model": judge_model}
+    run_local_eval(lm, samples, prompt, decoding, output_dir, held_out, resources, data, judge)
 
 
 MethodOpt = typer.Option("mean-diff", "--method",

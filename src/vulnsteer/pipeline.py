@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -48,6 +50,7 @@ from vulnsteer.records import Decoding, Job, Result, Steering
 
 if TYPE_CHECKING:
     from vulnsteer.extract.trained import Training
+    from vulnsteer.extract.vectors import VectorBank
 
 
 @contextmanager
@@ -143,6 +146,72 @@ def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding
                       sections=[*(section for section in (final, reasoning, languages) if section), *sections])
         print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
         return results
+
+
+@dataclass(frozen=True)
+class SteerWith:
+    """`eval --vectors`: which of a vector file's vectors steer each item, where and how hard."""
+
+    vectors: Path
+    layers: str | None = None  # None: every layer in the file
+    strength: float = 0.0
+    positions: str = "all"
+    cwe_vector: str = "own"  # each item's own CWE's vector, "pooled", or a named CWE's
+    drop_overlap: bool = False  # drop test families that overlap the file's training data (refused otherwise)
+    allow_other_weights: bool = False  # vectors fitted on other weights of this architecture
+
+
+@dataclass(frozen=True)
+class HeldOutVectors:
+    """A vector file and the samples it may steer: those whose families it was not fitted on."""
+
+    steer: SteerWith
+    bank: VectorBank
+    samples: list[Sample]
+    note: str | None  # how many were dropped (--drop-overlap), if any
+
+
+def held_out_for(samples: Sequence[Sample], steer: SteerWith) -> HeldOutVectors:
+    """Read the vector file and keep the samples it may be tested on (refused with the count, or dropped with a note,
+    where a family overlaps its training data). Cheap: call it before loading the model, so a refusal costs nothing."""
+    from vulnsteer.extract.vectors import load
+    from vulnsteer.protocol import held_out, leaked_ids
+
+    if not math.isfinite(steer.strength):
+        raise VulnsteerError(f"--strength must be a finite number, got {steer.strength}")
+    bank = load(steer.vectors)
+    kept = held_out(samples, leaked_ids(samples, bank.meta), steer.drop_overlap,
+                    f"the training data of {steer.vectors}")
+    return HeldOutVectors(steer, bank, kept.samples, kept.note)
+
+
+def run_local_eval(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, decoding: Decoding, out_dir: Path,
+                   vectors: HeldOutVectors | None = None, resources: PromptResources | None = None,
+                   meta: dict | None = None, judge_lm: LoadedModel | None = None) -> list[Result]:
+    """What `vulnsteer eval` runs on a local model: `samples` asked with `prompt_id` into `out_dir`, or, with
+    `vectors`, the samples they may steer, steered (plus a side-effect section); returns the rows."""
+    from vulnsteer.experiments.side_effects import code_side_effects
+    from vulnsteer.experiments.summary import side_effects_section
+    from vulnsteer.extract.vectors import check_compatible, steering_for_samples
+
+    resources = resources or PromptResources()
+    meta = {"prompt": prompt_id, **(meta or {}), "model": lm.model_id, "config_hash": lm.config_hash,
+            "weights": lm.fingerprint, "dtype": str(lm.model.dtype)}
+    if vectors is None:
+        return run_eval(lm, make_jobs(samples, prompt_id, resources), decoding, out_dir, meta, judge_lm=judge_lm)
+    steer, bank, samples, dropped = vectors.steer, vectors.bank, vectors.samples, vectors.note
+    check_compatible(bank, lm, str(steer.vectors), steer.allow_other_weights)
+    if steer.allow_other_weights and bank.meta.get("weights_bf16"):
+        meta["vectors_from_other_weights_allowed"] = True
+    if bank.meta.get("mode", decoding.mode) != decoding.mode:
+        print(f"note: these vectors were read from prompts as {bank.meta['mode']} mode asks them; this run is in "
+              f"{decoding.mode} mode", file=sys.stderr)
+    steering_for = steering_for_samples(bank, steer.layers, steer.strength, steer.positions, steer.cwe_vector)
+    meta |= {"vectors": str(steer.vectors), "layers": steer.layers, "strength": steer.strength,
+             "positions": steer.positions, "cwe_vector": steer.cwe_vector, **({"held_out": dropped} if dropped else {})}
+    side_effects = side_effects_section(code_side_effects(lm, samples, {"steered": steering_for}))
+    return run_eval(lm, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
+                    judge_lm=judge_lm, sections=[side_effects])
 
 
 def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
