@@ -22,7 +22,7 @@ import random
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from common import bench_model
 
@@ -62,9 +62,11 @@ def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str,
     return [job for round_ in zip(*by_prompt) for job in round_]
 
 
-def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: Path, deadline: float) -> None:
-    """Answer the jobs not yet in `path` (resumable), appending one row per answer as it comes, until `deadline`."""
-    done = {(r["prompt"], r["sample_id"]) for r in read_rows(path)}
+def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: Path, deadline: float,
+            skip: frozenset[tuple[str, str, str]] = frozenset()) -> None:
+    """Answer the jobs not yet in `path` (resumable) nor in `skip` (model, prompt, sample id: answers of an earlier
+    collection), appending one row per answer as it comes, until `deadline`."""
+    done = {(r["prompt"], r["sample_id"]) for r in read_rows(path)} | {(p, s) for m, p, s in skip if m == model}
     with open(path, "a", encoding="utf-8") as f:
         for job in jobs:
             if (job.prompt_id, job.sample.id) in done:
@@ -90,13 +92,13 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def split_answers(rows: list[dict], seed: int) -> list[dict]:
-    """Distinct answers (the first of identical texts kept), each given a `set`. Within each model and prompt, the
-    answers in collection order form pairs; the answers left without one (in collection order) pair up among
-    themselves; a seeded coin sends one of each pair to the tuning half and the other to the held-out half, and a
-    last unpaired answer is held out. Stratified by model and prompt, and fixed for each paired answer as soon as its
-    pair is in, so tuning can start on a collection still running."""
-    seen: set[str] = set()
+def split_answers(rows: list[dict], seed: int, earlier: Sequence[dict] = ()) -> list[dict]:
+    """Distinct answers (the first of identical texts kept, none equal to an `earlier` one), each given a `set`.
+    Within each model and prompt, the answers in collection order form pairs; the answers left without one (in
+    collection order) pair up among themselves; a seeded coin sends one of each pair to the tuning half and the other
+    to the held-out half, and a last unpaired answer is held out. Stratified by model and prompt, and fixed for each
+    paired answer as soon as its pair is in, so tuning can start on a collection still running."""
+    seen = {r["answer"] for r in earlier}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["answer"] not in seen:
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the demo set (seconds; its "
                         "answers mean nothing)")
     parser.add_argument("--report", type=Path, nargs="+", help="only print the agreement table of labelled files")
+    parser.add_argument("--exclude", type=Path, nargs="+", default=[],
+                        help="answer files of an earlier collection: their jobs and answer texts are left out, so the "
+                        "new answers are new and get a split of their own")
     args = parser.parse_args(argv)
     if args.report:
         report(args.report)
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     decoding = Decoding("generate", args.max_new_tokens, args.batch_tokens, final_answer=False)
     deadline = time.monotonic() + 60 * args.minutes
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    earlier = [r for p in args.exclude for r in read_rows(p)]
+    skip = frozenset((r["model"], r["prompt"], r["sample_id"]) for r in earlier)
     rows = []
     for model, per_prompt in args.model:
         jobs = plan_jobs(samples, per_prompt, args.seed, args.dataset, prompt_ids)
@@ -181,12 +188,12 @@ def main(argv: list[str] | None = None) -> None:
             pull(model, quiet=True)
             with LlamaServer(gguf_path(model), threads=args.threads, context=8192, extra=["-np", "1"]) as server:
                 api = ApiModel(model, f"{server.url}/v1", concurrency=1, timeout=600)
-                collect(partial(answer_one, evaluate_api, api, decoding), model, jobs, path, deadline)
+                collect(partial(answer_one, evaluate_api, api, decoding), model, jobs, path, deadline, skip)
         else:
             lm = bench_model(model, args.smoke)
-            collect(partial(answer_one, evaluate, lm, decoding), model, jobs, path, deadline)
+            collect(partial(answer_one, evaluate, lm, decoding), model, jobs, path, deadline, skip)
         rows += read_rows(path)
-    split = split_answers(rows, args.seed)
+    split = split_answers(rows, args.seed, earlier)
     for name in SETS:
         with open(args.output_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in split:
