@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import random
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -97,7 +98,8 @@ def split_answers(rows: list[dict], seed: int, earlier: Sequence[dict] = ()) -> 
     Within each model and prompt, the answers in collection order form pairs; the answers left without one (in
     collection order) pair up among themselves; a seeded coin sends one of each pair to the tuning half and the other
     to the held-out half, and a last unpaired answer is held out. Stratified by model and prompt, and fixed for each
-    paired answer as soon as its pair is in, so tuning can start on a collection still running."""
+    answer paired within its model and prompt as soon as its pair is in, so tuning can start on a collection still
+    running; an answer paired with another group's leftover can still change half, so label only the former then."""
     seen = {r["answer"] for r in earlier}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -121,11 +123,17 @@ def keyword_verdict(text: str) -> str:
 
 def report(paths: list[Path]) -> None:
     """Agreement of the parser and of the keyword rule with the hand labels of each file, per model and in all, with
-    Wilson 95% intervals, and how many answers are in another language (Markdown table rows)."""
+    Wilson 95% intervals, and how many answers are in another language (Markdown table rows). Files named alike but for
+    a trailing number (answers_heldout2, answers_heldout3: halves of two collections) are also pooled."""
     print("| set | model | n | parser right | parser share | keyword rule right | keyword share | other language |")
     print("|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        rows = read_rows(path)
+    sets = {path.stem: read_rows(path) for path in paths}
+    pools: dict[str, list[str]] = {}
+    for stem in sets:
+        pools.setdefault(re.sub(r"\d+$", "", stem), []).append(stem)
+    sets |= {f"{pool} (pooled)": [r for stem in stems for r in sets[stem]] for pool, stems in pools.items()
+             if len(stems) > 1}
+    for name, rows in sets.items():
         for model in sorted({r["model"] for r in rows}) + ["all"]:
             group = [r for r in rows if model in ("all", r["model"])]
             n = len(group)
@@ -133,7 +141,7 @@ def report(paths: list[Path]) -> None:
             keyword = sum(keyword_verdict(r["answer"]) == r["label"] for r in group)
             other = sum(r["language"] != "en" for r in group)
             shares = [wilson_interval(k, n) for k in (ours, keyword)]
-            print(f"| {path.stem} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
+            print(f"| {name} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
                   f"{shares[0].high:.2f}] | {keyword} | {shares[1].value:.3f} [{shares[1].low:.2f},"
                   f"{shares[1].high:.2f}] | {other} |")
 
