@@ -19,10 +19,11 @@ import argparse
 import itertools
 import json
 import random
+import re
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from common import bench_model
 
@@ -62,9 +63,11 @@ def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str,
     return [job for round_ in zip(*by_prompt) for job in round_]
 
 
-def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: Path, deadline: float) -> None:
-    """Answer the jobs not yet in `path` (resumable), appending one row per answer as it comes, until `deadline`."""
-    done = {(r["prompt"], r["sample_id"]) for r in read_rows(path)}
+def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: Path, deadline: float,
+            skip: frozenset[tuple[str, str, str]] = frozenset()) -> None:
+    """Answer the jobs not yet in `path` (resumable) nor in `skip` (model, prompt, sample id: answers of an earlier
+    collection), appending one row per answer as it comes, until `deadline`."""
+    done = {(r["prompt"], r["sample_id"]) for r in read_rows(path)} | {(p, s) for m, p, s in skip if m == model}
     with open(path, "a", encoding="utf-8") as f:
         for job in jobs:
             if (job.prompt_id, job.sample.id) in done:
@@ -90,13 +93,14 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def split_answers(rows: list[dict], seed: int) -> list[dict]:
-    """Distinct answers (the first of identical texts kept), each given a `set`. Within each model and prompt, the
-    answers in collection order form pairs; the answers left without one (in collection order) pair up among
-    themselves; a seeded coin sends one of each pair to the tuning half and the other to the held-out half, and a
-    last unpaired answer is held out. Stratified by model and prompt, and fixed for each paired answer as soon as its
-    pair is in, so tuning can start on a collection still running."""
-    seen: set[str] = set()
+def split_answers(rows: list[dict], seed: int, earlier: Sequence[dict] = ()) -> list[dict]:
+    """Distinct answers (the first of identical texts kept, none equal to an `earlier` one), each given a `set`.
+    Within each model and prompt, the answers in collection order form pairs; the answers left without one (in
+    collection order) pair up among themselves; a seeded coin sends one of each pair to the tuning half and the other
+    to the held-out half, and a last unpaired answer is held out. Stratified by model and prompt, and fixed for each
+    answer paired within its model and prompt as soon as its pair is in, so tuning can start on a collection still
+    running; an answer paired with another group's leftover can still change half, so label only the former then."""
+    seen = {r["answer"] for r in earlier}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["answer"] not in seen:
@@ -119,11 +123,17 @@ def keyword_verdict(text: str) -> str:
 
 def report(paths: list[Path]) -> None:
     """Agreement of the parser and of the keyword rule with the hand labels of each file, per model and in all, with
-    Wilson 95% intervals, and how many answers are in another language (Markdown table rows)."""
+    Wilson 95% intervals, and how many answers are in another language (Markdown table rows). Files named alike but for
+    a trailing number (answers_heldout2, answers_heldout3: halves of two collections) are also pooled."""
     print("| set | model | n | parser right | parser share | keyword rule right | keyword share | other language |")
     print("|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        rows = read_rows(path)
+    sets = {path.stem: read_rows(path) for path in paths}
+    pools: dict[str, list[str]] = {}
+    for stem in sets:
+        pools.setdefault(re.sub(r"\d+$", "", stem), []).append(stem)
+    sets |= {f"{pool} (pooled)": [r for stem in stems for r in sets[stem]] for pool, stems in pools.items()
+             if len(stems) > 1}
+    for name, rows in sets.items():
         for model in sorted({r["model"] for r in rows}) + ["all"]:
             group = [r for r in rows if model in ("all", r["model"])]
             n = len(group)
@@ -131,7 +141,7 @@ def report(paths: list[Path]) -> None:
             keyword = sum(keyword_verdict(r["answer"]) == r["label"] for r in group)
             other = sum(r["language"] != "en" for r in group)
             shares = [wilson_interval(k, n) for k in (ours, keyword)]
-            print(f"| {path.stem} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
+            print(f"| {name} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
                   f"{shares[0].high:.2f}] | {keyword} | {shares[1].value:.3f} [{shares[1].low:.2f},"
                   f"{shares[1].high:.2f}] | {other} |")
 
@@ -159,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the demo set (seconds; its "
                         "answers mean nothing)")
     parser.add_argument("--report", type=Path, nargs="+", help="only print the agreement table of labelled files")
+    parser.add_argument("--exclude", type=Path, nargs="+", default=[],
+                        help="answer files of an earlier collection: their jobs and answer texts are left out, so the "
+                        "new answers are new and get a split of their own")
     args = parser.parse_args(argv)
     if args.report:
         report(args.report)
@@ -173,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     decoding = Decoding("generate", args.max_new_tokens, args.batch_tokens, final_answer=False)
     deadline = time.monotonic() + 60 * args.minutes
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    earlier = [r for p in args.exclude for r in read_rows(p)]
+    skip = frozenset((r["model"], r["prompt"], r["sample_id"]) for r in earlier)
     rows = []
     for model, per_prompt in args.model:
         jobs = plan_jobs(samples, per_prompt, args.seed, args.dataset, prompt_ids)
@@ -181,12 +196,12 @@ def main(argv: list[str] | None = None) -> None:
             pull(model, quiet=True)
             with LlamaServer(gguf_path(model), threads=args.threads, context=8192, extra=["-np", "1"]) as server:
                 api = ApiModel(model, f"{server.url}/v1", concurrency=1, timeout=600)
-                collect(partial(answer_one, evaluate_api, api, decoding), model, jobs, path, deadline)
+                collect(partial(answer_one, evaluate_api, api, decoding), model, jobs, path, deadline, skip)
         else:
             lm = bench_model(model, args.smoke)
-            collect(partial(answer_one, evaluate, lm, decoding), model, jobs, path, deadline)
+            collect(partial(answer_one, evaluate, lm, decoding), model, jobs, path, deadline, skip)
         rows += read_rows(path)
-    split = split_answers(rows, args.seed)
+    split = split_answers(rows, args.seed, earlier)
     for name in SETS:
         with open(args.output_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in split:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,3 +87,28 @@ def test_every_benchmark_runs_its_smoke_mode(name, tmp_path):
     run = run_script(name, ["--smoke", *args], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
+
+
+def test_a_new_answer_collection_leaves_out_an_earlier_ones_jobs_and_answers(monkeypatch, tmp_path):
+    """collect_answers --exclude: the jobs an earlier collection answered are not asked again, and no answer equal to
+    an earlier one reaches the new split, so the new halves hold only new answers."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import collect_answers
+
+    from vulnsteer.data import load_dataset
+
+    jobs = collect_answers.plan_jobs(load_dataset("demo"), 2, 0, "demo", ("S1", "S2"))
+    earlier = [{"model": "m", "prompt": jobs[0].prompt_id, "sample_id": jobs[0].sample.id, "answer": "Yes."}]
+    asked = []
+
+    def answer(job):
+        asked.append(job)
+        return SimpleNamespace(prompt_id=job.prompt_id, sample_id=job.sample.id, cwe=job.sample.cwe,
+                               response="Yes." if len(asked) == 1 else f"No, answer {len(asked)}.")
+
+    path = tmp_path / "m.jsonl"
+    skip = frozenset((r["model"], r["prompt"], r["sample_id"]) for r in earlier)
+    collect_answers.collect(answer, "m", jobs, path, float("inf"), skip)
+    assert asked == jobs[1:]
+    split = collect_answers.split_answers(collect_answers.read_rows(path), 0, earlier)
+    assert sorted(r["answer"] for r in split) == [f"No, answer {k}." for k in range(2, len(jobs))]

@@ -131,12 +131,14 @@ def test_is_english(text, english):
     assert is_english(text) is english
 
 
-TUNING = Path(__file__).with_name("answers_tuning.jsonl")
-HELD_OUT_2 = Path(__file__).with_name("answers_heldout2.jsonl")
-# Tuning answers the parser still reads differently from the hand label (index in answers_tuning.jsonl: why).
-TUNING_MISSES: dict[int, str] = {}
-# Right of the held-out half, measured once after the parser was frozen (docs/results.md); a regression fails.
-HELD_OUT_2_RIGHT = 22  # of 26
+# Two collections (bench/collect_answers.py), each split into a tuning half and a held-out half before any was read.
+TUNING = [Path(__file__).with_name(name) for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl")]
+HELD_OUT_HALVES = [Path(__file__).with_name(name) for name in ("answers_heldout2.jsonl", "answers_heldout3.jsonl")]
+# Tuning answers the parser still reads differently from the hand label ((file name, index): why).
+TUNING_MISSES: dict[tuple[str, int], str] = {}
+# Right of both held-out halves, measured once after the parser was frozen (docs/results.md); a regression fails.
+# (The first collection's half alone: 22 of 26 under the parser frozen for it, 24 of 26 under this one.)
+HELD_OUT_RIGHT = 60  # of 67
 
 
 def check_labelled(rows: list[dict]) -> None:
@@ -146,19 +148,25 @@ def check_labelled(rows: list[dict]) -> None:
 
 
 def test_tuning_half_is_read_as_labelled():
-    """answers_tuning.jsonl (bench/collect_answers.py, labelled by hand): the half the parser was tuned on."""
-    rows = load_answers(TUNING)
-    check_labelled(rows)
-    misses = {i for i, r in enumerate(rows) if parse_verdict(r["answer"], r["cwe"]) != r["label"]}
+    """The tuning halves of both collections (labelled by hand): the answers the parser was tuned on."""
+    misses = set()
+    for path in TUNING:
+        rows = load_answers(path)
+        check_labelled(rows)
+        misses |= {(path.name, i) for i, r in enumerate(rows) if parse_verdict(r["answer"], r["cwe"]) != r["label"]}
     assert misses == set(TUNING_MISSES)
 
 
 def test_held_out_half_agreement_is_pinned():
-    """answers_heldout2.jsonl: the other half, labelled by hand after the parser was frozen; never tuned on."""
-    rows = load_answers(HELD_OUT_2)
+    """The held-out halves of both collections, labelled by hand after the parser was frozen; never tuned on."""
+    rows = [r for path in HELD_OUT_HALVES for r in load_answers(path)]
     check_labelled(rows)
     right = sum(parse_verdict(r["answer"], r["cwe"]) == r["label"] for r in rows)
-    assert right >= HELD_OUT_2_RIGHT
+    assert right >= HELD_OUT_RIGHT
+
+
+R_SUBCOMPONENT = ("Sub-components:\nS1: `data` is freed in `read_files` function -> check if `data` was used after it "
+                  "was freed causing a use after free vulnerability\n\nAnalysis:\nA-S1: `read_files` frees the memory.")
 
 
 @pytest.mark.parametrize("text, cwe, expected", [
@@ -172,8 +180,17 @@ def test_held_out_half_agreement_is_pinned():
     ("### Verdict: **Not vulnerable**", "CWE-787", "not_vulnerable"),
     ("## Analysis\nThe loop copies len bytes.\n\n**No**\n", "CWE-787", "not_vulnerable"),
     ("The length check could lead to an out-of-bounds write if it were removed.", "CWE-787", "unknown"),
+    (R_SUBCOMPONENT, "CWE-416", "unknown"),
+    (R_SUBCOMPONENT + "\n\nDecision:\nBased on A-S1, the code is vulnerable to use after free.", "CWE-416",
+     "vulnerable"),
+    ("The code checks every pointer before using it, this protects the code from NULL dereference vulnerability.",
+     "CWE-476", "not_vulnerable"),
+    ("The length check does not protect the code from an out-of-bounds write.", "CWE-787", "vulnerable"),
+    ("The use-after-free vulnerability in the given code is due to the incorrect use of the freed memory.", "CWE-416",
+     "vulnerable"),
 ])
 def test_answer_shapes_of_the_tuning_half(text, cwe, expected):
-    """Shapes from answers_tuning.jsonl (issue 29, item 13): "the vulnerability in the code is X" states a verdict; a
-    Markdown heading that says what could lead to a weakness does not; a verdict as a heading or a bold line does."""
+    """Shapes from the tuning halves (issue 29, item 13): "the [X] vulnerability in the code is ..." states a verdict;
+    a Markdown heading that says what could lead to a weakness does not, nor does an R prompt's sub-component that
+    says what to check; a verdict as a heading or a bold line does; "protects the code from X" denies X."""
     assert parse_verdict(text, cwe) == expected

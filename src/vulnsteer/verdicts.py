@@ -64,6 +64,9 @@ _LACK = re.compile(
     r"|\bno\s+(?:proper\s+|explicit\s+)?(?:bounds?|length|size|input|null|range|overflow)?\s*"
     r"(?:checks?|checking|validation|sanitization|escaping)\b"
     r"|\bwithout\s+(?:any\s+|proper\s+)?(?:\w+\s+)?(?:check|validat|sanitiz|escap|encod|normaliz)\w*"
+    # What is still to be checked ("S1: data is freed -> check if it was used after it was freed causing a use after
+    # free vulnerability", the R prompts' sub-components) is a question, not a finding.
+    r"|\bcheck\s+(?:if|whether)\b.*"
 )
 _NEG = re.compile(
     r"\bnot\s+" + _W + r"{0,3}?" + _VULN_ADJ + _TAIL
@@ -78,6 +81,7 @@ _NEG = re.compile(
     + r"|\bsafe (?:from|against)\b|\bnot (?:present|possible)\b"
     + r"|\b(?:properly|correctly|safely)\s+(?:validat|sanitiz|escap|encod|check|handl|bound)\w*"
     + r"|\b(?:prevents?|mitigates?|eliminates?)\b"
+    + r"|\b(?:protects?|protecting|protected|guards?|guarding)\s+" + _W + r"{0,3}?(?:from|against)\b"
 )
 _UNSAFE = re.compile(
     r"\b(?:is|are|looks?|seems?)\s+(?:\w+\s+)?(?:not\s+(?:a\s+|an\s+)?(?:safe|secure)|unsafe|insecure)\b"
@@ -98,8 +102,8 @@ _AFF = re.compile(
     + _W + r"{0,5}?" + _VULN_NOUN
     + r"|\b" + _VULN_NOUN + r"\s+(?:\w+\s+)?(?:exists?|is present|occurs?|lies|happens)\b"
     + r"|\b(?:can|could) be exploited\b|\ban attacker (?:can|could)\b"
-    # "The vulnerability in the given code is the use of free(file) after ..."
-    + r"|\bthe\s+(?:\w+\s+)?vulnerabilit(?:y|ies)\s+(?:in|of)\s+(?:the\s+|this\s+)?(?:given\s+|provided\s+)?"
+    # "The vulnerability in the given code is the use of free(file) ...", "The use-after-free vulnerability in ..."
+    + r"|\bthe\s+(?:[\w-]+\s+){0,2}?vulnerabilit(?:y|ies)\s+(?:in|of)\s+(?:the\s+|this\s+)?(?:given\s+|provided\s+)?"
     r"(?:code|function|snippet|program)\s+(?:is|are|lies|occurs|exists)\b"
 )
 # A modal or hedge attached to the claim itself ("may be vulnerable", "could potentially contain").

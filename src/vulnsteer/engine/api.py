@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -154,19 +154,22 @@ def evaluate_api(api: ApiModel, jobs: Sequence[Job], decoding: Decoding,
         raise VulnsteerError("an API model cannot be steered: steering adds to its hidden states")
     client = _Client(api)
     results: list[Result | None] = [None] * len(jobs)
-    with ThreadPoolExecutor(api.concurrency) as pool:
+    pool = ThreadPoolExecutor(api.concurrency)
+    try:
         pending: dict[Any, int] = {pool.submit(client.answer, job, decoding): i for i, job in enumerate(jobs)}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
+            # Each result is handed on as soon as it is in, so a run cut short keeps every row that finished.
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: f.exception() is not None):  # finished rows before a failure
                 i = pending.pop(future)
-                if future.exception() is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    exc = future.exception()
+                exc = future.exception()
+                if exc is not None:
                     raise (exc if isinstance(exc, VulnsteerError) else _one_line(api, exc)) from None  # type: ignore
                 results[i] = future.result()
                 if on_result:
                     on_result(results[i])  # type: ignore[arg-type]
                 if progress:
                     progress(1)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # requests not yet sent are dropped
     return results  # type: ignore[return-value]
