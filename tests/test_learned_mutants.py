@@ -1,0 +1,4 @@
+"""Tests written to kill surviving mutants of the learned code (docs/protocol.md, "Mutation testing"): each checks
+real behaviour that the existing tests left open."""
+
+from __future__ import annotations
