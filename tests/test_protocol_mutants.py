@@ -2,3 +2,56 @@
 real behaviour that the existing tests left open."""
 
 from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from vulnsteer import neardup
+from vulnsteer.data import Sample
+from vulnsteer.neardup import jaccard, shingles, signature, tokens
+from vulnsteer.protocol import families
+
+
+def item(id_: str, code: str, source: str = "a") -> Sample:
+    return Sample(id=id_, cwe="CWE-787", label="vulnerable", language="c", code=code, pair_id=id_, split="x",
+                  source=source)
+
+
+def test_renaming_variables_numbers_strings_and_comments_leaves_the_tokens_as_they_were():
+    code = 'int _len = 16; /* size */ if (_len < 8) Xbuf = "a"; // note\nstrcpy(Xbuf, s);'
+    renamed = 'int _size = 99; if (_size < 3) Ydst = "zz";\nstrcpy(Ydst, t); /* another comment */'
+    assert tokens(code) == tokens(renamed)
+    assert "strcpy" in tokens(code)  # a called name is the API a flaw hinges on: kept
+
+
+def test_operators_and_keywords_are_kept_so_an_off_by_one_is_other_code():
+    assert tokens("if (n <= len) buf[n] = 0;") != tokens("if (n < len) buf[n] = 0;")
+    assert tokens("while (v) f(v);") != tokens("if (v) f(v);")
+
+
+def test_jaccard_is_the_shingle_set_overlap():
+    """Shared shingles over all shingles of either: code that differs in its last token shares all but one."""
+    a, b = "if ( v < v ) return ;", "if ( v < v ) return ("
+    assert len(tokens(a)) == 8 and len(shingles(a)) == 4
+    assert jaccard("if (a < b) return;", "if (a < b) return 1;") == pytest.approx(3 / 6)
+    assert jaccard(a, b) == pytest.approx(3 / 5)
+    assert jaccard("while (x) { x--; }", "return a + b * c / d;") == 0.0
+    assert jaccard("", "/* nothing */") == 1.0  # no tokens on either side: the same (empty) code
+
+
+def test_short_code_has_near_duplicates_and_code_without_tokens_has_none():
+    assert families([item("a", "return x;"), item("b", "return y;")]) == ["a", "a"]
+    assert signature("/* only a comment */") is None and neardup.band_keys("// nothing") == ()
+
+
+def test_the_signature_is_the_exact_minhash_of_the_shingles():
+    """(a * h + b) mod p per hash function, minimised over the shingles' 32-bit hashes: exact in uint64."""
+    code = "for (i = 0; i <= n; i++) buf[i] = src[i];"
+    hashes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % neardup._PRIME
+              for s in shingles(code)]
+    a, b = (row.tolist() for row in neardup._PARAMS)
+    expected = [min((x * h + y) % neardup._PRIME for h in hashes) for x, y in zip(a, b)]
+    got = signature(code)
+    assert got is not None and got.dtype == np.uint64 and got.tolist() == expected
