@@ -4,12 +4,15 @@ real behaviour that the existing tests left open."""
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from vulnsteer import neardup
 from vulnsteer.data import Sample
+from vulnsteer.experiments.analysis import BASELINE, path_check
+from vulnsteer.experiments.sweep import SweepConfig, path_controls
 from vulnsteer.neardup import jaccard, shingles, signature, tokens
 from vulnsteer.protocol import families
 
@@ -55,3 +58,23 @@ def test_the_signature_is_the_exact_minhash_of_the_shingles():
     expected = [min((x * h + y) % neardup._PRIME for h in hashes) for x, y in zip(a, b)]
     got = signature(code)
     assert got is not None and got.dtype == np.uint64 and got.tolist() == expected
+
+
+@pytest.fixture(autouse=True)
+def fresh_band_keys():
+    """`band_keys` is cached: a mutation run forks its workers from a process whose tests filled the cache, so a
+    mutant of the functions behind it would be read from the cache, not run."""
+    neardup.band_keys.cache_clear()
+
+
+def test_the_path_check_reports_every_path_it_has_rows_for_and_counts_changed_verdicts():
+    """Each strength-0 path arm against the baseline: the largest score change and how many verdicts changed; a
+    path without rows is skipped, not the end of the table."""
+    config = SweepConfig(dataset="demo", positions=["prompt-last", "prompt", "all"], mode="score")
+    prompt_path, all_path = (p.id for p in path_controls(config))
+    row = lambda verdict, score: SimpleNamespace(verdict=verdict, score=score)  # noqa: E731
+    baseline = [row("vulnerable", 1.0), row("not_vulnerable", -1.0), row("vulnerable", 2.0)]
+    moved = [row("vulnerable", 1.0), row("vulnerable", 0.5), row("vulnerable", 2.25)]
+    a = SimpleNamespace(config=config, arms={BASELINE: baseline, all_path: moved})
+    assert prompt_path not in a.arms
+    assert path_check(a) == [["all", "1.5", "1 of 3"]]
