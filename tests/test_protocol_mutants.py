@@ -11,10 +11,18 @@ import pytest
 
 from vulnsteer import neardup
 from vulnsteer.data import Sample
+from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.analysis import BASELINE, path_check
 from vulnsteer.experiments.sweep import SweepConfig, path_controls
 from vulnsteer.neardup import jaccard, shingles, signature, tokens
-from vulnsteer.protocol import families
+from vulnsteer.protocol import check_provenance, families
+
+
+@pytest.fixture(autouse=True)
+def fresh_band_keys():
+    """`band_keys` is cached: a mutation run forks its workers from a process whose tests filled the cache, so a
+    mutant of the functions behind it would be read from the cache, not run."""
+    neardup.band_keys.cache_clear()
 
 
 def item(id_: str, code: str, source: str = "a") -> Sample:
@@ -60,12 +68,6 @@ def test_the_signature_is_the_exact_minhash_of_the_shingles():
     assert got is not None and got.dtype == np.uint64 and got.tolist() == expected
 
 
-@pytest.fixture(autouse=True)
-def fresh_band_keys():
-    """`band_keys` is cached: a mutation run forks its workers from a process whose tests filled the cache, so a
-    mutant of the functions behind it would be read from the cache, not run."""
-    neardup.band_keys.cache_clear()
-
 
 def test_the_path_check_reports_every_path_it_has_rows_for_and_counts_changed_verdicts():
     """Each strength-0 path arm against the baseline: the largest score change and how many verdicts changed; a
@@ -78,3 +80,8 @@ def test_the_path_check_reports_every_path_it_has_rows_for_and_counts_changed_ve
     a = SimpleNamespace(config=config, arms={BASELINE: baseline, all_path: moved})
     assert prompt_path not in a.arms
     assert path_check(a) == [["all", "1.5", "1 of 3"]]
+
+
+def test_a_row_naming_vectors_the_sweep_did_not_fit_is_refused_with_its_item_and_bank():
+    with pytest.raises(VulnsteerError, match="a row of a names vectors 0123abcd that this sweep did not fit"):
+        check_provenance([(item("a", "return x;"), "0123abcd", [])], {})
