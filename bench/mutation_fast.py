@@ -15,7 +15,9 @@ import fnmatch
 import io
 import os
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -41,19 +43,32 @@ def main(argv: list[str]) -> int:
 
     from vulnsteer import neardup  # its cache would hand a mutant the unmutated keys
 
-    def run(name: str) -> int:
+    def too_slow(*_) -> None:
+        raise TimeoutError("the mutant ran past its time (an endless loop counts as killed, as in mutmut)")
+
+    signal.signal(signal.SIGALRM, too_slow)
+
+    def run(name: str, limit: int = 0) -> int:
         os.environ["MUTANT_UNDER_TEST"] = name
         neardup.band_keys.cache_clear()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return int(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]))
+        signal.alarm(limit)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return int(pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]))
+        except TimeoutError:
+            return 1
+        finally:
+            signal.alarm(0)
 
+    started = time.monotonic()
     if run("") != 0:
         print("the tests fail without a mutant: fix them first")
         return 1
+    limit = int(2 * (time.monotonic() - started)) + 5  # the clean run, imports included, twice over
     names = mutant_names(Path("src"), globs)
     survived = 0
     for name in names:
-        killed = run(name) != 0
+        killed = run(name, limit) != 0
         survived += not killed
         print(("killed   " if killed else "SURVIVED ") + name, flush=True)
     print(f"{len(names) - survived} of {len(names)} killed")
