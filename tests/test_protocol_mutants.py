@@ -15,7 +15,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.analysis import BASELINE, path_check
 from vulnsteer.experiments.sweep import SweepConfig, path_controls
 from vulnsteer.neardup import jaccard, shingles, signature, tokens
-from vulnsteer.protocol import check_provenance, families
+from vulnsteer.protocol import check_provenance, families, pair_folds
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +85,23 @@ def test_the_path_check_reports_every_path_it_has_rows_for_and_counts_changed_ve
 def test_a_row_naming_vectors_the_sweep_did_not_fit_is_refused_with_its_item_and_bank():
     with pytest.raises(VulnsteerError, match="a row of a names vectors 0123abcd that this sweep did not fit"):
         check_provenance([(item("a", "return x;"), "0123abcd", [])], {})
+
+
+def many_families(n: int = 12) -> list[Sample]:
+    return [Sample(id=f"f{j}/{k}", cwe=("CWE-79", "CWE-89")[j % 2], label=("vulnerable", "patched")[k],
+                   language="c", code=" ".join(f"call{j}_{m}();" for m in range(6)), pair_id=f"f{j}",
+                   split="x", source="s") for j in range(n) for k in range(2)]
+
+
+def test_folds_are_repeatable_from_their_seed_and_default_to_five_folds_seed_0():
+    """A resumed or re-checked sweep plans its folds again: the same seed must give the same folds."""
+    samples = many_families()
+    assert pair_folds(samples, 4, seed=3) == pair_folds(samples, 4, seed=3)
+    assert pair_folds(samples) == pair_folds(samples, 5, 0) and len(pair_folds(samples)) == 5
+
+
+def test_too_few_folds_or_families_are_refused_with_the_count():
+    with pytest.raises(VulnsteerError, match="at least 2 folds, got 1"):
+        pair_folds(many_families(), 1)
+    with pytest.raises(VulnsteerError, match="at least 2 pairs, got 1"):
+        pair_folds(many_families(1), 3)
