@@ -3,11 +3,14 @@ real behaviour that the existing tests left open."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vulnsteer.data import load_demo
-from vulnsteer.extract.lora import _last_token_log_odds
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.extract.lora import _last_token_log_odds, fit_and_score
 from vulnsteer.extract.trained import answer_log_odds, prefix_pass, score_text
+from vulnsteer.models import random_model
 
 
 def test_the_lora_objective_reads_each_prompt_as_score_mode_does_padded_or_alone(lm):
@@ -22,3 +25,9 @@ def test_the_lora_objective_reads_each_prompt_as_score_mode_does_padded_or_alone
         alone = torch.cat([_last_token_log_odds(lm, [t]) for t in texts])
         scored = answer_log_odds(lm, prefix_pass(lm, samples), [[None]] * len(samples))[:, 0]
     assert torch.allclose(together, alone, atol=1e-4) and torch.allclose(alone, scored, atol=1e-4)
+
+
+def test_lora_refuses_a_test_item_it_would_train_on_and_names_it():
+    sample = load_demo()[0]
+    with pytest.raises(VulnsteerError, match=f"1 of the items it is tested on \\(e.g. {sample.id}\\)"):
+        fit_and_score(random_model("llama"), [sample], [sample], "S1", None)
