@@ -8,7 +8,7 @@ import torch
 
 from vulnsteer.data import load_demo
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.extract.lora import _last_token_log_odds, fit_and_score
+from vulnsteer.extract.lora import LoraTraining, _last_token_log_odds, fit_and_score
 from vulnsteer.extract.trained import answer_log_odds, prefix_pass, score_text
 from vulnsteer.models import random_model
 
@@ -31,3 +31,19 @@ def test_lora_refuses_a_test_item_it_would_train_on_and_names_it():
     sample = load_demo()[0]
     with pytest.raises(VulnsteerError, match=f"1 of the items it is tested on \\(e.g. {sample.id}\\)"):
         fit_and_score(random_model("llama"), [sample], [sample], "S1", None)
+
+
+def test_a_lora_fit_does_not_depend_on_how_the_training_set_is_chunked():
+    """Chunks only bound memory: the gradients of all chunks add up to the whole training set's, each item once,
+    so adapters fitted in chunks of one and in one chunk score the held-out items alike."""
+    samples = load_demo()
+    pairs = sorted({s.pair_id for s in samples})
+    train = [s for s in samples if s.pair_id in pairs[:3]]
+    test = [s for s in samples if s.pair_id == pairs[-1]]
+    lm = random_model("llama")
+    fits = [fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=2, learning_rate=0.05, batch=batch))
+            for batch in (1, len(train))]
+    assert len(train) > 2 and fits[0].scores.keys() == {s.id for s in test}
+    assert fits[0].scores == pytest.approx(fits[1].scores, abs=1e-4)
+    unfitted = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=0))
+    assert unfitted.scores != pytest.approx(fits[0].scores, abs=1e-3)  # the fit moved them: the test can fail
