@@ -1,0 +1,49 @@
+"""Tests written to kill surviving mutants of the learned code (docs/protocol.md, "Mutation testing"): each checks
+real behaviour that the existing tests left open."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vulnsteer.data import load_demo
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.extract.lora import LoraTraining, _last_token_log_odds, fit_and_score
+from vulnsteer.extract.trained import answer_log_odds, prefix_pass, score_text
+from vulnsteer.models import random_model
+
+
+def test_the_lora_objective_reads_each_prompt_as_score_mode_does_padded_or_alone(lm):
+    """LoRA trains on chunks of prompts of unequal length and is judged by score mode's log-odds: before any step
+    the two agree for every prompt (the attention mask hides the pad, positions count from each prompt's first
+    token), in a left-padded batch and alone."""
+    samples = load_demo()[:3]
+    texts = [score_text(lm, s, "S1", None) for s in samples]
+    assert len({len(t) for t in texts}) > 1
+    with torch.no_grad():
+        together = _last_token_log_odds(lm, texts)
+        alone = torch.cat([_last_token_log_odds(lm, [t]) for t in texts])
+        scored = answer_log_odds(lm, prefix_pass(lm, samples), [[None]] * len(samples))[:, 0]
+    assert torch.allclose(together, alone, atol=1e-4) and torch.allclose(alone, scored, atol=1e-4)
+
+
+def test_lora_refuses_a_test_item_it_would_train_on_and_names_it():
+    sample = load_demo()[0]
+    with pytest.raises(VulnsteerError, match=f"1 of the items it is tested on \\(e.g. {sample.id}\\)"):
+        fit_and_score(random_model("llama"), [sample], [sample], "S1", None)
+
+
+def test_a_lora_fit_does_not_depend_on_how_the_training_set_is_chunked():
+    """Chunks only bound memory: the gradients of all chunks add up to the whole training set's, each item once,
+    so adapters fitted in chunks of one and in one chunk score the held-out items alike."""
+    samples = load_demo()
+    pairs = sorted({s.pair_id for s in samples})
+    train = [s for s in samples if s.pair_id in pairs[:3]]
+    test = [s for s in samples if s.pair_id == pairs[-1]]
+    lm = random_model("llama")
+    fits = [fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=2, learning_rate=0.05, batch=batch))
+            for batch in (1, len(train))]
+    assert len(train) > 2 and fits[0].scores.keys() == {s.id for s in test}
+    assert fits[0].scores == pytest.approx(fits[1].scores, abs=1e-4)
+    unfitted = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=0))
+    assert unfitted.scores != pytest.approx(fits[0].scores, abs=1e-3)  # the fit moved them: the test can fail

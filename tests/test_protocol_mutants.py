@@ -1,0 +1,107 @@
+"""Tests written to kill surviving mutants of the protocol code (docs/protocol.md, "Mutation testing"): each checks
+real behaviour that the existing tests left open."""
+
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vulnsteer import neardup
+from vulnsteer.data import Sample
+from vulnsteer.errors import VulnsteerError
+from vulnsteer.experiments.analysis import BASELINE, path_check
+from vulnsteer.experiments.sweep import SweepConfig, path_controls
+from vulnsteer.neardup import jaccard, shingles, signature, tokens
+from vulnsteer.protocol import check_provenance, families, pair_folds
+
+
+@pytest.fixture(autouse=True)
+def fresh_band_keys():
+    """`band_keys` is cached: a mutation run forks its workers from a process whose tests filled the cache, so a
+    mutant of the functions behind it would be read from the cache, not run."""
+    neardup.band_keys.cache_clear()
+
+
+def item(id_: str, code: str, source: str = "a") -> Sample:
+    return Sample(id=id_, cwe="CWE-787", label="vulnerable", language="c", code=code, pair_id=id_, split="x",
+                  source=source)
+
+
+def test_renaming_variables_numbers_strings_and_comments_leaves_the_tokens_as_they_were():
+    code = 'int _len = 16; /* size */ if (_len < 8) Xbuf = "a"; // note\nstrcpy(Xbuf, s);'
+    renamed = 'int _size = 99; if (_size < 3) Ydst = "zz";\nstrcpy(Ydst, t); /* another comment */'
+    assert tokens(code) == tokens(renamed)
+    assert "strcpy" in tokens(code)  # a called name is the API a flaw hinges on: kept
+
+
+def test_operators_and_keywords_are_kept_so_an_off_by_one_is_other_code():
+    assert tokens("if (n <= len) buf[n] = 0;") != tokens("if (n < len) buf[n] = 0;")
+    assert tokens("while (v) f(v);") != tokens("if (v) f(v);")
+
+
+def test_jaccard_is_the_shingle_set_overlap():
+    """Shared shingles over all shingles of either: code that differs in its last token shares all but one."""
+    a, b = "if ( v < v ) return ;", "if ( v < v ) return ("
+    assert len(tokens(a)) == 8 and len(shingles(a)) == 4
+    assert jaccard("if (a < b) return;", "if (a < b) return 1;") == pytest.approx(3 / 6)
+    assert jaccard(a, b) == pytest.approx(3 / 5)
+    assert jaccard("while (x) { x--; }", "return a + b * c / d;") == 0.0
+    assert jaccard("", "/* nothing */") == 1.0  # no tokens on either side: the same (empty) code
+
+
+def test_short_code_has_near_duplicates_and_code_without_tokens_has_none():
+    assert families([item("a", "return x;"), item("b", "return y;")]) == ["a", "a"]
+    assert signature("/* only a comment */") is None and neardup.band_keys("// nothing") == ()
+
+
+def test_the_signature_is_the_exact_minhash_of_the_shingles():
+    """(a * h + b) mod p per hash function, minimised over the shingles' 32-bit hashes: exact in uint64."""
+    code = "for (i = 0; i <= n; i++) buf[i] = src[i];"
+    hashes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % neardup._PRIME
+              for s in shingles(code)]
+    a, b = (row.tolist() for row in neardup._PARAMS)
+    expected = [min((x * h + y) % neardup._PRIME for h in hashes) for x, y in zip(a, b)]
+    got = signature(code)
+    assert got is not None and got.dtype == np.uint64 and got.tolist() == expected
+
+
+
+def test_the_path_check_reports_every_path_it_has_rows_for_and_counts_changed_verdicts():
+    """Each strength-0 path arm against the baseline: the largest score change and how many verdicts changed; a
+    path without rows is skipped, not the end of the table."""
+    config = SweepConfig(dataset="demo", positions=["prompt-last", "prompt", "all"], mode="score")
+    prompt_path, all_path = (p.id for p in path_controls(config))
+    row = lambda verdict, score: SimpleNamespace(verdict=verdict, score=score)  # noqa: E731
+    baseline = [row("vulnerable", 1.0), row("not_vulnerable", -1.0), row("vulnerable", 2.0)]
+    moved = [row("vulnerable", 1.0), row("vulnerable", 0.5), row("vulnerable", 2.25)]
+    a = SimpleNamespace(config=config, arms={BASELINE: baseline, all_path: moved})
+    assert prompt_path not in a.arms
+    assert path_check(a) == [["all", "1.5", "1 of 3"]]
+
+
+def test_a_row_naming_vectors_the_sweep_did_not_fit_is_refused_with_its_item_and_bank():
+    with pytest.raises(VulnsteerError, match="a row of a names vectors 0123abcd that this sweep did not fit"):
+        check_provenance([(item("a", "return x;"), "0123abcd", [])], {})
+
+
+def many_families(n: int = 12) -> list[Sample]:
+    return [Sample(id=f"f{j}/{k}", cwe=("CWE-79", "CWE-89")[j % 2], label=("vulnerable", "patched")[k],
+                   language="c", code=" ".join(f"call{j}_{m}();" for m in range(6)), pair_id=f"f{j}",
+                   split="x", source="s") for j in range(n) for k in range(2)]
+
+
+def test_folds_are_repeatable_from_their_seed_and_default_to_five_folds_seed_0():
+    """A resumed or re-checked sweep plans its folds again: the same seed must give the same folds."""
+    samples = many_families()
+    assert pair_folds(samples, 4, seed=3) == pair_folds(samples, 4, seed=3)
+    assert pair_folds(samples) == pair_folds(samples, 5, 0) and len(pair_folds(samples)) == 5
+
+
+def test_too_few_folds_or_families_are_refused_with_the_count():
+    with pytest.raises(VulnsteerError, match="at least 2 folds, got 1"):
+        pair_folds(many_families(), 1)
+    with pytest.raises(VulnsteerError, match="at least 2 pairs, got 1"):
+        pair_folds(many_families(1), 3)
