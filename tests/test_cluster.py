@@ -116,7 +116,7 @@ def test_driver_killed_with_sigkill_then_resumed_on_the_cluster_equals_the_local
     env = {**os.environ, "RAY_ADDRESS": cluster}
     out = tmp_path / "sweep"
     args = ["sweep", "--model", str(model_dir), "--dataset", "demo", "--limit", "8", "--folds", "3", "--layers",
-            "1;0,2", "--strengths", "-2,2", "--mode", "generate", "--max-new-tokens", "8", "--no-transfer",
+            "1;0,2", "--strengths", "-2,2", "--methods", "mean-diff", "--mode", "generate", "--max-new-tokens", "8", "--no-transfer",
             "--dtype", "float32", "-o", str(out), "--ray", "auto", "--workers", "2"]
     driver = subprocess.Popen([sys.executable, "-m", "vulnsteer.cli", *args], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
