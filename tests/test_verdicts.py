@@ -132,10 +132,15 @@ def test_is_english(text, english):
 
 
 # Two collections (bench/collect_answers.py), each split into a tuning half and a held-out half before any was read.
-TUNING = [Path(__file__).with_name(name) for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl")]
+TUNING = [Path(__file__).with_name(name)
+          for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl", "answers_tuning4.jsonl")]
 HELD_OUT_HALVES = [Path(__file__).with_name(name) for name in ("answers_heldout2.jsonl", "answers_heldout3.jsonl")]
 # Tuning answers the parser still reads differently from the hand label ((file name, index): why).
-TUNING_MISSES: dict[tuple[str, int], str] = {}
+TUNING_MISSES: dict[tuple[str, int], str] = {
+    # "to prevent command injections the input should be checked for ..." cut off before the decision: "prevent" reads
+    # as a denial; reading "to prevent" as a mere purpose broke a labelled answer whose "to prevent" is a denial.
+    ("answers_tuning4.jsonl", 12): "D4 analysis cut off (no answer), parsed not vulnerable",
+}
 # Right of both held-out halves, measured once after the parser was frozen (docs/results.md); a regression fails.
 # (The first collection's half alone: 22 of 26 under the parser frozen for it, 24 of 26 under this one.)
 HELD_OUT_RIGHT = 60  # of 67
