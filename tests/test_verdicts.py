@@ -131,14 +131,20 @@ def test_is_english(text, english):
     assert is_english(text) is english
 
 
-# Two collections (bench/collect_answers.py), each split into a tuning half and a held-out half before any was read.
-TUNING = [Path(__file__).with_name(name) for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl")]
-HELD_OUT_HALVES = [Path(__file__).with_name(name) for name in ("answers_heldout2.jsonl", "answers_heldout3.jsonl")]
+# Three collections (bench/collect_answers.py), each split into a tuning half and a held-out half before any was read.
+TUNING = [Path(__file__).with_name(name)
+          for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl", "answers_tuning4.jsonl")]
+HELD_OUT_HALVES = [Path(__file__).with_name(name)
+                   for name in ("answers_heldout2.jsonl", "answers_heldout3.jsonl", "answers_heldout4.jsonl")]
 # Tuning answers the parser still reads differently from the hand label ((file name, index): why).
-TUNING_MISSES: dict[tuple[str, int], str] = {}
-# Right of both held-out halves, measured once after the parser was frozen (docs/results.md); a regression fails.
+TUNING_MISSES: dict[tuple[str, int], str] = {
+    # "to prevent command injections the input should be checked for ..." cut off before the decision: "prevent" reads
+    # as a denial; reading "to prevent" as a mere purpose broke a labelled answer whose "to prevent" is a denial.
+    ("answers_tuning4.jsonl", 12): "D4 analysis cut off (no answer), parsed not vulnerable",
+}
+# Right of all held-out halves, measured once after the parser was frozen (docs/results.md); a regression fails.
 # (The first collection's half alone: 22 of 26 under the parser frozen for it, 24 of 26 under this one.)
-HELD_OUT_RIGHT = 60  # of 67
+HELD_OUT_RIGHT = 84  # of 97 (the third collection's, untouched: 24 of 30)
 
 
 def check_labelled(rows: list[dict]) -> None:
@@ -148,7 +154,7 @@ def check_labelled(rows: list[dict]) -> None:
 
 
 def test_tuning_half_is_read_as_labelled():
-    """The tuning halves of both collections (labelled by hand): the answers the parser was tuned on."""
+    """The tuning halves of all collections (labelled by hand): the answers the parser was tuned on."""
     misses = set()
     for path in TUNING:
         rows = load_answers(path)
@@ -158,7 +164,7 @@ def test_tuning_half_is_read_as_labelled():
 
 
 def test_held_out_half_agreement_is_pinned():
-    """The held-out halves of both collections, labelled by hand after the parser was frozen; never tuned on."""
+    """The held-out halves of all collections, labelled by hand after the parser was frozen; never tuned on."""
     rows = [r for path in HELD_OUT_HALVES for r in load_answers(path)]
     check_labelled(rows)
     right = sum(parse_verdict(r["answer"], r["cwe"]) == r["label"] for r in rows)
