@@ -5,7 +5,8 @@
 # keys; nested selection, thresholds, the best prompt and the path check; bank mapping and provenance checks; the
 # learned methods' fitting code; the verdict parser. `bench/mutation.sh [GROUP...] [-- MUTMUT ARGS]` runs the named
 # groups (default all), e.g. `bench/mutation.sh protocol -- --max-children 2`.
-# Results: `mutmut results`, `mutmut show NAME`.
+# Results: `mutmut results`, `mutmut show NAME`. On a loaded machine a group's mutants run much faster against a
+# short test list: bench/mutation/fast.py (docs/protocol.md gives the lists used).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset PYTHONPATH  # mutmut puts its mutated copy (mutants/src) first on the path itself

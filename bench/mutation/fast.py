@@ -5,7 +5,7 @@ survives. Here each group of functions gets the tests that check it, pytest runs
 mutant is switched on through MUTANT_UNDER_TEST (mutmut's trampolines read it at each call).
 
 Needs the mutated copy: run `bench/mutation.sh` (or `mutmut run`) once first, which writes mutants/.
-Usage: python bench/mutation_fast.py GLOB [GLOB...] -- PYTEST ARGS   (from the project root; prints one line per
+Usage: python bench/mutation/fast.py GLOB [GLOB...] -- PYTEST ARGS   (from the project root; prints one line per
 mutant, killed or SURVIVED, and a count)."""
 
 from __future__ import annotations
