@@ -116,8 +116,8 @@ def test_driver_killed_with_sigkill_then_resumed_on_the_cluster_equals_the_local
     env = {**os.environ, "RAY_ADDRESS": cluster}
     out = tmp_path / "sweep"
     args = ["sweep", "--model", str(model_dir), "--dataset", "demo", "--limit", "8", "--folds", "3", "--layers",
-            "1;0,2", "--strengths", "-2,2", "--methods", "mean-diff", "--mode", "generate", "--max-new-tokens", "8", "--no-transfer",
-            "--dtype", "float32", "-o", str(out), "--ray", "auto", "--workers", "2"]
+            "1;0,2", "--strengths", "-2,2", "--methods", "mean-diff", "--mode", "generate", "--max-new-tokens", "8",
+            "--no-transfer", "--dtype", "float32", "-o", str(out), "--ray", "auto", "--workers", "2"]
     driver = subprocess.Popen([sys.executable, "-m", "vulnsteer.cli", *args], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db, done, deadline = out / "sweep.sqlite", 0, time.time() + 300
@@ -149,7 +149,8 @@ def test_a_worker_that_cannot_load_the_model_is_one_clear_error(cluster, tmp_pat
 def test_cluster_flags_and_unreachable_clusters_are_one_line_errors(tmp_path):
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
-    base = [sys.executable, "-m", "vulnsteer.cli", "sweep", "--limit", "2", "-o", str(tmp_path / "out")]
+    base = [sys.executable, "-m", "vulnsteer.cli", "sweep", "--limit", "2", "--methods", "mean-diff", "-o",
+            str(tmp_path / "out")]
     cases = [(["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at '127.0.0.1:1'"),
              (["--workers", "2"], "--workers needs --ray"),
              (["--ray", "auto", "--workers", "0"], "")]  # typer refuses 0 itself (exit 2)
@@ -163,3 +164,12 @@ def test_cluster_flags_and_unreachable_clusters_are_one_line_errors(tmp_path):
     assert result.returncode == 1 and "workers an integer" in result.stderr
     with pytest.raises(VulnsteerError, match="workers"):
         ClusterOptions("auto", workers=0)
+
+
+def test_learned_fits_on_ray_are_refused_in_one_line_before_connecting(tmp_path):
+    """trained, loreft and LoRA train on the model, which the Ray driver never loads: refused before any connection
+    (the address below is unreachable, and the refusal names the methods, not the address)."""
+    for flags in ({"methods": ["mean-diff", "trained"]}, {"lora_steps": 1}):
+        config = SweepConfig(**{**SETTINGS, "mode": "score", **flags})
+        with pytest.raises(VulnsteerError, match="fitted on the model's answers in this process"):
+            run_sweep(config, tmp_path, cluster=ClusterOptions("127.0.0.1:1"))

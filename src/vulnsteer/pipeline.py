@@ -314,8 +314,15 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
     from vulnsteer.experiments.backends import LocalBackend
     from vulnsteer.experiments.cluster import RayBackend
     from vulnsteer.experiments.sweep import load_sweep_samples
+    from vulnsteer.extract.vectors import LEARNED
     from vulnsteer.models import default_device, load_model, resolve_dtype
 
+    if cluster is not None:  # learned fits train on the model, which a Ray driver never loads
+        in_process = [m for m in config.methods if m in LEARNED] + ["lora_steps"] * bool(config.lora_steps)
+        if in_process:
+            raise VulnsteerError(f"{', '.join(in_process)}: fitted on the model's answers in this process, which a "
+                                 "Ray driver does not load; on Ray sweep fixed directions (e.g. --methods mean-diff) "
+                                 "without lora_steps, or run without --ray")
     test, train, dropped = load_sweep_samples(config)
     with exclusive(out_dir):  # one writer per folder, refused before the model loads
         if cluster is not None:
@@ -356,8 +363,6 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
     for spec in config.layers:  # a bad layer is refused before anything is written
         parse_layers(spec, info.num_layers)
     local = backend.local_model()
-    if config.lora_steps and local is None:
-        raise VulnsteerError("lora_steps: LoRA trains the model in this process; run the sweep without --ray")
     store = SweepStore(out_dir / "sweep.sqlite")
     meta = {"model": info.model_id, "config_hash": info.config_hash, "weights": info.fingerprint,
             "dtype": info.dtype, "device": info.device, "torch": torch.__version__,
