@@ -644,3 +644,42 @@ def test_generate_mode_adds_a_forced_final_answer_scored_without_a_parser(lm):
         assert r.final_verdict == ("vulnerable" if r.final_score > 0 else "not_vulnerable")
         assert r.new_tokens > 0 and r.turns == []
     assert [r.final_score for r in results[:3]] != [r.final_score for r in results[3:]], "final turn unsteered"
+
+
+def test_a_resumed_run_computes_each_row_in_the_batch_an_uninterrupted_run_gives_it(lm):
+    """Rows already stored (`done`) are planned with the rest: a batch of only stored rows is skipped, any other
+    batch runs whole, so every row left sees the companions (and so the float results) of an uninterrupted run."""
+    from vulnsteer.engine.runners import default_runners
+    from vulnsteer.records import SteeringId
+
+    batches: list[tuple[str, list[tuple[str, str]]]] = []  # (path, [(text, row)]); generating, then final turns
+
+    class Observed:
+        def __init__(self, path, inner):
+            self.path, self.inner = path, inner
+
+        def run(self, lm_, texts, steerings):
+            batches.append((self.path, [(text, steering.label.config) for text, steering in zip(texts, steerings)]))
+            return self.inner.run(lm_, texts, steerings)
+
+    vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(5)) * 4}
+    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "all", SteeringId(config=f"{j.sample.id}{s}")))
+            for s in (-1.0, 1.0, 2.0) for j in make_jobs(make_samples(5))]
+    decoding = Decoding("generate", max_new_tokens=4, batch_tokens=400)
+    runners = {path: Observed(path, runner) for path, runner in default_runners(4).items()}
+
+    full = evaluate(lm, jobs, decoding, runners=runners)
+    full_batches, batches[:] = list(batches), []
+    row = {r.steering.config: k for k, r in enumerate(full)}
+    generating = [[row[config] for _, config in rows] for path, rows in full_batches if path != "score"]
+    assert len(generating) >= 3, "the test needs several batches"
+    # A finished batch and half of the next, as a kill leaves them
+    done = set(generating[0]) | set(generating[1][: len(generating[1]) // 2])
+
+    written: list[Result] = []
+    resumed = evaluate(lm, jobs, decoding, runners=runners, done=done, on_result=written.append)
+    assert batches == [b for b in full_batches if not done.issuperset(row[config] for _, config in b[1])], \
+        "the resumed rows ran in other batches than an uninterrupted run's"
+    left = [r for k, r in enumerate(full) if k not in done]
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in left]
+    assert sorted(r.steering.config for r in written) == sorted(r.steering.config for r in left)

@@ -197,6 +197,42 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     assert set(a.meta["fit_seconds"]) == {"mean-diff", "trained", "loreft"}
 
 
+def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection(tmp_path, monkeypatch):
+    """`rank = [1, 2]`: one loreft fit per rank (its bank stores that rank), each with its own configs and row in
+    the methods table; nested selection sees both as candidates like any configs."""
+    from vulnsteer.experiments.analysis import analyse, nested_selection
+    from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.sweep import GridPoint, SweepConfig, is_candidate
+    from vulnsteer.models import random_model
+    from vulnsteer.pipeline import run_sweep
+
+    ranks_fitted = []
+    fit_ = sweep_module.fit
+    monkeypatch.setattr(sweep_module, "fit", lambda acts, lm, method, *a, **k: ranks_fitted.append(
+        (method, k["training"].rank)) or fit_(acts, lm, method, *a, **k))
+
+    with pytest.raises(VulnsteerError, match="rank must be 1 to 8"):
+        SweepConfig(methods=["loreft"], layers=["1"], rank=[1, 9])
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
+                         methods=["mean-diff", "loreft"], vectors=["pooled"], transfer=False, learned_steps=2,
+                         rank=[1, 2])
+    assert {n: (f.method, f.training.rank) for n, f in config.fits.items()} == \
+        {"mean-diff": ("mean-diff", 1), "loreft-r1": ("loreft", 1), "loreft-r2": ("loreft", 2)}
+    run_sweep(config, tmp_path, lm=random_model("llama"))
+    a = analyse(tmp_path)
+    assert {c.split("|")[0] for c in a.arms if c.startswith("loreft")} == {"loreft-r1", "loreft-r2"}
+    assert {r for m, r in ranks_fitted if m == "loreft"} == {1, 2}  # each training set: one fit per rank
+    assert ranks_fitted.count(("loreft", 1)) == ranks_fitted.count(("loreft", 2)) == 9  # 3 folds + 6 pairs
+    edits = {c: [r.score for r in rows] for c, rows in a.arms.items() if c.startswith("loreft")}
+    assert edits["loreft-r1|1|pooled|prompt-last|+1"] != edits["loreft-r2|1|pooled|prompt-last|+1"]
+    candidates = [c for c in a.arms if c != "baseline" and is_candidate(GridPoint.parse(c), config)]
+    assert {c.split("|")[0] for c in candidates} == {"mean-diff", "loreft-r1", "loreft-r2"}
+    nested_selection(a.arms, a.sample_ids, a.folds, a.config, a.selection)  # every candidate had selection rows
+    table = (tmp_path / "report.md").read_text().split("## Methods side by side")[1].split("\n## ")[0]
+    assert "| loreft-r1 (nested selection among its configs) | 2rd + r (r = 1) per layer" in table
+    assert "| loreft-r2 (nested selection among its configs) | 2rd + r (r = 2) per layer" in table
+    assert set(a.meta["fit_seconds"]) == {"mean-diff", "loreft-r1", "loreft-r2"}
+
 def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
     """R = the first two unit vectors, W = 0, b = (2, -1): Φ(h) = h + Rᵀ(Wh + b − Rh) sets h's first two coordinates
     to 2 and -1 and leaves the rest; R stays orthonormal through the parametrization after a gradient step."""

@@ -51,7 +51,7 @@ DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt
                   max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
 _INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
-              "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps", "rank"}
+              "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps"}
 
 
 def _with_options(options: dict):
@@ -350,6 +350,12 @@ def _sweep_overrides(**flags) -> dict:
                 value = [float(v) for v in value.split(",") if v.strip()]
             except ValueError as exc:
                 raise VulnsteerError(f"--strengths must be numbers separated by commas, got {value!r}") from exc
+        elif key == "rank":
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError as exc:
+                raise VulnsteerError(f"--rank must be integers separated by commas, got {value!r}") from exc
+            value = value[0] if len(value) == 1 else value
         elif key == "kl_weight":
             try:
                 value = float(value)
@@ -407,7 +413,8 @@ SWEEP_FLAGS = dict(
                                  "training items (needs the lora extra)."),
     learned_steps=typer.Option(None, "--learned-steps", min=1,
                                help="Adam steps of each trained/loreft fit (one per fold and per pair of folds)."),
-    rank=typer.Option(None, "--rank", min=1, max=8, help="Rank of loreft edits (default 4)."),
+    rank=typer.Option(None, "--rank", help="Rank of loreft edits, 1-8 (default 4); e.g. 1,4: one loreft arm per "
+                                           "rank (loreft-r1, loreft-r4), chosen among by nested selection."),
     kl_weight=typer.Option(None, "--kl-weight",
                            help="Learned fits also pay this x KL(unsteered || steered) at the steered token."),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),

@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -103,12 +103,14 @@ def make_jobs(samples: Sequence[Sample], prompt_id: str, resources: PromptResour
 
 
 def run_jobs(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding, description: str,
-             on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Evaluate with a progress bar, on a local model or through an API endpoint."""
-    with progress(description, len(jobs)) as advance:
+             on_result: Callable[[Result], None] | None = None, done: Collection[int] = frozenset()) -> list[Result]:
+    """Evaluate with a progress bar, on a local model or through an API endpoint, all jobs but those at the
+    indices `done` (stored already; a local model still batches them with the rest, see `engine.evaluate`)."""
+    with progress(description, len(jobs) - len(done)) as advance:
         if isinstance(lm, ApiModel):
-            return evaluate_api(lm, jobs, decoding, progress=advance, on_result=on_result)
-        return evaluate(lm, jobs, decoding, progress=advance, on_result=on_result)
+            todo = [job for k, job in enumerate(jobs) if k not in done]
+            return evaluate_api(lm, todo, decoding, progress=advance, on_result=on_result)
+        return evaluate(lm, jobs, decoding, progress=advance, on_result=on_result, done=done)
 
 
 def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
@@ -120,14 +122,14 @@ def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding
         meta = {**meta, "vulnsteer": __version__, "decoding": asdict(decoding)}
         fresh = not (out_dir / "run.json").exists()
         done = open_run(out_dir, meta)
-        todo = [job for job in jobs if job_key(job, decoding.mode) not in done]
-        if done:
-            print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} rows already in {out_dir / 'samples.jsonl'}")
+        stored = {k for k, job in enumerate(jobs) if job_key(job, decoding.mode) in done}
+        if stored:
+            print(f"resuming: {len(stored)} of {len(jobs)} rows already in {out_dir / 'samples.jsonl'}")
         writer = SampleWriter(out_dir / "samples.jsonl", list(done.values()))
         start = time.perf_counter()
         try:
-            if todo:
-                run_jobs(lm, todo, decoding, "eval", on_result=writer.write)
+            if len(stored) < len(jobs):
+                run_jobs(lm, jobs, decoding, "eval", on_result=writer.write, done=stored)
         except BaseException:
             writer.close()
             if fresh and not writer.written:  # a refused start: leave the folder to the corrected command
@@ -403,12 +405,12 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         if foreign:
             raise VulnsteerError(f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
                                  "use another --output-dir")
-        n_done = sweep.total_rows - len(sweep.jobs)
+        todo = len(sweep.todo)
         print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
               f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
-              f" ({n_done} already done, {len(sweep.jobs)} to run, mode {config.mode})")
+              f" ({sweep.total_rows - todo} already done, {todo} to run, mode {config.mode})")
         start = time.perf_counter()
-        if sweep.jobs:
+        if todo:
             _run_rows(backend, sweep, Decoding(config.mode, config.max_new_tokens, budget, config.cache), store)
         if local is not None and config.lora_steps:
             fits = store.meta().get("lora_fits", {})
@@ -427,28 +429,34 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
 
 
 def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_rows: int = 4) -> None:
-    """Run the sweep's rows into the store. The first few (baseline rows, when left) run alone and are timed, so
-    that the time the whole sweep will take is printed before the bulk of it starts, from this machine's measured
-    rate and each row's cost; the progress bar's estimate then follows the cost done."""
+    """Run the sweep's rows not stored yet into the store. The first few jobs (baseline rows) run alone and are
+    timed, so that the time the whole sweep will take is printed before the bulk of it starts, from this machine's
+    measured rate and each row's cost; the progress bar's estimate then follows the cost done. The split is made on
+    every job, stored or not, so a resumed sweep batches its rows as an uninterrupted one (`engine.evaluate`)."""
     from vulnsteer.engine.planner import row_costs
     from vulnsteer.experiments.sweep import store_row
 
-    costs = row_costs(sweep.jobs, decoding, backend.info.num_layers)
+    costs = [0.0 if k in sweep.done else c
+             for k, c in enumerate(row_costs(sweep.jobs, decoding, backend.info.num_layers))]
     cost_of = {job_key(j, decoding.mode): c for j, c in zip(sweep.jobs, costs)}
-    first, rest = sweep.jobs[:calibration_rows], sweep.jobs[calibration_rows:]
-    with progress("sweep", len(sweep.jobs), work=sum(costs)) as advance:
+    split = min(calibration_rows, len(sweep.jobs))
+    parts = [(sweep.jobs[:split], {k for k in sweep.done if k < split}),
+             (sweep.jobs[split:], {k - split for k in sweep.done if k >= split})]
+    with progress("sweep", len(sweep.todo), work=sum(costs)) as advance:
         def on_result(result: Result) -> None:
             store_row(store, sweep, result)
             advance(1, cost_of[result_key(result)])
 
+        (first, first_done), (rest, rest_done) = parts
         started = time.perf_counter()
-        backend.evaluate(first, decoding, None, on_result)
-        per_unit = (time.perf_counter() - started) / max(sum(costs[:len(first)]), 1e-9)
-        if rest:
-            left = per_unit * sum(costs[len(first):])
-            print(f"sweep: about {_duration(left)} left for {len(rest)} rows, at the rate of the first "
-                  f"{len(first)} on this machine", flush=True)
-            backend.evaluate(rest, decoding, None, on_result)
+        if len(first_done) < len(first):
+            backend.evaluate(first, decoding, None, on_result, first_done)
+            per_unit = (time.perf_counter() - started) / max(sum(costs[:split]), 1e-9)
+            print(f"sweep: about {_duration(per_unit * sum(costs[split:]))} left for "
+                  f"{len(rest) - len(rest_done)} rows, at the rate of the first {len(first) - len(first_done)} on "
+                  "this machine", flush=True)
+        if len(rest_done) < len(rest):
+            backend.evaluate(rest, decoding, None, on_result, rest_done)
 
 
 def _duration(seconds: float) -> str:

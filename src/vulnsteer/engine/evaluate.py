@@ -16,7 +16,7 @@ A run goes turn by turn (multi-turn prompts), each turn in phases (rows still co
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from vulnsteer.architecture import takes_additive_masks
 from vulnsteer.engine.planner import Batch, auto_batch_tokens, batch_cost, plan_phase
@@ -43,10 +43,16 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     on_result: Callable[[Result], None] | None = None,
     runners: dict[str, Runner] | None = None,
+    done: Collection[int] = frozenset(),
 ) -> list[Result]:
     """Run every job; results come back in the order of `jobs`. `on_result` sees each as soon as its batch ends
     (the store uses it to write rows as they finish, so an interrupted run loses at most one batch). `runners`
-    replaces the runner of a batch path (`Batch.path`), e.g. to observe one."""
+    replaces the runner of a batch path (`Batch.path`), e.g. to observe one.
+
+    `done`: indices of jobs whose results the caller already holds (a resumed run; they are left out of the
+    results). Batches are still planned over every job; a batch of only such rows is skipped, any other runs whole.
+    So each row is computed beside the companions an uninterrupted run gives it: a batch's shape and padding change
+    float results in the last bits, enough to flip a greedy token (exact for single-turn prompts)."""
     # The static cache serves generation: a run that only scores (one turn) takes the plain path, which shares
     # more of a sweep's work.
     generates = decoding.mode == "generate" or any(job.prompt.followups for job in jobs)
@@ -54,7 +60,7 @@ def evaluate(
               if decoding.cache == "static" and generates else None)
     try:
         return _Run(lm, jobs, decoding, {**default_runners(decoding.max_new_tokens, static), **(runners or {})},
-                    static is None).run(progress, on_result)
+                    static is None, frozenset(done)).run(progress, on_result)
     finally:
         if static is not None:
             static.close()
@@ -64,8 +70,8 @@ class _Run:
     """The state of one `evaluate` call: each row's conversation so far and its result once finished."""
 
     def __init__(self, lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, runners: dict[str, Runner],
-                 side_by_side: bool):
-        self.lm, self.jobs, self.decoding, self.runners = lm, jobs, decoding, runners
+                 side_by_side: bool, done: frozenset[int] = frozenset()):
+        self.lm, self.jobs, self.decoding, self.runners, self.done = lm, jobs, decoding, runners, done
         # Scoring shares a prompt's pass through a 4-D mask, on the plain path only; generating, either path shares.
         self.side_by_side = side_by_side and takes_additive_masks(lm.model)
         self.histories: list[list[str]] = [[] for _ in jobs]
@@ -74,13 +80,17 @@ class _Run:
 
     def run(self, progress, on_result) -> list[Result]:
         final = self.decoding.mode == "generate" and self.decoding.final_answer  # then a forced yes/no turn
-        for turn in range(1 + max(map(len, self.followups))):
-            active = [i for i in range(len(self.jobs)) if turn <= len(self.followups[i])]
+        skipped: set[int] = set()
+        for turn in range(1 + max(map(len, self.followups), default=0)):
+            active = [i for i in range(len(self.jobs)) if turn <= len(self.followups[i]) and i not in skipped]
             last_turn = {i for i in active if turn == len(self.followups[i])}
             scoring = {i for i in last_turn if self.decoding.mode == "score"}
             for phase in ([i for i in active if i not in scoring], [i for i in active if i in scoring]):
                 texts = self._render(phase, scoring)
                 for batch in self._plan(texts, bool(phase) and phase[0] in scoring):
+                    if self.done.issuperset(batch.rows):
+                        skipped.update(batch.rows)
+                        continue
                     start = time.perf_counter()
                     answers = self._answer(batch.path, [texts[i] for i in batch.rows], batch.rows)
                     finals = (self._final_scores(batch.rows, answers.replies) if final and batch.rows[0] in last_turn
@@ -91,14 +101,16 @@ class _Run:
                         if i not in last_turn:
                             self.histories[i].append(reply)
                             continue
+                        if i in self.done:
+                            continue
                         self.results[i] = make_result(self.jobs[i], self.decoding.mode, reply, answers.scores[k],
                                                   answers.prompt_tokens[k], answers.new_tokens[k], seconds,
                                                   self.histories[i], finals[k])
                         if on_result:
                             on_result(self.results[i])
                     if progress:
-                        progress(sum(1 for i in batch.rows if i in last_turn))
-        return self.results  # type: ignore[return-value]
+                        progress(sum(1 for i in batch.rows if i in last_turn and i not in self.done))
+        return [r for r in self.results if r is not None]
 
     def _plan(self, texts: dict[int, str], score: bool) -> list[Batch]:
         counts = {t: len(self.lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(texts.values())}

@@ -208,7 +208,7 @@ def method_arms(a: Analysis) -> dict[str, list[Result]]:
     """Per method of the sweep, the arm nested selection gives when it may choose only that method's configs (or
     the baseline): the methods side by side under one protocol."""
     out = {}
-    for method in a.config.methods:
+    for method in a.config.fits:
         def own(config_id: str, method: str = method) -> bool:
             return config_id == BASELINE or GridPoint.parse(config_id).method == method
         arms = {c: rows for c, rows in a.arms.items() if own(c)}

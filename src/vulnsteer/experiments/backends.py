@@ -3,7 +3,7 @@ workers that each hold a `LocalBackend`. The sweep plans, fits and stores the sa
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Collection, Protocol, Sequence
 
 from vulnsteer.data import Sample
 from vulnsteer.engine.evaluate import evaluate
@@ -31,7 +31,9 @@ class Backend(Protocol):
                     mode: str, progress: Progress | None = None) -> Activations: ...
 
     def evaluate(self, jobs: Sequence[Job], decoding: Decoding, progress: Progress | None = None,
-                 on_result: Callable[[Result], None] | None = None) -> None: ...
+                 on_result: Callable[[Result], None] | None = None, done: Collection[int] = frozenset()) -> None:
+        """Run `jobs` but those at the indices `done` (already stored), each row reaching `on_result`."""
+        ...
 
     def side_effects(self, samples: Sequence[Sample], configs: dict[str, SteeringOf],
                      progress: Progress | None = None) -> list[SideEffect]: ...
@@ -53,8 +55,8 @@ class LocalBackend:
     def activations(self, samples, prompt_id, resources, read, mode, progress=None) -> Activations:
         return collect(self.lm, samples, prompt_id, resources, read, progress=progress, mode=mode)
 
-    def evaluate(self, jobs, decoding, progress=None, on_result=None) -> None:
-        evaluate(self.lm, jobs, decoding, progress=progress, on_result=on_result)
+    def evaluate(self, jobs, decoding, progress=None, on_result=None, done=frozenset()) -> None:
+        evaluate(self.lm, jobs, decoding, progress=progress, on_result=on_result, done=done)
 
     def side_effects(self, samples, configs, progress=None) -> list[SideEffect]:
         return code_side_effects(self.lm, samples, configs, progress=progress)

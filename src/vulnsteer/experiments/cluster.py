@@ -259,7 +259,9 @@ class RayBackend:
         """The first worker's budget serves all (a cluster's GPUs are alike, or the smallest should be first)."""
         return self._call(self.workers[0].batch_tokens.remote(max_new_tokens, shortest_prompt))
 
-    def evaluate(self, jobs, decoding, progress=None, on_result=None) -> None:
+    def evaluate(self, jobs, decoding, progress=None, on_result=None, done=frozenset()) -> None:
+        """The rows not `done`, in shards over the workers (a resumed row's batch companions may differ here)."""
+        jobs = [job for k, job in enumerate(jobs) if k not in done]
         cut = shards([job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs],
                      len(self.workers) * SHARDS_PER_WORKER)
 

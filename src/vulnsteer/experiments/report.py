@@ -250,10 +250,12 @@ def _methods_table(a: Analysis, out_dir: Path) -> str:
         chosen = ", ".join(f"fold {f}: {p} (on {len(prompts.chosen_on[f])} items of the other folds)"
                            for f, p in prompts.chosen.items())
         notes += f"\n\nBest prompt, chosen per fold among {', '.join(prompts.candidates)}: {chosen}."
-    for method, arm in method_arms(a).items():
-        rows.append(row(f"{method} (nested selection among its configs)",
-                        f"{PARAMETERS.get(method, '?')} per layer and group", arm,
-                        f"{seconds[method]:.1f}" if method in seconds else "–"))
+    for name, arm in method_arms(a).items():
+        fit = a.config.fits[name]
+        rank = f" (r = {fit.training.rank})" if fit.method == "loreft" else ""
+        rows.append(row(f"{name} (nested selection among its configs)",
+                        f"{PARAMETERS.get(fit.method, '?')}{rank} per layer and group", arm,
+                        f"{seconds[name]:.1f}" if name in seconds else "–"))
     fits = a.meta.get("lora_fits", {})
     if LORA in a.others and fits:
         counts = sorted({fit["parameters"] for fit in fits.values()})

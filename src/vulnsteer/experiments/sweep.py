@@ -74,6 +74,15 @@ VECTOR_CHOICES = ("own", "pooled", "random")
 
 
 @dataclass(frozen=True)
+class MethodFit:
+    """One bank a sweep fits per training set: its name in config ids, the method, how a learned one trains."""
+
+    name: str
+    method: str
+    training: Training
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Everything a sweep depends on; read from TOML (same keys) or flags."""
 
@@ -96,7 +105,9 @@ class SweepConfig:
     # > 0: the LoRA ceiling arm (peft, r=8 on q,k,v,o), fitted per fold on its training items with this many steps
     lora_steps: int = 0
     learned_steps: int = Training().steps  # Adam steps of each `trained`/`loreft` fit (every fold's and pair's)
-    rank: int = Training().rank  # of `loreft` edits (1-8)
+    # of `loreft` edits (1-8); a list makes one arm per rank ("loreft-r1", "loreft-r4"), among which nested selection
+    # chooses as among any configs
+    rank: int | list[int] = Training().rank
     kl_weight: float = Training().kl_weight  # > 0: learned fits also pay weight x KL(unsteered || steered)
     mode: str = "score"
     folds: int = 4
@@ -161,8 +172,9 @@ class SweepConfig:
         _check_integer("random_draws", self.random_draws, 1)
         _check_integer("lora_steps", self.lora_steps, 0)
         _check_integer("learned_steps", self.learned_steps, 1)
-        if not 1 <= self.rank <= 8:
-            raise VulnsteerError(f"config: rank must be 1 to 8, got {self.rank}")
+        if not self.ranks or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 8
+                                     for r in self.ranks):
+            raise VulnsteerError(f"config: rank must be 1 to 8 (or a list of such), got {self.rank}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise VulnsteerError(f"config: kl_weight must be a finite number >= 0, got {self.kl_weight}")
         if self.lora_steps and self.mode != "score":
@@ -174,14 +186,26 @@ class SweepConfig:
         at its layer, for the answer it gives there; several applied at once were never trained together."""
         return [spec for spec in self.layers if "," not in spec and spec != "all"]
 
-    def layer_sets(self, method: str) -> list[str]:
-        """The layer sets `method`'s configs steer."""
-        return self.learned_layers if method in LEARNED else self.layers
+    def layer_sets(self, fit: str) -> list[str]:
+        """The layer sets the configs of a fit (`fits`) steer."""
+        return self.learned_layers if self.fits[fit].method in LEARNED else self.layers
 
     @property
-    def training(self) -> Training:
-        """How the learned methods are fitted."""
-        return Training(steps=self.learned_steps, rank=self.rank, kl_weight=float(self.kl_weight))
+    def ranks(self) -> list[int]:
+        return self.rank if isinstance(self.rank, list) else [self.rank]
+
+    @property
+    def fits(self) -> dict[str, MethodFit]:
+        """What each method fits, by the name its configs carry: one per method, or with several `rank`s one
+        `loreft` fit per rank (`loreft-r1`, ...)."""
+        training = Training(steps=self.learned_steps, rank=self.ranks[0], kl_weight=float(self.kl_weight))
+        out = {}
+        for method in self.methods:
+            ranks = self.ranks if method == "loreft" and len(self.ranks) > 1 else [self.ranks[0]]
+            for rank in ranks:
+                name = f"{method}-r{rank}" if len(ranks) > 1 else method
+                out[name] = MethodFit(name, method, replace(training, rank=rank))
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> "SweepConfig":
@@ -217,7 +241,7 @@ def read_toml(path: Path) -> dict:
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool,
-                                              "list[str]": list, "list[float]": list}
+                                              "list[str]": list, "list[float]": list, "int | list[int]": (int, list)}
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -279,7 +303,7 @@ def transfer_point(config: SweepConfig) -> GridPoint:
     strength = config.transfer_strength
     if strength is None:
         strength = max(config.strengths, key=lambda s: (s > 0, abs(s)))
-    method = config.methods[0]
+    method = next(iter(config.fits))
     return GridPoint(method, config.transfer_layers or config.layer_sets(method)[0], "own", config.positions[0],
                      float(strength))
 
@@ -288,7 +312,8 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     """Strength-0 rows at each positions value whose rows take another numeric path than the baseline's (it shares
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
-    return [GridPoint(config.methods[0], config.layer_sets(config.methods[0])[0], "own", p, 0.0)
+    first = next(iter(config.fits))
+    return [GridPoint(first, config.layer_sets(first)[0], "own", p, 0.0)
             for p in config.positions
             if not leaves_prompt_alone(Steering({}, 0.0, cast(Positions, p)))]
 
@@ -297,7 +322,7 @@ def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
     """The steered configs: the full grid (learned methods at single-layer sets only; each random control as
     `random_draws` directions), plus (with
     `transfer`) each CWE's vector on every item at one point, plus the strength-0 path controls."""
-    points = [GridPoint(m, lay, name, p, float(s)) for m in config.methods for lay in config.layer_sets(m)
+    points = [GridPoint(m, lay, name, p, float(s)) for m in config.fits for lay in config.layer_sets(m)
               for v in config.vectors
               for name in ([f"random:{k}" for k in range(config.random_draws)] if v == "random" else [v])
               for p in config.positions for s in config.strengths if s != 0]
@@ -365,7 +390,8 @@ Banks = dict[str, VectorBank]  # method -> bank
 @dataclass
 class SweepPlan:
     """What a sweep will run: test items with their fold, vector banks per fold (and per outer fold and fold for
-    the selection rows), and the jobs still to do."""
+    the selection rows), and every job, those already stored (`done`, a resumed sweep's) included: they keep the
+    batches an uninterrupted run gives the rest (`engine.evaluate`)."""
 
     samples: list[Sample]
     fold_of: dict[str, int]
@@ -373,9 +399,15 @@ class SweepPlan:
     selection_banks: dict[tuple[int, int], Banks]  # (outer f, fold g) -> fitted without f and g
     points: list[GridPoint]
     jobs: list[Job]
+    done: frozenset[int]  # indices of `jobs` whose rows are stored
     total_rows: int
     prompt: str  # the sweep's prompt: its unsteered rows are the baseline, other prompts' the best-prompt arm's
     lora_train: dict[int, list[Sample]]  # fold -> the items LoRA is fitted on for it (empty without the arm)
+
+    @property
+    def todo(self) -> list[Job]:
+        """The jobs whose rows are not stored yet."""
+        return [job for k, job in enumerate(self.jobs) if k not in self.done]
 
     @property
     def fit_seconds(self) -> dict[str, float]:
@@ -432,8 +464,9 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
          resources: PromptResources, done: set[tuple[str, str]],
          selection_done: set[tuple[int, str, str]] | frozenset = frozenset(),
          activations: Callable[[Sequence[Sample]], Activations] | None = None) -> SweepPlan:
-    """Fit the vectors each fold needs and list the remaining jobs. `activations(samples)` reads the samples'
-    activations as the sweep asks its prompts (default: `collect`, cached on disk, without a progress bar)."""
+    """Fit the vectors each fold needs and list the jobs, marking those `done` (test rows) or `selection_done`.
+    `activations(samples)` reads the samples' activations as the sweep asks its prompts (default: `collect`, cached
+    on disk, without a progress bar)."""
     if activations is None:
         if not isinstance(lm, LoadedModel):
             raise TypeError("plan() reads activations itself only from a LoadedModel")
@@ -441,7 +474,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
                                               mode=config.mode)
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
     needed = {m: sorted({layer for spec in config.layer_sets(m) for layer in layer_sets[spec]})
-              for m in config.methods}
+              for m in config.fits}
     folds = pair_folds(test, config.folds, config.seed)
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
@@ -480,17 +513,21 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     def job(s: Sample, point: GridPoint, banks_: Banks, outer: int | None = None) -> Job:
         return Job(s, config.prompt, prompts[s.id], steering_for(point, s, fold_of[s.id], banks_, layer_sets, outer))
 
-    jobs = [Job(s, config.prompt, prompts[s.id]) for s in test if (BASELINE, s.id) not in done]
-    jobs += [Job(s, p, others[p][s.id]) for p in others for s in test if (PROMPT_ARM + p, s.id) not in done]
-    jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test if (p.id, s.id) not in done]
+    keys = [(BASELINE, s.id) for s in test] + [(PROMPT_ARM + p, s.id) for p in others for s in test]
+    jobs = [Job(s, config.prompt, prompts[s.id]) for s in test] + [Job(s, p, others[p][s.id]) for p in others
+                                                                   for s in test]
+    keys += [(p.id, s.id) for p in points for s in test]
+    jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test]
+    stored = [key in done for key in keys]
     candidates = [p for p in points if is_candidate(p, config)]
     # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
     # and a config without all of its selection rows is not chosen for that fold.
     selection = [(f, p, s) for (f, g) in selection_banks for p in candidates for s in members[g]
                  if p.vectors != "own" or s.cwe in selection_banks[(f, g)][p.method].groups]
-    jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection
-             if (f, p.id, s.id) not in selection_done]
+    jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection]
+    stored += [(f, p.id, s.id) in selection_done for f, p, s in selection]
     sweep = SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
+                      frozenset(k for k, is_stored in enumerate(stored) if is_stored),
                       len(test) * (1 + len(points) + len(others) + bool(config.lora_steps)) + len(selection),
                       config.prompt, lora_train)
     # The guarantee, checked on the rows about to run, whatever built them: no row's vectors saw its fold.
@@ -579,9 +616,9 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
 
 def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: dict[str, list[int]],
          prefix: Prefix | None = None, resources: PromptResources | None = None) -> Banks:
-    """One bank per method, at the layers its configs steer."""
-    return {method: fit(acts, lm, method, layers[method], config.normalisation, prefix=prefix, resources=resources,
-                        training=config.training) for method in config.methods}
+    """One bank per fit (`SweepConfig.fits`), at the layers its configs steer."""
+    return {name: fit(acts, lm, f.method, layers[name], config.normalisation, prefix=prefix, resources=resources,
+                      training=f.training) for name, f in config.fits.items()}
 
 
 def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets: dict[str, list[int]],
