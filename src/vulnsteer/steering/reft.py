@@ -22,9 +22,17 @@ class LowRankEdit(torch.nn.Module):
         self.learned = torch.nn.Linear(hidden, rank)  # weight W, bias b
         with torch.no_grad():  # a seeded start, so a fit is repeatable
             generator = generator or torch.Generator().manual_seed(0)
-            self.rotate.weight = torch.linalg.qr(torch.randn(hidden, rank, generator=generator))[0].T
+            self.set_rotation(torch.linalg.qr(torch.randn(hidden, rank, generator=generator))[0].T)
             self.learned.weight.copy_(self.rotation)  # W = R, b = 0: the edit starts as the identity
             self.learned.bias.zero_()
+
+    def set_rotation(self, rotation: torch.Tensor) -> None:
+        """Assign R (orthonormal rows). The parametrization completes them to a square orthogonal basis drawn from
+        torch's global random generator, and that basis shapes every gradient step on R: drawn under a fixed seed,
+        a fit does not depend on what drew random numbers before it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.rotate.weight = rotation
 
     @property
     def rank(self) -> int:
@@ -51,7 +59,7 @@ class LowRankEdit(torch.nn.Module):
         rank, hidden = tensors["W"].shape
         edit = cls(hidden, rank)
         with torch.no_grad():
-            edit.rotate.weight = tensors["R"].float()
+            edit.set_rotation(tensors["R"].float())
             edit.learned.weight.copy_(tensors["W"])
             edit.learned.bias.copy_(tensors["b"])
         return edit.requires_grad_(False)
