@@ -105,3 +105,51 @@ def test_too_few_folds_or_families_are_refused_with_the_count():
         pair_folds(many_families(), 1)
     with pytest.raises(VulnsteerError, match="at least 2 pairs, got 1"):
         pair_folds(many_families(1), 3)
+
+
+# --- selection and fitted thresholds (analysis.py) ----------------------------------------------------------------
+
+
+def test_a_fold_threshold_fitted_on_its_own_rows_is_refused_and_a_score_on_the_threshold_is_not_vulnerable():
+    """`fold_thresholded`: the verdict is score > threshold (as log-odds > 0 is), each item keeps its CWE, score and
+    family (the intervals cluster by family), and rows of the fold itself are refused as a fitting set."""
+    from test_sweep import _row
+
+    from vulnsteer.experiments.analysis import fold_thresholded
+
+    # Fold 1's threshold is fitted on fold 0: scores 1 (patched) and 3 (vulnerable) -> 2.0, the midpoint.
+    arm = [_row(0, "vulnerable", "", 3.0), _row(1, "patched", "", 1.0), _row(2, "vulnerable", "", 2.0),
+           _row(3, "patched", "", 2.5)]
+    folds = {"s00": 0, "s01": 0, "s02": 1, "s03": 1}
+    items = fold_thresholded(arm, folds)
+    assert [it.verdict for it in items[2:]] == ["not_vulnerable", "vulnerable"]  # 2.0 sits on the threshold
+    assert [(it.cwe, it.score, it.family) for it in items] == [(r.cwe, r.score, r.family) for r in arm]
+    with pytest.raises(VulnsteerError, match="threshold for fold 0 would be fitted on that fold's own rows"):
+        fold_thresholded(arm, folds, fitted_on=lambda f: arm)
+
+
+def test_selection_ties_go_to_the_baseline_then_the_weaker_strength_and_incomplete_configs_are_never_chosen():
+    from test_sweep import _row
+
+    from vulnsteer.experiments.analysis import nested_selection
+    from vulnsteer.experiments.sweep import GridPoint
+
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[0.5, 1.0, 2.0], mode="score",
+                         vectors=["own"])
+    ids = {s: GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (2.0, 0.5, 1.0)}
+    n = 12
+    labels = ["vulnerable" if i % 2 == 0 else "patched" for i in range(n)]
+    folds = {f"s{i:02d}": i // 4 for i in range(n)}
+    rows = [_row(i, labels[i], "vulnerable") for i in range(n)]  # every config says the same: all tie
+    selection = {f: {c: {f"s{i:02d}": rows[i] for i in range(n) if i // 4 != f} for c in ids.values()}
+                 for f in range(3)}
+    sample_ids = sorted(folds)
+    arms = {BASELINE: rows, **{c: rows for c in ids.values()}}
+    assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}
+    del arms[BASELINE]
+    assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {ids[0.5]}
+    # A config whose selection rows are incomplete ranks below every measured one, whatever its id sorts as.
+    incomplete = GridPoint("a-method", "1", "own", "prompt-last", 0.5).id
+    arms = {incomplete: rows, BASELINE: rows}
+    selection = {f: {incomplete: {}} for f in range(3)}
+    assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}
