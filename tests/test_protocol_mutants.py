@@ -153,3 +153,25 @@ def test_selection_ties_go_to_the_baseline_then_the_weaker_strength_and_incomple
     arms = {incomplete: rows, BASELINE: rows}
     selection = {f: {incomplete: {}} for f in range(3)}
     assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}
+
+
+def test_selection_rows_are_none_while_missing_and_a_chosen_config_without_them_is_refused():
+    """`selection_rows` answers None (not an error) for a config without rows: no selection rows for that fold at
+    all, or (with `train_dataset`) no test rows; `selected_thresholded` refuses a chosen config without them."""
+    from test_sweep import _row
+
+    from vulnsteer.experiments.analysis import Analysis, selected_thresholded, selection_rows
+    from vulnsteer.experiments.sweep import GridPoint
+
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
+                         vectors=["own"])
+    steered = GridPoint("mean-diff", "1", "own", "prompt-last", 1.0).id
+    folds = {f"s{i:02d}": i // 2 for i in range(6)}
+    rows = [_row(i, "vulnerable" if i % 2 == 0 else "patched", "vulnerable", float(i % 2 == 0)) for i in range(6)]
+    arms, sample_ids = {BASELINE: rows, steered: rows}, sorted(folds)
+    assert selection_rows(arms, sample_ids, folds, config, {}, 0, steered) is None
+    fitted_elsewhere = SweepConfig(**{**config.__dict__, "train_dataset": "demo"})
+    assert selection_rows({BASELINE: rows}, sample_ids, folds, fitted_elsewhere, {}, 0, steered) is None
+    a = Analysis({}, config, sample_ids, arms, folds, [], rows, {0: steered, 1: steered, 2: steered}, {})
+    with pytest.raises(VulnsteerError, match="fold 0's chosen config .* lacks selection rows"):
+        selected_thresholded(a)
