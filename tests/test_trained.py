@@ -200,8 +200,8 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
 def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection(tmp_path, monkeypatch):
     """`rank = [1, 2]`: one loreft fit per rank (its bank stores that rank), each with its own configs and row in
     the methods table; nested selection sees both as candidates like any configs."""
-    from vulnsteer.experiments.analysis import analyse, nested_selection
     from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.analysis import analyse, nested_selection
     from vulnsteer.experiments.sweep import GridPoint, SweepConfig, is_candidate
     from vulnsteer.models import random_model
     from vulnsteer.pipeline import run_sweep
