@@ -221,6 +221,8 @@ def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str)
 
 @dataclass(frozen=True)
 class Figure:
+    """A plot: a PNG in report_files/ linked from report.md, embedded in report.html."""
+
     title: str
     name: str  # report_files/<name>.png
     png: bytes
