@@ -63,13 +63,14 @@ def test_a_section_is_one_function_and_one_line(sweep_dir, monkeypatch):
     def absent(ctx: report.Context) -> None:
         return None
 
-    monkeypatch.setattr(report, "SECTIONS", (*report.SECTIONS, toy, absent))
+    monkeypatch.setattr(report, "SECTIONS", (*report.SECTIONS, absent, toy))
     write_report(sweep_dir)
     md = (sweep_dir / "report.md").read_text()
     page = (sweep_dir / "report.html").read_text()
     titles = re.findall(r"^## (.*)$", md, re.M)
     assert titles == re.findall(r"<h2>(.*?)</h2>", page)
     assert titles[:3] == ["Protocol", "Headline", "Methods side by side"]
+    assert not re.search(r"^## .*\n\n\n", md, re.M)  # no heading without a body: None gives no section
     figures = titles.index("Gain over strength × layer")
     assert titles[figures - 1] == "Toy (8 items)" and titles[-1] == "Toy figure"
     assert "## Toy (8 items)\n\ntoy body\n" in md and "![Toy figure](report_files/toy.png)" in md
