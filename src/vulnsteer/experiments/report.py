@@ -8,8 +8,9 @@ import csv
 import io
 import json
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
+from typing import Callable, cast
 
 import matplotlib
 
@@ -34,8 +35,9 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     selection_rows,
     transfer_matrix,
 )
-from vulnsteer.experiments.summary import fmt, judged  # noqa: E402
-from vulnsteer.experiments.sweep import BASELINE, LORA, GridPoint, is_candidate  # noqa: E402
+from vulnsteer.experiments.summary import final_answer_section, fmt, judged, reasoning_section  # noqa: E402
+from vulnsteer.experiments.sweep import BASELINE, LORA, GridPoint, is_candidate, load_sweep_samples  # noqa: E402
+from vulnsteer.experiments.tables import markdown_table  # noqa: E402
 from vulnsteer.metrics import (  # noqa: E402
     Interval,
     Judged,
@@ -169,7 +171,7 @@ def transfer_plot(cwes: list[str], cells: dict[tuple[str, str], Interval], title
     return _png(fig)
 
 
-# --- writing -------------------------------------------------------------------------------------------
+# --- text ----------------------------------------------------------------------------------------------
 
 
 def protocol_text(a: Analysis) -> str:
@@ -203,12 +205,6 @@ def protocol_text(a: Analysis) -> str:
             "selection on the test set.")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    escape = lambda cell: cell.replace("|", "\\|")  # noqa: E731
-    return "\n".join(["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(map(escape, r)) + " |" for r in rows])
-
-
 def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str) -> str:
     """One line: the gain with its interval and the paired family-level test."""
     gain = bootstrap_gain(base, other, metric, n_boot=N_BOOT)
@@ -220,22 +216,119 @@ def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str)
     return line
 
 
+# --- sections --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A plot: a PNG in report_files/ linked from report.md, embedded in report.html."""
+
+    title: str
+    name: str  # report_files/<name>.png
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled part of the report: its Markdown body, and figures shown with the others after the text."""
+
+    title: str
+    markdown: str
+    figures: tuple[Figure, ...] = ()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the sections share, computed once: the analysis and the files the sweep wrote beside its store."""
+
+    a: Analysis
+    base_items: list[Judged]
+    chosen_items: list[Judged]
+    probe: list[dict] | None  # probe.json
+    side_effects: dict | None  # side_effects.json
+
+    @property
+    def metric(self) -> str:
+        return self.a.config.select_metric
+
+    @property
+    def score_mode(self) -> bool:
+        return self.a.config.mode == "score"
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def context(a: Analysis, out_dir: Path) -> Context:
+    return Context(a, judged(a.arms[BASELINE]), judged(a.selected), _read_json(out_dir / "probe.json"),
+                   _read_json(out_dir / "side_effects.json"))
+
+
+def protocol(ctx: Context) -> Section:
+    return Section("Protocol", protocol_text(ctx.a))
+
+
+def headline(ctx: Context) -> Section:
+    """Baseline against the nested-selected arm (and, in score mode, both at fitted thresholds), beside the
+    random-direction controls; with the grid's gain heatmaps and the per-CWE bars."""
+    a, metric = ctx.a, ctx.metric
+    metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"]
+    metrics += ["auroc", "pair_ordering"] if ctx.score_mode else []
+    metrics += ["yes_rate"]  # a threshold shift moves it; discrimination moves pair ordering
+
+    def row(name: str, items: list[Judged]) -> list[str]:
+        summary = summarise(items, n_boot=N_BOOT)
+        return [name, *(fmt(getattr(summary, m)) for m in metrics)]
+
+    rows = [row("baseline", ctx.base_items), row("selected (nested, held-out)", ctx.chosen_items)]
+    lines = [_comparison("Selected vs baseline", ctx.base_items, ctx.chosen_items, metric)]
+    controls = [judged(arm) for arm in control_arms(a)]
+    if controls:
+        summaries = [summarise(c, n_boot=N_BOOT) for c in controls]
+        cells = []
+        for m in metrics:
+            values = [getattr(s_, m).value for s_ in summaries if getattr(s_, m) is not None]
+            cells.append(f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})" if values else "–")
+        rows.append([f"random-direction controls of the selected configs: mean (min–max) of {len(controls)} draws",
+                     *cells])
+        selected_value = metric_value(ctx.chosen_items, metric)
+        beaten = sum(metric_value(c, metric) >= selected_value for c in controls)
+        lines.append(f"Random-direction controls: {beaten} of {len(controls)} draws reach the selected arm's "
+                     f"{metric} ({selected_value:.3f}); a gain that random steering matches is not evidence.")
+    if ctx.score_mode:  # a biased model sits on one side of log-odds 0: also judge at a fitted threshold
+        base_thresholded = fold_thresholded(a.arms[BASELINE], a.folds)
+        selected_thresholded_ = selected_thresholded(a)
+        rows += [row(f"{name}, threshold fitted on rows that never saw the fold", items)
+                 for name, items in (("baseline", base_thresholded), ("selected", selected_thresholded_))]
+        lines.append(_comparison("At fitted thresholds, selected vs baseline", base_thresholded,
+                                 selected_thresholded_, "balanced_accuracy"))
+        lines.append("The selected arm's AUROC pools the scores of folds whose chosen configs may differ: a pooled "
+                     "figure, not one config's.")
+    counts = Counter(a.selected_by_fold.values())
+    choices = "; ".join(f"`{c}` in {n} of {len(a.selected_by_fold)} folds" for c, n in counts.most_common())
+    figures = [Figure("Gain over strength × layer", name, png) for name, png in gain_heatmaps(a)]
+    figures.append(Figure("Balanced accuracy per CWE", "per-cwe", per_cwe_bars(a)))
+    return Section("Headline", f"{markdown_table(['arm', *metrics], rows)}\n\n" + "\n\n".join(lines)
+                   + f"\n\nSelected: {choices}", tuple(figures))
+
+
 # Parameters a method fits per group (pooled or a CWE) and steered layer, for hidden size d (LoReFT: rank r).
 PARAMETERS = {"mean-diff": "d", "pca": "d", "probe": "d", "trained": "d", "loreft": "2rd + r"}
 
 
-def _methods_table(a: Analysis, out_dir: Path) -> str:
+def methods(ctx: Context) -> Section:
     """One row per method, each the arm nested selection gives among that method's configs only, beside the
     baseline and the probe's read-out: the methods under one protocol, with what each fits and what fitting cost."""
-    score_mode = a.config.mode == "score"
-    metrics = ["balanced_accuracy", "pair_accuracy", *(["pair_ordering", "auroc"] if score_mode else []),
+    a = ctx.a
+    metrics = ["balanced_accuracy", "pair_accuracy", *(["pair_ordering", "auroc"] if ctx.score_mode else []),
                "yes_rate"]
-    base = judged(a.arms[BASELINE])
+    base = ctx.base_items
     seconds = a.meta.get("fit_seconds", {})
 
     def row(name: str, parameters: str, arm: list, fit_seconds: str = "–") -> list[str]:
         items = judged(arm)
-        gain = bootstrap_gain(base, items, a.config.select_metric, n_boot=N_BOOT)
+        gain = bootstrap_gain(base, items, ctx.metric, n_boot=N_BOOT)
         test = mcnemar_items(base, items)
         return [name, parameters, *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics), fmt(gain),
                 f"{test.p_value:.3g}", fit_seconds]
@@ -266,105 +359,59 @@ def _methods_table(a: Analysis, out_dir: Path) -> str:
                   "setting) and scores the fold's items as score mode does; its fit runs every training prompt in "
                   "full each step (adapters change every position, so no prefix cache), then the base model is "
                   "restored.")
-    probe_path = out_dir / "probe.json"
-    if probe_path.exists() and score_mode:
-        pooled = [r for r in json.loads(probe_path.read_text()) if r.get("group") == "pooled" and r.get("auroc")]
+    if ctx.probe is not None and ctx.score_mode:
+        pooled = [r for r in ctx.probe if r.get("group") == "pooled" and r.get("auroc")]
         if pooled:
             best = max(pooled, key=lambda r: r["auroc"])
             cells = ["–"] * len(metrics)
             cells[metrics.index("auroc")] = f"{best['auroc']:.3f}"
             rows.append([f"probe read-out at layer {best['layer']} (a detector, not an intervention; best layer: "
                          "descriptive)", "d + 1", *cells, "–", "–", "–"])
-    return ("Each method's arm is chosen per fold by nested selection among that method's configs only (or the "
-            "baseline), so the rows compare methods under one protocol. The gain is in "
-            f"{a.config.select_metric} over the baseline with a family-bootstrap interval; p is the paired "
-            "sign-flip test by family; fit seconds add up every fold's and selection pair's fit.\n\n"
-            + _table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows) + notes)
+    png = probe_plot(ctx.probe) if ctx.probe is not None else None
+    return Section("Methods side by side",
+                   "Each method's arm is chosen per fold by nested selection among that method's configs only (or the "
+                   "baseline), so the rows compare methods under one protocol. The gain is in "
+                   f"{ctx.metric} over the baseline with a family-bootstrap interval; p is the paired sign-flip test "
+                   "by family; fit seconds add up every fold's and selection pair's fit.\n\n"
+                   + markdown_table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows) + notes,
+                   (Figure("Probe AUROC by layer", "probe", png),) if png else ())
 
 
-def _discrimination_table(a: Analysis) -> str:
+def discrimination(ctx: Context) -> Section:
     """Per CWE and overall, baseline vs selected: the yes-rate (which a shift of every score moves) beside pair
     ordering (which only telling a file from its patched twin moves; score mode)."""
-    score_mode = a.config.mode == "score"
-    arms = {"baseline": judged(a.arms[BASELINE]), "selected": judged(a.selected)}
+    arms = {"baseline": ctx.base_items, "selected": ctx.chosen_items}
     by_cwe = {name: {"all": summarise(items, n_boot=N_BOOT), **summarise_by_cwe(items, n_boot=N_BOOT)}
               for name, items in arms.items()}
     header = ["CWE", *(f"{name} yes-rate" for name in arms)]
-    header += [f"{name} pair ordering" for name in arms] if score_mode else []
+    header += [f"{name} pair ordering" for name in arms] if ctx.score_mode else []
     rows = []
     for group in by_cwe["baseline"]:
         row = [group, *(fmt(by_cwe[name][group].yes_rate) for name in arms)]
-        row += [fmt(by_cwe[name][group].pair_ordering) for name in arms] if score_mode else []
+        row += [fmt(by_cwe[name][group].pair_ordering) for name in arms] if ctx.score_mode else []
         rows.append(row)
-    note = ("A fixed vector added where the answer is read moves a file and its patched twin alike: it changes the "
-            "yes-rate, hardly pair ordering (the share of pairs whose vulnerable file scores above its twin, ties "
-            "1/2). A gain in balanced accuracy with pair ordering unchanged is a threshold shift.")
-    return f"{note}\n\n{_table(header, rows)}"
+    return Section("Threshold or discrimination, per CWE",
+                   "A fixed vector added where the answer is read moves a file and its patched twin alike: it changes "
+                   "the yes-rate, hardly pair ordering (the share of pairs whose vulnerable file scores above its "
+                   "twin, ties 1/2). A gain in balanced accuracy with pair ordering unchanged is a threshold shift.\n\n"
+                   + markdown_table(header, rows))
 
 
-def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = None) -> Path:
-    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl; `show`
-    also prints the headline on the console. `analysis`: the store's analysis, when the caller has it already."""
-    a = analysis or analyse(out_dir)
-    export_rows(a, out_dir)
-    base_items, chosen_items = judged(a.arms[BASELINE]), judged(a.selected)
-    base, chosen = summarise(base_items, n_boot=N_BOOT), summarise(chosen_items, n_boot=N_BOOT)
-    metric = a.config.select_metric
-    sections: list[tuple[str, str]] = []  # (title, markdown)
+def numeric_path(ctx: Context) -> Section | None:
+    checks = path_check(ctx.a)
+    if not checks:
+        return None
+    return Section("Numeric path check",
+                   "Strength-0 rows on the path that rows steered before the last prompt token take, against the "
+                   "baseline (which shares one pass over each prompt). In float32 they agree; in "
+                   f"{ctx.a.meta.get('dtype')} any difference is what the path alone moves, and a gain no larger than "
+                   "it is noise.\n\n" + markdown_table(["positions", "max |score difference|", "verdicts that differ"],
+                                                       checks))
 
-    metrics = ["accuracy", "balanced_accuracy", "pair_accuracy", "answer_rate"]
-    metrics += ["auroc", "pair_ordering"] if a.config.mode == "score" else []
-    metrics += ["yes_rate"]  # a threshold shift moves it; discrimination moves pair ordering
-    arms = [("baseline", base), ("selected (nested, held-out)", chosen)]
-    lines = [_comparison("Selected vs baseline", base_items, chosen_items, metric)]
-    controls = [judged(arm) for arm in control_arms(a)]
-    if controls:
-        summaries = [summarise(c, n_boot=N_BOOT) for c in controls]
-        cells = []
-        for m in metrics:
-            values = [getattr(s_, m).value for s_ in summaries if getattr(s_, m) is not None]
-            cells.append(f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})" if values else "–")
-        arms_rows = [[name, *(fmt(getattr(s_, m)) for m in metrics)] for name, s_ in arms]
-        arms_rows.append([f"random-direction controls of the selected configs: mean (min–max) of "
-                          f"{len(controls)} draws", *cells])
-        selected_value = metric_value(chosen_items, metric)
-        beaten = sum(metric_value(c, metric) >= selected_value for c in controls)
-        lines.append(f"Random-direction controls: {beaten} of {len(controls)} draws reach the selected arm's "
-                     f"{metric} ({selected_value:.3f}); a gain that random steering matches is not evidence.")
-    else:
-        arms_rows = [[name, *(fmt(getattr(s_, m)) for m in metrics)] for name, s_ in arms]
-    if a.config.mode == "score":  # a biased model sits on one side of log-odds 0: also judge at a fitted threshold
-        base_thresholded = fold_thresholded(a.arms[BASELINE], a.folds)
-        selected_thresholded_ = selected_thresholded(a)
-        for name, items in (("baseline", base_thresholded), ("selected", selected_thresholded_)):
-            arms_rows.append([f"{name}, threshold fitted on rows that never saw the fold",
-                              *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics)])
-        lines.append(_comparison("At fitted thresholds, selected vs baseline", base_thresholded,
-                                 selected_thresholded_, "balanced_accuracy"))
-    md = _table(["arm", *metrics], arms_rows)
-    if a.config.mode == "score":
-        lines.append("The selected arm's AUROC pools the scores of folds whose chosen configs may differ: a pooled "
-                     "figure, not one config's.")
-    counts = Counter(a.selected_by_fold.values())
-    choices = "; ".join(f"`{c}` in {n} of {len(a.selected_by_fold)} folds" for c, n in counts.most_common())
-    sections.append(("Headline", f"{md}\n\n" + "\n\n".join(lines) + f"\n\nSelected: {choices}"))
-    if show:
-        from rich.console import Console
-        from rich.markdown import Markdown
 
-        Console(width=160).print(Markdown(f"## Headline ({len(a.sample_ids)} items)\n\n{sections[0][1]}"))
-
-    sections.append(("Methods side by side", _methods_table(a, out_dir)))
-    sections.append(("Threshold or discrimination, per CWE", _discrimination_table(a)))
-    checks = path_check(a)
-    if checks:
-        sections.append(("Numeric path check", "Strength-0 rows on the path that rows steered before the last "
-                         "prompt token take, against the baseline (which shares one pass over each prompt). In "
-                         f"float32 they agree; in {a.meta.get('dtype')} any difference is what the path alone "
-                         "moves, and a gain no larger than it is noise.\n\n"
-                         + _table(["positions", "max |score difference|", "verdicts that differ"], checks)))
-
-    score_mode = a.config.mode == "score"
+def top_configs(ctx: Context) -> Section:
+    """The best configs on all held-out rows, each with the number of folds where nested selection could pick it."""
+    a = ctx.a
     folds = sorted(set(a.folds.values()))
 
     def eligible(config_id: str) -> str:
@@ -376,119 +423,146 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
                 for f in folds)
         return f"{n}/{len(folds)}"
     top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}", eligible(s.config)]
-           + ([f"{s.auroc:.3f}"] if score_mode else []) for s in a.stats[:15]]
-    base_auroc = f" (baseline {metric_value(base_items, 'auroc'):.3f})" if score_mode else ""
-    sections.append(("Top configs (descriptive, all held-out rows)",
-                     "A config is eligible in a fold when nested selection had all its selection rows there (an "
-                     "own-CWE vector needs the CWE among the fold pair's training items); one eligible in no fold "
-                     "could never be the headline's choice.\n\n"
-                     + _table(["config (method|layers|vectors|positions|strength)", metric, "gain [95%]", "b/c",
-                               "sign-flip p", "eligible (folds)"] + ([f"AUROC{base_auroc}"] if score_mode else []),
-                              top)))
-
-    figures: list[tuple[str, str, bytes]] = [("Gain over strength × layer", name, png)
-                                             for name, png in gain_heatmaps(a)]
-    figures.append(("Balanced accuracy per CWE", "per-cwe", per_cwe_bars(a)))
-    probe_path = out_dir / "probe.json"
-    if probe_path.exists() and (png := probe_plot(json.loads(probe_path.read_text()))):
-        figures.append(("Probe AUROC by layer", "probe", png))
-    transfer = transfer_matrix(a)
-    if transfer and transfer[1]:
-        cwes, gains, title = transfer
-        figures.append(("Cross-CWE transfer", "transfer", transfer_plot(*transfer)))
-        sections.append((f"Cross-CWE transfer: accuracy gain [95%] ({title})",
-                         _table(["vector of \\ items of", *cwes],
-                                [[v, *(fmt(gains[(v, t)]) if (v, t) in gains else "–" for t in cwes)]
-                                 for v in cwes])))
-
-    effects_path = out_dir / "side_effects.json"
-    if effects_path.exists():
-        effects = json.loads(effects_path.read_text())
-        config_gains = {st.config: st.gain for st in a.stats}
-        rows_ = [[e["config"], fmt(config_gains.get(e["config"])), fmt(Interval.from_dict(e["kl"])),
-                  fmt(Interval.from_dict(e["nll_change"]))] for e in effects["configs"]]
-        if rows_:
-            sections.append(("Side effects on plain code", (
-                f"What the chosen configs cost the model away from the task, at every strength: each item's code "
-                f"(first {effects['max_tokens']} tokens, no prompt) read unsteered and steered at every token with "
-                "its own fold's vectors; mean KL divergence of the next-token distribution and change in negative "
-                "log-likelihood of the code's next token, nats per token, 95% family-bootstrap intervals. A gain "
-                "that needs a large KL is bought with the model's general behaviour.\n\n"
-                + _table(["config", f"gain in {metric} [95%]", "KL(unsteered ‖ steered)", "Δ NLL per token"],
-                         rows_))))
-            figures.append(("Gain against side effect", "tradeoff",
-                            tradeoff_plot(effects["configs"], config_gains, metric)))
-    if a.config.mode == "generate":
-        answers = answer_costs(a)
-        sections.append(("Answers: length and readability", _table(
-            ["arm", "mean new tokens", "unreadable by the verdict parser [95%]"],
-            [[name, f"{tokens:.1f}", fmt(unreadable)] for name, tokens, unreadable in answers])))
-
-    flips = flip_rates(a)
-    if flips:
-        rows = [[kind, str(v["n"]), fmt(cast(Interval, v["baseline"])), fmt(cast(Interval, v["selected"]))]
-                for kind, v in flips.items()]
-        sections.append(("Robustness: verdict flips under augmentation",
-                         _table(["augmentation", "n compared", "baseline flip rate [95%]",
-                                 "selected flip rate [95%]"], rows)))
-
-    if a.config.mode == "generate":
-        from vulnsteer.experiments.summary import final_answer_section
-
-        final = final_answer_section({"baseline": a.arms[BASELINE], "selected": a.selected})
-        if final:
-            sections.append(("Forced final answer", final.markdown.replace("## Forced final answer\n", "", 1)))
-        reasoning = _reasoning_section(a)
-        if reasoning:
-            sections.append(("Reasoning quality (baseline vs selected)",
-                             reasoning.markdown.replace("## Reasoning\n", "", 1)))
-
-    examples_ = examples(a)
-    if examples_:
-        sections.append(("Example answers (baseline vs selected)",
-                         _table(["item", "label", "baseline", "selected"], examples_)))
-
-    return _write_files(out_dir, a, sections, figures)
+           + ([f"{s.auroc:.3f}"] if ctx.score_mode else []) for s in a.stats[:15]]
+    base_auroc = f" (baseline {metric_value(ctx.base_items, 'auroc'):.3f})" if ctx.score_mode else ""
+    return Section("Top configs (descriptive, all held-out rows)",
+                   "A config is eligible in a fold when nested selection had all its selection rows there (an "
+                   "own-CWE vector needs the CWE among the fold pair's training items); one eligible in no fold "
+                   "could never be the headline's choice.\n\n"
+                   + markdown_table(["config (method|layers|vectors|positions|strength)", ctx.metric, "gain [95%]",
+                                     "b/c", "sign-flip p", "eligible (folds)"]
+                                    + ([f"AUROC{base_auroc}"] if ctx.score_mode else []), top))
 
 
-def _reasoning_section(a: Analysis):
+def transfer(ctx: Context) -> Section | None:
+    matrix = transfer_matrix(ctx.a)
+    if not matrix or not matrix[1]:
+        return None
+    cwes, gains, title = matrix
+    return Section(f"Cross-CWE transfer: accuracy gain [95%] ({title})",
+                   markdown_table(["vector of \\ items of", *cwes],
+                                  [[v, *(fmt(gains[(v, t)]) if (v, t) in gains else "–" for t in cwes)]
+                                   for v in cwes]),
+                   (Figure("Cross-CWE transfer", "transfer", transfer_plot(*matrix)),))
+
+
+def side_effects(ctx: Context) -> Section | None:
+    if ctx.side_effects is None or not ctx.side_effects["configs"]:
+        return None
+    effects, metric = ctx.side_effects, ctx.metric
+    config_gains = {st.config: st.gain for st in ctx.a.stats}
+    rows = [[e["config"], fmt(config_gains.get(e["config"])), fmt(Interval.from_dict(e["kl"])),
+             fmt(Interval.from_dict(e["nll_change"]))] for e in effects["configs"]]
+    return Section("Side effects on plain code",
+                   "What the chosen configs cost the model away from the task, at every strength: each item's code "
+                   f"(first {effects['max_tokens']} tokens, no prompt) read unsteered and steered at every token with "
+                   "its own fold's vectors; mean KL divergence of the next-token distribution and change in negative "
+                   "log-likelihood of the code's next token, nats per token, 95% family-bootstrap intervals. A gain "
+                   "that needs a large KL is bought with the model's general behaviour.\n\n"
+                   + markdown_table(["config", f"gain in {metric} [95%]", "KL(unsteered ‖ steered)",
+                                     "Δ NLL per token"], rows),
+                   (Figure("Gain against side effect", "tradeoff",
+                           tradeoff_plot(effects["configs"], config_gains, metric)),))
+
+
+def answers(ctx: Context) -> Section | None:
+    if ctx.a.config.mode != "generate":
+        return None
+    return Section("Answers: length and readability", markdown_table(
+        ["arm", "mean new tokens", "unreadable by the verdict parser [95%]"],
+        [[name, f"{tokens:.1f}", fmt(unreadable)] for name, tokens, unreadable in answer_costs(ctx.a)]))
+
+
+def robustness(ctx: Context) -> Section | None:
+    flips = flip_rates(ctx.a)
+    if not flips:
+        return None
+    rows = [[kind, str(v["n"]), fmt(cast(Interval, v["baseline"])), fmt(cast(Interval, v["selected"]))]
+            for kind, v in flips.items()]
+    return Section("Robustness: verdict flips under augmentation",
+                   markdown_table(["augmentation", "n compared", "baseline flip rate [95%]",
+                                   "selected flip rate [95%]"], rows))
+
+
+def final_answer(ctx: Context) -> Section | None:
+    if ctx.a.config.mode != "generate":
+        return None
+    final = final_answer_section({"baseline": ctx.a.arms[BASELINE], "selected": ctx.a.selected})
+    return Section(final.title, final.body) if final else None
+
+
+def reasoning(ctx: Context) -> Section | None:
     """ROUGE/embedding reasoning scores against the dataset's ground-truth explanations (generate mode)."""
-    from dataclasses import replace
-
-    from vulnsteer.experiments.summary import reasoning_section
-    from vulnsteer.experiments.sweep import load_sweep_samples
-
-    samples, _, _ = load_sweep_samples(a.config)
-    selected = [replace(r, steering=SteeringId(config="selected (nested)")) for r in a.selected]
-    return reasoning_section(a.arms[BASELINE] + selected, samples)
+    if ctx.a.config.mode != "generate":
+        return None
+    samples, _, _ = load_sweep_samples(ctx.a.config)
+    selected = [replace(r, steering=SteeringId(config="selected (nested)")) for r in ctx.a.selected]
+    section = reasoning_section(ctx.a.arms[BASELINE] + selected, samples)
+    return Section("Reasoning quality (baseline vs selected)", section.body) if section else None
 
 
-def _write_files(out_dir: Path, a: Analysis, sections, figures) -> Path:
-    """The Markdown report links its figures from report_files/; the HTML one, rendered from the same Markdown,
-    embeds them, so it is a single file to send around."""
-    import markdown
+def example_answers(ctx: Context) -> Section | None:
+    rows = examples(ctx.a)
+    if not rows:
+        return None
+    return Section("Example answers (baseline vs selected)", markdown_table(["item", "label", "baseline", "selected"],
+                                                                            rows))
 
+
+# The report's sections in order: a new one is a function (None where it does not apply) and a line here.
+SECTIONS: tuple[Callable[[Context], Section | None], ...] = (
+    protocol, headline, methods, discrimination, numeric_path, top_configs, transfer, side_effects, answers,
+    robustness, final_answer, reasoning, example_answers,
+)
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = None) -> Path:
+    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl; `show`
+    also prints the headline on the console. `analysis`: the store's analysis, when the caller has it already."""
+    a = analysis or analyse(out_dir)
+    export_rows(a, out_dir)
+    ctx = context(a, out_dir)
+    written = {section: section(ctx) for section in SECTIONS}
+    top = written[headline]
+    if show and top is not None:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console(width=160).print(Markdown(f"## {top.title} ({len(a.sample_ids)} items)\n\n{top.markdown}"))
+    sections = [s for s in written.values() if s is not None]
+    head = (f"model `{a.meta.get('model')}` ({a.meta.get('dtype')}), dataset `{a.config.dataset}` "
+            f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
+            f"vulnsteer {a.meta.get('vulnsteer')}")
+    figures = [figure for s in sections for figure in s.figures]
     files = out_dir / "report_files"
     files.mkdir(exist_ok=True)
-    meta = a.meta
-    head = (f"model `{meta.get('model')}` ({meta.get('dtype')}), dataset `{a.config.dataset}` "
-            f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
-            f"vulnsteer {meta.get('vulnsteer')}")
-    parts = [f"# vulnsteer sweep report\n\n{head}\n\n## Protocol\n\n{protocol_text(a)}\n"]
-    parts += [f"## {title}\n\n{text}\n" for title, text in sections]
-    embedded = list(parts)
-    for title, name, png in figures:
-        (files / f"{name}.png").write_bytes(png)
-        parts.append(f"## {title}\n\n![{title}](report_files/{name}.png)\n")
-        embedded.append(f"## {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})\n")
-    (out_dir / "report.md").write_text("\n".join(parts))
-    body = markdown.markdown("\n".join(embedded), extensions=["tables"])
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}")
-    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>vulnsteer "
-                                         f"report</title><style>{style}</style></head><body>{body}</body></html>")
+    for figure in figures:
+        (files / f"{figure.name}.png").write_bytes(figure.png)
+    (out_dir / "report.md").write_text(render_markdown(head, sections, figures))
+    (out_dir / "report.html").write_text(render_html(head, sections, figures))
     return out_dir / "report.html"
+
+
+def render_markdown(head: str, sections: list[Section], figures: list[Figure]) -> str:
+    """The sections' text, then the figures, linked from report_files/."""
+    parts = [f"# vulnsteer sweep report\n\n{head}\n"]
+    parts += [f"## {s.title}\n\n{s.markdown}\n" for s in sections]
+    parts += [f"## {f.title}\n\n![{f.title}](report_files/{f.name}.png)\n" for f in figures]
+    return "\n".join(parts)
+
+
+def render_html(head: str, sections: list[Section], figures: list[Figure]) -> str:
+    """The same page from templates/report.html.j2, figures embedded, so it is a single file to send around."""
+    import jinja2
+    import markdown
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("vulnsteer.experiments"), autoescape=True)
+    env.filters["markdown"] = lambda text: markdown.markdown(text, extensions=["tables"])
+    env.filters["base64"] = lambda data: base64.b64encode(data).decode()
+    return env.get_template("report.html.j2").render(head=head, sections=sections, figures=figures)
 
 
 def export_rows(a: Analysis, out_dir: Path) -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vulnsteer.errors import VulnsteerError
+from vulnsteer.experiments.tables import markdown_table
 from vulnsteer.metrics import (
     Interval,
     Judged,
@@ -56,11 +57,8 @@ def rows(summaries: dict[str, Summary]) -> list[list[str]]:
             for name, s in summaries.items()]
 
 
-def markdown_table(summaries: dict[str, Summary]) -> str:
-    header = ["group", "n", "pairs", *(title for _, title in COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(summaries)]
-    return "\n".join(lines)
+def summary_table(summaries: dict[str, Summary]) -> str:
+    return markdown_table(["group", "n", "pairs", *(title for _, title in COLUMNS)], rows(summaries))
 
 
 def print_table(summaries: dict[str, Summary], title: str, console: Console | None = None) -> None:
@@ -81,7 +79,7 @@ def write_summary(out_dir: Path, summaries: dict[str, Summary], meta: dict,
          **{section.key: section.data for section in sections}}, indent=2))
     settings = "\n".join(f"- {key}: `{value}`" for key, value in meta.items())
     (out_dir / "summary.md").write_text(
-        f"# vulnsteer eval\n\n{settings}\n\n{markdown_table(summaries)}\n\n"
+        f"# vulnsteer eval\n\n{settings}\n\n{summary_table(summaries)}\n\n"
         "Intervals are 95% and count families (a pair with its augmented copies) as the unit: Wilson at the "
         "design-effect sample size for proportions, a family bootstrap for balanced accuracy, Obuchowski's "
         "clustered variance for AUROC. "
@@ -94,11 +92,17 @@ def write_summary(out_dir: Path, summaries: dict[str, Summary], meta: dict,
 
 @dataclass(frozen=True)
 class Section:
-    """An extra part of the summary: `data` goes to summary.json under `key`, `markdown` to summary.md."""
+    """An extra part of the summary: `data` goes to summary.json under `key`, `markdown` (the titled body) to
+    summary.md. The title stays apart from the body so that the sweep report can give the body its own heading."""
 
     key: str
     data: dict
-    markdown: str
+    title: str
+    body: str
+
+    @property
+    def markdown(self) -> str:
+        return f"## {self.title}\n\n{self.body}"
 
 
 def _rate(rate: dict) -> str:
@@ -109,26 +113,24 @@ def _rate(rate: dict) -> str:
 
 
 def reasoning_markdown(data: dict) -> str:
-    """The reasoning section of summary.md: one table per measure, a row per condition, a column per CWE."""
+    """The body of the reasoning section: one table per measure, a row per condition, a column per CWE."""
     conditions = data["conditions"]
     cwes = sorted({c for cond in conditions.values() for c in cond["reasoning_correct"]} - {"all"},
                   key=lambda c: (len(c), c))
     t = data.get("thresholds", {})
-    lines = ["## Reasoning", "",
-             f"Correct reasoning: majority of the votes of ROUGE-1 recall of the ground truth ≥ "
+    lines = [f"Correct reasoning: majority of the votes of ROUGE-1 recall of the ground truth ≥ "
              f"{t.get('rouge1_recall')}, MiniLM cosine ≥ {t.get('cosine')}"
              f"{', local judge' if t.get('judge') else ''}; with two votes both must pass. Rate among correct "
              "verdicts on samples with a ground-truth explanation (the SecLLMHolmes reasoning rate), 95% Wilson.", ""]
     for key, title in (("reasoning_correct", "correct reasoning | correct verdict"), ("names_cwe", "names the CWE")):
-        header = ["condition", "all", *cwes]
-        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join([name, *(_rate(c[key][g]) if g in c[key] else "–" for g in ["all", *cwes])])
-                  + " |" for name, c in conditions.items()]
-        lines.append("")
-    lines += ["| condition | answers | scored | mean new tokens | mean words | mean ROUGE-1 recall | mean cosine |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {c['answers']} | {c['scored']} | {c['mean_new_tokens']} | {c['mean_words']} | "
-              f"{c['mean_rouge1_recall']} | {c['mean_cosine']} |" for name, c in conditions.items()]
+        lines += [f"**{title}**", "",
+                  markdown_table(["condition", "all", *cwes],
+                                 [[name, *(_rate(c[key][g]) if g in c[key] else "–" for g in ["all", *cwes])]
+                                  for name, c in conditions.items()]), ""]
+    lines.append(markdown_table(
+        ["condition", "answers", "scored", "mean new tokens", "mean words", "mean ROUGE-1 recall", "mean cosine"],
+        [[name, *(str(c[k]) for k in ("answers", "scored", "mean_new_tokens", "mean_words", "mean_rouge1_recall",
+                                       "mean_cosine"))] for name, c in conditions.items()]))
     for name, d in data.get("vs_baseline", {}).items():
         lines += ["", f"{name} minus baseline: " + ", ".join(f"{k} {v:+}" if v is not None else f"{k} –"
                                                              for k, v in d.items())]
@@ -160,7 +162,7 @@ def reasoning_section(results: Sequence[Result], samples, *, embedder=None, judg
                            "judge": judge_lm is not None or any(s is not None and s.judge is not None
                                                                 for s in scores)},
             **reasoning.summarise_reasoning(results, scores)}
-    return Section("reasoning", data, reasoning_markdown(data))
+    return Section("reasoning", data, "Reasoning", reasoning_markdown(data))
 
 
 def language_section(results: Sequence[Result]) -> Section | None:
@@ -170,8 +172,8 @@ def language_section(results: Sequence[Result]) -> Section | None:
     if not answers:
         return None
     other = [r.sample_id for r in answers if not is_english(r.response)]
-    markdown = f"## Languages\n\nAnswers in a language other than English: {len(other)} of {len(answers)}.\n"
-    return Section("languages", {"other": len(other), "n": len(answers), "samples": other}, markdown)
+    return Section("languages", {"other": len(other), "n": len(answers), "samples": other}, "Languages",
+                   f"Answers in a language other than English: {len(other)} of {len(answers)}.\n")
 
 
 def final_answer_section(arms: dict[str, Sequence[Result]]) -> Section | None:
@@ -189,23 +191,23 @@ def final_answer_section(arms: dict[str, Sequence[Result]]) -> Section | None:
         agree_read = clustered_proportion([r.final_verdict == r.verdict for r in read], [r.family for r in read])
         data[name] = {"metrics": forced.to_dict(), "agreement": agree.to_dict(),
                       "agreement_where_parsed": agree_read.to_dict(), "n": len(rows), "n_parsed": len(read)}
-        lines.append(f"| {name} | {len(rows)} | {fmt(forced.accuracy)} | {fmt(forced.balanced_accuracy)} | "
-                     f"{fmt(forced.pair_accuracy)} | {fmt(forced.auroc)} | {fmt(agree)} | {fmt(agree_read)} |")
+        lines.append([name, str(len(rows)), *map(fmt, (forced.accuracy, forced.balanced_accuracy, forced.pair_accuracy,
+                                                       forced.auroc, agree, agree_read))])
     if not data:
         return None
-    markdown = ("## Forced final answer\n\nAfter its free answer the model is asked for a final yes or no, scored by "
-                "log-odds (> 0: vulnerable): a verdict that needs no parser.\n\n"
-                "| arm | n | acc | balanced acc | pair acc | AUROC | agrees with the parser | agrees where parsed |\n"
-                "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
-    return Section("final_answer", data, markdown)
+    body = ("After its free answer the model is asked for a final yes or no, scored by log-odds (> 0: vulnerable): "
+            "a verdict that needs no parser.\n\n"
+            + markdown_table(["arm", "n", "acc", "balanced acc", "pair acc", "AUROC", "agrees with the parser",
+                              "agrees where parsed"], lines) + "\n")
+    return Section("final_answer", data, "Forced final answer", body)
 
 
 def side_effects_section(effects: Sequence) -> Section:
     """What the run's steering costs on the items' own code (`side_effects.code_side_effects`)."""
-    rows = "\n".join(f"| {e.config} | {e.items} | {e.tokens} | {fmt(e.kl)} | {fmt(e.nll_change)} |" for e in effects)
-    markdown = ("## Side effects on plain code\n\nEach item's code (no prompt) read unsteered and steered at every "
-                "token: mean KL divergence of the next-token distribution and change in negative log-likelihood of "
-                "the code's next token, nats per token, 95% family-bootstrap intervals.\n\n"
-                "| steering | items | tokens | KL(unsteered ‖ steered) | Δ NLL per token |\n|---|---|---|---|---|\n"
-                + rows + "\n")
-    return Section("side_effects", {"configs": [e.to_dict() for e in effects]}, markdown)
+    body = ("Each item's code (no prompt) read unsteered and steered at every token: mean KL divergence of the "
+            "next-token distribution and change in negative log-likelihood of the code's next token, nats per token, "
+            "95% family-bootstrap intervals.\n\n"
+            + markdown_table(["steering", "items", "tokens", "KL(unsteered ‖ steered)", "Δ NLL per token"],
+                             [[e.config, str(e.items), str(e.tokens), fmt(e.kl), fmt(e.nll_change)]
+                              for e in effects]) + "\n")
+    return Section("side_effects", {"configs": [e.to_dict() for e in effects]}, "Side effects on plain code", body)
