@@ -204,9 +204,9 @@ def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id
     if vectors is None:
         return run_eval(model, make_jobs(samples, prompt_id, resources), decoding, out_dir, meta, judge_lm=judge_lm)
     require(model.spec, "steers")  # a steering backend's model is a LoadedModel
-    lm = model.handle
+    loaded: LoadedModel = model.handle
     steer, bank, samples, dropped = vectors.steer, vectors.bank, vectors.samples, vectors.note
-    check_compatible(bank, lm, str(steer.vectors), steer.allow_other_weights)
+    check_compatible(bank, loaded, str(steer.vectors), steer.allow_other_weights)
     if steer.allow_other_weights and bank.meta.get("weights_bf16"):
         meta["vectors_from_other_weights_allowed"] = True
     if bank.meta.get("mode", decoding.mode) != decoding.mode:
@@ -215,7 +215,7 @@ def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id
     steering_for = steering_for_samples(bank, steer.layers, steer.strength, steer.positions, steer.cwe_vector)
     meta |= {"vectors": str(steer.vectors), "layers": steer.layers, "strength": steer.strength,
              "positions": steer.positions, "cwe_vector": steer.cwe_vector, **({"held_out": dropped} if dropped else {})}
-    side_effects = side_effects_section(code_side_effects(lm, samples, {"steered": steering_for}))
+    side_effects = side_effects_section(code_side_effects(loaded, samples, {"steered": steering_for}))
     return run_eval(model, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
                     judge_lm=judge_lm, sections=[side_effects])
 
