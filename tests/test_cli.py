@@ -46,11 +46,13 @@ def assert_one_line_error(code: int, out: str, err: str, match: str | None = Non
 @pytest.fixture
 def tiny(monkeypatch):
     """`load_lm` returns a tiny random Llama; records how often it was called."""
+    from vulnsteer.pipeline import local
+
     calls = []
 
-    def fake_load_lm(model, dtype, mode, device):
+    def fake_load_lm(model, *settings):
         calls.append(model)
-        return tiny_lm("llama")
+        return local(tiny_lm("llama"))
 
     monkeypatch.setattr("vulnsteer.cli.load_lm", fake_load_lm)
     return calls

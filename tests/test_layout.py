@@ -21,6 +21,7 @@ LAYERS = [
      "protocol"},
     {"steering"},
     {"engine"},
+    {"backends"},
     {"extract"},
     {"experiments"},
     {"pipeline"},

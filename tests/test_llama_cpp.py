@@ -181,7 +181,7 @@ def test_api_errors_are_one_line_and_5xx_are_retried(lm, tmp_path, capsys, monke
         (["--model", "openai:smollm2"], "needs --base-url"),
         (["--model", "openai:smollm2", "--base-url", "http://127.0.0.1:1/v1", "--vectors", str(tmp_path / "v")],
          "is served over HTTP"),
-        (["--model", MODEL, "--base-url", "http://127.0.0.1:1/v1"], "--base-url is for API models"),
+        (["--model", MODEL, "--base-url", "http://127.0.0.1:1/v1"], "base_url is an option of openai:"),
         (["--model", "openai:smollm2", "--base-url", "http://127.0.0.1:1/v1", "--strength", "2"], "--vectors"),
     ]
     for args, message in cases:

@@ -33,7 +33,10 @@ app.add_typer(data_app, name="data")
 app.add_typer(vectors_app, name="vectors")
 
 ModelOpt = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                        help="Catalogue name, .gguf file, model folder or hub id.")
+                        help="Catalogue name, .gguf file, model folder or hub id (the hf backend), or PREFIX:NAME, "
+                             "e.g. openai:NAME (an OpenAI-compatible endpoint).")
+ModelArgsOpt = typer.Option(None, "--model-args", help="The model backend's options as k=v,k2=v2, e.g. "
+                            "base_url=http://127.0.0.1:8080/v1,concurrency=4 (openai) or dtype=bfloat16 (hf).")
 DatasetOpt = typer.Option("demo", "--dataset", "-d",
                           help="'demo' (built in), a SecLLMHolmes datasets/ folder, or a paired .jsonl file.")
 SplitOpt = typer.Option(None, "--split", help="Comma-separated splits, e.g. hand-crafted.")
@@ -43,12 +46,12 @@ MaxCharsOpt = typer.Option(None, "--max-chars", help="Drop pairs whose code is l
 PairsPerCweOpt = typer.Option(None, "--pairs-per-cwe", help="At most this many pairs of each CWE.")
 PromptOpt = typer.Option("S1", "--prompt", help="S1-S6, R1-R6, D1-D5 (SecLLMHolmes) or strict.")
 ModeOpt = typer.Option("generate", "--mode", help="generate (parse a free answer) or score (yes/no log-odds).")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+DtypeOpt = typer.Option(None, "--dtype", help="auto (the default), float32, bfloat16 or float16.")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present).")
 
 
-DATA_FLAGS = dict(model=ModelOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt, limit=LimitOpt,
-                  max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
+DATA_FLAGS = dict(model=ModelOpt, model_args=ModelArgsOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt,
+                  limit=LimitOpt, max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
 _INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
               "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps"}
@@ -91,11 +94,19 @@ def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | 
     return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit, max_chars, pairs_per_cwe)
 
 
-def load_lm(model: str, dtype: str, mode: str, device: str | None):
-    from vulnsteer.models import default_device, load_model, resolve_dtype
+def model_options(data: dict, **flags) -> dict[str, str]:
+    """The model's backend options: `--model-args` (taken out of `data`, parsed here once) and the flags that are
+    the same options (None: not given)."""
+    from vulnsteer.backends import merge_options, parse_model_args
 
-    device = device or default_device()
-    return load_model(model, dtype=resolve_dtype(dtype, mode, device), device=device)
+    return merge_options(flags, parse_model_args(data.pop("model_args", None)))
+
+
+def load_lm(model: str, options: dict[str, str], mode: str, needs: tuple[str, ...] = ()):
+    """The model with its backend (`backends.load`), refused first if it lacks any of `needs`."""
+    from vulnsteer.backends import load
+
+    return load(model, options, mode, needs)
 
 
 @models_app.command("list")
@@ -138,7 +149,7 @@ def eval_command(
     cache: str = typer.Option("dynamic", "--cache",
                               help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph "
                               "on a GPU (for generation: a run that only scores ignores it)."),
-    dtype: str = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to steer: 12,24 or 'all'."),
@@ -152,52 +163,50 @@ def eval_command(
                                               help="A model whose yes/no judgement is a third reasoning vote."),
     base_url: Optional[str] = typer.Option(None, "--base-url",
                                            help="OpenAI-compatible endpoint for --model openai:NAME, e.g. "
-                                                "http://127.0.0.1:8080/v1."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env",
-                                    help="Environment variable that holds the endpoint's key (never written)."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight to the endpoint."),
-    timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Seconds per request."),
-    retries: int = typer.Option(5, "--retries", min=0, help="Retries of a request on 429, 5xx or a lost "
-                                                            "connection, with exponential back-off."),
+                                                "http://127.0.0.1:8080/v1 (as --model-args base_url=URL)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
+                                              help="Environment variable that holds the endpoint's key (never "
+                                                   "written; default OPENAI_API_KEY)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1,
+                                              help="Requests in flight to the endpoint (default 8)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.001, help="Seconds per request (default 120)."),
+    retries: Optional[int] = typer.Option(None, "--retries", min=0, help="Retries of a request on 429, 5xx or a "
+                                          "lost connection, with exponential back-off (default 5)."),
     drop_overlap: bool = typer.Option(False, "--drop-overlap", help="With --vectors: drop the test families that "
                                       "share a family, code or near-duplicate code with the vectors' training data "
                                       "(refused otherwise); the summary says how many."),
     **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
-    from vulnsteer.pipeline import SteerWith, held_out_for, make_jobs, run_eval, run_local_eval
-    from vulnsteer.records import MODES, Decoding
+    from vulnsteer.backends import MODE_NEEDS, require
+    from vulnsteer.pipeline import SteerWith, held_out_for, make_jobs, run_local_eval
+    from vulnsteer.records import Decoding
 
-    if mode not in MODES:
-        raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
+    _check_mode(mode)
     model, prompt = data["model"], data["prompt"]
     if vectors is None and (strength != 0 or layers is not None or positions != "all" or cwe_vector != "own"):
         raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
                              "vector file or drop them")
+    needs = (MODE_NEEDS[mode], *("steers",) * (vectors is not None))
+    require(model, *needs)  # refused before the data, the vector file or the model is read
+    options = model_options(data, dtype=dtype, device=device, base_url=base_url, api_key_env=api_key_env,
+                            concurrency=concurrency, timeout=timeout, retries=retries)
     samples, resources = _samples_and_resources(**data)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
     decoding = Decoding(cast("Mode", mode), max_new_tokens, batch_tokens, cast("Cache", cache))
-    from vulnsteer.engine.api import ApiModel, is_api_model
-
-    if is_api_model(model):
-        if vectors is not None:
-            raise VulnsteerError(f"--vectors steers a local model's hidden states; {model} is served over HTTP "
-                                 "(evaluate it unsteered, or steer a local model)")
-        api = ApiModel(model.removeprefix("openai:"), base_url or "", api_key_env, concurrency, timeout, retries)
-        judge_lm = load_lm(judge_model, "float32", "score", device) if judge_model and mode == "generate" else None
-        run_eval(api, make_jobs(samples, prompt, resources), decoding, output_dir,
-                 {**data, **api.meta, **({"judge_model": judge_model} if judge_lm else {})}, judge_lm=judge_lm)
-        return
-    if base_url is not None:
-        raise VulnsteerError("--base-url is for API models: --model openai:NAME")
     held_out = None  # refused before the model loads
     if vectors is not None:
         held_out = held_out_for(samples, SteerWith(vectors, layers, strength, positions, cwe_vector, drop_overlap,
                                                    allow_other_weights))
-    lm = load_lm(model, dtype, mode, device)
+    lm = load_lm(model, options, mode, needs)
     judge = None
     if judge_model is not None and mode == "generate":
-        judge = lm if judge_model == model else load_lm(judge_model, "float32", "score", device)
+        if judge_model == model:
+            require(model, "hidden_states")
+            judge = lm.handle
+        else:
+            judge = load_lm(judge_model, model_options({}, dtype="float32", device=device), "score",
+                            ("hidden_states",)).handle
         data = {**data, "judge_model": judge_model}
     run_local_eval(lm, samples, prompt, decoding, output_dir, held_out, resources, data, judge)
 
@@ -231,7 +240,7 @@ def extract_command(
     output: Path = typer.Option(Path("vectors/vectors.safetensors"), "--output", "-o"),
     mode: str = typer.Option("generate", "--mode", help="Read the prompt as this mode asks it: generate (the end "
                              "of the chat template) or score (at 'Answer:', where scoring reads yes/no)."),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the default), bfloat16 or float16."),
     device: Optional[str] = DeviceOpt,
     steps: int = typer.Option(40, "--steps", min=1, help="trained/loreft: Adam steps."),
     rank: int = typer.Option(4, "--rank", min=1, max=8, help="loreft: the edit's rank."),
@@ -248,8 +257,9 @@ def extract_command(
         raise VulnsteerError(f"use --method from {', '.join(methods())} and --normalisation from "
                              f"{', '.join(NORMALISATIONS)}")
     _check_mode(mode)
+    options = model_options(data, dtype=dtype, device=device)
     samples, resources = _samples_and_resources(**data)
-    lm = load_lm(data["model"], dtype, "score", device)
+    lm = load_lm(data["model"], options, "score", ("hidden_states",)).handle
     bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), read, normalisation,
                        output, mode, Training(steps=steps, rank=rank, kl_weight=kl_weight))
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
@@ -267,7 +277,7 @@ def probe_command(
     folds: int = typer.Option(5, "--folds", help="Folds grouped by pair (more than the pairs = leave-one-out)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
     mode: str = typer.Option("generate", "--mode", help="Read the prompt as this mode asks it (see extract)."),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the default), bfloat16 or float16."),
     device: Optional[str] = DeviceOpt,
     **data,
 ) -> None:
@@ -281,7 +291,7 @@ def probe_command(
     if len(labels) < 2:
         raise VulnsteerError(f"probe needs vulnerable and patched items; these {len(samples)} are all "
                              f"{labels.pop()}")
-    lm = load_lm(data["model"], dtype, "score", device)
+    lm = load_lm(data["model"], model_options(data, dtype=dtype, device=device), "score", ("hidden_states",)).handle
     prompt = data["prompt"]
     bank = None
     if vectors is not None:
@@ -371,6 +381,7 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
     from vulnsteer.pipeline import run_sweep
 
     ray, workers = flags.pop("ray"), flags.pop("workers")  # where it runs: allowed with --resume
+    model_args = model_options(flags)  # the backend's options: allowed with --resume (the store checks the model)
     grid = flags.pop("grid")
 
     if resume is not None:
@@ -386,7 +397,7 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
         output_dir = output_dir or default_dir
     table = read_toml(config_path).get("cluster", {}) if config_path else {}
     cluster = ClusterOptions.from_settings(table, ray, workers)
-    report = run_sweep(config, output_dir, cluster=cluster)
+    report = run_sweep(config, output_dir, cluster=cluster, model_args=model_args)
     print(f"report: {report} and {report.with_suffix('.md')}")
 
 
@@ -394,7 +405,7 @@ SWEEP_FLAGS = dict(
     grid=typer.Option(None, "--grid", help="quick (the default: minutes on a laptop CPU) or full (3 layer sets x 4 "
                                            "strengths x 2 positions, 3 random draws: hours on a CPU); a TOML file "
                                            "and other flags override its values."),
-    model=typer.Option(None, "--model", "-m"), dataset=typer.Option(None, "--dataset", "-d"),
+    model=typer.Option(None, "--model", "-m"), model_args=ModelArgsOpt, dataset=typer.Option(None, "--dataset", "-d"),
     split=typer.Option(None, "--split"), cwe=typer.Option(None, "--cwe"), limit=typer.Option(None, "--limit"),
     train_dataset=typer.Option(None, "--train-dataset", help="Fit vectors here, test on --dataset."),
     train_split=typer.Option(None, "--train-split"),

@@ -251,9 +251,6 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VulnsteerError(f"--device {device}: this torch build has no usable CUDA device "
                              f"(torch {torch.__version__}); use --device cpu, or install torch built for your CUDA")
-    if spec.startswith("openai:"):
-        raise VulnsteerError(f"{spec} answers over HTTP, without hidden states: only `eval` (unsteered) can use an "
-                             "API model")
     if spec in CATALOGUE:
         folder = _converted_folder(gguf_path(spec) if gguf_path(spec).exists() else pull(spec), spec)
         source, model_id = str(folder), spec

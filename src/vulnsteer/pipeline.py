@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Collection, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Mapping, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -21,9 +21,8 @@ from rich.progress import (
 )
 
 from vulnsteer import __version__
+from vulnsteer.backends import BACKENDS, Model, load, merge_options, require
 from vulnsteer.data import Sample
-from vulnsteer.engine.api import ApiModel, evaluate_api
-from vulnsteer.engine.evaluate import evaluate
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.backends import Backend
 from vulnsteer.experiments.cluster import ClusterOptions
@@ -102,18 +101,20 @@ def make_jobs(samples: Sequence[Sample], prompt_id: str, resources: PromptResour
     return [Job(s, prompt_id, build_prompt(s, prompt_id, resources), steering_for(s)) for s in samples]
 
 
-def run_jobs(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding, description: str,
+def run_jobs(lm: Model, jobs: Sequence[Job], decoding: Decoding, description: str,
              on_result: Callable[[Result], None] | None = None, done: Collection[int] = frozenset()) -> list[Result]:
-    """Evaluate with a progress bar, on a local model or through an API endpoint, all jobs but those at the
-    indices `done` (stored already; a local model still batches them with the rest, see `engine.evaluate`)."""
+    """Evaluate with a progress bar, with the model's backend, all jobs but those at the indices `done` (stored
+    already; a local model still batches them with the rest, see `engine.evaluate`)."""
     with progress(description, len(jobs) - len(done)) as advance:
-        if isinstance(lm, ApiModel):
-            todo = [job for k, job in enumerate(jobs) if k not in done]
-            return evaluate_api(lm, todo, decoding, progress=advance, on_result=on_result)
-        return evaluate(lm, jobs, decoding, progress=advance, on_result=on_result, done=done)
+        return lm.evaluate(jobs, decoding, advance, on_result, done)
 
 
-def run_eval(lm: LoadedModel | ApiModel, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
+def local(lm: LoadedModel) -> Model:
+    """A model loaded in this process, run by the hf backend."""
+    return Model(lm.model_id, BACKENDS["hf"], lm)
+
+
+def run_eval(lm: Model, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
              n_boot: int = 2000, judge_lm: LoadedModel | None = None, sections: Sequence[Section] = ()) -> list[Result]:
     """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
     `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers; `sections` are added
@@ -187,22 +188,25 @@ def held_out_for(samples: Sequence[Sample], steer: SteerWith) -> HeldOutVectors:
     return HeldOutVectors(steer, bank, kept.samples, kept.note)
 
 
-def run_local_eval(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, decoding: Decoding, out_dir: Path,
-                   vectors: HeldOutVectors | None = None, resources: PromptResources | None = None,
+def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id: str, decoding: Decoding,
+                   out_dir: Path, vectors: HeldOutVectors | None = None, resources: PromptResources | None = None,
                    meta: dict | None = None, judge_lm: LoadedModel | None = None) -> list[Result]:
-    """What `vulnsteer eval` runs on a local model: `samples` asked with `prompt_id` into `out_dir`, or, with
-    `vectors`, the samples they may steer, steered (plus a side-effect section); returns the rows."""
+    """What `vulnsteer eval` runs: `samples` asked with `prompt_id` into `out_dir`, or, with `vectors`, the samples
+    they may steer, steered (plus a side-effect section); returns the rows. `lm`: a model loaded in this process, or
+    any backend's (`backends.load`)."""
     from vulnsteer.experiments.side_effects import code_side_effects
     from vulnsteer.experiments.summary import side_effects_section
     from vulnsteer.extract.vectors import check_compatible, steering_for_samples
 
+    model = lm if isinstance(lm, Model) else local(lm)
     resources = resources or PromptResources()
-    meta = {"prompt": prompt_id, **(meta or {}), "model": lm.model_id, "config_hash": lm.config_hash,
-            "weights": lm.fingerprint, "dtype": str(lm.model.dtype)}
+    meta = {"prompt": prompt_id, **(meta or {}), **model.meta}
     if vectors is None:
-        return run_eval(lm, make_jobs(samples, prompt_id, resources), decoding, out_dir, meta, judge_lm=judge_lm)
+        return run_eval(model, make_jobs(samples, prompt_id, resources), decoding, out_dir, meta, judge_lm=judge_lm)
+    require(model.spec, "steers")  # a steering backend's model is a LoadedModel
+    loaded: LoadedModel = model.handle
     steer, bank, samples, dropped = vectors.steer, vectors.bank, vectors.samples, vectors.note
-    check_compatible(bank, lm, str(steer.vectors), steer.allow_other_weights)
+    check_compatible(bank, loaded, str(steer.vectors), steer.allow_other_weights)
     if steer.allow_other_weights and bank.meta.get("weights_bf16"):
         meta["vectors_from_other_weights_allowed"] = True
     if bank.meta.get("mode", decoding.mode) != decoding.mode:
@@ -211,8 +215,8 @@ def run_local_eval(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, d
     steering_for = steering_for_samples(bank, steer.layers, steer.strength, steer.positions, steer.cwe_vector)
     meta |= {"vectors": str(steer.vectors), "layers": steer.layers, "strength": steer.strength,
              "positions": steer.positions, "cwe_vector": steer.cwe_vector, **({"held_out": dropped} if dropped else {})}
-    side_effects = side_effects_section(code_side_effects(lm, samples, {"steered": steering_for}))
-    return run_eval(lm, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
+    side_effects = side_effects_section(code_side_effects(loaded, samples, {"steered": steering_for}))
+    return run_eval(model, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
                     judge_lm=judge_lm, sections=[side_effects])
 
 
@@ -310,15 +314,17 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
     return rows
 
 
-def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: ClusterOptions | None = None) -> Path:
+def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: ClusterOptions | None = None,
+              model_args: Mapping[str, str] | None = None) -> Path:
     """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path. The
-    model work runs on `lm` (loaded here when None), or with `cluster` on Ray workers that each load the model."""
+    model work runs on `lm` (loaded here when None, with the backend options `model_args`), or with `cluster` on Ray
+    workers that each load the model."""
     from vulnsteer.experiments.backends import LocalBackend
     from vulnsteer.experiments.cluster import RayBackend
     from vulnsteer.experiments.sweep import load_sweep_samples
     from vulnsteer.extract.vectors import LEARNED
-    from vulnsteer.models import default_device, load_model, resolve_dtype
 
+    require(config.model, "steers")
     if cluster is not None:  # learned fits train on the model, which a Ray driver never loads
         in_process = [m for m in config.methods if m in LEARNED] + ["lora_steps"] * bool(config.lora_steps)
         if in_process:
@@ -331,8 +337,8 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
             backend: Backend = RayBackend(cluster, config.model, config.dtype, config.mode)
         else:
             if lm is None:
-                device = default_device()
-                lm = load_model(config.model, dtype=resolve_dtype(config.dtype, config.mode, device), device=device)
+                options = merge_options({"dtype": config.dtype}, model_args or {})
+                lm = load(config.model, options, config.mode).handle
             backend = LocalBackend(lm)
         try:
             return _sweep_on(backend, config, test, train, out_dir, dropped)

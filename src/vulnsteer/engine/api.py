@@ -10,7 +10,7 @@ a final assistant message (OpenAI's own) answer a fresh turn instead: the score 
 
 Requests run `concurrency` at a time; the OpenAI client retries 429s, 5xx and dropped connections with exponential
 back-off (`retries` times, honouring Retry-After) and gives each request `timeout` seconds. The key is read from the
-environment variable `key_env` and is never written anywhere.
+environment variable `api_key_env` and is never written anywhere.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ PREFIX = "openai:"
 @dataclass(frozen=True)
 class ApiModel:
     name: str
-    base_url: str
-    key_env: str = "OPENAI_API_KEY"
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 8
     timeout: float = 120.0
     retries: int = 5
@@ -42,7 +42,8 @@ class ApiModel:
 
     def __post_init__(self):
         if not self.base_url:
-            raise VulnsteerError(f"--model {PREFIX}{self.name} needs --base-url (e.g. http://127.0.0.1:8080/v1)")
+            raise VulnsteerError(f"--model {PREFIX}{self.name} needs --base-url (or --model-args base_url=URL), e.g. "
+                                 "http://127.0.0.1:8080/v1")
         if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0:
             raise VulnsteerError("--concurrency must be >= 1, --timeout > 0 and --retries >= 0")
 
@@ -55,10 +56,6 @@ class ApiModel:
         """What identifies the model in result files (not the key)."""
         return {"model": self.model_id, "base_url": self.base_url, "config_hash": None, "weights": None,
                 "dtype": None}
-
-
-def is_api_model(spec: str) -> bool:
-    return spec.startswith(PREFIX)
 
 
 def yes_no_score(top: Sequence[tuple[str, float]]) -> float | None:
@@ -83,7 +80,7 @@ class _Client:
         except ImportError as exc:
             raise VulnsteerError("--model openai:NAME needs the OpenAI client: pip install 'vulnsteer[api]'") from exc
         self.api = api
-        self.client = OpenAI(base_url=api.base_url, api_key=os.environ.get(api.key_env) or "none",
+        self.client = OpenAI(base_url=api.base_url, api_key=os.environ.get(api.api_key_env) or "none",
                              timeout=api.timeout, max_retries=api.retries)
 
     def reply(self, messages: list[dict], max_tokens: int) -> tuple[str, int, int]:
@@ -132,7 +129,7 @@ def _one_line(api: ApiModel, exc: Exception) -> VulnsteerError:
     import openai
 
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return VulnsteerError(f"{api.base_url} refused the key in ${api.key_env} (HTTP {exc.status_code})")
+        return VulnsteerError(f"{api.base_url} refused the key in ${api.api_key_env} (HTTP {exc.status_code})")
     if isinstance(exc, openai.NotFoundError):
         return VulnsteerError(f"{api.base_url} has no model {api.name!r} (HTTP 404)")
     if isinstance(exc, openai.APITimeoutError):
@@ -150,8 +147,6 @@ def evaluate_api(api: ApiModel, jobs: Sequence[Job], decoding: Decoding,
                  on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Every job through the endpoint, `api.concurrency` at a time; results in the order of `jobs`, each given to
     `on_result` as it arrives. The first failure stops the run (finished rows are already with `on_result`)."""
-    if any(job.steering for job in jobs):
-        raise VulnsteerError("an API model cannot be steered: steering adds to its hidden states")
     client = _Client(api)
     results: list[Result | None] = [None] * len(jobs)
     pool = ThreadPoolExecutor(api.concurrency)
