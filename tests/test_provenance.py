@@ -82,7 +82,7 @@ def test_selection_that_reads_the_fold_it_chooses_for_or_another_folds_rows_is_r
     shifted = {f: {c: {sample: a.selection[next(h for h in folds if h not in (f, a.folds[sample]))][c][sample]
                        for sample in by_sample}
                    for c, by_sample in a.selection[f].items() if "|pooled|" in c} for f in folds}
-    with pytest.raises(VulnsteerError, match=r"planned for fold \d \([^,]*\|pooled\|[^,]*, demo:"):  # names config, item
+    with pytest.raises(VulnsteerError, match=r"planned for fold \d \([^,]*\|pooled\|[^,]*, demo:"):  # config, item
         analysis.nested_selection(a.arms, a.sample_ids, a.folds, a.config, shifted)
     analysis.nested_selection(a.arms, a.sample_ids, a.folds, a.config, a.selection)  # as stored: fine
 
