@@ -175,3 +175,38 @@ def test_selection_rows_are_none_while_missing_and_a_chosen_config_without_them_
     a = Analysis({}, config, sample_ids, arms, folds, [], rows, {0: steered, 1: steered, 2: steered}, {})
     with pytest.raises(VulnsteerError, match="fold 0's chosen config .* lacks selection rows"):
         selected_thresholded(a)
+
+
+# --- bank mapping and provenance (sweep.py) -----------------------------------------------------------------------
+
+
+def test_check_held_out_refuses_a_bank_fitted_on_test_items_and_names_the_first():
+    from vulnsteer.data import load_demo
+    from vulnsteer.experiments.sweep import check_held_out
+    from vulnsteer.protocol import training_keys
+
+    samples = load_demo()[:6]
+    bank = SimpleNamespace(meta={"train_keys": training_keys(samples[2:])})
+    check_held_out({"mean-diff": bank}, samples[:2])  # other items: fine
+    with pytest.raises(VulnsteerError, match=rf"fitted on 2 of the items .*\(e\.g\. {samples[2].id}\)"):
+        check_held_out({"mean-diff": bank}, samples[:4])
+
+
+def test_report_check_refuses_a_store_without_banks_or_with_items_its_dataset_lost(monkeypatch, tmp_path):
+    """`report --check` on a store from an older vulnsteer (no banks recorded), or whose dataset no longer has an
+    item it holds rows of: each a one-line refusal naming the cause, not a KeyError."""
+    from dataclasses import asdict
+
+    from test_sweep import _row
+
+    from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.store import StoredSweep
+
+    config = SweepConfig(dataset="demo", limit=4, folds=3, layers=["1"], strengths=[1.0], mode="score")
+    stored = StoredSweep({"config": asdict(config)}, [("baseline", 0, _row(0, "vulnerable", "vulnerable"))], [])
+    monkeypatch.setattr(sweep_module, "read_sweep", lambda out_dir: stored)
+    with pytest.raises(VulnsteerError, match="records no vector banks .*nothing to check"):
+        sweep_module.check_stored_provenance(tmp_path)
+    stored.meta["banks"] = {}
+    with pytest.raises(VulnsteerError, match=r"holds rows of items its dataset no longer has \(e\.g\. s00\)"):
+        sweep_module.check_stored_provenance(tmp_path)
