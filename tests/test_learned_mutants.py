@@ -47,3 +47,39 @@ def test_a_lora_fit_does_not_depend_on_how_the_training_set_is_chunked():
     assert fits[0].scores == pytest.approx(fits[1].scores, abs=1e-4)
     unfitted = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=0))
     assert unfitted.scores != pytest.approx(fits[0].scores, abs=1e-3)  # the fit moved them: the test can fail
+
+
+@pytest.mark.parametrize("method", ["trained", "loreft"])
+def test_learned_fits_train_at_strength_1_the_strength_they_are_applied_at_and_report_each_step(monkeypatch, method):
+    """A fit optimises the intervention as strength 1 applies it (the paper's LoReFT; a trained vector's own
+    length), and tells its progress callback once per step."""
+    from vulnsteer.extract import trained
+    from vulnsteer.extract.vectors import POOLED
+
+    lm = random_model("llama")
+    samples = load_demo()[:4]
+    prefix = prefix_pass(lm, samples)
+    strengths: set[float] = set()
+    log_odds = trained.answer_log_odds
+
+    def spying(lm_, prefix_, tokens):
+        strengths.update(s.strength for row in tokens for s in row if s is not None)
+        return log_odds(lm_, prefix_, tokens)
+    monkeypatch.setattr(trained, "answer_log_odds", spying)
+    steps: list[int] = []
+    settings = trained.Training(steps=3, rank=2)
+    if method == "loreft":
+        trained.train_edits(lm, prefix, samples, [POOLED], [1], POOLED, settings, steps.append)
+    else:
+        trained.train_vectors(lm, prefix, samples, [POOLED], [1], {1: 1.0}, POOLED, settings, steps.append)
+    assert strengths == {1.0} and steps == [1, 1, 1]
+
+
+def test_the_candidates_are_the_grids_steered_configs_at_every_nonzero_strength():
+    from vulnsteer.experiments.sweep import GridPoint, SweepConfig, is_candidate, path_controls
+
+    config = SweepConfig(dataset="demo", layers=["1"], strengths=[-1.0, 1.0], vectors=["own", "random"],
+                         positions=["prompt-last", "all"], mode="score")
+    assert all(is_candidate(GridPoint("mean-diff", "1", "own", "prompt-last", s), config) for s in (-1.0, 1.0))
+    assert not any(is_candidate(p, config) for p in path_controls(config))  # strength 0: a control
+    assert not is_candidate(GridPoint("mean-diff", "1", "random:0", "prompt-last", 1.0), config)
