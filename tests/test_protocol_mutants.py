@@ -211,3 +211,15 @@ def test_report_check_refuses_a_store_without_banks_or_with_items_its_dataset_lo
     stored.meta["banks"] = {}
     with pytest.raises(VulnsteerError, match=r"holds rows of items its dataset no longer has \(e\.g\. s00\)"):
         sweep_module.check_stored_provenance(tmp_path)
+
+
+def test_a_steered_row_without_a_bank_id_is_refused_as_an_older_store():
+    from vulnsteer.data import load_demo
+    from vulnsteer.experiments.sweep import provenance_rows
+    from vulnsteer.records import SteeringId
+
+    sample = load_demo()[0]
+    assert provenance_rows([(sample, None), (sample, SteeringId())], {sample.id: 0}, [sample]) == []  # unsteered
+    with pytest.raises(VulnsteerError, match=rf"the row of {sample.id} under m\|1 names no vectors: its provenance "
+                                             r"cannot be checked \(a store from an older vulnsteer\)"):
+        provenance_rows([(sample, SteeringId(config="m|1"))], {sample.id: 0}, [sample])
