@@ -69,7 +69,8 @@ def test_learned_fits_train_at_strength_1_the_strength_they_are_applied_at_and_r
     steps: list[int] = []
     settings = trained.Training(steps=3, rank=2)
     if method == "loreft":
-        trained.train_edits(lm, prefix, samples, [POOLED], [1], POOLED, settings, steps.append)
+        edits = trained.train_edits(lm, prefix, samples, [POOLED], [1], POOLED, settings, steps.append)
+        assert not any(p.requires_grad for p in edits[POOLED][1].parameters())  # fitted: a constant from now on
     else:
         trained.train_vectors(lm, prefix, samples, [POOLED], [1], {1: 1.0}, POOLED, settings, steps.append)
     assert strengths == {1.0} and steps == [1, 1, 1]
@@ -83,3 +84,32 @@ def test_the_candidates_are_the_grids_steered_configs_at_every_nonzero_strength(
     assert all(is_candidate(GridPoint("mean-diff", "1", "own", "prompt-last", s), config) for s in (-1.0, 1.0))
     assert not any(is_candidate(p, config) for p in path_controls(config))  # strength 0: a control
     assert not is_candidate(GridPoint("mean-diff", "1", "random:0", "prompt-last", 1.0), config)
+
+
+def test_a_trained_vector_stays_within_its_norm_bound_at_every_step_and_reaches_it(monkeypatch):
+    """The bound is `max_norm` times the layer's residual norm, projected after each step: no step ever applies a
+    longer vector (the start included), and a fit pushed hard ends on the bound, not below it."""
+    from vulnsteer.extract import trained
+    from vulnsteer.extract.vectors import POOLED
+
+    lm = random_model("llama")
+    samples = load_demo()[:4]
+    prefix = prefix_pass(lm, samples)
+    applied: list[float] = []
+    log_odds = trained.answer_log_odds
+
+    def spying(lm_, prefix_, tokens):
+        applied.extend(float(s.vectors[1].detach().norm()) for row in tokens for s in row if s is not None)
+        return log_odds(lm_, prefix_, tokens)
+    monkeypatch.setattr(trained, "answer_log_odds", spying)
+    settings = trained.Training(steps=8, learning_rate=0.5, max_norm=0.5)
+    vectors = trained.train_vectors(lm, prefix, samples, [POOLED], [1], {1: 3.0}, POOLED, settings)
+    bound = 0.5 * 3.0
+    assert max(applied) <= bound + 1e-5 and applied[0] < 0.05 * bound  # a small start, then never past the bound
+    assert float(vectors[POOLED][1].norm()) == pytest.approx(bound, rel=1e-4)
+    assert applied[-1] == pytest.approx(bound, rel=1e-4)
+    # Inside the bound the projection leaves a vector alone: with no step taken, every step applies the start.
+    applied.clear()
+    trained.train_vectors(lm, prefix, samples, [POOLED], [1], {1: 3.0}, POOLED,
+                          trained.Training(steps=3, learning_rate=0.0, max_norm=0.5))
+    assert applied == pytest.approx([applied[0]] * len(applied), rel=1e-6)
