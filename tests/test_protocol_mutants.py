@@ -223,3 +223,47 @@ def test_a_steered_row_without_a_bank_id_is_refused_as_an_older_store():
     with pytest.raises(VulnsteerError, match=rf"the row of {sample.id} under m\|1 names no vectors: its provenance "
                                              r"cannot be checked \(a store from an older vulnsteer\)"):
         provenance_rows([(sample, SteeringId(config="m|1"))], {sample.id: 0}, [sample])
+
+
+def test_a_sweep_loads_its_test_and_training_items_through_every_filter_it_is_given(tmp_path):
+    """`load_sweep_samples` hands each config filter to the loader (test: split, CWE, limit, length, pairs per
+    CWE; training: its own split, length and pairs, the same CWEs), and names the training data in a refusal. The
+    data are made so that every filter drops something (checked first), so a filter left out changes the items."""
+    import dataclasses
+    import json
+
+    from vulnsteer.data import filter_samples, load_dataset
+    from vulnsteer.experiments.sweep import load_sweep_samples
+
+    # In order: dropped by the CWE filter, by the split, by the length, kept, dropped by pairs per CWE, kept,
+    # dropped by the limit (two pairs).
+    plan = [("CWE-89", "a", 0), ("CWE-22", "b", 0), ("CWE-22", "a", 3), ("CWE-22", "a", 0), ("CWE-22", "a", 0),
+            ("CWE-77", "a", 0), ("CWE-79", "a", 0)]
+
+    def write(name: str, word: str, body: str) -> str:
+        rows = [{"id": f"{word}{k}{label[0]}", "cwe": cwe, "label": label, "language": "c", "pair_id": f"{word}{k}",
+                 "source": name, "meta": {"split": split},
+                 "code": f"int {word}{k}(int x) {{ {body} {k}{'; /*pad*/' * pad}; }}"
+                 + ("" if label == "vulnerable" else " // fixed")}
+                for k, (cwe, split, pad) in enumerate(plan) for label in ("vulnerable", "patched")]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / f"{name}.jsonl")
+
+    test_file, train_file = write("test", "alpha", "return x *"), write("train", "omega", "while (x--) y +=")
+    cwes = ["CWE-22", "CWE-77", "CWE-79"]
+    test_args = dict(splits=["a"], cwes=cwes, limit=4, max_chars=60, pairs_per_cwe=1)
+    train_args = dict(splits=["a"], cwes=cwes, limit=None, max_chars=60, pairs_per_cwe=1)
+    for path, args in ((test_file, test_args), (train_file, train_args)):
+        full = filter_samples(load_dataset(path), **args)
+        for key in [k for k, v in args.items() if v is not None]:
+            assert filter_samples(load_dataset(path), **{**args, key: None}) != full, f"{key} drops nothing"
+    config = SweepConfig(dataset=test_file, split=["a"], cwe=cwes, limit=4, max_chars=60,
+                         pairs_per_cwe=1, train_dataset=train_file, train_split=["a"], train_max_chars=60,
+                         train_pairs_per_cwe=1, folds=2, layers=["1"])
+    test, train, note = load_sweep_samples(config)
+    assert [s.id for s in test] == [s.id for s in filter_samples(load_dataset(test_file), **test_args)]
+    expected = filter_samples(load_dataset(train_file), **train_args)
+    assert train is not None and [s.id for s in train] == [s.id for s in expected] and note is None
+    with pytest.raises(VulnsteerError, match=r"with the training data \(demo\)"):
+        load_sweep_samples(dataclasses.replace(config, dataset="demo", split=None, max_chars=None, train_dataset="demo",
+                                               train_split=None, train_max_chars=None))
