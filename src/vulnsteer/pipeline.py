@@ -45,7 +45,7 @@ from vulnsteer.experiments.summary import (
 )
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
-from vulnsteer.records import Decoding, Job, Result, Steering
+from vulnsteer.records import Decoding, Job, Positions, Result, Steering, VectorChoice
 
 if TYPE_CHECKING:
     from vulnsteer.extract.trained import Training
@@ -158,10 +158,14 @@ class SteerWith:
     vectors: Path
     layers: str | None = None  # None: every layer in the file
     strength: float = 0.0
-    positions: str = "all"
-    cwe_vector: str = "own"  # each item's own CWE's vector, "pooled", or a named CWE's
+    positions: Positions = Positions.ALL
+    cwe_vector: VectorChoice = VectorChoice("own")  # each item's own CWE's vector, "pooled", or a named CWE's
     drop_overlap: bool = False  # drop test families that overlap the file's training data (refused otherwise)
     allow_other_weights: bool = False  # vectors fitted on other weights of this architecture
+
+    def __post_init__(self):  # the Python API's edge: words are read as the CLI reads them
+        object.__setattr__(self, "positions", Positions.parse(self.positions, "positions"))
+        object.__setattr__(self, "cwe_vector", VectorChoice.parse(self.cwe_vector, "cwe_vector", random=False))
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,8 @@ def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id
               f"{decoding.mode} mode", file=sys.stderr)
     steering_for = steering_for_samples(bank, steer.layers, steer.strength, steer.positions, steer.cwe_vector)
     meta |= {"vectors": str(steer.vectors), "layers": steer.layers, "strength": steer.strength,
-             "positions": steer.positions, "cwe_vector": steer.cwe_vector, **({"held_out": dropped} if dropped else {})}
+             "positions": steer.positions, "cwe_vector": str(steer.cwe_vector),
+             **({"held_out": dropped} if dropped else {})}
     side_effects = side_effects_section(code_side_effects(loaded, samples, {"steered": steering_for}))
     return run_eval(model, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
                     judge_lm=judge_lm, sections=[side_effects])
@@ -474,12 +479,13 @@ def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> No
     """side_effects.json: what the chosen configs (each fold's, and the top descriptive one) cost on plain code, at
     every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off)."""
     from vulnsteer.experiments.side_effects import MAX_TOKENS
-    from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate, steering_for
+    from vulnsteer.experiments.sweep import BASELINE, candidate_points, is_candidate, steering_for
     from vulnsteer.extract.vectors import parse_layers
 
-    by_gain = [s.config for s in a.stats if is_candidate(GridPoint.parse(s.config), config)]
+    candidates = candidate_points(config)
+    by_gain = [s.config for s in a.stats if s.config in candidates]
     chosen = {c for c in a.selected_by_fold.values() if c != BASELINE} | set(by_gain[:1])
-    shapes = {GridPoint.parse(c).shape for c in chosen}
+    shapes = {candidates[c].shape for c in chosen}
     points = [p for p in sweep.points if is_candidate(p, config) and p.shape in shapes]
     layer_sets = {spec: parse_layers(spec, backend.info.num_layers) for spec in config.layers}
     def steering_of(point):

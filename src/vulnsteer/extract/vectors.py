@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, cast
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits
 from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import items_sha256, training_keys
-from vulnsteer.records import Positions, Steering, SteeringId
+from vulnsteer.records import Positions, Steering, SteeringId, VectorChoice
 from vulnsteer.steering.reft import LowRankEdit
 
 NORMALISATIONS = ("residual", "unit")
@@ -144,7 +144,7 @@ class VectorBank:
                                  f"{', '.join(self.groups)}")
         return self.vectors[group]
 
-    def steering(self, group: str, layers: list[int], strength: float, positions: Positions = "all",
+    def steering(self, group: str, layers: list[int], strength: float, positions: Positions = Positions.ALL,
                  label: SteeringId | None = None) -> Steering:
         """What this bank's `group` adds at `layers`: its vectors, or its edits."""
         if group in self.edits:
@@ -346,18 +346,18 @@ def relative_layer(depth: float, num_layers: int) -> int:
     return min(num_layers - 1, int(math.floor(depth * num_layers + 1e-9)))
 
 
-def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: str,
-                         cwe_vector: str = "own") -> Callable[[Sample], Steering]:
+def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: Positions,
+                         cwe_vector: VectorChoice = VectorChoice("own")) -> Callable[[Sample], Steering]:
     """A function giving each sample its steering: its own CWE's vector, the pooled one, or a named CWE's."""
     chosen = parse_layers(layers, bank.meta["num_layers"], bank.layers)
-    if cwe_vector != "own" and cwe_vector not in bank.groups:
-        bank.for_group(cwe_vector)  # says which groups there are
+    if cwe_vector.kind != "own" and cwe_vector.group("") not in bank.groups:
+        bank.for_group(cwe_vector.group(""))  # says which groups there are
 
     def steering(sample: Sample) -> Steering:
-        group = sample.cwe if cwe_vector == "own" else cwe_vector
+        group = cwe_vector.group(sample.cwe)
         if group not in bank.groups:
             bank.for_group(group)
-        return bank.steering(group, chosen, strength, cast(Positions, positions),
+        return bank.steering(group, chosen, strength, positions,
                              SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
                                         method=bank.meta.get("method")))
     return steering
