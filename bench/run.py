@@ -58,7 +58,7 @@ from vulnsteer.extract.vectors import relative_layer
 from vulnsteer.models import resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, render
-from vulnsteer.records import Decoding, Job, Mode, Positions, Steering, SteeringId
+from vulnsteer.records import Cache, Decoding, Job, Mode, Positions, Steering, SteeringId
 from vulnsteer.steering.hooks import steer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
@@ -732,10 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--strength", type=float, default=1.0, help="steering strength on random unit vectors")
     p.add_argument("--k", type=int, default=4, help="(c): number of steering configs")
-    p.add_argument("--sweep-mode", default="generate", choices=("generate", "score"), help="(c): decoding mode")
-    p.add_argument("--sweep-positions", default="all", choices=("all", "prompt-last", "prompt", "generated"),
+    p.add_argument("--sweep-mode", default="generate", choices=list(Mode), help="(c): decoding mode")
+    p.add_argument("--sweep-positions", default="all", choices=list(Positions),
                    help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
-    p.add_argument("--sweep-cache", default="dynamic", choices=("dynamic", "static"), help="(c): KV cache")
+    p.add_argument("--sweep-cache", default="dynamic", choices=list(Cache), help="(c): KV cache")
     p.add_argument("--sweep-layers", default="fixed", choices=("fixed", "each"),
                    help="(c): every config at the same 4 layers, or each config at one layer of its own (a layer "
                         "sweep, one strength)")

@@ -15,6 +15,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
 from vulnsteer.extract.vectors import (
     POOLED,
+    Normalisation,
     VectorBank,
     check_compatible,
     direction,
@@ -169,8 +170,8 @@ def test_normalise():
     assert abs(float(r.norm()) - 7.5) < 1e-5
     assert cosine(r, v) > 0.9999
     assert torch.isfinite(normalise(torch.zeros(3), "unit", 1.0)).all()
-    with pytest.raises(VulnsteerError, match="unknown normalisation"):
-        normalise(v, "l1", 1.0)
+    with pytest.raises(VulnsteerError, match="unknown normalisation 'l1'; use one of residual, unit"):
+        Normalisation.parse("l1")
 
 
 # --- fit --------------------------------------------------------------------------------------------------

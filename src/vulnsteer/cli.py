@@ -186,7 +186,8 @@ def eval_command(
     steer_at, choice = Positions.parse(positions, "--positions"), VectorChoice.parse(cwe_vector, "--cwe-vector",
                                                                                      random=False)
     model, prompt = data["model"], data["prompt"]
-    if vectors is None and (strength != 0 or layers is not None or positions != "all" or cwe_vector != "own"):
+    if vectors is None and (strength != 0 or layers is not None or steer_at != Positions.ALL
+                            or choice != VectorChoice("own")):
         raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
                              "vector file or drop them")
     needs = (MODE_NEEDS[mode], *("steers",) * (vectors is not None))
@@ -250,19 +251,19 @@ def extract_command(
     **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
+    from vulnsteer.extract.activations import Read
     from vulnsteer.extract.trained import Training
-    from vulnsteer.extract.vectors import NORMALISATIONS, methods
+    from vulnsteer.extract.vectors import Normalisation, methods
     from vulnsteer.pipeline import run_extract
 
-    if method not in methods() or normalisation not in NORMALISATIONS:
-        raise VulnsteerError(f"use --method from {', '.join(methods())} and --normalisation from "
-                             f"{', '.join(NORMALISATIONS)}")
-    mode = _mode(mode)
+    if method not in methods():
+        raise VulnsteerError(f"use --method from {', '.join(methods())}")
+    scale, at, asked = Normalisation.parse(normalisation, "--normalisation"), Read.parse(read, "--read"), _mode(mode)
     options = model_options(data, dtype=dtype, device=device)
     samples, resources = _samples_and_resources(**data)
     lm = load_lm(data["model"], options, "score", ("hidden_states",)).handle
-    bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), read, normalisation,
-                       output, mode, Training(steps=steps, rank=rank, kl_weight=kl_weight))
+    bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), at, scale,
+                       output, asked, Training(steps=steps, rank=rank, kl_weight=kl_weight))
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
           f"{bank.meta['n_train']} samples")
 
@@ -283,10 +284,11 @@ def probe_command(
     **data,
 ) -> None:
     """Cross-validated AUROC of the projection onto a direction, per layer and CWE: detection without generation."""
+    from vulnsteer.extract.activations import Read
     from vulnsteer.extract.vectors import DIRECTIONS, load_vectors
     from vulnsteer.pipeline import run_probe
 
-    mode = _mode(mode)
+    at, asked = Read.parse(read, "--read"), _mode(mode)
     samples, resources = _samples_and_resources(**data)
     labels = {s.label for s in samples}
     if len(labels) < 2:
@@ -297,11 +299,11 @@ def probe_command(
     bank = None
     if vectors is not None:
         bank = load_vectors(vectors, lm)
-        read, prompt = bank.meta["read"], bank.meta["prompt"]
-        mode = bank.meta.get("mode", mode)
+        at, prompt = Read.parse(bank.meta["read"], "read"), bank.meta["prompt"]
+        asked = _mode(bank.meta.get("mode", asked))
         if bank.meta["method"] in DIRECTIONS:  # a learned file's column is its own; the probes read off activations
             method = bank.meta["method"]
-    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir, bank, mode)
+    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), at, folds, output_dir, bank, asked)
 
 
 @vectors_app.command("show")

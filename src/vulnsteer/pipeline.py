@@ -43,13 +43,14 @@ from vulnsteer.experiments.summary import (
     summarise_results,
     write_summary,
 )
+from vulnsteer.extract.activations import Read
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
-from vulnsteer.records import Decoding, Job, Positions, Result, Steering, VectorChoice
+from vulnsteer.records import Decoding, Job, Mode, Positions, Result, Steering, VectorChoice
 
 if TYPE_CHECKING:
     from vulnsteer.extract.trained import Training
-    from vulnsteer.extract.vectors import VectorBank
+    from vulnsteer.extract.vectors import Normalisation, VectorBank
 
 
 @contextmanager
@@ -226,8 +227,8 @@ def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id
 
 
 def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
-                        resources: PromptResources | None = None, read: str = "prompt-last", mode: str = "generate",
-                        batch_tokens: int = 8192):
+                        resources: PromptResources | None = None, read: Read = Read.PROMPT_LAST,
+                        mode: Mode = Mode.GENERATE, batch_tokens: int = 8192):
     """Activations of every layer on the prompt as `mode` asks it, with a progress bar (cached on disk per
     sample)."""
     from vulnsteer.extract.activations import collect
@@ -237,8 +238,8 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
 
 
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate",
-                training: Training | None = None):
+                method: str, layers: list[int], read: Read, normalisation: Normalisation, output: Path,
+                mode: Mode = Mode.GENERATE, training: Training | None = None):
     """Fit one vector per CWE and layer plus a pooled one (learned methods as `training` says), and save them with
     their metadata."""
     from vulnsteer.extract.trained import Training
@@ -263,8 +264,8 @@ def _probe_cell(row) -> str:
 
 
 def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None, bank=None,
-              mode: str = "generate"):
+              method: str, layers: list[int], read: Read, folds: int, out_dir: Path | None, bank=None,
+              mode: Mode = Mode.GENERATE):
     """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers. With a
     vector file (`bank`), a column with the AUROC of its own pooled directions on the items it was not fitted on
     (family and code compared)."""

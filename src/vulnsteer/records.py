@@ -29,8 +29,8 @@ class Word(StrEnum):
         try:
             return cls(word)
         except ValueError:
-            raise VulnsteerError(f"{what or cls.__name__.lower()}: unknown value {word!r}; use one of "
-                                 f"{', '.join(cls)}") from None
+            raise VulnsteerError(f"unknown {what or cls.__name__.lower()} {word!r}; use one of {', '.join(cls)}") \
+                from None
 
 
 class Mode(Word):
@@ -81,8 +81,7 @@ class VectorChoice:
             return cls("cwe", word)
         if word in allowed:
             return cls(word)  # type: ignore[arg-type]
-        raise VulnsteerError(f"{what}: unknown value {word!r}; use one of {', '.join(allowed)} or a CWE id like "
-                             "CWE-787")
+        raise VulnsteerError(f"unknown {what} {word!r}; use one of {', '.join(allowed)} or a CWE id like CWE-787")
 
     @property
     def is_random(self) -> bool:

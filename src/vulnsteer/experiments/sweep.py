@@ -29,13 +29,13 @@ from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.engine.evaluate import make_result
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.store import SweepStore, read_sweep, read_text
-from vulnsteer.extract.activations import Activations, collect
+from vulnsteer.extract.activations import Activations, Read, collect
 from vulnsteer.extract.lora import LoraFit, LoraTraining, fit_and_score
 from vulnsteer.extract.trained import Prefix, Training, prefix_pass
 from vulnsteer.extract.vectors import (
     LEARNED,
-    NORMALISATIONS,
     POOLED,
+    Normalisation,
     VectorBank,
     fit,
     parse_layers,
@@ -115,15 +115,15 @@ class SweepConfig:
     strengths: list[float] = field(default_factory=lambda: [-1.0, 1.0])
     # own: each item's CWE vector; pooled: one vector for all CWEs; random: a control, a fixed random direction with
     # the pooled vector's norm (a gain that random steering matches is not evidence); or a CWE id for every item
-    vectors: list[str] = field(default_factory=lambda: ["own", "pooled", "random"])  # `VectorChoice` words
+    vectors: list[str] = field(default_factory=lambda: list(VectorChoice.WORDS))  # `VectorChoice` words
     # prompt-last (the original experiment's position) shares each prompt's cache across configs in score mode
     positions: list[Positions] = field(default_factory=lambda: [Positions.PROMPT_LAST])
     transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
     transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
     transfer_strength: float | None = None  # ... and strength (default: the largest positive one)
     random_draws: int = 1  # random-direction controls per config: a distribution, not one lucky direction
-    read: str = "prompt-last"
-    normalisation: str = "residual"
+    read: Read = Read.PROMPT_LAST
+    normalisation: Normalisation = Normalisation.RESIDUAL
     select_metric: str = "balanced_accuracy"
     max_new_tokens: int = 96
     batch_tokens: int | None = None  # None: what fits in free GPU memory (8192 on CPU)
@@ -141,9 +141,11 @@ class SweepConfig:
             if not isinstance(value, list) or not value:
                 raise VulnsteerError(f"config: {name} must be a non-empty list")
         # The words typed once: stored typed (a `Word` is still its string in asdict, JSON and TOML).
-        object.__setattr__(self, "mode", Mode.parse(self.mode, "config: mode"))
-        object.__setattr__(self, "cache", Cache.parse(self.cache, "config: cache"))
-        object.__setattr__(self, "positions", [Positions.parse(p, "config: positions") for p in self.positions])
+        object.__setattr__(self, "mode", Mode.parse(self.mode, "config mode"))
+        object.__setattr__(self, "cache", Cache.parse(self.cache, "config cache"))
+        object.__setattr__(self, "read", Read.parse(self.read, "config read"))
+        object.__setattr__(self, "normalisation", Normalisation.parse(self.normalisation, "config normalisation"))
+        object.__setattr__(self, "positions", [Positions.parse(p, "config positions") for p in self.positions])
         self.vector_choices  # noqa: B018 (parsing every word of `vectors` is the check)
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
                    for s in self.strengths):
@@ -155,7 +157,6 @@ class SweepConfig:
         _check_choice("methods", self.methods, known_methods())
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
         _check_choice("prompts", self.prompts or [], (*PROMPT_IDS, "all"))
-        _check_choice("normalisation", [self.normalisation], NORMALISATIONS)
         _check_choice("select_metric", [self.select_metric], SELECT_METRICS)
         if self.mode == Mode.SCORE and Positions.GENERATED in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
@@ -182,7 +183,7 @@ class SweepConfig:
 
     @property
     def vector_choices(self) -> list[VectorChoice]:
-        return [VectorChoice.parse(v, "config: vectors") for v in self.vectors]
+        return [VectorChoice.parse(v, "config vectors") for v in self.vectors]
 
     @property
     def learned_layers(self) -> list[str]:
@@ -231,7 +232,7 @@ class SweepConfig:
 GRIDS: dict[str, dict[str, Any]] = {
     "quick": {"methods": ["mean-diff", "trained", "loreft"], "folds": 3, "learned_steps": 20},
     "full": {"layers": ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"], "strengths": [-1.0, -0.5, 0.5, 1.0],
-             "positions": ["prompt-last", "all"], "random_draws": 3},
+             "positions": [Positions.PROMPT_LAST, Positions.ALL], "random_draws": 3},
 }
 
 
@@ -244,9 +245,11 @@ def read_toml(path: Path) -> dict:
         raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
 
 
-_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "Mode": str, "Cache": str, "int": int, "float": (int, float),
-                                              "bool": bool, "list[str]": list, "list[Positions]": list,
-                                              "list[float]": list, "int | list[int]": (int, list)}
+_WORDS = ("Mode", "Cache", "Read", "Normalisation")  # `Word` fields: a string in TOML, parsed in `validate`
+_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, **dict.fromkeys(_WORDS, str), "int": int,
+                                              "float": (int, float), "bool": bool, "list[str]": list,
+                                              "list[Positions]": list, "list[float]": list,
+                                              "int | list[int]": (int, list)}
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:

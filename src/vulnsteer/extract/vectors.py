@@ -37,10 +37,16 @@ from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits
 from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import items_sha256, training_keys
-from vulnsteer.records import Positions, Steering, SteeringId, VectorChoice
+from vulnsteer.records import Positions, Steering, SteeringId, VectorChoice, Word
 from vulnsteer.steering.reft import LowRankEdit
 
-NORMALISATIONS = ("residual", "unit")
+
+class Normalisation(Word):
+    """How a fitted direction is scaled: to the layer's mean residual norm, or to unit length."""
+
+    RESIDUAL = "residual"
+    UNIT = "unit"
+
 POOLED = "pooled"
 
 
@@ -110,11 +116,9 @@ def _paired_differences(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: lis
     return torch.stack(diffs)
 
 
-def normalise(vector: torch.Tensor, how: str, residual_norm: float) -> torch.Tensor:
-    if how not in NORMALISATIONS:
-        raise VulnsteerError(f"unknown normalisation {how!r}; use one of {', '.join(NORMALISATIONS)}")
+def normalise(vector: torch.Tensor, how: Normalisation, residual_norm: float) -> torch.Tensor:
     unit = vector / vector.norm().clamp(min=1e-12)
-    return unit * residual_norm if how == "residual" else unit
+    return unit * residual_norm if how == Normalisation.RESIDUAL else unit
 
 
 @dataclass
@@ -154,7 +158,7 @@ class VectorBank:
 
 
 def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
-        normalisation: str = "residual", groups: str = "cwe+pooled", prefix: Prefix | None = None,
+        normalisation: Normalisation = Normalisation.RESIDUAL, groups: str = "cwe+pooled", prefix: Prefix | None = None,
         resources: PromptResources | None = None, training: Training = Training(),
         progress: Callable[[int], None] | None = None) -> VectorBank:
     """A vector per CWE (and/or pooled over all CWEs) and layer from training activations. `trained` vectors are
@@ -162,6 +166,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
     folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions); `progress`
     hears of each training step."""
     started = time.perf_counter()
+    normalisation = Normalisation.parse(normalisation)  # the Python API's edge (the CLI's and a sweep's parse first)
     layers = layers if layers is not None else sorted(acts.by_layer)
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
     names += [POOLED] if "pooled" in groups else []
