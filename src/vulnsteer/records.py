@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # records are plain data: importing them must not load torch
     import torch
 
 
-
 class Word(StrEnum):
     """A word of a fixed vocabulary that users type (flags, TOML keys' values). `parse` is the one place each is
     validated; below the edge the typed value travels, and being a `str` it is stored (JSON, TOML, CSV) as the word."""
