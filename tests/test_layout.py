@@ -29,6 +29,26 @@ LAYERS = [
 ]
 
 
+# Every module, lowest first: a module imports only modules listed before it (its package's `__init__` comes
+# after the modules it re-exports). Read top to bottom, it is the order to read the code in; a new module gets a
+# place here, and an import that goes against it is a design change to make here first.
+ORDER = [
+    "errors", "neardup", "cwes", "models", "architecture", "data", "prompts", "protocol", "records", "metrics",
+    "verdicts",
+    "steering.reft", "steering.hooks", "steering.buffers", "steering",
+    "engine.planner", "engine.prompt_pass", "engine.trunk", "engine.static", "engine.runners", "engine.evaluate",
+    "engine.api", "engine",
+    "backends",
+    "extract", "extract.activations", "extract.llama_cpp", "extract.trained", "extract.lora", "extract.vectors",
+    "extract.lm_eval", "extract.probe",
+    "experiments", "experiments.tables", "experiments.store", "experiments.side_effects", "experiments.reasoning",
+    "experiments.summary", "experiments.backends", "experiments.cluster", "experiments.sweep",
+    "experiments.analysis", "experiments.report",
+    "pipeline", "cli",
+]
+BENCH = PACKAGE.parent.parent / "bench"
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -65,6 +85,39 @@ def test_imports_go_down_or_sideways(module):
     path = modules()[module]
     upward = sorted(target for target in imports(path) if layer_of(target) > layer_of(module))
     assert not upward, f"{module} (layer {layer_of(module)}) imports from above: {upward}"
+
+
+def test_each_module_imports_only_the_modules_before_it():
+    listed = [f"vulnsteer.{m}" for m in ORDER]
+    assert sorted(listed) == sorted(set(modules()) - {"vulnsteer"}), "ORDER lists exactly the package's modules"
+    assert [layer_of(m) for m in listed] == sorted(layer_of(m) for m in listed), "ORDER keeps the layers' order"
+    place = {m: k for k, m in enumerate(listed)}
+    later = {m: sorted(t for t in imports(modules()[m]) - {m} if place[t] > place[m]) for m in listed}
+    assert not any(later.values()), {m: t for m, t in later.items() if t}
+
+
+def bench_imports() -> list[tuple[str, str, list[str]]]:
+    """(script, vulnsteer module, names) for every `from vulnsteer... import ...` in bench/, at any depth."""
+    found = []
+    for path in sorted(BENCH.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vulnsteer"):
+                found.append((str(path.relative_to(BENCH)), node.module, [a.name for a in node.names]))
+    return found
+
+
+def test_every_benchmark_imports_names_that_exist_and_the_package_never_imports_bench():
+    """A refactor that renames what a benchmark uses breaks the benchmark only when someone runs it: caught here."""
+    import importlib
+
+    assert len(bench_imports()) > 20
+    missing = [f"{script}: {module}.{name}" for script, module, names in bench_imports()
+               for name in names if not hasattr(importlib.import_module(module), name)
+               and f"{module}.{name}" not in modules()]
+    assert not missing, missing
+    for path in modules().values():
+        assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "bench" in ast.dump(n)
+                       for n in ast.walk(ast.parse(path.read_text()))), path
 
 
 def test_no_import_circles():

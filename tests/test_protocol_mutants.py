@@ -134,9 +134,10 @@ def test_selection_ties_go_to_the_baseline_then_the_weaker_strength_and_incomple
     from vulnsteer.experiments.analysis import nested_selection
     from vulnsteer.experiments.sweep import GridPoint
 
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[0.5, 1.0, 2.0], mode="score",
-                         vectors=["own"])
-    ids = {s: GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (2.0, 0.5, 1.0)}
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-0.25, 0.5, 2.0],
+                         mode="score", vectors=["own"])
+    # The weakest, -0.25, is not the first id in string order ("+0.5" sorts before "-0.25").
+    ids = {s: GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (2.0, 0.5, -0.25)}
     n = 12
     labels = ["vulnerable" if i % 2 == 0 else "patched" for i in range(n)]
     folds = {f"s{i:02d}": i // 4 for i in range(n)}
@@ -147,8 +148,9 @@ def test_selection_ties_go_to_the_baseline_then_the_weaker_strength_and_incomple
     arms = {BASELINE: rows, **{c: rows for c in ids.values()}}
     assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}
     del arms[BASELINE]
-    assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {ids[0.5]}
-    # A config whose selection rows are incomplete ranks below every measured one.
+    assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {ids[-0.25]}
+    # A config whose selection rows are incomplete ranks below every measured one (an id of the grid: ids that
+    # are not are never candidates).
     incomplete = ids[0.5]
     arms = {incomplete: rows, BASELINE: rows}
     selection = {f: {incomplete: {}} for f in range(3)}
