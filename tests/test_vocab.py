@@ -72,10 +72,11 @@ def test_each_word_is_refused_in_one_line_naming_what_is_allowed():
     with pytest.raises(VulnsteerError, match=r"^unknown positions 'end'; use one of prompt-last, prompt, generated, "
                                              r"all$"):
         Steering({}, 1.0, "end")  # type: ignore[arg-type]
-    with pytest.raises(VulnsteerError, match=r"^unknown config cache 'fast'; use one of dynamic, static$"):
+    with pytest.raises(VulnsteerError, match=r"^unknown value of config key cache 'fast'; use one of dynamic, "
+                                             r"static$"):
         SweepConfig(cache="fast")  # type: ignore[arg-type]
-    with pytest.raises(VulnsteerError, match=r"^unknown config vectors 'mine'; use one of own, pooled, random or a "
-                                             r"CWE id like CWE-787$"):
+    with pytest.raises(VulnsteerError, match=r"^unknown value of config key vectors 'mine'; use one of own, pooled, "
+                                             r"random or a CWE id like CWE-787$"):
         SweepConfig(vectors=["own", "mine"])
     with pytest.raises(VulnsteerError, match=r"^unknown --cwe-vector 'random'; use one of own, pooled or a CWE id"):
         VectorChoice.parse("random", "--cwe-vector", random=False)

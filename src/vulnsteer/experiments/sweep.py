@@ -62,6 +62,7 @@ from vulnsteer.records import (
     Steering,
     SteeringId,
     VectorChoice,
+    Word,
 )
 from vulnsteer.steering.hooks import leaves_prompt_alone
 from vulnsteer.steering.reft import random_edit
@@ -141,11 +142,10 @@ class SweepConfig:
             if not isinstance(value, list) or not value:
                 raise VulnsteerError(f"config: {name} must be a non-empty list")
         # The words typed once: stored typed (a `Word` is still its string in asdict, JSON and TOML).
-        object.__setattr__(self, "mode", Mode.parse(self.mode, "config mode"))
-        object.__setattr__(self, "cache", Cache.parse(self.cache, "config cache"))
-        object.__setattr__(self, "read", Read.parse(self.read, "config read"))
-        object.__setattr__(self, "normalisation", Normalisation.parse(self.normalisation, "config normalisation"))
-        object.__setattr__(self, "positions", [Positions.parse(p, "config positions") for p in self.positions])
+        for name, word in _WORD_FIELDS.items():
+            object.__setattr__(self, name, word.parse(getattr(self, name), f"value of config key {name}"))
+        object.__setattr__(self, "positions", [Positions.parse(p, "value of config key positions")
+                                               for p in self.positions])
         self.vector_choices  # noqa: B018 (parsing every word of `vectors` is the check)
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
                    for s in self.strengths):
@@ -183,7 +183,7 @@ class SweepConfig:
 
     @property
     def vector_choices(self) -> list[VectorChoice]:
-        return [VectorChoice.parse(v, "config vectors") for v in self.vectors]
+        return [VectorChoice.parse(v, "value of config key vectors") for v in self.vectors]
 
     @property
     def learned_layers(self) -> list[str]:
@@ -245,9 +245,10 @@ def read_toml(path: Path) -> dict:
         raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
 
 
-_WORDS = ("Mode", "Cache", "Read", "Normalisation")  # `Word` fields: a string in TOML, parsed in `validate`
-_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, **dict.fromkeys(_WORDS, str), "int": int,
-                                              "float": (int, float), "bool": bool, "list[str]": list,
+# The config's one-word fields: a string in TOML, parsed in `validate` into its `Word`.
+_WORD_FIELDS: dict[str, type[Word]] = {"mode": Mode, "cache": Cache, "read": Read, "normalisation": Normalisation}
+_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, **{w.__name__: str for w in _WORD_FIELDS.values()},
+                                              "int": int, "float": (int, float), "bool": bool, "list[str]": list,
                                               "list[Positions]": list, "list[float]": list,
                                               "int | list[int]": (int, list)}
 
