@@ -126,7 +126,7 @@ def test_sweep_refuses_overlap_with_its_count_or_drops_it_and_the_report_says_so
     assert code == 1 and len(errors) == 1 and "4 of the 8 test items" in errors[0] and "--drop-overlap" in errors[0]
     config = SweepConfig(dataset="demo", limit=8, train_dataset=train, drop_overlap=True, folds=2, layers=["1"],
                          strengths=[1.0], mode="score", transfer=False, vectors=["pooled"])
-    report = run_sweep(config, tmp_path / "dropped", lm=random_model("llama"))
+    report = run_sweep(config, tmp_path / "dropped", lm=random_model("llama")).report.html
     text = report.with_suffix(".md").read_text()
     assert "dropped 4 of 8 test items (whole families)" in text and "dropped 4" in report.read_text()
     rows = tmp_path / "dropped" / "rows.jsonl"

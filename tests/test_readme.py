@@ -30,7 +30,9 @@ def test_the_readme_python_example_runs(tmp_path, capsys, monkeypatch):
     assert not {s.cwe for s in namespace["test"]} & {s.cwe for s in namespace["train"]}, "the example is held out"
     assert namespace["logits"].shape[0] == 2
     # `vulnsteer eval --vectors` as a library call: the file's training items dropped, the rest steered and written.
-    rows = namespace["rows"]
+    run = namespace["run"]
+    rows = run.results
+    assert run.summaries["all"].n == len(rows) and run.out_dir == Path("runs/steered")
     steered_ids = {r.sample_id for r in rows}
     assert {s.id for s in namespace["test"]} <= steered_ids and not steered_ids & {s.id for s in namespace["train"]}
     assert all(r.steering and r.steering.strength == -0.5 for r in rows)

@@ -50,7 +50,7 @@ def test_folds_keep_pairs_and_scenarios_together():
 def test_sweep_rows_are_held_out_and_complete(tmp_path):
     lm = tiny_lm("llama")
     config = SweepConfig(**SMALL)
-    report = run_sweep(config, tmp_path, lm=lm)
+    report = run_sweep(config, tmp_path, lm=lm).report.html
     assert report.exists() and (tmp_path / "report.md").exists()
     html = report.read_text()
     assert "data:image/png;base64," in html and "Protocol" in html and "Headline" in html

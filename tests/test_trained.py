@@ -174,7 +174,7 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-1.0, 1.0], mode="score",
                          methods=["mean-diff", "trained", "loreft"], vectors=["pooled", "random"], transfer=False,
                          learned_steps=3, rank=2, kl_weight=0.5)
-    report = run_sweep(config, tmp_path, lm=random_model("llama"))
+    report = run_sweep(config, tmp_path, lm=random_model("llama")).report.html
     assert len(passes) == 1
     assert steps == {(3, 2, 0.5)}  # learned_steps, rank and kl_weight reach every learned fit
     assert checked.count("trained") == checked.count("loreft") == checked.count("mean-diff") > 0

@@ -21,6 +21,8 @@ from vulnsteer.errors import VulnsteerError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
+    from vulnsteer.experiments.report import Report
+    from vulnsteer.pipeline import EvalRun, ProbeRun
     from vulnsteer.records import Mode
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -211,7 +213,7 @@ def eval_command(
             judge = load_lm(judge_model, model_options({}, dtype="float32", device=device), "score",
                             ("hidden_states",)).handle
         data = {**data, "judge_model": judge_model}
-    run_local_eval(lm, samples, prompt, decoding, output_dir, held_out, resources, data, judge)
+    show_eval(run_local_eval(lm, samples, prompt, decoding, output_dir, held_out, resources, data, judge))
 
 
 MethodOpt = typer.Option("mean-diff", "--method",
@@ -303,7 +305,8 @@ def probe_command(
         asked = _mode(bank.meta.get("mode", asked))
         if bank.meta["method"] in DIRECTIONS:  # a learned file's column is its own; the probes read off activations
             method = bank.meta["method"]
-    run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), at, folds, output_dir, bank, asked)
+    show_probe(run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), at, folds, output_dir, bank,
+                         asked))
 
 
 @vectors_app.command("show")
@@ -400,8 +403,7 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
         output_dir = output_dir or default_dir
     table = read_toml(config_path).get("cluster", {}) if config_path else {}
     cluster = ClusterOptions.from_settings(table, ray, workers)
-    report = run_sweep(config, output_dir, cluster=cluster, model_args=model_args)
-    print(f"report: {report} and {report.with_suffix('.md')}")
+    show_report(run_sweep(config, output_dir, cluster=cluster, model_args=model_args).report)
 
 
 SWEEP_FLAGS = dict(
@@ -483,8 +485,63 @@ def report_command(run_dir: Path, check: bool = typer.Option(
     if check:
         print(f"provenance: {check_stored_provenance(run_dir)} steered rows re-verified: none was steered by "
               "vectors that saw its fold")
-    report = write_report(run_dir, show=True)
-    print(f"report: {report} and {report.with_suffix('.md')}")
+    show_report(write_report(run_dir))
+
+
+# --- what the commands print: the pipeline returns its results, the command line shows them ---------------------
+
+
+def show_eval(run: EvalRun) -> None:
+    """The summary table of `vulnsteer eval`."""
+    from vulnsteer.experiments.summary import print_table
+
+    meta = run.meta
+    print_table(run.summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {meta['decoding']['mode']}")
+
+
+def _probe_cell(row) -> str:
+    if row.auroc is None:
+        return "–"
+    return f"{row.auroc:.3f}" + (f" [{row.low:.2f},{row.high:.2f}]" if row.low is not None else "")
+
+
+def show_probe(run: ProbeRun) -> None:
+    """The AUROC table of `vulnsteer probe` (a column per group, and one for a vector file's own directions), then
+    the best layers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    fixed = run.vector_file_auroc
+    if fixed is not None:
+        print(f"the file's pooled directions: scored on {run.held_out} of {run.items} items (the other "
+              f"{run.items - run.held_out} share a family or code with its training set)")
+    groups = sorted({r.group for r in run.rows}, key=lambda g: (g != "pooled", g))
+    table = Table(title=f"probe AUROC ({run.method}, read {run.read} in {run.mode} mode, prompt {run.prompt}, "
+                        f"{run.folds}-fold by pair)")
+    table.add_column("layer", justify="right")
+    for group in groups:
+        table.add_column(f"{group} (cross-validated)" if group == "pooled" else group, justify="right")
+    if fixed is not None:
+        table.add_column(f"the file's pooled direction ({run.held_out} held-out items)", justify="right")
+    for layer in run.layers:
+        by_group = {r.group: r for r in run.rows if r.layer == layer}
+        file_cell = [] if fixed is None else [f"{fixed[layer]:.3f}" if fixed.get(layer) is not None else "–"]
+        table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups), *file_cell)
+    Console(width=200).print(table)
+    pooled = sorted((r for r in run.rows if r.group == "pooled" and r.auroc is not None),
+                    key=lambda r: -float(r.auroc))  # type: ignore[arg-type]
+    print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
+
+
+def show_report(report: Report) -> None:
+    """A sweep report's headline, and where its files are."""
+    if report.headline is not None:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        top = report.headline
+        Console(width=160).print(Markdown(f"## {top.title} ({report.items} items)\n\n{top.markdown}"))
+    print(f"report: {report.html} and {report.markdown}")
 
 
 INTERRUPTED = ("vulnsteer: interrupted; every finished row is saved in the output folder (samples.jsonl, or "

@@ -1,4 +1,6 @@
-"""The Python API behind the CLI commands: each function glues data, prompts, model and engine, and writes files."""
+"""The Python API behind the CLI commands: each function glues data, prompts, model and engine, writes the run's
+files and returns what it computed; showing it is the caller's (the command line prints it). Progress while work
+runs is printed here, since long work should show it whoever calls."""
 
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ from vulnsteer.experiments.store import (
 )
 from vulnsteer.experiments.summary import (
     Section,
+    Summary,
     final_answer_section,
     language_section,
-    print_table,
     reasoning_section,
     summarise_results,
     write_summary,
@@ -49,6 +51,9 @@ from vulnsteer.prompts import PromptResources, build_prompt
 from vulnsteer.records import Decoding, Job, Mode, Positions, Result, Steering, VectorChoice
 
 if TYPE_CHECKING:
+    from vulnsteer.experiments.analysis import Analysis
+    from vulnsteer.experiments.report import Report
+    from vulnsteer.extract.probe import ProbeRow
     from vulnsteer.extract.trained import Training
     from vulnsteer.extract.vectors import Normalisation, VectorBank
 
@@ -115,8 +120,19 @@ def local(lm: LoadedModel) -> Model:
     return Model(lm.model_id, BACKENDS["hf"], lm)
 
 
+@dataclass(frozen=True)
+class EvalRun:
+    """An evaluation's results: its rows in job order, their summaries (by group: "all", each CWE...), the settings
+    written to summary.json, and the folder that holds samples.jsonl and summary.json/md."""
+
+    results: list[Result]
+    summaries: dict[str, Summary]
+    meta: dict
+    out_dir: Path
+
+
 def run_eval(lm: Model, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
-             n_boot: int = 2000, judge_lm: LoadedModel | None = None, sections: Sequence[Section] = ()) -> list[Result]:
+             n_boot: int = 2000, judge_lm: LoadedModel | None = None, sections: Sequence[Section] = ()) -> EvalRun:
     """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
     `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers; `sections` are added
     to the summary."""
@@ -145,11 +161,10 @@ def run_eval(lm: Model, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, 
         reasoning = reasoning_section(results, [job.sample for job in jobs], judge_lm=judge_lm)  # None in score mode
         final = final_answer_section({"all": results})
         languages = language_section(results)
-        seconds = round(time.perf_counter() - start, 1)
-        write_summary(out_dir, summaries, {**meta, "rows": len(results), "seconds": seconds},
+        meta = {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)}
+        write_summary(out_dir, summaries, meta,
                       sections=[*(section for section in (final, reasoning, languages) if section), *sections])
-        print_table(summaries, title=f"{meta.get('model')} · prompt {meta.get('prompt')} · {decoding.mode}")
-        return results
+        return EvalRun(results, summaries, meta, out_dir)
 
 
 @dataclass(frozen=True)
@@ -195,10 +210,10 @@ def held_out_for(samples: Sequence[Sample], steer: SteerWith) -> HeldOutVectors:
 
 def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id: str, decoding: Decoding,
                    out_dir: Path, vectors: HeldOutVectors | None = None, resources: PromptResources | None = None,
-                   meta: dict | None = None, judge_lm: LoadedModel | None = None) -> list[Result]:
+                   meta: dict | None = None, judge_lm: LoadedModel | None = None) -> EvalRun:
     """What `vulnsteer eval` runs: `samples` asked with `prompt_id` into `out_dir`, or, with `vectors`, the samples
-    they may steer, steered (plus a side-effect section); returns the rows. `lm`: a model loaded in this process, or
-    any backend's (`backends.load`)."""
+    they may steer, steered (plus a side-effect section); returns the rows and their summaries. `lm`: a model loaded
+    in this process, or any backend's (`backends.load`)."""
     from vulnsteer.experiments.side_effects import code_side_effects
     from vulnsteer.experiments.summary import side_effects_section
     from vulnsteer.extract.vectors import check_compatible, steering_for_samples
@@ -257,29 +272,37 @@ def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, reso
     return bank
 
 
-def _probe_cell(row) -> str:
-    if row.auroc is None:
-        return "–"
-    return f"{row.auroc:.3f}" + (f" [{row.low:.2f},{row.high:.2f}]" if row.low is not None else "")
+@dataclass(frozen=True)
+class ProbeRun:
+    """A probe's results, as probe.json holds them: AUROC per layer and group (`rows`), and, with a vector file,
+    its own pooled directions' AUROC per layer (`vector_file_auroc`) on the `held_out` of the `items` it was not
+    fitted on."""
+
+    rows: list[ProbeRow]
+    layers: list[int]
+    method: str
+    read: str
+    mode: str
+    prompt: str
+    folds: int
+    items: int
+    vector_file_auroc: dict[int, float | None] | None  # None: no vector file
+    held_out: int = 0
 
 
 def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
               method: str, layers: list[int], read: Read, folds: int, out_dir: Path | None, bank=None,
-              mode: Mode = Mode.GENERATE):
-    """Cross-validated probe AUROC per layer (pooled and per CWE); prints a table and the best layers. With a
-    vector file (`bank`), a column with the AUROC of its own pooled directions on the items it was not fitted on
+              mode: Mode = Mode.GENERATE) -> ProbeRun:
+    """Cross-validated probe AUROC per layer (pooled and per CWE), written to probe.csv/json in `out_dir` if given.
+    With a vector file (`bank`), also the AUROC of its own pooled directions on the items it was not fitted on
     (family and code compared)."""
     import csv
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
 
     from vulnsteer.extract.probe import probe
 
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     rows = probe(acts, layers, method, folds)
-    fixed, n_held_out = {}, 0
+    fixed, n_held_out = None, 0
     if bank is not None:
         from vulnsteer.extract.probe import fixed_direction_auroc
         from vulnsteer.extract.vectors import POOLED
@@ -288,25 +311,8 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
         leaked = leaked_ids(samples, bank.meta)
         held_out = acts.subset(lambda s: s.id not in leaked)
         n_held_out = len(held_out.samples)
-        print(f"the file's pooled directions: scored on {n_held_out} of {len(samples)} items (the other "
-              f"{len(leaked)} share a family or code with its training set)")
         directions = {k: v for k, v in bank.for_group(POOLED).items() if k in layers}
         fixed = fixed_direction_auroc(held_out, directions) if n_held_out else {}
-    groups = sorted({r.group for r in rows}, key=lambda g: (g != "pooled", g))
-    table = Table(title=f"probe AUROC ({method}, read {read} in {mode} mode, prompt {prompt_id}, {folds}-fold by "
-                        "pair)")
-    table.add_column("layer", justify="right")
-    for group in groups:
-        table.add_column(f"{group} (cross-validated)" if group == "pooled" else group, justify="right")
-    if bank is not None:
-        table.add_column(f"the file's pooled direction ({n_held_out} held-out items)", justify="right")
-    for layer in layers:
-        by_group = {r.group: r for r in rows if r.layer == layer}
-        file_cell = [] if bank is None else [f"{fixed[layer]:.3f}" if fixed.get(layer) is not None else "–"]
-        table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups), *file_cell)
-    Console(width=200).print(table)
-    pooled = sorted((r for r in rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -float(r.auroc))  # type: ignore[arg-type]
-    print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "probe.csv", "w", newline="") as f:
@@ -315,14 +321,24 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
             writer.writerows([r.layer, r.group, r.auroc, r.low, r.high, r.n] for r in rows)
         (out_dir / "probe.json").write_text(json.dumps(
             {"model": lm.model_id, "method": method, "read": read, "mode": mode, "prompt": prompt_id,
-             "folds": folds, "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed,
+             "folds": folds, "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed or {},
              "vector_file_held_out": n_held_out}, indent=2))
-    return rows
+    return ProbeRun(rows, layers, method, read, mode, prompt_id, folds, len(samples), fixed, n_held_out)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """A sweep's results: the analysis of its store and the report written from it (with the headline), in
+    `out_dir`."""
+
+    analysis: Analysis
+    report: Report
+    out_dir: Path
 
 
 def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: ClusterOptions | None = None,
-              model_args: Mapping[str, str] | None = None) -> Path:
-    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report. Returns the report path. The
+              model_args: Mapping[str, str] | None = None) -> SweepRun:
+    """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report; returns both. The
     model work runs on `lm` (loaded here when None, with the backend options `model_args`), or with `cluster` on Ray
     workers that each load the model."""
     from vulnsteer.experiments.backends import LocalBackend
@@ -354,7 +370,7 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
 
 
 def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path,
-              dropped: str | None = None) -> Path:
+              dropped: str | None = None) -> SweepRun:
     import torch
     import transformers
 
@@ -437,7 +453,7 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         _write_side_effects(backend, sweep, config, analysis, out_dir)
     finally:
         store.close()
-    return write_report(out_dir, show=True, analysis=analysis)
+    return SweepRun(analysis, write_report(out_dir, analysis=analysis), out_dir)
 
 
 def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_rows: int = 4) -> None:

@@ -531,19 +531,23 @@ SECTIONS: tuple[Callable[[Context], Section | None], ...] = (
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = None) -> Path:
-    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl; `show`
-    also prints the headline on the console. `analysis`: the store's analysis, when the caller has it already."""
+@dataclass(frozen=True)
+class Report:
+    """A written report: its two files, and its headline for a caller to show (the command line prints it)."""
+
+    html: Path
+    markdown: Path
+    headline: Section | None
+    items: int  # the test items the sweep scored
+
+
+def write_report(out_dir: Path, analysis: Analysis | None = None) -> Report:
+    """report.html (self-contained) and report.md (+ PNGs in report_files/), rows.csv and rows.jsonl. `analysis`:
+    the store's analysis, when the caller has it already."""
     a = analysis or analyse(out_dir)
     export_rows(a, out_dir)
     ctx = context(a, out_dir)
     written = {section: section(ctx) for section in SECTIONS}
-    top = written[headline]
-    if show and top is not None:
-        from rich.console import Console
-        from rich.markdown import Markdown
-
-        Console(width=160).print(Markdown(f"## {top.title} ({len(a.sample_ids)} items)\n\n{top.markdown}"))
     sections = [s for s in written.values() if s is not None]
     head = (f"model `{a.meta.get('model')}` ({a.meta.get('dtype')}), dataset `{a.config.dataset}` "
             f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
@@ -555,7 +559,7 @@ def write_report(out_dir: Path, show: bool = False, analysis: Analysis | None = 
         (files / f"{figure.name}.png").write_bytes(figure.png)
     (out_dir / "report.md").write_text(render_markdown(head, sections, figures))
     (out_dir / "report.html").write_text(render_html(head, sections, figures))
-    return out_dir / "report.html"
+    return Report(out_dir / "report.html", out_dir / "report.md", written[headline], len(a.sample_ids))
 
 
 def render_markdown(head: str, sections: list[Section], figures: list[Figure]) -> str:
