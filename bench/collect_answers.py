@@ -35,7 +35,7 @@ from vulnsteer.metrics import wilson_interval
 from vulnsteer.models import gguf_path, pull
 from vulnsteer.pipeline import make_jobs, prompt_resources
 from vulnsteer.prompts import PROMPT_IDS, needs_resources
-from vulnsteer.records import Decoding, Job, Result
+from vulnsteer.records import Decoding, Job, Mode, Result
 from vulnsteer.verdicts import parse_verdict
 
 SETS = ("tuning", "heldout")
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke:
         samples = filter_samples(samples, splits=[args.split]) + spread(load_dataset("demo"), args.seed)[:args.demo]
     prompt_ids = tuple(p for p in PROMPT_IDS if not (args.smoke and needs_resources(p)))
-    decoding = Decoding("generate", args.max_new_tokens, args.batch_tokens, final_answer=False)
+    decoding = Decoding(Mode.GENERATE, args.max_new_tokens, args.batch_tokens, final_answer=False)
     deadline = time.monotonic() + 60 * args.minutes
     args.output_dir.mkdir(parents=True, exist_ok=True)
     earlier = [r for p in args.exclude for r in read_rows(p)]

@@ -30,7 +30,7 @@ from vulnsteer.extract.vectors import relative_layer
 from vulnsteer.models import LoadedModel
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources
-from vulnsteer.records import Decoding, Job, Positions, Steering
+from vulnsteer.records import Decoding, Job, Mode, Positions, Steering
 
 DEPTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = bench_model(args.model, args.smoke)
     samples = filter_samples(load_demo(), None, None, args.items)
     jobs = make_jobs(samples, "S1", PromptResources())
-    decoding = Decoding("score", final_answer=False)
+    decoding = Decoding(Mode.SCORE, final_answer=False)
     tokens = [r.prompt_tokens for r in evaluate(lm, jobs, decoding)]  # also the warm-up
     peak = matmul_flops(args.matmul_n, 3 if args.smoke else 20)
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     below = sum(prompt_flops(lm, t) - prompt_flops(lm, t, first) for t in tokens)
     needed = {"prompt-last": sum(prompt_flops(lm, t) for t in tokens),
               "all": args.k * sum(prompt_flops(lm, t, first) for t in tokens) + below}
-    for positions in ("prompt-last", "all"):  # type: Positions
+    for positions in (Positions.PROMPT_LAST, Positions.ALL):
         rows = [j for group in steered(jobs, configs(lm, args.k, positions)) for j in group]
         times = timed(lambda rows=rows: evaluate(lm, rows, decoding), args.repeats)
         seconds = statistics.median(times)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "share_of_matmul_peak": needed[positions] / seconds / peak}
 
     # Prefix reuse, side by side: all K configs in one call (each prompt's prefix once) vs one call per config.
-    groups = steered(jobs, configs(lm, args.k, "prompt-last"))
+    groups = steered(jobs, configs(lm, args.k, Positions.PROMPT_LAST))
     together, separate = [], []
     for _ in range(args.repeats):
         together += timed(lambda: evaluate(lm, [j for g in groups for j in g], decoding), 1)

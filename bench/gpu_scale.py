@@ -178,7 +178,7 @@ def left_pad(rows: list[torch.Tensor], device) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def random_steering(hidden: int, layers: list[int], strength: float, positions: Positions = "all") -> Steering:
+def random_steering(hidden: int, layers: list[int], strength: float, positions: Positions = Positions.ALL) -> Steering:
     gen = torch.Generator().manual_seed(0)
     vectors = {}
     for layer in layers:
@@ -448,7 +448,8 @@ def main(argv=None) -> int:
         decoder: one pass whose rows ask every prompt under every config (each prompt's pass shared, every row
         decoding in the same steps) against K separate passes, one config each. A warm-up pass of each pays the
         captures."""
-        configs = [random_steering(hidden, layers, args.strength * (1 + j), "prompt-last") for j in range(args.k)]
+        configs = [random_steering(hidden, layers, args.strength * (1 + j), Positions.PROMPT_LAST)
+                   for j in range(args.k)]
         width = args.k * max(len(g) for g in groups)
 
         def combined(decoder, keep: dict | None = None) -> int:

@@ -21,7 +21,7 @@ from vulnsteer.data import load_demo
 from vulnsteer.extract.lm_eval import continuation_log_likelihood, loglikelihood_task
 from vulnsteer.extract.vectors import VectorBank, load, save
 from vulnsteer.models import LoadedModel, load_model, random_model
-from vulnsteer.records import Steering
+from vulnsteer.records import Positions, Steering
 
 
 def smoke_model(here: Path) -> tuple[LoadedModel, Path, Path]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logged = [json.loads(line) for line in samples.read_text().splitlines()]
     theirs = {row["doc"]["context"]: float(row["resps"][0][0][0]) for row in logged}
 
-    rows = [Steering({layer: bank.for_group("pooled")[layer]}, args.strength, "all")]
+    rows = [Steering({layer: bank.for_group("pooled")[layer]}, args.strength, Positions.ALL)]
     diffs, moves = [], []
     for d in docs:
         ours = continuation_log_likelihood(lm, d["context"], d["target"], rows)

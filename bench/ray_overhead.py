@@ -25,7 +25,7 @@ from vulnsteer.experiments.cluster import SHARDS_PER_WORKER, ClusterOptions, Ray
 from vulnsteer.models import load_model, random_model
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import PromptResources
-from vulnsteer.records import Decoding
+from vulnsteer.records import Decoding, Mode
 
 MODEL = "smollm2-135m-instruct"
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     resources = PromptResources.from_dataset_root(None)
     items = load_demo()[:4] if args.smoke else load_demo()
     jobs = [job for prompt in ("S1", "S2") for job in make_jobs(items, prompt, resources)]
-    decoding = Decoding("score", batch_tokens=8192)
+    decoding = Decoding(Mode.SCORE, batch_tokens=8192)
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             tiny = random_model("qwen2")

@@ -58,7 +58,7 @@ from vulnsteer.extract.vectors import relative_layer
 from vulnsteer.models import resolve_dtype
 from vulnsteer.pipeline import make_jobs
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, render
-from vulnsteer.records import Decoding, Job, Positions, Steering, SteeringId
+from vulnsteer.records import Cache, Decoding, Job, Mode, Positions, Steering, SteeringId
 from vulnsteer.steering.hooks import steer
 
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "secllmholmes"
@@ -259,7 +259,7 @@ def steering_layers(n_layers: int) -> list[int]:
 
 
 def random_steering(lm, layers: list[int], strength: float, seed: int = 0, label: str = "",
-                    positions: Positions = "all") -> Steering:
+                    positions: Positions = Positions.ALL) -> Steering:
     """Random unit vectors (a small, nonzero push: strength 0 would install no hook at all)."""
     gen = torch.Generator().manual_seed(seed)
     vectors = {}
@@ -307,8 +307,8 @@ def arm_record(rec: dict, **extra) -> dict:
 
 
 def part_a(lm, jobs, args) -> dict:
-    gen = Decoding(mode="generate", max_new_tokens=args.max_new_tokens, final_answer=False)  # the pass alone
-    score = Decoding(mode="score", max_new_tokens=args.max_new_tokens)
+    gen = Decoding(mode=Mode.GENERATE, max_new_tokens=args.max_new_tokens, final_answer=False)  # the pass alone
+    score = Decoding(mode=Mode.SCORE, max_new_tokens=args.max_new_tokens)
     ran: dict[str, int] = {}
     arms = {
         "one_at_a_time": lambda: [r for job in jobs for r in evaluate(lm, [job], gen)],
@@ -598,7 +598,7 @@ def part_f(lm, jobs, args) -> dict:
     budget allows (how it grouped rows before), same rows, per mode: the score pass (one forward per batch, the
     yes/no log-odds as `evaluate` scores) and generation with every row decoding max_new_tokens."""
     out = {}
-    for mode in ("score", "generate"):
+    for mode in (Mode.SCORE, Mode.GENERATE):
         decoding = Decoding(mode=mode, max_new_tokens=args.max_new_tokens, final_answer=False)
         texts, lengths = prompt_texts(lm, jobs, decoding)
         plans = {"padding_aware": plan(lm, lengths, decoding), "fewest_batches": plan(lm, lengths, decoding,
@@ -639,7 +639,7 @@ def part_f(lm, jobs, args) -> dict:
 
 def part_g(lm, jobs, args) -> dict:
     steered = with_steering(jobs, random_steering(lm, steering_layers(lm.num_layers), args.strength, label="g"))
-    decoding = Decoding(mode="generate", max_new_tokens=args.max_new_tokens, final_answer=False)
+    decoding = Decoding(mode=Mode.GENERATE, max_new_tokens=args.max_new_tokens, final_answer=False)
 
     def whole_batch(model, attention_mask):
         return [list(range(len(attention_mask)))]
@@ -732,10 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--strength", type=float, default=1.0, help="steering strength on random unit vectors")
     p.add_argument("--k", type=int, default=4, help="(c): number of steering configs")
-    p.add_argument("--sweep-mode", default="generate", choices=("generate", "score"), help="(c): decoding mode")
-    p.add_argument("--sweep-positions", default="all", choices=("all", "prompt-last", "prompt", "generated"),
+    p.add_argument("--sweep-mode", default="generate", choices=list(Mode), help="(c): decoding mode")
+    p.add_argument("--sweep-positions", default="all", choices=list(Positions),
                    help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
-    p.add_argument("--sweep-cache", default="dynamic", choices=("dynamic", "static"), help="(c): KV cache")
+    p.add_argument("--sweep-cache", default="dynamic", choices=list(Cache), help="(c): KV cache")
     p.add_argument("--sweep-layers", default="fixed", choices=("fixed", "each"),
                    help="(c): every config at the same 4 layers, or each config at one layer of its own (a layer "
                         "sweep, one strength)")
@@ -778,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Warm-up (untimed): first calls pay one-off costs (oneDNN primitive creation, lazy imports).
     warm = jobs[:2]
-    evaluate(lm, warm, Decoding(mode="generate", max_new_tokens=4, final_answer=False))
-    evaluate(lm, warm, Decoding(mode="score"))
+    evaluate(lm, warm, Decoding(mode=Mode.GENERATE, max_new_tokens=4, final_answer=False))
+    evaluate(lm, warm, Decoding(mode=Mode.SCORE))
 
     for part, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("e", part_e), ("f", part_f), ("g", part_g)):
         if part in only:

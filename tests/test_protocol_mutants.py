@@ -149,8 +149,9 @@ def test_selection_ties_go_to_the_baseline_then_the_weaker_strength_and_incomple
     assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}
     del arms[BASELINE]
     assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {ids[-0.25]}
-    # A config whose selection rows are incomplete ranks below every measured one, whatever its id sorts as.
-    incomplete = GridPoint("a-method", "1", "own", "prompt-last", 0.5).id
+    # A config whose selection rows are incomplete ranks below every measured one (an id of the grid: ids that
+    # are not are never candidates).
+    incomplete = ids[0.5]
     arms = {incomplete: rows, BASELINE: rows}
     selection = {f: {incomplete: {}} for f in range(3)}
     assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ from vulnsteer.experiments.sweep import (
     BASELINE,
     GridPoint,
     SweepConfig,
+    candidate_points,
     grid,
-    is_candidate,
     load_config,
+    points_by_id,
 )
 from vulnsteer.pipeline import run_sweep
 from vulnsteer.protocol import pair_folds
@@ -70,11 +72,11 @@ def test_sweep_rows_are_held_out_and_complete(tmp_path):
             assert steering["config"] == config_id and steering["fold"] == fold == a.folds[sample_id]
     # The nested selection picks per fold from the grid (or the baseline), never a control or a transfer row.
     for chosen in a.selected_by_fold.values():
-        assert chosen == BASELINE or GridPoint.parse(chosen).vectors in {"own", "pooled"}
+        assert chosen == BASELINE or points_by_id(config)[chosen].vectors.kind in {"own", "pooled"}
     assert "random-direction control" in (tmp_path / "report.md").read_text()
     # Side effects: every strength of the shape of the top config (and of each fold's chosen one), each with a cost.
     effects = json.loads((tmp_path / "side_effects.json").read_text())["configs"]
-    top = next(s.config for s in a.stats if is_candidate(GridPoint.parse(s.config), config))
+    top = next(s.config for s in a.stats if s.config in candidate_points(config))
     shape = top.rsplit("|", 1)[0]
     assert {e["config"] for e in effects} >= {f"{shape}|{s:+g}" for s in config.strengths}
     assert all(e["kl"]["value"] > 0 and e["tokens"] > 0 for e in effects)
@@ -282,7 +284,7 @@ def test_nested_selection_reads_selection_rows_never_the_test_fold():
     _, chosen = nested_selection(arms, sample_ids, folds, config, selection)
     assert chosen == {0: b_id, 1: b_id, 2: b_id}
     # With vectors fitted on another dataset the other folds' test rows are clean, and are what selection reads.
-    _, chosen = nested_selection(arms, sample_ids, folds, SweepConfig(**{**SMALL, "train_dataset": "demo"}), {})
+    _, chosen = nested_selection(arms, sample_ids, folds, replace(config, train_dataset="demo"), {})
     assert chosen == {0: a_id, 1: a_id, 2: a_id}
 
 

@@ -202,7 +202,7 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
     the methods table; nested selection sees both as candidates like any configs."""
     from vulnsteer.experiments import sweep as sweep_module
     from vulnsteer.experiments.analysis import analyse, nested_selection
-    from vulnsteer.experiments.sweep import GridPoint, SweepConfig, is_candidate
+    from vulnsteer.experiments.sweep import SweepConfig, candidate_points
     from vulnsteer.models import random_model
     from vulnsteer.pipeline import run_sweep
 
@@ -225,7 +225,7 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
     assert ranks_fitted.count(("loreft", 1)) == ranks_fitted.count(("loreft", 2)) == 9  # 3 folds + 6 pairs
     edits = {c: [r.score for r in rows] for c, rows in a.arms.items() if c.startswith("loreft")}
     assert edits["loreft-r1|1|pooled|prompt-last|+1"] != edits["loreft-r2|1|pooled|prompt-last|+1"]
-    candidates = [c for c in a.arms if c != "baseline" and is_candidate(GridPoint.parse(c), config)]
+    candidates = [c for c in a.arms if c in candidate_points(config)]
     assert {c.split("|")[0] for c in candidates} == {"mean-diff", "loreft-r1", "loreft-r2"}
     nested_selection(a.arms, a.sample_ids, a.folds, a.config, a.selection)  # every candidate had selection rows
     table = (tmp_path / "report.md").read_text().split("## Methods side by side")[1].split("\n## ")[0]

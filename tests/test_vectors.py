@@ -15,6 +15,7 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.extract.activations import Activations
 from vulnsteer.extract.vectors import (
     POOLED,
+    Normalisation,
     VectorBank,
     check_compatible,
     direction,
@@ -28,7 +29,7 @@ from vulnsteer.extract.vectors import (
     save,
     steering_for_samples,
 )
-from vulnsteer.records import Steering
+from vulnsteer.records import Steering, VectorChoice
 
 HIDDEN, LAYERS = 64, 4  # the tiny models of conftest
 CWES = ("CWE-22", "CWE-79", "CWE-787")
@@ -169,8 +170,8 @@ def test_normalise():
     assert abs(float(r.norm()) - 7.5) < 1e-5
     assert cosine(r, v) > 0.9999
     assert torch.isfinite(normalise(torch.zeros(3), "unit", 1.0)).all()
-    with pytest.raises(VulnsteerError, match="unknown normalisation"):
-        normalise(v, "l1", 1.0)
+    with pytest.raises(VulnsteerError, match="unknown normalisation 'l1'; use one of residual, unit"):
+        Normalisation.parse("l1")
 
 
 # --- fit --------------------------------------------------------------------------------------------------
@@ -389,12 +390,12 @@ def test_steering_for_samples(llama):
     assert own.label.to_dict() == {"vectors": "CWE-79", "layers": [1, 3], "strength": 2.5,
                                    "positions": "prompt-last", "method": "mean-diff"}
 
-    pooled = steering_for_samples(bank, "-1", -1.0, "all", cwe_vector=POOLED)(sample)
+    pooled = steering_for_samples(bank, "-1", -1.0, "all", cwe_vector=VectorChoice.parse(POOLED))(sample)
     assert sorted(pooled.vectors) == [3]
     assert torch.equal(pooled.vectors[3], bank.vectors[POOLED][3])
     assert pooled.label.vectors == POOLED and pooled.label.strength == -1.0
 
-    named = steering_for_samples(bank, None, 1.0, "generated", cwe_vector="CWE-22")(sample)
+    named = steering_for_samples(bank, None, 1.0, "generated", cwe_vector=VectorChoice.parse("CWE-22"))(sample)
     assert sorted(named.vectors) == list(range(LAYERS))
     assert torch.equal(named.vectors[0], bank.vectors["CWE-22"][0])
     assert named.label.vectors == "CWE-22"
@@ -404,7 +405,7 @@ def test_steering_for_samples_errors(llama):
     acts, _ = make_acts()
     bank = fit(acts, llama, layers=[1, 2])
     with pytest.raises(VulnsteerError, match="no vector for CWE-416"):
-        steering_for_samples(bank, None, 1.0, "all", cwe_vector="CWE-416")
+        steering_for_samples(bank, None, 1.0, "all", cwe_vector=VectorChoice.parse("CWE-416"))
     with pytest.raises(VulnsteerError, match="has no layer 3"):
         steering_for_samples(bank, "3", 1.0, "all")
     own = steering_for_samples(bank, None, 1.0, "all")

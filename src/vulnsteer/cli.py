@@ -10,7 +10,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, cast
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if TYPE_CHECKING:
     from vulnsteer.experiments.report import Report
     from vulnsteer.pipeline import EvalRun, ProbeRun
-    from vulnsteer.records import Cache, Mode
+    from vulnsteer.records import Mode
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Measure and steer how well a language model detects vulnerabilities in code.")
@@ -182,11 +182,14 @@ def eval_command(
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
     from vulnsteer.backends import MODE_NEEDS, require
     from vulnsteer.pipeline import SteerWith, held_out_for, make_jobs, run_local_eval
-    from vulnsteer.records import Decoding
+    from vulnsteer.records import Cache, Decoding, Positions, VectorChoice
 
-    _check_mode(mode)
+    mode = _mode(mode)
+    steer_at, choice = Positions.parse(positions, "--positions"), VectorChoice.parse(cwe_vector, "--cwe-vector",
+                                                                                     random=False)
     model, prompt = data["model"], data["prompt"]
-    if vectors is None and (strength != 0 or layers is not None or positions != "all" or cwe_vector != "own"):
+    if vectors is None and (strength != 0 or layers is not None or steer_at != Positions.ALL
+                            or choice != VectorChoice("own")):
         raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
                              "vector file or drop them")
     needs = (MODE_NEEDS[mode], *("steers",) * (vectors is not None))
@@ -195,10 +198,10 @@ def eval_command(
                             concurrency=concurrency, timeout=timeout, retries=retries)
     samples, resources = _samples_and_resources(**data)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
-    decoding = Decoding(cast("Mode", mode), max_new_tokens, batch_tokens, cast("Cache", cache))
+    decoding = Decoding(mode, max_new_tokens, batch_tokens, Cache.parse(cache, "--cache"))
     held_out = None  # refused before the model loads
     if vectors is not None:
-        held_out = held_out_for(samples, SteerWith(vectors, layers, strength, positions, cwe_vector, drop_overlap,
+        held_out = held_out_for(samples, SteerWith(vectors, layers, strength, steer_at, choice, drop_overlap,
                                                    allow_other_weights))
     lm = load_lm(model, options, mode, needs)
     judge = None
@@ -219,11 +222,10 @@ MethodOpt = typer.Option("mean-diff", "--method",
 ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations: prompt-last or code-mean.")
 
 
-def _check_mode(mode: str) -> None:
-    from vulnsteer.records import MODES
+def _mode(word: str) -> Mode:
+    from vulnsteer.records import Mode
 
-    if mode not in MODES:
-        raise VulnsteerError(f"unknown mode {mode!r}; use generate or score")
+    return Mode.parse(word, "--mode")
 
 
 def _layers(spec: str | None, lm) -> list[int]:
@@ -251,19 +253,19 @@ def extract_command(
     **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
+    from vulnsteer.extract.activations import Read
     from vulnsteer.extract.trained import Training
-    from vulnsteer.extract.vectors import NORMALISATIONS, methods
+    from vulnsteer.extract.vectors import Normalisation, methods
     from vulnsteer.pipeline import run_extract
 
-    if method not in methods() or normalisation not in NORMALISATIONS:
-        raise VulnsteerError(f"use --method from {', '.join(methods())} and --normalisation from "
-                             f"{', '.join(NORMALISATIONS)}")
-    _check_mode(mode)
+    if method not in methods():
+        raise VulnsteerError(f"use --method from {', '.join(methods())}")
+    scale, at, asked = Normalisation.parse(normalisation, "--normalisation"), Read.parse(read, "--read"), _mode(mode)
     options = model_options(data, dtype=dtype, device=device)
     samples, resources = _samples_and_resources(**data)
     lm = load_lm(data["model"], options, "score", ("hidden_states",)).handle
-    bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), read, normalisation,
-                       output, mode, Training(steps=steps, rank=rank, kl_weight=kl_weight))
+    bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), at, scale,
+                       output, asked, Training(steps=steps, rank=rank, kl_weight=kl_weight))
     print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
           f"{bank.meta['n_train']} samples")
 
@@ -284,10 +286,11 @@ def probe_command(
     **data,
 ) -> None:
     """Cross-validated AUROC of the projection onto a direction, per layer and CWE: detection without generation."""
+    from vulnsteer.extract.activations import Read
     from vulnsteer.extract.vectors import DIRECTIONS, load_vectors
     from vulnsteer.pipeline import run_probe
 
-    _check_mode(mode)
+    at, asked = Read.parse(read, "--read"), _mode(mode)
     samples, resources = _samples_and_resources(**data)
     labels = {s.label for s in samples}
     if len(labels) < 2:
@@ -298,12 +301,12 @@ def probe_command(
     bank = None
     if vectors is not None:
         bank = load_vectors(vectors, lm)
-        read, prompt = bank.meta["read"], bank.meta["prompt"]
-        mode = bank.meta.get("mode", mode)
+        at, prompt = Read.parse(bank.meta["read"], "read"), bank.meta["prompt"]
+        asked = _mode(bank.meta.get("mode", asked))
         if bank.meta["method"] in DIRECTIONS:  # a learned file's column is its own; the probes read off activations
             method = bank.meta["method"]
-    show_probe(run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), read, folds, output_dir, bank,
-                         mode))
+    show_probe(run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), at, folds, output_dir, bank,
+                         asked))
 
 
 @vectors_app.command("show")

@@ -45,16 +45,17 @@ from vulnsteer.experiments.summary import (
     summarise_results,
     write_summary,
 )
+from vulnsteer.extract.activations import Read
 from vulnsteer.models import LoadedModel
 from vulnsteer.prompts import PromptResources, build_prompt
-from vulnsteer.records import Decoding, Job, Result, Steering
+from vulnsteer.records import Decoding, Job, Mode, Positions, Result, Steering, VectorChoice
 
 if TYPE_CHECKING:
     from vulnsteer.experiments.analysis import Analysis
     from vulnsteer.experiments.report import Report
     from vulnsteer.extract.probe import ProbeRow
     from vulnsteer.extract.trained import Training
-    from vulnsteer.extract.vectors import VectorBank
+    from vulnsteer.extract.vectors import Normalisation, VectorBank
 
 
 @contextmanager
@@ -173,10 +174,14 @@ class SteerWith:
     vectors: Path
     layers: str | None = None  # None: every layer in the file
     strength: float = 0.0
-    positions: str = "all"
-    cwe_vector: str = "own"  # each item's own CWE's vector, "pooled", or a named CWE's
+    positions: Positions = Positions.ALL
+    cwe_vector: VectorChoice = VectorChoice("own")  # each item's own CWE's vector, "pooled", or a named CWE's
     drop_overlap: bool = False  # drop test families that overlap the file's training data (refused otherwise)
     allow_other_weights: bool = False  # vectors fitted on other weights of this architecture
+
+    def __post_init__(self):  # the Python API's edge: words are read as the CLI reads them
+        object.__setattr__(self, "positions", Positions.parse(self.positions, "positions"))
+        object.__setattr__(self, "cwe_vector", VectorChoice.parse(self.cwe_vector, "cwe_vector", random=False))
 
 
 @dataclass(frozen=True)
@@ -229,15 +234,16 @@ def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id
               f"{decoding.mode} mode", file=sys.stderr)
     steering_for = steering_for_samples(bank, steer.layers, steer.strength, steer.positions, steer.cwe_vector)
     meta |= {"vectors": str(steer.vectors), "layers": steer.layers, "strength": steer.strength,
-             "positions": steer.positions, "cwe_vector": steer.cwe_vector, **({"held_out": dropped} if dropped else {})}
+             "positions": steer.positions, "cwe_vector": str(steer.cwe_vector),
+             **({"held_out": dropped} if dropped else {})}
     side_effects = side_effects_section(code_side_effects(loaded, samples, {"steered": steering_for}))
     return run_eval(model, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
                     judge_lm=judge_lm, sections=[side_effects])
 
 
 def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
-                        resources: PromptResources | None = None, read: str = "prompt-last", mode: str = "generate",
-                        batch_tokens: int = 8192):
+                        resources: PromptResources | None = None, read: Read = Read.PROMPT_LAST,
+                        mode: Mode = Mode.GENERATE, batch_tokens: int = 8192):
     """Activations of every layer on the prompt as `mode` asks it, with a progress bar (cached on disk per
     sample)."""
     from vulnsteer.extract.activations import collect
@@ -247,8 +253,8 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
 
 
 def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                method: str, layers: list[int], read: str, normalisation: str, output: Path, mode: str = "generate",
-                training: Training | None = None):
+                method: str, layers: list[int], read: Read, normalisation: Normalisation, output: Path,
+                mode: Mode = Mode.GENERATE, training: Training | None = None):
     """Fit one vector per CWE and layer plus a pooled one (learned methods as `training` says), and save them with
     their metadata."""
     from vulnsteer.extract.trained import Training
@@ -285,8 +291,8 @@ class ProbeRun:
 
 
 def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-              method: str, layers: list[int], read: str, folds: int, out_dir: Path | None, bank=None,
-              mode: str = "generate") -> ProbeRun:
+              method: str, layers: list[int], read: Read, folds: int, out_dir: Path | None, bank=None,
+              mode: Mode = Mode.GENERATE) -> ProbeRun:
     """Cross-validated probe AUROC per layer (pooled and per CWE), written to probe.csv/json in `out_dir` if given.
     With a vector file (`bank`), also the AUROC of its own pooled directions on the items it was not fitted on
     (family and code compared)."""
@@ -490,12 +496,13 @@ def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> No
     """side_effects.json: what the chosen configs (each fold's, and the top descriptive one) cost on plain code, at
     every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off)."""
     from vulnsteer.experiments.side_effects import MAX_TOKENS
-    from vulnsteer.experiments.sweep import BASELINE, GridPoint, is_candidate, steering_for
+    from vulnsteer.experiments.sweep import BASELINE, candidate_points, is_candidate, steering_for
     from vulnsteer.extract.vectors import parse_layers
 
-    by_gain = [s.config for s in a.stats if is_candidate(GridPoint.parse(s.config), config)]
+    candidates = candidate_points(config)
+    by_gain = [s.config for s in a.stats if s.config in candidates]
     chosen = {c for c in a.selected_by_fold.values() if c != BASELINE} | set(by_gain[:1])
-    shapes = {GridPoint.parse(c).shape for c in chosen}
+    shapes = {candidates[c].shape for c in chosen}
     points = [p for p in sweep.points if is_candidate(p, config) and p.shape in shapes]
     layer_sets = {spec: parse_layers(spec, backend.info.num_layers) for spec in config.layers}
     def steering_of(point):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Callable, Literal, Mapping
+from enum import StrEnum
+from typing import TYPE_CHECKING, Callable, Literal, Mapping, Self
 
 from vulnsteer.data import Sample, family_of
 from vulnsteer.errors import VulnsteerError
@@ -17,14 +18,82 @@ from vulnsteer.prompts import Prompt
 if TYPE_CHECKING:  # records are plain data: importing them must not load torch
     import torch
 
-Mode = Literal["generate", "score"]
-MODES: tuple[Mode, ...] = ("generate", "score")
-Positions = Literal["prompt-last", "prompt", "generated", "all"]
-POSITIONS: tuple[Positions, ...] = ("prompt-last", "prompt", "generated", "all")
+
+class Word(StrEnum):
+    """A word of a fixed vocabulary that users type (flags, TOML keys' values). `parse` is the one place each is
+    validated; below the edge the typed value travels, and being a `str` it is stored (JSON, TOML, CSV) as the word."""
+
+    @classmethod
+    def parse(cls, word: str, what: str | None = None) -> Self:
+        try:
+            return cls(word)
+        except ValueError:
+            raise VulnsteerError(f"unknown {what or cls.__name__.lower()} {word!r}; use one of {', '.join(cls)}") \
+                from None
+
+
+class Mode(Word):
+    """How an item is asked: generate (parse a free answer) or score (yes/no log-odds)."""
+
+    GENERATE = "generate"
+    SCORE = "score"
+
+
+class Positions(Word):
+    """Where a row is steered: the prompt's last token, the whole prompt, the generated tokens, or all of them."""
+
+    PROMPT_LAST = "prompt-last"
+    PROMPT = "prompt"
+    GENERATED = "generated"
+    ALL = "all"
+
+
+class Cache(Word):
+    """The generation cache: transformers' dynamic one, or a fixed-size static one (`Decoding.cache`)."""
+
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+
+
 Verdict = Literal["vulnerable", "not_vulnerable", "unknown"]
 VERDICTS: tuple[Verdict, ...] = ("vulnerable", "not_vulnerable", "unknown")
-Cache = Literal["dynamic", "static"]
-CACHES: tuple[Cache, ...] = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class VectorChoice:
+    """Which vector steers an item: its own CWE's (own), the pooled one (pooled), a named CWE's (CWE-787), or a
+    random control direction with the pooled vector's norm (random; `draw` K: the K-th direction, "random:K")."""
+
+    kind: Literal["own", "pooled", "random", "cwe"]
+    cwe: str = ""
+    draw: int | None = None
+
+    WORDS = ("own", "pooled", "random")  # beside a CWE id
+
+    @classmethod
+    def parse(cls, word: str | VectorChoice, what: str = "vectors", random: bool = True) -> VectorChoice:
+        """A user's word; `random=False` where no control can be asked for (`eval --cwe-vector`)."""
+        allowed = [w for w in cls.WORDS if random or w != "random"]
+        if isinstance(word, VectorChoice) and (random or not word.is_random):
+            return word
+        if isinstance(word, str) and word.startswith("CWE-"):
+            return cls("cwe", word)
+        if word in allowed:
+            return cls(word)  # type: ignore[arg-type]
+        raise VulnsteerError(f"unknown {what} {word!r}; use one of {', '.join(allowed)} or a CWE id like CWE-787")
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+    def group(self, cwe: str) -> str:
+        """The vector file's group that steers an item of `cwe` (not for a random control)."""
+        return {"own": cwe, "pooled": "pooled", "cwe": self.cwe}[self.kind]
+
+    def __str__(self) -> str:
+        if self.kind == "cwe":
+            return self.cwe
+        return self.kind if self.draw is None else f"{self.kind}:{self.draw}"
 
 
 @dataclass(frozen=True)
@@ -68,13 +137,12 @@ class Steering:
 
     vectors: dict[int, torch.Tensor]
     strength: float
-    positions: Positions = "all"
+    positions: Positions = Positions.ALL
     label: SteeringId | None = field(default=None, compare=False)  # what to record in result files
     edits: Mapping[int, Edit] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise VulnsteerError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
+        object.__setattr__(self, "positions", Positions.parse(self.positions))
 
     @property
     def steered_layers(self) -> set[int]:
@@ -84,7 +152,7 @@ class Steering:
     @property
     def leaves_prompt_alone(self) -> bool:
         """Whether the prompt before its last token is unsteered: rows of one prompt that are can share that pass."""
-        return self.positions in ("prompt-last", "generated")
+        return self.positions in (Positions.PROMPT_LAST, Positions.GENERATED)
 
 
 @dataclass(frozen=True)
@@ -101,21 +169,19 @@ class Job:
 class Decoding:
     """Settings shared by every row of a run, recorded in summary.json."""
 
-    mode: Mode = "generate"
+    mode: Mode = Mode.GENERATE
     max_new_tokens: int = 192
     # Prompt tokens per batch (rows x padded width); bounds memory. None: as many as fit (`auto_batch_tokens`).
     batch_tokens: int | None = None
     # "dynamic": transformers' `generate`, steering by `steer()` hooks per batch. "static": `StaticDecoder`, a
     # fixed-size cache and a persistent `SteeringEngine`, so that on a GPU a decode step is one CUDA-graph replay.
-    cache: Cache = "dynamic"
+    cache: Cache = Cache.DYNAMIC
     # Generating: after the free answer, a forced final yes/no turn scored by log-odds (`Result.final_verdict`).
     final_answer: bool = True
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise VulnsteerError(f"unknown mode {self.mode!r}; use generate or score")
-        if self.cache not in CACHES:
-            raise VulnsteerError(f"unknown cache {self.cache!r}; use dynamic or static")
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        object.__setattr__(self, "cache", Cache.parse(self.cache))
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise VulnsteerError(f"--batch-tokens must be at least 1, got {self.batch_tokens}")
 

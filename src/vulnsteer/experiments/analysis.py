@@ -3,7 +3,7 @@ configs with all their rows; the headline's selected arm is chosen by nested sel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -16,9 +16,8 @@ from vulnsteer.experiments.summary import judged
 from vulnsteer.experiments.sweep import (
     BASELINE,
     PROMPT_ARM,
-    GridPoint,
     SweepConfig,
-    is_candidate,
+    candidate_points,
     is_grid_config,
     path_controls,
     transfer_point,
@@ -31,7 +30,7 @@ from vulnsteer.metrics import (
     mcnemar_items,
     summarise,
 )
-from vulnsteer.records import Result
+from vulnsteer.records import Result, VectorChoice
 
 N_BOOT = 1000
 
@@ -105,16 +104,15 @@ def analyse(out_dir: Path) -> Analysis:
 
 
 def _is_candidate(config_id: str, config: SweepConfig) -> bool:
-    return config_id == BASELINE or is_candidate(GridPoint.parse(config_id), config)
+    return config_id == BASELINE or config_id in candidate_points(config)
 
 
 def control_of(config_id: str, config: SweepConfig) -> list[str]:
     """The random-direction controls (one per draw) at the same method, layers, positions and strength."""
     if config_id == BASELINE:
         return [BASELINE] * config.random_draws
-    p = GridPoint.parse(config_id)
-    return [GridPoint(p.method, p.layers, f"random:{k}", p.positions, p.strength).id
-            for k in range(config.random_draws)]
+    point = candidate_points(config)[config_id]
+    return [replace(point, vectors=VectorChoice("random", draw=k)).id for k in range(config.random_draws)]
 
 
 SCORE_RESOLUTION = 1e-4  # log-odds closer than this are one value to a threshold: float noise never decides it
@@ -190,14 +188,15 @@ def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds
                      config: SweepConfig, selection) -> tuple[list[Result], dict[int, str]]:
     """For each fold, pick the config (baseline included) with the best metric on its selection rows, and take its
     test rows on this fold. Ties go to the baseline, then to the weaker strength."""
-    candidates = sorted({c for c in arms if _is_candidate(c, config)}
-                        | {c for by_config in selection.values() for c in by_config})
+    points = candidate_points(config)
+    candidates = sorted(c for c in {*arms, *(c for by_config in selection.values() for c in by_config)}
+                        if c == BASELINE or c in points)
     chosen: dict[int, str] = {}
     for fold in sorted(set(folds[s] for s in sample_ids)):
         def rank(config_id: str, fold: int = fold):
             rows = selection_rows(arms, sample_ids, folds, config, selection, fold, config_id)
             value = float("nan") if rows is None else metric_value(judged(rows), config.select_metric)
-            strength = 0.0 if config_id == BASELINE else abs(GridPoint.parse(config_id).strength)
+            strength = 0.0 if config_id == BASELINE else abs(points[config_id].strength)
             return (-(value if value == value else -1.0), config_id != BASELINE, strength, config_id)
 
         chosen[fold] = min((c for c in candidates if c in arms), key=rank)
@@ -208,9 +207,10 @@ def method_arms(a: Analysis) -> dict[str, list[Result]]:
     """Per method of the sweep, the arm nested selection gives when it may choose only that method's configs (or
     the baseline): the methods side by side under one protocol."""
     out = {}
+    points = candidate_points(a.config)
     for method in a.config.fits:
         def own(config_id: str, method: str = method) -> bool:
-            return config_id == BASELINE or GridPoint.parse(config_id).method == method
+            return config_id == BASELINE or config_id in points and points[config_id].method == method
         arms = {c: rows for c, rows in a.arms.items() if own(c)}
         selection = {f: {c: rows for c, rows in by_config.items() if own(c)} for f, by_config in a.selection.items()}
         out[method] = nested_selection(arms, a.sample_ids, a.folds, a.config, selection)[0]
@@ -299,7 +299,7 @@ def transfer_matrix(a: Analysis) -> tuple[list[str], dict[tuple[str, str], Inter
     cwes = sorted({r.cwe for r in base})
     cells = {}
     for vector in cwes:
-        arm = a.arms.get(GridPoint(at.method, at.layers, vector, at.positions, at.strength).id)
+        arm = a.arms.get(replace(at, vectors=VectorChoice("cwe", vector)).id)
         for target in cwes:
             if arm is not None:
                 index = [k for k, r in enumerate(base) if r.cwe == target]

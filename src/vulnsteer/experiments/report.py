@@ -36,7 +36,14 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     transfer_matrix,
 )
 from vulnsteer.experiments.summary import final_answer_section, fmt, judged, reasoning_section  # noqa: E402
-from vulnsteer.experiments.sweep import BASELINE, LORA, GridPoint, is_candidate, load_sweep_samples  # noqa: E402
+from vulnsteer.experiments.sweep import (  # noqa: E402
+    BASELINE,
+    LORA,
+    GridPoint,
+    candidate_points,
+    load_sweep_samples,
+    points_by_id,
+)
 from vulnsteer.experiments.tables import markdown_table  # noqa: E402
 from vulnsteer.metrics import (  # noqa: E402
     Interval,
@@ -70,10 +77,13 @@ def _annotate(ax, grid: np.ndarray, limit: float, size: int) -> None:
 def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
     """Gain in the selection metric over strength x layer set, one panel per method/vectors/positions."""
     by_cell: dict[tuple[str, str, str], dict[tuple[str, float], list[float]]] = {}
+    points = points_by_id(a.config)  # less the transfer rows, which have no cell
     for s in a.stats:
-        p = GridPoint.parse(s.config)
-        vectors = "random (mean of draws)" if p.is_random else p.vectors
-        if (p.is_random or p.vectors in a.config.vectors) and p.strength != 0:  # not transfer rows, path controls
+        p = points.get(s.config)
+        if p is None:
+            continue
+        vectors = "random (mean of draws)" if p.is_random else str(p.vectors)
+        if (p.is_random or p.vectors in a.config.vector_choices) and p.strength != 0:  # not path controls
             by_cell.setdefault((p.method, vectors, p.positions), {}).setdefault((p.layers, p.strength), []).append(
                 s.gain.value)
     by_panel = {panel: {cell: float(np.mean(v)) for cell, v in cells.items()} for panel, cells in by_cell.items()}
@@ -133,12 +143,13 @@ def probe_plot(probe_rows: list[dict]) -> bytes | None:
     return _png(fig)
 
 
-def tradeoff_plot(effects: list[dict], gains: dict[str, Interval], metric: str) -> bytes:
+def tradeoff_plot(effects: list[dict], gains: dict[str, Interval], metric: str,
+                  grid_points: dict[str, GridPoint]) -> bytes:
     """Gain in the selection metric against mean KL on plain code: a line per config shape and sign of the strength,
-    from the weakest push to the strongest."""
+    from the weakest push to the strongest (`grid_points`: the sweep's points by id)."""
     by_shape: dict[str, list[tuple[float, float, float]]] = {}
     for e in effects:
-        point = GridPoint.parse(e["config"])
+        point = grid_points[e["config"]]
         gain = gains.get(e["config"])
         if gain is not None:
             line = f"{point.shape} ({'+' if point.strength > 0 else '-'})"
@@ -413,11 +424,12 @@ def top_configs(ctx: Context) -> Section:
     """The best configs on all held-out rows, each with the number of folds where nested selection could pick it."""
     a = ctx.a
     folds = sorted(set(a.folds.values()))
+    candidates = candidate_points(a.config)
 
     def eligible(config_id: str) -> str:
         """In how many folds nested selection could choose this config (all its selection rows exist); controls
         and transfer rows are never candidates."""
-        if not is_candidate(GridPoint.parse(config_id), a.config):
+        if config_id not in candidates:
             return "not a candidate"
         n = sum(selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, config_id) is not None
                 for f in folds)
@@ -462,7 +474,7 @@ def side_effects(ctx: Context) -> Section | None:
                    + markdown_table(["config", f"gain in {metric} [95%]", "KL(unsteered ‖ steered)",
                                      "Δ NLL per token"], rows),
                    (Figure("Gain against side effect", "tradeoff",
-                           tradeoff_plot(effects["configs"], config_gains, metric)),))
+                           tradeoff_plot(effects["configs"], config_gains, metric, points_by_id(ctx.a.config))),))
 
 
 def answers(ctx: Context) -> Section | None:

@@ -21,7 +21,7 @@ from vulnsteer.engine.planner import batch_cost, batches
 from vulnsteer.engine.trunk import shared_trunk
 from vulnsteer.metrics import Interval, clustered_ratio
 from vulnsteer.models import LoadedModel
-from vulnsteer.records import Steering
+from vulnsteer.records import Positions, Steering
 from vulnsteer.steering.hooks import steer
 
 MAX_TOKENS = 256  # tokens of each file read; longer files are cut (the cost is quadratic in attention)
@@ -89,7 +89,7 @@ def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
 
 
 def _everywhere(row: Steering | None) -> Steering | None:
-    return None if row is None else replace(row, positions="all")
+    return None if row is None else replace(row, positions=Positions.ALL)
 
 
 def _left_padded(lm: LoadedModel, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,13 +29,13 @@ from vulnsteer.data import Sample, filter_samples, load_dataset
 from vulnsteer.engine.evaluate import make_result
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.experiments.store import SweepStore, read_sweep, read_text
-from vulnsteer.extract.activations import Activations, collect
+from vulnsteer.extract.activations import Activations, Read, collect
 from vulnsteer.extract.lora import LoraFit, LoraTraining, fit_and_score
 from vulnsteer.extract.trained import Prefix, Training, prefix_pass
 from vulnsteer.extract.vectors import (
     LEARNED,
-    NORMALISATIONS,
     POOLED,
+    Normalisation,
     VectorBank,
     fit,
     parse_layers,
@@ -54,23 +54,21 @@ from vulnsteer.protocol import (
     training_keys,
 )
 from vulnsteer.records import (
-    CACHES,
-    MODES,
-    POSITIONS,
+    Cache,
     Job,
+    Mode,
     Positions,
     Result,
     Steering,
     SteeringId,
+    VectorChoice,
+    Word,
 )
 from vulnsteer.steering.hooks import leaves_prompt_alone
 from vulnsteer.steering.reft import random_edit
 
 BASELINE = "baseline"
 SELECT_METRICS = GAIN_METRICS  # a config is chosen by any metric a gain is measured in
-# own: each item's CWE vector; pooled: one vector for all CWEs; random: a control, a fixed random direction with
-# the pooled vector's norm (a gain that random steering matches is not evidence); or a CWE id for every item.
-VECTOR_CHOICES = ("own", "pooled", "random")
 
 
 @dataclass(frozen=True)
@@ -109,26 +107,28 @@ class SweepConfig:
     # chooses as among any configs
     rank: int | list[int] = Training().rank
     kl_weight: float = Training().kl_weight  # > 0: learned fits also pay weight x KL(unsteered || steered)
-    mode: str = "score"
+    mode: Mode = Mode.SCORE
     folds: int = 4
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["mean-diff"])
     # The defaults are the `quick` grid (GRIDS): 12 configs spanning depth, sign, vector choice and a control.
     layers: list[str] = field(default_factory=lambda: ["rel:0.5", "rel:0.25,0.5,0.75,0.98"])
     strengths: list[float] = field(default_factory=lambda: [-1.0, 1.0])
-    vectors: list[str] = field(default_factory=lambda: ["own", "pooled", "random"])  # see VECTOR_CHOICES
+    # own: each item's CWE vector; pooled: one vector for all CWEs; random: a control, a fixed random direction with
+    # the pooled vector's norm (a gain that random steering matches is not evidence); or a CWE id for every item
+    vectors: list[str] = field(default_factory=lambda: list(VectorChoice.WORDS))  # `VectorChoice` words
     # prompt-last (the original experiment's position) shares each prompt's cache across configs in score mode
-    positions: list[str] = field(default_factory=lambda: ["prompt-last"])
+    positions: list[Positions] = field(default_factory=lambda: [Positions.PROMPT_LAST])
     transfer: bool = True  # also steer every item with every CWE's vector (cross-CWE transfer matrix) ...
     transfer_layers: str | None = None  # ... at this layer set (default: the first of `layers`)
     transfer_strength: float | None = None  # ... and strength (default: the largest positive one)
     random_draws: int = 1  # random-direction controls per config: a distribution, not one lucky direction
-    read: str = "prompt-last"
-    normalisation: str = "residual"
+    read: Read = Read.PROMPT_LAST
+    normalisation: Normalisation = Normalisation.RESIDUAL
     select_metric: str = "balanced_accuracy"
     max_new_tokens: int = 96
     batch_tokens: int | None = None  # None: what fits in free GPU memory (8192 on CPU)
-    cache: str = "dynamic"  # or "static": fixed-size KV cache, decode step a CUDA-graph replay on a GPU
+    cache: Cache = Cache.DYNAMIC  # or "static": fixed-size KV cache, decode step a CUDA-graph replay on a GPU
     dtype: str = "auto"
 
     def __post_init__(self):
@@ -141,23 +141,24 @@ class SweepConfig:
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
                 raise VulnsteerError(f"config: {name} must be a non-empty list")
+        # The words typed once: stored typed (a `Word` is still its string in asdict, JSON and TOML).
+        for name, word in _WORD_FIELDS.items():
+            object.__setattr__(self, name, word.parse(getattr(self, name), f"value of config key {name}"))
+        object.__setattr__(self, "positions", [Positions.parse(p, "value of config key positions")
+                                               for p in self.positions])
+        self.vector_choices  # noqa: B018 (parsing every word of `vectors` is the check)
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
                    for s in self.strengths):
             raise VulnsteerError(f"config: strengths must be finite numbers, got {self.strengths}")
         if all(s == 0 for s in self.strengths):
             raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
-        if self.select_metric == "auroc" and self.mode != "score":
+        if self.select_metric == "auroc" and self.mode != Mode.SCORE:
             raise VulnsteerError("config: select_metric auroc needs mode score (generated answers have no score)")
         _check_choice("methods", self.methods, known_methods())
-        _check_choice("vectors", [v for v in self.vectors if not v.startswith("CWE-")], VECTOR_CHOICES)
-        _check_choice("positions", self.positions, POSITIONS)
-        _check_choice("mode", [self.mode], MODES)
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
         _check_choice("prompts", self.prompts or [], (*PROMPT_IDS, "all"))
-        _check_choice("normalisation", [self.normalisation], NORMALISATIONS)
         _check_choice("select_metric", [self.select_metric], SELECT_METRICS)
-        _check_choice("cache", [self.cache], CACHES)
-        if self.mode == "score" and "generated" in self.positions:
+        if self.mode == Mode.SCORE and Positions.GENERATED in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
         if any(m in LEARNED for m in self.methods) and not self.learned_layers:
             raise VulnsteerError(f"config: {', '.join(m for m in self.methods if m in LEARNED)} learn one "
@@ -177,8 +178,12 @@ class SweepConfig:
             raise VulnsteerError(f"config: rank must be 1 to 8 (or a list of such), got {self.rank}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise VulnsteerError(f"config: kl_weight must be a finite number >= 0, got {self.kl_weight}")
-        if self.lora_steps and self.mode != "score":
+        if self.lora_steps and self.mode != Mode.SCORE:
             raise VulnsteerError("config: lora_steps needs mode score (LoRA is trained and read at the answer's score)")
+
+    @property
+    def vector_choices(self) -> list[VectorChoice]:
+        return [VectorChoice.parse(v, "value of config key vectors") for v in self.vectors]
 
     @property
     def learned_layers(self) -> list[str]:
@@ -227,7 +232,7 @@ class SweepConfig:
 GRIDS: dict[str, dict[str, Any]] = {
     "quick": {"methods": ["mean-diff", "trained", "loreft"], "folds": 3, "learned_steps": 20},
     "full": {"layers": ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"], "strengths": [-1.0, -0.5, 0.5, 1.0],
-             "positions": ["prompt-last", "all"], "random_draws": 3},
+             "positions": [Positions.PROMPT_LAST, Positions.ALL], "random_draws": 3},
 }
 
 
@@ -240,8 +245,12 @@ def read_toml(path: Path) -> dict:
         raise VulnsteerError(f"{path} is not valid TOML: {exc}") from exc
 
 
-_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool,
-                                              "list[str]": list, "list[float]": list, "int | list[int]": (int, list)}
+# The config's one-word fields: a string in TOML, parsed in `validate` into its `Word`.
+_WORD_FIELDS: dict[str, type[Word]] = {"mode": Mode, "cache": Cache, "read": Read, "normalisation": Normalisation}
+_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, **{w.__name__: str for w in _WORD_FIELDS.values()},
+                                              "int": int, "float": (int, float), "bool": bool, "list[str]": list,
+                                              "list[Positions]": list, "list[float]": list,
+                                              "int | list[int]": (int, list)}
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -254,7 +263,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     if wrong_bool or not isinstance(value, kind):
         raise VulnsteerError(f"config: {name} must be {annotation.removesuffix(' | None')}"
                              f"{' or unset' if optional else ''}, got {value!r}")
-    if annotation.startswith("list[str]") and not all(isinstance(v, str) for v in cast(list, value)):
+    if annotation.startswith(("list[str]", "list[Positions]")) and not all(isinstance(v, str)
+                                                                           for v in cast(list, value)):
         raise VulnsteerError(f"config: {name} must be a list of strings, got {value!r}")
 
 
@@ -275,8 +285,8 @@ class GridPoint:
 
     method: str
     layers: str
-    vectors: str  # own | pooled | random:K (the K-th random draw) | CWE-X
-    positions: str
+    vectors: VectorChoice
+    positions: Positions
     strength: float
 
     @property
@@ -290,12 +300,7 @@ class GridPoint:
 
     @property
     def is_random(self) -> bool:
-        return self.vectors.startswith("random")
-
-    @classmethod
-    def parse(cls, config_id: str) -> "GridPoint":
-        method, layers, vectors, positions, strength = config_id.split("|")
-        return cls(method, layers, vectors, positions, float(strength))
+        return self.vectors.is_random
 
 
 def transfer_point(config: SweepConfig) -> GridPoint:
@@ -304,8 +309,8 @@ def transfer_point(config: SweepConfig) -> GridPoint:
     if strength is None:
         strength = max(config.strengths, key=lambda s: (s > 0, abs(s)))
     method = next(iter(config.fits))
-    return GridPoint(method, config.transfer_layers or config.layer_sets(method)[0], "own", config.positions[0],
-                     float(strength))
+    return GridPoint(method, config.transfer_layers or config.layer_sets(method)[0], VectorChoice("own"),
+                     config.positions[0], float(strength))
 
 
 def path_controls(config: SweepConfig) -> list[GridPoint]:
@@ -313,29 +318,40 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
     first = next(iter(config.fits))
-    return [GridPoint(first, config.layer_sets(first)[0], "own", p, 0.0)
+    return [GridPoint(first, config.layer_sets(first)[0], VectorChoice("own"), p, 0.0)
             for p in config.positions
-            if not leaves_prompt_alone(Steering({}, 0.0, cast(Positions, p)))]
+            if not leaves_prompt_alone(Steering({}, 0.0, p))]
 
 
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
     """The steered configs: the full grid (learned methods at single-layer sets only; each random control as
     `random_draws` directions), plus (with
     `transfer`) each CWE's vector on every item at one point, plus the strength-0 path controls."""
-    points = [GridPoint(m, lay, name, p, float(s)) for m in config.fits for lay in config.layer_sets(m)
-              for v in config.vectors
-              for name in ([f"random:{k}" for k in range(config.random_draws)] if v == "random" else [v])
+    points = [GridPoint(m, lay, choice, p, float(s)) for m in config.fits for lay in config.layer_sets(m)
+              for v in config.vector_choices
+              for choice in ([replace(v, draw=k) for k in range(config.random_draws)] if v.is_random else [v])
               for p in config.positions for s in config.strengths if s != 0]
     if config.transfer:
         at = transfer_point(config)
-        points += [GridPoint(at.method, at.layers, cwe, at.positions, at.strength) for cwe in cwes]
+        points += [replace(at, vectors=VectorChoice("cwe", cwe)) for cwe in cwes]
     return points + path_controls(config)
+
+
+def points_by_id(config: SweepConfig, cwes: Sequence[str] = ()) -> dict[str, GridPoint]:
+    """The sweep's grid points by config id: how a stored row's id is read back as fields, never by parsing it.
+    Without `cwes`, less the transfer rows (no other point depends on the items)."""
+    return {p.id: p for p in grid(config, cwes)}
+
+
+def candidate_points(config: SweepConfig) -> dict[str, GridPoint]:
+    """The points nested selection may choose (with the baseline), by config id."""
+    return {c: p for c, p in points_by_id(config).items() if is_candidate(p, config)}
 
 
 def is_candidate(point: GridPoint, config: SweepConfig) -> bool:
     """The grid's real steering configs, which nested selection may choose (with the baseline); not the random
     controls, the transfer rows or the path controls."""
-    return point.vectors in config.vectors and not point.is_random and point.strength != 0
+    return point.vectors in config.vector_choices and not point.is_random and point.strength != 0
 
 
 PROMPT_ARM = "prompt:"  # the config id of a candidate prompt's unsteered rows: "prompt:S3"
@@ -523,7 +539,7 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
     # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
     # and a config without all of its selection rows is not chosen for that fold.
     selection = [(f, p, s) for (f, g) in selection_banks for p in candidates for s in members[g]
-                 if p.vectors != "own" or s.cwe in selection_banks[(f, g)][p.method].groups]
+                 if p.vectors.kind != "own" or s.cwe in selection_banks[(f, g)][p.method].groups]
     jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection]
     stored += [(f, p.id, s.id) in selection_done for f, p, s in selection]
     sweep = SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
@@ -626,15 +642,15 @@ def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, laye
     bank = banks[point.method]
     layers = layer_sets[point.layers]
     label = SteeringId(config=point.id, fold=fold, outer=outer, bank=bank_id(bank.meta))
-    positions = cast(Positions, point.positions)
+    positions = point.positions
     if point.is_random:
-        draw = int(point.vectors.partition(":")[2])
+        draw = point.vectors.draw or 0
         if bank.edits:  # the pooled edit's form in a random subspace of its rank
             edits = {layer: random_edit(bank.edits[POOLED][layer], 1000 * draw + layer) for layer in layers}
             return Steering({}, point.strength, positions, label, edits=edits)
         vectors = {layer: random_direction(bank.for_group(POOLED)[layer], 1000 * draw + layer) for layer in layers}
         return Steering(vectors, point.strength, positions, label)
-    group = sample.cwe if point.vectors == "own" else POOLED if point.vectors == "pooled" else point.vectors
+    group = point.vectors.group(sample.cwe)
     return bank.steering(group, layers, point.strength, positions, label)
 
 

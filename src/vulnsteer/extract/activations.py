@@ -23,8 +23,15 @@ from vulnsteer.engine.planner import batch_cost, batches
 from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import LoadedModel, cache_dir
 from vulnsteer.prompts import ANSWER_PREFIX, PromptResources, build_prompt, render
+from vulnsteer.records import Mode, Word
 
-READS = ("prompt-last", "code-mean")
+
+class Read(Word):
+    """Where activations are read: the prompt's last token, or the mean over the code's tokens."""
+
+    PROMPT_LAST = "prompt-last"
+    CODE_MEAN = "code-mean"
+
 
 
 @dataclass
@@ -77,17 +84,16 @@ def collect(
     samples: Sequence[Sample],
     prompt_id: str,
     resources: PromptResources | None,
-    read: str = "prompt-last",
+    read: Read = Read.PROMPT_LAST,
     batch_tokens: int = 8192,
     use_cache: bool = True,
     progress: Callable[[int], None] | None = None,
-    mode: str = "generate",
+    mode: Mode = Mode.GENERATE,
 ) -> Activations:
     """One forward pass per batch records every decoder layer's output at the read position of each row, on the
     prompt as `mode` asks it (score mode ends it with "Answer:", where scoring reads the model's yes/no)."""
-    if read not in READS:
-        raise VulnsteerError(f"unknown read position {read!r}; use one of {', '.join(READS)}")
-    prefix = ANSWER_PREFIX if mode == "score" else ""
+    read = Read.parse(read, "read position")  # the Python API's edge (the CLI's and a sweep's parse first)
+    prefix = ANSWER_PREFIX if mode == Mode.SCORE else ""
     texts = [render(lm.tokenizer, list(build_prompt(s, prompt_id, resources).messages), prefix) for s in samples]
     paths = [cache_file(lm, text, read) for text in texts]
     rows: dict[int, torch.Tensor] = {}
@@ -116,7 +122,7 @@ def read_batch(lm: LoadedModel, texts: list[str], samples: list[Sample], read: s
     """[rows, layers, hidden] float32 activations of one batch."""
     encoded = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     width = encoded["input_ids"].shape[1]
-    if read == "prompt-last":
+    if read == Read.PROMPT_LAST:
         weights = torch.zeros(len(texts), width)
         weights[:, -1] = 1.0  # left padding puts every row's last prompt token in the last column
     else:

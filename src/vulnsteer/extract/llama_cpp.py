@@ -188,11 +188,11 @@ def hook_logprobs(lm, token_ids: list[int], vectors: dict, strength: float):
     at every position, as llama.cpp adds a control vector."""
     import torch
 
-    from vulnsteer.records import Steering
+    from vulnsteer.records import Positions, Steering
     from vulnsteer.steering.hooks import steer
 
     ids = torch.tensor([token_ids], device=lm.device)
-    with torch.no_grad(), steer(lm.model, [Steering(vectors, strength, "all")], torch.ones_like(ids)):
+    with torch.no_grad(), steer(lm.model, [Steering(vectors, strength, Positions.ALL)], torch.ones_like(ids)):
         return lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1).cpu()
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, cast
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,10 +37,16 @@ from vulnsteer.extract.trained import Prefix, Training, prefix_pass, train_edits
 from vulnsteer.models import LoadedModel, ModelInfo
 from vulnsteer.prompts import PromptResources
 from vulnsteer.protocol import items_sha256, training_keys
-from vulnsteer.records import Positions, Steering, SteeringId
+from vulnsteer.records import Positions, Steering, SteeringId, VectorChoice, Word
 from vulnsteer.steering.reft import LowRankEdit
 
-NORMALISATIONS = ("residual", "unit")
+
+class Normalisation(Word):
+    """How a fitted direction is scaled: to the layer's mean residual norm, or to unit length."""
+
+    RESIDUAL = "residual"
+    UNIT = "unit"
+
 POOLED = "pooled"
 
 
@@ -110,11 +116,9 @@ def _paired_differences(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: lis
     return torch.stack(diffs)
 
 
-def normalise(vector: torch.Tensor, how: str, residual_norm: float) -> torch.Tensor:
-    if how not in NORMALISATIONS:
-        raise VulnsteerError(f"unknown normalisation {how!r}; use one of {', '.join(NORMALISATIONS)}")
+def normalise(vector: torch.Tensor, how: Normalisation, residual_norm: float) -> torch.Tensor:
     unit = vector / vector.norm().clamp(min=1e-12)
-    return unit * residual_norm if how == "residual" else unit
+    return unit * residual_norm if how == Normalisation.RESIDUAL else unit
 
 
 @dataclass
@@ -144,7 +148,7 @@ class VectorBank:
                                  f"{', '.join(self.groups)}")
         return self.vectors[group]
 
-    def steering(self, group: str, layers: list[int], strength: float, positions: Positions = "all",
+    def steering(self, group: str, layers: list[int], strength: float, positions: Positions = Positions.ALL,
                  label: SteeringId | None = None) -> Steering:
         """What this bank's `group` adds at `layers`: its vectors, or its edits."""
         if group in self.edits:
@@ -154,7 +158,7 @@ class VectorBank:
 
 
 def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
-        normalisation: str = "residual", groups: str = "cwe+pooled", prefix: Prefix | None = None,
+        normalisation: Normalisation = Normalisation.RESIDUAL, groups: str = "cwe+pooled", prefix: Prefix | None = None,
         resources: PromptResources | None = None, training: Training = Training(),
         progress: Callable[[int], None] | None = None) -> VectorBank:
     """A vector per CWE (and/or pooled over all CWEs) and layer from training activations. `trained` vectors are
@@ -162,6 +166,7 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
     folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions); `progress`
     hears of each training step."""
     started = time.perf_counter()
+    normalisation = Normalisation.parse(normalisation)  # the Python API's edge (the CLI's and a sweep's parse first)
     layers = layers if layers is not None else sorted(acts.by_layer)
     names = sorted({s.cwe for s in acts.samples}) if "cwe" in groups else []
     names += [POOLED] if "pooled" in groups else []
@@ -346,18 +351,18 @@ def relative_layer(depth: float, num_layers: int) -> int:
     return min(num_layers - 1, int(math.floor(depth * num_layers + 1e-9)))
 
 
-def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: str,
-                         cwe_vector: str = "own") -> Callable[[Sample], Steering]:
+def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: Positions,
+                         cwe_vector: VectorChoice = VectorChoice("own")) -> Callable[[Sample], Steering]:
     """A function giving each sample its steering: its own CWE's vector, the pooled one, or a named CWE's."""
     chosen = parse_layers(layers, bank.meta["num_layers"], bank.layers)
-    if cwe_vector != "own" and cwe_vector not in bank.groups:
-        bank.for_group(cwe_vector)  # says which groups there are
+    if cwe_vector.kind != "own" and cwe_vector.group("") not in bank.groups:
+        bank.for_group(cwe_vector.group(""))  # says which groups there are
 
     def steering(sample: Sample) -> Steering:
-        group = sample.cwe if cwe_vector == "own" else cwe_vector
+        group = cwe_vector.group(sample.cwe)
         if group not in bank.groups:
             bank.for_group(group)
-        return bank.steering(group, chosen, strength, cast(Positions, positions),
+        return bank.steering(group, chosen, strength, positions,
                              SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
                                         method=bank.meta.get("method")))
     return steering

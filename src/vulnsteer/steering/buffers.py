@@ -9,7 +9,7 @@ import torch
 
 from vulnsteer.architecture import Hooks, decoder_layers, hidden_of, with_hidden
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.records import Steering
+from vulnsteer.records import Positions, Steering
 from vulnsteer.steering.hooks import layer_deltas, prompt_steering, steered_layers
 
 
@@ -68,14 +68,15 @@ class SteeringEngine:
         self.delta.zero_()
         for layer, delta in deltas.items():
             self.delta[layer, :batch].copy_(delta)
-        modes = [row.positions if row else "all" for row in rows]
+        modes = [row.positions if row else Positions.ALL for row in rows]
         self.decode_mask.zero_()
-        self.decode_mask[:batch, 0, 0] = torch.tensor([m in ("generated", "all") for m in modes],
+        self.decode_mask[:batch, 0, 0] = torch.tensor([m in (Positions.GENERATED, Positions.ALL) for m in modes],
                                                      dtype=self.decode_mask.dtype)
         real = attention_mask.to(self.delta.device).bool()
         last = torch.zeros_like(real)
         last[:, -1] = True
-        by_mode = {"prompt-last": last, "prompt": real, "all": real, "generated": torch.zeros_like(real)}
+        by_mode = {Positions.PROMPT_LAST: last, Positions.PROMPT: real, Positions.ALL: real,
+                   Positions.GENERATED: torch.zeros_like(real)}
         prefill = torch.stack([by_mode[m][i] for i, m in enumerate(modes)])
         self.prefill_mask = prefill.unsqueeze(-1).to(self.delta.dtype)
 

@@ -25,7 +25,7 @@ from vulnsteer.architecture import (
     with_hidden,
 )
 from vulnsteer.errors import VulnsteerError
-from vulnsteer.records import POSITIONS, Edit, Steering
+from vulnsteer.records import Edit, Positions, Steering
 
 
 def leaves_prompt_alone(row: Steering | None) -> bool:
@@ -48,9 +48,9 @@ class _PositionTracker:
     from the KV cache's length (0 without a cache), padding from the attention mask. The prompt width is the
     sequence length of the first call inside the context (the prefill)."""
 
-    def __init__(self, positions: Sequence[str], device: torch.device, dtype: torch.dtype,
+    def __init__(self, positions: Sequence[Positions], device: torch.device, dtype: torch.dtype,
                  prompt_mask: torch.Tensor | None = None):
-        self.mode_of_row = torch.tensor([POSITIONS.index(p) for p in positions], device=device)
+        self.mode_of_row = torch.tensor([list(Positions).index(p) for p in positions], device=device)
         self.prompt_mask = None if prompt_mask is None else prompt_mask.to(device).bool()
         self.dtype = dtype
         self.prompt_width: int | None = None
@@ -76,7 +76,7 @@ class _PositionTracker:
             real = attention[:, -new:].bool()
         is_prompt = absolute < self.prompt_width
         by_mode = torch.stack([absolute == self.prompt_width - 1, is_prompt, ~is_prompt, torch.ones_like(is_prompt)])
-        self.masks = (by_mode[self.mode_of_row] & real).unsqueeze(-1).to(self.dtype)  # modes in POSITIONS order
+        self.masks = (by_mode[self.mode_of_row] & real).unsqueeze(-1).to(self.dtype)  # modes in Positions order
 
 
 def _check_layers(layers: Iterable[int], n_layers: int) -> None:
@@ -139,8 +139,8 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
         yield
         return
     parameter = next(model.parameters())
-    tracker = _PositionTracker([row.positions if row else "all" for row in rows], parameter.device, parameter.dtype,
-                               attention_mask)
+    tracker = _PositionTracker([row.positions if row else Positions.ALL for row in rows], parameter.device,
+                               parameter.dtype, attention_mask)
     deltas = {k: v.to(parameter.device, parameter.dtype) for k, v in deltas.items()}
 
     def add_delta(layer: int):
