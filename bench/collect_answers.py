@@ -53,8 +53,9 @@ def spread(samples: list[Sample], seed: int) -> list[Sample]:
     return [s for round_ in rounds for s in round_ if s is not None]
 
 
-def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str,
-              prompt_ids: tuple[str, ...] = PROMPT_IDS) -> list[Job]:
+def plan_jobs(
+    samples: list[Sample], per_prompt: int, seed: int, dataset: str, prompt_ids: tuple[str, ...] = PROMPT_IDS
+) -> list[Job]:
     """`per_prompt` files for each prompt id, continuing the CWE-spread order from one prompt to the next; ordered
     round by round (one job of every prompt, then the next), so a collection cut short still covers every prompt."""
     order = itertools.cycle(spread(samples, seed))
@@ -63,8 +64,14 @@ def plan_jobs(samples: list[Sample], per_prompt: int, seed: int, dataset: str,
     return [job for round_ in zip(*by_prompt) for job in round_]
 
 
-def collect(answer: Callable[[Job], Result], model: str, jobs: list[Job], path: Path, deadline: float,
-            skip: frozenset[tuple[str, str, str]] = frozenset()) -> None:
+def collect(
+    answer: Callable[[Job], Result],
+    model: str,
+    jobs: list[Job],
+    path: Path,
+    deadline: float,
+    skip: frozenset[tuple[str, str, str]] = frozenset(),
+) -> None:
     """Answer the jobs not yet in `path` (resumable) nor in `skip` (model, prompt, sample id: answers of an earlier
     collection), appending one row per answer as it comes, until `deadline`."""
     done = {(r["prompt"], r["sample_id"]) for r in read_rows(path)} | {(p, s) for m, p, s in skip if m == model}
@@ -106,9 +113,9 @@ def split_answers(rows: list[dict], seed: int, earlier: Sequence[dict] = ()) -> 
         if r["answer"] not in seen:
             seen.add(r["answer"])
             groups.setdefault((r["model"], r["prompt"]), []).append(r)
-    pairs = [(key, group[k:k + 2]) for key, group in groups.items() for k in range(0, len(group) - 1, 2)]
+    pairs = [(key, group[k : k + 2]) for key, group in groups.items() for k in range(0, len(group) - 1, 2)]
     left = [group[-1] for group in groups.values() if len(group) % 2]
-    pairs += [(("left", str(k)), left[k:k + 2]) for k in range(0, len(left), 2)]
+    pairs += [(("left", str(k)), left[k : k + 2]) for k in range(0, len(left), 2)]
     out: list[dict] = []
     for key, pair in pairs:
         first = SETS[random.Random(f"{seed}/{key[0]}/{key[1]}").random() < 0.5] if len(pair) == 2 else "heldout"
@@ -131,8 +138,9 @@ def report(paths: list[Path]) -> None:
     pools: dict[str, list[str]] = {}
     for stem in sets:
         pools.setdefault(re.sub(r"\d+$", "", stem), []).append(stem)
-    sets |= {f"{pool} (pooled)": [r for stem in stems for r in sets[stem]] for pool, stems in pools.items()
-             if len(stems) > 1}
+    sets |= {
+        f"{pool} (pooled)": [r for stem in stems for r in sets[stem]] for pool, stems in pools.items() if len(stems) > 1
+    }
     for name, rows in sets.items():
         for model in sorted({r["model"] for r in rows}) + ["all"]:
             group = [r for r in rows if model in ("all", r["model"])]
@@ -141,9 +149,11 @@ def report(paths: list[Path]) -> None:
             keyword = sum(keyword_verdict(r["answer"]) == r["label"] for r in group)
             other = sum(r["language"] != "en" for r in group)
             shares = [wilson_interval(k, n) for k in (ours, keyword)]
-            print(f"| {name} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
-                  f"{shares[0].high:.2f}] | {keyword} | {shares[1].value:.3f} [{shares[1].low:.2f},"
-                  f"{shares[1].high:.2f}] | {other} |")
+            print(
+                f"| {name} | {model} | {n} | {ours} | {shares[0].value:.3f} [{shares[0].low:.2f},"
+                f"{shares[0].high:.2f}] | {keyword} | {shares[1].value:.3f} [{shares[1].low:.2f},"
+                f"{shares[1].high:.2f}] | {other} |"
+            )
 
 
 def parse_model(spec: str) -> tuple[str, int]:
@@ -153,25 +163,40 @@ def parse_model(spec: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", type=parse_model, default=[],
-                        help="NAME=FILES_PER_PROMPT, e.g. smollm2-135m-instruct=8 (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=parse_model,
+        default=[],
+        help="NAME=FILES_PER_PROMPT, e.g. smollm2-135m-instruct=8 (repeatable)",
+    )
     parser.add_argument("--dataset", default="../shared/datasets/secllmholmes", help="SecLLMHolmes datasets folder")
     parser.add_argument("--split", default="hand-crafted", help="dataset split the files come from")
     parser.add_argument("--demo", type=int, default=8, help="also this many files of the built-in demo set")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=8192)
-    parser.add_argument("--engine", choices=("llama", "torch"), default="llama",
-                        help="llama: llama-server on the GGUF file; torch: the weights in float32 (slow on a CPU)")
+    parser.add_argument(
+        "--engine",
+        choices=("llama", "torch"),
+        default="llama",
+        help="llama: llama-server on the GGUF file; torch: the weights in float32 (slow on a CPU)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="llama-server threads (more spin-wait on a busy CPU)")
     parser.add_argument("--minutes", type=float, default=25.0, help="stop generating after this long (rerun resumes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("runs/answers"))
-    parser.add_argument("--smoke", action="store_true", help="a tiny random model on the demo set (seconds; its "
-                        "answers mean nothing)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny random model on the demo set (seconds; its answers mean nothing)"
+    )
     parser.add_argument("--report", type=Path, nargs="+", help="only print the agreement table of labelled files")
-    parser.add_argument("--exclude", type=Path, nargs="+", default=[],
-                        help="answer files of an earlier collection: their jobs and answer texts are left out, so the "
-                        "new answers are new and get a split of their own")
+    parser.add_argument(
+        "--exclude",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="answer files of an earlier collection: their jobs and answer texts are left out, so the "
+        "new answers are new and get a split of their own",
+    )
     args = parser.parse_args(argv)
     if args.report:
         report(args.report)
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.engine, args.max_new_tokens, args.dataset = [("smoke", 1)], "torch", 4, "demo"
     samples = load_dataset(args.dataset)
     if not args.smoke:
-        samples = filter_samples(samples, splits=[args.split]) + spread(load_dataset("demo"), args.seed)[:args.demo]
+        samples = filter_samples(samples, splits=[args.split]) + spread(load_dataset("demo"), args.seed)[: args.demo]
     prompt_ids = tuple(p for p in PROMPT_IDS if not (args.smoke and needs_resources(p)))
     decoding = Decoding(Mode.GENERATE, args.max_new_tokens, args.batch_tokens, final_answer=False)
     deadline = time.monotonic() + 60 * args.minutes
@@ -207,8 +232,10 @@ def main(argv: list[str] | None = None) -> None:
             for r in split:
                 if r["set"] == name:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"{len(rows)} answers, {len(split)} distinct: "
-          + ", ".join(f"{sum(r['set'] == n for r in split)} {n}" for n in SETS))
+    print(
+        f"{len(rows)} answers, {len(split)} distinct: "
+        + ", ".join(f"{sum(r['set'] == n for r in split)} {n}" for n in SETS)
+    )
 
 
 if __name__ == "__main__":

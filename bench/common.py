@@ -19,11 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def git_state() -> dict:
     """Read-only: the commit and whether the tree has local changes."""
+
     def run(*cmd):
         try:
             return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+
     return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
 
 

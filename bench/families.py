@@ -21,26 +21,35 @@ def describe(name: str, items: list[Sample]) -> None:
     start = time.perf_counter()
     groups = Counter(families(items))
     seconds = time.perf_counter() - start
-    print(f"{name}: {len(items)} items, {len({family(s) for s in items})} pair families, {len(groups)} families "
-          f"across sources (largest {max(groups.values())} items), {seconds:.1f} s")
+    print(
+        f"{name}: {len(items)} items, {len({family(s) for s in items})} pair families, {len(groups)} families "
+        f"across sources (largest {max(groups.values())} items), {seconds:.1f} s"
+    )
 
 
 def overlap(train_name: str, train: list[Sample], test_name: str, test: list[Sample]) -> None:
     leaked = {s.id for s in overlapping(test, set(training_keys(train)))}
-    print(f"train {train_name}, test {test_name}: {len(leaked)} of {len(test)} test items overlap; "
-          f"{len(with_families(test, leaked))} with their families")
+    print(
+        f"train {train_name}, test {test_name}: {len(leaked)} of {len(test)} test items overlap; "
+        f"{len(with_families(test, leaked))} with their families"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("datasets", nargs="?", type=Path, default=Path("../shared/datasets"),
-                   help="the folder holding secllmholmes/ and sven/sven.jsonl")
+    p.add_argument(
+        "datasets",
+        nargs="?",
+        type=Path,
+        default=Path("../shared/datasets"),
+        help="the folder holding secllmholmes/ and sven/sven.jsonl",
+    )
     p.add_argument("--smoke", action="store_true", help="the built-in demo only")
     args = p.parse_args()
     if args.smoke:
         demo = load_demo()
         describe("demo", demo)
-        overlap("demo's first half", demo[:len(demo) // 2], "demo", demo)
+        overlap("demo's first half", demo[: len(demo) // 2], "demo", demo)
         return
     holmes = load_dataset(str(args.datasets / "secllmholmes"))
     sven = load_dataset(str(args.datasets / "sven" / "sven.jsonl"))
@@ -48,8 +57,12 @@ def main() -> None:
     describe("SecLLMHolmes", holmes)
     describe("SVEN", sven)
     overlap("SVEN", sven, "SecLLMHolmes hand-crafted", hand)
-    overlap("SecLLMHolmes augmented", [s for s in holmes if s.split.startswith("augmented")],
-            "SecLLMHolmes hand-crafted", hand)
+    overlap(
+        "SecLLMHolmes augmented",
+        [s for s in holmes if s.split.startswith("augmented")],
+        "SecLLMHolmes hand-crafted",
+        hand,
+    )
     overlap("SecLLMHolmes", holmes, "SVEN", sven)
 
 

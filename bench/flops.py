@@ -48,8 +48,9 @@ def matmul_flops(n: int, iterations: int) -> float:
 def linear_parameters(lm: LoadedModel) -> tuple[int, int]:
     """Weights of the decoder layers' matmuls (every token runs them), and of the language-model head."""
     head = lm.model.get_output_embeddings()
-    layers = sum(m.weight.numel() for name, m in lm.model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and m is not head)
+    layers = sum(
+        m.weight.numel() for name, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
     return layers, head.weight.numel()
 
 
@@ -65,8 +66,10 @@ def prompt_flops(lm: LoadedModel, tokens: int, from_layer: int = 0) -> float:
 def configs(lm: LoadedModel, k: int, positions: Positions) -> list[Steering]:
     layers = sorted({relative_layer(d, lm.num_layers) for d in DEPTHS})
     g = torch.Generator().manual_seed(0)
-    return [Steering({layer: torch.randn(lm.hidden_size, generator=g) for layer in layers}, 1.0, positions)
-            for _ in range(k)]
+    return [
+        Steering({layer: torch.randn(lm.hidden_size, generator=g) for layer in layers}, 1.0, positions)
+        for _ in range(k)
+    ]
 
 
 def steered(jobs: list[Job], rows: list[Steering]) -> list[list[Job]]:
@@ -94,24 +97,39 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [r.prompt_tokens for r in evaluate(lm, jobs, decoding)]  # also the warm-up
     peak = matmul_flops(args.matmul_n, 3 if args.smoke else 20)
 
-    report: dict = {"machine": {**run_info(), "torch_threads": torch.get_num_threads()},
-                    "config": {"model": lm.model_id, "items": len(jobs), "k": args.k, "repeats": args.repeats,
-                               "prompt_tokens_mean": statistics.mean(tokens), "smoke": args.smoke},
-                    "matmul_flops_per_s": peak, "arms": {}}
+    report: dict = {
+        "machine": {**run_info(), "torch_threads": torch.get_num_threads()},
+        "config": {
+            "model": lm.model_id,
+            "items": len(jobs),
+            "k": args.k,
+            "repeats": args.repeats,
+            "prompt_tokens_mean": statistics.mean(tokens),
+            "smoke": args.smoke,
+        },
+        "matmul_flops_per_s": peak,
+        "arms": {},
+    }
     first = min(relative_layer(d, lm.num_layers) for d in DEPTHS)
     # prompt-last: one prefix pass per item serves its K rows; all: each row runs from its first steered layer up,
     # the layers below once per item.
     below = sum(prompt_flops(lm, t) - prompt_flops(lm, t, first) for t in tokens)
-    needed = {"prompt-last": sum(prompt_flops(lm, t) for t in tokens),
-              "all": args.k * sum(prompt_flops(lm, t, first) for t in tokens) + below}
+    needed = {
+        "prompt-last": sum(prompt_flops(lm, t) for t in tokens),
+        "all": args.k * sum(prompt_flops(lm, t, first) for t in tokens) + below,
+    }
     for positions in (Positions.PROMPT_LAST, Positions.ALL):
         rows = [j for group in steered(jobs, configs(lm, args.k, positions)) for j in group]
         times = timed(lambda rows=rows: evaluate(lm, rows, decoding), args.repeats)
         seconds = statistics.median(times)
         report["arms"][positions] = {
-            "rows": len(rows), "seconds": times, "rows_per_s": len(rows) / seconds,
-            "flops_needed": needed[positions], "flops_per_s": needed[positions] / seconds,
-            "share_of_matmul_peak": needed[positions] / seconds / peak}
+            "rows": len(rows),
+            "seconds": times,
+            "rows_per_s": len(rows) / seconds,
+            "flops_needed": needed[positions],
+            "flops_per_s": needed[positions] / seconds,
+            "share_of_matmul_peak": needed[positions] / seconds / peak,
+        }
 
     # Prefix reuse, side by side: all K configs in one call (each prompt's prefix once) vs one call per config.
     groups = steered(jobs, configs(lm, args.k, Positions.PROMPT_LAST))
@@ -119,13 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         together += timed(lambda: evaluate(lm, [j for g in groups for j in g], decoding), 1)
         separate += timed(lambda: [evaluate(lm, g, decoding) for g in groups], 1)
-    report["prefix_reuse"] = {"shared_s": together, "separate_s": separate,
-                              "separate_over_shared": statistics.median(separate) / statistics.median(together)}
+    report["prefix_reuse"] = {
+        "shared_s": together,
+        "separate_s": separate,
+        "separate_over_shared": statistics.median(separate) / statistics.median(together),
+    }
     for positions, arm in report["arms"].items():
-        print(f"{positions:>12}: {arm['rows_per_s']:.1f} rows/s, {arm['flops_per_s'] / 1e9:.1f} GFLOP/s needed-work "
-              f"rate = {100 * arm['share_of_matmul_peak']:.0f}% of the {peak / 1e9:.1f} GFLOP/s matmul peak")
-    print(f"prefix reuse (prompt-last, K={args.k}): separate / shared = "
-          f"{report['prefix_reuse']['separate_over_shared']:.2f}x")
+        print(
+            f"{positions:>12}: {arm['rows_per_s']:.1f} rows/s, {arm['flops_per_s'] / 1e9:.1f} GFLOP/s needed-work "
+            f"rate = {100 * arm['share_of_matmul_peak']:.0f}% of the {peak / 1e9:.1f} GFLOP/s matmul peak"
+        )
+    print(
+        f"prefix reuse (prompt-last, K={args.k}): separate / shared = "
+        f"{report['prefix_reuse']['separate_over_shared']:.2f}x"
+    )
     write_report(report, args.output)
     return 0
 

@@ -67,18 +67,81 @@ from vulnsteer.steering.hooks import steer
 # slightly low stand-in. Reproduce with:
 #   render(tok, build_prompt(s, "S1", PromptResources.from_dataset_root(root)).messages) for each sample s.
 HANDCRAFTED_S1_LENGTHS = (
-    209, 245, 233, 249, 283, 287, 297, 389, 372, 456, 413, 465, 198, 230, 629, 198, 235, 618, 281, 317, 290, 332,
-    371, 306, 171, 197, 459, 250, 287, 490, 145, 482, 309, 134, 482, 328, 220, 193, 222, 227, 206, 231, 114, 189,
-    234, 113, 192, 234,
+    209,
+    245,
+    233,
+    249,
+    283,
+    287,
+    297,
+    389,
+    372,
+    456,
+    413,
+    465,
+    198,
+    230,
+    629,
+    198,
+    235,
+    618,
+    281,
+    317,
+    290,
+    332,
+    371,
+    306,
+    171,
+    197,
+    459,
+    250,
+    287,
+    490,
+    145,
+    482,
+    309,
+    134,
+    482,
+    328,
+    220,
+    193,
+    222,
+    227,
+    206,
+    231,
+    114,
+    189,
+    234,
+    113,
+    192,
+    234,
 )
 assert len(HANDCRAFTED_S1_LENGTHS) == 48 and sum(HANDCRAFTED_S1_LENGTHS) == 14012
 
-QWEN25_14B: dict[str, Any] = dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-                  intermediate_size=13824, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=160, vocab_size=1000, max_position_embeddings=4096, rope_theta=1e6,
-            rms_norm_eps=1e-6, tie_word_embeddings=False)
+QWEN25_14B: dict[str, Any] = dict(
+    hidden_size=5120,
+    num_hidden_layers=48,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    intermediate_size=13824,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TINY: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=160,
+    vocab_size=1000,
+    max_position_embeddings=4096,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 DEPTHS = (0.25, 0.5, 0.75, 1.0)
 PAD_ID = 0
 EOS_ID = 1
@@ -173,8 +236,8 @@ def left_pad(rows: list[torch.Tensor], device) -> dict:
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long, device=device)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -189,13 +252,31 @@ def random_steering(hidden: int, layers: list[int], strength: float, positions: 
 
 def generate(model, encoded: dict, new_tokens: int) -> torch.Tensor:
     # As the engine's Generator does: dynamic cache, never compiled (hooks would be invisible to it).
-    return model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          temperature=None, top_p=None, top_k=None, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
-                          cache_implementation="dynamic", disable_compile=True)
+    return model.generate(
+        **encoded,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        cache_implementation="dynamic",
+        disable_compile=True,
+    )
 
 
-def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steering | None,
-                decoder: StaticDecoder | None = None, keep: dict | None = None) -> int:
+def run_batched(
+    model,
+    groups,
+    tokens,
+    device,
+    new_tokens: int,
+    steering: Steering | None,
+    decoder: StaticDecoder | None = None,
+    keep: dict | None = None,
+) -> int:
     """Dynamic cache + `steer()` hooks, or (with `decoder`) the static decoder, whose decode step is a CUDA-graph
     replay steered through the engine's fixed buffers. `keep` collects each item's new tokens."""
     produced = 0
@@ -207,7 +288,7 @@ def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steeri
                 new = decoder.generate(enc["input_ids"], enc["attention_mask"], new_tokens, rows)
             else:
                 with steer(model, rows) if steering else nullcontext():
-                    new = generate(model, enc, new_tokens)[:, enc["input_ids"].shape[1]:]
+                    new = generate(model, enc, new_tokens)[:, enc["input_ids"].shape[1] :]
         produced += new.numel()
         if keep is not None:
             keep.update(zip(group, new.tolist()))
@@ -217,11 +298,16 @@ def run_batched(model, groups, tokens, device, new_tokens: int, steering: Steeri
 def agreement(a: dict, b: dict) -> dict:
     """How far two arms' greedy tokens agree, item by item: identical rows, and the mean length of the common
     prefix (bf16 kernels that differ in rounding may flip a near-tie, after which the rows diverge)."""
+
     def common(x, y):
         return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+
     prefixes = [common(a[i], b[i]) for i in a]
-    return {"identical_rows": sum(a[i] == b[i] for i in a), "rows": len(a),
-            "mean_common_prefix_tokens": statistics.mean(prefixes)}
+    return {
+        "identical_rows": sum(a[i] == b[i] for i in a),
+        "rows": len(a),
+        "mean_common_prefix_tokens": statistics.mean(prefixes),
+    }
 
 
 def run_score(model, groups, tokens, device) -> int:
@@ -259,12 +345,21 @@ def prefill_flops(n_params_matmul: int, lengths, layers: int, hidden: int) -> fl
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
-                   help="tiny config on CPU: checks the logic, numbers meaningless")
+    p.add_argument(
+        "--tiny",
+        "--smoke",
+        dest="tiny",
+        action="store_true",
+        help="tiny config on CPU: checks the logic, numbers meaningless",
+    )
     p.add_argument("--new-tokens", type=int, default=None, help="default 200 (8 with --tiny)")
-    p.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded prompt tokens per batch, as Decoding.batch_tokens (default: the engine's automatic "
-                        "budget, what fits in free GPU memory)")
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded prompt tokens per batch, as Decoding.batch_tokens (default: the engine's automatic "
+        "budget, what fits in free GPU memory)",
+    )
     p.add_argument("--one-items", type=int, default=3, help="items timed one at a time (then extrapolated)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each batched arm (interleaved)")
     p.add_argument("--strength", type=float, default=1.0)
@@ -282,8 +377,11 @@ def main(argv=None) -> int:
         mm_n, mm_iters, copy_bytes, copy_iters = 256, 5, 1 << 24, 5
     else:
         if not torch.cuda.is_available():
-            print("gpu_scale.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine); "
-                  "nothing was run. Use --tiny to check the script's logic on CPU.", file=sys.stderr)
+            print(
+                "gpu_scale.py needs a CUDA GPU (torch.cuda.is_available() is False on this machine); "
+                "nothing was run. Use --tiny to check the script's logic on CPU.",
+                file=sys.stderr,
+            )
             return 2
         device, dtype, shape = torch.device("cuda"), torch.bfloat16, QWEN25_14B
         lengths = HANDCRAFTED_S1_LENGTHS
@@ -292,15 +390,18 @@ def main(argv=None) -> int:
 
     wall = time.perf_counter()
     info = {
-        **run_info(), "tiny": args.tiny, "cuda": torch.version.cuda,
+        **run_info(),
+        "tiny": args.tiny,
+        "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
     }
     report: dict = {"machine": info}
 
     hw = {}
     if not args.skip_hw:
-        hw["matmul_tflops_bf16" if dtype == torch.bfloat16 else "matmul_tflops"] = \
-            matmul_tflops(device, dtype, mm_n, mm_iters)
+        hw["matmul_tflops_bf16" if dtype == torch.bfloat16 else "matmul_tflops"] = matmul_tflops(
+            device, dtype, mm_n, mm_iters
+        )
         hw["copy_gbps"] = copy_gbps(device, copy_bytes, copy_iters)
         hw["matmul_n"], hw["copy_bytes"] = mm_n, copy_bytes
         if device.type == "cuda":
@@ -324,10 +425,17 @@ def main(argv=None) -> int:
     layers = sorted({relative_layer(d, n_layers) for d in DEPTHS})
     steering = random_steering(hidden, layers, args.strength)
     report["workload"] = {
-        "shape": shape, "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
-        "weight_bytes": param_bytes, "decode_read_bytes": read_bytes, "prompts": len(lengths),
-        "prompt_tokens": sum(lengths), "new_tokens": new_tokens, "batch_tokens": budget,
-        "batches": [len(g) for g in groups], "score_batches": [len(g) for g in score_groups],
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": param_bytes,
+        "decode_read_bytes": read_bytes,
+        "prompts": len(lengths),
+        "prompt_tokens": sum(lengths),
+        "new_tokens": new_tokens,
+        "batch_tokens": budget,
+        "batches": [len(g) for g in groups],
+        "score_batches": [len(g) for g in score_groups],
         "padded_prompt_tokens": padded_tokens(groups, lengths),
         "score_padded_prompt_tokens": padded_tokens(score_groups, lengths),
         "steered_layers": layers,
@@ -381,10 +489,14 @@ def main(argv=None) -> int:
             with Clock(device) as c, torch.inference_mode():
                 generate(model, enc, new_tokens)
             per_item.append(c.seconds)
-        return {"measured_items": len(picked), "measured_lengths": [lengths[i] for i in picked],
-                "measured_s": [round(s, 3) for s in per_item],
-                "extrapolated_s": statistics.mean(per_item) * len(lengths), "extrapolated": True,
-                "peak_gib": peak_gib(device)}
+        return {
+            "measured_items": len(picked),
+            "measured_lengths": [lengths[i] for i in picked],
+            "measured_s": [round(s, 3) for s in per_item],
+            "extrapolated_s": statistics.mean(per_item) * len(lengths),
+            "extrapolated": True,
+            "peak_gib": peak_gib(device),
+        }
 
     plain_tokens: dict = {}  # the steered plain path's tokens, to compare with the static decoder's
 
@@ -396,8 +508,9 @@ def main(argv=None) -> int:
             for name, rows in (("batched_generate", None), ("batched_generate_steered", steering)):
                 reset_peak(device)
                 with Clock(device) as c:
-                    produced = run_batched(model, groups, tokens, device, new_tokens, rows,
-                                           keep=plain_tokens if rows else None)
+                    produced = run_batched(
+                        model, groups, tokens, device, new_tokens, rows, keep=plain_tokens if rows else None
+                    )
                 expect_all_tokens(name, produced)
                 times[name].append(c.seconds)
                 peaks[name] = max(peaks.get(name) or 0, peak_gib(device) or 0) or None
@@ -429,9 +542,13 @@ def main(argv=None) -> int:
                     produced = run_batched(model, groups, tokens, device, new_tokens, other, decoder)
                 expect_all_tokens("static", produced)
                 times.append(c.seconds)
-        return {**timed(times), "first_pass_with_capture_s": round(capture_s, 2),
-                "graphs_captured": decoder.captures, "buffer_sets": decoder.allocations,
-                "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens) if plain_tokens else None}
+        return {
+            **timed(times),
+            "first_pass_with_capture_s": round(capture_s, 2),
+            "graphs_captured": decoder.captures,
+            "buffer_sets": decoder.allocations,
+            "tokens_vs_plain_steered": agreement(plain_tokens, engine_tokens) if plain_tokens else None,
+        }
 
     def static_variant(**settings) -> dict:
         """One pass of the static decoder with `settings`, after a pass that pays any capture."""
@@ -448,8 +565,9 @@ def main(argv=None) -> int:
         decoder: one pass whose rows ask every prompt under every config (each prompt's pass shared, every row
         decoding in the same steps) against K separate passes, one config each. A warm-up pass of each pays the
         captures."""
-        configs = [random_steering(hidden, layers, args.strength * (1 + j), Positions.PROMPT_LAST)
-                   for j in range(args.k)]
+        configs = [
+            random_steering(hidden, layers, args.strength * (1 + j), Positions.PROMPT_LAST) for j in range(args.k)
+        ]
         width = args.k * max(len(g) for g in groups)
 
         def combined(decoder, keep: dict | None = None) -> int:
@@ -484,16 +602,24 @@ def main(argv=None) -> int:
                     with Clock(device) as c:
                         produced = run(decoder)
                     if produced != args.k * new_tokens * len(lengths):
-                        raise RuntimeError(f"k_configs {name}: {produced} new tokens, expected "
-                                           f"{args.k * new_tokens * len(lengths)}")
+                        raise RuntimeError(
+                            f"k_configs {name}: {produced} new tokens, expected {args.k * new_tokens * len(lengths)}"
+                        )
                     times[name].append(c.seconds)
-        return {"k": args.k, **timed(times["combined"]), "separate_median_s": statistics.median(times["separate"]),
-                "separate_runs_s": [round(t, 3) for t in times["separate"]],
-                "tokens_combined_vs_separate": agreement(kept["separate"], kept["combined"])}
+        return {
+            "k": args.k,
+            **timed(times["combined"]),
+            "separate_median_s": statistics.median(times["separate"]),
+            "separate_runs_s": [round(t, 3) for t in times["separate"]],
+            "tokens_combined_vs_separate": agreement(kept["separate"], kept["combined"]),
+        }
 
     def timed(times: list[float]) -> dict:
-        return {"median_s": statistics.median(times), "runs_s": [round(t, 3) for t in times],
-                "peak_gib": peak_gib(device)}
+        return {
+            "median_s": statistics.median(times),
+            "runs_s": [round(t, 3) for t in times],
+            "peak_gib": peak_gib(device),
+        }
 
     # The issue's goals first (steered generation, then the score pass), then the diagnostic arms: what the CUDA
     # graph buys (the decoder without the capture), and the captured decoder with one optimisation off at a time:
@@ -510,8 +636,9 @@ def main(argv=None) -> int:
     measure(lambda: static_variant(grouped_prefill=False), "static_graph_whole_prefill")
     measure(k_configs, "k_configs_static_prompt_last")
 
-    report["derived"] = derived_figures(arms, hw, lengths, groups, layers, new_tokens, read_bytes, matmul_params,
-                                        n_layers, hidden)
+    report["derived"] = derived_figures(
+        arms, hw, lengths, groups, layers, new_tokens, read_bytes, matmul_params, n_layers, hidden
+    )
     report["failed_arms"] = [name for name, arm in arms.items() if "error" in arm]
     report["wall_s"] = round(time.perf_counter() - wall, 1)
 
@@ -520,9 +647,20 @@ def main(argv=None) -> int:
     return 1 if report["failed_arms"] else 0
 
 
-def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: int, read_bytes: int,
-                    matmul_params: int, n_layers: int, hidden: int) -> dict:
+def derived_figures(
+    arms: dict,
+    hw: dict,
+    lengths,
+    groups,
+    layers,
+    new_tokens: int,
+    read_bytes: int,
+    matmul_params: int,
+    n_layers: int,
+    hidden: int,
+) -> dict:
     """Ratios and the hardware bound, each only where the arms it needs ran."""
+
     def seconds(name: str) -> float | None:
         arm = arms.get(name, {})
         return arm.get("median_s", arm.get("extrapolated_s"))
@@ -536,8 +674,9 @@ def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: i
         "one_at_a_time_extrapolated / batched": ratio(seconds("one_at_a_time"), plain),
         "batched / score": ratio(plain, seconds("score")),
         "steering_overhead_pct": 100 * (steered - plain) / plain if plain and steered else None,
-        "steering_us_per_layer_per_step": (1e6 * (steered - plain) / (len(layers) * new_tokens * len(groups))
-                                           if plain and steered else None),
+        "steering_us_per_layer_per_step": (
+            1e6 * (steered - plain) / (len(layers) * new_tokens * len(groups)) if plain and steered else None
+        ),
         "decode_tokens_per_s_batched": ratio(new_tokens * len(lengths), plain),
     }
     if hw:
@@ -545,22 +684,25 @@ def derived_figures(arms: dict, hw: dict, lengths, groups, layers, new_tokens: i
         bw = hw["copy_gbps"] * 1e9
         flops = prefill_flops(matmul_params, lengths, n_layers, hidden)
         bound_engine = new_tokens * len(groups) * read_bytes / bw + flops / rate
-        derived.update({
-            "prefill_flops": flops,
-            "bound_s_single_batch": new_tokens * read_bytes / bw + flops / rate,
-            "bound_s_engine_batches": bound_engine,
-            "bound_note": "decode steps x weight bytes / copy bandwidth + prefill FLOPs / matmul rate; "
-                          "KV-cache reads and decode FLOPs are left out (a lower bound); engine_batches counts "
-                          f"{len(groups)} batches x {new_tokens} steps",
-            "batched / bound_engine_batches": ratio(plain, bound_engine),
-            "static_graph_steered / bound_engine_batches": ratio(static, bound_engine),
-            "static_eager / static_graph": ratio(seconds("static_eager_steered"), static),
-            "static_transformers_attention / static_graph":
-                ratio(seconds("static_graph_transformers_attention"), static),
-            "static_whole_prefill / static_graph": ratio(seconds("static_graph_whole_prefill"), static),
-            "score / prefill_bound": ratio(seconds("score"), flops / rate),
-            "score_in_generate_batches / score": ratio(seconds("score_in_generate_batches"), seconds("score")),
-        })
+        derived.update(
+            {
+                "prefill_flops": flops,
+                "bound_s_single_batch": new_tokens * read_bytes / bw + flops / rate,
+                "bound_s_engine_batches": bound_engine,
+                "bound_note": "decode steps x weight bytes / copy bandwidth + prefill FLOPs / matmul rate; "
+                "KV-cache reads and decode FLOPs are left out (a lower bound); engine_batches counts "
+                f"{len(groups)} batches x {new_tokens} steps",
+                "batched / bound_engine_batches": ratio(plain, bound_engine),
+                "static_graph_steered / bound_engine_batches": ratio(static, bound_engine),
+                "static_eager / static_graph": ratio(seconds("static_eager_steered"), static),
+                "static_transformers_attention / static_graph": ratio(
+                    seconds("static_graph_transformers_attention"), static
+                ),
+                "static_whole_prefill / static_graph": ratio(seconds("static_graph_whole_prefill"), static),
+                "score / prefill_bound": ratio(seconds("score"), flops / rate),
+                "score_in_generate_batches / score": ratio(seconds("score_in_generate_batches"), seconds("score")),
+            }
+        )
     sweep = arms.get("k_configs_static_prompt_last", {})
     derived["k_configs: separate / combined"] = ratio(sweep.get("separate_median_s"), sweep.get("median_s"))
     return derived
@@ -572,11 +714,13 @@ def print_report(report: dict) -> None:
 
     console = Console(width=max(120, Console().width))
     w = report["workload"]
-    console.print(f"[bold]{'TINY (CPU logic check) ' if report['machine']['tiny'] else ''}Qwen2-architecture "
-                  f"{w['params'] / 1e9:.2f}B params[/] on {report['machine']['device']}, "
-                  f"{w['prompts']} prompts / {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, "
-                  f"batches {w['batches']} ({w['padded_prompt_tokens']} padded tokens), scoring batches "
-                  f"{w['score_batches']} ({w['score_padded_prompt_tokens']})")
+    console.print(
+        f"[bold]{'TINY (CPU logic check) ' if report['machine']['tiny'] else ''}Qwen2-architecture "
+        f"{w['params'] / 1e9:.2f}B params[/] on {report['machine']['device']}, "
+        f"{w['prompts']} prompts / {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, "
+        f"batches {w['batches']} ({w['padded_prompt_tokens']} padded tokens), scoring batches "
+        f"{w['score_batches']} ({w['score_padded_prompt_tokens']})"
+    )
     table = Table(title="timings")
     table.add_column("arm")
     table.add_column("seconds", justify="right")
@@ -586,16 +730,24 @@ def print_report(report: dict) -> None:
         if "error" in arm:
             table.add_row(name, "FAILED", "", arm["error"])
         elif name == "one_at_a_time":
-            table.add_row(name, f"{arm['extrapolated_s']:.2f}", str(arm["peak_gib"]),
-                          f"EXTRAPOLATED: mean of {arm['measured_items']} items x {w['prompts']}")
+            table.add_row(
+                name,
+                f"{arm['extrapolated_s']:.2f}",
+                str(arm["peak_gib"]),
+                f"EXTRAPOLATED: mean of {arm['measured_items']} items x {w['prompts']}",
+            )
         else:
             note = f"median of {len(arm['runs_s'])}"
-            for key, other in (("tokens_vs_plain_steered", "plain steered path"),
-                               ("tokens_combined_vs_separate", "K separate passes")):
+            for key, other in (
+                ("tokens_vs_plain_steered", "plain steered path"),
+                ("tokens_combined_vs_separate", "K separate passes"),
+            ):
                 if arm.get(key):
                     same = arm[key]
-                    note += (f"; tokens = {other} in {same['identical_rows']}/{same['rows']} rows, "
-                             f"common prefix {same['mean_common_prefix_tokens']:.1f} tokens on average")
+                    note += (
+                        f"; tokens = {other} in {same['identical_rows']}/{same['rows']} rows, "
+                        f"common prefix {same['mean_common_prefix_tokens']:.1f} tokens on average"
+                    )
             if "separate_median_s" in arm:
                 note += f"; K={arm['k']} separate passes {arm['separate_median_s']:.2f} s"
             table.add_row(name, f"{arm['median_s']:.2f}", str(arm["peak_gib"]), note)
@@ -606,8 +758,9 @@ def print_report(report: dict) -> None:
     for key, value in {**report["hardware"], **report["derived"]}.items():
         if key.endswith("note"):
             continue
-        derived.add_row(key, f"{value:.4g}" if isinstance(value, float) else "n/a (an arm failed)"
-                        if value is None else str(value))
+        derived.add_row(
+            key, f"{value:.4g}" if isinstance(value, float) else "n/a (an arm failed)" if value is None else str(value)
+        )
     console.print(derived)
     if "bound_note" in report["derived"]:
         console.print(report["derived"]["bound_note"])

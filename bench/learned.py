@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--items", type=int, default=24)
     p.add_argument("--layers", default="15", help="steered layers, as --layers takes them (one copy each)")
-    p.add_argument("--groups", choices=("pooled", "cwe+pooled"), default="pooled",
-                   help="pooled: one copy per layer; cwe+pooled: two (the item's CWE and pooled)")
+    p.add_argument(
+        "--groups",
+        choices=("pooled", "cwe+pooled"),
+        default="pooled",
+        help="pooled: one copy per layer; cwe+pooled: two (the item's CWE and pooled)",
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -63,24 +67,39 @@ def main(argv: list[str] | None = None) -> int:
     norms = {layer: 1.0 for layer in layers}
     forward()  # warm-up
     for _ in range(args.repeats):
-        for name, run in (("forward", forward),
-                          ("trained", lambda: train_vectors(lm, prefix, items, groups, layers, norms, POOLED,
-                                                            settings)),
-                          ("loreft", lambda: train_edits(lm, prefix, items, groups, layers, POOLED, settings))):
+        for name, run in (
+            ("forward", forward),
+            ("trained", lambda: train_vectors(lm, prefix, items, groups, layers, norms, POOLED, settings)),
+            ("loreft", lambda: train_edits(lm, prefix, items, groups, layers, POOLED, settings)),
+        ):
             start = time.perf_counter()
             run()
             arms[name].append(time.perf_counter() - start)
     forward_s = statistics.median(arms["forward"])
-    report: dict = {"machine": {**run_info(), "torch_threads": torch.get_num_threads()},
-              "config": {"model": lm.model_id, "items": len(items), "layers": layers, "groups": args.groups,
-                         "copies_per_item": copies, "steps": args.steps, "rank": args.rank, "smoke": args.smoke,
-                         "prompt_tokens_mean": float(encoded["attention_mask"].sum(1).float().mean())},
-              "prefix_pass_s": prefix_s, "seconds": arms, "ratios": {}}
+    report: dict = {
+        "machine": {**run_info(), "torch_threads": torch.get_num_threads()},
+        "config": {
+            "model": lm.model_id,
+            "items": len(items),
+            "layers": layers,
+            "groups": args.groups,
+            "copies_per_item": copies,
+            "steps": args.steps,
+            "rank": args.rank,
+            "smoke": args.smoke,
+            "prompt_tokens_mean": float(encoded["attention_mask"].sum(1).float().mean()),
+        },
+        "prefix_pass_s": prefix_s,
+        "seconds": arms,
+        "ratios": {},
+    }
     for name in ("trained", "loreft"):
         per_step = statistics.median(arms[name]) / args.steps
         report["ratios"][f"{name}: item-step / item forward"] = per_step / forward_s
-        print(f"{name}: {per_step:.3f} s a step over {len(items)} items x {copies} copies = "
-              f"{per_step / forward_s:.2f} forward passes over the items (one pass: {forward_s:.3f} s)")
+        print(
+            f"{name}: {per_step:.3f} s a step over {len(items)} items x {copies} copies = "
+            f"{per_step / forward_s:.2f} forward passes over the items (one pass: {forward_s:.3f} s)"
+        )
     print(f"prefix pass, once for every fold and step: {prefix_s:.2f} s")
     write_report(report, args.output)
     return 0

@@ -30,8 +30,13 @@ def smoke_model(here: Path) -> tuple[LoadedModel, Path, Path]:
     folder = here / "model"
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
-    meta = {"model": "tiny", "model_type": lm.model.config.model_type, "hidden_size": lm.hidden_size,
-            "num_layers": lm.num_layers, "method": "mean-diff"}
+    meta = {
+        "model": "tiny",
+        "model_type": lm.model.config.model_type,
+        "hidden_size": lm.hidden_size,
+        "num_layers": lm.num_layers,
+        "method": "mean-diff",
+    }
     vector = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(5)) * 3
     save(VectorBank({"pooled": {2: vector}}, meta), here / "vectors.safetensors")
     return lm, folder, here / "vectors.safetensors"
@@ -43,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--strength", type=float, default=0.5)
     p.add_argument("--layer", type=int, default=15)
-    p.add_argument("--smoke", action="store_true", help="a tiny random model, 4 documents (its numbers mean "
-                                                        "nothing: it checks that the script runs)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny random model, 4 documents (its numbers mean nothing: it checks that the script runs)",
+    )
     args = p.parse_args(argv)
     here = args.out_dir
     here.mkdir(parents=True, exist_ok=True)
@@ -66,14 +74,51 @@ def main(argv: list[str] | None = None) -> int:
     (here / "tasks").mkdir(exist_ok=True)
     (here / "tasks" / "demo_code.yaml").write_text(loglikelihood_task("demo_code", here / "docs.jsonl"))
 
-    subprocess.run([sys.executable, "-m", "vulnsteer.cli", "vectors", "export", str(vectors), "--format", "lm-eval",
-                    "--layers", str(layer), "--strength", str(args.strength), "-o", str(here / "steer.pt")],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vulnsteer.cli",
+            "vectors",
+            "export",
+            str(vectors),
+            "--format",
+            "lm-eval",
+            "--layers",
+            str(layer),
+            "--strength",
+            str(args.strength),
+            "-o",
+            str(here / "steer.pt"),
+        ],
+        check=True,
+    )
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "steered", "--model_args",
-                    f"pretrained={folder},steer_path={here / 'steer.pt'},dtype=float32", "--tasks", "demo_code",
-                    "--include_path", str(here / "tasks"), "--device", "cpu", "--batch_size", "1", "--log_samples",
-                    "--output_path", str(here / "out")], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "steered",
+            "--model_args",
+            f"pretrained={folder},steer_path={here / 'steer.pt'},dtype=float32",
+            "--tasks",
+            "demo_code",
+            "--include_path",
+            str(here / "tasks"),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--log_samples",
+            "--output_path",
+            str(here / "out"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     (samples,) = sorted((here / "out").rglob("samples_demo_code_*.jsonl"))[-1:]
     logged = [json.loads(line) for line in samples.read_text().splitlines()]
     theirs = {row["doc"]["context"]: float(row["resps"][0][0][0]) for row in logged}
@@ -85,9 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         base = continuation_log_likelihood(lm, d["context"], d["target"])
         diffs.append(abs(theirs[d["context"]] - ours))
         moves.append(abs(ours - base))
-    print(json.dumps({"docs": len(docs), "strength": args.strength, "smoke": args.smoke,
-                      "max_abs_diff_lm_eval_vs_vulnsteer": max(diffs),
-                      "mean_abs_steering_effect": sum(moves) / len(moves), "min_abs_steering_effect": min(moves)}))
+    print(
+        json.dumps(
+            {
+                "docs": len(docs),
+                "strength": args.strength,
+                "smoke": args.smoke,
+                "max_abs_diff_lm_eval_vs_vulnsteer": max(diffs),
+                "mean_abs_steering_effect": sum(moves) / len(moves),
+                "min_abs_steering_effect": min(moves),
+            }
+        )
+    )
     return 0
 
 

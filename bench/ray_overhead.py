@@ -33,9 +33,12 @@ MODEL = "smollm2-135m-instruct"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds: a tiny random model saved to a temporary folder, 4 items, 1 repeat (checks the "
-                        "script runs; its numbers mean nothing)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: a tiny random model saved to a temporary folder, 4 items, 1 repeat (checks the "
+        "script runs; its numbers mean nothing)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
@@ -53,25 +56,39 @@ def main(argv: list[str] | None = None) -> int:
             model, repeats = MODEL, args.repeats
         local = LocalBackend(load_model(model, dtype=torch.float32, device="cpu"))
         cut = shards([job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs], SHARDS_PER_WORKER)
+
         def sharded() -> None:
             for shard in cut:
                 local.evaluate([jobs[i] for i in shard], decoding)
 
-        runs = {"local": timed(lambda: local.evaluate(jobs, decoding), repeats, warm_up=True),
-                "local_sharded": timed(sharded, repeats, warm_up=True)}
+        runs = {
+            "local": timed(lambda: local.evaluate(jobs, decoding), repeats, warm_up=True),
+            "local_sharded": timed(sharded, repeats, warm_up=True),
+        }
         cluster = RayBackend(ClusterOptions("local", workers=1), str(model), "float32", "score")
         try:
             runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding), repeats, warm_up=True)
         finally:
             cluster.close()
     median = {name: statistics.median(times) for name, times in runs.items()}
-    print(json.dumps({
-        "rows": len(jobs), "shards": len(cut), "repeats": repeats, "torch_threads": torch.get_num_threads(),
-        "smoke": args.smoke, "seconds": {name: [round(t, 2) for t in times] for name, times in runs.items()},
-        "ratio_sharded_to_local": round(median["local_sharded"] / median["local"], 3),
-        "ratio_ray_to_local_sharded": round(median["ray_1_worker"] / median["local_sharded"], 3),
-        "ray_overhead_per_shard_ms": round(1000 * (median["ray_1_worker"] - median["local_sharded"]) / len(cut), 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "rows": len(jobs),
+                "shards": len(cut),
+                "repeats": repeats,
+                "torch_threads": torch.get_num_threads(),
+                "smoke": args.smoke,
+                "seconds": {name: [round(t, 2) for t in times] for name, times in runs.items()},
+                "ratio_sharded_to_local": round(median["local_sharded"] / median["local"], 3),
+                "ratio_ray_to_local_sharded": round(median["ray_1_worker"] / median["local_sharded"], 3),
+                "ray_overhead_per_shard_ms": round(
+                    1000 * (median["ray_1_worker"] - median["local_sharded"]) / len(cut), 1
+                ),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

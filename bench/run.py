@@ -220,8 +220,10 @@ def wait_for_idle(limit_s: float, threshold: float = 0.10, window_s: float = 2.0
         if load.other is None or load.other < threshold:
             return
         if time.perf_counter() > deadline:
-            print(f"warning: other processes still use {100 * load.other:.0f}% of the CPUs; timings will be noisy",
-                  file=sys.stderr)
+            print(
+                f"warning: other processes still use {100 * load.other:.0f}% of the CPUs; timings will be noisy",
+                file=sys.stderr,
+            )
             return
         print(f"waiting: other processes use {100 * load.other:.0f}% of the CPUs", file=sys.stderr, flush=True)
 
@@ -236,8 +238,12 @@ def timed(fn):
 
 
 def summarise(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "runs_s": [round(t, 4) for t in times]}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs_s": [round(t, 4) for t in times],
+    }
 
 
 # --- workload ---------------------------------------------------------------------------------------
@@ -258,8 +264,9 @@ def steering_layers(n_layers: int) -> list[int]:
     return sorted({relative_layer(d, n_layers) for d in DEPTHS})
 
 
-def random_steering(lm, layers: list[int], strength: float, seed: int = 0, label: str = "",
-                    positions: Positions = Positions.ALL) -> Steering:
+def random_steering(
+    lm, layers: list[int], strength: float, seed: int = 0, label: str = "", positions: Positions = Positions.ALL
+) -> Steering:
     """Random unit vectors (a small, nonzero push: strength 0 would install no hook at all)."""
     gen = torch.Generator().manual_seed(seed)
     vectors = {}
@@ -279,8 +286,9 @@ def new_tokens(results) -> int:
 
 def interleaved(arms: dict, repeats: int) -> dict:
     """Run arm functions A B C A B C ... `repeats` times; per arm the times, peaks and the last return value."""
-    out: dict[str, dict[str, Any]] = {name: {"times": [], "peaks": [], "starts": [], "cpu": [], "other": [],
-                                             "value": None} for name in arms}
+    out: dict[str, dict[str, Any]] = {
+        name: {"times": [], "peaks": [], "starts": [], "cpu": [], "other": [], "value": None} for name in arms
+    }
     for _ in range(repeats):
         for name, fn in arms.items():
             seconds, peak, start, value, cpu, other = timed(fn)
@@ -296,11 +304,15 @@ def interleaved(arms: dict, repeats: int) -> dict:
 
 def arm_record(rec: dict, **extra) -> dict:
     others = [o for o in rec["other"] if o is not None]
-    return {**summarise(rec["times"]), "cpu_s_median": round(statistics.median(rec["cpu"]), 3),
-            "other_procs_cpu_share_max": round(max(others), 3) if others else None,
-            "peak_rss_mib": round(max(rec["peaks"]), 1),
-            "rss_before_mib": round(min(rec["starts"]), 1),
-            "peak_delta_mib": round(max(p - s for p, s in zip(rec["peaks"], rec["starts"])), 1), **extra}
+    return {
+        **summarise(rec["times"]),
+        "cpu_s_median": round(statistics.median(rec["cpu"]), 3),
+        "other_procs_cpu_share_max": round(max(others), 3) if others else None,
+        "peak_rss_mib": round(max(rec["peaks"]), 1),
+        "rss_before_mib": round(min(rec["starts"]), 1),
+        "peak_delta_mib": round(max(p - s for p, s in zip(rec["peaks"], rec["starts"])), 1),
+        **extra,
+    }
 
 
 # --- (a) one-at-a-time vs batched generate vs score ------------------------------------------------
@@ -322,8 +334,9 @@ def part_a(lm, jobs, args) -> dict:
         "jobs": len(jobs),
         "arms": {
             "one_at_a_time": arm_record(runs["one_at_a_time"], new_tokens=new_tokens(one), calls=len(jobs)),
-            "batched_generate": arm_record(runs["batched_generate"], new_tokens=new_tokens(bat),
-                                           batches=ran["batched_generate"]),
+            "batched_generate": arm_record(
+                runs["batched_generate"], new_tokens=new_tokens(bat), batches=ran["batched_generate"]
+            ),
             "score": arm_record(runs["score"], new_tokens=0, batches=ran["score"]),
         },
         "identical_responses_one_vs_batched": same,
@@ -375,8 +388,10 @@ def counting_batches(lm, jobs, decoding, into: dict, name: str) -> list:
 
 def encode(lm, texts, groups) -> list:
     """Left-padded encodings of each group's texts."""
-    return [lm.tokenizer([texts[i] for i in g], return_tensors="pt", padding=True, add_special_tokens=False)
-            .to(lm.device) for g in groups]
+    return [
+        lm.tokenizer([texts[i] for i in g], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+        for g in groups
+    ]
 
 
 def forced_generate(lm, encoded, n: int, steering: Steering | None = None) -> int:
@@ -386,8 +401,16 @@ def forced_generate(lm, encoded, n: int, steering: Steering | None = None) -> in
     for enc in encoded:
         rows = enc["input_ids"].shape[0]
         with torch.inference_mode(), steer(lm.model, [steering] * rows) if steering else nullcontext():
-            out = lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,
-                                    top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
+            out = lm.model.generate(
+                **enc,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
         produced += (out.shape[1] - enc["input_ids"].shape[1]) * rows
     return produced
 
@@ -411,25 +434,32 @@ def part_b(lm, jobs, args) -> dict:
     plain, steered = runs["plain"], runs["steered"]
     expected = n * len(jobs)
     if plain["value"] != expected or steered["value"] != expected:
-        raise SystemExit(f"(b): expected {expected} new tokens in both arms, got {plain['value']} and "
-                         f"{steered['value']}")
+        raise SystemExit(
+            f"(b): expected {expected} new tokens in both arms, got {plain['value']} and {steered['value']}"
+        )
     med_p, med_s = statistics.median(plain["times"]), statistics.median(steered["times"])
     paired = [s - p for p, s in zip(plain["times"], steered["times"])]
     forward_calls = n * len(groups)  # one prefill + (n - 1) decode steps per batch
     micro = hook_microbench(lm, steering, layers, rows=len(groups[0]), past=max(lengths))
     result = {
-        "jobs": len(jobs), "batches": len(groups), "new_tokens_per_row": n, "steered_layers": layers,
+        "jobs": len(jobs),
+        "batches": len(groups),
+        "new_tokens_per_row": n,
+        "steered_layers": layers,
         "strength": args.strength,
-        "arms": {"plain": arm_record(plain, new_tokens=plain["value"]),
-                 "steered": arm_record(steered, new_tokens=steered["value"])},
+        "arms": {
+            "plain": arm_record(plain, new_tokens=plain["value"]),
+            "steered": arm_record(steered, new_tokens=steered["value"]),
+        },
         "overhead_pct": 100 * (med_s - med_p) / med_p,
-        "overhead_pct_cpu_time": 100 * (statistics.median(steered["cpu"]) - statistics.median(plain["cpu"]))
+        "overhead_pct_cpu_time": 100
+        * (statistics.median(steered["cpu"]) - statistics.median(plain["cpu"]))
         / statistics.median(plain["cpu"]),
         "micro_overhead_pct_of_decode_step": None,
         "paired_diff_median_s": statistics.median(paired),
         "us_per_layer_per_step": 1e6 * (med_s - med_p) / (len(layers) * forward_calls),
         "us_per_layer_per_step_note": "end-to-end: (median steered - median plain) / (layers x forward calls); "
-                                      "forward calls = max_new_tokens per batch (1 prefill + n-1 decode steps)",
+        "forward calls = max_new_tokens per batch (1 prefill + n-1 decode steps)",
         "hook_microbench": micro,
     }
     if "step_us" in micro:  # hooks' own cost per forward call relative to the plain run's mean step
@@ -460,8 +490,11 @@ def hook_microbench(lm, steering: Steering, layers: list[int], rows: int, past: 
     kwargs = {"input_ids": ids, "attention_mask": mask, "past_key_values": _FakeCache(past), "use_cache": True}
     with torch.inference_mode(), steer(model, [steering] * rows):
         pre = [base._forward_pre_hooks[k] for k in set(base._forward_pre_hooks) - before_pre]
-        post = [(blocks[layer], blocks[layer]._forward_hooks[k]) for layer in layers
-                for k in set(blocks[layer]._forward_hooks) - before[layer]]
+        post = [
+            (blocks[layer], blocks[layer]._forward_hooks[k])
+            for layer in layers
+            for k in set(blocks[layer]._forward_hooks) - before[layer]
+        ]
         if len(pre) != 1 or len(post) != len(layers):
             return {"skipped": f"found {len(pre)} pre-hooks and {len(post)} layer hooks"}
 
@@ -490,17 +523,23 @@ def hook_microbench(lm, steering: Steering, layers: list[int], rows: int, past: 
 
 
 def part_c(lm, jobs, args) -> dict:
-    strengths = [args.strength * f for f in (-1.0, -0.5, 0.5, 1.0)][: args.k] if args.k <= 4 else \
-        [args.strength * (i + 1) for i in range(args.k)]
+    strengths = (
+        [args.strength * f for f in (-1.0, -0.5, 0.5, 1.0)][: args.k]
+        if args.k <= 4
+        else [args.strength * (i + 1) for i in range(args.k)]
+    )
     if args.sweep_layers == "each":  # a layer sweep: config i steers one layer, spread over the depths
         layers = [[relative_layer((i + 0.5) / args.k, lm.num_layers)] for i in range(args.k)]
         strengths = [args.strength] * args.k
     else:
         layers = [steering_layers(lm.num_layers)] * args.k
-    configs = [random_steering(lm, layers_i, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
-               for i, (layers_i, s) in enumerate(zip(layers, strengths))]
-    decoding = Decoding(mode=args.sweep_mode, max_new_tokens=args.max_new_tokens, cache=args.sweep_cache,
-                        final_answer=False)
+    configs = [
+        random_steering(lm, layers_i, s, seed=0, label=f"k{i}", positions=args.sweep_positions)
+        for i, (layers_i, s) in enumerate(zip(layers, strengths))
+    ]
+    decoding = Decoding(
+        mode=args.sweep_mode, max_new_tokens=args.max_new_tokens, cache=args.sweep_cache, final_answer=False
+    )
     per_config = [with_steering(jobs, c) for c in configs]
     combined_jobs = [job for group in per_config for job in group]
     separate_times: list[list[float]] = [[] for _ in configs]
@@ -514,24 +553,36 @@ def part_c(lm, jobs, args) -> dict:
         return results
 
     ran: dict[str, int] = {}
-    runs = interleaved({"per_row_combined": lambda: counting_batches(lm, combined_jobs, decoding, ran, "combined"),
-                        "k_separate_passes": separate}, args.repeats)
+    runs = interleaved(
+        {
+            "per_row_combined": lambda: counting_batches(lm, combined_jobs, decoding, ran, "combined"),
+            "k_separate_passes": separate,
+        },
+        args.repeats,
+    )
     comb, sep = runs["per_row_combined"], runs["k_separate_passes"]
     med_c, med_s = statistics.median(comb["times"]), statistics.median(sep["times"])
     k = len(configs)
     return {
-        "k": k, "jobs_per_config": len(jobs), "mode": args.sweep_mode, "positions": args.sweep_positions,
+        "k": k,
+        "jobs_per_config": len(jobs),
+        "mode": args.sweep_mode,
+        "positions": args.sweep_positions,
         "cache": args.sweep_cache,
         "strengths": strengths,
         "steered_layers": layers[0] if args.sweep_layers == "fixed" else layers,
         "arms": {
-            "per_row_combined": arm_record(comb, new_tokens=new_tokens(comb["value"]),
-                                           batches=ran["combined"]),
+            "per_row_combined": arm_record(comb, new_tokens=new_tokens(comb["value"]), batches=ran["combined"]),
             "k_separate_passes": arm_record(sep, new_tokens=new_tokens(sep["value"])),
         },
         "per_config": [
-            {"strength": s, "layers": layers_i, "separate_median_s": statistics.median(t),
-             "combined_share_s": med_c / k, "ratio_separate_over_combined_share": statistics.median(t) / (med_c / k)}
+            {
+                "strength": s,
+                "layers": layers_i,
+                "separate_median_s": statistics.median(t),
+                "combined_share_s": med_c / k,
+                "ratio_separate_over_combined_share": statistics.median(t) / (med_c / k),
+            }
             for s, layers_i, t in zip(strengths, layers, separate_times)
         ],
         "ratio_separate_over_combined": med_s / med_c,
@@ -542,8 +593,11 @@ def part_c(lm, jobs, args) -> dict:
 # --- (e) the static decoder's attention: packed heads vs transformers' own -------------------------
 
 
-STATIC_ARMS = {"static": {}, "static_transformers_attention": {"packed_attention": False},
-               "static_whole_prefill": {"grouped_prefill": False}}
+STATIC_ARMS = {
+    "static": {},
+    "static_transformers_attention": {"packed_attention": False},
+    "static_whole_prefill": {"grouped_prefill": False},
+}
 
 
 def part_e(lm, jobs, args) -> dict:
@@ -559,6 +613,7 @@ def part_e(lm, jobs, args) -> dict:
     steering = random_steering(lm, steering_layers(lm.num_layers), args.strength, label="static-decoder")
     n = args.max_new_tokens
     with StaticDecoder(lm.model, [], lm.tokenizer.pad_token_id, max_batch=max(map(len, groups))) as decoder:
+
         def decode(settings: dict) -> list[list[int]]:
             decoder.packed_attention = settings.get("packed_attention", True)
             decoder.grouped_prefill = settings.get("grouped_prefill", True)
@@ -569,21 +624,29 @@ def part_e(lm, jobs, args) -> dict:
                 rows += new.tolist()
             return rows
 
-        runs = interleaved({name: (lambda s=settings: decode(s)) for name, settings in STATIC_ARMS.items()},
-                           args.repeats)
+        runs = interleaved(
+            {name: (lambda s=settings: decode(s)) for name, settings in STATIC_ARMS.items()}, args.repeats
+        )
     if any(len(row) != n for rec in runs.values() for row in rec["value"]):
         raise SystemExit(f"(e): expected {n} new tokens in every row")
     base = runs["static"]
     others = [name for name in STATIC_ARMS if name != "static"]
     return {
-        "jobs": len(jobs), "batches": len(groups), "new_tokens_per_row": n, "transformers": transformers.__version__,
+        "jobs": len(jobs),
+        "batches": len(groups),
+        "new_tokens_per_row": n,
+        "transformers": transformers.__version__,
         "arms": {name: arm_record(rec, new_tokens=n * len(jobs)) for name, rec in runs.items()},
-        "rows_identical_to_static": {name: sum(a == b for a, b in zip(base["value"], runs[name]["value"]))
-                                     for name in others},
-        "ratios": {f"{name} / static": statistics.median(runs[name]["times"]) / statistics.median(base["times"])
-                   for name in others},
-        "ratios_cpu_time": {f"{name} / static": statistics.median(runs[name]["cpu"]) / statistics.median(base["cpu"])
-                            for name in others},
+        "rows_identical_to_static": {
+            name: sum(a == b for a, b in zip(base["value"], runs[name]["value"])) for name in others
+        },
+        "ratios": {
+            f"{name} / static": statistics.median(runs[name]["times"]) / statistics.median(base["times"])
+            for name in others
+        },
+        "ratios_cpu_time": {
+            f"{name} / static": statistics.median(runs[name]["cpu"]) / statistics.median(base["cpu"]) for name in others
+        },
     }
 
 
@@ -601,37 +664,53 @@ def part_f(lm, jobs, args) -> dict:
     for mode in (Mode.SCORE, Mode.GENERATE):
         decoding = Decoding(mode=mode, max_new_tokens=args.max_new_tokens, final_answer=False)
         texts, lengths = prompt_texts(lm, jobs, decoding)
-        plans = {"padding_aware": plan(lm, lengths, decoding), "fewest_batches": plan(lm, lengths, decoding,
-                                                                                       FEWEST_BATCHES)}
+        plans = {
+            "padding_aware": plan(lm, lengths, decoding),
+            "fewest_batches": plan(lm, lengths, decoding, FEWEST_BATCHES),
+        }
         encoded = {name: encode(lm, texts, groups) for name, groups in plans.items()}
         if mode == "score":
+
             def run(batches_):
                 with torch.inference_mode():
                     return [x for enc in batches_ for x in yes_no_log_odds(lm, enc)]
         else:
+
             def run(batches_):
                 return forced_generate(lm, batches_, args.max_new_tokens)
+
         runs = interleaved({name: (lambda e=e: run(e)) for name, e in encoded.items()}, args.repeats)
         aware, fewest = runs["padding_aware"], runs["fewest_batches"]
         out[mode] = {
-            "arms": {f"{mode}_{name}": arm_record(runs[name], batches=[len(g) for g in groups],
-                                                  padded_tokens=padded_tokens(groups, lengths),
-                                                  new_tokens=runs[name]["value"] if mode == "generate" else 0)
-                     for name, groups in plans.items()},
+            "arms": {
+                f"{mode}_{name}": arm_record(
+                    runs[name],
+                    batches=[len(g) for g in groups],
+                    padded_tokens=padded_tokens(groups, lengths),
+                    new_tokens=runs[name]["value"] if mode == "generate" else 0,
+                )
+                for name, groups in plans.items()
+            },
             "prompt_tokens": sum(lengths),
             "ratio_fewest_over_padding_aware": statistics.median(fewest["times"]) / statistics.median(aware["times"]),
             "ratio_cpu_time": statistics.median(fewest["cpu"]) / statistics.median(aware["cpu"]),
         }
         if mode == "score":  # same rows, other batches: the scores agree up to padding's rounding
             score = {name: dict(zip([i for g in plans[name] for i in g], runs[name]["value"])) for name in plans}
-            out[mode]["max_abs_score_difference"] = max(abs(score["padding_aware"][i] - score["fewest_batches"][i])
-                                                         for i in range(len(jobs)))
-    return {"arms": {k: v for res in out.values() for k, v in res["arms"].items()},
-            "ratios": {f"{mode}: fewest batches / padding-aware": res["ratio_fewest_over_padding_aware"]
-                       for mode, res in out.items()},
-            "ratios_cpu_time": {f"{mode}: fewest batches / padding-aware": res["ratio_cpu_time"]
-                                for mode, res in out.items()},
-            "modes": out}
+            out[mode]["max_abs_score_difference"] = max(
+                abs(score["padding_aware"][i] - score["fewest_batches"][i]) for i in range(len(jobs))
+            )
+    return {
+        "arms": {k: v for res in out.values() for k, v in res["arms"].items()},
+        "ratios": {
+            f"{mode}: fewest batches / padding-aware": res["ratio_fewest_over_padding_aware"]
+            for mode, res in out.items()
+        },
+        "ratios_cpu_time": {
+            f"{mode}: fewest batches / padding-aware": res["ratio_cpu_time"] for mode, res in out.items()
+        },
+        "modes": out,
+    }
 
 
 # --- (g) the plain path's prompt pass in length groups ---------------------------------------------
@@ -648,16 +727,17 @@ def part_g(lm, jobs, args) -> dict:
         with nullcontext() if grouped else mock.patch.object(runners, "length_groups", whole_batch):
             return evaluate(lm, steered, decoding)
 
-    runs = interleaved({"prompt_in_groups": lambda: run(True), "whole_padded_prompt": lambda: run(False)},
-                       args.repeats)
+    runs = interleaved({"prompt_in_groups": lambda: run(True), "whole_padded_prompt": lambda: run(False)}, args.repeats)
     grouped, whole = runs["prompt_in_groups"], runs["whole_padded_prompt"]
     return {
         "arms": {name: arm_record(runs[name], new_tokens=new_tokens(runs[name]["value"])) for name in runs},
         "identical_responses": sum(a.response == b.response for a, b in zip(grouped["value"], whole["value"])),
-        "ratios": {"whole padded prompt / in groups": statistics.median(whole["times"]) /
-                   statistics.median(grouped["times"])},
-        "ratios_cpu_time": {"whole padded prompt / in groups": statistics.median(whole["cpu"]) /
-                            statistics.median(grouped["cpu"])},
+        "ratios": {
+            "whole padded prompt / in groups": statistics.median(whole["times"]) / statistics.median(grouped["times"])
+        },
+        "ratios_cpu_time": {
+            "whole padded prompt / in groups": statistics.median(whole["cpu"]) / statistics.median(grouped["cpu"])
+        },
     }
 
 
@@ -670,8 +750,10 @@ def print_tables(report: dict) -> None:
 
     console = Console(width=max(120, Console().width))
     m = report["machine"]
-    console.print(f"[bold]{report['config']['model']}[/] ({report['config']['dtype']}) on {m['cpu_model']}, "
-                  f"{m['cpu_cores']} cores, torch {m['torch']}, {m['date']}")
+    console.print(
+        f"[bold]{report['config']['model']}[/] ({report['config']['dtype']}) on {m['cpu_model']}, "
+        f"{m['cpu_cores']} cores, torch {m['torch']}, {m['date']}"
+    )
     table = Table(title="vulnsteer CPU benchmark (medians)")
     for col in ("part", "arm", "median s", "min-max s", "CPU s", "others' CPU", "new tok", "peak RSS MiB", "+MiB"):
         table.add_column(col, justify="left" if col in ("part", "arm") else "right")
@@ -682,9 +764,17 @@ def print_tables(report: dict) -> None:
     for part, res in report["results"].items():
         for arm, rec in res.get("arms", {}).items():
             other = rec["other_procs_cpu_share_max"]
-            table.add_row(part, arm, f"{rec['median_s']:.2f}", f"{rec['min_s']:.2f}-{rec['max_s']:.2f}",
-                          f"{rec['cpu_s_median']:.1f}", "?" if other is None else f"{100 * other:.0f}%",
-                          str(rec.get("new_tokens", "")), f"{rec['peak_rss_mib']:.0f}", f"{rec['peak_delta_mib']:.0f}")
+            table.add_row(
+                part,
+                arm,
+                f"{rec['median_s']:.2f}",
+                f"{rec['min_s']:.2f}-{rec['max_s']:.2f}",
+                f"{rec['cpu_s_median']:.1f}",
+                "?" if other is None else f"{100 * other:.0f}%",
+                str(rec.get("new_tokens", "")),
+                f"{rec['peak_rss_mib']:.0f}",
+                f"{rec['peak_delta_mib']:.0f}",
+            )
         for name, value in res.get("ratios", {}).items():
             ratios.add_row(part, name, f"{value:.2f}x")
         for name, value in res.get("ratios_cpu_time", {}).items():
@@ -697,29 +787,37 @@ def print_tables(report: dict) -> None:
             if "step_us" in micro:
                 ratios.add_row(part, "µs pre-hook / step (micro)", f"{micro['pre_hook_us']:.1f}")
                 ratios.add_row(part, "µs / layer hook / step (micro)", f"{micro['per_layer_hook_us']:.1f}")
-                ratios.add_row(part, "hooks' cost / plain decode step (micro)",
-                               f"{res['micro_overhead_pct_of_decode_step']:.3f}%")
+                ratios.add_row(
+                    part, "hooks' cost / plain decode step (micro)", f"{res['micro_overhead_pct_of_decode_step']:.3f}%"
+                )
         if part == "c":
             ratios.add_row(part, "K separate / per-row combined", f"{res['ratio_separate_over_combined']:.2f}x")
-            ratios.add_row(part, "K separate / per-row combined (CPU time)",
-                           f"{res['ratio_separate_over_combined_cpu_time']:.2f}x")
+            ratios.add_row(
+                part, "K separate / per-row combined (CPU time)", f"{res['ratio_separate_over_combined_cpu_time']:.2f}x"
+            )
             for cfg in res["per_config"]:
-                ratios.add_row(part, f"config strength {cfg['strength']:+g}, layers {cfg['layers']}: separate / "
-                                     "(combined/K)",
-                               f"{cfg['ratio_separate_over_combined_share']:.2f}x")
+                ratios.add_row(
+                    part,
+                    f"config strength {cfg['strength']:+g}, layers {cfg['layers']}: separate / (combined/K)",
+                    f"{cfg['ratio_separate_over_combined_share']:.2f}x",
+                )
         if part == "f":
             for mode, arm in res["modes"].items():
                 aware, fewest = arm["arms"][f"{mode}_padding_aware"], arm["arms"][f"{mode}_fewest_batches"]
-                ratios.add_row(part, f"{mode}: padded tokens (batches), padding-aware vs fewest; prompt tokens",
-                               f"{aware['padded_tokens']} ({len(aware['batches'])}) vs {fewest['padded_tokens']} "
-                               f"({len(fewest['batches'])}); {arm['prompt_tokens']}")
+                ratios.add_row(
+                    part,
+                    f"{mode}: padded tokens (batches), padding-aware vs fewest; prompt tokens",
+                    f"{aware['padded_tokens']} ({len(aware['batches'])}) vs {fewest['padded_tokens']} "
+                    f"({len(fewest['batches'])}); {arm['prompt_tokens']}",
+                )
     console.print(table)
     console.print(ratios)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dataset", default=str(DEFAULT_DATASET), help="SecLLMHolmes datasets/ folder, or 'demo'")
     p.add_argument("--split", default="hand-crafted")
@@ -727,25 +825,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (default; what `auto` picks to generate "
-                                                      "on CPU), or auto (per mode: then all arms use bf16)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="float32, bfloat16 (default; what `auto` picks to generate "
+        "on CPU), or auto (per mode: then all arms use bf16)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--strength", type=float, default=1.0, help="steering strength on random unit vectors")
     p.add_argument("--k", type=int, default=4, help="(c): number of steering configs")
     p.add_argument("--sweep-mode", default="generate", choices=list(Mode), help="(c): decoding mode")
-    p.add_argument("--sweep-positions", default="all", choices=list(Positions),
-                   help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs")
+    p.add_argument(
+        "--sweep-positions",
+        default="all",
+        choices=list(Positions),
+        help="(c): steered positions; score mode at prompt-last shares each prompt's cache across configs",
+    )
     p.add_argument("--sweep-cache", default="dynamic", choices=list(Cache), help="(c): KV cache")
-    p.add_argument("--sweep-layers", default="fixed", choices=("fixed", "each"),
-                   help="(c): every config at the same 4 layers, or each config at one layer of its own (a layer "
-                        "sweep, one strength)")
+    p.add_argument(
+        "--sweep-layers",
+        default="fixed",
+        choices=("fixed", "each"),
+        help="(c): every config at the same 4 layers, or each config at one layer of its own (a layer "
+        "sweep, one strength)",
+    )
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts (d, memory, comes with every arm)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (e.g. bench/results/<name>.json)")
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds, offline: a tiny random model on 2 demo items, 1 repeat, 4 new tokens (checks that "
-                        "every part runs; its numbers mean nothing)")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="first wait (at most this long) until other processes use < 10%% of the CPUs")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, offline: a tiny random model on 2 demo items, 1 repeat, 4 new tokens (checks that "
+        "every part runs; its numbers mean nothing)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait (at most this long) until other processes use < 10%% of the CPUs",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.dataset, args.limit, args.repeats, args.max_new_tokens, args.k, args.dtype = "demo", 2, 1, 4, 2, "float32"
@@ -769,11 +887,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs, data_desc = load_jobs(args, lm)
     report: dict[str, Any] = {
         "machine": machine_info(args),
-        "config": {"model": lm.model_id, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
-                   "dataset": data_desc, "prompt": args.prompt, "jobs": len(jobs), "repeats": args.repeats,
-                   "max_new_tokens": args.max_new_tokens, "num_layers": lm.num_layers,
-                   "hidden_size": lm.hidden_size, "parts": sorted(only), "load_s": round(load_s, 2),
-                   "memory_method": "VmHWM" if PeakRSS.RESETTABLE else "psutil-sampling"},
+        "config": {
+            "model": lm.model_id,
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": args.device,
+            "dataset": data_desc,
+            "prompt": args.prompt,
+            "jobs": len(jobs),
+            "repeats": args.repeats,
+            "max_new_tokens": args.max_new_tokens,
+            "num_layers": lm.num_layers,
+            "hidden_size": lm.hidden_size,
+            "parts": sorted(only),
+            "load_s": round(load_s, 2),
+            "memory_method": "VmHWM" if PeakRSS.RESETTABLE else "psutil-sampling",
+        },
         "results": {},
     }
     # Warm-up (untimed): first calls pay one-off costs (oneDNN primitive creation, lazy imports).

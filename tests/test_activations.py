@@ -28,9 +28,19 @@ RES = PromptResources()
 
 
 def make_samples(n: int = 5, cwe: str = "CWE-787") -> list[Sample]:
-    return [Sample(id=f"s{i}", cwe=cwe, label="vulnerable" if i % 2 == 0 else "patched", language="c",
-                   code=CODES[i % len(CODES)], pair_id=f"p{i // 2}", split="unit", source="test")
-            for i in range(n)]
+    return [
+        Sample(
+            id=f"s{i}",
+            cwe=cwe,
+            label="vulnerable" if i % 2 == 0 else "patched",
+            language="c",
+            code=CODES[i % len(CODES)],
+            pair_id=f"p{i // 2}",
+            split="unit",
+            source="test",
+        )
+        for i in range(n)
+    ]
 
 
 def text_of(lm, sample, prompt_id="S1"):

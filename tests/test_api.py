@@ -45,8 +45,25 @@ def test_an_interrupted_api_run_keeps_the_rows_that_finished(tmp_path, capsys, m
         return "Yes."
 
     _stand_in(monkeypatch, answer)
-    args = ["eval", "--model", "openai:stand-in", "--base-url", "http://127.0.0.1:1/v1", "--dataset", "demo",
-            "--limit", "4", "--mode", "generate", "--max-new-tokens", "8", "--concurrency", "2", "-o", str(out)]
+    args = [
+        "eval",
+        "--model",
+        "openai:stand-in",
+        "--base-url",
+        "http://127.0.0.1:1/v1",
+        "--dataset",
+        "demo",
+        "--limit",
+        "4",
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "8",
+        "--concurrency",
+        "2",
+        "-o",
+        str(out),
+    ]
     code, _, err = run_cli(args, capsys)
     assert code == 1 and "ConnectionError: connection lost" in err and "Traceback" not in err, err
     kept = [json.loads(line) for line in rows.read_text().splitlines()]

@@ -55,7 +55,8 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(gpu_scale, tmp_path,
     static = [name for name in report["arms"] if "static" in name]
     assert len(static) == 5 and report["failed_arms"] == static
     assert report["arms"]["static_graph_steered"] == {
-        "error": "RuntimeError: CUDA error: operation not permitted when stream is capturing"}
+        "error": "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    }
     # The arms after the failed one ran, and the figures that need it are left empty rather than made up.
     assert report["arms"]["score"]["median_s"] > 0
     assert report["derived"]["batched / score"] > 0
@@ -70,8 +71,14 @@ SMOKE_ARGS = {"lm_eval_agreement.py": ["{tmp}"]}
 
 
 def run_script(name: str, args: list[str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return subprocess.run(
+        [sys.executable, str(BENCH / name), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -103,8 +110,12 @@ def test_a_new_answer_collection_leaves_out_an_earlier_ones_jobs_and_answers(mon
 
     def answer(job):
         asked.append(job)
-        return SimpleNamespace(prompt_id=job.prompt_id, sample_id=job.sample.id, cwe=job.sample.cwe,
-                               response="Yes." if len(asked) == 1 else f"No, answer {len(asked)}.")
+        return SimpleNamespace(
+            prompt_id=job.prompt_id,
+            sample_id=job.sample.id,
+            cwe=job.sample.cwe,
+            response="Yes." if len(asked) == 1 else f"No, answer {len(asked)}.",
+        )
 
     path = tmp_path / "m.jsonl"
     skip = frozenset((r["model"], r["prompt"], r["sample_id"]) for r in earlier)

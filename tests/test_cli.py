@@ -16,8 +16,24 @@ from conftest import tiny_lm
 
 from vulnsteer.cli import main
 
-REQUIRED_FIELDS = {"sample_id", "pair_id", "cwe", "label", "split", "source", "prompt_id", "mode", "response",
-                   "verdict", "score", "prompt_tokens", "new_tokens", "seconds", "steering", "turns"}
+REQUIRED_FIELDS = {
+    "sample_id",
+    "pair_id",
+    "cwe",
+    "label",
+    "split",
+    "source",
+    "prompt_id",
+    "mode",
+    "response",
+    "verdict",
+    "score",
+    "prompt_tokens",
+    "new_tokens",
+    "seconds",
+    "steering",
+    "turns",
+}
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -61,14 +77,18 @@ def tiny(monkeypatch):
 @pytest.fixture
 def no_model(monkeypatch):
     """For errors that must be found before any model loads."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model should not be loaded for this error")
 
     monkeypatch.setattr("vulnsteer.cli.load_lm", refuse)
 
 
-def fake_holmes(root: Path, vulnerable: bytes = b"int main(void) { char b[2]; b[5] = 1; }\n",
-                patched: bytes = b"int main(void) { char b[8]; b[5] = 1; }\n") -> Path:
+def fake_holmes(
+    root: Path,
+    vulnerable: bytes = b"int main(void) { char b[2]; b[5] = 1; }\n",
+    patched: bytes = b"int main(void) { char b[8]; b[5] = 1; }\n",
+) -> Path:
     folder = root / "hand-crafted" / "dataset" / "CWE-787"
     folder.mkdir(parents=True)
     (folder / "1.c").write_bytes(vulnerable)
@@ -80,21 +100,24 @@ def fake_holmes(root: Path, vulnerable: bytes = b"int main(void) { char b[2]; b[
 
 
 def test_missing_dataset_folder(monkeypatch, capsys, tmp_path, no_model):
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--dataset", str(tmp_path / "nowhere"),
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--dataset", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "not found")
 
 
 def test_empty_dataset_folder(monkeypatch, capsys, tmp_path, no_model):
     (tmp_path / "empty").mkdir()
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--dataset", str(tmp_path / "empty"),
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--dataset", str(tmp_path / "empty"), "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "no SecLLMHolmes code files")
 
 
 def test_unknown_split(monkeypatch, capsys, tmp_path, no_model):
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--cwe", "CWE-79", "--split", "nonexistent",
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--cwe", "CWE-79", "--split", "nonexistent", "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "nonexistent")
 
 
@@ -103,8 +126,19 @@ def test_filters_that_leave_nothing(monkeypatch, capsys, tmp_path, no_model):
     other = root / "augmented" / "trivial" / "A1" / "dataset" / "CWE-79"
     other.mkdir(parents=True)
     (other / "1.py").write_text("print(request.args['q'])\n")
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--dataset", str(root), "--split", "hand-crafted",
-                             "--cwe", "CWE-79", "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "eval",
+        "--dataset",
+        str(root),
+        "--split",
+        "hand-crafted",
+        "--cwe",
+        "CWE-79",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert_one_line_error(code, out, err, "no samples left")
 
 
@@ -115,8 +149,7 @@ def test_unknown_cwe(monkeypatch, capsys, tmp_path, no_model, cwe):
 
 
 def test_unknown_prompt_id(monkeypatch, capsys, tmp_path, no_model):
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--prompt", "Z9", "--limit", "2",
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--prompt", "Z9", "--limit", "2", "-o", str(tmp_path / "out"))
     assert_one_line_error(code, out, err, "Z9")
 
 
@@ -141,8 +174,9 @@ def test_empty_code_file(monkeypatch, capsys, tmp_path, no_model):
 
 def test_nonsense_model_name(monkeypatch, capsys, tmp_path):
     """The real `load_lm`: a name that is no catalogue entry, file, folder or hub id fails without a download."""
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--model", "no such model", "--limit", "1",
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--model", "no such model", "--limit", "1", "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "unknown model")
     assert not (tmp_path / "out" / "samples.jsonl").exists()
 
@@ -150,15 +184,17 @@ def test_nonsense_model_name(monkeypatch, capsys, tmp_path):
 def test_garbage_vector_file(monkeypatch, capsys, tmp_path, tiny):
     vectors = tmp_path / "v.safetensors"
     vectors.write_bytes(b"this is not a safetensors file\x00\x01")
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(vectors),
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(vectors), "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "not a vulnsteer vector file")
     assert not tiny  # found before the model loads
 
 
 def test_missing_vector_file(monkeypatch, capsys, tmp_path, tiny):
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(tmp_path / "no.st"),
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(tmp_path / "no.st"), "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "not found")
 
 
@@ -166,8 +202,9 @@ def _save_bank(path: Path, hidden: int, layers: int, model: str = "other"):
     from vulnsteer.extract.vectors import VectorBank, save
 
     g = torch.Generator().manual_seed(0)
-    vectors = {group: {layer: torch.randn(hidden, generator=g) for layer in range(layers)}
-               for group in ("CWE-22", "pooled")}
+    vectors = {
+        group: {layer: torch.randn(hidden, generator=g) for layer in range(layers)} for group in ("CWE-22", "pooled")
+    }
     meta = {"model": model, "hidden_size": hidden, "num_layers": layers, "method": "mean-diff"}
     save(VectorBank(vectors, meta), path)
 
@@ -175,8 +212,9 @@ def _save_bank(path: Path, hidden: int, layers: int, model: str = "other"):
 def test_vectors_from_a_model_of_another_shape(monkeypatch, capsys, tmp_path, tiny):
     vectors = tmp_path / "other.safetensors"
     _save_bank(vectors, hidden=32, layers=2)
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(vectors),
-                             "-o", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--limit", "1", "--vectors", str(vectors), "-o", str(tmp_path / "out")
+    )
     assert_one_line_error(code, out, err, "hidden size 32")
     assert not (tmp_path / "out" / "samples.jsonl").exists()
 
@@ -185,8 +223,14 @@ def test_vectors_from_a_model_of_another_shape(monkeypatch, capsys, tmp_path, ti
 
 
 def run_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vulnsteer.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vulnsteer.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_subprocess_missing_dataset(tmp_path):
@@ -196,18 +240,32 @@ def test_subprocess_missing_dataset(tmp_path):
 
 def test_subprocess_unknown_hub_model_offline(tmp_path):
     """A hub-id-shaped name that is not in the catalogue, offline: a clear error, not a traceback."""
-    proc = run_subprocess("eval", "--model", "vulnsteer-tests/no-such-model-xyz", "--dataset", "demo",
-                          "--limit", "1", "-o", str(tmp_path / "out"),
-                          env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    proc = run_subprocess(
+        "eval",
+        "--model",
+        "vulnsteer-tests/no-such-model-xyz",
+        "--dataset",
+        "demo",
+        "--limit",
+        "1",
+        "-o",
+        str(tmp_path / "out"),
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, "no-such-model-xyz")
     assert not (tmp_path / "out" / "samples.jsonl").exists()
 
 
-@pytest.mark.parametrize("args, message", [(["eval", "--no-such-flag"], "No such option"),
-                                           (["eval", "--limit", "abc"], "Invalid value"),
-                                           (["eval", "--batch-tokens", "0"], "--batch-tokens"),
-                                           (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
-                                           (["no-such-command"], "No such command")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--no-such-flag"], "No such option"),
+        (["eval", "--limit", "abc"], "Invalid value"),
+        (["eval", "--batch-tokens", "0"], "--batch-tokens"),
+        (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["no-such-command"], "No such command"),
+    ],
+)
 def test_bad_flags_are_usage_errors(tmp_path, args, message):
     """Bad flags get the usual usage error (exit 2) naming the problem, never a traceback."""
     proc = run_subprocess(*args, "-o", str(tmp_path / "out")) if args[0] == "eval" else run_subprocess(*args)
@@ -308,9 +366,23 @@ def test_eval_steered_rows_record_the_steering(monkeypatch, capsys, tmp_path, ti
     vectors = tmp_path / "tiny.safetensors"
     _save_bank(vectors, hidden=64, layers=4, model="tiny-llama")
     out = tmp_path / "out"
-    code, _, err = run_cli(monkeypatch, capsys, *eval_args(out, "--mode", "score", "--vectors", str(vectors),
-                                                            "--layers", "1,2", "--strength", "3",
-                                                            "--cwe-vector", "pooled"))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        *eval_args(
+            out,
+            "--mode",
+            "score",
+            "--vectors",
+            str(vectors),
+            "--layers",
+            "1,2",
+            "--strength",
+            "3",
+            "--cwe-vector",
+            "pooled",
+        ),
+    )
     assert code == 0, err
     rows = read_rows(out / "samples.jsonl")
     assert len(rows) == 4
@@ -336,8 +408,21 @@ def test_probe_scores_a_vector_file_only_on_items_it_was_not_fitted_on(monkeypat
     vectors = tmp_path / "v.safetensors"
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "8", "-o", str(vectors))
     assert code == 0, err
-    code, out, err = run_cli(monkeypatch, capsys, "probe", "--dataset", "demo", "--limit", "16", "--folds", "2",
-                             "--vectors", str(vectors), "-o", str(tmp_path / "probe"))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "probe",
+        "--dataset",
+        "demo",
+        "--limit",
+        "16",
+        "--folds",
+        "2",
+        "--vectors",
+        str(vectors),
+        "-o",
+        str(tmp_path / "probe"),
+    )
     assert code == 0, err
     assert "scored on 8 of 16 items (the other 8 share a family or code with its training set)" in out
     saved = json.loads((tmp_path / "probe" / "probe.json").read_text())
@@ -352,27 +437,62 @@ def test_eval_with_vectors_refuses_or_drops_the_items_they_were_fitted_on(monkey
     vectors = tmp_path / "v.safetensors"
     code, _, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "-o", str(vectors))
     assert code == 0, err
-    code, _, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out", "--limit", "8", "--mode", "score",
-                                                            "--vectors", str(vectors), "--strength", "1",
-                                                            "--cwe-vector", "pooled"))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        *eval_args(
+            tmp_path / "out",
+            "--limit",
+            "8",
+            "--mode",
+            "score",
+            "--vectors",
+            str(vectors),
+            "--strength",
+            "1",
+            "--cwe-vector",
+            "pooled",
+        ),
+    )
     assert_one_line_error(code, _, err, "4 of the 8 test items are in families that share")  # refused by default
-    code, _, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out", "--limit", "8", "--mode", "score",
-                                                            "--vectors", str(vectors), "--strength", "1",
-                                                            "--cwe-vector", "pooled", "--drop-overlap"))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        *eval_args(
+            tmp_path / "out",
+            "--limit",
+            "8",
+            "--mode",
+            "score",
+            "--vectors",
+            str(vectors),
+            "--strength",
+            "1",
+            "--cwe-vector",
+            "pooled",
+            "--drop-overlap",
+        ),
+    )
     assert code == 0, err
     assert "dropped 4 of 8 test items" in err
     assert len(read_rows(tmp_path / "out" / "samples.jsonl")) == 4
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["meta"]["held_out"].startswith("dropped 4 of 8 test items (whole families)")
     assert "dropped 4 of 8 test items" in (tmp_path / "out" / "summary.md").read_text()
-    code, out, err = run_cli(monkeypatch, capsys, *eval_args(tmp_path / "out2", "--mode", "score",
-                                                             "--vectors", str(vectors), "--drop-overlap"))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        *eval_args(tmp_path / "out2", "--mode", "score", "--vectors", str(vectors), "--drop-overlap"),
+    )
     assert_one_line_error(code, out, err, "nothing is held out")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--strength", "5", "--layers", "999"], "steer with --vectors"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--strength", "5", "--layers", "999"], "steer with --vectors"),
+    ],
+)
 def test_bad_combinations_fail_before_the_model_loads(monkeypatch, capsys, tmp_path, no_model, args, message):
     code, out, err = run_cli(monkeypatch, capsys, *args, "--dataset", "demo", "--limit", "2")
     assert_one_line_error(code, out, err, message)
@@ -380,33 +500,71 @@ def test_bad_combinations_fail_before_the_model_loads(monkeypatch, capsys, tmp_p
 
 def test_probe_on_one_class_is_refused(monkeypatch, capsys, tmp_path, no_model):
     data = tmp_path / "only.jsonl"
-    data.write_text("".join(json.dumps({"id": f"v{i}", "cwe": "CWE-787", "label": "vulnerable", "language": "c",
-                                        "code": f"int f{i}(void) {{ return {i}; }}", "pair_id": f"p{i}"}) + "\n"
-                            for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"v{i}",
+                    "cwe": "CWE-787",
+                    "label": "vulnerable",
+                    "language": "c",
+                    "code": f"int f{i}(void) {{ return {i}; }}",
+                    "pair_id": f"p{i}",
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
     code, out, err = run_cli(monkeypatch, capsys, "probe", "--dataset", str(data))
     assert_one_line_error(code, out, err, "all vulnerable")
 
 
 @pytest.mark.parametrize("layers", ["rel:2", "rel:-1", "999"])
 def test_layers_outside_the_model_are_refused(monkeypatch, capsys, tmp_path, tiny, layers):
-    code, out, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "--layers",
-                             layers, "-o", str(tmp_path / "v.safetensors"))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "extract",
+        "--dataset",
+        "demo",
+        "--limit",
+        "4",
+        "--layers",
+        layers,
+        "-o",
+        str(tmp_path / "v.safetensors"),
+    )
     assert_one_line_error(code, out, err, "outside 0..1" if layers.startswith("rel") else "out of range")
 
 
 @pytest.mark.parametrize("method", ["pca", "probe"])
 def test_pca_and_probe_from_one_pair_are_refused(monkeypatch, capsys, tmp_path, tiny, method):
-    code, out, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "2", "--method", method,
-                             "-o", str(tmp_path / "v.safetensors"))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "extract",
+        "--dataset",
+        "demo",
+        "--limit",
+        "2",
+        "--method",
+        method,
+        "-o",
+        str(tmp_path / "v.safetensors"),
+    )
     assert_one_line_error(code, out, err, "at least 2 pairs")
 
 
-@pytest.mark.parametrize("tensor, message", [
-    (torch.ones(64, dtype=torch.int64), "1-D float"),
-    (torch.ones(2, 64), "1-D float"),
-    (torch.ones(32), "hidden size 64"),
-    ("layer 999", "outside the model"),
-])
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (torch.ones(64, dtype=torch.int64), "1-D float"),
+        (torch.ones(2, 64), "1-D float"),
+        (torch.ones(32), "hidden size 64"),
+        ("layer 999", "outside the model"),
+    ],
+)
 def test_malformed_vector_files_are_refused_by_export(monkeypatch, capsys, tmp_path, tensor, message):
     import json as json_
 
@@ -439,9 +597,29 @@ def test_extract_fits_a_learned_method_as_its_flags_say(monkeypatch, capsys, tmp
     from vulnsteer.extract.vectors import load
 
     path = tmp_path / "edits.safetensors"
-    code, out, err = run_cli(monkeypatch, capsys, "extract", "--dataset", "demo", "--limit", "4", "--method",
-                             "loreft", "--layers", "1", "--steps", "2", "--rank", "2", "--kl-weight", "0.5",
-                             "--mode", "score", "-o", str(path))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "extract",
+        "--dataset",
+        "demo",
+        "--limit",
+        "4",
+        "--method",
+        "loreft",
+        "--layers",
+        "1",
+        "--steps",
+        "2",
+        "--rank",
+        "2",
+        "--kl-weight",
+        "0.5",
+        "--mode",
+        "score",
+        "-o",
+        str(path),
+    )
     assert code == 0, err
     bank = load(path)
     training = bank.meta["training"]

@@ -21,8 +21,17 @@ from vulnsteer.experiments.sweep import SweepConfig
 from vulnsteer.models import load_model
 from vulnsteer.pipeline import run_sweep
 
-SETTINGS = dict(dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="generate",
-                max_new_tokens=8, transfer=False, dtype="float32")
+SETTINGS = dict(
+    dataset="demo",
+    limit=8,
+    folds=3,
+    layers=["1", "0,2"],
+    strengths=[-2.0, 2.0],
+    mode="generate",
+    max_new_tokens=8,
+    transfer=False,
+    dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +105,9 @@ def _kill_a_worker_after(db: Path, rows: int, killed: list[int]) -> None:
         time.sleep(0.05)
 
 
-def test_cluster_sweep_with_a_worker_killed_midway_equals_the_local_sweep(cluster, model_dir, local_rows, tmp_path,
-                                                                          capsys):
+def test_cluster_sweep_with_a_worker_killed_midway_equals_the_local_sweep(
+    cluster, model_dir, local_rows, tmp_path, capsys
+):
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "sweep.sqlite", 20, killed))
     killer.start()
@@ -111,15 +121,44 @@ def test_cluster_sweep_with_a_worker_killed_midway_equals_the_local_sweep(cluste
     assert table(tmp_path / "rows.csv") == local_rows
 
 
-def test_driver_killed_with_sigkill_then_resumed_on_the_cluster_equals_the_local_sweep(cluster, model_dir,
-                                                                                      local_rows, tmp_path):
+def test_driver_killed_with_sigkill_then_resumed_on_the_cluster_equals_the_local_sweep(
+    cluster, model_dir, local_rows, tmp_path
+):
     env = {**os.environ, "RAY_ADDRESS": cluster}
     out = tmp_path / "sweep"
-    args = ["sweep", "--model", str(model_dir), "--dataset", "demo", "--limit", "8", "--folds", "3", "--layers",
-            "1;0,2", "--strengths", "-2,2", "--methods", "mean-diff", "--mode", "generate", "--max-new-tokens", "8",
-            "--no-transfer", "--dtype", "float32", "-o", str(out), "--ray", "auto", "--workers", "2"]
-    driver = subprocess.Popen([sys.executable, "-m", "vulnsteer.cli", *args], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "sweep",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "demo",
+        "--limit",
+        "8",
+        "--folds",
+        "3",
+        "--layers",
+        "1;0,2",
+        "--strengths",
+        "-2,2",
+        "--methods",
+        "mean-diff",
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "8",
+        "--no-transfer",
+        "--dtype",
+        "float32",
+        "-o",
+        str(out),
+        "--ray",
+        "auto",
+        "--workers",
+        "2",
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "vulnsteer.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     db, done, deadline = out / "sweep.sqlite", 0, time.time() + 300
     while time.time() < deadline and driver.poll() is None and done < 30:
         try:
@@ -132,8 +171,13 @@ def test_driver_killed_with_sigkill_then_resumed_on_the_cluster_equals_the_local
     driver.wait()
     assert 0 < done < len(local_rows[1])
 
-    resumed = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(out), "--ray", "auto",
-                              "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(out), "--ray", "auto", "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "already done" in resumed.stdout
     assert table(out / "rows.csv") == local_rows
@@ -141,19 +185,34 @@ def test_driver_killed_with_sigkill_then_resumed_on_the_cluster_equals_the_local
 
 def test_a_worker_that_cannot_load_the_model_is_one_clear_error(cluster, tmp_path):
     with pytest.raises(VulnsteerError, match="a worker could not load the model: .*missing-model"):
-        run_sweep(SweepConfig(**SETTINGS, model=str(tmp_path / "missing-model")), tmp_path / "out",
-                  cluster=ClusterOptions("auto", workers=1))
+        run_sweep(
+            SweepConfig(**SETTINGS, model=str(tmp_path / "missing-model")),
+            tmp_path / "out",
+            cluster=ClusterOptions("auto", workers=1),
+        )
     assert not (tmp_path / "out" / "sweep.sqlite").exists()
 
 
 def test_cluster_flags_and_unreachable_clusters_are_one_line_errors(tmp_path):
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
-    base = [sys.executable, "-m", "vulnsteer.cli", "sweep", "--limit", "2", "--methods", "mean-diff", "-o",
-            str(tmp_path / "out")]
-    cases = [(["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at '127.0.0.1:1'"),
-             (["--workers", "2"], "--workers needs --ray"),
-             (["--ray", "auto", "--workers", "0"], "")]  # typer refuses 0 itself (exit 2)
+    base = [
+        sys.executable,
+        "-m",
+        "vulnsteer.cli",
+        "sweep",
+        "--limit",
+        "2",
+        "--methods",
+        "mean-diff",
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    cases = [
+        (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at '127.0.0.1:1'"),
+        (["--workers", "2"], "--workers needs --ray"),
+        (["--ray", "auto", "--workers", "0"], ""),
+    ]  # typer refuses 0 itself (exit 2)
     for flags, message in cases:
         result = subprocess.run([*base, *flags], env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr

@@ -89,8 +89,11 @@ def test_secllmholmes_augmentation_helpers_match_index() -> None:
     trivial = groups["hc/CWE-787/1"]
     assert Counter(s.split for s in trivial) == {"hand-crafted": 1, "augmented-trivial": 7}
     assert {s.label for s in trivial} == {"vulnerable"}
-    assert all(Counter(augmentation_id(s)[-2:] for s in g) == {"_0": 1, "_1": 1}
-               for k, g in groups.items() if k.startswith("nt/"))
+    assert all(
+        Counter(augmentation_id(s)[-2:] for s in g) == {"_0": 1, "_1": 1}
+        for k, g in groups.items()
+        if k.startswith("nt/")
+    )
 
 
 @needs_shared
@@ -124,7 +127,12 @@ def test_secllmholmes_real_world(tmp_path: Path) -> None:
     _fake_real_world(tmp_path, {"libfoo": {"CVE-2023-0001": {"cwe": "cwe-476", "file_path": "src/f.c"}}})
     vuln, patch = load_secllmholmes(tmp_path)
     assert (vuln.id, vuln.label, vuln.cwe, vuln.split, vuln.pair_id, vuln.language) == (
-        "real-world/libfoo/CVE-2023-0001/vuln.c", "vulnerable", "CWE-476", "real-world", "rw/libfoo/CVE-2023-0001", "c"
+        "real-world/libfoo/CVE-2023-0001/vuln.c",
+        "vulnerable",
+        "CWE-476",
+        "real-world",
+        "rw/libfoo/CVE-2023-0001",
+        "c",
     )
     assert (patch.label, patch.pair_id, patch.reasoning) == ("patched", vuln.pair_id, None)
     assert vuln.reasoning == "p may be NULL."
@@ -175,11 +183,23 @@ def test_load_jsonl_shared(name: str) -> None:
 
 
 def test_load_jsonl_fields(tmp_path: Path) -> None:
-    row = {"id": "a", "cwe": "cwe-078", "label": "patched", "language": "python", "code": "x = 1",
-           "pair_id": None, "source": "mine", "reasoning": "why"}
-    sample, = load_jsonl(_write(tmp_path / "extra.jsonl", json.dumps(row) + "\n\n"))
+    row = {
+        "id": "a",
+        "cwe": "cwe-078",
+        "label": "patched",
+        "language": "python",
+        "code": "x = 1",
+        "pair_id": None,
+        "source": "mine",
+        "reasoning": "why",
+    }
+    (sample,) = load_jsonl(_write(tmp_path / "extra.jsonl", json.dumps(row) + "\n\n"))
     assert (sample.cwe, sample.split, sample.pair_id, sample.source, sample.reasoning) == (
-        "CWE-78", "extra", "a", "mine", "why"
+        "CWE-78",
+        "extra",
+        "a",
+        "mine",
+        "why",
     )
 
 
@@ -211,8 +231,9 @@ def test_load_jsonl_bad_files(tmp_path: Path) -> None:
         load_jsonl(_write(tmp_path / "dup.jsonl", row * 2))
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("cwe-79", "CWE-79"), ("79", "CWE-79"), ("CWE-079", "CWE-79"),
-                                               (" CWE_787 ", "CWE-787")])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("cwe-79", "CWE-79"), ("79", "CWE-79"), ("CWE-079", "CWE-79"), (" CWE_787 ", "CWE-787")]
+)
 def test_normalise_cwe(raw: str, expected: str) -> None:
     assert normalise_cwe(raw) == expected
 
@@ -271,8 +292,13 @@ def test_filter_splits_and_cwes() -> None:
 
 
 def test_filter_limit_keeps_pairs_whole() -> None:
-    samples = [_sample("a1", "A"), _sample("b1", "B"), _sample("a2", "A", "patched"),
-               _sample("c1", "C"), _sample("b2", "B", "patched")]
+    samples = [
+        _sample("a1", "A"),
+        _sample("b1", "B"),
+        _sample("a2", "A", "patched"),
+        _sample("c1", "C"),
+        _sample("b2", "B", "patched"),
+    ]
     assert [s.id for s in filter_samples(samples, None, None, 1)] == ["a1", "a2"]
     assert [s.id for s in filter_samples(samples, None, None, 3)] == ["a1", "a2", "b1", "b2"]
     assert [s.id for s in filter_samples(samples, None, None, 4)] == ["a1", "a2", "b1", "b2"]
@@ -331,13 +357,22 @@ def test_fetch_secllmholmes_verifies_tree_hash(tmp_path: Path, monkeypatch: pyte
 
 
 def test_fetch_sven_converts_upstream(tmp_path: Path) -> None:
-    record = {"func_name": "run", "func_src_before": "os.system(cmd)", "func_src_after": "subprocess.run([cmd])",
-              "file_name": "tool/run.py", "commit_link": "github.com/x/y/commit/1", "vul_type": "cwe-078"}
+    record = {
+        "func_name": "run",
+        "func_src_before": "os.system(cmd)",
+        "func_src_after": "subprocess.run([cmd])",
+        "file_name": "tool/run.py",
+        "commit_link": "github.com/x/y/commit/1",
+        "vul_type": "cwe-078",
+    }
     c_record = dict(record, func_src_before="int f(void);", func_src_after="int f(int);", file_name="a.cc")
-    url = _tarball(tmp_path / "sven.tar.gz", {
-        "sven-e8449a0/data_train_val/train/cwe-078.jsonl": json.dumps(record) + "\n" + json.dumps(c_record) + "\n",
-        "sven-e8449a0/data_train_val/val/cwe-125.jsonl": json.dumps(dict(c_record, file_name="b.c")) + "\n",
-    })
+    url = _tarball(
+        tmp_path / "sven.tar.gz",
+        {
+            "sven-e8449a0/data_train_val/train/cwe-078.jsonl": json.dumps(record) + "\n" + json.dumps(c_record) + "\n",
+            "sven-e8449a0/data_train_val/val/cwe-125.jsonl": json.dumps(dict(c_record, file_name="b.c")) + "\n",
+        },
+    )
     path = fetch_dataset("sven", tmp_path / "out", url=url)
     samples = load_dataset(str(path))
     assert [(s.id, s.cwe, s.label, s.language, s.split) for s in samples] == [
@@ -386,12 +421,17 @@ def test_juliet_cases_that_differ_only_in_their_data_source_are_one_family():
     def fam(case):
         return family_of("github:x", "juliet", f"{case}:bad", case)
 
-    assert fam("juliet-c:CWE190_Integer_Overflow__int_fgets_add_01") == fam(
-        "juliet-c:CWE190_Integer_Overflow__int_rand_add_01") == "juliet-c:CWE190_Integer_Overflow__int_*_add"
+    assert (
+        fam("juliet-c:CWE190_Integer_Overflow__int_fgets_add_01")
+        == fam("juliet-c:CWE190_Integer_Overflow__int_rand_add_01")
+        == "juliet-c:CWE190_Integer_Overflow__int_*_add"
+    )
     assert fam("juliet-c:CWE190_Integer_Overflow__int_fgets_add_01") != fam(
-        "juliet-c:CWE190_Integer_Overflow__int_fgets_multiply_01")
+        "juliet-c:CWE190_Integer_Overflow__int_fgets_multiply_01"
+    )
     assert fam("juliet-java:CWE78_OS_Command_Injection__Environment_01") == fam(
-        "juliet-java:CWE78_OS_Command_Injection__getParameter_Servlet_01")
+        "juliet-java:CWE78_OS_Command_Injection__getParameter_Servlet_01"
+    )
     assert family_of("sven", "train", "a", "7") == "7"  # other datasets: the pair
 
 

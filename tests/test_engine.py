@@ -25,8 +25,13 @@ from vulnsteer.steering.hooks import steer
 def steerings(lm, seed):
     g = torch.Generator().manual_seed(seed)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2)}
-    return [None, Steering(vectors, 1.5, "all"), Steering({1: vectors[1]}, -2.0, "generated"),
-            Steering({2: vectors[2]}, 3.0, "prompt-last"), Steering(vectors, 1.0, "prompt")]
+    return [
+        None,
+        Steering(vectors, 1.5, "all"),
+        Steering({1: vectors[1]}, -2.0, "generated"),
+        Steering({2: vectors[2]}, 3.0, "prompt-last"),
+        Steering(vectors, 1.0, "prompt"),
+    ]
 
 
 def mixed_jobs(lm, seed=1):
@@ -44,8 +49,9 @@ def test_engine_matches_the_general_hooks(lm, mode, turns):
     only scores has nothing to decode and takes the plain path)."""
     jobs = mixed_jobs(lm)
     if turns > 1:
-        jobs = [Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",)), job.steering)
-                for job in jobs]
+        jobs = [
+            Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",)), job.steering) for job in jobs
+        ]
     engines = []
     real = SteeringEngine.set_rows
     with pytest.MonkeyPatch.context() as patch:
@@ -70,8 +76,12 @@ def test_static_sweep_shares_each_prompt_and_answers_as_the_plain_path(lm, monke
     """A generating sweep at the last prompt token through `--cache static`: the decoder runs each repeated prompt
     once, and the answers equal the plain path's."""
     vectors = {2: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(6)) * 4}
-    configs = [None, Steering(vectors, 2.0, "prompt-last"), Steering(vectors, -2.0, "prompt-last"),
-               Steering(vectors, 1.0, "generated")]
+    configs = [
+        None,
+        Steering(vectors, 2.0, "prompt-last"),
+        Steering(vectors, -2.0, "prompt-last"),
+        Steering(vectors, 1.0, "generated"),
+    ]
     jobs = [type(job)(job.sample, job.prompt_id, job.prompt, c) for job in make_jobs(make_samples(3)) for c in configs]
     decoding = Decoding("generate", max_new_tokens=8, final_answer=False)
     with StaticDecoder(lm.model, eos_ids(lm), lm.tokenizer.pad_token_id) as decoder:
@@ -93,9 +103,15 @@ def test_engine_grows_for_a_larger_batch_and_adds_nothing_when_unsteered(lm):
 def plain_generate(lm, encoded, rows, new_tokens, eos):
     """transformers' greedy `generate` with `steer()` hooks: the reference for the static decoder."""
     with torch.inference_mode(), steer(lm.model, rows, encoded["attention_mask"]):
-        out = lm.model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
-                                pad_token_id=lm.tokenizer.pad_token_id, disable_compile=True)
-    return out[:, encoded["input_ids"].shape[1]:]
+        out = lm.model.generate(
+            **encoded,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=lm.tokenizer.pad_token_id,
+            disable_compile=True,
+        )
+    return out[:, encoded["input_ids"].shape[1] :]
 
 
 def buffers(decoder) -> dict:
@@ -147,8 +163,16 @@ class OperatorTrace(TorchDispatchMode):
 
 
 # Operators that read a tensor back to the host: CUDA-graph capture refuses them.
-HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
-              "aten::equal", "aten::_unique2", "aten::unique_consecutive"}
+HOST_READS = {
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+}
 
 
 def test_every_decode_step_is_the_same_capturable_work(lm):
@@ -176,8 +200,13 @@ def test_every_decode_step_is_the_same_capturable_work(lm):
 def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, monkeypatch):
     """Long and short prompts in one batch: the prompt pass runs in groups of similar length (less padding), and
     the decoder still gives `generate`'s tokens for every kind of steered position, with its buffers in place."""
-    texts = ["char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2, "ok", "x = y;",
-             "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];", "z"]
+    texts = [
+        "char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2,
+        "ok",
+        "x = y;",
+        "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];",
+        "z",
+    ]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id) as decoder:
         grouped = decoder.prompt_groups
@@ -206,12 +235,18 @@ def test_static_decoder_prefills_rows_of_very_different_lengths_in_groups(lm, mo
 def test_plain_path_runs_the_prompts_in_groups_with_generates_tokens(lm, monkeypatch):
     """The plain (dynamic-cache) path: long and short prompts run up to their last token in groups of similar
     length, and every row gets `generate`'s tokens over the whole padded batch, for every kind of steered position."""
-    texts = ["char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2, "ok;", "x = y;",
-             "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];", "z = 0;"]
+    texts = [
+        "char buf[8]; strcpy(buf, argv[1]); printf(buf); free(p); free(p); " * 2,
+        "ok;",
+        "x = y;",
+        "int a[4]; for (i = 0; i <= 4; i++) a[i] = read_int(); return a[0] + a[1] + a[2] + a[3];",
+        "z = 0;",
+    ]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     prompt_passes = []  # per call of the first layer: how many tokens of each row it ran
     handle = decoder_layers(lm.model)[0].register_forward_hook(
-        lambda m, a, out: prompt_passes.append(hidden_of(out).shape[1]))
+        lambda m, a, out: prompt_passes.append(hidden_of(out).shape[1])
+    )
     try:
         for seed in (1, 2):
             rows = steerings(lm, seed)
@@ -233,11 +268,16 @@ def test_static_decoder_runs_a_repeated_prompt_once_for_rows_steered_from_its_la
     texts = ["char buf[8]; strcpy(buf, argv[1]);", "x = y;", "int a[4]; a[i] = read_int();"]
     g = torch.Generator().manual_seed(4)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2)}
-    configs = [None, Steering(vectors, 2.0, "prompt-last"), Steering({2: vectors[2]}, -3.0, "prompt-last"),
-               Steering(vectors, 1.5, "generated")]
+    configs = [
+        None,
+        Steering(vectors, 2.0, "prompt-last"),
+        Steering({2: vectors[2]}, -3.0, "prompt-last"),
+        Steering(vectors, 1.5, "generated"),
+    ]
     rows = [config for _ in texts for config in configs][:-1]  # the last prompt has one row fewer
-    enc = lm.tokenizer([t for t in texts for _ in configs][:-1], return_tensors="pt", padding=True,
-                       add_special_tokens=False).to(lm.device)
+    enc = lm.tokenizer(
+        [t for t in texts for _ in configs][:-1], return_tensors="pt", padding=True, add_special_tokens=False
+    ).to(lm.device)
     eos = [lm.tokenizer.eos_token_id]
     seen = []
     handle = decoder_layers(lm.model)[0].register_forward_hook(lambda m, a, out: seen.append(hidden_of(out).shape[:2]))
@@ -261,8 +301,7 @@ def test_static_decoder_runs_a_repeated_prompt_once_for_rows_steered_from_its_la
 
 
 @pytest.mark.parametrize("lengths", [1, 3])
-def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_steered_one(lm, monkeypatch,
-                                                                                          lengths):
+def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_steered_one(lm, monkeypatch, lengths):
     """A sweep's batch whose configs steer whole prompts (one prompt, or three of different lengths, a group each):
     in the prompt pass each layer runs the rows that have forked by then plus one row per prompt; every row gets
     `generate`'s tokens, and the cache holds what each row's own prompt pass puts there."""
@@ -270,12 +309,18 @@ def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_s
     texts = ["char buf[8]; strcpy(buf, argv[1]);", "x = y;", "int a[4]; for (i = 0; i <= 4; i++) a[i] = 0;"][:lengths]
     g = torch.Generator().manual_seed(9)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
-    configs = [Steering({2: vectors[2]}, 1.5, "all"), Steering({1: vectors[1]}, -2.0, "prompt"),
-               Steering({3: vectors[3]}, -3.0, "prompt-last"), Steering({1: vectors[1]}, 2.0, "generated"),
-               None, Steering({1: vectors[1]}, 0.0, "all")]  # strength 0: steers nothing
+    configs = [
+        Steering({2: vectors[2]}, 1.5, "all"),
+        Steering({1: vectors[1]}, -2.0, "prompt"),
+        Steering({3: vectors[3]}, -3.0, "prompt-last"),
+        Steering({1: vectors[1]}, 2.0, "generated"),
+        None,
+        Steering({1: vectors[1]}, 0.0, "all"),
+    ]  # strength 0: steers nothing
     rows = [config for _ in texts for config in configs]
-    enc = lm.tokenizer([t for t in texts for _ in configs], return_tensors="pt", padding=True,
-                       add_special_tokens=False).to(lm.device)
+    enc = lm.tokenizer(
+        [t for t in texts for _ in configs], return_tensors="pt", padding=True, add_special_tokens=False
+    ).to(lm.device)
     eos = [lm.tokenizer.eos_token_id]
     layers = decoder_layers(lm.model)
     prompt_rows = {k: 0 for k in range(len(layers))}
@@ -284,7 +329,9 @@ def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_s
         def hook(module, args, out):
             if out.shape[1] > 1:  # prompt passes, not decode steps
                 prompt_rows[k] += out.shape[0]
+
         return hook
+
     handles = [layer.mlp.register_forward_hook(record(k)) for k, layer in enumerate(layers)]
     try:
         with StaticDecoder(lm.model, eos, lm.tokenizer.pad_token_id) as decoder, torch.inference_mode():
@@ -302,7 +349,7 @@ def test_static_decoder_shares_a_repeated_prompts_layers_below_each_rows_first_s
     # never fork).
     assert [counted[k] for k in range(4)] == [lengths, 2 * lengths, 3 * lengths, 4 * lengths]
     assert tokens.tolist() == plain_generate(lm, enc, rows, 8, eos).tolist()
-    assert len({tuple(t) for t in tokens.tolist()[:len(configs)]}) > 1, "steering changed nothing"
+    assert len({tuple(t) for t in tokens.tolist()[: len(configs)]}) > 1, "steering changed nothing"
     for a, b in zip(shared, own):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"
@@ -314,10 +361,17 @@ def test_static_sweep_at_all_positions_answers_as_the_plain_path(lm, mode, turns
     their own first steered one), generating or scoring after a generated turn, answers as the plain path."""
     g = torch.Generator().manual_seed(3)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 3)}
-    configs = [None, Steering({1: vectors[1]}, 2.0, "all"), Steering({3: vectors[3]}, -2.0, "all"),
-               Steering(vectors, 1.0, "prompt")]
-    jobs = [Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",) * (turns - 1)), c)
-            for job in make_jobs(make_samples(3)) for c in configs]
+    configs = [
+        None,
+        Steering({1: vectors[1]}, 2.0, "all"),
+        Steering({3: vectors[3]}, -2.0, "all"),
+        Steering(vectors, 1.0, "prompt"),
+    ]
+    jobs = [
+        Job(job.sample, "R2", Prompt(job.prompt.messages, ("Is it vulnerable?",) * (turns - 1)), c)
+        for job in make_jobs(make_samples(3))
+        for c in configs
+    ]
     static = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="static"))
     dynamic = evaluate(lm, jobs, Decoding(mode, max_new_tokens=8, cache="dynamic"))
     assert [r.response for r in static] == [r.response for r in dynamic]
@@ -372,9 +426,17 @@ def test_static_prompt_passes_hold_at_most_one_more_copy_of_the_prompts_keys_tha
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
-                                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
-                                         head_dim=128)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=128,
+        )
+    ).eval()
     lm = prepare(model, tokenizer, "kv-heavy", "cpu")
     long_and_short = [f"int a[4]; a[i] = 0; free(p); {i}" * 8 for i in range(3)] + [f"x = y; {i}" * 4 for i in range(3)]
     vectors = {layer: torch.randn(lm.hidden_size) for layer in (1, 4)}
@@ -383,13 +445,15 @@ def test_static_prompt_passes_hold_at_most_one_more_copy_of_the_prompts_keys_tha
     def peak(texts, **settings) -> tuple[float, int]:
         enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         rows = [configs[i % 2] for i in range(len(texts))]
-        with StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id, **settings) as decoder, \
-                torch.inference_mode():
+        with (
+            StaticDecoder(lm.model, [lm.tokenizer.eos_token_id], lm.tokenizer.pad_token_id, **settings) as decoder,
+            torch.inference_mode(),
+        ):
             decoder.generate(enc["input_ids"], enc["attention_mask"], 2, rows)  # buffers for this shape
             with LiveTensorBytes() as memory:
                 decoder.generate(enc["input_ids"], enc["attention_mask"], 2, rows)
             layer = decoder.cache.layers[0]
-            prompt_cache = 2 * layer.keys[:, :, :enc["input_ids"].shape[1]].nbytes * len(decoder.cache.layers)
+            prompt_cache = 2 * layer.keys[:, :, : enc["input_ids"].shape[1]].nbytes * len(decoder.cache.layers)
         return memory.peak, prompt_cache
 
     direct, prompt_cache = peak(long_and_short, grouped_prefill=False, shared_prompts=False)
@@ -404,8 +468,11 @@ def test_static_prompt_passes_hold_at_most_one_more_copy_of_the_prompts_keys_tha
 def prompt_cache(decoder, attention_mask) -> list[torch.Tensor]:
     """Every layer's keys and values at the prompt slots that are not padding."""
     real = attention_mask.bool()
-    return [tensor[:, :, :real.shape[1]].transpose(1, 2)[real].clone()
-            for layer in decoder.cache.layers for tensor in (layer.keys, layer.values)]
+    return [
+        tensor[:, :, : real.shape[1]].transpose(1, 2)[real].clone()
+        for layer in decoder.cache.layers
+        for tensor in (layer.keys, layer.values)
+    ]
 
 
 def test_static_decoder_pads_ended_rows_and_stops_when_all_have_ended(lm):

@@ -39,8 +39,18 @@ def make_samples(n: int = 5) -> list[Sample]:
     samples = []
     for i in range(n):
         label = "vulnerable" if i % 2 == 0 else "patched"
-        samples.append(Sample(id=f"s{i}", cwe="CWE-787", label=label, language="c", code=CODES[i % len(CODES)],
-                              pair_id=f"p{i // 2}", split="unit", source="test"))
+        samples.append(
+            Sample(
+                id=f"s{i}",
+                cwe="CWE-787",
+                label=label,
+                language="c",
+                code=CODES[i % len(CODES)],
+                pair_id=f"p{i // 2}",
+                split="unit",
+                source="test",
+            )
+        )
     return samples
 
 
@@ -86,8 +96,9 @@ def test_generate_prompt_tokens_match_the_rendered_prompt(lm):
 
 def test_progress_counts_every_job(lm):
     counts = []
-    evaluate(lm, make_jobs(make_samples(4)), Decoding("generate", max_new_tokens=2, batch_tokens=1),
-             progress=counts.append)
+    evaluate(
+        lm, make_jobs(make_samples(4)), Decoding("generate", max_new_tokens=2, batch_tokens=1), progress=counts.append
+    )
     assert sum(counts) == 4
     assert len(counts) == 4  # one row per batch with a tiny budget
 
@@ -171,8 +182,11 @@ def test_multi_turn_first_turn_is_the_single_turn_answer(lm):
 
 def test_jobs_with_different_numbers_of_turns_in_one_run(lm):
     samples = make_samples(3)
-    jobs = [_multi_turn_job(samples[0], ()), _multi_turn_job(samples[1], ("Next?",)),
-            _multi_turn_job(samples[2], ("Next?", "Last?"))]
+    jobs = [
+        _multi_turn_job(samples[0], ()),
+        _multi_turn_job(samples[1], ("Next?",)),
+        _multi_turn_job(samples[2], ("Next?", "Last?")),
+    ]
     results = evaluate(lm, jobs, Decoding("generate", max_new_tokens=4))
     assert [len(r.turns) for r in results] == [0, 1, 2]
     assert [r.sample_id for r in results] == ["s0", "s1", "s2"]
@@ -246,7 +260,7 @@ def set_partitions(items):
     for partition in set_partitions(rest):
         yield [[first], *partition]
         for k in range(len(partition)):
-            yield [*partition[:k], [first, *partition[k]], *partition[k + 1:]]
+            yield [*partition[:k], [first, *partition[k]], *partition[k + 1 :]]
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -307,14 +321,20 @@ def test_render_keeps_the_system_role_when_the_template_supports_it():
 def test_render_folds_the_system_prompt_for_templates_without_a_system_role():
     tok = byte_tokenizer()
     tok.chat_template = NO_SYSTEM_TEMPLATE
-    messages = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"},
-                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+    messages = [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "USR"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
     with pytest.raises(Exception):  # noqa: B017 (templates raise their own exception types)
         tok.apply_chat_template(messages, tokenize=False)  # the template really rejects it
     text = render(tok, messages)
     assert "system" not in text
-    assert text == ("<|im_start|>user\nSYS\n\nUSR<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
-                    "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>user\nSYS\n\nUSR<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_render_reraises_template_errors_without_a_system_prompt():
@@ -409,8 +429,13 @@ def test_shared_prefix_rows_equal_full_batches(lm, monkeypatch, mode, attention)
     vector = {1: torch.randn(lm.hidden_size, generator=g) * 4}
     samples = make_samples(3)
     base = make_jobs(samples)
-    configs = [None, Steering(vector, 2.0, "prompt-last"), Steering(vector, -1.0, "prompt-last"),
-               Steering(vector, 3.0, "generated"), Steering(vector, 1.0, "all")]  # "all" takes the ordinary path
+    configs = [
+        None,
+        Steering(vector, 2.0, "prompt-last"),
+        Steering(vector, -1.0, "prompt-last"),
+        Steering(vector, 3.0, "generated"),
+        Steering(vector, 1.0, "all"),
+    ]  # "all" takes the ordinary path
     jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in base for c in configs]
     del jobs[-4]  # the last prompt has one row fewer: its place among the side-by-side tokens stays empty
     decoding = Decoding(mode, max_new_tokens=8)
@@ -443,8 +468,11 @@ def test_scoring_shares_no_prompt_pass_with_attention_that_takes_no_prepared_mas
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(4)) * 4}
-    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
-            for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0)]
+    jobs = [
+        Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "prompt-last"))
+        for j in make_jobs(make_samples(2))
+        for s in (-1.0, 1.0)
+    ]
     expected = evaluate(lm, jobs, Decoding("score"))
     # An attention kernel of another name (as flash attention is), computing what SDPA computes.
     monkeypatch.setitem(AttentionInterface._global_mapping, "test_kernel", sdpa_attention_forward)
@@ -472,14 +500,26 @@ def test_a_sliding_window_model_answers_a_sweep_as_each_job_alone(mode):
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
-                         max_window_layers=0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    )
     lm = prepare(Qwen2ForCausalLM(config).float().eval(), tokenizer, "tiny-window", "cpu")
     vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)) * 4}
     # prompt-last rows share the prompt's pass; "all" rows share layer 0 with it (its window cache copied back)
-    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, positions))
-            for j in make_jobs(make_samples(2)) for s in (-1.0, 1.0) for positions in ("prompt-last", "all")]
+    jobs = [
+        Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, positions))
+        for j in make_jobs(make_samples(2))
+        for s in (-1.0, 1.0)
+        for positions in ("prompt-last", "all")
+    ]
     decoding = Decoding(mode, max_new_tokens=6)
     together = evaluate(lm, jobs, decoding)
     alone = [evaluate(lm, [job], decoding)[0] for job in jobs]
@@ -508,8 +548,14 @@ def test_automatic_batch_budget_fits_free_memory():
 
     from vulnsteer.engine.planner import CPU_BATCH_TOKENS, auto_batch_tokens
 
-    config = Qwen2Config(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
-                         num_key_value_heads=8, vocab_size=152064)
+    config = Qwen2Config(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+    )
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     assert auto_batch_tokens(model, 192, 113) == CPU_BATCH_TOKENS  # not on a GPU, no memory figure given
@@ -532,8 +578,9 @@ def test_batch_budget_must_be_positive(lm):
 
 
 @pytest.mark.parametrize("prompts", [1, 3])
-def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_steered_one(lm, one_batch, prompts,
-                                                                                          monkeypatch):
+def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_steered_one(
+    lm, one_batch, prompts, monkeypatch
+):
     """Generating, the prompt pass shares those layers too, and gives every row the keys and values of the layers
     it shared, so that the decode steps run every row as its own: one prompt (one group), or prompts of three
     lengths (a group each, their caches merged)."""
@@ -546,16 +593,23 @@ def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_st
     monkeypatch.setattr(runners, "length_groups", partial(length_groups, cost=0.0))
     g = torch.Generator().manual_seed(7)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
-    configs = [Steering({2: vectors[2]}, 1.5, "all"), Steering({1: vectors[1]}, -2.0, "prompt"),
-               Steering({3: vectors[3]}, -1.0, "all"), Steering({1: vectors[1]}, 0.0, "all")]  # strength 0: none
+    configs = [
+        Steering({2: vectors[2]}, 1.5, "all"),
+        Steering({1: vectors[1]}, -2.0, "prompt"),
+        Steering({3: vectors[3]}, -1.0, "all"),
+        Steering({1: vectors[1]}, 0.0, "all"),
+    ]  # strength 0: none
     jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in make_jobs(make_samples(prompts)) for c in configs]
     layers = decoder_layers(lm.model)
     prompt_rows = {k: [] for k in range(len(layers))}
+
     def record(k):
         def hook(module, args, out):
             if out.shape[1] > 1:  # prompt passes, not decode steps
                 prompt_rows[k].append(out.shape[0])
+
         return hook
+
     handles = [layers[k].mlp.register_forward_hook(record(k)) for k in prompt_rows]
     decoding = Decoding("generate", max_new_tokens=8, batch_tokens=10**6, final_answer=False)  # its prompt passes only
     try:
@@ -569,15 +623,25 @@ def test_generating_rows_of_one_prompt_share_the_layers_below_their_own_first_st
     assert [sum(prompt_rows[k]) for k in range(4)] == [prompts, 2 * prompts, 3 * prompts, 4 * prompts]
     one_by_one = [evaluate(lm, [job], decoding)[0] for job in jobs]
     assert [r.response for r in shared] == [r.response for r in one_by_one]
-    assert len({r.response for r in shared[:len(configs)]}) > 1, "steering changed no answer"
+    assert len({r.response for r in shared[: len(configs)]}) > 1, "steering changed no answer"
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers), "hooks left behind"
     # Tokens alone would not show keys given to the wrong rows (tiny random models attend almost uniformly): the
     # prompt pass's cache equals the one each row computes for itself.
-    enc = lm.tokenizer([render(lm.tokenizer, job.prompt.messages) for job in jobs], return_tensors="pt",
-                       padding=True, add_special_tokens=False)
+    enc = lm.tokenizer(
+        [render(lm.tokenizer, job.prompt.messages) for job in jobs],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
-    args = (lm.model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), [job.steering for job in jobs],
-            length_groups(lm.model, mask, cost=0.0))
+    args = (
+        lm.model,
+        ids,
+        mask,
+        (mask.cumsum(-1) - 1).clamp(min=0),
+        [job.steering for job in jobs],
+        length_groups(lm.model, mask, cost=0.0),
+    )
     prompts = [tuple(row) for row in enc["input_ids"].tolist()]
     with torch.inference_mode():
         trunk = [(layer.keys, layer.values) for layer in prompt_cache(*args, prompts).layers]
@@ -594,15 +658,20 @@ def test_scoring_rows_of_one_prompt_share_the_layers_below_their_own_first_steer
 
     g = torch.Generator().manual_seed(5)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in (1, 2, 3)}
-    configs = [Steering({2: vectors[2], 3: vectors[3]}, 1.5, "all"), Steering({3: vectors[3]}, -2.0, "prompt"),
-               Steering({2: vectors[2]}, 0.5, "all"), Steering({1: vectors[1]}, 0.0, "all")]  # strength 0: none
+    configs = [
+        Steering({2: vectors[2], 3: vectors[3]}, 1.5, "all"),
+        Steering({3: vectors[3]}, -2.0, "prompt"),
+        Steering({2: vectors[2]}, 0.5, "all"),
+        Steering({1: vectors[1]}, 0.0, "all"),
+    ]  # strength 0: none
     samples = make_samples(3)
     jobs = [Job(j.sample, j.prompt_id, j.prompt, c) for j in make_jobs(samples) for c in configs]
     jobs.append(Job(samples[0], "S1", build_prompt(samples[0], "S1"), None))  # one unsteered row
     layers = decoder_layers(lm.model)
     rows_seen = {k: [] for k in range(len(layers))}
-    handles = [layers[k].mlp.register_forward_hook(lambda m, a, out, k=k: rows_seen[k].append(out.shape[0]))
-               for k in rows_seen]  # inside the layer: the rows it computes
+    handles = [
+        layers[k].mlp.register_forward_hook(lambda m, a, out, k=k: rows_seen[k].append(out.shape[0])) for k in rows_seen
+    ]  # inside the layer: the rows it computes
     try:
         shared = evaluate(lm, jobs, Decoding("score", batch_tokens=10**6))
     finally:
@@ -634,10 +703,14 @@ def test_generate_mode_adds_a_forced_final_answer_scored_without_a_parser(lm):
     assert [r.response for r in results] == [r.response for r in plain]  # the free answers are untouched
     assert all(r.final_score is None and r.final_verdict is None for r in plain)
     for job, r in zip(jobs[:3], results[:3]):
-        messages = [*job.prompt.messages, {"role": "assistant", "content": r.response},
-                    {"role": "user", "content": FINAL_QUESTION}]
-        encoded = lm.tokenizer([render(lm.tokenizer, messages, ANSWER_PREFIX)], return_tensors="pt",
-                               add_special_tokens=False)
+        messages = [
+            *job.prompt.messages,
+            {"role": "assistant", "content": r.response},
+            {"role": "user", "content": FINAL_QUESTION},
+        ]
+        encoded = lm.tokenizer(
+            [render(lm.tokenizer, messages, ANSWER_PREFIX)], return_tensors="pt", add_special_tokens=False
+        )
         with torch.inference_mode():
             expected = yes_no_log_odds(lm, encoded)[0]
         assert r.final_score == pytest.approx(expected, abs=1e-4)
@@ -663,8 +736,11 @@ def test_a_resumed_run_computes_each_row_in_the_batch_an_uninterrupted_run_gives
             return self.inner.run(lm_, texts, steerings)
 
     vector = {1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(5)) * 4}
-    jobs = [Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "all", SteeringId(config=f"{j.sample.id}{s}")))
-            for s in (-1.0, 1.0, 2.0) for j in make_jobs(make_samples(5))]
+    jobs = [
+        Job(j.sample, j.prompt_id, j.prompt, Steering(vector, s, "all", SteeringId(config=f"{j.sample.id}{s}")))
+        for s in (-1.0, 1.0, 2.0)
+        for j in make_jobs(make_samples(5))
+    ]
     decoding = Decoding("generate", max_new_tokens=4, batch_tokens=400)
     runners = {path: Observed(path, runner) for path, runner in default_runners(4).items()}
 
@@ -678,8 +754,9 @@ def test_a_resumed_run_computes_each_row_in_the_batch_an_uninterrupted_run_gives
 
     written: list[Result] = []
     resumed = evaluate(lm, jobs, decoding, runners=runners, done=done, on_result=written.append)
-    assert batches == [b for b in full_batches if not done.issuperset(row[config] for _, config in b[1])], \
+    assert batches == [b for b in full_batches if not done.issuperset(row[config] for _, config in b[1])], (
         "the resumed rows ran in other batches than an uninterrupted run's"
+    )
     left = [r for k, r in enumerate(full) if k not in done]
     assert [comparable(r) for r in resumed] == [comparable(r) for r in left]
     assert sorted(r.steering.config for r in written) == sorted(r.steering.config for r in left)

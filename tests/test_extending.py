@@ -51,20 +51,24 @@ def test_a_toy_backend_answers_eval_and_takes_its_own_options(yes_backend, tmp_p
     assert summary["meta"]["model"] == "yes:Yes." and summary["metrics"]["all"]["n"] == 4
     assert summary["metrics"]["all"]["yes_rate"]["value"] == 1.0
 
-    code, _, err = run_cli(["eval", "--model", "yes:any", "--model-args", "answer=No.", *data,
-                            "-o", str(tmp_path / "no")], capsys)
+    code, _, err = run_cli(
+        ["eval", "--model", "yes:any", "--model-args", "answer=No.", *data, "-o", str(tmp_path / "no")], capsys
+    )
     assert code == 0, err
     assert {r["verdict"] for r in rows(tmp_path / "no")} == {"not_vulnerable"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "--mode", "score"], "yes:any cannot score (--mode score): it answers in words"),
-    (["eval", "--vectors", "nowhere.safetensors"], "yes:any cannot steer (--vectors, sweep, run)"),
-    (["sweep"], "yes:any cannot steer (--vectors, sweep, run)"),
-    (["extract"], "yes:any cannot give hidden states"),
-    (["eval", "--model-args", "colour=red"], "yes:any takes no option 'colour' (its options: answer)"),
-    (["eval", "--base-url", "http://127.0.0.1:1/v1"], "base_url is an option of openai:"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--mode", "score"], "yes:any cannot score (--mode score): it answers in words"),
+        (["eval", "--vectors", "nowhere.safetensors"], "yes:any cannot steer (--vectors, sweep, run)"),
+        (["sweep"], "yes:any cannot steer (--vectors, sweep, run)"),
+        (["extract"], "yes:any cannot give hidden states"),
+        (["eval", "--model-args", "colour=red"], "yes:any takes no option 'colour' (its options: answer)"),
+        (["eval", "--base-url", "http://127.0.0.1:1/v1"], "base_url is an option of openai:"),
+    ],
+)
 def test_a_toy_backend_is_refused_what_it_cannot_do_in_one_line(yes_backend, tmp_path, capsys, args, message):
     command, *rest = args
     code, _, err = run_cli([command, "--model", "yes:any", "--limit", "2", *rest, "-o", str(tmp_path / "o")], capsys)
@@ -93,9 +97,34 @@ def test_a_toy_direction_method_runs_through_the_sweep_command(tmp_path, capsys,
     model.model.save_pretrained(tmp_path / "model")
     model.tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "sweep"
-    code, _, err = run_cli(["sweep", "--model", str(tmp_path / "model"), "--dataset", "demo", "--limit", "8",
-                            "--folds", "3", "--layers", "1", "--strengths", "1", "--mode", "score",
-                            "--methods", "vulnerable-mean", "--vectors", "pooled", "--no-transfer", "--dtype",
-                            "float32", "-o", str(out)], capsys)
+    code, _, err = run_cli(
+        [
+            "sweep",
+            "--model",
+            str(tmp_path / "model"),
+            "--dataset",
+            "demo",
+            "--limit",
+            "8",
+            "--folds",
+            "3",
+            "--layers",
+            "1",
+            "--strengths",
+            "1",
+            "--mode",
+            "score",
+            "--methods",
+            "vulnerable-mean",
+            "--vectors",
+            "pooled",
+            "--no-transfer",
+            "--dtype",
+            "float32",
+            "-o",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "vulnerable-mean|1|pooled|prompt-last|+1" in analyse(out).arms

@@ -85,9 +85,19 @@ def test_folds_are_stratified_by_families_not_items():
     for c, cwe in enumerate(("CWE-79", "CWE-89", "CWE-787")):
         for n in range(7):
             copies = 10 if n % 3 == 0 else 2
-            samples += [Sample(id=f"{cwe}/{n}/{k}", cwe=cwe, label=("vulnerable", "patched")[k % 2], language="c",
-                               code=f"c{c}_{n}(x);", pair_id=f"{cwe}/{n}/{k // 2}", split="x", source="s")
-                        for k in range(copies)]
+            samples += [
+                Sample(
+                    id=f"{cwe}/{n}/{k}",
+                    cwe=cwe,
+                    label=("vulnerable", "patched")[k % 2],
+                    language="c",
+                    code=f"c{c}_{n}(x);",
+                    pair_id=f"{cwe}/{n}/{k // 2}",
+                    split="x",
+                    source="s",
+                )
+                for k in range(copies)
+            ]
     for k in (2, 3, 4):
         folds = pair_folds(samples, k, seed=1)
         groups = families(samples)
@@ -103,8 +113,16 @@ def overlapping_train_set(tmp_path) -> str:
     from dataclasses import asdict
 
     demo = load_demo()
-    rows = [{**asdict(s), "id": f"copy-{s.id}", "pair_id": f"copy-{s.pair_id}", "source": "elsewhere",
-             "code": s.code.replace("\n", "\n\n").replace("buf", "buffer_")} for s in demo[:4]]
+    rows = [
+        {
+            **asdict(s),
+            "id": f"copy-{s.id}",
+            "pair_id": f"copy-{s.pair_id}",
+            "source": "elsewhere",
+            "code": s.code.replace("\n", "\n\n").replace("buf", "buffer_"),
+        }
+        for s in demo[:4]
+    ]
     rows += [{**asdict(s), "source": "elsewhere"} for s in demo[8:12]]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "reasoning"}) + "\n" for r in rows))
@@ -119,13 +137,41 @@ def test_sweep_refuses_overlap_with_its_count_or_drops_it_and_the_report_says_so
     from vulnsteer.pipeline import run_sweep
 
     train = overlapping_train_set(tmp_path)
-    args = ["sweep", "--dataset", "demo", "--limit", "8", "--train-dataset", train, "--folds", "2", "--layers", "1",
-            "--strengths", "1", "--mode", "score", "--no-transfer", "-o", str(tmp_path / "refused")]
+    args = [
+        "sweep",
+        "--dataset",
+        "demo",
+        "--limit",
+        "8",
+        "--train-dataset",
+        train,
+        "--folds",
+        "2",
+        "--layers",
+        "1",
+        "--strengths",
+        "1",
+        "--mode",
+        "score",
+        "--no-transfer",
+        "-o",
+        str(tmp_path / "refused"),
+    ]
     code, out, err = run_cli(args, capsys)
     errors = err.strip().splitlines()
     assert code == 1 and len(errors) == 1 and "4 of the 8 test items" in errors[0] and "--drop-overlap" in errors[0]
-    config = SweepConfig(dataset="demo", limit=8, train_dataset=train, drop_overlap=True, folds=2, layers=["1"],
-                         strengths=[1.0], mode="score", transfer=False, vectors=["pooled"])
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        train_dataset=train,
+        drop_overlap=True,
+        folds=2,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        transfer=False,
+        vectors=["pooled"],
+    )
     report = run_sweep(config, tmp_path / "dropped", lm=random_model("llama")).report.html
     text = report.with_suffix(".md").read_text()
     assert "dropped 4 of 8 test items (whole families)" in text and "dropped 4" in report.read_text()

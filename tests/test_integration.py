@@ -38,8 +38,9 @@ def model_cache(isolated_cache, monkeypatch) -> Path:
 
 def expected_ids() -> set[str]:
     folder = HOLMES / "hand-crafted" / "dataset"
-    return {p.relative_to(HOLMES).as_posix() for cwe in CWES for p in (folder / cwe).iterdir()
-            if p.suffix in (".c", ".py")}
+    return {
+        p.relative_to(HOLMES).as_posix() for cwe in CWES for p in (folder / cwe).iterdir() if p.suffix in (".c", ".py")
+    }
 
 
 def test_pull_the_catalogue_model(model_cache):
@@ -52,9 +53,29 @@ def test_pull_the_catalogue_model(model_cache):
 @pytest.mark.parametrize("mode,extra", [("generate", ["--max-new-tokens", "32"]), ("score", [])])
 def test_eval_on_secllmholmes(model_cache, monkeypatch, capsys, tmp_path, mode, extra):
     out = tmp_path / f"eval-{mode}"
-    monkeypatch.setattr(sys, "argv", ["vulnsteer", "eval", "--model", MODEL, "--dataset", str(HOLMES),
-                                      "--split", "hand-crafted", "--cwe", ",".join(CWES), "--mode", mode,
-                                      "--device", "cpu", "-o", str(out), *extra])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "vulnsteer",
+            "eval",
+            "--model",
+            MODEL,
+            "--dataset",
+            str(HOLMES),
+            "--split",
+            "hand-crafted",
+            "--cwe",
+            ",".join(CWES),
+            "--mode",
+            mode,
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+            *extra,
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:  # the CLI always ends with sys.exit
         main()
     assert exit_info.value.code in (0, None), capsys.readouterr().err
@@ -107,16 +128,25 @@ def test_steering_invariants_on_the_real_model(model_cache):
     g = torch.Generator().manual_seed(0)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) for layer in (7, 15)}
     norm = 0.5 * float(lm.model.model.embed_tokens.weight.detach().norm(dim=1).mean())
-    rows = [Steering({k: v / v.norm() * norm * 20 for k, v in vectors.items()}, 1.0, "all"), None,
-            Steering({7: vectors[7] / vectors[7].norm() * norm * 20}, -1.0, "generated")]
+    rows = [
+        Steering({k: v / v.norm() * norm * 20 for k, v in vectors.items()}, 1.0, "all"),
+        None,
+        Steering({7: vectors[7] / vectors[7].norm() * norm * 20}, -1.0, "generated"),
+    ]
 
     def generate(batch_texts, batch_rows, use_cache=True):
         enc = lm.tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=False)
         context = steer(lm.model, batch_rows, enc["attention_mask"]) if any(batch_rows) else torch.no_grad()
         with torch.inference_mode(), context:
-            out = lm.model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=use_cache,
-                                    pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
-        return out[:, enc["input_ids"].shape[1]:]
+            out = lm.model.generate(
+                **enc,
+                max_new_tokens=6,
+                do_sample=False,
+                use_cache=use_cache,
+                pad_token_id=lm.tokenizer.pad_token_id,
+                eos_token_id=None,
+            )
+        return out[:, enc["input_ids"].shape[1] :]
 
     plain = generate(texts, [None] * 3)
     zero = generate(texts, [Steering(rows[0].vectors, 0.0, "all")] * 3)

@@ -17,8 +17,7 @@ PACKAGE = Path(vulnsteer.__file__).parent
 # Lowest first. A module may import its own layer and the ones below.
 LAYERS = [
     {"errors"},
-    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "neardup",
-     "protocol"},
+    {"cwes", "data", "prompts", "records", "architecture", "verdicts", "models", "metrics", "neardup", "protocol"},
     {"steering"},
     {"engine"},
     {"backends"},
@@ -33,18 +32,51 @@ LAYERS = [
 # after the modules it re-exports). Read top to bottom, it is the order to read the code in; a new module gets a
 # place here, and an import that goes against it is a design change to make here first.
 ORDER = [
-    "errors", "neardup", "cwes", "models", "architecture", "data", "prompts", "protocol", "records", "metrics",
+    "errors",
+    "neardup",
+    "cwes",
+    "models",
+    "architecture",
+    "data",
+    "prompts",
+    "protocol",
+    "records",
+    "metrics",
     "verdicts",
-    "steering.reft", "steering.hooks", "steering.buffers", "steering",
-    "engine.planner", "engine.prompt_pass", "engine.trunk", "engine.static", "engine.runners", "engine.evaluate",
-    "engine.api", "engine",
+    "steering.reft",
+    "steering.hooks",
+    "steering.buffers",
+    "steering",
+    "engine.planner",
+    "engine.prompt_pass",
+    "engine.trunk",
+    "engine.static",
+    "engine.runners",
+    "engine.evaluate",
+    "engine.api",
+    "engine",
     "backends",
-    "extract", "extract.activations", "extract.llama_cpp", "extract.trained", "extract.lora", "extract.vectors",
-    "extract.lm_eval", "extract.probe",
-    "experiments", "experiments.tables", "experiments.store", "experiments.side_effects", "experiments.reasoning",
-    "experiments.summary", "experiments.backends", "experiments.cluster", "experiments.sweep",
-    "experiments.analysis", "experiments.report",
-    "pipeline", "cli",
+    "extract",
+    "extract.activations",
+    "extract.llama_cpp",
+    "extract.trained",
+    "extract.lora",
+    "extract.vectors",
+    "extract.lm_eval",
+    "extract.probe",
+    "experiments",
+    "experiments.tables",
+    "experiments.store",
+    "experiments.side_effects",
+    "experiments.reasoning",
+    "experiments.summary",
+    "experiments.backends",
+    "experiments.cluster",
+    "experiments.sweep",
+    "experiments.analysis",
+    "experiments.report",
+    "pipeline",
+    "cli",
 ]
 BENCH = PACKAGE.parent.parent / "bench"
 
@@ -111,13 +143,18 @@ def test_every_benchmark_imports_names_that_exist_and_the_package_never_imports_
     import importlib
 
     assert len(bench_imports()) > 20
-    missing = [f"{script}: {module}.{name}" for script, module, names in bench_imports()
-               for name in names if not hasattr(importlib.import_module(module), name)
-               and f"{module}.{name}" not in modules()]
+    missing = [
+        f"{script}: {module}.{name}"
+        for script, module, names in bench_imports()
+        for name in names
+        if not hasattr(importlib.import_module(module), name) and f"{module}.{name}" not in modules()
+    ]
     assert not missing, missing
     for path in modules().values():
-        assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "bench" in ast.dump(n)
-                       for n in ast.walk(ast.parse(path.read_text()))), path
+        assert not any(
+            isinstance(n, (ast.Import, ast.ImportFrom)) and "bench" in ast.dump(n)
+            for n in ast.walk(ast.parse(path.read_text()))
+        ), path
 
 
 def test_no_import_circles():
@@ -147,8 +184,10 @@ def test_the_public_api_is_small_typed_and_importable():
 
 def test_importing_the_library_changes_no_environment_variable():
     """Only the command line sets OMP_WAIT_POLICY: a library import must leave a user's process as it was."""
-    code = ("import os, sys; before = dict(os.environ); import vulnsteer, vulnsteer.pipeline; "
-            "sys.exit(0 if dict(os.environ) == before else 1)")
+    code = (
+        "import os, sys; before = dict(os.environ); import vulnsteer, vulnsteer.pipeline; "
+        "sys.exit(0 if dict(os.environ) == before else 1)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
     cli = "import os, vulnsteer.cli; print(os.environ['OMP_WAIT_POLICY'])"

@@ -41,8 +41,10 @@ def test_a_lora_fit_does_not_depend_on_how_the_training_set_is_chunked():
     train = [s for s in samples if s.pair_id in pairs[:3]]
     test = [s for s in samples if s.pair_id == pairs[-1]]
     lm = random_model("llama")
-    fits = [fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=2, learning_rate=0.05, batch=batch))
-            for batch in (1, len(train))]
+    fits = [
+        fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=2, learning_rate=0.05, batch=batch))
+        for batch in (1, len(train))
+    ]
     assert len(train) > 2 and fits[0].scores.keys() == {s.id for s in test}
     assert fits[0].scores == pytest.approx(fits[1].scores, abs=1e-4)
     unfitted = fit_and_score(lm, train, test, "S1", None, LoraTraining(steps=0))
@@ -65,6 +67,7 @@ def test_learned_fits_train_at_strength_1_the_strength_they_are_applied_at_and_r
     def spying(lm_, prefix_, tokens):
         strengths.update(s.strength for row in tokens for s in row if s is not None)
         return log_odds(lm_, prefix_, tokens)
+
     monkeypatch.setattr(trained, "answer_log_odds", spying)
     steps: list[int] = []
     settings = trained.Training(steps=3, rank=2)
@@ -77,13 +80,22 @@ def test_learned_fits_train_at_strength_1_the_strength_they_are_applied_at_and_r
 
 
 def test_the_candidates_are_the_grids_steered_configs_at_every_nonzero_strength():
-    from vulnsteer.experiments.sweep import GridPoint, SweepConfig, is_candidate, path_controls
+    from vulnsteer.experiments.sweep import SweepConfig, candidate_points, path_controls, points_by_id
 
-    config = SweepConfig(dataset="demo", layers=["1"], strengths=[-1.0, 1.0], vectors=["own", "random"],
-                         positions=["prompt-last", "all"], mode="score")
-    assert all(is_candidate(GridPoint("mean-diff", "1", "own", "prompt-last", s), config) for s in (-1.0, 1.0))
-    assert not any(is_candidate(p, config) for p in path_controls(config))  # strength 0: a control
-    assert not is_candidate(GridPoint("mean-diff", "1", "random:0", "prompt-last", 1.0), config)
+    config = SweepConfig(
+        dataset="demo",
+        layers=["1"],
+        strengths=[-1.0, 1.0],
+        vectors=["own", "random"],
+        positions=["prompt-last", "all"],
+        mode="score",
+    )
+    candidates = candidate_points(config)
+    assert sorted(candidates) == sorted(
+        p.id for p in points_by_id(config).values() if str(p.vectors) == "own" and p.strength != 0
+    )
+    assert {p.strength for p in candidates.values()} == {-1.0, 1.0}
+    assert not any(p.id in candidates for p in path_controls(config))  # strength 0: a control
 
 
 def test_a_trained_vector_stays_within_its_norm_bound_at_every_step_and_reaches_it(monkeypatch):
@@ -101,6 +113,7 @@ def test_a_trained_vector_stays_within_its_norm_bound_at_every_step_and_reaches_
     def spying(lm_, prefix_, tokens):
         applied.extend(float(s.vectors[1].detach().norm()) for row in tokens for s in row if s is not None)
         return log_odds(lm_, prefix_, tokens)
+
     monkeypatch.setattr(trained, "answer_log_odds", spying)
     settings = trained.Training(steps=8, learning_rate=0.5, max_norm=0.5)
     vectors = trained.train_vectors(lm, prefix, samples, [POOLED], [1], {1: 3.0}, POOLED, settings)
@@ -110,6 +123,7 @@ def test_a_trained_vector_stays_within_its_norm_bound_at_every_step_and_reaches_
     assert applied[-1] == pytest.approx(bound, rel=1e-4)
     # Inside the bound the projection leaves a vector alone: with no step taken, every step applies the start.
     applied.clear()
-    trained.train_vectors(lm, prefix, samples, [POOLED], [1], {1: 3.0}, POOLED,
-                          trained.Training(steps=3, learning_rate=0.0, max_norm=0.5))
+    trained.train_vectors(
+        lm, prefix, samples, [POOLED], [1], {1: 3.0}, POOLED, trained.Training(steps=3, learning_rate=0.0, max_norm=0.5)
+    )
     assert applied == pytest.approx([applied[0]] * len(applied), rel=1e-6)

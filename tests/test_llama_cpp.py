@@ -56,8 +56,12 @@ def lm(persistent_cache, monkeypatch):
 
 def token_ids(lm, samples) -> list[list[int]]:
     resources = PromptResources.from_dataset_root(None)
-    return [lm.tokenizer(render(lm.tokenizer, list(build_prompt(s, "S1", resources).messages)),
-                         add_special_tokens=False)["input_ids"] for s in samples]
+    return [
+        lm.tokenizer(render(lm.tokenizer, list(build_prompt(s, "S1", resources).messages)), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for s in samples
+    ]
 
 
 def test_llama_cpp_steers_with_our_control_vector_as_our_hooks_do(lm, tmp_path):
@@ -76,10 +80,13 @@ def test_llama_cpp_steers_with_our_control_vector_as_our_hooks_do(lm, tmp_path):
         gaps = {}
         for offset in (-1, 0, 1):  # our layer = llama.cpp's block index + offset
             shifted = {layer + offset: v for layer, v in vectors.items()}
-            gaps[offset] = sum(mean_gap(s, hook_logprobs(lm, ids, shifted, strength))
-                               for s, ids in zip(steered, prompts)) / len(prompts)
-        print(f"strength {strength}: unsteered gap {noise:.3f}, steering moved llama.cpp by {moved:.3f}, "
-              f"steered gap by offset {gaps}")
+            gaps[offset] = sum(
+                mean_gap(s, hook_logprobs(lm, ids, shifted, strength)) for s, ids in zip(steered, prompts)
+            ) / len(prompts)
+        print(
+            f"strength {strength}: unsteered gap {noise:.3f}, steering moved llama.cpp by {moved:.3f}, "
+            f"steered gap by offset {gaps}"
+        )
         assert moved > 4 * noise  # the vector did something far beyond the quantisation noise
         assert gaps[0] < 1.5 * noise + 0.02  # and ours did the same, to within that noise
         assert gaps[-1] > 3 * gaps[0] and gaps[1] > 3 * gaps[0]  # only with the same layer numbering
@@ -96,8 +103,9 @@ def _rows(folder: Path) -> dict[str, dict]:
 def test_api_model_gives_the_local_models_prompts_and_scores_and_resumes(lm, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     data = ["--dataset", "demo", "--limit", "6"]
-    code, _, err = _eval(["--model", MODEL, *data, "--mode", "score", "--device", "cpu", "-o",
-                          str(tmp_path / "local")], capsys)
+    code, _, err = _eval(
+        ["--model", MODEL, *data, "--mode", "score", "--device", "cpu", "-o", str(tmp_path / "local")], capsys
+    )
     assert code == 0, err
     with LlamaServer(gguf_path(MODEL), api_key=KEY) as server:
         api = ["--model", "openai:smollm2", "--base-url", f"{server.url}/v1", *data]
@@ -111,8 +119,22 @@ def test_api_model_gives_the_local_models_prompts_and_scores_and_resumes(lm, tmp
         code, out, err = _eval([*api, "--mode", "score", "-o", str(tmp_path / "api")], capsys)
         assert code == 0 and "resuming: 6 of 6 rows" in out, err
 
-        code, _, err = _eval([*api, "--limit", "2", "--mode", "generate", "--max-new-tokens", "12", "--concurrency",
-                              "2", "-o", str(tmp_path / "api-generate")], capsys)
+        code, _, err = _eval(
+            [
+                *api,
+                "--limit",
+                "2",
+                "--mode",
+                "generate",
+                "--max-new-tokens",
+                "12",
+                "--concurrency",
+                "2",
+                "-o",
+                str(tmp_path / "api-generate"),
+            ],
+            capsys,
+        )
         assert code == 0, err
         for row in _rows(tmp_path / "api-generate").values():
             assert row["response"] and 0 < row["new_tokens"] <= 12 and row["final_score"] is not None
@@ -136,8 +158,11 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
                     handler.send_header("Retry-After", "0")
                     handler.end_headers()
                     return
-                request = urllib.request.Request(self.target + handler.path, data=body, headers={
-                    "Content-Type": "application/json", "Authorization": handler.headers["Authorization"]})
+                request = urllib.request.Request(
+                    self.target + handler.path,
+                    data=body,
+                    headers={"Content-Type": "application/json", "Authorization": handler.headers["Authorization"]},
+                )
                 with urllib.request.urlopen(request) as response:
                     answer = response.read()
                 handler.send_response(200)
@@ -176,11 +201,15 @@ def test_api_errors_are_one_line_and_5xx_are_retried(lm, tmp_path, capsys, monke
         finally:
             proxy.shutdown()
     cases = [
-        (["--model", "openai:smollm2", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--retries", "0"],
-         "cannot connect to"),
+        (
+            ["--model", "openai:smollm2", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--retries", "0"],
+            "cannot connect to",
+        ),
         (["--model", "openai:smollm2"], "needs --base-url"),
-        (["--model", "openai:smollm2", "--base-url", "http://127.0.0.1:1/v1", "--vectors", str(tmp_path / "v")],
-         "is served over HTTP"),
+        (
+            ["--model", "openai:smollm2", "--base-url", "http://127.0.0.1:1/v1", "--vectors", str(tmp_path / "v")],
+            "is served over HTTP",
+        ),
         (["--model", MODEL, "--base-url", "http://127.0.0.1:1/v1"], "base_url is an option of openai:"),
         (["--model", "openai:smollm2", "--base-url", "http://127.0.0.1:1/v1", "--strength", "2"], "--vectors"),
     ]

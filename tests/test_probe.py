@@ -29,8 +29,18 @@ def pair_samples(cwes=CWES, pairs_per_cwe=6, only_vulnerable=()):
             for label in ("vulnerable", "patched"):
                 if label == "patched" and cwe in only_vulnerable:
                     continue
-                samples.append(Sample(id=f"{cwe}/{p}/{label}", cwe=cwe, label=label, language="c",
-                                      code=f"c{cwe[4:]}_{p}(x);", pair_id=f"{cwe}/{p}", split="train", source="test"))
+                samples.append(
+                    Sample(
+                        id=f"{cwe}/{p}/{label}",
+                        cwe=cwe,
+                        label=label,
+                        language="c",
+                        code=f"c{cwe[4:]}_{p}(x);",
+                        pair_id=f"{cwe}/{p}",
+                        split="train",
+                        source="test",
+                    )
+                )
     return samples
 
 
@@ -101,8 +111,9 @@ def test_no_leakage_with_pair_specific_offsets():
     g = torch.Generator().manual_seed(1)
     u = torch.randn(n_pairs, hidden, generator=g)
     base = torch.randn(n_pairs, hidden, generator=g)
-    x = torch.stack([base[j] + (u[j] if s.is_vulnerable else -u[j]) for j, s in
-                     zip([i // 2 for i in range(2 * n_pairs)], samples)])
+    x = torch.stack(
+        [base[j] + (u[j] if s.is_vulnerable else -u[j]) for j, s in zip([i // 2 for i in range(2 * n_pairs)], samples)]
+    )
     acts = Activations(samples, {0: x}, "prompt-last", "S1")
     labels = acts.labels.numpy()
     # fitted on everything (leaky), the same direction separates almost perfectly
@@ -114,8 +125,10 @@ def test_no_leakage_with_pair_specific_offsets():
         assert abs(auroc(labels, oof) - 0.5) < 0.2
 
 
-@pytest.mark.parametrize("method,vary", [("mean-diff", False), ("probe", False), ("mean-diff", True), ("pca", True),
-                                         ("probe", True), ("pca", False)])
+@pytest.mark.parametrize(
+    "method,vary",
+    [("mean-diff", False), ("probe", False), ("mean-diff", True), ("pca", True), ("probe", True), ("pca", False)],
+)
 def test_probe_auroc_signal_and_noise_layers(method, vary):
     samples = pair_samples(pairs_per_cwe=8)
     acts, _ = planted_acts(samples, vary=vary)
@@ -237,10 +250,18 @@ def test_pair_folds_keep_augmented_copies_with_their_scenario():
     for n in range(1, 5):
         for prefix in ("hand-crafted/dataset", "augmented/dataset/trivial/rename", "augmented/dataset/x/swap"):
             for stem in (str(n), f"p_{n}"):
-                samples.append(Sample(id=f"{prefix}/CWE-79/{stem}.c", cwe="CWE-79",
-                                      label="patched" if stem.startswith("p_") else "vulnerable", language="c",
-                                      code=f"s{n}(x);", pair_id=f"{prefix}/CWE-79/{n}", split=prefix.split("/")[0],
-                                      source="secllmholmes"))
+                samples.append(
+                    Sample(
+                        id=f"{prefix}/CWE-79/{stem}.c",
+                        cwe="CWE-79",
+                        label="patched" if stem.startswith("p_") else "vulnerable",
+                        language="c",
+                        code=f"s{n}(x);",
+                        pair_id=f"{prefix}/CWE-79/{n}",
+                        split=prefix.split("/")[0],
+                        source="secllmholmes",
+                    )
+                )
     assert len({family(s) for s in samples}) == 4
     folds = pair_folds(samples, 2)
     check_partition(samples, folds)

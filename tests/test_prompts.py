@@ -26,8 +26,16 @@ DEF_IDS = ("D1", "D2", "D3", "D4", "D5")
 
 def _sample(cwe: str, stem: str, ext: str, lang: str) -> Sample:
     code = (DATA / "hand-crafted" / "dataset" / cwe / f"{stem}.{ext}").read_text(encoding="utf-8")
-    return Sample(id=f"hc/{cwe}/{stem}", cwe=cwe, label="vulnerable", language=lang, code=code,
-                  pair_id=f"hc/{cwe}/{stem}", split="hand-crafted", source="secllmholmes")
+    return Sample(
+        id=f"hc/{cwe}/{stem}",
+        cwe=cwe,
+        label="vulnerable",
+        language=lang,
+        code=code,
+        pair_id=f"hc/{cwe}/{stem}",
+        split="hand-crafted",
+        source="secllmholmes",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +58,30 @@ def _all_text(p: Prompt) -> str:
 
 
 def _toy(cwe="CWE-787", lang="c", code="int main(void) { return 0; }") -> Sample:
-    return Sample(id="t", cwe=cwe, label="patched", language=lang, code=code, pair_id="t", split="demo",
-                  source="demo")
+    return Sample(id="t", cwe=cwe, label="patched", language=lang, code=code, pair_id="t", split="demo", source="demo")
 
 
 def test_prompt_ids():
-    assert PROMPT_IDS == ("S1", "S2", "S3", "S4", "S5", "S6", "R1", "R2", "R3", "R4", "R5", "R6",
-                          "D1", "D2", "D3", "D4", "D5", "strict")
+    assert PROMPT_IDS == (
+        "S1",
+        "S2",
+        "S3",
+        "S4",
+        "S5",
+        "S6",
+        "R1",
+        "R2",
+        "R3",
+        "R4",
+        "R5",
+        "R6",
+        "D1",
+        "D2",
+        "D3",
+        "D4",
+        "D5",
+        "strict",
+    )
 
 
 @needs_data
@@ -84,13 +109,20 @@ def test_every_id_builds(prompt_id, which, resources, request):
 @needs_data
 def test_s1_exact_text(c_sample, py_sample):
     p = build_prompt(c_sample, "S1", PromptResources())
-    assert p.messages == [{"role": "user", "content": 'Code: """\n' + c_sample.code + '\n"""\n'
-                           "Does this code contain instances of the security vulnerability known as "
-                           "out-of-bounds write?"}]
+    assert p.messages == [
+        {
+            "role": "user",
+            "content": 'Code: """\n' + c_sample.code + '\n"""\n'
+            "Does this code contain instances of the security vulnerability known as "
+            "out-of-bounds write?",
+        }
+    ]
     q = build_prompt(py_sample, "S1", PromptResources()).question
     assert q.endswith("known as SQL injection?")
     assert build_prompt(c_sample, "S3", PromptResources()).messages[0] == {
-        "role": "system", "content": "You are a code security expert."}
+        "role": "system",
+        "content": "You are a code security expert.",
+    }
 
 
 @needs_data
@@ -100,7 +132,8 @@ def test_r1_r2_r6_texts(c_sample):
     r2 = build_prompt(c_sample, "R2", PromptResources())
     assert r2.messages[0]["content"].startswith(
         "You are a code security expert who analyzes the given code for the security vulnerability known as "
-        "out-of-bounds write following these four steps:\n1. First you describe the overview of the code")
+        "out-of-bounds write following these four steps:\n1. First you describe the overview of the code"
+    )
     assert r2.question == c_sample.code
 
 
@@ -137,8 +170,10 @@ def test_r3_multi_turn(c_sample, resources):
     assert p.question == 'Code: """\n' + c_sample.code + '\n"""\n\nProvide a brief overview of the code.'
     assert len(p.followups) == 3
     assert "out-of-bounds write" in p.followups[0]
-    assert p.followups[-1] == ("Based on the detailed analysis decide and answer whether the out-of-bounds write "
-                               "vulnerability is present in the given code or not.")
+    assert p.followups[-1] == (
+        "Based on the detailed analysis decide and answer whether the out-of-bounds write "
+        "vulnerability is present in the given code or not."
+    )
     assert all(not build_prompt(c_sample, i, resources).followups for i in PROMPT_IDS if i != "R3")
 
 
@@ -182,8 +217,9 @@ def test_unknown_prompt_id():
         needs_resources("bogus")
 
 
-@pytest.mark.parametrize("prompt_id,what", [("S5", "few-shot"), ("R4", "few-shot"), ("D1", "definition"),
-                                             ("D4", "definition")])
+@pytest.mark.parametrize(
+    "prompt_id,what", [("S5", "few-shot"), ("R4", "few-shot"), ("D1", "definition"), ("D4", "definition")]
+)
 def test_missing_resources(prompt_id, what):
     with pytest.raises(VulnsteerError, match=f"{what}.*--dataset"):
         build_prompt(_toy(), prompt_id, PromptResources())

@@ -26,8 +26,9 @@ def fresh_band_keys():
 
 
 def item(id_: str, code: str, source: str = "a") -> Sample:
-    return Sample(id=id_, cwe="CWE-787", label="vulnerable", language="c", code=code, pair_id=id_, split="x",
-                  source=source)
+    return Sample(
+        id=id_, cwe="CWE-787", label="vulnerable", language="c", code=code, pair_id=id_, split="x", source=source
+    )
 
 
 def test_renaming_variables_numbers_strings_and_comments_leaves_the_tokens_as_they_were():
@@ -60,13 +61,14 @@ def test_short_code_has_near_duplicates_and_code_without_tokens_has_none():
 def test_the_signature_is_the_exact_minhash_of_the_shingles():
     """(a * h + b) mod p per hash function, minimised over the shingles' 32-bit hashes: exact in uint64."""
     code = "for (i = 0; i <= n; i++) buf[i] = src[i];"
-    hashes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % neardup._PRIME
-              for s in shingles(code)]
+    hashes = [
+        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % neardup._PRIME
+        for s in shingles(code)
+    ]
     a, b = (row.tolist() for row in neardup._PARAMS)
     expected = [min((x * h + y) % neardup._PRIME for h in hashes) for x, y in zip(a, b)]
     got = signature(code)
     assert got is not None and got.dtype == np.uint64 and got.tolist() == expected
-
 
 
 def test_the_path_check_reports_every_path_it_has_rows_for_and_counts_changed_verdicts():
@@ -88,9 +90,20 @@ def test_a_row_naming_vectors_the_sweep_did_not_fit_is_refused_with_its_item_and
 
 
 def many_families(n: int = 12) -> list[Sample]:
-    return [Sample(id=f"f{j}/{k}", cwe=("CWE-79", "CWE-89")[j % 2], label=("vulnerable", "patched")[k],
-                   language="c", code=" ".join(f"call{j}_{m}();" for m in range(6)), pair_id=f"f{j}",
-                   split="x", source="s") for j in range(n) for k in range(2)]
+    return [
+        Sample(
+            id=f"f{j}/{k}",
+            cwe=("CWE-79", "CWE-89")[j % 2],
+            label=("vulnerable", "patched")[k],
+            language="c",
+            code=" ".join(f"call{j}_{m}();" for m in range(6)),
+            pair_id=f"f{j}",
+            split="x",
+            source="s",
+        )
+        for j in range(n)
+        for k in range(2)
+    ]
 
 
 def test_folds_are_repeatable_from_their_seed_and_default_to_five_folds_seed_0():
@@ -118,8 +131,12 @@ def test_a_fold_threshold_fitted_on_its_own_rows_is_refused_and_a_score_on_the_t
     from vulnsteer.experiments.analysis import fold_thresholded
 
     # Fold 1's threshold is fitted on fold 0: scores 1 (patched) and 3 (vulnerable) -> 2.0, the midpoint.
-    arm = [_row(0, "vulnerable", "", 3.0), _row(1, "patched", "", 1.0), _row(2, "vulnerable", "", 2.0),
-           _row(3, "patched", "", 2.5)]
+    arm = [
+        _row(0, "vulnerable", "", 3.0),
+        _row(1, "patched", "", 1.0),
+        _row(2, "vulnerable", "", 2.0),
+        _row(3, "patched", "", 2.5),
+    ]
     folds = {"s00": 0, "s01": 0, "s02": 1, "s03": 1}
     items = fold_thresholded(arm, folds)
     assert [it.verdict for it in items[2:]] == ["not_vulnerable", "vulnerable"]  # 2.0 sits on the threshold
@@ -134,16 +151,18 @@ def test_selection_ties_go_to_the_baseline_then_the_weaker_strength_and_incomple
     from vulnsteer.experiments.analysis import nested_selection
     from vulnsteer.experiments.sweep import GridPoint
 
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-0.25, 0.5, 2.0],
-                         mode="score", vectors=["own"])
+    config = SweepConfig(
+        dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-0.25, 0.5, 2.0], mode="score", vectors=["own"]
+    )
     # The weakest, -0.25, is not the first id in string order ("+0.5" sorts before "-0.25").
     ids = {s: GridPoint("mean-diff", "1", "own", "prompt-last", s).id for s in (2.0, 0.5, -0.25)}
     n = 12
     labels = ["vulnerable" if i % 2 == 0 else "patched" for i in range(n)]
     folds = {f"s{i:02d}": i // 4 for i in range(n)}
     rows = [_row(i, labels[i], "vulnerable") for i in range(n)]  # every config says the same: all tie
-    selection = {f: {c: {f"s{i:02d}": rows[i] for i in range(n) if i // 4 != f} for c in ids.values()}
-                 for f in range(3)}
+    selection = {
+        f: {c: {f"s{i:02d}": rows[i] for i in range(n) if i // 4 != f} for c in ids.values()} for f in range(3)
+    }
     sample_ids = sorted(folds)
     arms = {BASELINE: rows, **{c: rows for c in ids.values()}}
     assert set(nested_selection(arms, sample_ids, folds, config, selection)[1].values()) == {BASELINE}
@@ -165,8 +184,7 @@ def test_selection_rows_are_none_while_missing_and_a_chosen_config_without_them_
     from vulnsteer.experiments.analysis import Analysis, selected_thresholded, selection_rows
     from vulnsteer.experiments.sweep import GridPoint
 
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
-                         vectors=["own"])
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score", vectors=["own"])
     steered = GridPoint("mean-diff", "1", "own", "prompt-last", 1.0).id
     folds = {f"s{i:02d}": i // 2 for i in range(6)}
     rows = [_row(i, "vulnerable" if i % 2 == 0 else "patched", "vulnerable", float(i % 2 == 0)) for i in range(6)]
@@ -221,8 +239,11 @@ def test_a_steered_row_without_a_bank_id_is_refused_as_an_older_store():
 
     sample = load_demo()[0]
     assert provenance_rows([(sample, None), (sample, SteeringId())], {sample.id: 0}, [sample]) == []  # unsteered
-    with pytest.raises(VulnsteerError, match=rf"the row of {sample.id} under m\|1 names no vectors: its provenance "
-                                             r"cannot be checked \(a store from an older vulnsteer\)"):
+    with pytest.raises(
+        VulnsteerError,
+        match=rf"the row of {sample.id} under m\|1 names no vectors: its provenance "
+        r"cannot be checked \(a store from an older vulnsteer\)",
+    ):
         provenance_rows([(sample, SteeringId(config="m|1"))], {sample.id: 0}, [sample])
 
 
@@ -238,15 +259,32 @@ def test_a_sweep_loads_its_test_and_training_items_through_every_filter_it_is_gi
 
     # In order: dropped by the CWE filter, by the split, by the length, kept, dropped by pairs per CWE, kept,
     # dropped by the limit (two pairs).
-    plan = [("CWE-89", "a", 0), ("CWE-22", "b", 0), ("CWE-22", "a", 3), ("CWE-22", "a", 0), ("CWE-22", "a", 0),
-            ("CWE-77", "a", 0), ("CWE-79", "a", 0)]
+    plan = [
+        ("CWE-89", "a", 0),
+        ("CWE-22", "b", 0),
+        ("CWE-22", "a", 3),
+        ("CWE-22", "a", 0),
+        ("CWE-22", "a", 0),
+        ("CWE-77", "a", 0),
+        ("CWE-79", "a", 0),
+    ]
 
     def write(name: str, word: str, body: str) -> str:
-        rows = [{"id": f"{word}{k}{label[0]}", "cwe": cwe, "label": label, "language": "c", "pair_id": f"{word}{k}",
-                 "source": name, "meta": {"split": split},
-                 "code": f"int {word}{k}(int x) {{ {body} {k}{'; /*pad*/' * pad}; }}"
-                 + ("" if label == "vulnerable" else " // fixed")}
-                for k, (cwe, split, pad) in enumerate(plan) for label in ("vulnerable", "patched")]
+        rows = [
+            {
+                "id": f"{word}{k}{label[0]}",
+                "cwe": cwe,
+                "label": label,
+                "language": "c",
+                "pair_id": f"{word}{k}",
+                "source": name,
+                "meta": {"split": split},
+                "code": f"int {word}{k}(int x) {{ {body} {k}{'; /*pad*/' * pad}; }}"
+                + ("" if label == "vulnerable" else " // fixed"),
+            }
+            for k, (cwe, split, pad) in enumerate(plan)
+            for label in ("vulnerable", "patched")
+        ]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(tmp_path / f"{name}.jsonl")
 
@@ -258,13 +296,33 @@ def test_a_sweep_loads_its_test_and_training_items_through_every_filter_it_is_gi
         full = filter_samples(load_dataset(path), **args)
         for key in [k for k, v in args.items() if v is not None]:
             assert filter_samples(load_dataset(path), **{**args, key: None}) != full, f"{key} drops nothing"
-    config = SweepConfig(dataset=test_file, split=["a"], cwe=cwes, limit=4, max_chars=60,
-                         pairs_per_cwe=1, train_dataset=train_file, train_split=["a"], train_max_chars=60,
-                         train_pairs_per_cwe=1, folds=2, layers=["1"])
+    config = SweepConfig(
+        dataset=test_file,
+        split=["a"],
+        cwe=cwes,
+        limit=4,
+        max_chars=60,
+        pairs_per_cwe=1,
+        train_dataset=train_file,
+        train_split=["a"],
+        train_max_chars=60,
+        train_pairs_per_cwe=1,
+        folds=2,
+        layers=["1"],
+    )
     test, train, note = load_sweep_samples(config)
     assert [s.id for s in test] == [s.id for s in filter_samples(load_dataset(test_file), **test_args)]
     expected = filter_samples(load_dataset(train_file), **train_args)
     assert train is not None and [s.id for s in train] == [s.id for s in expected] and note is None
     with pytest.raises(VulnsteerError, match=r"with the training data \(demo\)"):
-        load_sweep_samples(dataclasses.replace(config, dataset="demo", split=None, max_chars=None, train_dataset="demo",
-                                               train_split=None, train_max_chars=None))
+        load_sweep_samples(
+            dataclasses.replace(
+                config,
+                dataset="demo",
+                split=None,
+                max_chars=None,
+                train_dataset="demo",
+                train_split=None,
+                train_max_chars=None,
+            )
+        )

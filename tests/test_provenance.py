@@ -34,6 +34,7 @@ def recording_fits(monkeypatch) -> list[tuple[frozenset, dict]]:
         banks = fit(acts, *args, **kwargs)
         fitted.append((frozenset(s.id for s in acts.samples), banks))
         return banks
+
     monkeypatch.setattr(sweep_module, "_fit", recording)
     return fitted
 
@@ -47,6 +48,7 @@ def test_test_rows_steered_by_a_bank_that_saw_their_fold_are_refused(monkeypatch
         if outer is None:
             banks = next(b for ids, b in fitted if sample.id in ids)
         return steering_for(point, sample, fold, banks, layer_sets, outer)
+
     monkeypatch.setattr(sweep_module, "steering_for", wrong_bank)
     with pytest.raises(VulnsteerError, match="fitted on .* family or code, which that row must not have seen"):
         run_sweep(SweepConfig(**SMALL, methods=methods), tmp_path, lm=random_model("llama"))
@@ -62,6 +64,7 @@ def test_selection_rows_steered_by_a_bank_that_saw_the_outer_fold_are_refused(mo
         if outer is not None:
             banks = max(((ids, b) for ids, b in fitted if sample.id not in ids), key=lambda f: len(f[0]))[1]
         return steering_for(point, sample, fold, banks, layer_sets, outer)
+
     monkeypatch.setattr(sweep_module, "steering_for", without_g_only)
     with pytest.raises(VulnsteerError, match="which that row must not have seen"):
         run_sweep(SweepConfig(**SMALL, methods=methods), tmp_path, lm=random_model("llama"))
@@ -79,9 +82,17 @@ def test_selection_that_reads_the_fold_it_chooses_for_or_another_folds_rows_is_r
     # Broken on purpose: fold f's choice fed, for each item, the row planned for the third fold's choice (the
     # same config and item, complete, but steered by vectors fitted without that fold, so with fold f).
     folds = sorted(a.selection)
-    shifted = {f: {c: {sample: a.selection[next(h for h in folds if h not in (f, a.folds[sample]))][c][sample]
-                       for sample in by_sample}
-                   for c, by_sample in a.selection[f].items() if "|pooled|" in c} for f in folds}
+    shifted = {
+        f: {
+            c: {
+                sample: a.selection[next(h for h in folds if h not in (f, a.folds[sample]))][c][sample]
+                for sample in by_sample
+            }
+            for c, by_sample in a.selection[f].items()
+            if "|pooled|" in c
+        }
+        for f in folds
+    }
     with pytest.raises(VulnsteerError, match=r"planned for fold \d \([^,]*\|pooled\|[^,]*, demo:"):  # config, item
         analysis.nested_selection(a.arms, a.sample_ids, a.folds, a.config, shifted)
     analysis.nested_selection(a.arms, a.sample_ids, a.folds, a.config, a.selection)  # as stored: fine
@@ -96,12 +107,16 @@ def test_report_check_reverifies_a_real_store_and_fails_a_hand_edited_one(tmp_pa
     code, out, err = report_check()
     assert code == 0 and "steered rows re-verified" in out, err
     db = sqlite3.connect(tmp_path / "sweep.sqlite")
-    rowid, fold, stored = db.execute("SELECT rowid, fold, result FROM rows WHERE config != 'baseline' "
-                                     "LIMIT 1").fetchone()
+    rowid, fold, stored = db.execute(
+        "SELECT rowid, fold, result FROM rows WHERE config != 'baseline' LIMIT 1"
+    ).fetchone()
     row = json.loads(stored)
     # Another fold's bank: fitted without that fold, so with this row's.
-    other_fold_bank = next(json.loads(r)["steering"]["bank"] for f, r in
-                           db.execute("SELECT fold, result FROM rows WHERE config != 'baseline'") if f != fold)
+    other_fold_bank = next(
+        json.loads(r)["steering"]["bank"]
+        for f, r in db.execute("SELECT fold, result FROM rows WHERE config != 'baseline'")
+        if f != fold
+    )
     assert other_fold_bank != row["steering"]["bank"]
     row["steering"]["bank"] = other_fold_bank
     with db:
@@ -146,8 +161,7 @@ def test_clustered_intervals_are_never_narrower_than_the_plain_one():
 def test_the_path_check_compares_the_strength_0_rows_with_the_baseline(tmp_path):
     """Item 7: a strength-0 row whose score moved must show in the path check (comparing the control with itself
     would show nothing)."""
-    run_sweep(SweepConfig(**{**SMALL, "positions": ["all"], "vectors": ["pooled"]}), tmp_path,
-              lm=random_model("llama"))
+    run_sweep(SweepConfig(**{**SMALL, "positions": ["all"], "vectors": ["pooled"]}), tmp_path, lm=random_model("llama"))
     assert all(row[1] == "0" for row in analysis.path_check(analysis.analyse(tmp_path)))  # float32: equal
     db = sqlite3.connect(tmp_path / "sweep.sqlite")
     control = analysis.path_controls(SweepConfig(**{**SMALL, "positions": ["all"], "vectors": ["pooled"]}))[0].id
@@ -174,8 +188,11 @@ def test_strength_0_rows_run_on_the_steered_path_not_the_baselines(lm):
     samples = make_samples(4)
     zero = Steering({1: torch.ones(lm.hidden_size)}, 0.0, "all")
     steered = Steering({1: torch.ones(lm.hidden_size)}, 1.0, "all")
-    jobs = [*make_jobs(samples), *(Job(j.sample, j.prompt_id, j.prompt, zero) for j in make_jobs(samples)),
-            *(Job(j.sample, j.prompt_id, j.prompt, steered) for j in make_jobs(samples))]
+    jobs = [
+        *make_jobs(samples),
+        *(Job(j.sample, j.prompt_id, j.prompt, zero) for j in make_jobs(samples)),
+        *(Job(j.sample, j.prompt_id, j.prompt, steered) for j in make_jobs(samples)),
+    ]
     seen: dict[str, list] = {}
 
     def spy(path, runner):
@@ -183,11 +200,15 @@ def test_strength_0_rows_run_on_the_steered_path_not_the_baselines(lm):
             def run(self, lm_, texts, steerings):
                 seen.setdefault(path, []).extend(steerings or [None] * len(texts))
                 return runner.run(lm_, texts, steerings)
+
         return Spy()
+
     runners = {path: spy(path, runner) for path, runner in default_runners(0).items()}
     evaluate(lm, jobs, Decoding("score"), runners=runners)
-    paths_of = {name: {path for path, rows in seen.items() if any(row is kind for row in rows)}
-                for name, kind in (("zero", zero), ("steered", steered))}
+    paths_of = {
+        name: {path for path, rows in seen.items() if any(row is kind for row in rows)}
+        for name, kind in (("zero", zero), ("steered", steered))
+    }
     assert paths_of["zero"] == paths_of["steered"] and len(paths_of["zero"]) == 1, seen.keys()
 
 
@@ -217,8 +238,10 @@ def test_the_report_says_in_how_many_folds_each_config_could_be_chosen(tmp_path)
     assert "eligible (folds)" in report
     folds = sorted(set(a.folds.values()))
     for stat in a.stats[:15]:
-        n = sum(analysis.selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, stat.config)
-                is not None for f in folds)
+        n = sum(
+            analysis.selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, stat.config) is not None
+            for f in folds
+        )
         escaped = stat.config.replace("|", "\\|")  # Markdown tables escape the bars of a config id
         line = next(line for line in report.splitlines() if line.startswith(f"| {escaped} |"))
         assert f"| {n}/{len(folds)} |" in line, line
@@ -236,8 +259,10 @@ def test_a_vector_file_drops_the_test_items_it_was_fitted_on_by_family_or_code_a
 
     train = [item("a", "vulnerable", "int f() { return 1; }")]
     twin, copy = item("a", "patched", "int f() { return 2; }"), item("z", "vulnerable", "int  f() {return 1;}")
-    fresh = [item("b", "vulnerable", "char *g(char *s) { return strdup(s); }"),
-             item("b", "patched", "char *g(char *s) { return s ? strdup(s) : NULL; }")]
+    fresh = [
+        item("b", "vulnerable", "char *g(char *s) { return strdup(s); }"),
+        item("b", "patched", "char *g(char *s) { return s ? strdup(s) : NULL; }"),
+    ]
     meta = {"train_keys": training_keys(train)}
     leaked = leaked_ids([twin, *fresh, copy], meta)
     assert leaked == {twin.id, copy.id}

@@ -23,8 +23,9 @@ def test_the_readme_python_example_runs(tmp_path, capsys, monkeypatch):
     tiny.tokenizer.save_pretrained(tmp_path / "model")
     namespace: dict = {}
     monkeypatch.chdir(tmp_path)  # the example writes runs/steered and held.safetensors where it runs
-    exec(compile(code.replace('"smollm2-135m-instruct"', repr(str(tmp_path / "model"))), "README.md", "exec"),
-         namespace)
+    exec(
+        compile(code.replace('"smollm2-135m-instruct"', repr(str(tmp_path / "model"))), "README.md", "exec"), namespace
+    )
     baseline, steered = namespace["baseline"]["all"], namespace["with_vector"]["all"]
     assert baseline.n == steered.n == len(namespace["test"]) > 0
     assert not {s.cwe for s in namespace["test"]} & {s.cwe for s in namespace["train"]}, "the example is held out"

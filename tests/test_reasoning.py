@@ -30,14 +30,20 @@ from vulnsteer.experiments.summary import (
 from vulnsteer.metrics import wilson_interval
 from vulnsteer.records import Result, SteeringId
 
-TRUTH = ("The `name` query parameter is joined to UPLOAD_ROOT without any check, so a request such as "
-         "`?name=../../../etc/passwd` resolves outside the upload folder and send_file returns arbitrary files "
-         "readable by the server: a path traversal (CWE-22).")
-RESTATED = ("Yes, this code is vulnerable to path traversal (CWE-22). The name query parameter is joined to "
-            "UPLOAD_ROOT with no check, so a request with ../../../etc/passwd resolves outside the upload folder "
-            "and send_file returns arbitrary files from the server.")
-UNRELATED = ("Yes, the code is vulnerable. It pins an outdated version of the web framework and writes user "
-             "passwords to the log in plain text, which is bad practice.")
+TRUTH = (
+    "The `name` query parameter is joined to UPLOAD_ROOT without any check, so a request such as "
+    "`?name=../../../etc/passwd` resolves outside the upload folder and send_file returns arbitrary files "
+    "readable by the server: a path traversal (CWE-22)."
+)
+RESTATED = (
+    "Yes, this code is vulnerable to path traversal (CWE-22). The name query parameter is joined to "
+    "UPLOAD_ROOT with no check, so a request with ../../../etc/passwd resolves outside the upload folder "
+    "and send_file returns arbitrary files from the server."
+)
+UNRELATED = (
+    "Yes, the code is vulnerable. It pins an outdated version of the web framework and writes user "
+    "passwords to the log in plain text, which is bad practice."
+)
 SQL_TRUTH = "The user id is concatenated into the SQL query string, so input like `1 OR 1=1` changes the query."
 
 
@@ -47,16 +53,46 @@ def embedder() -> Embedder:
 
 
 def sample(sid: str, cwe: str = "CWE-22", label: str = "vulnerable", truth: str | None = TRUTH) -> Sample:
-    return Sample(id=sid, cwe=cwe, label=label, language="python", code="pass", pair_id=sid, split="test",
-                  source="test", reasoning=truth)
+    return Sample(
+        id=sid,
+        cwe=cwe,
+        label=label,
+        language="python",
+        code="pass",
+        pair_id=sid,
+        split="test",
+        source="test",
+        reasoning=truth,
+    )
 
 
-def result(sid: str, response: str, cwe: str = "CWE-22", label: str = "vulnerable", verdict: str = "vulnerable",
-           steering: SteeringId | None = None, mode: str = "generate", new_tokens: int | None = None) -> Result:
-    return Result(sample_id=sid, pair_id=sid, cwe=cwe, label=label, split="test", source="test", prompt_id="S1",
-                  mode=mode, response=response, verdict=verdict, score=None, prompt_tokens=10,
-                  new_tokens=len(response.split()) if new_tokens is None else new_tokens, seconds=0.0,
-                  steering=steering)
+def result(
+    sid: str,
+    response: str,
+    cwe: str = "CWE-22",
+    label: str = "vulnerable",
+    verdict: str = "vulnerable",
+    steering: SteeringId | None = None,
+    mode: str = "generate",
+    new_tokens: int | None = None,
+) -> Result:
+    return Result(
+        sample_id=sid,
+        pair_id=sid,
+        cwe=cwe,
+        label=label,
+        split="test",
+        source="test",
+        prompt_id="S1",
+        mode=mode,
+        response=response,
+        verdict=verdict,
+        score=None,
+        prompt_tokens=10,
+        new_tokens=len(response.split()) if new_tokens is None else new_tokens,
+        seconds=0.0,
+        steering=steering,
+    )
 
 
 # --- pure rules -----------------------------------------------------------------------------------------------
@@ -72,15 +108,18 @@ def test_rouge1_recall_is_ground_truth_coverage():
     assert rouge.recall(UNRELATED, TRUTH) < reasoning.ROUGE_THRESHOLD
 
 
-@pytest.mark.parametrize(("rouge", "cosine", "judge", "expected"), [
-    (0.5, 0.9, None, True),     # two votes, both pass
-    (0.5, 0.1, None, False),    # two votes, tie: not correct
-    (0.1, 0.9, None, False),
-    (0.5, 0.1, True, True),     # three votes: majority
-    (0.5, 0.1, False, False),
-    (0.1, 0.1, True, False),
-    (0.34, 0.5, None, True),    # thresholds are inclusive, as in SecLLMHolmes (>=)
-])
+@pytest.mark.parametrize(
+    ("rouge", "cosine", "judge", "expected"),
+    [
+        (0.5, 0.9, None, True),  # two votes, both pass
+        (0.5, 0.1, None, False),  # two votes, tie: not correct
+        (0.1, 0.9, None, False),
+        (0.5, 0.1, True, True),  # three votes: majority
+        (0.5, 0.1, False, False),
+        (0.1, 0.1, True, False),
+        (0.34, 0.5, None, True),  # thresholds are inclusive, as in SecLLMHolmes (>=)
+    ],
+)
 def test_reason_correct_majority(rouge, cosine, judge, expected):
     assert reason_correct(rouge, cosine, judge) is expected
 
@@ -100,11 +139,13 @@ def test_names_cwe():
 
 def test_embedding_model_loads_offline():
     """A fresh process with the hub switched off loads the packaged weights and embeds."""
-    code = ("from vulnsteer.experiments.reasoning import Embedder, packaged_model_dir\n"
-            "e = Embedder()\n"
-            "v = e.encode(['hello world', 'a path traversal'])\n"
-            "assert tuple(v.shape) == (2, 384), v.shape\n"
-            "print(packaged_model_dir())\n")
+    code = (
+        "from vulnsteer.experiments.reasoning import Embedder, packaged_model_dir\n"
+        "e = Embedder()\n"
+        "v = e.encode(['hello world', 'a path traversal'])\n"
+        "assert tuple(v.shape) == (2, 384), v.shape\n"
+        "print(packaged_model_dir())\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -117,7 +158,8 @@ def test_embeddings_are_unit_length_and_match_sentence_transformers(embedder):
     assert vectors.norm(dim=1).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
     st = pytest.importorskip("sentence_transformers")
     reference = st.SentenceTransformer(str(reasoning.packaged_model_dir()), device="cpu").encode(
-        texts, normalize_embeddings=True, convert_to_tensor=True)
+        texts, normalize_embeddings=True, convert_to_tensor=True
+    )
     assert (vectors * reference.cpu()).sum(1).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
 
 
@@ -139,8 +181,13 @@ def test_missing_embedding_package_is_one_clear_error(monkeypatch):
 
 def test_score_reasoning_known_outcomes(embedder):
     samples = [sample("a"), sample("b"), sample("c"), sample("d", truth=None), sample("e")]
-    results = [result("a", RESTATED), result("b", UNRELATED), result("c", ""), result("d", RESTATED),
-               result("e", "", mode="score")]
+    results = [
+        result("a", RESTATED),
+        result("b", UNRELATED),
+        result("c", ""),
+        result("d", RESTATED),
+        result("e", "", mode="score"),
+    ]
     a, b, c, d, e = score_reasoning(results, samples, embedder=embedder)
     assert a.correct and a.rouge1_recall > 0.6 and a.cosine > 0.8 and a.judge is None
     assert not b.correct  # right verdict, wrong reasons
@@ -160,8 +207,9 @@ def test_local_judge_votes(embedder, lm):
     votes = judge_reasoning(lm, [RESTATED, UNRELATED], [TRUTH, TRUTH], batch_size=1)
     assert len(votes) == 2 and all(isinstance(v, bool) for v in votes)
     assert judge_reasoning(lm, [RESTATED, UNRELATED], [TRUTH, TRUTH], batch_size=2) == votes  # padding-invariant
-    a, c = score_reasoning([result("a", RESTATED), result("c", "")], [sample("a"), sample("c")],
-                           embedder=embedder, judge_lm=lm)
+    a, c = score_reasoning(
+        [result("a", RESTATED), result("c", "")], [sample("a"), sample("c")], embedder=embedder, judge_lm=lm
+    )
     assert a.judge == votes[0] and a.correct  # ROUGE and cosine already make a majority of 3
     assert c.judge is False and not c.correct  # an empty answer is not put to the judge
 
@@ -195,7 +243,8 @@ def test_summary_rates_per_cwe_with_wilson_intervals():
     assert (rate["CWE-89"]["k"], rate["CWE-89"]["n"]) == (1, 1)
     want = wilson_interval(1, 2)
     assert (rate["CWE-22"]["value"], rate["CWE-22"]["low"], rate["CWE-22"]["high"]) == pytest.approx(
-        (want.value, want.low, want.high))
+        (want.value, want.low, want.high)
+    )
     named = base["names_cwe"]
     assert (named["all"]["k"], named["all"]["n"]) == (3, 4)
     assert (named["CWE-22"]["k"], named["CWE-22"]["n"]) == (2, 3)
@@ -211,12 +260,18 @@ def test_summary_rates_per_cwe_with_wilson_intervals():
 
 def test_reasoning_section_in_summary_files(tmp_path, embedder):
     samples = [sample("a"), sample("b"), sample("c", cwe="CWE-89", truth=SQL_TRUTH)]
-    results = [result("a", RESTATED), result("b", UNRELATED),
-               result("c", "Yes: SQL injection, the id is concatenated into the query.", cwe="CWE-89"),
-               result("a", RESTATED, mode="score")]
+    results = [
+        result("a", RESTATED),
+        result("b", UNRELATED),
+        result("c", "Yes: SQL injection, the id is concatenated into the query.", cwe="CWE-89"),
+        result("a", RESTATED, mode="score"),
+    ]
     section = reasoning_section(results, samples, embedder=embedder)
     assert section.key == "reasoning" and section.data["thresholds"] == {
-        "rouge1_recall": reasoning.ROUGE_THRESHOLD, "cosine": reasoning.COSINE_THRESHOLD, "judge": False}
+        "rouge1_recall": reasoning.ROUGE_THRESHOLD,
+        "cosine": reasoning.COSINE_THRESHOLD,
+        "judge": False,
+    }
     base = section.data["conditions"]["baseline"]
     assert base["answers"] == 3 and base["reasoning_correct"]["CWE-22"]["k"] == 1
     summaries = summarise_results(results[:3], n_boot=20)
@@ -233,9 +288,11 @@ def test_reasoning_section_in_summary_files(tmp_path, embedder):
 def test_language_section_counts_answers_in_other_languages():
     from vulnsteer.experiments.summary import language_section
 
-    rows = [result("a", "Yes, the code is vulnerable to path traversal."),
-            result("b", "Sí, el código es vulnerable porque no comprueba la ruta."),
-            result("c", "The code is not vulnerable.")]
+    rows = [
+        result("a", "Yes, the code is vulnerable to path traversal."),
+        result("b", "Sí, el código es vulnerable porque no comprueba la ruta."),
+        result("c", "The code is not vulnerable."),
+    ]
     section = language_section(rows)
     assert section is not None and section.data["other"] == 1 and section.data["samples"] == ["b"]
     assert "1 of 3" in section.markdown

@@ -40,8 +40,19 @@ def test_a_second_writer_on_a_folder_is_refused_with_the_holders_pid(command, mo
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        args = [command, "--model", str(model_dir), "--dataset", "demo", "--limit", "8", "--mode", "score", "-o",
-                str(out)]
+        args = [
+            command,
+            "--model",
+            str(model_dir),
+            "--dataset",
+            "demo",
+            "--limit",
+            "8",
+            "--mode",
+            "score",
+            "-o",
+            str(out),
+        ]
         if command == "sweep":
             args += ["--folds", "3", "--layers", "1", "--strengths", "1", "--no-transfer"]
         refused = vulnsteer(*args)
@@ -76,14 +87,31 @@ SWEEP = ["--dataset", "demo", "--limit", "8", "--folds", "3", "--layers", "1", "
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf,1"])
-def test_non_finite_strengths_are_refused_before_any_row_and_the_fix_runs_in_the_same_folder(bad, model_dir,
-                                                                                              tmp_path, capsys):
+def test_non_finite_strengths_are_refused_before_any_row_and_the_fix_runs_in_the_same_folder(
+    bad, model_dir, tmp_path, capsys
+):
     out = str(tmp_path / "s")
     code, err = cli(["sweep", "--model", str(model_dir), *SWEEP, "--strengths", bad, "-o", out], capsys)
     one_line_error(code, err, "finite")
     assert not (tmp_path / "s" / "sweep.sqlite").exists()
-    code, err = cli(["eval", "--model", str(model_dir), "--dataset", "demo", "--limit", "2", "--vectors", out,
-                     "--strength", bad.split(",")[0], "-o", str(tmp_path / "e")], capsys)
+    code, err = cli(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            "demo",
+            "--limit",
+            "2",
+            "--vectors",
+            out,
+            "--strength",
+            bad.split(",")[0],
+            "-o",
+            str(tmp_path / "e"),
+        ],
+        capsys,
+    )
     one_line_error(code, err, "finite")
     code, err = cli(["sweep", "--model", str(model_dir), *SWEEP, "--strengths", "1", "-o", out], capsys)
     assert code == 0, err
@@ -91,8 +119,9 @@ def test_non_finite_strengths_are_refused_before_any_row_and_the_fix_runs_in_the
 
 def test_a_start_refused_by_the_plan_leaves_the_folder_to_the_corrected_command(model_dir, tmp_path, capsys):
     out = str(tmp_path / "s")
-    code, err = cli(["sweep", "--model", str(model_dir), *SWEEP, "--strengths", "1", "--vectors", "CWE-99999",
-                     "-o", out], capsys)
+    code, err = cli(
+        ["sweep", "--model", str(model_dir), *SWEEP, "--strengths", "1", "--vectors", "CWE-99999", "-o", out], capsys
+    )
     one_line_error(code, err, "no vector for CWE-99999")
     code, err = cli(["sweep", "--model", str(model_dir), *SWEEP, "--strengths", "1", "-o", out], capsys)
     assert code == 0, err
@@ -132,7 +161,7 @@ def test_damaged_files_are_one_line_errors_that_say_how_to_recover(model_dir, tm
     damaged.mkdir()
     db = (out / "sweep.sqlite").read_bytes()
     page = 4096 * (len(db) // 4096 // 2)
-    (damaged / "sweep.sqlite").write_bytes(db[:page] + os.urandom(4096) + db[page + 4096:])
+    (damaged / "sweep.sqlite").write_bytes(db[:page] + os.urandom(4096) + db[page + 4096 :])
     one_line_error(*cli(["report", str(damaged)], capsys), "damaged", ".recover")
 
     store = sqlite3.connect(out / "sweep.sqlite")
@@ -170,10 +199,30 @@ def shutil_rmtree_and_rerun(folder, args, capsys) -> None:
 def test_ctrl_c_says_where_the_rows_are(model_dir, tmp_path):
     import signal
 
-    args = [sys.executable, "-m", "vulnsteer.cli", "sweep", "--model", str(model_dir), *SWEEP, "--strengths",
-            "1", "--mode", "generate", "--max-new-tokens", "64", "-o", str(tmp_path / "s")]
-    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = [
+        sys.executable,
+        "-m",
+        "vulnsteer.cli",
+        "sweep",
+        "--model",
+        str(model_dir),
+        *SWEEP,
+        "--strengths",
+        "1",
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "64",
+        "-o",
+        str(tmp_path / "s"),
+    ]
+    run = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (tmp_path / "s" / "sweep.sqlite").exists():
         time.sleep(0.2)
@@ -218,14 +267,15 @@ def test_a_resumed_store_whose_rows_have_other_folds_is_refused(model_dir, tmp_p
     config["seed"] = 7  # another fold partition, with the checksum made to match
     with store:
         store.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(config),))
-        store.execute("UPDATE meta SET value = ? WHERE key = 'config_sha256'", (json.dumps(
-            hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()),))
+        store.execute(
+            "UPDATE meta SET value = ? WHERE key = 'config_sha256'",
+            (json.dumps(hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()),),
+        )
     store.close()
     one_line_error(*cli(["sweep", "--resume", str(out)], capsys), "folds are not the ones")
 
 
-def test_an_eval_refused_before_its_first_row_leaves_the_folder_to_the_corrected_command(model_dir, tmp_path,
-                                                                                          capsys):
+def test_an_eval_refused_before_its_first_row_leaves_the_folder_to_the_corrected_command(model_dir, tmp_path, capsys):
     """A LoReFT file cannot go through the static decoder: the refusal comes before any row, and the same folder
     then takes the corrected command (its settings were not kept)."""
     from vulnsteer.data import load_demo
@@ -236,12 +286,35 @@ def test_an_eval_refused_before_its_first_row_leaves_the_folder_to_the_corrected
 
     lm = random_model("llama")
     train = load_demo()[:8]
-    save(fit(collect(lm, train, "S1", PromptResources()), lm, "loreft", [1], training=Training(steps=2, rank=1)),
-         tmp_path / "reft.safetensors")
+    save(
+        fit(collect(lm, train, "S1", PromptResources()), lm, "loreft", [1], training=Training(steps=2, rank=1)),
+        tmp_path / "reft.safetensors",
+    )
     out = str(tmp_path / "e")
-    args = ["eval", "--model", str(model_dir), "--dataset", "demo", "--limit", "12", "--vectors",
-            str(tmp_path / "reft.safetensors"), "--layers", "1", "--strength", "1", "--cwe-vector", "pooled",
-            "--mode", "generate", "--max-new-tokens", "4", "--drop-overlap", "-o", out]
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "demo",
+        "--limit",
+        "12",
+        "--vectors",
+        str(tmp_path / "reft.safetensors"),
+        "--layers",
+        "1",
+        "--strength",
+        "1",
+        "--cwe-vector",
+        "pooled",
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "4",
+        "--drop-overlap",
+        "-o",
+        out,
+    ]
     one_line_error(*cli([*args, "--cache", "static"], capsys), "use --cache dynamic")
     assert not (tmp_path / "e" / "run.json").exists()
     code, err = cli([*args, "--cache", "dynamic"], capsys)

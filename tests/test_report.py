@@ -48,8 +48,7 @@ def test_html_is_self_contained_and_escapes_titles():
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[2.0], mode="score",
-                         transfer=False)
+    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[2.0], mode="score", transfer=False)
     run_sweep(config, out, lm=tiny_lm("llama"))
     return out
 
@@ -57,6 +56,7 @@ def sweep_dir(tmp_path_factory):
 def test_a_section_is_one_function_and_one_line(sweep_dir, monkeypatch):
     """A section appended to SECTIONS lands in both files after the others, with its figure; one returning None
     leaves no heading; the two files carry the same headings in the same order."""
+
     def toy(ctx: report.Context) -> Section:
         return Section(f"Toy ({len(ctx.a.sample_ids)} items)", "toy body", (Figure("Toy figure", "toy", PNG),))
 
@@ -82,4 +82,5 @@ def test_a_section_is_one_function_and_one_line(sweep_dir, monkeypatch):
 def test_markdown_puts_sections_then_figures():
     sections = [Section("One", "first", (Figure("F", "f", PNG),)), Section("Two", "second")]
     assert render_markdown("head", sections, [Figure("F", "f", PNG)]) == (
-        "# vulnsteer sweep report\n\nhead\n\n## One\n\nfirst\n\n## Two\n\nsecond\n\n## F\n\n![F](report_files/f.png)\n")
+        "# vulnsteer sweep report\n\nhead\n\n## One\n\nfirst\n\n## Two\n\nsecond\n\n## F\n\n![F](report_files/f.png)\n"
+    )

@@ -15,8 +15,9 @@ from vulnsteer.prompts import PromptResources
 from vulnsteer.records import Decoding
 
 TABLE = "95% intervals"  # the eval table's title ends so
-SWEEP = dict(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score", transfer=False,
-             vectors=["pooled"])
+SWEEP = dict(
+    dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score", transfer=False, vectors=["pooled"]
+)
 
 
 def test_run_local_eval_returns_its_results_and_prints_no_table(tmp_path, capsys):
@@ -39,8 +40,7 @@ def test_vulnsteer_eval_prints_the_table(tmp_path, capsys, monkeypatch):
 
 def test_run_probe_returns_its_rows_and_the_cli_prints_them(tmp_path, capsys, monkeypatch):
     samples = filter_samples(load_dataset("demo"), limit=8)
-    run = run_probe(tiny_lm("llama"), samples, "S1", PromptResources(), "mean-diff", [1, 2], "prompt-last", 2,
-                    tmp_path)
+    run = run_probe(tiny_lm("llama"), samples, "S1", PromptResources(), "mean-diff", [1, 2], "prompt-last", 2, tmp_path)
     assert "probe AUROC" not in capsys.readouterr().out
     assert {(r.layer, r.group) for r in run.rows} >= {(1, "pooled"), (2, "pooled")}
     assert json.loads((tmp_path / "probe.json").read_text())["rows"][0]["layer"] == run.rows[0].layer

@@ -57,8 +57,9 @@ def test_a_batch_of_different_lengths_gives_each_item_what_it_gives_alone(lm):
 def test_a_stronger_push_costs_more(lm):
     samples = make_samples(4)
     v = vector(lm, 3)
-    effects = code_side_effects(lm, samples, {f"{s}": (lambda s_: lambda sample: Steering(v, s_))(s)
-                                              for s in (0.25, 1.0, 4.0)})
+    effects = code_side_effects(
+        lm, samples, {f"{s}": (lambda s_: lambda sample: Steering(v, s_))(s) for s in (0.25, 1.0, 4.0)}
+    )
     kls = [e.kl.value for e in effects]
     assert kls == sorted(kls) and kls[0] < kls[-1]
     assert all(e.kl.low <= e.kl.value <= e.kl.high for e in effects)
@@ -74,8 +75,11 @@ def test_configs_side_by_side_give_what_each_gives_alone(lm, monkeypatch, logits
     samples = make_samples(4)
     g = torch.Generator().manual_seed(4)
     vectors = {layer: torch.randn(lm.hidden_size, generator=g) * 4 for layer in range(lm.num_layers)}
-    configs = {f"{layer}:{s}": (lambda layer_, s_: lambda sample: Steering({layer_: vectors[layer_]}, s_))(layer, s)
-               for layer in (0, 2, 3) for s in (-1.0, 1.0)}
+    configs = {
+        f"{layer}:{s}": (lambda layer_, s_: lambda sample: Steering({layer_: vectors[layer_]}, s_))(layer, s)
+        for layer in (0, 2, 3)
+        for s in (-1.0, 1.0)
+    }
     together = code_side_effects(lm, samples, configs)
     for effect in together:
         (alone,) = code_side_effects(lm, samples, {effect.config: configs[effect.config]})

@@ -17,10 +17,16 @@ def encode(lm, texts):
 
 def generate(lm, texts, rows=None, use_cache=True, n=8):
     enc = encode(lm, texts)
-    with torch.inference_mode(), (steer(lm.model, rows) if rows else torch.no_grad()):
-        out = lm.model.generate(**enc, max_new_tokens=n, do_sample=False, use_cache=use_cache,
-                                pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
-    return out[:, enc["input_ids"].shape[1]:]
+    with torch.inference_mode(), steer(lm.model, rows) if rows else torch.no_grad():
+        out = lm.model.generate(
+            **enc,
+            max_new_tokens=n,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=lm.tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
+    return out[:, enc["input_ids"].shape[1] :]
 
 
 def random_vectors(lm, layers, seed=1, scale=4.0):
@@ -114,8 +120,12 @@ def test_steer_tokens_adds_each_tokens_own_delta_at_its_layers(lm):
     a, b = Steering(vectors, 2.0), Steering({2: vectors[2]}, -1.0)
     enc = encode(lm, ["abc", "xyz"])
     outputs = {}  # layer k's output (steered) is what layer k + 1 receives
-    handles = [decoder_layers(lm.model)[k + 1].register_forward_pre_hook(
-        lambda m, args, k=k: outputs.__setitem__(k, args[0].clone())) for k in (1, 2)]
+    handles = [
+        decoder_layers(lm.model)[k + 1].register_forward_pre_hook(
+            lambda m, args, k=k: outputs.__setitem__(k, args[0].clone())
+        )
+        for k in (1, 2)
+    ]
     try:
         with torch.inference_mode():
             lm.model(**enc)
@@ -145,7 +155,13 @@ def test_static_cache_equals_dynamic_cache(lm, positions):
     outputs = []
     for cache in ("dynamic", "static"):
         with torch.inference_mode(), steer(lm.model, rows, enc["attention_mask"]):
-            out = lm.model.generate(**enc, max_new_tokens=8, do_sample=False, cache_implementation=cache,
-                                    pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
+            out = lm.model.generate(
+                **enc,
+                max_new_tokens=8,
+                do_sample=False,
+                cache_implementation=cache,
+                pad_token_id=lm.tokenizer.pad_token_id,
+                eos_token_id=None,
+            )
         outputs.append(out)
     assert torch.equal(*outputs)

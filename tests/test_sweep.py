@@ -29,8 +29,9 @@ from vulnsteer.experiments.sweep import (
 from vulnsteer.pipeline import run_sweep
 from vulnsteer.protocol import pair_folds
 
-SMALL = dict(dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score",
-             transfer_strength=2.0)
+SMALL = dict(
+    dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score", transfer_strength=2.0
+)
 
 
 def table(path):
@@ -90,26 +91,29 @@ def test_resume_is_refused_for_another_dataset(tmp_path):
         run_sweep(SweepConfig(**{**SMALL, "transfer": False, "strengths": [2.0], "limit": 4}), tmp_path, lm=lm)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"strenghts": [1]}, "unknown key"),
-    ({"strengths": []}, "non-empty"),
-    ({"strengths": ["a"]}, "numbers"),
-    ({"methods": ["magic"]}, "unknown value"),
-    ({"positions": ["generated"], "mode": "score"}, "steers nothing"),
-    ({"folds": 1}, "folds"),
-    ({"folds": 2}, "folds"),  # nested selection's vectors leave out two folds
-    ({"transfer": "no"}, "transfer must be bool"),
-    ({"strengths": [0]}, "every strength is 0"),
-    ({"select_metric": "auroc", "mode": "generate"}, "needs mode score"),
-    ({"random_draws": 0}, "random_draws"),
-    ({"vectors": ["own", "everything"]}, "unknown value"),
-    ({"batch_tokens": 0}, "batch_tokens"),
-    ({"batch_tokens": "auto"}, "batch_tokens"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"prompts": ["S1", "S99"]}, "prompts has unknown value"),
-    ({"lora_steps": -1}, "lora_steps"),
-    ({"lora_steps": 2, "mode": "generate"}, "lora_steps needs mode score"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"strenghts": [1]}, "unknown key"),
+        ({"strengths": []}, "non-empty"),
+        ({"strengths": ["a"]}, "numbers"),
+        ({"methods": ["magic"]}, "unknown value"),
+        ({"positions": ["generated"], "mode": "score"}, "steers nothing"),
+        ({"folds": 1}, "folds"),
+        ({"folds": 2}, "folds"),  # nested selection's vectors leave out two folds
+        ({"transfer": "no"}, "transfer must be bool"),
+        ({"strengths": [0]}, "every strength is 0"),
+        ({"select_metric": "auroc", "mode": "generate"}, "needs mode score"),
+        ({"random_draws": 0}, "random_draws"),
+        ({"vectors": ["own", "everything"]}, "unknown value"),
+        ({"batch_tokens": 0}, "batch_tokens"),
+        ({"batch_tokens": "auto"}, "batch_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompts": ["S1", "S99"]}, "prompts has unknown value"),
+        ({"lora_steps": -1}, "lora_steps"),
+        ({"lora_steps": 2, "mode": "generate"}, "lora_steps needs mode score"),
+    ],
+)
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(VulnsteerError, match=message):
         SweepConfig.from_dict(bad)
@@ -124,8 +128,12 @@ def test_the_best_prompt_and_lora_flags_reach_the_config():
     config = load_config(None, _sweep_overrides(prompts="all", lora_steps=3, prompt="S2"))
     assert prompt_candidates(config) == [p for p in PROMPT_IDS if p != "S2"] and config.lora_steps == 3
     assert prompt_candidates(load_config(None, _sweep_overrides(prompts="S1,S3,S3"))) == ["S3"]
-    assert list(load_config(None, _sweep_overrides(rank="1,4")).fits) == ["mean-diff", "trained", "loreft-r1",
-                                                                          "loreft-r4"]
+    assert list(load_config(None, _sweep_overrides(rank="1,4")).fits) == [
+        "mean-diff",
+        "trained",
+        "loreft-r1",
+        "loreft-r4",
+    ]
     assert list(load_config(None, _sweep_overrides(rank="2")).fits) == ["mean-diff", "trained", "loreft"]
     with pytest.raises(VulnsteerError, match="--rank must be integers"):
         _sweep_overrides(rank="1,x")
@@ -148,9 +156,34 @@ def test_layers_out_of_range_are_refused_before_anything_is_written(tmp_path):
 
 
 def _sweep_cmd(model_dir, out_dir, *extra):
-    return [sys.executable, "-m", "vulnsteer.cli", "sweep", "--model", str(model_dir), "--dataset", "demo",
-            "--limit", "8", "--folds", "3", "--layers", "1;0,2", "--strengths", "-2,-1,1,2", "--mode", "generate",
-            "--max-new-tokens", "12", "--no-transfer", "--dtype", "float32", "-o", str(out_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vulnsteer.cli",
+        "sweep",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "demo",
+        "--limit",
+        "8",
+        "--folds",
+        "3",
+        "--layers",
+        "1;0,2",
+        "--strengths",
+        "-2,-1,1,2",
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "12",
+        "--no-transfer",
+        "--dtype",
+        "float32",
+        "-o",
+        str(out_dir),
+        *extra,
+    ]
 
 
 def test_sigkill_midway_then_resume_equals_uninterrupted_run(tmp_path):
@@ -165,8 +198,9 @@ def test_sigkill_midway_then_resume_equals_uninterrupted_run(tmp_path):
     expected = table(tmp_path / "full" / "rows.csv")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_sweep_cmd(model_dir, killed), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _sweep_cmd(model_dir, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     db, n_rows, deadline = killed / "sweep.sqlite", 0, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if db.exists():
@@ -182,8 +216,12 @@ def test_sigkill_midway_then_resume_equals_uninterrupted_run(tmp_path):
     proc.wait()
     assert 0 < n_rows < len(expected[1])
 
-    resumed = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(killed)], env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(killed)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "already done" in resumed.stdout
     got = table(killed / "rows.csv")
@@ -216,8 +254,10 @@ def test_fold_thresholds_are_fitted_on_other_folds_only():
         return Result(f"s{i}", f"p{i // 2}", "CWE-787", label, "t", "x", "S1", "score", "", "", score, 1, 0, 0.0)
 
     # A biased model: every score is above 0, but vulnerable files score higher.
-    arm = [row(i, "vulnerable" if i % 2 == 0 else "patched", 5.0 + (1.0 if i % 2 == 0 else 0.0) + 0.01 * i)
-           for i in range(8)]
+    arm = [
+        row(i, "vulnerable" if i % 2 == 0 else "patched", 5.0 + (1.0 if i % 2 == 0 else 0.0) + 0.01 * i)
+        for i in range(8)
+    ]
     folds = {f"s{i}": i // 4 for i in range(8)}
     items = fold_thresholded(arm, folds)
     assert [it.verdict for it in items] == ["vulnerable", "not_vulnerable"] * 4
@@ -258,8 +298,7 @@ def test_every_bank_is_fitted_without_the_folds_it_steers():
 def _row(i, label, verdict, score=0.0, split="t"):
     from vulnsteer.records import Result
 
-    return Result(f"s{i:02d}", f"p{i // 2}", "CWE-787", label, split, "x", "S1", "score", "", verdict, score, 1, 0,
-                  0.0)
+    return Result(f"s{i:02d}", f"p{i // 2}", "CWE-787", label, split, "x", "S1", "score", "", verdict, score, 1, 0, 0.0)
 
 
 def test_nested_selection_reads_selection_rows_never_the_test_fold():
@@ -274,12 +313,18 @@ def test_nested_selection_reads_selection_rows_never_the_test_fold():
     right = lambda i: "vulnerable" if labels[i] == "vulnerable" else "not_vulnerable"  # noqa: E731
     wrong = lambda i: "not_vulnerable" if labels[i] == "vulnerable" else "vulnerable"  # noqa: E731
     folds = {f"s{i:02d}": i // 4 for i in range(n)}
-    arms = {BASELINE: [_row(i, labels[i], "vulnerable") for i in range(n)],
-            a_id: [_row(i, labels[i], right(i)) for i in range(n)],
-            b_id: [_row(i, labels[i], wrong(i)) for i in range(n)]}
-    selection = {f: {a_id: {f"s{i:02d}": _row(i, labels[i], wrong(i)) for i in range(n) if i // 4 != f},
-                     b_id: {f"s{i:02d}": _row(i, labels[i], right(i)) for i in range(n) if i // 4 != f}}
-                 for f in range(3)}
+    arms = {
+        BASELINE: [_row(i, labels[i], "vulnerable") for i in range(n)],
+        a_id: [_row(i, labels[i], right(i)) for i in range(n)],
+        b_id: [_row(i, labels[i], wrong(i)) for i in range(n)],
+    }
+    selection = {
+        f: {
+            a_id: {f"s{i:02d}": _row(i, labels[i], wrong(i)) for i in range(n) if i // 4 != f},
+            b_id: {f"s{i:02d}": _row(i, labels[i], right(i)) for i in range(n) if i // 4 != f},
+        }
+        for f in range(3)
+    }
     sample_ids = sorted(folds)
     _, chosen = nested_selection(arms, sample_ids, folds, config, selection)
     assert chosen == {0: b_id, 1: b_id, 2: b_id}
@@ -299,10 +344,27 @@ def test_selected_thresholds_are_fitted_on_the_chosen_configs_selection_rows():
     # Test rows: vulnerable items score 10, patched 9 (threshold 9.5 separates them).
     arm = [_row(i, labels[i], "vulnerable", 10.0 if labels[i] == "vulnerable" else 9.0) for i in range(n)]
     # B's selection rows put the best threshold near 0.5, A's test rows near 9.5.
-    selection = {f: {b_id: {f"s{i:02d}": _row(i, labels[i], "vulnerable", 1.0 if labels[i] == "vulnerable" else 0.0)
-                            for i in range(n) if i // 4 != f}} for f in range(3)}
-    a = Analysis({}, config, sorted(folds), {BASELINE: arm, a_id: arm, b_id: arm}, folds, [], arm,
-                 {0: b_id, 1: b_id, 2: b_id}, selection)
+    selection = {
+        f: {
+            b_id: {
+                f"s{i:02d}": _row(i, labels[i], "vulnerable", 1.0 if labels[i] == "vulnerable" else 0.0)
+                for i in range(n)
+                if i // 4 != f
+            }
+        }
+        for f in range(3)
+    }
+    a = Analysis(
+        {},
+        config,
+        sorted(folds),
+        {BASELINE: arm, a_id: arm, b_id: arm},
+        folds,
+        [],
+        arm,
+        {0: b_id, 1: b_id, 2: b_id},
+        selection,
+    )
     assert [it.verdict for it in selected_thresholded(a)] == ["vulnerable"] * n  # 9 and 10 are both above 0.5
 
 
@@ -324,10 +386,26 @@ def test_test_items_that_share_a_family_or_code_with_the_training_set_are_refuse
 
     demo = load_demo()[:8]
     copies = tmp_path / "copies.jsonl"  # the first two pairs under other ids and another source, plus one new pair
-    rows = [{**asdict(s), "id": f"copy-{s.id}", "pair_id": f"copy-{s.pair_id}", "source": "elsewhere",
-             "code": "  " + s.code.replace("\n", "\n\n")} for s in demo[:4]]
-    rows += [{**asdict(s), "id": f"new-{s.id}", "pair_id": f"new-{s.pair_id}", "source": "elsewhere",
-              "code": s.code + "\nint unrelated_helper(void) { return 7; }\n"} for s in demo[6:8]]
+    rows = [
+        {
+            **asdict(s),
+            "id": f"copy-{s.id}",
+            "pair_id": f"copy-{s.pair_id}",
+            "source": "elsewhere",
+            "code": "  " + s.code.replace("\n", "\n\n"),
+        }
+        for s in demo[:4]
+    ]
+    rows += [
+        {
+            **asdict(s),
+            "id": f"new-{s.id}",
+            "pair_id": f"new-{s.pair_id}",
+            "source": "elsewhere",
+            "code": s.code + "\nint unrelated_helper(void) { return 7; }\n",
+        }
+        for s in demo[6:8]
+    ]
     copies.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "reasoning"}) + "\n" for r in rows))
     config = SweepConfig(**{**SMALL, "limit": 6, "train_dataset": str(copies)})
     with pytest.raises(VulnsteerError, match="^4 of the 6 test items .* pass --drop-overlap"):
@@ -357,8 +435,11 @@ def test_resume_refuses_another_dtype_an_edited_config_and_foreign_rows(tmp_path
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(tmp_path),
-                             "--strengths", "5"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "vulnsteer.cli", "sweep", "--resume", str(tmp_path), "--strengths", "5"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "drop --strengths" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -398,9 +479,11 @@ def test_the_best_prompt_is_chosen_on_the_training_folds_only():
     wrong = lambda i: "not_vulnerable" if labels[i] == "vulnerable" else "vulnerable"  # noqa: E731
     folds = {f"s{i:02d}": i // 4 for i in range(n)}
     base = [_row(i, labels[i], "vulnerable") for i in range(n)]
-    others = {"prompt:S3": [_row(i, labels[i], right(i) if i // 4 == 0 else wrong(i)) for i in range(n)],
-              "prompt:S5": [_row(i, labels[i], wrong(i) if i // 4 == 0 else right(i)) for i in range(n)],
-              "prompt:R1": list(base)}
+    others = {
+        "prompt:S3": [_row(i, labels[i], right(i) if i // 4 == 0 else wrong(i)) for i in range(n)],
+        "prompt:S5": [_row(i, labels[i], wrong(i) if i // 4 == 0 else right(i)) for i in range(n)],
+        "prompt:R1": list(base),
+    }
     a = Analysis({}, config, sorted(folds), {BASELINE: base}, folds, [], base, {}, {}, others)
     choice = best_prompt(a)
     assert choice is not None and choice.chosen[0] == "S5"
@@ -416,8 +499,9 @@ def test_a_sweep_stores_the_candidate_prompts_rows_and_reports_the_best_prompt(t
     """`prompts`: every candidate prompt's unsteered rows are stored under its own config id with its prompt (so a
     resume skips them), and the report's methods table has the best-prompt row with each fold's choice."""
     lm = tiny_lm("qwen2")
-    config = SweepConfig(**{**SMALL, "layers": ["1"], "vectors": ["pooled"], "transfer": False,
-                            "prompts": ["S1", "S3", "strict"]})
+    config = SweepConfig(
+        **{**SMALL, "layers": ["1"], "vectors": ["pooled"], "transfer": False, "prompts": ["S1", "S3", "strict"]}
+    )
     run_sweep(config, tmp_path, lm=lm)
     a = analyse(tmp_path)
     assert set(a.others) == {"prompt:S3", "prompt:strict"}
@@ -446,8 +530,15 @@ def test_a_candidate_prompt_the_dataset_cannot_ask_is_refused_before_any_fit(cap
     test = load_sweep_samples(config)[0]
     read = []
     with pytest.raises(VulnsteerError, match="few-shot"):
-        plan(config, tiny_lm("llama"), test, None, prompt_resources("demo"), set(),
-             activations=lambda samples: read.append(samples))
+        plan(
+            config,
+            tiny_lm("llama"),
+            test,
+            None,
+            prompt_resources("demo"),
+            set(),
+            activations=lambda samples: read.append(samples),
+        )
     assert read == []
     built = candidate_prompts(SweepConfig(**{**SMALL, "prompts": ["all"]}), test, prompt_resources("demo"))
     assert "S3" in built and "S5" not in built and "S5" in capsys.readouterr().err

@@ -73,11 +73,13 @@ def test_the_cached_prefix_gives_the_full_pass_scores_and_gradient(lm, kind):
                 edit.learned.weight.normal_(generator=generator)
             row, parameter = Steering({}, 1.0, "prompt-last", edits={layer: edit}), edit.learned.weight
         full = full_pass_log_odds(lm, samples, row)
-        (full_grad,) = torch.autograd.grad(torch.nn.functional.binary_cross_entropy_with_logits(full, labels),
-                                           parameter)
+        (full_grad,) = torch.autograd.grad(
+            torch.nn.functional.binary_cross_entropy_with_logits(full, labels), parameter
+        )
         cached = answer_log_odds(lm, prefix, [[row]] * len(samples))[:, 0]
         (cached_grad,) = torch.autograd.grad(
-            torch.nn.functional.binary_cross_entropy_with_logits(cached, labels), parameter)
+            torch.nn.functional.binary_cross_entropy_with_logits(cached, labels), parameter
+        )
         assert (cached - full).abs().max() < 1e-5
         assert torch.allclose(cached_grad, full_grad, rtol=1e-4, atol=1e-6) and full_grad.norm() > 0
     length = prefix.cache.get_seq_length()
@@ -163,17 +165,30 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
 
     def counting(banks, test):
         checked.extend(bank.meta["method"] for bank in banks.values())
-        steps.update((t["steps"], t["rank"], t["kl_weight"]) for t in
-                     (bank.meta["training"] for bank in banks.values() if "training" in bank.meta))
+        steps.update(
+            (t["steps"], t["rank"], t["kl_weight"])
+            for t in (bank.meta["training"] for bank in banks.values() if "training" in bank.meta)
+        )
         check(banks, test)
 
     passes = []
     prefix_pass_ = sweep_module.prefix_pass
     monkeypatch.setattr(sweep_module, "check_held_out", counting)
     monkeypatch.setattr(sweep_module, "prefix_pass", lambda *a, **k: passes.append(1) or prefix_pass_(*a, **k))
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[-1.0, 1.0], mode="score",
-                         methods=["mean-diff", "trained", "loreft"], vectors=["pooled", "random"], transfer=False,
-                         learned_steps=3, rank=2, kl_weight=0.5)
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        folds=3,
+        layers=["1"],
+        strengths=[-1.0, 1.0],
+        mode="score",
+        methods=["mean-diff", "trained", "loreft"],
+        vectors=["pooled", "random"],
+        transfer=False,
+        learned_steps=3,
+        rank=2,
+        kl_weight=0.5,
+    )
     report = run_sweep(config, tmp_path, lm=random_model("llama")).report.html
     assert len(passes) == 1
     assert steps == {(3, 2, 0.5)}  # learned_steps, rank and kl_weight reach every learned fit
@@ -208,16 +223,34 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
 
     ranks_fitted = []
     fit_ = sweep_module.fit
-    monkeypatch.setattr(sweep_module, "fit", lambda acts, lm, method, *a, **k: ranks_fitted.append(
-        (method, k["training"].rank)) or fit_(acts, lm, method, *a, **k))
+    monkeypatch.setattr(
+        sweep_module,
+        "fit",
+        lambda acts, lm, method, *a, **k: (
+            ranks_fitted.append((method, k["training"].rank)) or fit_(acts, lm, method, *a, **k)
+        ),
+    )
 
     with pytest.raises(VulnsteerError, match="rank must be 1 to 8"):
         SweepConfig(methods=["loreft"], layers=["1"], rank=[1, 9])
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
-                         methods=["mean-diff", "loreft"], vectors=["pooled"], transfer=False, learned_steps=2,
-                         rank=[1, 2])
-    assert {n: (f.method, f.training.rank) for n, f in config.fits.items()} == \
-        {"mean-diff": ("mean-diff", 1), "loreft-r1": ("loreft", 1), "loreft-r2": ("loreft", 2)}
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        folds=3,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        methods=["mean-diff", "loreft"],
+        vectors=["pooled"],
+        transfer=False,
+        learned_steps=2,
+        rank=[1, 2],
+    )
+    assert {n: (f.method, f.training.rank) for n, f in config.fits.items()} == {
+        "mean-diff": ("mean-diff", 1),
+        "loreft-r1": ("loreft", 1),
+        "loreft-r2": ("loreft", 2),
+    }
     run_sweep(config, tmp_path, lm=random_model("llama"))
     a = analyse(tmp_path)
     assert {c.split("|")[0] for c in a.arms if c.startswith("loreft")} == {"loreft-r1", "loreft-r2"}
@@ -232,6 +265,7 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
     assert "| loreft-r1 (nested selection among its configs) | 2rd + r (r = 1) per layer" in table
     assert "| loreft-r2 (nested selection among its configs) | 2rd + r (r = 2) per layer" in table
     assert set(a.meta["fit_seconds"]) == {"mean-diff", "loreft-r1", "loreft-r2"}
+
 
 def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
     """R = the first two unit vectors, W = 0, b = (2, -1): Φ(h) = h + Rᵀ(Wh + b − Rh) sets h's first two coordinates
@@ -250,8 +284,9 @@ def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
     (edit(torch.randn(4, 6)) ** 2).sum().backward()
     optimiser.step()
     rotation = edit.rotation
-    assert torch.allclose(rotation @ rotation.T, torch.eye(2), atol=1e-5) and not torch.allclose(rotation,
-                                                                                                 torch.eye(6)[:2])
+    assert torch.allclose(rotation @ rotation.T, torch.eye(2), atol=1e-5) and not torch.allclose(
+        rotation, torch.eye(6)[:2]
+    )
 
 
 def readable_pairs(prefix: str, n_pairs: int, seed: int) -> list:
@@ -270,10 +305,18 @@ def readable_pairs(prefix: str, n_pairs: int, seed: int) -> list:
         a, b = rng.sample(words, 2)
         for vulnerable in (True, False):
             call = "gets(buf);" if vulnerable else "fgets(buf, n, stdin);"
-            samples.append(Sample(id=f"{prefix}{k}{'v' if vulnerable else 'p'}", cwe="CWE-787",
-                                  label="vulnerable" if vulnerable else "patched", language="c",
-                                  code=f"void f(int n) {{ char buf[8]; {a}({b}(n)); {b}_{a}(n); {call} }}",
-                                  pair_id=f"{prefix}{k}", split="unit", source="synthetic"))
+            samples.append(
+                Sample(
+                    id=f"{prefix}{k}{'v' if vulnerable else 'p'}",
+                    cwe="CWE-787",
+                    label="vulnerable" if vulnerable else "patched",
+                    language="c",
+                    code=f"void f(int n) {{ char buf[8]; {a}({b}(n)); {b}_{a}(n); {call} }}",
+                    pair_id=f"{prefix}{k}",
+                    split="unit",
+                    source="synthetic",
+                )
+            )
     return samples
 
 
@@ -299,8 +342,9 @@ def test_loreft_reads_a_label_the_model_does_not_answer_and_a_fixed_vector_canno
     train_prefix, test_prefix = prefix_pass(lm, train), prefix_pass(lm, test)
     assert held_out_balanced_accuracy(lm, test_prefix, test, None) == 0.5  # unsteered: at chance
     layer = 2
-    edits = train_edits(lm, train_prefix, train, [POOLED], [layer], POOLED,
-                        Training(steps=120, learning_rate=0.02, rank=1))
+    edits = train_edits(
+        lm, train_prefix, train, [POOLED], [layer], POOLED, Training(steps=120, learning_rate=0.02, rank=1)
+    )
     loreft = held_out_balanced_accuracy(lm, test_prefix, test, Steering({}, 1.0, edits={layer: edits[POOLED][layer]}))
     norms = {layer: float(acts.by_layer[layer].norm(dim=1).mean())}
     vectors = train_vectors(lm, train_prefix, train, [POOLED], [layer], norms, POOLED, Training(steps=60))
@@ -320,6 +364,7 @@ def test_a_loreft_fit_is_repeatable_whatever_drew_random_numbers_before_it(lm):
         edits = train_edits(lm, prefix, samples, [POOLED], [1], POOLED, Training(steps=3, rank=2))
         fits.append(edits[POOLED][1].tensors())
     assert all(torch.equal(fits[0][k], fits[1][k]) for k in ("R", "W", "b"))
+
 
 def test_a_loreft_bank_saves_loads_and_steers_as_fitted(lm, tmp_path):
     from vulnsteer.extract.vectors import load, save, steering_for_samples
@@ -356,6 +401,7 @@ def test_the_answer_log_odds_from_two_rows_of_the_output_layer_equal_the_full_so
     """Training reads only the yes and no rows of the output layer: the same log-odds (and gradient) as the full
     vocabulary's log-softmax."""
     from vulnsteer.extract.trained import answer_log_odds, log_odds, next_token_logprobs
+
     samples = filter_samples(load_demo(), None, None, 4)
     prefix = prefix_pass(lm, samples)
     vector = (0.1 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(1))).requires_grad_()

@@ -77,8 +77,18 @@ def make_acts(cwes=CWES, pairs_per_cwe=6, layers=LAYERS, hidden=HIDDEN, seed=0, 
                 if label == "patched" and cwe in only_vulnerable:
                     continue
                 sid = f"{cwe}/{p}{'' if label == 'vulnerable' else '-p'}"
-                samples.append(Sample(id=sid, cwe=cwe, label=label, language="c", code=f"code {sid}",
-                                      pair_id=f"{cwe}/{p}", split="train", source="test"))
+                samples.append(
+                    Sample(
+                        id=sid,
+                        cwe=cwe,
+                        label=label,
+                        language="c",
+                        code=f"code {sid}",
+                        pair_id=f"{cwe}/{p}",
+                        split="train",
+                        source="test",
+                    )
+                )
                 shift = (1 + 3 * p / max(1, pairs_per_cwe - 1)) * dirs[cwe] if label == "vulnerable" else 0
                 rows.append(base + shift + 0.05 * torch.randn(layers, hidden, generator=g))
     stacked = torch.stack(rows)
@@ -116,8 +126,9 @@ def test_pca_recovers_a_constant_planted_shift():
     g = torch.Generator().manual_seed(5)
     d = unit(torch.randn(HIDDEN, generator=g))
     base = torch.randn(24, HIDDEN, generator=g) * 2
-    x = torch.cat([base + 2 * d + 0.1 * torch.randn(24, HIDDEN, generator=g),
-                   base + 0.1 * torch.randn(24, HIDDEN, generator=g)])
+    x = torch.cat(
+        [base + 2 * d + 0.1 * torch.randn(24, HIDDEN, generator=g), base + 0.1 * torch.randn(24, HIDDEN, generator=g)]
+    )
     labels = torch.tensor([True] * 24 + [False] * 24)
     assert cosine(direction(x, labels, [f"p{i}" for i in range(24)] * 2, "pca"), d) > 0.9
 
@@ -295,8 +306,11 @@ def test_load_refuses_non_finite(tmp_path, bad):
     path = tmp_path / "nan.safetensors"
     v = torch.ones(HIDDEN)
     v[5] = bad
-    save_file({"pooled/2": v, "pooled/1": torch.ones(HIDDEN)}, str(path),
-              metadata={"vulnsteer": json.dumps({"hidden_size": HIDDEN, "num_layers": LAYERS})})
+    save_file(
+        {"pooled/2": v, "pooled/1": torch.ones(HIDDEN)},
+        str(path),
+        metadata={"vulnsteer": json.dumps({"hidden_size": HIDDEN, "num_layers": LAYERS})},
+    )
     with pytest.raises(VulnsteerError, match="pooled/2 has NaN or infinite"):
         load(path)
 
@@ -387,8 +401,13 @@ def test_steering_for_samples(llama):
     assert own.strength == 2.5 and own.positions == "prompt-last"
     for layer in (1, 3):
         assert torch.equal(own.vectors[layer], bank.vectors["CWE-79"][layer])
-    assert own.label.to_dict() == {"vectors": "CWE-79", "layers": [1, 3], "strength": 2.5,
-                                   "positions": "prompt-last", "method": "mean-diff"}
+    assert own.label.to_dict() == {
+        "vectors": "CWE-79",
+        "layers": [1, 3],
+        "strength": 2.5,
+        "positions": "prompt-last",
+        "method": "mean-diff",
+    }
 
     pooled = steering_for_samples(bank, "-1", -1.0, "all", cwe_vector=VectorChoice.parse(POOLED))(sample)
     assert sorted(pooled.vectors) == [3]
@@ -409,8 +428,9 @@ def test_steering_for_samples_errors(llama):
     with pytest.raises(VulnsteerError, match="has no layer 3"):
         steering_for_samples(bank, "3", 1.0, "all")
     own = steering_for_samples(bank, None, 1.0, "all")
-    stranger = Sample(id="x", cwe="CWE-416", label="vulnerable", language="c", code="x", pair_id="x", split="t",
-                      source="test")
+    stranger = Sample(
+        id="x", cwe="CWE-416", label="vulnerable", language="c", code="x", pair_id="x", split="t", source="test"
+    )
     with pytest.raises(VulnsteerError, match="no vector for CWE-416"):
         own(stranger)
 
@@ -433,8 +453,7 @@ def test_export_gguf_reads_back(llama, tmp_path):
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
     assert sorted(tensors) == [f"direction.{layer}" for layer in range(1, LAYERS)]  # layer 0 left out
     for layer in range(1, LAYERS):
-        np.testing.assert_array_equal(tensors[f"direction.{layer}"].reshape(-1),
-                                      bank.vectors["CWE-787"][layer].numpy())
+        np.testing.assert_array_equal(tensors[f"direction.{layer}"].reshape(-1), bank.vectors["CWE-787"][layer].numpy())
         assert tensors[f"direction.{layer}"].dtype == np.float32
     with pytest.raises(VulnsteerError, match="no vector for CWE-1"):
         export_gguf(bank, "CWE-1", tmp_path / "none.gguf")
@@ -451,9 +470,19 @@ def test_a_direction_method_is_one_function_and_one_registry_line(monkeypatch, t
 
     def vulnerable_mean(x, vulnerable, pair_ids):
         return x[vulnerable].mean(0)
+
     monkeypatch.setitem(vectors.DIRECTIONS, "vulnerable-mean", vulnerable_mean)
-    config = SweepConfig(dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score",
-                         methods=["vulnerable-mean"], vectors=["pooled"], transfer=False)
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        folds=3,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        methods=["vulnerable-mean"],
+        vectors=["pooled"],
+        transfer=False,
+    )
     run_sweep(config, tmp_path, lm=random_model("llama"))
     a = analyse(tmp_path)
     assert "vulnerable-mean|1|pooled|prompt-last|+1" in a.arms

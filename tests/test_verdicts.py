@@ -46,8 +46,9 @@ def test_answer_file_is_well_formed():
 @pytest.mark.parametrize(
     "row",
     [
-        pytest.param(r, id=f"{i}-{r['kind']}",
-                     marks=[pytest.mark.xfail(strict=True, reason=XFAIL[i])] if i in XFAIL else [])
+        pytest.param(
+            r, id=f"{i}-{r['kind']}", marks=[pytest.mark.xfail(strict=True, reason=XFAIL[i])] if i in XFAIL else []
+        )
         for i, r in enumerate(ROWS)
     ],
 )
@@ -100,42 +101,52 @@ def test_parser_on_real_answers_it_was_not_written_against():
     assert ours >= 0.95 and ours > naive
 
 
-@pytest.mark.parametrize("text, cwe, expected", [
-    ("Yes - the code has a buffer overflow in strcpy.", "CWE-787", "vulnerable"),
-    ("Yes – the code writes past the end of buf.", "CWE-787", "vulnerable"),
-    ("Yes — the loop writes past the end.", "CWE-787", "vulnerable"),
-    ("Yes (CWE-416): the pointer is used after free.", "CWE-416", "vulnerable"),
-    ("No (CWE-416): the pointer is never used after it is freed.", "CWE-416", "not_vulnerable"),
-    ("No - the input is validated before use.", "CWE-787", "not_vulnerable"),
-    ("No [the code checks the length].", "CWE-787", "not_vulnerable"),
-    ("The code is not free of buffer overflow issues.", "CWE-787", "vulnerable"),
-    ("This function is not entirely free from vulnerabilities.", "CWE-787", "vulnerable"),
-    ("The code is free of buffer overflows.", "CWE-787", "not_vulnerable"),
-    ("Yes-and-no: it depends on the caller.", "CWE-787", "unknown"),
-])
+@pytest.mark.parametrize(
+    "text, cwe, expected",
+    [
+        ("Yes - the code has a buffer overflow in strcpy.", "CWE-787", "vulnerable"),
+        ("Yes – the code writes past the end of buf.", "CWE-787", "vulnerable"),
+        ("Yes — the loop writes past the end.", "CWE-787", "vulnerable"),
+        ("Yes (CWE-416): the pointer is used after free.", "CWE-416", "vulnerable"),
+        ("No (CWE-416): the pointer is never used after it is freed.", "CWE-416", "not_vulnerable"),
+        ("No - the input is validated before use.", "CWE-787", "not_vulnerable"),
+        ("No [the code checks the length].", "CWE-787", "not_vulnerable"),
+        ("The code is not free of buffer overflow issues.", "CWE-787", "vulnerable"),
+        ("This function is not entirely free from vulnerabilities.", "CWE-787", "vulnerable"),
+        ("The code is free of buffer overflows.", "CWE-787", "not_vulnerable"),
+        ("Yes-and-no: it depends on the caller.", "CWE-787", "unknown"),
+    ],
+)
 def test_answer_shapes_the_parser_used_to_misread(text, cwe, expected):
     """Issue 29, item 13: a verdict followed by a dash or a bracket, and a negated negative."""
     assert parse_verdict(text, cwe) == expected
 
 
-@pytest.mark.parametrize("text, english", [
-    ("Yes, the code is vulnerable to SQL injection.", True),
-    ("No", True),
-    ("```c\nstrcpy(buf, input);\n```", True),
-    ("Sí, el código es vulnerable a inyección SQL porque concatena la entrada.", False),
-    ("Le code est vulnérable car il ne vérifie pas la taille du tampon.", False),
-    ("Der Code ist anfällig für einen Pufferüberlauf, weil er die Länge nicht prüft.", False),
-    ("是的，代码存在漏洞。strcpy 没有检查长度，可能导致缓冲区溢出。", False),
-])
+@pytest.mark.parametrize(
+    "text, english",
+    [
+        ("Yes, the code is vulnerable to SQL injection.", True),
+        ("No", True),
+        ("```c\nstrcpy(buf, input);\n```", True),
+        ("Sí, el código es vulnerable a inyección SQL porque concatena la entrada.", False),
+        ("Le code est vulnérable car il ne vérifie pas la taille du tampon.", False),
+        ("Der Code ist anfällig für einen Pufferüberlauf, weil er die Länge nicht prüft.", False),
+        ("是的，代码存在漏洞。strcpy 没有检查长度，可能导致缓冲区溢出。", False),
+    ],
+)
 def test_is_english(text, english):
     assert is_english(text) is english
 
 
 # Three collections (bench/collect_answers.py), each split into a tuning half and a held-out half before any was read.
-TUNING = [Path(__file__).with_name(name)
-          for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl", "answers_tuning4.jsonl")]
-HELD_OUT_HALVES = [Path(__file__).with_name(name)
-                   for name in ("answers_heldout2.jsonl", "answers_heldout3.jsonl", "answers_heldout4.jsonl")]
+TUNING = [
+    Path(__file__).with_name(name)
+    for name in ("answers_tuning.jsonl", "answers_tuning3.jsonl", "answers_tuning4.jsonl")
+]
+HELD_OUT_HALVES = [
+    Path(__file__).with_name(name)
+    for name in ("answers_heldout2.jsonl", "answers_heldout3.jsonl", "answers_heldout4.jsonl")
+]
 # Tuning answers the parser still reads differently from the hand label ((file name, index): why).
 TUNING_MISSES: dict[tuple[str, int], str] = {
     # "to prevent command injections the input should be checked for ..." cut off before the decision: "prevent" reads
@@ -148,8 +159,9 @@ HELD_OUT_RIGHT = 84  # of 97 (the third collection's, untouched: 24 of 30)
 
 
 def check_labelled(rows: list[dict]) -> None:
-    assert rows and all(r["labelled_by"] == "hand" and r["label"] in VERDICTS and r["language"] in ("en", "other")
-                        for r in rows)
+    assert rows and all(
+        r["labelled_by"] == "hand" and r["label"] in VERDICTS and r["language"] in ("en", "other") for r in rows
+    )
     assert all(is_english(r["answer"]) == (r["language"] == "en") for r in rows)
 
 
@@ -171,30 +183,55 @@ def test_held_out_half_agreement_is_pinned():
     assert right >= HELD_OUT_RIGHT
 
 
-R_SUBCOMPONENT = ("Sub-components:\nS1: `data` is freed in `read_files` function -> check if `data` was used after it "
-                  "was freed causing a use after free vulnerability\n\nAnalysis:\nA-S1: `read_files` frees the memory.")
+R_SUBCOMPONENT = (
+    "Sub-components:\nS1: `data` is freed in `read_files` function -> check if `data` was used after it "
+    "was freed causing a use after free vulnerability\n\nAnalysis:\nA-S1: `read_files` frees the memory."
+)
 
 
-@pytest.mark.parametrize("text, cwe, expected", [
-    ("The vulnerability in the given code is SQL Injection. It builds the query from user input.", "CWE-89",
-     "vulnerable"),
-    ("The vulnerability in the given code is the use of free(file) after the fgets function.", "CWE-416",
-     "vulnerable"),
-    ("### Sub-components that Could Lead to Out-of-Bounds Write\n\n1. **Array buf**: declared with three elements.",
-     "CWE-787", "unknown"),
-    ("## Vulnerable\n\nstrcpy copies the input into a 16-byte buffer.", "CWE-787", "vulnerable"),
-    ("### Verdict: **Not vulnerable**", "CWE-787", "not_vulnerable"),
-    ("## Analysis\nThe loop copies len bytes.\n\n**No**\n", "CWE-787", "not_vulnerable"),
-    ("The length check could lead to an out-of-bounds write if it were removed.", "CWE-787", "unknown"),
-    (R_SUBCOMPONENT, "CWE-416", "unknown"),
-    (R_SUBCOMPONENT + "\n\nDecision:\nBased on A-S1, the code is vulnerable to use after free.", "CWE-416",
-     "vulnerable"),
-    ("The code checks every pointer before using it, this protects the code from NULL dereference vulnerability.",
-     "CWE-476", "not_vulnerable"),
-    ("The length check does not protect the code from an out-of-bounds write.", "CWE-787", "vulnerable"),
-    ("The use-after-free vulnerability in the given code is due to the incorrect use of the freed memory.", "CWE-416",
-     "vulnerable"),
-])
+@pytest.mark.parametrize(
+    "text, cwe, expected",
+    [
+        (
+            "The vulnerability in the given code is SQL Injection. It builds the query from user input.",
+            "CWE-89",
+            "vulnerable",
+        ),
+        (
+            "The vulnerability in the given code is the use of free(file) after the fgets function.",
+            "CWE-416",
+            "vulnerable",
+        ),
+        (
+            "### Sub-components that Could Lead to Out-of-Bounds Write\n\n"
+            "1. **Array buf**: declared with three elements.",
+            "CWE-787",
+            "unknown",
+        ),
+        ("## Vulnerable\n\nstrcpy copies the input into a 16-byte buffer.", "CWE-787", "vulnerable"),
+        ("### Verdict: **Not vulnerable**", "CWE-787", "not_vulnerable"),
+        ("## Analysis\nThe loop copies len bytes.\n\n**No**\n", "CWE-787", "not_vulnerable"),
+        ("The length check could lead to an out-of-bounds write if it were removed.", "CWE-787", "unknown"),
+        (R_SUBCOMPONENT, "CWE-416", "unknown"),
+        (
+            R_SUBCOMPONENT + "\n\nDecision:\nBased on A-S1, the code is vulnerable to use after free.",
+            "CWE-416",
+            "vulnerable",
+        ),
+        (
+            "The code checks every pointer before using it, "
+            "this protects the code from NULL dereference vulnerability.",
+            "CWE-476",
+            "not_vulnerable",
+        ),
+        ("The length check does not protect the code from an out-of-bounds write.", "CWE-787", "vulnerable"),
+        (
+            "The use-after-free vulnerability in the given code is due to the incorrect use of the freed memory.",
+            "CWE-416",
+            "vulnerable",
+        ),
+    ],
+)
 def test_answer_shapes_of_the_tuning_half(text, cwe, expected):
     """Shapes from the tuning halves (issue 29, item 13): "the [X] vulnerability in the code is ..." states a verdict;
     a Markdown heading that says what could lead to a weakness does not, nor does an R prompt's sub-component that

@@ -25,25 +25,37 @@ VOCABULARIES = [{str(w) for w in word} for word in WORDS] + [set(VectorChoice.WO
 
 
 def sources() -> dict[str, str]:
-    return {str(path.relative_to(PACKAGE.parents[1])): path.read_text()
-            for path in [*sorted(PACKAGE.rglob("*.py")), *sorted(BENCH.glob("*.py"))]}
+    return {
+        str(path.relative_to(PACKAGE.parents[1])): path.read_text()
+        for path in [*sorted(PACKAGE.rglob("*.py")), *sorted(BENCH.glob("*.py"))]
+    }
 
 
 def word_collections(tree: ast.AST) -> list[tuple[int, set[str]]]:
     """Tuples, lists and sets written out of string constants, the form a second copy of a vocabulary takes; not
     those of `VectorChoice`, which defines its words."""
-    defining = {id(node) for cls in ast.walk(tree) if isinstance(cls, ast.ClassDef) and cls.name == "VectorChoice"
-                for node in ast.walk(cls)}
-    return [(node.lineno, {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)})
-            for node in ast.walk(tree) if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and id(node) not in defining]
+    defining = {
+        id(node)
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef) and cls.name == "VectorChoice"
+        for node in ast.walk(cls)
+    }
+    return [
+        (node.lineno, {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)})
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and id(node) not in defining
+    ]
 
 
 def test_no_vocabulary_is_written_out_a_second_time():
     """A tuple like ("generate", "score") or a test like `in ("generated", "all")` is a second place that knows a
     word's values: each is known only to its `Word` (or `VectorChoice.WORDS`) and tested through its members."""
-    copies = [f"{name}:{line} {sorted(values)}" for name, text in sources().items()
-              for line, values in word_collections(ast.parse(text))
-              if any(len(values & vocabulary) >= 2 for vocabulary in VOCABULARIES)]
+    copies = [
+        f"{name}:{line} {sorted(values)}"
+        for name, text in sources().items()
+        for line, values in word_collections(ast.parse(text))
+        if any(len(values & vocabulary) >= 2 for vocabulary in VOCABULARIES)
+    ]
     assert copies == []
 
 
@@ -51,32 +63,47 @@ def test_words_are_made_only_by_their_parse_function():
     """`Mode("x")` raises a ValueError (a traceback); `Mode.parse` says what is allowed in one line. No code calls a
     word's constructor, and only `VectorChoice.parse` reads a CWE id or a random draw out of a vector word."""
     made = re.compile(r"(?<![\w.])(?:" + "|".join(w.__name__ for w in WORDS) + r")\(")
-    calls = [f"{name}:{text[:m.start()].count(chr(10)) + 1}" for name, text in sources().items()
-             for m in made.finditer(text) if not text[:m.start()].endswith("class ")]
+    calls = [
+        f"{name}:{text[: m.start()].count(chr(10)) + 1}"
+        for name, text in sources().items()
+        for m in made.finditer(text)
+        if not text[: m.start()].endswith("class ")
+    ]
     assert calls == []
-    vector_words = [name for name, text in sources().items()
-                    if re.search(r"""startswith\(["'](CWE-|random)""", text)]
+    vector_words = [name for name, text in sources().items() if re.search(r"""startswith\(["'](CWE-|random)""", text)]
     assert vector_words == ["src/vulnsteer/records.py"]
 
 
 def test_config_ids_are_never_parsed_back():
     """A sweep's points are known from its config (`points_by_id`): no code splits a config id into its fields."""
-    parsed = [name for name, text in sources().items()
-              if re.search(r"""\.r?(split|partition)\(\s*["']\|["']""", text) or "GridPoint.parse" in text]
+    parsed = [
+        name
+        for name, text in sources().items()
+        if re.search(r"""\.r?(split|partition)\(\s*["']\|["']""", text) or "GridPoint.parse" in text
+    ]
     assert parsed == []
 
 
 def test_each_word_is_refused_in_one_line_naming_what_is_allowed():
     with pytest.raises(VulnsteerError, match=r"^unknown mode 'guess'; use one of generate, score$"):
         Decoding(mode="guess")  # type: ignore[arg-type]
-    with pytest.raises(VulnsteerError, match=r"^unknown positions 'end'; use one of prompt-last, prompt, generated, "
-                                             r"all$"):
+    with pytest.raises(
+        VulnsteerError,
+        match=r"^unknown positions 'end'; use one of prompt-last, prompt, generated, "
+        r"all$",
+    ):
         Steering({}, 1.0, "end")  # type: ignore[arg-type]
-    with pytest.raises(VulnsteerError, match=r"^unknown value of config key cache 'fast'; use one of dynamic, "
-                                             r"static$"):
+    with pytest.raises(
+        VulnsteerError,
+        match=r"^unknown value of config key cache 'fast'; use one of dynamic, "
+        r"static$",
+    ):
         SweepConfig(cache="fast")  # type: ignore[arg-type]
-    with pytest.raises(VulnsteerError, match=r"^unknown value of config key vectors 'mine'; use one of own, pooled, "
-                                             r"random or a CWE id like CWE-787$"):
+    with pytest.raises(
+        VulnsteerError,
+        match=r"^unknown value of config key vectors 'mine'; use one of own, pooled, "
+        r"random or a CWE id like CWE-787$",
+    ):
         SweepConfig(vectors=["own", "mine"])
     with pytest.raises(VulnsteerError, match=r"^unknown --cwe-vector 'random'; use one of own, pooled or a CWE id"):
         VectorChoice.parse("random", "--cwe-vector", random=False)
@@ -87,8 +114,14 @@ def test_each_word_is_refused_in_one_line_naming_what_is_allowed():
 def test_typed_words_store_as_the_words_they_were():
     """Stored forms do not change: a config's JSON (and its hash, which a resumed sweep checks) holds the plain
     words, and grid point ids are the ids earlier stores hold."""
-    raw = {"mode": "score", "cache": "dynamic", "read": "prompt-last", "normalisation": "unit",
-           "positions": ["prompt-last", "all"], "vectors": ["own", "pooled", "random", "CWE-79"]}
+    raw = {
+        "mode": "score",
+        "cache": "dynamic",
+        "read": "prompt-last",
+        "normalisation": "unit",
+        "positions": ["prompt-last", "all"],
+        "vectors": ["own", "pooled", "random", "CWE-79"],
+    }
     config = SweepConfig(layers=["1"], strengths=[-1, 2], random_draws=2, **raw)
     stored = json.loads(json.dumps(asdict(config)))
     assert {k: stored[k] for k in raw} == raw

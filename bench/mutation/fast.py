@@ -26,8 +26,10 @@ def mutant_names(root: Path, globs: list[str]) -> list[str]:
     names = []
     for path in sorted(root.rglob("*.py")):
         module = ".".join(path.relative_to(root).with_suffix("").parts)
-        for name in sorted(set(re.findall(r"'(x[\w\u01c1]*__mutmut_\d+)'", path.read_text())),
-                           key=lambda n: (n.rsplit("_", 1)[0], int(n.rsplit("_", 1)[1]))):
+        for name in sorted(
+            set(re.findall(r"'(x[\w\u01c1]*__mutmut_\d+)'", path.read_text())),
+            key=lambda n: (n.rsplit("_", 1)[0], int(n.rsplit("_", 1)[1])),
+        ):
             full = f"{module}.{name}"
             if any(fnmatch.fnmatchcase(full, g) for g in globs):
                 names.append(full)
@@ -36,7 +38,7 @@ def mutant_names(root: Path, globs: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
-    globs, tests = argv[:split], argv[split + 1:]
+    globs, tests = argv[:split], argv[split + 1 :]
     os.chdir("mutants")
     sys.path.insert(0, str(Path("src").resolve()))
     import pytest

@@ -38,9 +38,12 @@ class Capabilities:
 
 
 # How a refusal names what was asked for, per capability.
-ASKED_FOR = {"scores": "score (--mode score)", "generates": "generate (--mode generate)",
-             "hidden_states": "give hidden states (extract, probe, --judge-model)",
-             "steers": "steer (--vectors, sweep, run)"}
+ASKED_FOR = {
+    "scores": "score (--mode score)",
+    "generates": "generate (--mode generate)",
+    "hidden_states": "give hidden states (extract, probe, --judge-model)",
+    "steers": "steer (--vectors, sweep, run)",
+}
 MODE_NEEDS = {"score": "scores", "generate": "generates"}  # what each --mode asks of a backend
 
 
@@ -55,8 +58,15 @@ class Backend(Protocol):
         """The model `name`, given its options (read already, only keys it takes) and the mode it will run in."""
         ...
 
-    def evaluate(self, model: Any, jobs: Sequence[Job], decoding: Decoding, progress: Progress | None = None,
-                 on_result: OnResult | None = None, done: Collection[int] = frozenset()) -> list[Result]:
+    def evaluate(
+        self,
+        model: Any,
+        jobs: Sequence[Job],
+        decoding: Decoding,
+        progress: Progress | None = None,
+        on_result: OnResult | None = None,
+        done: Collection[int] = frozenset(),
+    ) -> list[Result]:
         """Rows of every job but those at the indices `done` (stored already), each given to `on_result`."""
         ...
 
@@ -70,9 +80,11 @@ BACKENDS: dict[str, Backend] = {}
 
 def register_backend(prefix: str) -> Callable[[type], type]:
     """Class decorator: `--model PREFIX:NAME` loads NAME with (an instance of) this class."""
+
     def register(cls: type) -> type:
         BACKENDS[prefix] = cls()
         return cls
+
     return register
 
 
@@ -84,8 +96,14 @@ class Model:
     backend: Backend
     handle: Any  # what the backend loaded: a `LoadedModel` for hf
 
-    def evaluate(self, jobs: Sequence[Job], decoding: Decoding, progress: Progress | None = None,
-                 on_result: OnResult | None = None, done: Collection[int] = frozenset()) -> list[Result]:
+    def evaluate(
+        self,
+        jobs: Sequence[Job],
+        decoding: Decoding,
+        progress: Progress | None = None,
+        on_result: OnResult | None = None,
+        done: Collection[int] = frozenset(),
+    ) -> list[Result]:
         if any(job.steering for job in jobs):
             require(self.spec, "steers")
         return self.backend.evaluate(self.handle, jobs, decoding, progress, on_result, done)
@@ -112,8 +130,10 @@ def backend_for(spec: str) -> tuple[Backend, str]:
         return BACKENDS[prefix], name
     if colon and re.fullmatch(r"[A-Za-z][\w.-]*", prefix) and not Path(spec).exists():
         known = ", ".join(f"{p}:" for p in sorted(BACKENDS))
-        raise VulnsteerError(f"unknown model prefix {prefix + ':'!r} in {spec!r}; known prefixes: {known} (none: "
-                             f"{DEFAULT}, a catalogue name, .gguf file, model folder or hub id)")
+        raise VulnsteerError(
+            f"unknown model prefix {prefix + ':'!r} in {spec!r}; known prefixes: {known} (none: "
+            f"{DEFAULT}, a catalogue name, .gguf file, model folder or hub id)"
+        )
     return BACKENDS[DEFAULT], spec
 
 
@@ -126,8 +146,9 @@ def require(spec: str, *needs: str) -> tuple[Backend, str]:
     return backend, name
 
 
-def load(spec: str, options: Mapping[str, str] | None = None, mode: str = "score",
-         needs: Collection[str] = ()) -> Model:
+def load(
+    spec: str, options: Mapping[str, str] | None = None, mode: str = "score", needs: Collection[str] = ()
+) -> Model:
     """Load `spec` with its backend, refused first if it lacks any of `needs` or is given an option it does not
     take."""
     backend, name = require(spec, *needs)
@@ -143,8 +164,10 @@ def parse_model_args(text: str | None) -> dict[str, str]:
         if not item.strip():
             continue
         if not equals or not re.fullmatch(r"[A-Za-z_]\w*", key) or key in options:
-            raise VulnsteerError(f"--model-args takes key=value pairs separated by commas, each key once, "
-                                 f"e.g. base_url=http://127.0.0.1:8080/v1,concurrency=4; got {item.strip()!r}")
+            raise VulnsteerError(
+                f"--model-args takes key=value pairs separated by commas, each key once, "
+                f"e.g. base_url=http://127.0.0.1:8080/v1,concurrency=4; got {item.strip()!r}"
+            )
         options[key] = value.strip()
     return options
 
@@ -154,8 +177,7 @@ def merge_options(flags: Mapping[str, object], model_args: Mapping[str, str]) ->
     given = {key: str(value) for key, value in flags.items() if value is not None}
     twice = sorted(set(given) & set(model_args))
     if twice:
-        raise VulnsteerError(f"{twice[0]} is given by --{twice[0].replace('_', '-')} and by --model-args; give it "
-                             "once")
+        raise VulnsteerError(f"{twice[0]} is given by --{twice[0].replace('_', '-')} and by --model-args; give it once")
     return {**given, **model_args}
 
 
@@ -166,8 +188,7 @@ def read_options(spec: str, backend: Backend, options: Mapping[str, str]) -> dic
         if key not in backend.options:
             elsewhere = sorted(f"{p}:" for p, other in BACKENDS.items() if key in other.options)
             hint = f"; {key} is an option of {', '.join(elsewhere)}" if elsewhere else ""
-            raise VulnsteerError(f"{spec} takes no option {key!r} (its options: {', '.join(backend.options)})"
-                                 + hint)
+            raise VulnsteerError(f"{spec} takes no option {key!r} (its options: {', '.join(backend.options)})" + hint)
         try:
             read[key] = backend.options[key](value)
         except ValueError as exc:
@@ -198,8 +219,12 @@ class HfBackend:
         return evaluate(model, jobs, decoding, progress=progress, on_result=on_result, done=done)
 
     def meta(self, model) -> dict:
-        return {"model": model.model_id, "config_hash": model.config_hash, "weights": model.fingerprint,
-                "dtype": str(model.model.dtype)}
+        return {
+            "model": model.model_id,
+            "config_hash": model.config_hash,
+            "weights": model.fingerprint,
+            "dtype": str(model.model.dtype),
+        }
 
 
 @register_backend("openai")
@@ -209,7 +234,12 @@ class OpenAIBackend:
     capabilities = Capabilities(scores=True, generates=True)
     about = "it is served over HTTP, without hidden states: only `eval` (unsteered) can use it"
     options: Mapping[str, Callable[[str], Any]] = {
-        "base_url": str, "api_key_env": str, "concurrency": int, "timeout": float, "retries": int}
+        "base_url": str,
+        "api_key_env": str,
+        "concurrency": int,
+        "timeout": float,
+        "retries": int,
+    }
 
     def load(self, name: str, options: Mapping[str, Any], mode: str) -> Any:
         from vulnsteer.engine.api import ApiModel

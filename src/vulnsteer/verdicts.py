@@ -39,9 +39,20 @@ UNKNOWN: Verdict = "unknown"
 CWE_KEYWORDS: dict[str, tuple[str, ...]] = {cwe.id: cwe.keywords for cwe in CATALOGUE}
 # Vulnerability kinds outside the map: a clause about only these says nothing about the asked CWE.
 OTHER_KEYWORDS: tuple[str, ...] = (
-    "format string", "race condition", "memory leak", "double free", "denial of service",
-    "information disclosure", "csrf", "xxe", "deserialization", "hardcoded", "hard-coded",
-    "timing attack", "open redirect", "ssrf",
+    "format string",
+    "race condition",
+    "memory leak",
+    "double free",
+    "denial of service",
+    "information disclosure",
+    "csrf",
+    "xxe",
+    "deserialization",
+    "hardcoded",
+    "hard-coded",
+    "timing attack",
+    "open redirect",
+    "ssrf",
 )
 # Fragments of MITRE titles -> id, for callers that pass the full CWE name.
 _NAME_HINTS: tuple[tuple[str, str], ...] = tuple((hint, cwe.id) for cwe in CATALOGUE for hint in cwe.title_hints)
@@ -69,19 +80,42 @@ _LACK = re.compile(
     r"|\bcheck\s+(?:if|whether)\b.*"
 )
 _NEG = re.compile(
-    r"\bnot\s+" + _W + r"{0,3}?" + _VULN_ADJ + _TAIL
-    + r"|\b(?:no|not any|without any|free (?:of|from))\s+" + _W + r"{0,4}?" + _VULN_NOUN + _NOUN_END
-    + r"|\bthere\s+(?:is|are|was|were|will be)\s+not\s+" + _W + r"{0,4}?" + _VULN_NOUN + _NOUN_END
+    r"\bnot\s+"
+    + _W
+    + r"{0,3}?"
+    + _VULN_ADJ
+    + _TAIL
+    + r"|\b(?:no|not any|without any|free (?:of|from))\s+"
+    + _W
+    + r"{0,4}?"
+    + _VULN_NOUN
+    + _NOUN_END
+    + r"|\bthere\s+(?:is|are|was|were|will be)\s+not\s+"
+    + _W
+    + r"{0,4}?"
+    + _VULN_NOUN
+    + _NOUN_END
     + r"|\bno\s+(?:issues?|problems?|risks?|instances?|signs?|evidence|indication)\b"
-    + r"|\b(?:does|do|did|will|would|can)\s+not\s+" + _W + r"{0,3}?"
+    + r"|\b(?:does|do|did|will|would|can)\s+not\s+"
+    + _W
+    + r"{0,3}?"
     r"(?:contain|have|has|suffer|exhibit|introduce|pose|present|allow|lead|result|cause|include|"
     r"see|find|notice|identify|exist|occur|happen)(?:s|es|ed|ing|n)?\b"
-    + r"(?:\s+" + _W + r"{0,4}?" + _VULN_NOUN + _NOUN_END + r")?"
-    + r"|\b(?:is|are|looks?|seems?|appears?|remains?)\s+" + _W + r"{0,2}?(?:safe|secure)\b"
+    + r"(?:\s+"
+    + _W
+    + r"{0,4}?"
+    + _VULN_NOUN
+    + _NOUN_END
+    + r")?"
+    + r"|\b(?:is|are|looks?|seems?|appears?|remains?)\s+"
+    + _W
+    + r"{0,2}?(?:safe|secure)\b"
     + r"|\bsafe (?:from|against)\b|\bnot (?:present|possible)\b"
     + r"|\b(?:properly|correctly|safely)\s+(?:validat|sanitiz|escap|encod|check|handl|bound)\w*"
     + r"|\b(?:prevents?|mitigates?|eliminates?)\b"
-    + r"|\b(?:protects?|protecting|protected|guards?|guarding)\s+" + _W + r"{0,3}?(?:from|against)\b"
+    + r"|\b(?:protects?|protecting|protected|guards?|guarding)\s+"
+    + _W
+    + r"{0,3}?(?:from|against)\b"
 )
 _UNSAFE = re.compile(
     r"\b(?:is|are|looks?|seems?)\s+(?:\w+\s+)?(?:not\s+(?:a\s+|an\s+)?(?:safe|secure)|unsafe|insecure)\b"
@@ -95,12 +129,22 @@ _UNSAFE = re.compile(
 _NEG_BELIEF = re.compile(r"^(?:.*?\b)?(?:i|we)\s+(?:do|did)\s+not\s+(?:think|believe|consider|feel|expect|see how)\b")
 _AFF = re.compile(
     r"\b(?:is|are|be|been|being|was|were|remains?|looks?|seems?|appears?|becomes?|code|function|"
-    r"program|it's|deemed|considered)\s+" + _W + r"{0,2}?" + _VULN_ADJ + r"\b"
-    + r"|\b" + _VULN_ADJ + r"\s+(?:to|because|due|since|as)\b"
+    r"program|it's|deemed|considered)\s+"
+    + _W
+    + r"{0,2}?"
+    + _VULN_ADJ
+    + r"\b"
+    + r"|\b"
+    + _VULN_ADJ
+    + r"\s+(?:to|because|due|since|as)\b"
     + r"|\b(?:contains?|has|have|there (?:is|are)|there's|introduces?|exhibits?|suffers? from|"
     r"leads? to|leading to|results? in|causes?|causing|allows?|enables?|(?:is|are) (?:a|an|the)|this is)\s+"
-    + _W + r"{0,5}?" + _VULN_NOUN
-    + r"|\b" + _VULN_NOUN + r"\s+(?:\w+\s+)?(?:exists?|is present|occurs?|lies|happens)\b"
+    + _W
+    + r"{0,5}?"
+    + _VULN_NOUN
+    + r"|\b"
+    + _VULN_NOUN
+    + r"\s+(?:\w+\s+)?(?:exists?|is present|occurs?|lies|happens)\b"
     + r"|\b(?:can|could) be exploited\b|\ban attacker (?:can|could)\b"
     # "The vulnerability in the given code is the use of free(file) ...", "The use-after-free vulnerability in ..."
     + r"|\bthe\s+(?:[\w-]+\s+){0,2}?vulnerabilit(?:y|ies)\s+(?:in|of)\s+(?:the\s+|this\s+)?(?:given\s+|provided\s+)?"
@@ -125,9 +169,7 @@ _CONCLUSION = re.compile(
     r"^(?:therefore|thus|hence|so|consequently|overall|in conclusion|in summary|to summarize|"
     r"to conclude|in short|as a result|conclusion|final verdict|summary|in sum)\b"
 )
-_ANSWER_VALUE = (
-    r"(yes|no|not[\s-]+vulnerable|non[\s-]?vulnerable|vulnerable|safe|secure|benign|none|true|false)\b"
-)
+_ANSWER_VALUE = r"(yes|no|not[\s-]+vulnerable|non[\s-]?vulnerable|vulnerable|safe|secure|benign|none|true|false)\b"
 _ANSWER_KEY = re.compile(
     r"^(?:final\s+|short\s+|my\s+)?(?:answer|verdict|result|conclusion|decision|is (?:it|the code) vulnerable|"
     r"vulnerable|vulnerability|vulnerabilities|contains vulnerability|vulnerability (?:present|found|detected))$"
@@ -135,8 +177,10 @@ _ANSWER_KEY = re.compile(
 _KEY_LINE = re.compile(r"^\s*(?:[-*+>]\s*|\d+[.)]\s*)?([^:?=\n.!;]{1,80}?)\s*[:=?]\s*[:\-]?\s*" + _ANSWER_VALUE)
 _ANSWER_IS = re.compile(r"\b(?:the|my)\s+(?:final\s+)?answer\s+(?:is|would be)\s*:?\s*" + _ANSWER_VALUE)
 # After the word: the end, punctuation, a dash (hyphen, en or em) or a bracket ("Yes (CWE-416): ..."), or a pronoun.
-_LEADING = re.compile(r"^(?:[-*>]\s*)?(yes|no|sí)(?=$|[\s.,!;:)\-]*$|[.,!;:)\-]|\s*[-\u2013\u2014(\[]"
-                      r"|\s+(?:it|the|this|that|there|i|we)\b)")
+_LEADING = re.compile(
+    r"^(?:[-*>]\s*)?(yes|no|sí)(?=$|[\s.,!;:)\-]*$|[.,!;:)\-]|\s*[-\u2013\u2014(\[]"
+    r"|\s+(?:it|the|this|that|there|i|we)\b)"
+)
 _YES_VALUES = {"yes", "vulnerable", "true", "sí"}
 # Function words of almost any English sentence, none of them a word of Spanish, French, German or Italian.
 _ENGLISH_WORDS = frozenset("the is of to and this that it does there are be with for has have was".split())
@@ -255,7 +299,7 @@ def _polarity(clause: str) -> tuple[int, bool]:
         return 0, True
     belief = _NEG_BELIEF.match(clause)
     if belief:
-        polarity, hedged = _polarity(clause[belief.end():])
+        polarity, hedged = _polarity(clause[belief.end() :])
         return -polarity, hedged
     s = _LACK.sub(" ", clause)
     aff = len(_UNSAFE.findall(s))

@@ -42,8 +42,10 @@ class ApiModel:
 
     def __post_init__(self):
         if not self.base_url:
-            raise VulnsteerError(f"--model {PREFIX}{self.name} needs --base-url (or --model-args base_url=URL), e.g. "
-                                 "http://127.0.0.1:8080/v1")
+            raise VulnsteerError(
+                f"--model {PREFIX}{self.name} needs --base-url (or --model-args base_url=URL), e.g. "
+                "http://127.0.0.1:8080/v1"
+            )
         if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0:
             raise VulnsteerError("--concurrency must be >= 1, --timeout > 0 and --retries >= 0")
 
@@ -54,8 +56,7 @@ class ApiModel:
     @property
     def meta(self) -> dict:
         """What identifies the model in result files (not the key)."""
-        return {"model": self.model_id, "base_url": self.base_url, "config_hash": None, "weights": None,
-                "dtype": None}
+        return {"model": self.model_id, "base_url": self.base_url, "config_hash": None, "weights": None, "dtype": None}
 
 
 def yes_no_score(top: Sequence[tuple[str, float]]) -> float | None:
@@ -80,26 +81,44 @@ class _Client:
         except ImportError as exc:
             raise VulnsteerError("--model openai:NAME needs the OpenAI client: pip install 'vulnsteer[api]'") from exc
         self.api = api
-        self.client = OpenAI(base_url=api.base_url, api_key=os.environ.get(api.api_key_env) or "none",
-                             timeout=api.timeout, max_retries=api.retries)
+        self.client = OpenAI(
+            base_url=api.base_url,
+            api_key=os.environ.get(api.api_key_env) or "none",
+            timeout=api.timeout,
+            max_retries=api.retries,
+        )
 
     def reply(self, messages: list[dict], max_tokens: int) -> tuple[str, int, int]:
         """Greedy reply: (text, prompt tokens, new tokens)."""
-        response = self.client.chat.completions.create(model=self.api.name, messages=messages,  # type: ignore
-                                                       max_tokens=max_tokens, temperature=0)
+        response = self.client.chat.completions.create(
+            model=self.api.name,
+            messages=messages,  # type: ignore
+            max_tokens=max_tokens,
+            temperature=0,
+        )
         usage = response.usage
-        return (response.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0)
+        return (
+            response.choices[0].message.content or "",
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+        )
 
     def score(self, messages: list[dict]) -> tuple[float | None, int]:
         """The yes/no log-odds after "Answer:": (score, prompt tokens)."""
         response = self.client.chat.completions.create(
-            model=self.api.name, messages=[*messages, {"role": "assistant", "content": ANSWER_PREFIX}],  # type: ignore
-            max_tokens=1, temperature=0, logprobs=True, top_logprobs=self.api.top_logprobs)
+            model=self.api.name,
+            messages=[*messages, {"role": "assistant", "content": ANSWER_PREFIX}],  # type: ignore
+            max_tokens=1,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=self.api.top_logprobs,
+        )
         content = response.choices[0].logprobs.content if response.choices[0].logprobs else None
         if not content:
-            raise VulnsteerError(f"{self.api.base_url} returned no log-probabilities; score mode needs a server "
-                                 "that does (use --mode generate)")
+            raise VulnsteerError(
+                f"{self.api.base_url} returned no log-probabilities; score mode needs a server "
+                "that does (use --mode generate)"
+            )
         top = [(t.token, t.logprob) for t in content[0].top_logprobs]
         return yes_no_score(top), response.usage.prompt_tokens if response.usage else 0
 
@@ -119,10 +138,12 @@ class _Client:
                 history.append(reply)
                 messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": followups[turn]}]
         if decoding.mode == "generate" and decoding.final_answer:
-            final, _ = self.score([*messages, {"role": "assistant", "content": reply},
-                                   {"role": "user", "content": FINAL_QUESTION}])
-        return make_result(job, decoding.mode, reply, score, prompt_tokens, new_tokens,
-                           time.perf_counter() - start, history, final)
+            final, _ = self.score(
+                [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": FINAL_QUESTION}]
+            )
+        return make_result(
+            job, decoding.mode, reply, score, prompt_tokens, new_tokens, time.perf_counter() - start, history, final
+        )
 
 
 def _one_line(api: ApiModel, exc: Exception) -> VulnsteerError:
@@ -133,8 +154,9 @@ def _one_line(api: ApiModel, exc: Exception) -> VulnsteerError:
     if isinstance(exc, openai.NotFoundError):
         return VulnsteerError(f"{api.base_url} has no model {api.name!r} (HTTP 404)")
     if isinstance(exc, openai.APITimeoutError):
-        return VulnsteerError(f"{api.base_url} did not answer within --timeout {api.timeout:g} s "
-                              f"({api.retries} retries)")
+        return VulnsteerError(
+            f"{api.base_url} did not answer within --timeout {api.timeout:g} s ({api.retries} retries)"
+        )
     if isinstance(exc, openai.APIConnectionError):
         return VulnsteerError(f"cannot connect to {api.base_url} ({api.retries} retries): {exc.__cause__ or exc}")
     if isinstance(exc, openai.APIStatusError):
@@ -142,9 +164,13 @@ def _one_line(api: ApiModel, exc: Exception) -> VulnsteerError:
     return VulnsteerError(f"{api.base_url}: {type(exc).__name__}: {exc}")
 
 
-def evaluate_api(api: ApiModel, jobs: Sequence[Job], decoding: Decoding,
-                 progress: Callable[[int], None] | None = None,
-                 on_result: Callable[[Result], None] | None = None) -> list[Result]:
+def evaluate_api(
+    api: ApiModel,
+    jobs: Sequence[Job],
+    decoding: Decoding,
+    progress: Callable[[int], None] | None = None,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
     """Every job through the endpoint, `api.concurrency` at a time; results in the order of `jobs`, each given to
     `on_result` as it arrives. The first failure stops the run (finished rows are already with `on_result`)."""
     client = _Client(api)

@@ -56,11 +56,20 @@ def evaluate(
     # The static cache serves generation: a run that only scores (one turn) takes the plain path, which shares
     # more of a sweep's work.
     generates = decoding.mode == "generate" or any(job.prompt.followups for job in jobs)
-    static = (StaticDecoder(lm.model, eos_ids(lm), lm.tokenizer.pad_token_id, max_batch=min(len(jobs), 64))
-              if decoding.cache == "static" and generates else None)
+    static = (
+        StaticDecoder(lm.model, eos_ids(lm), lm.tokenizer.pad_token_id, max_batch=min(len(jobs), 64))
+        if decoding.cache == "static" and generates
+        else None
+    )
     try:
-        return _Run(lm, jobs, decoding, {**default_runners(decoding.max_new_tokens, static), **(runners or {})},
-                    static is None, frozenset(done)).run(progress, on_result)
+        return _Run(
+            lm,
+            jobs,
+            decoding,
+            {**default_runners(decoding.max_new_tokens, static), **(runners or {})},
+            static is None,
+            frozenset(done),
+        ).run(progress, on_result)
     finally:
         if static is not None:
             static.close()
@@ -69,8 +78,15 @@ def evaluate(
 class _Run:
     """The state of one `evaluate` call: each row's conversation so far and its result once finished."""
 
-    def __init__(self, lm: LoadedModel, jobs: Sequence[Job], decoding: Decoding, runners: dict[str, Runner],
-                 side_by_side: bool, done: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        jobs: Sequence[Job],
+        decoding: Decoding,
+        runners: dict[str, Runner],
+        side_by_side: bool,
+        done: frozenset[int] = frozenset(),
+    ):
         self.lm, self.jobs, self.decoding, self.runners, self.done = lm, jobs, decoding, runners, done
         # Scoring shares a prompt's pass through a 4-D mask, on the plain path only; generating, either path shares.
         self.side_by_side = side_by_side and takes_additive_masks(lm.model)
@@ -93,8 +109,11 @@ class _Run:
                         continue
                     start = time.perf_counter()
                     answers = self._answer(batch.path, [texts[i] for i in batch.rows], batch.rows)
-                    finals = (self._final_scores(batch.rows, answers.replies) if final and batch.rows[0] in last_turn
-                              else [None] * len(batch.rows))
+                    finals = (
+                        self._final_scores(batch.rows, answers.replies)
+                        if final and batch.rows[0] in last_turn
+                        else [None] * len(batch.rows)
+                    )
                     seconds = (time.perf_counter() - start) / len(batch.rows)
                     for k, i in enumerate(batch.rows):
                         reply = answers.replies[k].strip()
@@ -103,9 +122,17 @@ class _Run:
                             continue
                         if i in self.done:
                             continue
-                        self.results[i] = make_result(self.jobs[i], self.decoding.mode, reply, answers.scores[k],
-                                                  answers.prompt_tokens[k], answers.new_tokens[k], seconds,
-                                                  self.histories[i], finals[k])
+                        self.results[i] = make_result(
+                            self.jobs[i],
+                            self.decoding.mode,
+                            reply,
+                            answers.scores[k],
+                            answers.prompt_tokens[k],
+                            answers.new_tokens[k],
+                            seconds,
+                            self.histories[i],
+                            finals[k],
+                        )
                         if on_result:
                             on_result(self.results[i])
                     if progress:
@@ -128,8 +155,10 @@ class _Run:
         """The forced final turn of a batch's answers, right after they are generated (so that each finished row is
         written at once): the reply, then FINAL_QUESTION, scored as score mode scores, under the row's own
         steering."""
-        texts = [self._conversation(i, self.histories[i] + [replies[k].strip()], self.followups[i] + [FINAL_QUESTION],
-                                    True) for k, i in enumerate(rows)]
+        texts = [
+            self._conversation(i, self.histories[i] + [replies[k].strip()], self.followups[i] + [FINAL_QUESTION], True)
+            for k, i in enumerate(rows)
+        ]
         return self._answer("score", texts, rows).scores
 
     def _render(self, rows: list[int], scoring: set[int]) -> dict[int, str]:
@@ -156,17 +185,37 @@ def _score_verdict(score: float) -> str:
     return "vulnerable" if score > 0 else "not_vulnerable"
 
 
-def make_result(job: Job, mode: str, reply: str, score, prompt_tokens, new_tokens, seconds, history,
-                final_score: float | None = None) -> Result:
+def make_result(
+    job: Job,
+    mode: str,
+    reply: str,
+    score,
+    prompt_tokens,
+    new_tokens,
+    seconds,
+    history,
+    final_score: float | None = None,
+) -> Result:
     """A row as every engine writes it: the verdict from the score (> 0: vulnerable) or parsed from the reply."""
     sample = job.sample
     verdict = _score_verdict(score) if mode == "score" else parse_verdict(reply, sample.cwe)
     return Result(
-        sample_id=sample.id, pair_id=sample.pair_id, cwe=sample.cwe, label=sample.label, split=sample.split,
-        source=sample.source, prompt_id=job.prompt_id, mode=mode, response=reply, verdict=verdict,
-        score=None if score is None else round(float(score), 6), prompt_tokens=int(prompt_tokens),
-        new_tokens=int(new_tokens), seconds=round(seconds, 4),
-        steering=job.steering.label if job.steering else None, turns=list(history),
+        sample_id=sample.id,
+        pair_id=sample.pair_id,
+        cwe=sample.cwe,
+        label=sample.label,
+        split=sample.split,
+        source=sample.source,
+        prompt_id=job.prompt_id,
+        mode=mode,
+        response=reply,
+        verdict=verdict,
+        score=None if score is None else round(float(score), 6),
+        prompt_tokens=int(prompt_tokens),
+        new_tokens=int(new_tokens),
+        seconds=round(seconds, 4),
+        steering=job.steering.label if job.steering else None,
+        turns=list(history),
         final_score=None if final_score is None else round(float(final_score), 6),
         final_verdict=None if final_score is None else _score_verdict(final_score),
     )

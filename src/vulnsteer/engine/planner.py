@@ -78,7 +78,7 @@ def batches(lengths: Sequence[int], batch_tokens: int, cost: float) -> list[list
         best[j] = total[start[j] - first[0]]
     groups, j = [], len(order)
     while j:
-        groups.append(order[start[j]:j])
+        groups.append(order[start[j] : j])
         j = int(start[j])
     return groups[::-1]
 
@@ -98,8 +98,15 @@ class Batch:
         return ("score" if self.score else "generate") + ("-shared-prefix" if self.shared_prefix else "")
 
 
-def plan_phase(texts: dict[int, str], lengths: dict[int, int], leaves_prompt_alone: dict[int, bool], score: bool,
-               sharing: bool, budget: int, cost: float) -> list[Batch]:
+def plan_phase(
+    texts: dict[int, str],
+    lengths: dict[int, int],
+    leaves_prompt_alone: dict[int, bool],
+    score: bool,
+    sharing: bool,
+    budget: int,
+    cost: float,
+) -> list[Batch]:
     """The batches of one phase of a run (its rows are the keys of `texts`, each with its rendered text, token
     count and whether its steering leaves the prompt before its last token alone). With `sharing`, rows that
     repeat such a prompt go into shared-prefix batches: scoring, a prompt's rows cost one pass over it plus a token
@@ -114,12 +121,16 @@ def plan_phase(texts: dict[int, str], lengths: dict[int, int], leaves_prompt_alo
         for i in shared:
             by_prompt.setdefault(texts[i], []).append(i)
         prompts = list(by_prompt.values())
-        sharing_groups = [[i for g in group for i in prompts[g]]
-                          for group in batches([lengths[rows_[0]] for rows_ in prompts], budget, cost)]
+        sharing_groups = [
+            [i for g in group for i in prompts[g]]
+            for group in batches([lengths[rows_[0]] for rows_ in prompts], budget, cost)
+        ]
     else:
         rows_per_prompt = len(shared) / max(1, len({texts[i] for i in shared}))
-        sharing_groups = [[shared[g] for g in group]
-                          for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)]
+        sharing_groups = [
+            [shared[g] for g in group]
+            for group in batches([lengths[i] for i in shared], budget, cost * rows_per_prompt)
+        ]
     full_groups = [[rest[g] for g in group] for group in batches([lengths[i] for i in rest], budget, cost)]
     return interleave([Batch(g, score, True) for g in sharing_groups], [Batch(g, score, False) for g in full_groups])
 
@@ -138,12 +149,14 @@ def prefix_shared_rows(rows: list[int], texts: dict[int, str], leaves_prompt_alo
 def interleave(first: list[Batch], second: list[Batch]) -> list[Batch]:
     """Both lists of batches in their order, merged so that each list's rows run at the same pace: rows that share a
     prompt's pass cost a fraction of full ones, and a progress bar's rate (and ETA) should hold from the start."""
+
     def paced(batches_: list[Batch]) -> list[tuple[float, Batch]]:
         total, done, keyed = sum(len(b.rows) for b in batches_), 0, []
         for batch in batches_:
             keyed.append((done / total, batch))
             done += len(batch.rows)
         return keyed
+
     return [batch for _, batch in sorted(paced(first) + paced(second), key=lambda pair: pair[0])]
 
 

@@ -28,8 +28,15 @@ def length_groups(model, attention_mask: torch.Tensor, cost: float | None = None
     return batches(lengths, len(lengths) * attention_mask.shape[1], batch_cost(model, 1) if cost is None else cost)
 
 
-def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: list[list[int]],
-                        steered: Callable[[list[int], torch.Tensor], ContextManager], into=None):
+def grouped_prompt_pass(
+    model,
+    input_ids,
+    attention_mask,
+    positions,
+    groups: list[list[int]],
+    steered: Callable[[list[int], torch.Tensor], ContextManager],
+    into=None,
+):
     """One prompt pass over a left-padded batch in groups of rows, each group only as wide as its longest prompt,
     with a cache of its own, and steered by `steered(group, its mask)`. Returns every row's last logits and the
     batch's KV cache: with one group and no `into`, the model's own (which may keep only a sliding window);
@@ -47,8 +54,13 @@ def grouped_prompt_pass(model, input_ids, attention_mask, positions, groups: lis
         columns = slice(width - max(lengths[i] for i in group), width)
         mask = attention_mask[index, columns]
         with steered(group, mask):
-            output = model(input_ids=input_ids[index, columns], attention_mask=mask,
-                           position_ids=positions[index, columns], use_cache=True, logits_to_keep=1)
+            output = model(
+                input_ids=input_ids[index, columns],
+                attention_mask=mask,
+                position_ids=positions[index, columns],
+                use_cache=True,
+                logits_to_keep=1,
+            )
         last = output.logits[:, -1]
         logits = last.new_empty(len(input_ids), last.shape[-1]) if logits is None else logits
         logits[index] = last

@@ -42,8 +42,12 @@ class Answers:
     prompt_tokens: list[int]
 
     def __add__(self, other: Answers) -> Answers:
-        return Answers(self.replies + other.replies, self.scores + other.scores, self.new_tokens + other.new_tokens,
-                       self.prompt_tokens + other.prompt_tokens)
+        return Answers(
+            self.replies + other.replies,
+            self.scores + other.scores,
+            self.new_tokens + other.new_tokens,
+            self.prompt_tokens + other.prompt_tokens,
+        )
 
 
 class Runner(Protocol):
@@ -60,8 +64,9 @@ def run_halving(runner: Runner, lm: LoadedModel, texts: list[str], steerings: St
             raise
         torch.cuda.empty_cache()
         half = len(texts) // 2
-        return (run_halving(runner, lm, texts[:half], steerings and steerings[:half])
-                + run_halving(runner, lm, texts[half:], steerings and steerings[half:]))
+        return run_halving(runner, lm, texts[:half], steerings and steerings[:half]) + run_halving(
+            runner, lm, texts[half:], steerings and steerings[half:]
+        )
 
 
 def encode(lm: LoadedModel, texts: list[str]):
@@ -77,6 +82,7 @@ def eos_ids(lm: LoadedModel) -> list[int]:
 
 def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
     """Single tokens that begin a yes or a no answer after "Answer:" (with and without a leading space)."""
+
     def first_tokens(words):
         ids = set()
         for word in words:
@@ -84,6 +90,7 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
             if len(tokens) >= 1 and tokenizer.decode(tokens[:1]).strip().lower() == word.strip().lower():
                 ids.add(tokens[0])
         return sorted(ids)
+
     yes, no = first_tokens([" yes", " Yes", "yes", "Yes", " YES"]), first_tokens([" no", " No", "no", "No", " NO"])
     if not yes or not no:
         raise ValueError("the tokenizer has no single-token 'yes'/'no'; use --mode generate")
@@ -142,16 +149,24 @@ def generate(lm: LoadedModel, encoded, max_new_tokens: int) -> torch.Tensor:
     given = any(key in encoded for key in ("cache", "past_key_values"))
     cache = {"cache_implementation": None if given else "dynamic", "disable_compile": True}
     out = lm.model.generate(  # type: ignore[operator]
-        **encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        eos_token_id=eos_ids(lm), pad_token_id=lm.tokenizer.pad_token_id, **cache,
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=eos_ids(lm),
+        pad_token_id=lm.tokenizer.pad_token_id,
+        **cache,
     )
-    return out[:, encoded["input_ids"].shape[1]:]
+    return out[:, encoded["input_ids"].shape[1] :]
 
 
 def prompt_cache(model, ids, mask, positions, steerings, groups: list[list[int]], prompts: list | None = None):
     """The KV cache of a left-padded batch of prompts, computed in groups of similar length (`grouped_prompt_pass`),
     row i steered by `steerings[i]` (None: not at all); rows of one prompt (equal `prompts[i]`) share the layers
     below their own first steered one (`prompts` None: no row shares)."""
+
     def steered(group: list[int], group_mask: torch.Tensor):
         rows = [steerings[i] for i in group]
         hooks = ExitStack()
@@ -193,8 +208,9 @@ class Generator:
         before_last = [None if leaves_prompt_alone(row) else row for row in steerings or [None] * len(ids)]
         cache = prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], before_last, groups, prompts)
         with hooks:
-            return generate(lm, {"input_ids": ids, "attention_mask": mask, cache_argument(lm.model): cache},
-                            self.max_new_tokens)
+            return generate(
+                lm, {"input_ids": ids, "attention_mask": mask, cache_argument(lm.model): cache}, self.max_new_tokens
+            )
 
 
 class StaticGenerator:
@@ -206,8 +222,9 @@ class StaticGenerator:
     def run(self, lm: LoadedModel, texts: list[str], steerings: Steerings) -> Answers:
         encoded = encode(lm, texts)
         with torch.inference_mode():
-            generated = self.decoder.generate(encoded["input_ids"], encoded["attention_mask"], self.max_new_tokens,
-                                              steerings or [None] * len(texts))
+            generated = self.decoder.generate(
+                encoded["input_ids"], encoded["attention_mask"], self.max_new_tokens, steerings or [None] * len(texts)
+            )
         return _generated(lm, generated, encoded["attention_mask"].sum(dim=1).tolist())
 
 
@@ -230,8 +247,15 @@ class _SharedPrefix:
         of_row = of_row.to(ids.device)
         prompt_tokens = mask.sum(dim=1)[of_row].tolist()
         with torch.inference_mode():
-            cache = prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], [None] * len(distinct),
-                                 length_groups(lm.model, mask[:, :-1]), distinct)
+            cache = prompt_cache(
+                lm.model,
+                ids[:, :-1],
+                mask[:, :-1],
+                positions[:, :-1],
+                [None] * len(distinct),
+                length_groups(lm.model, mask[:, :-1]),
+                distinct,
+            )
             return self.finish(lm, cache, ids, mask, positions, of_row, steerings, prompt_tokens)
 
     def finish(self, lm, cache, ids, mask, positions, of_row, steerings, prompt_tokens) -> Answers:
@@ -254,9 +278,13 @@ class SharedPrefixScorer(_SharedPrefix):
         width = max(map(len, tokens))
         additive = side_by_side_mask(mask[:, :-1], width, next(model.parameters()).dtype)
         with steer_tokens(model, tokens):
-            logits = model(input_ids=ids[:, -1, None].expand(-1, width), attention_mask=additive[:, None],
-                           position_ids=positions[:, -1, None].expand(-1, width), use_cache=True,
-                           **{cache_argument(model): cache}).logits
+            logits = model(
+                input_ids=ids[:, -1, None].expand(-1, width),
+                attention_mask=additive[:, None],
+                position_ids=positions[:, -1, None].expand(-1, width),
+                use_cache=True,
+                **{cache_argument(model): cache},
+            ).logits
         last = logits[of_row, torch.tensor(slot, device=of_row.device)]
         return _scored(log_odds(lm.tokenizer, last), prompt_tokens)
 
@@ -267,8 +295,9 @@ def side_by_side_mask(prefix_mask: torch.Tensor, width: int, dtype: torch.dtype)
     itself, not the other copies."""
     own = torch.eye(width, dtype=torch.bool, device=prefix_mask.device).expand(len(prefix_mask), -1, -1)
     visible = torch.cat([prefix_mask[:, None, :].bool().expand(-1, width, -1), own], dim=-1)
-    return torch.zeros(visible.shape, dtype=dtype, device=prefix_mask.device).masked_fill(~visible,
-                                                                                        torch.finfo(dtype).min)
+    return torch.zeros(visible.shape, dtype=dtype, device=prefix_mask.device).masked_fill(
+        ~visible, torch.finfo(dtype).min
+    )
 
 
 class SharedPrefixGenerator(_SharedPrefix):
@@ -282,8 +311,9 @@ class SharedPrefixGenerator(_SharedPrefix):
         cache.batch_select_indices(of_row)
         ids, mask = ids[of_row], mask[of_row]
         with steer(lm.model, steerings, mask) if steerings else nullcontext():
-            generated = generate(lm, {"input_ids": ids, "attention_mask": mask, cache_argument(lm.model): cache},
-                                 self.max_new_tokens)
+            generated = generate(
+                lm, {"input_ids": ids, "attention_mask": mask, cache_argument(lm.model): cache}, self.max_new_tokens
+            )
         return _generated(lm, generated, prompt_tokens)
 
 
@@ -293,5 +323,9 @@ def default_runners(max_new_tokens: int, decoder: StaticDecoder | None = None) -
     if decoder is not None:
         static = StaticGenerator(decoder, max_new_tokens)
         return {"score": Scorer(decoder.steering), "generate": static, "generate-shared-prefix": static}
-    return {"score": Scorer(), "score-shared-prefix": SharedPrefixScorer(),
-            "generate": Generator(max_new_tokens), "generate-shared-prefix": SharedPrefixGenerator(max_new_tokens)}
+    return {
+        "score": Scorer(),
+        "score-shared-prefix": SharedPrefixScorer(),
+        "generate": Generator(max_new_tokens),
+        "generate-shared-prefix": SharedPrefixGenerator(max_new_tokens),
+    }

@@ -35,16 +35,28 @@ from vulnsteer.steering.buffers import SteeringEngine
 from vulnsteer.steering.hooks import leaves_prompt_alone, prompt_steering
 
 # Generation-config settings that change greedy tokens and that this loop does not implement, with neutral values.
-UNSUPPORTED = {"no_repeat_ngram_size": (None, 0), "min_length": (None, 0), "min_new_tokens": (None, 0),
-               "bad_words_ids": (None, []), "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
-               "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None, {}),
-               "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,)}
+UNSUPPORTED = {
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None, {}),
+    "encoder_repetition_penalty": (None, 1.0),
+    "exponential_decay_length_penalty": (None,),
+}
 
 
 def unsupported_settings(generation_config) -> list[str]:
     """The settings of `generation_config` that the static decoder would ignore (empty: it decodes as `generate`)."""
-    return [f"{name}={getattr(generation_config, name)!r}" for name, neutral in UNSUPPORTED.items()
-            if getattr(generation_config, name, None) not in neutral]
+    return [
+        f"{name}={getattr(generation_config, name)!r}"
+        for name, neutral in UNSUPPORTED.items()
+        if getattr(generation_config, name, None) not in neutral
+    ]
 
 
 def packed_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -53,14 +65,23 @@ def packed_decode_attention(module, query, key, value, attention_mask, dropout=0
     over them. Anything else (a prompt, a sliding window, a soft cap) goes to transformers' SDPA."""
     rows, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    plain = (length != 1 or heads == kv_heads or attention_mask is None or attention_mask.shape[1] != 1
-             or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout)
+    plain = (
+        length != 1
+        or heads == kv_heads
+        or attention_mask is None
+        or attention_mask.shape[1] != 1
+        or kwargs.get("sliding_window")
+        or kwargs.get("softcap")
+        or dropout
+    )
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
-                                                              scale=scaling)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        packed, key, value, attn_mask=attention_mask, scale=scaling
+    )
     return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
@@ -84,8 +105,17 @@ class StaticDecoder:
     """Greedy generation for batches steered through `self.steering` (a `SteeringEngine`), with a static cache
     and, on a single GPU, a captured decode step. Buffers, cache and graph are kept while the batch shape repeats."""
 
-    def __init__(self, model, eos_ids: list[int], pad_id: int, max_batch: int = 64, capture: bool = True,
-                 packed_attention: bool = True, grouped_prefill: bool = True, shared_prompts: bool = True):
+    def __init__(
+        self,
+        model,
+        eos_ids: list[int],
+        pad_id: int,
+        max_batch: int = 64,
+        capture: bool = True,
+        packed_attention: bool = True,
+        grouped_prefill: bool = True,
+        shared_prompts: bool = True,
+    ):
         self.model = model
         # False, for benchmarks: transformers' own decode attention; one prompt pass over the whole padded batch;
         # one prompt pass per row even where rows repeat a prompt.
@@ -107,14 +137,21 @@ class StaticDecoder:
         self.prompt_groups: list[int] = []  # groups of each grouped prompt pass
         self.shared_prefill_rows = 0  # rows whose prompt pass they shared with other rows of their prompt
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 steerings: Sequence[Steering | None]) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        steerings: Sequence[Steering | None],
+    ) -> torch.Tensor:
         """New tokens [rows, steps] of one left-padded batch, row i steered by `steerings[i]`; rows that ended
         are padded, and decoding stops when every row has ended, as `generate` does."""
         unsupported = unsupported_settings(self.model.generation_config)
         if unsupported:
-            raise VulnsteerError(f"--cache static decodes greedily with at most a repetition penalty, but the model's "
-                                 f"generation config also sets {', '.join(unsupported)}; use --cache dynamic")
+            raise VulnsteerError(
+                f"--cache static decodes greedily with at most a repetition penalty, but the model's "
+                f"generation config also sets {', '.join(unsupported)}; use --cache dynamic"
+            )
         rows, width = input_ids.shape
         key = (rows, width, max_new_tokens, self.steering.delta.data_ptr())
         if key != self.key:
@@ -158,9 +195,9 @@ class StaticDecoder:
         a prompt but steer all of it share the layers below their own first steered one (`shared_trunk`)."""
         self.cache.reset()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        self.valid[:, :self.width].copy_(attention_mask.bool())
+        self.valid[:, : self.width].copy_(attention_mask.bool())
         self.sequence.copy_(input_ids[:, :1].expand_as(self.sequence))  # unfilled slots repeat a prompt token
-        self.sequence[:, :self.width].copy_(input_ids)
+        self.sequence[:, : self.width].copy_(input_ids)
         self.positions.copy_(positions[:, -1:])
         self.length.fill_(self.width)
         self.step.zero_()
@@ -174,8 +211,9 @@ class StaticDecoder:
         groups = self._groups(attention_mask)
         if len(groups) > 1 or repeated:
             self._hold_prompt_slots()
-            logits, _ = self._prompt_pass(input_ids, attention_mask, positions, steerings, groups,
-                                          prompts if repeated else None, into=self.cache)
+            logits, _ = self._prompt_pass(
+                input_ids, attention_mask, positions, steerings, groups, prompts if repeated else None, into=self.cache
+            )
             self.steering.set_rows(steerings, attention_mask)  # the whole batch again, for the decode steps
         else:
             self.steering.set_rows(steerings, attention_mask)
@@ -188,16 +226,19 @@ class StaticDecoder:
             return [list(range(len(attention_mask)))]
         return length_groups(self.model, attention_mask)
 
-    def _prompt_pass(self, input_ids, attention_mask, positions, steerings, groups, prompts: list | None = None,
-                     into=None):
+    def _prompt_pass(
+        self, input_ids, attention_mask, positions, steerings, groups, prompts: list | None = None, into=None
+    ):
         """`grouped_prompt_pass`, each group steered through the engine; rows with equal `prompts[i]` share the
         layers below their own first steered one (None: no row shares)."""
+
         def steered(group: list[int], mask: torch.Tensor):
             rows = [steerings[i] for i in group]
             self.steering.set_rows(rows, mask)
             if prompts is None:
                 return nullcontext()
             return shared_trunk(self.model, [prompts[i] for i in group], [prompt_steering(row) for row in rows])
+
         self.prompt_groups.append(len(groups))
         return grouped_prompt_pass(self.model, input_ids, attention_mask, positions, groups, steered, into)
 
@@ -248,8 +289,14 @@ class StaticDecoder:
             layer.update(keys, values)  # type: ignore[union-attr]
 
     def _last_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                          logits_to_keep=1, **{self.argument: self.cache}).logits[:, -1]
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.argument: self.cache},
+        ).logits[:, -1]
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Pick and record the next token of every row, in place: repetition penalty, argmax, padding after

@@ -73,6 +73,7 @@ def _live_rows(prompt_of_row: list[int], forks: list[int], depth: int) -> tuple[
 def _narrowing(rows: int, live: torch.Tensor):
     """A pre-hook that keeps the `live` rows of a layer's batch-first inputs (hidden states, masks, position
     embeddings); hidden states that the layer before left narrowed pass as they are."""
+
     def narrow(value):
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
             return value[live.to(value.device)]
@@ -80,23 +81,28 @@ def _narrowing(rows: int, live: torch.Tensor):
 
     def hook(module, args, kwargs):
         return tuple(narrow(a) for a in args), {k: narrow(v) for k, v in kwargs.items()}
+
     return hook
 
 
 def _widening_cache(depth: int, source: torch.Tensor):
     """A forward hook that gives every row its keys and values back where the layer wrote them to a KV cache."""
+
     def hook(module, args, kwargs, output):
         cache = given_cache(kwargs)
         if cache is not None:
             layer = cache.layers[depth]
             rows = source.to(layer.keys.device)
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
     return hook
 
 
 def _widening(source: torch.Tensor):
     """A forward hook that gives every row of the batch its values back from the live rows."""
+
     def hook(module, args, output):
         hidden = hidden_of(output)
         return with_hidden(output, hidden[source.to(hidden.device)])
+
     return hook

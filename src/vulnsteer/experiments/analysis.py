@@ -96,11 +96,30 @@ def analyse(out_dir: Path) -> Analysis:
         steered = judged(arms[config_id])
         test = mcnemar_items(base, steered)
         gain = bootstrap_gain(base, steered, metric, n_boot=N_BOOT, seed=0)
-        stats.append(ConfigStats(config_id, metric_value(steered, metric), gain, test.b, test.c, test.p_value,
-                                 metric_value(steered, "auroc")))
+        stats.append(
+            ConfigStats(
+                config_id,
+                metric_value(steered, metric),
+                gain,
+                test.b,
+                test.c,
+                test.p_value,
+                metric_value(steered, "auroc"),
+            )
+        )
     selected, selected_by_fold = nested_selection(arms, sample_ids, folds, config, selection)
-    return Analysis(meta, config, sample_ids, arms, folds, sorted(stats, key=lambda s: -s.gain.value), selected,
-                    selected_by_fold, selection, {c: rows_ for c, rows_ in complete.items() if c not in arms})
+    return Analysis(
+        meta,
+        config,
+        sample_ids,
+        arms,
+        folds,
+        sorted(stats, key=lambda s: -s.gain.value),
+        selected,
+        selected_by_fold,
+        selection,
+        {c: rows_ for c, rows_ in complete.items() if c not in arms},
+    )
 
 
 def _is_candidate(config_id: str, config: SweepConfig) -> bool:
@@ -145,16 +164,31 @@ def fold_thresholded(arm: list[Result], folds: dict[str, int], fitted_on=None) -
         rows = fitted_on(f)
         if any(folds[r.sample_id] == f for r in rows):  # an error, not an assert: `python -O` keeps it
             raise VulnsteerError(f"the threshold for fold {f} would be fitted on that fold's own rows")
-        thresholds[f] = best_threshold(np.array([r.score for r in rows], dtype=float),
-                                       np.array([r.label == "vulnerable" for r in rows]))
-    return [Judged(r.pair_id, r.cwe, r.is_vulnerable,
-                   "vulnerable" if float(r.score) > thresholds[folds[r.sample_id]] else "not_vulnerable",  # type: ignore[arg-type]
-                   r.score, r.family)
-            for r in arm]
+        thresholds[f] = best_threshold(
+            np.array([r.score for r in rows], dtype=float), np.array([r.label == "vulnerable" for r in rows])
+        )
+    return [
+        Judged(
+            r.pair_id,
+            r.cwe,
+            r.is_vulnerable,
+            "vulnerable" if float(r.score) > thresholds[folds[r.sample_id]] else "not_vulnerable",  # type: ignore[arg-type]
+            r.score,
+            r.family,
+        )
+        for r in arm
+    ]
 
 
-def selection_rows(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
-                   config: SweepConfig, selection, fold: int, config_id: str) -> list[Result] | None:
+def selection_rows(
+    arms: dict[str, list[Result]],
+    sample_ids: list[str],
+    folds: dict[str, int],
+    config: SweepConfig,
+    selection,
+    fold: int,
+    config_id: str,
+) -> list[Result] | None:
     """The rows that choosing for `fold` may look at: every other fold's items under `config_id`, steered by
     vectors that never saw `fold` (the selection rows; with `train_dataset`, the test rows, whose vectors saw no
     test item; the baseline has no vectors). None while they are incomplete."""
@@ -163,8 +197,7 @@ def selection_rows(arms: dict[str, list[Result]], sample_ids: list[str], folds: 
         chosen = [arms[config_id][i] for i in others] if config_id in arms else None
     else:
         by_sample = selection.get(fold, {}).get(config_id, {})
-        chosen = [by_sample[sample_ids[i]] for i in others] if all(sample_ids[i] in by_sample for i in others) \
-            else None
+        chosen = [by_sample[sample_ids[i]] for i in others] if all(sample_ids[i] in by_sample for i in others) else None
     if chosen is not None:
         _check_selection_rows(chosen, folds, fold, config_id)
     return chosen
@@ -176,23 +209,30 @@ def _check_selection_rows(rows: list[Result], folds: dict[str, int], fold: int, 
     never saw a test item (`train_dataset`)."""
     for row in rows:
         if folds[row.sample_id] == fold:
-            raise VulnsteerError(f"choosing a config for fold {fold} would read its own test row {row.sample_id}: "
-                                 "refusing a selection that is not nested")
+            raise VulnsteerError(
+                f"choosing a config for fold {fold} would read its own test row {row.sample_id}: "
+                "refusing a selection that is not nested"
+            )
         outer = row.steering.outer if row.steering else None
         if outer is not None and outer != fold:
-            raise VulnsteerError(f"choosing a config for fold {fold} would read a selection row planned for fold "
-                                 f"{outer} ({config_id}, {row.sample_id}): its vectors may have seen fold {fold}")
+            raise VulnsteerError(
+                f"choosing a config for fold {fold} would read a selection row planned for fold "
+                f"{outer} ({config_id}, {row.sample_id}): its vectors may have seen fold {fold}"
+            )
 
 
-def nested_selection(arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int],
-                     config: SweepConfig, selection) -> tuple[list[Result], dict[int, str]]:
+def nested_selection(
+    arms: dict[str, list[Result]], sample_ids: list[str], folds: dict[str, int], config: SweepConfig, selection
+) -> tuple[list[Result], dict[int, str]]:
     """For each fold, pick the config (baseline included) with the best metric on its selection rows, and take its
     test rows on this fold. Ties go to the baseline, then to the weaker strength."""
     points = candidate_points(config)
-    candidates = sorted(c for c in {*arms, *(c for by_config in selection.values() for c in by_config)}
-                        if c == BASELINE or c in points)
+    candidates = sorted(
+        c for c in {*arms, *(c for by_config in selection.values() for c in by_config)} if c == BASELINE or c in points
+    )
     chosen: dict[int, str] = {}
     for fold in sorted(set(folds[s] for s in sample_ids)):
+
         def rank(config_id: str, fold: int = fold):
             rows = selection_rows(arms, sample_ids, folds, config, selection, fold, config_id)
             value = float("nan") if rows is None else metric_value(judged(rows), config.select_metric)
@@ -209,8 +249,10 @@ def method_arms(a: Analysis) -> dict[str, list[Result]]:
     out = {}
     points = candidate_points(a.config)
     for method in a.config.fits:
+
         def own(config_id: str, method: str = method) -> bool:
             return config_id == BASELINE or config_id in points and points[config_id].method == method
+
         arms = {c: rows for c, rows in a.arms.items() if own(c)}
         selection = {f: {c: rows for c, rows in by_config.items() if own(c)} for f, by_config in a.selection.items()}
         out[method] = nested_selection(arms, a.sample_ids, a.folds, a.config, selection)[0]
@@ -254,11 +296,13 @@ def best_prompt(a: Analysis) -> PromptChoice | None:
 def selected_thresholded(a: Analysis) -> list[Judged]:
     """The selected arm judged at thresholds fitted, for each fold, on the selection rows of the config chosen
     for that fold: neither the threshold nor the vectors behind it saw the fold."""
+
     def fitted_on(fold: int) -> list[Result]:
         rows = selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, fold, a.selected_by_fold[fold])
         if rows is None:
             raise VulnsteerError(f"fold {fold}'s chosen config {a.selected_by_fold[fold]} lacks selection rows")
         return rows
+
     return fold_thresholded(a.selected, a.folds, fitted_on)
 
 
@@ -283,8 +327,9 @@ def path_check(a: Analysis) -> list[list[str]]:
         if arm is None:
             continue
         differ = sum(r.verdict != b.verdict for r, b in zip(arm, a.arms[BASELINE]))
-        scores = [abs(r.score - b.score) for r, b in zip(arm, a.arms[BASELINE])
-                  if r.score is not None and b.score is not None]
+        scores = [
+            abs(r.score - b.score) for r, b in zip(arm, a.arms[BASELINE]) if r.score is not None and b.score is not None
+        ]
         rows.append([point.positions, f"{max(scores):.3g}" if scores else "–", f"{differ} of {len(arm)}"])
     return rows
 
@@ -303,9 +348,9 @@ def transfer_matrix(a: Analysis) -> tuple[list[str], dict[tuple[str, str], Inter
         for target in cwes:
             if arm is not None:
                 index = [k for k, r in enumerate(base) if r.cwe == target]
-                cells[(vector, target)] = bootstrap_gain(judged([base[k] for k in index]),
-                                                         judged([arm[k] for k in index]), "accuracy",
-                                                         n_boot=N_BOOT)
+                cells[(vector, target)] = bootstrap_gain(
+                    judged([base[k] for k in index]), judged([arm[k] for k in index]), "accuracy", n_boot=N_BOOT
+                )
     return cwes, cells, f"{at.method}, layers {at.layers}, positions {at.positions}, strength {at.strength:+g}"
 
 
@@ -313,9 +358,11 @@ def flip_rates(a: Analysis) -> dict[str, dict[str, Interval | int]] | None:
     """Share of augmented files whose verdict differs from their reference (trivial: the hand-crafted original;
     non-trivial: the `_0` version), baseline vs the selected configs, with intervals clustered by family. None
     without augmented data."""
+
     def sample_of(r: Result) -> Sample:
-        return Sample(r.sample_id, r.cwe, "vulnerable" if r.is_vulnerable else "patched", "", "", r.pair_id, r.split,
-                      r.source)
+        return Sample(
+            r.sample_id, r.cwe, "vulnerable" if r.is_vulnerable else "patched", "", "", r.pair_id, r.split, r.source
+        )
 
     out: dict[str, dict[str, Interval | int]] = {}
     for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected)):
@@ -331,8 +378,11 @@ def flip_rates(a: Analysis) -> dict[str, dict[str, Interval | int]] | None:
                 if kind == "trivial" and None in ids:
                     flips += [(r.verdict != ids[None].verdict, r.family) for k, r in ids.items() if k and "_" not in k]
                 if kind == "non-trivial":
-                    flips += [(ids[k].verdict != ids[k[:-2] + "_0"].verdict, ids[k].family) for k in ids
-                              if k and k.endswith("_1") and k[:-2] + "_0" in ids]
+                    flips += [
+                        (ids[k].verdict != ids[k[:-2] + "_0"].verdict, ids[k].family)
+                        for k in ids
+                        if k and k.endswith("_1") and k[:-2] + "_0" in ids
+                    ]
             if flips:
                 out.setdefault(kind, {})[name] = clustered_proportion([f for f, _ in flips], [c for _, c in flips])
                 out[kind]["n"] = len(flips)
@@ -343,14 +393,21 @@ def examples(a: Analysis, k: int = 6) -> list[list[str]]:
     """Items where the verdict changed first, then others; answer text in generate mode, score in score mode."""
     pairs = list(zip(a.arms[BASELINE], a.selected))
     pairs.sort(key=lambda p: p[0].verdict == p[1].verdict)
-    show = lambda r: (f"{r.verdict} (score {r.score:+.2f})" if r.score is not None  # noqa: E731
-                      else f"{r.verdict}: {r.response[:300]}")
+
+    def show(r: Result) -> str:
+        return f"{r.verdict} (score {r.score:+.2f})" if r.score is not None else f"{r.verdict}: {r.response[:300]}"
+
     return [[b.sample_id, b.label, show(b), show(s)] for b, s in pairs[:k]]
 
 
 def answer_costs(a: Analysis) -> list[tuple[str, float, Interval]]:
     """Generate mode, per arm (baseline, selected): mean new tokens, and the share of answers the verdict parser
     cannot read, with an interval clustered by family."""
-    return [(name, float(np.mean([r.new_tokens for r in arm])),
-             clustered_proportion([r.verdict == "unknown" for r in arm], [r.family for r in arm]))
-            for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected))]
+    return [
+        (
+            name,
+            float(np.mean([r.new_tokens for r in arm])),
+            clustered_proportion([r.verdict == "unknown" for r in arm], [r.family for r in arm]),
+        )
+        for name, arm in (("baseline", a.arms[BASELINE]), ("selected", a.selected))
+    ]

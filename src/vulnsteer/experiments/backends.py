@@ -27,16 +27,30 @@ class Backend(Protocol):
 
     def batch_tokens(self, max_new_tokens: int, shortest_prompt: int) -> int: ...
 
-    def activations(self, samples: Sequence[Sample], prompt_id: str, resources: PromptResources, read: str,
-                    mode: str, progress: Progress | None = None) -> Activations: ...
+    def activations(
+        self,
+        samples: Sequence[Sample],
+        prompt_id: str,
+        resources: PromptResources,
+        read: str,
+        mode: str,
+        progress: Progress | None = None,
+    ) -> Activations: ...
 
-    def evaluate(self, jobs: Sequence[Job], decoding: Decoding, progress: Progress | None = None,
-                 on_result: Callable[[Result], None] | None = None, done: Collection[int] = frozenset()) -> None:
+    def evaluate(
+        self,
+        jobs: Sequence[Job],
+        decoding: Decoding,
+        progress: Progress | None = None,
+        on_result: Callable[[Result], None] | None = None,
+        done: Collection[int] = frozenset(),
+    ) -> None:
         """Run `jobs` but those at the indices `done` (already stored), each row reaching `on_result`."""
         ...
 
-    def side_effects(self, samples: Sequence[Sample], configs: dict[str, SteeringOf],
-                     progress: Progress | None = None) -> list[SideEffect]: ...
+    def side_effects(
+        self, samples: Sequence[Sample], configs: dict[str, SteeringOf], progress: Progress | None = None
+    ) -> list[SideEffect]: ...
 
 
 class LocalBackend:

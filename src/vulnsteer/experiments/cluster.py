@@ -86,8 +86,9 @@ def job_cost(job: Job, decoding: Decoding) -> float:
 def _worker_error(exc) -> VulnsteerError:
     """A worker's own error (a VulnsteerError, or what the engine raised) as one line."""
     cause = exc.cause
-    return VulnsteerError(str(cause) if isinstance(cause, VulnsteerError)
-                          else f"a worker failed: {type(cause).__name__}: {cause}")
+    return VulnsteerError(
+        str(cause) if isinstance(cause, VulnsteerError) else f"a worker failed: {type(cause).__name__}: {cause}"
+    )
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,10 @@ class RayBackend:
                 else:
                     ray.init(address=options.address, log_to_driver=False)
             except Exception as exc:  # ConnectionError, RuntimeError, ValueError, by Ray release and cause
-                raise VulnsteerError(f"cannot reach the Ray cluster at {options.address!r}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                raise VulnsteerError(
+                    f"cannot reach the Ray cluster at {options.address!r}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from exc
         try:
             self._start(options, model, dtype, mode)
         except BaseException:
@@ -207,13 +210,15 @@ class RayBackend:
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         if gpus:
             if options.workers > gpus:
-                raise VulnsteerError(f"the Ray cluster has {gpus} GPUs; --workers {options.workers} would wait "
-                                     "for more forever")
+                raise VulnsteerError(
+                    f"the Ray cluster has {gpus} GPUs; --workers {options.workers} would wait for more forever"
+                )
             share = {"num_gpus": 1, "num_cpus": 1}
         else:
             if options.workers > cpus:
-                raise VulnsteerError(f"the Ray cluster has {cpus} CPUs; --workers {options.workers} would wait "
-                                     "for more forever")
+                raise VulnsteerError(
+                    f"the Ray cluster has {cpus} CPUs; --workers {options.workers} would wait for more forever"
+                )
             share = {"num_cpus": cpus // options.workers}
         self.actor_class = ray.remote(max_restarts=0, **share)(ModelWorker)
         self.spawn = lambda: self.actor_class.remote(model, dtype, mode)
@@ -230,10 +235,14 @@ class RayBackend:
         """Add a started worker, once it has shown it holds the same weights as the first."""
         first = self.first = self.first or ready
         if (ready.info.fingerprint, ready.info.config_hash) != (first.info.fingerprint, first.info.config_hash):
-            raise VulnsteerError(f"workers loaded different weights ({first.node} and {ready.node}): every node "
-                                 "must have the same model files")
-        print(f"worker {self.joined}: {ready.info.model_id} on {ready.node} ({ready.info.device}), pid {ready.pid}",
-              flush=True)
+            raise VulnsteerError(
+                f"workers loaded different weights ({first.node} and {ready.node}): every node "
+                "must have the same model files"
+            )
+        print(
+            f"worker {self.joined}: {ready.info.model_id} on {ready.node} ({ready.info.device}), pid {ready.pid}",
+            flush=True,
+        )
         self.joined += 1
         self.workers.append(actor)
 
@@ -262,8 +271,9 @@ class RayBackend:
     def evaluate(self, jobs, decoding, progress=None, on_result=None, done=frozenset()) -> None:
         """The rows not `done`, in shards over the workers (a resumed row's batch companions may differ here)."""
         jobs = [job for k, job in enumerate(jobs) if k not in done]
-        cut = shards([job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs],
-                     len(self.workers) * SHARDS_PER_WORKER)
+        cut = shards(
+            [job_cost(j, decoding) for j in jobs], [j.sample.id for j in jobs], len(self.workers) * SHARDS_PER_WORKER
+        )
 
         def received(results: list[Result]) -> None:
             for result in results:
@@ -272,8 +282,14 @@ class RayBackend:
             if progress:
                 progress(len(results))
 
-        self._map("evaluate", [[jobs[i] for i in shard] for shard in cut], lambda job: job_key(job, decoding.mode),
-                  result_key, received, decoding)
+        self._map(
+            "evaluate",
+            [[jobs[i] for i in shard] for shard in cut],
+            lambda job: job_key(job, decoding.mode),
+            result_key,
+            received,
+            decoding,
+        )
 
     def activations(self, samples, prompt_id, resources, read, mode, progress=None) -> Activations:
         import torch
@@ -286,8 +302,17 @@ class RayBackend:
                 progress(len(values))
 
         cut = shards([len(s.code) for s in samples], [s.id for s in samples], len(self.workers) * SHARDS_PER_WORKER)
-        self._map("activations", [[samples[i] for i in shard] for shard in cut], lambda s: s.id,
-                  lambda value: value[0], received, prompt_id, resources, read, mode)
+        self._map(
+            "activations",
+            [[samples[i] for i in shard] for shard in cut],
+            lambda s: s.id,
+            lambda value: value[0],
+            received,
+            prompt_id,
+            resources,
+            read,
+            mode,
+        )
         by_layer = {layer: torch.stack([rows[s.id][layer] for s in samples]) for layer in range(self.info.num_layers)}
         return Activations(list(samples), by_layer, read, prompt_id, mode)
 
@@ -298,8 +323,15 @@ class RayBackend:
             progress(len(samples))
         return effects[0]
 
-    def _map(self, method: str, work: list[list], key: Callable[[Any], str], value_key: Callable[[Any], str],
-             received: Callable[[list], None], *args) -> None:
+    def _map(
+        self,
+        method: str,
+        work: list[list],
+        key: Callable[[Any], str],
+        value_key: Callable[[Any], str],
+        received: Callable[[list], None],
+        *args,
+    ) -> None:
         """Run every shard of `work` on the workers, each idle worker taking the next; `received` gets each
         streamed list of values. A dead worker's unfinished items go back to the head of the queue."""
         ray = self.ray

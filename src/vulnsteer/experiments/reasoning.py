@@ -73,8 +73,13 @@ class ReasoningScore:
 # --- pure scoring rules ------------------------------------------------------------------------------------------
 
 
-def reason_correct(rouge1: float, cosine: float, judge: bool | None = None,
-                   rouge_threshold: float = ROUGE_THRESHOLD, cosine_threshold: float = COSINE_THRESHOLD) -> bool:
+def reason_correct(
+    rouge1: float,
+    cosine: float,
+    judge: bool | None = None,
+    rouge_threshold: float = ROUGE_THRESHOLD,
+    cosine_threshold: float = COSINE_THRESHOLD,
+) -> bool:
     """Majority of the votes cast; with two votes (no judge) a 1-1 tie is not correct."""
     votes = [rouge1 >= rouge_threshold, cosine >= cosine_threshold] + ([judge] if judge is not None else [])
     return 2 * sum(votes) > len(votes)
@@ -149,8 +154,13 @@ class Embedder:
         rows = []
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=EMBEDDING_MAX_TOKENS, return_tensors="pt").to(device)
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=EMBEDDING_MAX_TOKENS,
+                return_tensors="pt",
+            ).to(device)
             with torch.inference_mode():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -178,8 +188,10 @@ def judge_reasoning(lm, answers: Sequence[str], truths: Sequence[str], batch_siz
     "Answer:" (deterministic, one forward pass); greedy generation when yes/no are not single tokens."""
     import torch
 
-    texts = [render(lm.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(answer=a, truth=t)}],
-                    ANSWER_PREFIX) for a, t in zip(answers, truths)]
+    texts = [
+        render(lm.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(answer=a, truth=t)}], ANSWER_PREFIX)
+        for a, t in zip(answers, truths)
+    ]
     try:
         answer_token_ids(lm.tokenizer)
         single_token = True
@@ -187,15 +199,17 @@ def judge_reasoning(lm, answers: Sequence[str], truths: Sequence[str], batch_siz
         single_token = False
     verdicts: list[bool] = []
     for start in range(0, len(texts), batch_size):
-        enc = lm.tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(lm.device)
+        enc = lm.tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(lm.device)
         with torch.inference_mode():
             if single_token:
                 verdicts += [odds > 0 for odds in yes_no_log_odds(lm, enc)]
             else:
-                out = lm.model.generate(**enc, max_new_tokens=3, do_sample=False,
-                                        pad_token_id=lm.tokenizer.pad_token_id)
-                replies = lm.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = lm.model.generate(
+                    **enc, max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
+                )
+                replies = lm.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 verdicts += [reply.strip().lower().startswith("yes") for reply in replies]
     return verdicts
 
@@ -235,13 +249,17 @@ def score_reasoning(
     if judge_lm is not None:
         judged = [False] * len(todo)  # an empty answer gets a "no" without asking
         spoken = [k for k, a in enumerate(answers) if a]
-        for k, vote in zip(spoken, judge_reasoning(judge_lm, [answers[k] for k in spoken],
-                                                    [truths[k] for k in spoken])):
+        for k, vote in zip(
+            spoken, judge_reasoning(judge_lm, [answers[k] for k in spoken], [truths[k] for k in spoken])
+        ):
             judged[k] = vote
     for k, (i, _, _) in enumerate(todo):
         scores[i] = ReasoningScore(
-            rouge1_recall=round(recalls[k], 4), cosine=round(cosines[k], 4), judge=judged[k],
-            correct=reason_correct(recalls[k], cosines[k], judged[k], rouge_threshold, cosine_threshold))
+            rouge1_recall=round(recalls[k], 4),
+            cosine=round(cosines[k], 4),
+            judge=judged[k],
+            correct=reason_correct(recalls[k], cosines[k], judged[k], rouge_threshold, cosine_threshold),
+        )
     return scores
 
 
@@ -249,7 +267,7 @@ def score_reasoning(
 
 
 def condition_name(steering: SteeringId | None) -> str:
-    """"baseline", or "steered" with the steering settings, so that results of several settings stay apart."""
+    """ "baseline", or "steered" with the steering settings, so that results of several settings stay apart."""
     if not steering:
         return "baseline"
     return "steered (" + ", ".join(f"{k}={v}" for k, v in sorted(steering.to_dict().items())) + ")"
@@ -290,8 +308,9 @@ def _summarise_condition(rows: Sequence[tuple[Result, ReasoningScore | None]], c
     }
 
 
-def summarise_reasoning(results: Sequence[Result], scores: Sequence[ReasoningScore | None],
-                        confidence: float = 0.95) -> dict:
+def summarise_reasoning(
+    results: Sequence[Result], scores: Sequence[ReasoningScore | None], confidence: float = 0.95
+) -> dict:
     """Per condition (baseline / each steering setting) of the generate-mode results: correct-reasoning rate among
     correct verdicts, answer length, and how often answers name the CWE, overall and per CWE with Wilson
     intervals; plus steered-minus-baseline differences when there is a baseline."""
@@ -301,8 +320,10 @@ def summarise_reasoning(results: Sequence[Result], scores: Sequence[ReasoningSco
     for r, s in zip(results, scores):
         if r.mode == "generate":
             groups.setdefault(condition_name(r.steering), []).append((r, s))
-    conditions = {name: _summarise_condition(rows, confidence)
-                  for name, rows in sorted(groups.items(), key=lambda kv: kv[0] != "baseline")}
+    conditions = {
+        name: _summarise_condition(rows, confidence)
+        for name, rows in sorted(groups.items(), key=lambda kv: kv[0] != "baseline")
+    }
     out: dict = {"conditions": conditions}
     if "baseline" in conditions:
         base = conditions["baseline"]
@@ -312,14 +333,16 @@ def summarise_reasoning(results: Sequence[Result], scores: Sequence[ReasoningSco
 
 def _differences(base: dict, other: dict) -> dict:
     """Steered minus baseline, for the point estimates (the intervals of each side are in `conditions`)."""
+
     def diff(a, b):
         if a is None or b is None or math.isnan(a) or math.isnan(b):
             return None
         return round(b - a, 3)
 
     return {
-        "reasoning_correct": diff(base["reasoning_correct"]["all"]["value"],
-                                  other["reasoning_correct"]["all"]["value"]),
+        "reasoning_correct": diff(
+            base["reasoning_correct"]["all"]["value"], other["reasoning_correct"]["all"]["value"]
+        ),
         "mean_new_tokens": diff(base["mean_new_tokens"], other["mean_new_tokens"]),
         "mean_words": diff(base["mean_words"], other["mean_words"]),
         "names_cwe": diff(base["names_cwe"]["all"]["value"], other["names_cwe"]["all"]["value"]),

@@ -70,8 +70,15 @@ def _annotate(ax, grid: np.ndarray, limit: float, size: int) -> None:
     """Each cell's value, in white on the dark ends of the colour scale."""
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=size,
-                    color="white" if abs(value) > 0.6 * limit else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:+.2f}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if abs(value) > 0.6 * limit else "black",
+            )
 
 
 def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
@@ -85,7 +92,8 @@ def gain_heatmaps(a: Analysis) -> list[tuple[str, bytes]]:
         vectors = "random (mean of draws)" if p.is_random else str(p.vectors)
         if (p.is_random or p.vectors in a.config.vector_choices) and p.strength != 0:  # not path controls
             by_cell.setdefault((p.method, vectors, p.positions), {}).setdefault((p.layers, p.strength), []).append(
-                s.gain.value)
+                s.gain.value
+            )
     by_panel = {panel: {cell: float(np.mean(v)) for cell, v in cells.items()} for panel, cells in by_cell.items()}
     figures = []
     for (method, vectors, positions), cells in sorted(by_panel.items()):
@@ -126,15 +134,19 @@ def per_cwe_bars(a: Analysis) -> bytes:
 
 
 def probe_plot(probe_rows: list[dict]) -> bytes | None:
-    pooled = sorted((r["layer"], r["auroc"], r.get("low"), r.get("high")) for r in probe_rows
-                    if r["group"] == "pooled" and r["auroc"] is not None)
+    pooled = sorted(
+        (r["layer"], r["auroc"], r.get("low"), r.get("high"))
+        for r in probe_rows
+        if r["group"] == "pooled" and r["auroc"] is not None
+    )
     if not pooled:
         return None
     fig, ax = plt.subplots(figsize=(5, 2.8))
     layers, values = [p[0] for p in pooled], [p[1] for p in pooled]
     if all(p[2] is not None for p in pooled):
-        ax.fill_between(layers, [p[2] or 0.0 for p in pooled], [p[3] or 0.0 for p in pooled], alpha=0.2,
-                        label="95% interval")
+        ax.fill_between(
+            layers, [p[2] or 0.0 for p in pooled], [p[3] or 0.0 for p in pooled], alpha=0.2, label="95% interval"
+        )
     ax.plot(layers, values, marker="o")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer")
@@ -143,8 +155,9 @@ def probe_plot(probe_rows: list[dict]) -> bytes | None:
     return _png(fig)
 
 
-def tradeoff_plot(effects: list[dict], gains: dict[str, Interval], metric: str,
-                  grid_points: dict[str, GridPoint]) -> bytes:
+def tradeoff_plot(
+    effects: list[dict], gains: dict[str, Interval], metric: str, grid_points: dict[str, GridPoint]
+) -> bytes:
     """Gain in the selection metric against mean KL on plain code: a line per config shape and sign of the strength,
     from the weakest push to the strongest (`grid_points`: the sweep's points by id)."""
     by_shape: dict[str, list[tuple[float, float, float]]] = {}
@@ -190,38 +203,49 @@ def protocol_text(a: Analysis) -> str:
     if c.train_dataset:
         fitted = f"fitted once on {c.train_dataset} and tested on {c.dataset}"
         dropped = a.meta.get("held_out")
-        fitted += (f" ({dropped}, since nothing about them would be held out)" if dropped else
-                   " (no test item shares a family, code or near-duplicate code with the training data)")
+        fitted += (
+            f" ({dropped}, since nothing about them would be held out)"
+            if dropped
+            else " (no test item shares a family, code or near-duplicate code with the training data)"
+        )
         chooser = "the other folds' rows (their vectors saw no test item)"
     else:
-        fitted = (f"fitted per fold on the other folds' items ({c.folds} folds grouped by family: a pair, the "
-                  "augmented copies of its scenario and near-duplicate code in any source; each CWE's families "
-                  "spread evenly over the folds)")
-        chooser = ("selection rows: every other fold g's items steered with vectors fitted without this fold and "
-                   "g, so neither the choice nor the vectors behind it saw this fold")
-    return (f"Steering vectors ({', '.join(c.methods)}, read at {c.read} of the prompt as {c.mode} mode asks it, "
-            f"{c.normalisation} normalisation) were {fitted}, so every steered row is held out. Baseline rows use "
-            f"the same prompt ({c.prompt}), decoding ({c.mode}, greedy) and items with no steering. The headline "
-            f"'selected' arm picks, for each fold, the config (baseline included) with the best {c.select_metric} "
-            f"on {chooser}, and reports it on that fold only (nested): it is not a maximum over the test set. "
-            "Intervals and tests count families (a pair with the augmented copies of its scenario) as the unit of "
-            "evidence: proportions by Wilson intervals at the design-effect sample size, balanced accuracy and "
-            "gains by a family bootstrap, AUROC by Obuchowski's clustered variance, paired tests by an exact "
-            "sign-flip test of per-family differences (exact McNemar when each family has at most one discordant "
-            f"item); 95%. The random-direction control repeats each config with {c.random_draws} random directions "
-            "of the same norm. In score mode the verdict is log-odds > 0; the 'threshold fitted' rows judge each "
-            "fold at the threshold with the best balanced accuracy on rows that never saw the fold (the baseline's "
-            "other folds; for the selected arm, the selection rows of the config chosen for that fold), for "
-            "models biased to one answer. The top-configs table is descriptive: picking its first row would be "
-            "selection on the test set.")
+        fitted = (
+            f"fitted per fold on the other folds' items ({c.folds} folds grouped by family: a pair, the "
+            "augmented copies of its scenario and near-duplicate code in any source; each CWE's families "
+            "spread evenly over the folds)"
+        )
+        chooser = (
+            "selection rows: every other fold g's items steered with vectors fitted without this fold and "
+            "g, so neither the choice nor the vectors behind it saw this fold"
+        )
+    return (
+        f"Steering vectors ({', '.join(c.methods)}, read at {c.read} of the prompt as {c.mode} mode asks it, "
+        f"{c.normalisation} normalisation) were {fitted}, so every steered row is held out. Baseline rows use "
+        f"the same prompt ({c.prompt}), decoding ({c.mode}, greedy) and items with no steering. The headline "
+        f"'selected' arm picks, for each fold, the config (baseline included) with the best {c.select_metric} "
+        f"on {chooser}, and reports it on that fold only (nested): it is not a maximum over the test set. "
+        "Intervals and tests count families (a pair with the augmented copies of its scenario) as the unit of "
+        "evidence: proportions by Wilson intervals at the design-effect sample size, balanced accuracy and "
+        "gains by a family bootstrap, AUROC by Obuchowski's clustered variance, paired tests by an exact "
+        "sign-flip test of per-family differences (exact McNemar when each family has at most one discordant "
+        f"item); 95%. The random-direction control repeats each config with {c.random_draws} random directions "
+        "of the same norm. In score mode the verdict is log-odds > 0; the 'threshold fitted' rows judge each "
+        "fold at the threshold with the best balanced accuracy on rows that never saw the fold (the baseline's "
+        "other folds; for the selected arm, the selection rows of the config chosen for that fold), for "
+        "models biased to one answer. The top-configs table is descriptive: picking its first row would be "
+        "selection on the test set."
+    )
 
 
 def _comparison(name: str, base: list[Judged], other: list[Judged], metric: str) -> str:
     """One line: the gain with its interval and the paired family-level test."""
     gain = bootstrap_gain(base, other, metric, n_boot=N_BOOT)
     test: McNemar = mcnemar_items(base, other)
-    line = (f"{name}: gain in {metric} {fmt(gain)}; paired sign-flip test by family p = {test.p_value:.3g} "
-            f"(baseline-only right {test.b}, steered-only right {test.c}).")
+    line = (
+        f"{name}: gain in {metric} {fmt(gain)}; paired sign-flip test by family p = {test.p_value:.3g} "
+        f"(baseline-only right {test.b}, steered-only right {test.c})."
+    )
     if gain.low <= 0 <= gain.high:
         line += " The interval includes 0: no evidence of a gain."
     return line
@@ -272,8 +296,13 @@ def _read_json(path: Path):
 
 
 def context(a: Analysis, out_dir: Path) -> Context:
-    return Context(a, judged(a.arms[BASELINE]), judged(a.selected), _read_json(out_dir / "probe.json"),
-                   _read_json(out_dir / "side_effects.json"))
+    return Context(
+        a,
+        judged(a.arms[BASELINE]),
+        judged(a.selected),
+        _read_json(out_dir / "probe.json"),
+        _read_json(out_dir / "side_effects.json"),
+    )
 
 
 def protocol(ctx: Context) -> Section:
@@ -301,27 +330,43 @@ def headline(ctx: Context) -> Section:
         for m in metrics:
             values = [getattr(s_, m).value for s_ in summaries if getattr(s_, m) is not None]
             cells.append(f"{np.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})" if values else "–")
-        rows.append([f"random-direction controls of the selected configs: mean (min–max) of {len(controls)} draws",
-                     *cells])
+        rows.append(
+            [f"random-direction controls of the selected configs: mean (min–max) of {len(controls)} draws", *cells]
+        )
         selected_value = metric_value(ctx.chosen_items, metric)
         beaten = sum(metric_value(c, metric) >= selected_value for c in controls)
-        lines.append(f"Random-direction controls: {beaten} of {len(controls)} draws reach the selected arm's "
-                     f"{metric} ({selected_value:.3f}); a gain that random steering matches is not evidence.")
+        lines.append(
+            f"Random-direction controls: {beaten} of {len(controls)} draws reach the selected arm's "
+            f"{metric} ({selected_value:.3f}); a gain that random steering matches is not evidence."
+        )
     if ctx.score_mode:  # a biased model sits on one side of log-odds 0: also judge at a fitted threshold
         base_thresholded = fold_thresholded(a.arms[BASELINE], a.folds)
         selected_thresholded_ = selected_thresholded(a)
-        rows += [row(f"{name}, threshold fitted on rows that never saw the fold", items)
-                 for name, items in (("baseline", base_thresholded), ("selected", selected_thresholded_))]
-        lines.append(_comparison("At fitted thresholds, selected vs baseline", base_thresholded,
-                                 selected_thresholded_, "balanced_accuracy"))
-        lines.append("The selected arm's AUROC pools the scores of folds whose chosen configs may differ: a pooled "
-                     "figure, not one config's.")
+        rows += [
+            row(f"{name}, threshold fitted on rows that never saw the fold", items)
+            for name, items in (("baseline", base_thresholded), ("selected", selected_thresholded_))
+        ]
+        lines.append(
+            _comparison(
+                "At fitted thresholds, selected vs baseline",
+                base_thresholded,
+                selected_thresholded_,
+                "balanced_accuracy",
+            )
+        )
+        lines.append(
+            "The selected arm's AUROC pools the scores of folds whose chosen configs may differ: a pooled "
+            "figure, not one config's."
+        )
     counts = Counter(a.selected_by_fold.values())
     choices = "; ".join(f"`{c}` in {n} of {len(a.selected_by_fold)} folds" for c, n in counts.most_common())
     figures = [Figure("Gain over strength × layer", name, png) for name, png in gain_heatmaps(a)]
     figures.append(Figure("Balanced accuracy per CWE", "per-cwe", per_cwe_bars(a)))
-    return Section("Headline", f"{markdown_table(['arm', *metrics], rows)}\n\n" + "\n\n".join(lines)
-                   + f"\n\nSelected: {choices}", tuple(figures))
+    return Section(
+        "Headline",
+        f"{markdown_table(['arm', *metrics], rows)}\n\n" + "\n\n".join(lines) + f"\n\nSelected: {choices}",
+        tuple(figures),
+    )
 
 
 # Parameters a method fits per group (pooled or a CWE) and steered layer, for hidden size d (LoReFT: rank r).
@@ -332,8 +377,12 @@ def methods(ctx: Context) -> Section:
     """One row per method, each the arm nested selection gives among that method's configs only, beside the
     baseline and the probe's read-out: the methods under one protocol, with what each fits and what fitting cost."""
     a = ctx.a
-    metrics = ["balanced_accuracy", "pair_accuracy", *(["pair_ordering", "auroc"] if ctx.score_mode else []),
-               "yes_rate"]
+    metrics = [
+        "balanced_accuracy",
+        "pair_accuracy",
+        *(["pair_ordering", "auroc"] if ctx.score_mode else []),
+        "yes_rate",
+    ]
     base = ctx.base_items
     seconds = a.meta.get("fit_seconds", {})
 
@@ -341,59 +390,102 @@ def methods(ctx: Context) -> Section:
         items = judged(arm)
         gain = bootstrap_gain(base, items, ctx.metric, n_boot=N_BOOT)
         test = mcnemar_items(base, items)
-        return [name, parameters, *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics), fmt(gain),
-                f"{test.p_value:.3g}", fit_seconds]
+        return [
+            name,
+            parameters,
+            *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics),
+            fmt(gain),
+            f"{test.p_value:.3g}",
+            fit_seconds,
+        ]
 
-    rows = [["baseline (the prompt alone)", "0", *(fmt(getattr(summarise(base, n_boot=N_BOOT), m)) for m in metrics),
-             "–", "–", "–"]]
+    rows = [
+        [
+            "baseline (the prompt alone)",
+            "0",
+            *(fmt(getattr(summarise(base, n_boot=N_BOOT), m)) for m in metrics),
+            "–",
+            "–",
+            "–",
+        ]
+    ]
     prompts = best_prompt(a)
     notes = ""
     if prompts is not None:
-        rows.append(row("best prompt (chosen on training folds)", f"0 (one of {len(prompts.candidates)} prompts)",
-                        prompts.rows))
-        chosen = ", ".join(f"fold {f}: {p} (on {len(prompts.chosen_on[f])} items of the other folds)"
-                           for f, p in prompts.chosen.items())
+        rows.append(
+            row("best prompt (chosen on training folds)", f"0 (one of {len(prompts.candidates)} prompts)", prompts.rows)
+        )
+        chosen = ", ".join(
+            f"fold {f}: {p} (on {len(prompts.chosen_on[f])} items of the other folds)"
+            for f, p in prompts.chosen.items()
+        )
         notes += f"\n\nBest prompt, chosen per fold among {', '.join(prompts.candidates)}: {chosen}."
     for name, arm in method_arms(a).items():
         fit = a.config.fits[name]
         rank = f" (r = {fit.training.rank})" if fit.method == "loreft" else ""
-        rows.append(row(f"{name} (nested selection among its configs)",
-                        f"{PARAMETERS.get(fit.method, '?')}{rank} per layer and group", arm,
-                        f"{seconds[name]:.1f}" if name in seconds else "–"))
+        rows.append(
+            row(
+                f"{name} (nested selection among its configs)",
+                f"{PARAMETERS.get(fit.method, '?')}{rank} per layer and group",
+                arm,
+                f"{seconds[name]:.1f}" if name in seconds else "–",
+            )
+        )
     fits = a.meta.get("lora_fits", {})
     if LORA in a.others and fits:
         counts = sorted({fit["parameters"] for fit in fits.values()})
-        rows.append(row(f"LoRA r=8 on q,k,v,o (fine-tuning ceiling, {a.config.lora_steps} steps per fold)",
-                        " or ".join(f"{n:,}" for n in counts), a.others[LORA],
-                        f"{sum(fit['seconds'] for fit in fits.values()):.1f}"))
-        notes += ("\n\nLoRA is fitted once per fold on that fold's training items (no nested selection: one "
-                  "setting) and scores the fold's items as score mode does; its fit runs every training prompt in "
-                  "full each step (adapters change every position, so no prefix cache), then the base model is "
-                  "restored.")
+        rows.append(
+            row(
+                f"LoRA r=8 on q,k,v,o (fine-tuning ceiling, {a.config.lora_steps} steps per fold)",
+                " or ".join(f"{n:,}" for n in counts),
+                a.others[LORA],
+                f"{sum(fit['seconds'] for fit in fits.values()):.1f}",
+            )
+        )
+        notes += (
+            "\n\nLoRA is fitted once per fold on that fold's training items (no nested selection: one "
+            "setting) and scores the fold's items as score mode does; its fit runs every training prompt in "
+            "full each step (adapters change every position, so no prefix cache), then the base model is "
+            "restored."
+        )
     if ctx.probe is not None and ctx.score_mode:
         pooled = [r for r in ctx.probe if r.get("group") == "pooled" and r.get("auroc")]
         if pooled:
             best = max(pooled, key=lambda r: r["auroc"])
             cells = ["–"] * len(metrics)
             cells[metrics.index("auroc")] = f"{best['auroc']:.3f}"
-            rows.append([f"probe read-out at layer {best['layer']} (a detector, not an intervention; best layer: "
-                         "descriptive)", "d + 1", *cells, "–", "–", "–"])
+            rows.append(
+                [
+                    f"probe read-out at layer {best['layer']} (a detector, not an intervention; best layer: "
+                    "descriptive)",
+                    "d + 1",
+                    *cells,
+                    "–",
+                    "–",
+                    "–",
+                ]
+            )
     png = probe_plot(ctx.probe) if ctx.probe is not None else None
-    return Section("Methods side by side",
-                   "Each method's arm is chosen per fold by nested selection among that method's configs only (or the "
-                   "baseline), so the rows compare methods under one protocol. The gain is in "
-                   f"{ctx.metric} over the baseline with a family-bootstrap interval; p is the paired sign-flip test "
-                   "by family; fit seconds add up every fold's and selection pair's fit.\n\n"
-                   + markdown_table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows) + notes,
-                   (Figure("Probe AUROC by layer", "probe", png),) if png else ())
+    return Section(
+        "Methods side by side",
+        "Each method's arm is chosen per fold by nested selection among that method's configs only (or the "
+        "baseline), so the rows compare methods under one protocol. The gain is in "
+        f"{ctx.metric} over the baseline with a family-bootstrap interval; p is the paired sign-flip test "
+        "by family; fit seconds add up every fold's and selection pair's fit.\n\n"
+        + markdown_table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows)
+        + notes,
+        (Figure("Probe AUROC by layer", "probe", png),) if png else (),
+    )
 
 
 def discrimination(ctx: Context) -> Section:
     """Per CWE and overall, baseline vs selected: the yes-rate (which a shift of every score moves) beside pair
     ordering (which only telling a file from its patched twin moves; score mode)."""
     arms = {"baseline": ctx.base_items, "selected": ctx.chosen_items}
-    by_cwe = {name: {"all": summarise(items, n_boot=N_BOOT), **summarise_by_cwe(items, n_boot=N_BOOT)}
-              for name, items in arms.items()}
+    by_cwe = {
+        name: {"all": summarise(items, n_boot=N_BOOT), **summarise_by_cwe(items, n_boot=N_BOOT)}
+        for name, items in arms.items()
+    }
     header = ["CWE", *(f"{name} yes-rate" for name in arms)]
     header += [f"{name} pair ordering" for name in arms] if ctx.score_mode else []
     rows = []
@@ -401,23 +493,26 @@ def discrimination(ctx: Context) -> Section:
         row = [group, *(fmt(by_cwe[name][group].yes_rate) for name in arms)]
         row += [fmt(by_cwe[name][group].pair_ordering) for name in arms] if ctx.score_mode else []
         rows.append(row)
-    return Section("Threshold or discrimination, per CWE",
-                   "A fixed vector added where the answer is read moves a file and its patched twin alike: it changes "
-                   "the yes-rate, hardly pair ordering (the share of pairs whose vulnerable file scores above its "
-                   "twin, ties 1/2). A gain in balanced accuracy with pair ordering unchanged is a threshold shift.\n\n"
-                   + markdown_table(header, rows))
+    return Section(
+        "Threshold or discrimination, per CWE",
+        "A fixed vector added where the answer is read moves a file and its patched twin alike: it changes "
+        "the yes-rate, hardly pair ordering (the share of pairs whose vulnerable file scores above its "
+        "twin, ties 1/2). A gain in balanced accuracy with pair ordering unchanged is a threshold shift.\n\n"
+        + markdown_table(header, rows),
+    )
 
 
 def numeric_path(ctx: Context) -> Section | None:
     checks = path_check(ctx.a)
     if not checks:
         return None
-    return Section("Numeric path check",
-                   "Strength-0 rows on the path that rows steered before the last prompt token take, against the "
-                   "baseline (which shares one pass over each prompt). In float32 they agree; in "
-                   f"{ctx.a.meta.get('dtype')} any difference is what the path alone moves, and a gain no larger than "
-                   "it is noise.\n\n" + markdown_table(["positions", "max |score difference|", "verdicts that differ"],
-                                                       checks))
+    return Section(
+        "Numeric path check",
+        "Strength-0 rows on the path that rows steered before the last prompt token take, against the "
+        "baseline (which shares one pass over each prompt). In float32 they agree; in "
+        f"{ctx.a.meta.get('dtype')} any difference is what the path alone moves, and a gain no larger than "
+        "it is noise.\n\n" + markdown_table(["positions", "max |score difference|", "verdicts that differ"], checks),
+    )
 
 
 def top_configs(ctx: Context) -> Section:
@@ -431,19 +526,36 @@ def top_configs(ctx: Context) -> Section:
         and transfer rows are never candidates."""
         if config_id not in candidates:
             return "not a candidate"
-        n = sum(selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, config_id) is not None
-                for f in folds)
+        n = sum(
+            selection_rows(a.arms, a.sample_ids, a.folds, a.config, a.selection, f, config_id) is not None
+            for f in folds
+        )
         return f"{n}/{len(folds)}"
-    top = [[s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}", eligible(s.config)]
-           + ([f"{s.auroc:.3f}"] if ctx.score_mode else []) for s in a.stats[:15]]
+
+    top = [
+        [s.config, f"{s.value:.3f}", fmt(s.gain), f"{s.b}/{s.c}", f"{s.p_value:.3g}", eligible(s.config)]
+        + ([f"{s.auroc:.3f}"] if ctx.score_mode else [])
+        for s in a.stats[:15]
+    ]
     base_auroc = f" (baseline {metric_value(ctx.base_items, 'auroc'):.3f})" if ctx.score_mode else ""
-    return Section("Top configs (descriptive, all held-out rows)",
-                   "A config is eligible in a fold when nested selection had all its selection rows there (an "
-                   "own-CWE vector needs the CWE among the fold pair's training items); one eligible in no fold "
-                   "could never be the headline's choice.\n\n"
-                   + markdown_table(["config (method|layers|vectors|positions|strength)", ctx.metric, "gain [95%]",
-                                     "b/c", "sign-flip p", "eligible (folds)"]
-                                    + ([f"AUROC{base_auroc}"] if ctx.score_mode else []), top))
+    return Section(
+        "Top configs (descriptive, all held-out rows)",
+        "A config is eligible in a fold when nested selection had all its selection rows there (an "
+        "own-CWE vector needs the CWE among the fold pair's training items); one eligible in no fold "
+        "could never be the headline's choice.\n\n"
+        + markdown_table(
+            [
+                "config (method|layers|vectors|positions|strength)",
+                ctx.metric,
+                "gain [95%]",
+                "b/c",
+                "sign-flip p",
+                "eligible (folds)",
+            ]
+            + ([f"AUROC{base_auroc}"] if ctx.score_mode else []),
+            top,
+        ),
+    )
 
 
 def transfer(ctx: Context) -> Section | None:
@@ -451,11 +563,14 @@ def transfer(ctx: Context) -> Section | None:
     if not matrix or not matrix[1]:
         return None
     cwes, gains, title = matrix
-    return Section(f"Cross-CWE transfer: accuracy gain [95%] ({title})",
-                   markdown_table(["vector of \\ items of", *cwes],
-                                  [[v, *(fmt(gains[(v, t)]) if (v, t) in gains else "–" for t in cwes)]
-                                   for v in cwes]),
-                   (Figure("Cross-CWE transfer", "transfer", transfer_plot(*matrix)),))
+    return Section(
+        f"Cross-CWE transfer: accuracy gain [95%] ({title})",
+        markdown_table(
+            ["vector of \\ items of", *cwes],
+            [[v, *(fmt(gains[(v, t)]) if (v, t) in gains else "–" for t in cwes)] for v in cwes],
+        ),
+        (Figure("Cross-CWE transfer", "transfer", transfer_plot(*matrix)),),
+    )
 
 
 def side_effects(ctx: Context) -> Section | None:
@@ -463,37 +578,57 @@ def side_effects(ctx: Context) -> Section | None:
         return None
     effects, metric = ctx.side_effects, ctx.metric
     config_gains = {st.config: st.gain for st in ctx.a.stats}
-    rows = [[e["config"], fmt(config_gains.get(e["config"])), fmt(Interval.from_dict(e["kl"])),
-             fmt(Interval.from_dict(e["nll_change"]))] for e in effects["configs"]]
-    return Section("Side effects on plain code",
-                   "What the chosen configs cost the model away from the task, at every strength: each item's code "
-                   f"(first {effects['max_tokens']} tokens, no prompt) read unsteered and steered at every token with "
-                   "its own fold's vectors; mean KL divergence of the next-token distribution and change in negative "
-                   "log-likelihood of the code's next token, nats per token, 95% family-bootstrap intervals. A gain "
-                   "that needs a large KL is bought with the model's general behaviour.\n\n"
-                   + markdown_table(["config", f"gain in {metric} [95%]", "KL(unsteered ‖ steered)",
-                                     "Δ NLL per token"], rows),
-                   (Figure("Gain against side effect", "tradeoff",
-                           tradeoff_plot(effects["configs"], config_gains, metric, points_by_id(ctx.a.config))),))
+    rows = [
+        [
+            e["config"],
+            fmt(config_gains.get(e["config"])),
+            fmt(Interval.from_dict(e["kl"])),
+            fmt(Interval.from_dict(e["nll_change"])),
+        ]
+        for e in effects["configs"]
+    ]
+    return Section(
+        "Side effects on plain code",
+        "What the chosen configs cost the model away from the task, at every strength: each item's code "
+        f"(first {effects['max_tokens']} tokens, no prompt) read unsteered and steered at every token with "
+        "its own fold's vectors; mean KL divergence of the next-token distribution and change in negative "
+        "log-likelihood of the code's next token, nats per token, 95% family-bootstrap intervals. A gain "
+        "that needs a large KL is bought with the model's general behaviour.\n\n"
+        + markdown_table(["config", f"gain in {metric} [95%]", "KL(unsteered ‖ steered)", "Δ NLL per token"], rows),
+        (
+            Figure(
+                "Gain against side effect",
+                "tradeoff",
+                tradeoff_plot(effects["configs"], config_gains, metric, points_by_id(ctx.a.config)),
+            ),
+        ),
+    )
 
 
 def answers(ctx: Context) -> Section | None:
     if ctx.a.config.mode != "generate":
         return None
-    return Section("Answers: length and readability", markdown_table(
-        ["arm", "mean new tokens", "unreadable by the verdict parser [95%]"],
-        [[name, f"{tokens:.1f}", fmt(unreadable)] for name, tokens, unreadable in answer_costs(ctx.a)]))
+    return Section(
+        "Answers: length and readability",
+        markdown_table(
+            ["arm", "mean new tokens", "unreadable by the verdict parser [95%]"],
+            [[name, f"{tokens:.1f}", fmt(unreadable)] for name, tokens, unreadable in answer_costs(ctx.a)],
+        ),
+    )
 
 
 def robustness(ctx: Context) -> Section | None:
     flips = flip_rates(ctx.a)
     if not flips:
         return None
-    rows = [[kind, str(v["n"]), fmt(cast(Interval, v["baseline"])), fmt(cast(Interval, v["selected"]))]
-            for kind, v in flips.items()]
-    return Section("Robustness: verdict flips under augmentation",
-                   markdown_table(["augmentation", "n compared", "baseline flip rate [95%]",
-                                   "selected flip rate [95%]"], rows))
+    rows = [
+        [kind, str(v["n"]), fmt(cast(Interval, v["baseline"])), fmt(cast(Interval, v["selected"]))]
+        for kind, v in flips.items()
+    ]
+    return Section(
+        "Robustness: verdict flips under augmentation",
+        markdown_table(["augmentation", "n compared", "baseline flip rate [95%]", "selected flip rate [95%]"], rows),
+    )
 
 
 def final_answer(ctx: Context) -> Section | None:
@@ -517,14 +652,26 @@ def example_answers(ctx: Context) -> Section | None:
     rows = examples(ctx.a)
     if not rows:
         return None
-    return Section("Example answers (baseline vs selected)", markdown_table(["item", "label", "baseline", "selected"],
-                                                                            rows))
+    return Section(
+        "Example answers (baseline vs selected)", markdown_table(["item", "label", "baseline", "selected"], rows)
+    )
 
 
 # The report's sections in order: a new one is a function (None where it does not apply) and a line here.
 SECTIONS: tuple[Callable[[Context], Section | None], ...] = (
-    protocol, headline, methods, discrimination, numeric_path, top_configs, transfer, side_effects, answers,
-    robustness, final_answer, reasoning, example_answers,
+    protocol,
+    headline,
+    methods,
+    discrimination,
+    numeric_path,
+    top_configs,
+    transfer,
+    side_effects,
+    answers,
+    robustness,
+    final_answer,
+    reasoning,
+    example_answers,
 )
 
 
@@ -549,9 +696,11 @@ def write_report(out_dir: Path, analysis: Analysis | None = None) -> Report:
     ctx = context(a, out_dir)
     written = {section: section(ctx) for section in SECTIONS}
     sections = [s for s in written.values() if s is not None]
-    head = (f"model `{a.meta.get('model')}` ({a.meta.get('dtype')}), dataset `{a.config.dataset}` "
-            f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
-            f"vulnsteer {a.meta.get('vulnsteer')}")
+    head = (
+        f"model `{a.meta.get('model')}` ({a.meta.get('dtype')}), dataset `{a.config.dataset}` "
+        f"({len(a.sample_ids)} items), prompt {a.config.prompt}, mode {a.config.mode}, "
+        f"vulnsteer {a.meta.get('vulnsteer')}"
+    )
     figures = [figure for s in sections for figure in s.figures]
     files = out_dir / "report_files"
     files.mkdir(exist_ok=True)
@@ -590,5 +739,16 @@ def export_rows(a: Analysis, out_dir: Path) -> None:
         for config_id, results in {**a.arms, **a.others}.items():
             for r in results:
                 jf.write(json.dumps({"config": config_id, "fold": a.folds[r.sample_id], **r.to_dict()}) + "\n")
-                writer.writerow([config_id, a.folds[r.sample_id], r.sample_id, r.cwe, r.label, r.verdict, r.score,
-                                 r.new_tokens, r.seconds])
+                writer.writerow(
+                    [
+                        config_id,
+                        a.folds[r.sample_id],
+                        r.sample_id,
+                        r.cwe,
+                        r.label,
+                        r.verdict,
+                        r.score,
+                        r.new_tokens,
+                        r.seconds,
+                    ]
+                )

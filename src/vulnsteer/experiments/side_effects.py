@@ -39,14 +39,23 @@ class SideEffect:
     items: int
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "kl": self.kl.to_dict(), "nll_change": self.nll_change.to_dict(),
-                "tokens": self.tokens, "items": self.items}
+        return {
+            "config": self.config,
+            "kl": self.kl.to_dict(),
+            "nll_change": self.nll_change.to_dict(),
+            "tokens": self.tokens,
+            "items": self.items,
+        }
 
 
-def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
-                      configs: dict[str, Callable[[Sample], Steering | None]], batch_tokens: int = 8192,
-                      max_tokens: int = MAX_TOKENS, progress: Callable[[int], None] | None = None,
-                      ) -> list[SideEffect]:
+def code_side_effects(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    configs: dict[str, Callable[[Sample], Steering | None]],
+    batch_tokens: int = 8192,
+    max_tokens: int = MAX_TOKENS,
+    progress: Callable[[int], None] | None = None,
+) -> list[SideEffect]:
     """Side effects of each config (`configs[name](sample)`: the steering that item gets, as in the run whose
     cost is measured) on the samples' code. Each item's unsteered row and its rows under the configs run in one
     forward pass, the configs' rows sharing the unsteered row's layers below their first steered one
@@ -59,20 +68,24 @@ def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
     vocabulary = lm.model.get_output_embeddings().weight.shape[0]
     logits_tokens = max(max_tokens, LOGITS_BUDGET // vocabulary)  # every position's logits are kept
     per_pass = max(1, min(len(names), logits_tokens // max_tokens - 1))  # configs beside the unsteered row
-    chunks = [names[k:k + per_pass] for k in range(0, len(names), per_pass)]
+    chunks = [names[k : k + per_pass] for k in range(0, len(names), per_pass)]
     budget = max(max_tokens, min(batch_tokens, logits_tokens) // (1 + per_pass))
     for group in batches([len(encoded[i]) for i in keep], budget, batch_cost(lm.model, 1)):
         items = [keep[g] for g in group]
         ids, mask = _left_padded(lm, [encoded[i] for i in items])
         for chunk in chunks:
             width = 1 + len(chunk)  # rows per item: unsteered, then one per config
-            steerings = [None if c == 0 else _everywhere(configs[chunk[c - 1]](samples[i]))
-                         for i in items for c in range(width)]
+            steerings = [
+                None if c == 0 else _everywhere(configs[chunk[c - 1]](samples[i])) for i in items for c in range(width)
+            ]
             rows_ids, rows_mask = ids.repeat_interleave(width, 0), mask.repeat_interleave(width, 0)
             positions = (rows_mask.cumsum(-1) - 1).clamp(min=0)  # each row as if alone, padding on the left
             prompts = [i for i in items for _ in range(width)]
-            with torch.inference_mode(), steer(lm.model, steerings, rows_mask), \
-                    shared_trunk(lm.model, prompts, steerings):
+            with (
+                torch.inference_mode(),
+                steer(lm.model, steerings, rows_mask),
+                shared_trunk(lm.model, prompts, steerings),
+            ):
                 logits = lm.model(input_ids=rows_ids, attention_mask=rows_mask, position_ids=positions).logits
             logp = logits.float().log_softmax(-1).unflatten(0, (len(items), width))
             for c, name in enumerate(chunk, start=1):
@@ -83,9 +96,16 @@ def code_side_effects(lm: LoadedModel, samples: Sequence[Sample],
             progress(len(items))
     clusters = [family(s) for s in samples]
     predicted = [max(n - 1, 0) for n in tokens]
-    return [SideEffect(name, clustered_ratio(sums[name]["kl"], tokens, clusters),
-                       clustered_ratio(sums[name]["nll"], predicted, clusters), sum(tokens), len(keep))
-            for name in names]
+    return [
+        SideEffect(
+            name,
+            clustered_ratio(sums[name]["kl"], tokens, clusters),
+            clustered_ratio(sums[name]["nll"], predicted, clusters),
+            sum(tokens),
+            len(keep),
+        )
+        for name in names
+    ]
 
 
 def _everywhere(row: Steering | None) -> Steering | None:

@@ -32,8 +32,10 @@ def exclusive(out_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise VulnsteerError(f"{out_dir} is in use by another vulnsteer run (pid {holder}); wait for it to end, "
-                                 "or write to another --output-dir") from None
+            raise VulnsteerError(
+                f"{out_dir} is in use by another vulnsteer run (pid {holder}); wait for it to end, "
+                "or write to another --output-dir"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -54,8 +56,9 @@ def open_run(out_dir: Path, meta: dict) -> dict[str, Result]:
             raise VulnsteerError(f"{meta_path} is not valid JSON ({exc.msg}); use another --output-dir") from exc
         changed = sorted(k for k in set(previous) | set(meta) if previous.get(k) != meta.get(k))
         if changed:
-            raise VulnsteerError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
-                                 "use another --output-dir")
+            raise VulnsteerError(
+                f"{out_dir} holds a run with other settings ({', '.join(changed)}); use another --output-dir"
+            )
     else:
         meta_path.write_text(json.dumps(meta, indent=2))
     return {result_key(r): r for r in read_samples(out_dir / "samples.jsonl")}
@@ -86,8 +89,10 @@ def read_samples(path: Path) -> list[Result]:
         except (json.JSONDecodeError, TypeError, VulnsteerError) as exc:
             if number == len(lines) and not isinstance(exc, VulnsteerError):
                 break
-            raise VulnsteerError(f"{path}:{number} is not a vulnsteer result row ({exc}); fix or delete that line, "
-                                 "or write to another --output-dir") from exc
+            raise VulnsteerError(
+                f"{path}:{number} is not a vulnsteer result row ({exc}); fix or delete that line, "
+                "or write to another --output-dir"
+            ) from exc
     return rows
 
 
@@ -96,8 +101,10 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text()
     except UnicodeDecodeError as exc:
-        raise VulnsteerError(f"{path} is not a text file (byte {exc.start} is not UTF-8): it was damaged or "
-                             "replaced; restore it, or write to another --output-dir") from exc
+        raise VulnsteerError(
+            f"{path} is not a text file (byte {exc.start} is not UTF-8): it was damaged or "
+            "replaced; restore it, or write to another --output-dir"
+        ) from exc
 
 
 class SampleWriter:
@@ -157,8 +164,10 @@ class SweepStore:
         previous = self.meta()
         changed = [k for k in must_match if previous and previous.get(k) != meta.get(k)]
         if changed:
-            raise VulnsteerError(f"{self.path.parent} holds a sweep with another {', '.join(changed)}; "
-                                 "resume it with the same settings or use another --output-dir")
+            raise VulnsteerError(
+                f"{self.path.parent} holds a sweep with another {', '.join(changed)}; "
+                "resume it with the same settings or use another --output-dir"
+            )
 
     def claim(self, meta: dict, must_match: tuple[str, ...]) -> None:
         """Write the run's metadata, or check that a resumed run has the same values for `must_match` keys."""
@@ -178,8 +187,10 @@ class SweepStore:
 
     def add(self, config: str, fold: int, result: Result) -> None:
         with self.db:  # one transaction per row: atomic, durable in WAL mode
-            self.db.execute("INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
-                            (config, result.sample_id, fold, json.dumps(result.to_dict())))
+            self.db.execute(
+                "INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
+                (config, result.sample_id, fold, json.dumps(result.to_dict())),
+            )
         self._written()
 
     CHECKPOINT_ROWS = 500
@@ -194,8 +205,10 @@ class SweepStore:
     def add_selection(self, outer: int, config: str, fold: int, result: Result) -> None:
         """A row that nested selection for `outer` reads: steered by vectors fitted without `outer` and `fold`."""
         with self.db:
-            self.db.execute("INSERT OR IGNORE INTO selection_rows VALUES (?, ?, ?, ?, ?)",
-                            (outer, config, result.sample_id, fold, json.dumps(result.to_dict())))
+            self.db.execute(
+                "INSERT OR IGNORE INTO selection_rows VALUES (?, ?, ?, ?, ?)",
+                (outer, config, result.sample_id, fold, json.dumps(result.to_dict())),
+            )
         self._written()
 
     def selection_done(self) -> set[tuple[int, str, str]]:
@@ -222,9 +235,10 @@ class SweepStore:
         try:
             return Result.from_dict(json.loads(stored))
         except (json.JSONDecodeError, TypeError, VulnsteerError) as exc:
-            raise VulnsteerError(f"{self.path} holds a row of {config} that is not a result ({exc}); the store was "
-                                 "edited or damaged: delete that row with sqlite3, or start another --output-dir") \
-                from exc
+            raise VulnsteerError(
+                f"{self.path} holds a row of {config} that is not a result ({exc}); the store was "
+                "edited or damaged: delete that row with sqlite3, or start another --output-dir"
+            ) from exc
 
     def close(self) -> None:
         import sqlite3

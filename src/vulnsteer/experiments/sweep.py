@@ -18,11 +18,11 @@ import json
 import math
 import sys
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, cast
 
-import tomllib
 import torch
 
 from vulnsteer.data import Sample, filter_samples, load_dataset
@@ -144,11 +144,13 @@ class SweepConfig:
         # The words typed once: stored typed (a `Word` is still its string in asdict, JSON and TOML).
         for name, word in _WORD_FIELDS.items():
             object.__setattr__(self, name, word.parse(getattr(self, name), f"value of config key {name}"))
-        object.__setattr__(self, "positions", [Positions.parse(p, "value of config key positions")
-                                               for p in self.positions])
+        object.__setattr__(
+            self, "positions", [Positions.parse(p, "value of config key positions") for p in self.positions]
+        )
         self.vector_choices  # noqa: B018 (parsing every word of `vectors` is the check)
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-                   for s in self.strengths):
+        if not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in self.strengths
+        ):
             raise VulnsteerError(f"config: strengths must be finite numbers, got {self.strengths}")
         if all(s == 0 for s in self.strengths):
             raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
@@ -161,9 +163,11 @@ class SweepConfig:
         if self.mode == Mode.SCORE and Positions.GENERATED in self.positions:
             raise VulnsteerError("config: positions 'generated' steers nothing in score mode (nothing is generated)")
         if any(m in LEARNED for m in self.methods) and not self.learned_layers:
-            raise VulnsteerError(f"config: {', '.join(m for m in self.methods if m in LEARNED)} learn one "
-                                 "intervention per layer, each trained alone; give a single-layer set in layers "
-                                 f"(e.g. rel:0.5), got {'; '.join(self.layers)}")
+            raise VulnsteerError(
+                f"config: {', '.join(m for m in self.methods if m in LEARNED)} learn one "
+                "intervention per layer, each trained alone; give a single-layer set in layers "
+                f"(e.g. rel:0.5), got {'; '.join(self.layers)}"
+            )
         if self.transfer_strength == 0:
             raise VulnsteerError("config: transfer_strength 0 steers nothing")
         if self.batch_tokens is not None:
@@ -173,8 +177,9 @@ class SweepConfig:
         _check_integer("random_draws", self.random_draws, 1)
         _check_integer("lora_steps", self.lora_steps, 0)
         _check_integer("learned_steps", self.learned_steps, 1)
-        if not self.ranks or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 8
-                                     for r in self.ranks):
+        if not self.ranks or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 8 for r in self.ranks
+        ):
             raise VulnsteerError(f"config: rank must be 1 to 8 (or a list of such), got {self.rank}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise VulnsteerError(f"config: kl_weight must be a finite number >= 0, got {self.kl_weight}")
@@ -231,8 +236,12 @@ class SweepConfig:
 # `full` is the grid of the first experiments: 3 layer sets x 4 strengths x 2 positions, 3 random draws per config.
 GRIDS: dict[str, dict[str, Any]] = {
     "quick": {"methods": ["mean-diff", "trained", "loreft"], "folds": 3, "learned_steps": 20},
-    "full": {"layers": ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"], "strengths": [-1.0, -0.5, 0.5, 1.0],
-             "positions": [Positions.PROMPT_LAST, Positions.ALL], "random_draws": 3},
+    "full": {
+        "layers": ["rel:0.25", "rel:0.5", "rel:0.25,0.5,0.75,0.98"],
+        "strengths": [-1.0, -0.5, 0.5, 1.0],
+        "positions": [Positions.PROMPT_LAST, Positions.ALL],
+        "random_draws": 3,
+    },
 }
 
 
@@ -247,10 +256,17 @@ def read_toml(path: Path) -> dict:
 
 # The config's one-word fields: a string in TOML, parsed in `validate` into its `Word`.
 _WORD_FIELDS: dict[str, type[Word]] = {"mode": Mode, "cache": Cache, "read": Read, "normalisation": Normalisation}
-_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, **{w.__name__: str for w in _WORD_FIELDS.values()},
-                                              "int": int, "float": (int, float), "bool": bool, "list[str]": list,
-                                              "list[Positions]": list, "list[float]": list,
-                                              "int | list[int]": (int, list)}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    **{w.__name__: str for w in _WORD_FIELDS.values()},
+    "int": int,
+    "float": (int, float),
+    "bool": bool,
+    "list[str]": list,
+    "list[Positions]": list,
+    "list[float]": list,
+    "int | list[int]": (int, list),
+}
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -261,10 +277,13 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         return
     wrong_bool = isinstance(value, bool) and kind is not bool
     if wrong_bool or not isinstance(value, kind):
-        raise VulnsteerError(f"config: {name} must be {annotation.removesuffix(' | None')}"
-                             f"{' or unset' if optional else ''}, got {value!r}")
-    if annotation.startswith(("list[str]", "list[Positions]")) and not all(isinstance(v, str)
-                                                                           for v in cast(list, value)):
+        raise VulnsteerError(
+            f"config: {name} must be {annotation.removesuffix(' | None')}"
+            f"{' or unset' if optional else ''}, got {value!r}"
+        )
+    if annotation.startswith(("list[str]", "list[Positions]")) and not all(
+        isinstance(v, str) for v in cast(list, value)
+    ):
         raise VulnsteerError(f"config: {name} must be a list of strings, got {value!r}")
 
 
@@ -309,8 +328,13 @@ def transfer_point(config: SweepConfig) -> GridPoint:
     if strength is None:
         strength = max(config.strengths, key=lambda s: (s > 0, abs(s)))
     method = next(iter(config.fits))
-    return GridPoint(method, config.transfer_layers or config.layer_sets(method)[0], VectorChoice("own"),
-                     config.positions[0], float(strength))
+    return GridPoint(
+        method,
+        config.transfer_layers or config.layer_sets(method)[0],
+        VectorChoice("own"),
+        config.positions[0],
+        float(strength),
+    )
 
 
 def path_controls(config: SweepConfig) -> list[GridPoint]:
@@ -318,19 +342,27 @@ def path_controls(config: SweepConfig) -> list[GridPoint]:
     one pass over each prompt's tokens before the last; rows steered before that token run the whole prompt): in
     float32 they equal the baseline, in bfloat16 they measure how far the path alone moves a score."""
     first = next(iter(config.fits))
-    return [GridPoint(first, config.layer_sets(first)[0], VectorChoice("own"), p, 0.0)
-            for p in config.positions
-            if not leaves_prompt_alone(Steering({}, 0.0, p))]
+    return [
+        GridPoint(first, config.layer_sets(first)[0], VectorChoice("own"), p, 0.0)
+        for p in config.positions
+        if not leaves_prompt_alone(Steering({}, 0.0, p))
+    ]
 
 
 def grid(config: SweepConfig, cwes: Sequence[str]) -> list[GridPoint]:
     """The steered configs: the full grid (learned methods at single-layer sets only; each random control as
     `random_draws` directions), plus (with
     `transfer`) each CWE's vector on every item at one point, plus the strength-0 path controls."""
-    points = [GridPoint(m, lay, choice, p, float(s)) for m in config.fits for lay in config.layer_sets(m)
-              for v in config.vector_choices
-              for choice in ([replace(v, draw=k) for k in range(config.random_draws)] if v.is_random else [v])
-              for p in config.positions for s in config.strengths if s != 0]
+    points = [
+        GridPoint(m, lay, choice, p, float(s))
+        for m in config.fits
+        for lay in config.layer_sets(m)
+        for v in config.vector_choices
+        for choice in ([replace(v, draw=k) for k in range(config.random_draws)] if v.is_random else [v])
+        for p in config.positions
+        for s in config.strengths
+        if s != 0
+    ]
     if config.transfer:
         at = transfer_point(config)
         points += [replace(at, vectors=VectorChoice("cwe", cwe)) for cwe in cwes]
@@ -364,8 +396,9 @@ def prompt_candidates(config: SweepConfig) -> list[str]:
     return [p for p in dict.fromkeys(asked) if p != config.prompt]
 
 
-def candidate_prompts(config: SweepConfig, test: Sequence[Sample],
-                      resources: PromptResources) -> dict[str, dict[str, Prompt]]:
+def candidate_prompts(
+    config: SweepConfig, test: Sequence[Sample], resources: PromptResources
+) -> dict[str, dict[str, Prompt]]:
     """The best-prompt arm's prompts built for every item, before anything is fitted: a named prompt the dataset
     cannot ask (it lacks the few-shot files or CWE definitions) is refused at once; with "all" it is left out."""
     built, left_out = {}, []
@@ -377,8 +410,11 @@ def candidate_prompts(config: SweepConfig, test: Sequence[Sample],
                 raise
             left_out.append(prompt)
     if left_out:
-        print(f"best prompt: {', '.join(left_out)} left out (this dataset lacks the few-shot files or CWE "
-              "definitions they need)", file=sys.stderr)
+        print(
+            f"best prompt: {', '.join(left_out)} left out (this dataset lacks the few-shot files or CWE "
+            "definitions they need)",
+            file=sys.stderr,
+        )
     return built
 
 
@@ -389,8 +425,12 @@ def is_grid_config(config_id: str) -> bool:
 
 def arm_ids(config: SweepConfig, points: Sequence[GridPoint]) -> set[str]:
     """Every config id a sweep's test rows may be stored under."""
-    return {BASELINE, *(p.id for p in points), *(PROMPT_ARM + p for p in prompt_candidates(config)),
-            *([LORA] if config.lora_steps else [])}
+    return {
+        BASELINE,
+        *(p.id for p in points),
+        *(PROMPT_ARM + p for p in prompt_candidates(config)),
+        *([LORA] if config.lora_steps else []),
+    }
 
 
 def dataset_hash(samples: Sequence[Sample]) -> str:
@@ -437,13 +477,17 @@ class SweepPlan:
     @property
     def bank_keys(self) -> dict[str, set[str]]:
         """Every bank's id and the leak keys of the items it was fitted on."""
-        keys = {bank_id(b.meta): set(b.meta["train_keys"])
-                for banks in [*self.banks.values(), *self.selection_banks.values()] for b in banks.values()}
+        keys = {
+            bank_id(b.meta): set(b.meta["train_keys"])
+            for banks in [*self.banks.values(), *self.selection_banks.values()]
+            for b in banks.values()
+        }
         return keys | {lora_bank(items): set(training_keys(items)) for items in self.lora_train.values()}
 
 
-def provenance_rows(rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: dict[str, int],
-                    samples: Sequence[Sample]) -> list[tuple[Sample, str, list[Sample]]]:
+def provenance_rows(
+    rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: dict[str, int], samples: Sequence[Sample]
+) -> list[tuple[Sample, str, list[Sample]]]:
     """For each steered row: its item, its bank's id, and the items its bank must not have seen (the row's fold;
     for a selection row, its outer fold's too). A steered row without a bank id is refused (an older store)."""
     members: dict[int, list[Sample]] = {}
@@ -454,8 +498,10 @@ def provenance_rows(rows: Sequence[tuple[Sample, SteeringId | None]], fold_of: d
         if label is None or label.config is None:
             continue
         if label.bank is None:
-            raise VulnsteerError(f"the row of {sample.id} under {label.config} names no vectors: its provenance "
-                                 "cannot be checked (a store from an older vulnsteer)")
+            raise VulnsteerError(
+                f"the row of {sample.id} under {label.config} names no vectors: its provenance "
+                "cannot be checked (a store from an older vulnsteer)"
+            )
         unseen = members[fold_of[sample.id]] + (members[label.outer] if label.outer is not None else [])
         out.append((sample, label.bank, unseen))
     return out
@@ -465,32 +511,47 @@ def load_sweep_samples(config: SweepConfig) -> tuple[list[Sample], list[Sample] 
     """Test items, training items (with `train_dataset`), and a note on the test families dropped because they
     overlap the training data (refused unless `drop_overlap`), so that vectors fitted on another dataset are
     held out too."""
-    test = filter_samples(load_dataset(config.dataset), config.split, config.cwe, config.limit, config.max_chars,
-                          config.pairs_per_cwe)
+    test = filter_samples(
+        load_dataset(config.dataset), config.split, config.cwe, config.limit, config.max_chars, config.pairs_per_cwe
+    )
     if not config.train_dataset:
         return test, None, None
-    train = filter_samples(load_dataset(config.train_dataset), config.train_split, config.cwe, None,
-                           config.train_max_chars, config.train_pairs_per_cwe)
+    train = filter_samples(
+        load_dataset(config.train_dataset),
+        config.train_split,
+        config.cwe,
+        None,
+        config.train_max_chars,
+        config.train_pairs_per_cwe,
+    )
     leaked = {s.id for s in overlapping(test, set(training_keys(train)))}
     kept = held_out(test, leaked, config.drop_overlap, f"the training data ({config.train_dataset})")
     return kept.samples, train, kept.note
 
 
-def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], train: list[Sample] | None,
-         resources: PromptResources, done: set[tuple[str, str]],
-         selection_done: set[tuple[int, str, str]] | frozenset = frozenset(),
-         activations: Callable[[Sequence[Sample]], Activations] | None = None) -> SweepPlan:
+def plan(
+    config: SweepConfig,
+    lm: LoadedModel | ModelInfo,
+    test: list[Sample],
+    train: list[Sample] | None,
+    resources: PromptResources,
+    done: set[tuple[str, str]],
+    selection_done: set[tuple[int, str, str]] | frozenset = frozenset(),
+    activations: Callable[[Sequence[Sample]], Activations] | None = None,
+) -> SweepPlan:
     """Fit the vectors each fold needs and list the jobs, marking those `done` (test rows) or `selection_done`.
     `activations(samples)` reads the samples' activations as the sweep asks its prompts (default: `collect`, cached
     on disk, without a progress bar)."""
     if activations is None:
         if not isinstance(lm, LoadedModel):
             raise TypeError("plan() reads activations itself only from a LoadedModel")
-        activations = lambda samples: collect(lm, samples, config.prompt, resources, config.read,  # noqa: E731
-                                              mode=config.mode)
+        model = lm
+
+        def activations(samples: Sequence[Sample]) -> Activations:
+            return collect(model, samples, config.prompt, resources, config.read, mode=config.mode)
+
     layer_sets = {spec: parse_layers(spec, lm.num_layers) for spec in config.layers}
-    needed = {m: sorted({layer for spec in config.layer_sets(m) for layer in layer_sets[spec]})
-              for m in config.fits}
+    needed = {m: sorted({layer for spec in config.layer_sets(m) for layer in layer_sets[spec]}) for m in config.fits}
     folds = pair_folds(test, config.folds, config.seed)
     fold_of = {test[i].id: f for f, (_, held_out) in enumerate(folds) for i in held_out}
     members = {f: [test[i] for i in held_out] for f, (_, held_out) in enumerate(folds)}
@@ -522,33 +583,52 @@ def plan(config: SweepConfig, lm: LoadedModel | ModelInfo, test: list[Sample], t
         check_held_out(shared, test)
         banks = {f: shared for f in members}
     points = grid(config, sorted({s.cwe for s in test}))
-    lora_train = {f: train if train is not None else [s for s in test if fold_of[s.id] != f] for f in members} \
-        if config.lora_steps else {}
+    lora_train = (
+        {f: train if train is not None else [s for s in test if fold_of[s.id] != f] for f in members}
+        if config.lora_steps
+        else {}
+    )
     prompts = {s.id: build_prompt(s, config.prompt, resources) for s in test}
 
     def job(s: Sample, point: GridPoint, banks_: Banks, outer: int | None = None) -> Job:
         return Job(s, config.prompt, prompts[s.id], steering_for(point, s, fold_of[s.id], banks_, layer_sets, outer))
 
     keys = [(BASELINE, s.id) for s in test] + [(PROMPT_ARM + p, s.id) for p in others for s in test]
-    jobs = [Job(s, config.prompt, prompts[s.id]) for s in test] + [Job(s, p, others[p][s.id]) for p in others
-                                                                   for s in test]
+    jobs = [Job(s, config.prompt, prompts[s.id]) for s in test] + [
+        Job(s, p, others[p][s.id]) for p in others for s in test
+    ]
     keys += [(p.id, s.id) for p in points for s in test]
     jobs += [job(s, p, banks[fold_of[s.id]]) for p in points for s in test]
     stored = [key in done for key in keys]
     candidates = [p for p in points if is_candidate(p, config)]
     # A CWE absent from the folds a selection bank was fitted on has no own vector there: such rows cannot be run,
     # and a config without all of its selection rows is not chosen for that fold.
-    selection = [(f, p, s) for (f, g) in selection_banks for p in candidates for s in members[g]
-                 if p.vectors.kind != "own" or s.cwe in selection_banks[(f, g)][p.method].groups]
+    selection = [
+        (f, p, s)
+        for (f, g) in selection_banks
+        for p in candidates
+        for s in members[g]
+        if p.vectors.kind != "own" or s.cwe in selection_banks[(f, g)][p.method].groups
+    ]
     jobs += [job(s, p, selection_banks[(f, fold_of[s.id])], f) for f, p, s in selection]
     stored += [(f, p.id, s.id) in selection_done for f, p, s in selection]
-    sweep = SweepPlan(test, fold_of, banks, selection_banks, points, jobs,
-                      frozenset(k for k, is_stored in enumerate(stored) if is_stored),
-                      len(test) * (1 + len(points) + len(others) + bool(config.lora_steps)) + len(selection),
-                      config.prompt, lora_train)
+    sweep = SweepPlan(
+        test,
+        fold_of,
+        banks,
+        selection_banks,
+        points,
+        jobs,
+        frozenset(k for k, is_stored in enumerate(stored) if is_stored),
+        len(test) * (1 + len(points) + len(others) + bool(config.lora_steps)) + len(selection),
+        config.prompt,
+        lora_train,
+    )
     # The guarantee, checked on the rows about to run, whatever built them: no row's vectors saw its fold.
-    check_provenance(provenance_rows([(j.sample, j.steering.label if j.steering else None) for j in jobs], fold_of,
-                                     test), sweep.bank_keys)
+    check_provenance(
+        provenance_rows([(j.sample, j.steering.label if j.steering else None) for j in jobs], fold_of, test),
+        sweep.bank_keys,
+    )
     return sweep
 
 
@@ -557,8 +637,9 @@ def lora_bank(items: Sequence[Sample]) -> str:
     return bank_id({"train_ids_sha256": items_sha256(items)})
 
 
-def lora_rows(lm: LoadedModel, config: SweepConfig, sweep: SweepPlan, resources: PromptResources,
-              done: set[tuple[str, str]]) -> Iterator[tuple[int, list[Result], LoraFit]]:
+def lora_rows(
+    lm: LoadedModel, config: SweepConfig, sweep: SweepPlan, resources: PromptResources, done: set[tuple[str, str]]
+) -> Iterator[tuple[int, list[Result], LoraFit]]:
     """The LoRA ceiling: per fold with rows left, adapters fitted on that fold's training items (the other folds',
     or `train_dataset`'s) score the fold's items as score mode does; each row names the adapters' training set,
     and the rows are checked like steered rows before they are stored. Folds that share a training set (every fold,
@@ -573,15 +654,32 @@ def lora_rows(lm: LoadedModel, config: SweepConfig, sweep: SweepPlan, resources:
     for bank, folds in by_training_set.items():
         train = sweep.lora_train[folds[0]]
         test = [s for fold in folds for s in members[fold]]
-        print(f"LoRA: fitting on {len(train)} items for fold(s) {', '.join(map(str, folds))} "
-              f"({config.lora_steps} steps)", flush=True)
+        print(
+            f"LoRA: fitting on {len(train)} items for fold(s) {', '.join(map(str, folds))} ({config.lora_steps} steps)",
+            flush=True,
+        )
         fit = fit_and_score(lm, train, test, config.prompt, resources, LoraTraining(steps=config.lora_steps))
         for k, fold in enumerate(folds):
             label = SteeringId(config=LORA, fold=fold, bank=bank)
-            rows = [replace(make_result(Job(s, config.prompt, build_prompt(s, config.prompt, resources)), "score",
-                                        "", fit.scores[s.id], 0, 0, 0.0, []), steering=label) for s in members[fold]]
-            check_provenance(provenance_rows([(s, label) for s in members[fold]], sweep.fold_of, sweep.samples),
-                             sweep.bank_keys)
+            rows = [
+                replace(
+                    make_result(
+                        Job(s, config.prompt, build_prompt(s, config.prompt, resources)),
+                        "score",
+                        "",
+                        fit.scores[s.id],
+                        0,
+                        0,
+                        0.0,
+                        [],
+                    ),
+                    steering=label,
+                )
+                for s in members[fold]
+            ]
+            check_provenance(
+                provenance_rows([(s, label) for s in members[fold]], sweep.fold_of, sweep.samples), sweep.bank_keys
+            )
             yield fold, rows, fit if k == 0 else replace(fit, seconds=0.0)
 
 
@@ -610,14 +708,18 @@ def _announce_fits(learned: list[str], training_sets: int) -> Callable[[], None]
     """Learned methods take a while to fit: a line per training set, with the time so far."""
     if not learned:
         return lambda: None
-    print(f"fitting {', '.join(learned)} on {training_sets} training sets (every fold's, and for nested selection "
-          "every pair of folds')", flush=True)
+    print(
+        f"fitting {', '.join(learned)} on {training_sets} training sets (every fold's, and for nested selection "
+        "every pair of folds')",
+        flush=True,
+    )
     start, done = time.monotonic(), 0
 
     def fitted() -> None:
         nonlocal done
         done += 1
         print(f"fitted {done}/{training_sets} training sets, {time.monotonic() - start:.0f} s", flush=True)
+
     return fitted
 
 
@@ -626,19 +728,44 @@ def check_held_out(banks: Banks, test: Sequence[Sample]) -> None:
     for bank in banks.values():
         leaked = overlapping(test, set(bank.meta["train_keys"]))
         if leaked:
-            raise VulnsteerError(f"vectors were fitted on {len(leaked)} of the items they would be tested on "
-                                 f"(e.g. {leaked[0].id}); refusing a result that is not held out")
+            raise VulnsteerError(
+                f"vectors were fitted on {len(leaked)} of the items they would be tested on "
+                f"(e.g. {leaked[0].id}); refusing a result that is not held out"
+            )
 
 
-def _fit(acts, lm: LoadedModel | ModelInfo, config: SweepConfig, layers: dict[str, list[int]],
-         prefix: Prefix | None = None, resources: PromptResources | None = None) -> Banks:
+def _fit(
+    acts,
+    lm: LoadedModel | ModelInfo,
+    config: SweepConfig,
+    layers: dict[str, list[int]],
+    prefix: Prefix | None = None,
+    resources: PromptResources | None = None,
+) -> Banks:
     """One bank per fit (`SweepConfig.fits`), at the layers its configs steer."""
-    return {name: fit(acts, lm, f.method, layers[name], config.normalisation, prefix=prefix, resources=resources,
-                      training=f.training) for name, f in config.fits.items()}
+    return {
+        name: fit(
+            acts,
+            lm,
+            f.method,
+            layers[name],
+            config.normalisation,
+            prefix=prefix,
+            resources=resources,
+            training=f.training,
+        )
+        for name, f in config.fits.items()
+    }
 
 
-def steering_for(point: GridPoint, sample: Sample, fold: int, banks: Banks, layer_sets: dict[str, list[int]],
-                 outer: int | None = None) -> Steering:
+def steering_for(
+    point: GridPoint,
+    sample: Sample,
+    fold: int,
+    banks: Banks,
+    layer_sets: dict[str, list[int]],
+    outer: int | None = None,
+) -> Steering:
     bank = banks[point.method]
     layers = layer_sets[point.layers]
     label = SteeringId(config=point.id, fold=fold, outer=outer, bank=bank_id(bank.meta))
@@ -676,8 +803,19 @@ def store_row(store: SweepStore, sweep: SweepPlan, result: Result) -> None:
         store.add(config_of(result, sweep.prompt), fold, result)
 
 
-RUN_IDENTITY = ("model", "config_hash", "weights", "dtype", "device", "torch", "transformers", "dataset_hash",
-                "train_dataset_hash", "config", "config_sha256")
+RUN_IDENTITY = (
+    "model",
+    "config_hash",
+    "weights",
+    "dtype",
+    "device",
+    "torch",
+    "transformers",
+    "dataset_hash",
+    "train_dataset_hash",
+    "config",
+    "config_sha256",
+)
 
 
 def config_sha256(config: SweepConfig) -> str:
@@ -702,10 +840,13 @@ def config_from_store(out_dir: Path) -> SweepConfig:
     if "config" not in meta:
         raise VulnsteerError(f"{out_dir} has no sweep configuration to resume")
     if "config_sha256" not in meta:
-        raise VulnsteerError(f"{out_dir} was written by an older vulnsteer without a run identity; start a new "
-                             "sweep in another folder")
+        raise VulnsteerError(
+            f"{out_dir} was written by an older vulnsteer without a run identity; start a new sweep in another folder"
+        )
     config = SweepConfig.from_dict(meta["config"])
     if meta["config_sha256"] != config_sha256(config):
-        raise VulnsteerError(f"{out_dir}: the stored sweep configuration was changed after the sweep began; "
-                             "its rows belong to another experiment, so it cannot be resumed")
+        raise VulnsteerError(
+            f"{out_dir}: the stored sweep configuration was changed after the sweep began; "
+            "its rows belong to another experiment, so it cannot be resumed"
+        )
     return config

@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A pipe table; a `|` inside a cell (a grid-point id, say) is escaped so it does not split the cell."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 

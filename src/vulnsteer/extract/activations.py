@@ -33,7 +33,6 @@ class Read(Word):
     CODE_MEAN = "code-mean"
 
 
-
 @dataclass
 class Activations:
     """Row i of `by_layer[layer]` is the activation of `samples[i]` at that layer ([n_samples, hidden], float32)."""
@@ -46,8 +45,13 @@ class Activations:
 
     def subset(self, keep: Callable[[Sample], bool]) -> "Activations":
         index = [i for i, s in enumerate(self.samples) if keep(s)]
-        return Activations([self.samples[i] for i in index], {k: v[index] for k, v in self.by_layer.items()},
-                           self.read, self.prompt_id, self.mode)
+        return Activations(
+            [self.samples[i] for i in index],
+            {k: v[index] for k, v in self.by_layer.items()},
+            self.read,
+            self.prompt_id,
+            self.mode,
+        )
 
     def of_cwe(self, cwe: str) -> Activations:
         return self.subset(lambda s: s.cwe == cwe)
@@ -61,8 +65,9 @@ def cache_file(lm: LoadedModel, text: str, read: str) -> Path:
     """Keyed by the model's source and weights, the rendered prompt and its token ids, so another checkpoint or a
     change of prompt text, few-shot files, definitions or tokenizer is a miss."""
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    key = hashlib.sha256("\0".join([lm.source, lm.fingerprint, lm.config_hash, str(lm.model.dtype), text, read,
-                                    str(ids)]).encode())
+    key = hashlib.sha256(
+        "\0".join([lm.source, lm.fingerprint, lm.config_hash, str(lm.model.dtype), text, read, str(ids)]).encode()
+    )
     folder = cache_dir() / "activations" / f"{lm.model_id.replace('/', '--')}-{lm.fingerprint or lm.config_hash}"
     return folder / f"{key.hexdigest()[:24]}.safetensors"
 
@@ -75,7 +80,7 @@ def code_token_mask(tokenizer, text: str, code: str, width: int) -> torch.Tensor
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     inside = [a < start + len(code) and b > start for a, b in offsets]
     mask = torch.zeros(width, dtype=torch.bool)
-    mask[width - len(inside):] = torch.tensor(inside)
+    mask[width - len(inside) :] = torch.tensor(inside)
     return mask
 
 
@@ -114,8 +119,9 @@ def collect(
         if progress:
             progress(len(index))
     stacked = torch.stack([rows[i] for i in range(len(samples))])  # [n, layers, hidden]
-    return Activations(list(samples), {layer: stacked[:, layer] for layer in range(stacked.shape[1])}, read, prompt_id,
-                       mode)
+    return Activations(
+        list(samples), {layer: stacked[:, layer] for layer in range(stacked.shape[1])}, read, prompt_id, mode
+    )
 
 
 def read_batch(lm: LoadedModel, texts: list[str], samples: list[Sample], read: str) -> torch.Tensor:

@@ -33,9 +33,17 @@ from vulnsteer.errors import VulnsteerError
 from vulnsteer.models import cache_dir
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e570 (ggml 0.25.3)
-CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
-               "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]  # no download at build time
+CMAKE_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+]  # no download at build time
 
 
 # What ggml is compiled for. `portable` (the default) is x86-64-v3 (AVX2, FMA, F16C, BMI2; no AVX-512, no AMX) on
@@ -44,8 +52,17 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_
 # (`VULNSTEER_LLAMA_BUILD=native`) is faster where it runs, and is keyed by this CPU's flags so it is never reused
 # on another CPU.
 BUILDS = {
-    "portable": ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
-                 "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF"],
+    "portable": [
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_SSE42=ON",
+        "-DGGML_AVX=ON",
+        "-DGGML_AVX2=ON",
+        "-DGGML_FMA=ON",
+        "-DGGML_F16C=ON",
+        "-DGGML_BMI2=ON",
+        "-DGGML_AVX512=OFF",
+        "-DGGML_AMX_TILE=OFF",
+    ],
     "native": ["-DGGML_NATIVE=ON"],
 }
 PORTABLE_X86_NEEDS = {"avx", "avx2", "fma", "f16c", "bmi2"}  # what the portable build executes on x86
@@ -90,15 +107,21 @@ def server_binary(build: bool = True) -> Path:
         return built
     missing = PORTABLE_X86_NEEDS - cpu_flags()
     if kind == "portable" and platform.machine() in ("x86_64", "AMD64") and cpu_flags() and missing:
-        raise VulnsteerError(f"this CPU lacks {', '.join(sorted(missing))}, which the portable llama-server build "
-                             "needs: set VULNSTEER_LLAMA_BUILD=native, or VULNSTEER_LLAMA_SERVER=/path/to/llama-server")
+        raise VulnsteerError(
+            f"this CPU lacks {', '.join(sorted(missing))}, which the portable llama-server build "
+            "needs: set VULNSTEER_LLAMA_BUILD=native, or VULNSTEER_LLAMA_SERVER=/path/to/llama-server"
+        )
     folder = built.parent.parent
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"building llama-server ({kind}) from {LLAMA_CPP_PYTHON}'s llama.cpp into {folder} (once, minutes)",
-              file=sys.stderr, flush=True)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-              LLAMA_CPP_PYTHON])
+        print(
+            f"building llama-server ({kind}) from {LLAMA_CPP_PYTHON}'s llama.cpp into {folder} (once, minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp, LLAMA_CPP_PYTHON]
+        )
         sdist = next(Path(tmp).glob("*.tar.gz"))
         with tarfile.open(sdist) as archive:
             archive.extractall(tmp, filter="data")
@@ -123,8 +146,10 @@ def exit_message(binary: str, returncode: int, last_line: str) -> str:
         return f"llama-server exited with {returncode}: {last_line}"
     name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else f"signal {-returncode}"
     why = " (an illegal instruction: it was built for a CPU this machine is not)" if name == "SIGILL" else ""
-    return (f"llama-server {binary} was killed by {name}{why}; point VULNSTEER_LLAMA_SERVER at a llama-server built "
-            f"for this machine, or unset it to use the portable build (VULNSTEER_LLAMA_BUILD=portable)")
+    return (
+        f"llama-server {binary} was killed by {name}{why}; point VULNSTEER_LLAMA_SERVER at a llama-server built "
+        f"for this machine, or unset it to use the portable build (VULNSTEER_LLAMA_BUILD=portable)"
+    )
 
 
 def free_port() -> int:
@@ -137,12 +162,32 @@ class LlamaServer:
     """`llama-server` on 127.0.0.1 serving `model` (a GGUF file), optionally with control vectors at scales, for
     the length of a `with` block."""
 
-    def __init__(self, model: Path, control_vectors: Sequence[tuple[Path, float]] = (), api_key: str | None = None,
-                 threads: int = 2, context: int = 4096, extra: Sequence[str] = ()):
+    def __init__(
+        self,
+        model: Path,
+        control_vectors: Sequence[tuple[Path, float]] = (),
+        api_key: str | None = None,
+        threads: int = 2,
+        context: int = 4096,
+        extra: Sequence[str] = (),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(server_binary()), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                    "-t", str(threads), "-c", str(context), "--no-webui", *extra]
+        self.cmd = [
+            str(server_binary()),
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-t",
+            str(threads),
+            "-c",
+            str(context),
+            "--no-webui",
+            *extra,
+        ]
         if control_vectors:
             self.cmd += ["--control-vector-scaled", ",".join(f"{path}:{scale:g}" for path, scale in control_vectors)]
         if api_key:
@@ -176,8 +221,9 @@ class LlamaServer:
     def next_token_logprobs(self, token_ids: list[int], k: int = 20) -> dict[int, float]:
         """llama.cpp's log-probabilities of the `k` likeliest next tokens after `token_ids` (no sampling applied)."""
         body = {"prompt": token_ids, "n_predict": 1, "n_probs": k, "temperature": 0, "cache_prompt": False}
-        request = urllib.request.Request(f"{self.url}/completion", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/completion", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             top = json.loads(response.read())["completion_probabilities"][0]["top_logprobs"]
         return {t["id"]: t["logprob"] for t in top}

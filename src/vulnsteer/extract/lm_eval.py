@@ -29,23 +29,31 @@ def export_lm_eval(bank: VectorBank, group: str, layers: list[int], strength: fl
     if missing:
         raise VulnsteerError(f"the vector file has no {group} vector for layer(s) {missing}; it has {sorted(by_layer)}")
     hookpoint = _LM_EVAL_HOOKPOINTS.get(str(bank.meta.get("model_type")), "layers.{layer}")
-    config = {hookpoint.format(layer=layer): {"action": "add", "steering_vector": by_layer[layer].float().clone(),
-                                              "steering_coefficient": float(strength), "bias": None}
-              for layer in layers}
+    config = {
+        hookpoint.format(layer=layer): {
+            "action": "add",
+            "steering_vector": by_layer[layer].float().clone(),
+            "steering_coefficient": float(strength),
+            "bias": None,
+        }
+        for layer in layers
+    }
     torch.save(config, path)
-
 
 
 def loglikelihood_task(name: str, data: Path) -> str:
     """The YAML of a local lm-eval task that scores each line `{"context": ..., "target": ...}` of the JSONL file
     `data` by the log-likelihood of its target (pass its folder to `lm_eval --include_path`)."""
-    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-            'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\n'
-            "metric_list:\n  - metric: acc\n")
+    return (
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
 
 
-def continuation_log_likelihood(lm: LoadedModel, context: str, continuation: str,
-                                rows: Sequence[Steering | None] | None = None) -> float:
+def continuation_log_likelihood(
+    lm: LoadedModel, context: str, continuation: str, rows: Sequence[Steering | None] | None = None
+) -> float:
     """log P(continuation | context), summed over the continuation's tokens, split as lm-eval splits a pair: the
     context's trailing white space moves to the continuation, and the continuation's tokens are those of the whole
     text after the context's."""

@@ -58,8 +58,12 @@ def adapted(lm: LoadedModel, settings: LoraTraining) -> Iterator[list[torch.nn.P
     trainable = {name: p.requires_grad for name, p in lm.model.named_parameters()}
     with torch.random.fork_rng(devices=[]):  # a seeded start (peft draws A at random), so a fit is repeatable
         torch.manual_seed(0)
-        peft_model = get_peft_model(lm.model, LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank,
-                                                         lora_dropout=0.0, target_modules=list(settings.targets)))
+        peft_model = get_peft_model(
+            lm.model,
+            LoraConfig(
+                r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0, target_modules=list(settings.targets)
+            ),
+        )
     try:
         yield [p for p in peft_model.parameters() if p.requires_grad]
     finally:
@@ -68,15 +72,23 @@ def adapted(lm: LoadedModel, settings: LoraTraining) -> Iterator[list[torch.nn.P
             p.requires_grad_(trainable[name])
 
 
-def fit_and_score(lm: LoadedModel, train: Sequence[Sample], test: Sequence[Sample], prompt_id: str,
-                  resources: PromptResources | None, settings: LoraTraining = LoraTraining(),
-                  progress: Callable[[int], None] | None = None) -> LoraFit:
+def fit_and_score(
+    lm: LoadedModel,
+    train: Sequence[Sample],
+    test: Sequence[Sample],
+    prompt_id: str,
+    resources: PromptResources | None,
+    settings: LoraTraining = LoraTraining(),
+    progress: Callable[[int], None] | None = None,
+) -> LoraFit:
     """LoRA fitted on `train`, the adapted model's answer log-odds on `test`; the model is left as it was. Refused
     when a test item shares a family or code with a training item."""
     leaked = overlapping(test, set(training_keys(train)))
     if leaked:
-        raise VulnsteerError(f"LoRA would be trained on {len(leaked)} of the items it is tested on (e.g. "
-                             f"{leaked[0].id}); refusing a result that is not held out")
+        raise VulnsteerError(
+            f"LoRA would be trained on {len(leaked)} of the items it is tested on (e.g. "
+            f"{leaked[0].id}); refusing a result that is not held out"
+        )
     started = time.perf_counter()
     texts = [score_text(lm, s, prompt_id, resources) for s in train]
     labels = torch.tensor([float(s.is_vulnerable) for s in train])
@@ -88,7 +100,8 @@ def fit_and_score(lm: LoadedModel, train: Sequence[Sample], test: Sequence[Sampl
                 chunk = slice(start, start + settings.batch)
                 scores = _last_token_log_odds(lm, texts[chunk])
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    scores, labels[chunk].to(scores.device), reduction="sum") / len(texts)
+                    scores, labels[chunk].to(scores.device), reduction="sum"
+                ) / len(texts)
                 loss.backward()
             optimiser.step()
             if progress:
@@ -106,6 +119,7 @@ def _last_token_log_odds(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     encoded = encode(lm, texts)
     mask = encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = lm.model(input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions,
-                      logits_to_keep=1).logits[:, -1]
+    logits = lm.model(
+        input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1
+    ).logits[:, -1]
     return log_odds(lm, logits.float().log_softmax(-1))

@@ -31,8 +31,9 @@ class ProbeRow:
     high: float | None = None
 
 
-def out_of_fold_scores(acts: Activations, layers: list[int], method: str, per_cwe: bool, k: int = 5,
-                       seed: int = 0) -> dict[int, np.ndarray]:
+def out_of_fold_scores(
+    acts: Activations, layers: list[int], method: str, per_cwe: bool, k: int = 5, seed: int = 0
+) -> dict[int, np.ndarray]:
     """Per layer, every item's projection onto a direction fitted without its fold (NaN where a fold's training
     part lacks a class)."""
     scores = {layer: np.full(len(acts.samples), np.nan) for layer in layers}
@@ -76,8 +77,11 @@ def probe(acts: Activations, layers: list[int], method: str = "mean-diff", k: in
 
 
 def _auroc_interval(acts: Activations, scores: np.ndarray, seed: int) -> tuple[float | None, float | None]:
-    items = [Judged(s.pair_id, s.cwe, s.is_vulnerable, "unknown", float(x), family(s))
-             for s, x in zip(acts.samples, scores) if not np.isnan(x)]
+    items = [
+        Judged(s.pair_id, s.cwe, s.is_vulnerable, "unknown", float(x), family(s))
+        for s, x in zip(acts.samples, scores)
+        if not np.isnan(x)
+    ]
     interval = summarise(items, n_boot=1000, seed=seed).auroc if items else None
     return (interval.low, interval.high) if interval else (None, None)
 

@@ -67,8 +67,9 @@ class Prefix:
         cache = DynamicCache()
         for k, layer in enumerate(self.cache.layers):
             cache.update(layer.keys[index], layer.values[index], k)
-        return Prefix(list(sample_ids), cache, self.last_ids[index], self.positions[index], self.mask[index],
-                      self.labels[index])
+        return Prefix(
+            list(sample_ids), cache, self.last_ids[index], self.positions[index], self.mask[index], self.labels[index]
+        )
 
 
 def score_text(lm: LoadedModel, sample: Sample, prompt_id: str, resources: PromptResources | None) -> str:
@@ -76,15 +77,23 @@ def score_text(lm: LoadedModel, sample: Sample, prompt_id: str, resources: Promp
     return render(lm.tokenizer, list(build_prompt(sample, prompt_id, resources).messages), ANSWER_PREFIX)
 
 
-def prefix_pass(lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1",
-                resources: PromptResources | None = None) -> Prefix:
+def prefix_pass(
+    lm: LoadedModel, samples: Sequence[Sample], prompt_id: str = "S1", resources: PromptResources | None = None
+) -> Prefix:
     texts = [score_text(lm, s, prompt_id, resources) for s in samples]
     encoded = encode(lm, texts)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        cache = prompt_cache(lm.model, ids[:, :-1], mask[:, :-1], positions[:, :-1], [None] * len(texts),
-                             length_groups(lm.model, mask[:, :-1]), texts)
+        cache = prompt_cache(
+            lm.model,
+            ids[:, :-1],
+            mask[:, :-1],
+            positions[:, :-1],
+            [None] * len(texts),
+            length_groups(lm.model, mask[:, :-1]),
+            texts,
+        )
     labels = torch.tensor([float(s.is_vulnerable) for s in samples], device=ids.device)
     return Prefix([s.id for s in samples], cache, ids[:, -1], positions[:, -1], mask[:, :-1], labels)
 
@@ -96,7 +105,7 @@ def answer_log_odds(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[S
     normaliser cancels in the difference, and the full vocabulary's logits cost a quarter of a step or more."""
     yes, no = answer_token_ids(lm.tokenizer)
     logits = next_token_logits(lm, prefix, tokens, yes + no)
-    return logits[..., :len(yes)].logsumexp(-1) - logits[..., len(yes):].logsumexp(-1)
+    return logits[..., : len(yes)].logsumexp(-1) - logits[..., len(yes) :].logsumexp(-1)
 
 
 def log_odds(lm: LoadedModel, logp: torch.Tensor) -> torch.Tensor:
@@ -105,27 +114,32 @@ def log_odds(lm: LoadedModel, logp: torch.Tensor) -> torch.Tensor:
     return logp[..., yes].logsumexp(-1) - logp[..., no].logsumexp(-1)
 
 
-def next_token_logprobs(lm: LoadedModel, prefix: Prefix,
-                        tokens: Sequence[Sequence[Steering | None]]) -> torch.Tensor:
+def next_token_logprobs(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[Steering | None]]) -> torch.Tensor:
     """The float32 next-token log-probabilities after each item's last token, once per entry of `tokens[i]`:
     [items, width, vocab] (see `answer_log_odds`)."""
     return next_token_logits(lm, prefix, tokens).log_softmax(-1)
 
 
-def next_token_logits(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[Steering | None]],
-                      vocabulary: list[int] | None = None) -> torch.Tensor:
+def next_token_logits(
+    lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence[Steering | None]], vocabulary: list[int] | None = None
+) -> torch.Tensor:
     """The float32 next-token logits after each item's last token, once per entry of `tokens[i]`: [items, width,
     vocab], or only the `vocabulary` tokens' columns, in that order, where the output layer is a plain linear map."""
     model = lm.model
     width = max(len(row) for row in tokens)
     length = prefix.cache.get_seq_length()
     additive = side_by_side_mask(prefix.mask, width, next(model.parameters()).dtype)
-    inputs = dict(input_ids=prefix.last_ids[:, None].expand(-1, width), attention_mask=additive[:, None],
-                  position_ids=prefix.positions[:, None].expand(-1, width), use_cache=True,
-                  **{cache_argument(model): prefix.cache})
+    inputs = dict(
+        input_ids=prefix.last_ids[:, None].expand(-1, width),
+        attention_mask=additive[:, None],
+        position_ids=prefix.positions[:, None].expand(-1, width),
+        use_cache=True,
+        **{cache_argument(model): prefix.cache},
+    )
     head = model.get_output_embeddings()
     plain = isinstance(head, torch.nn.Linear) and not any(
-        getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+        getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale")
+    )
     try:
         with steer_tokens(model, tokens):
             if vocabulary is None or not plain:
@@ -141,16 +155,28 @@ def next_token_logits(lm: LoadedModel, prefix: Prefix, tokens: Sequence[Sequence
     return logits if vocabulary is None or plain else logits[..., vocabulary]
 
 
-def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
-                  layers: Sequence[int], residual_norms: dict[int, float], pooled: str,
-                  settings: Training = Training(),
-                  progress: Callable[[int], None] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+def train_vectors(
+    lm: LoadedModel,
+    prefix: Prefix,
+    samples: Sequence[Sample],
+    groups: Sequence[str],
+    layers: Sequence[int],
+    residual_norms: dict[int, float],
+    pooled: str,
+    settings: Training = Training(),
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[int, torch.Tensor]]:
     """A steering vector per group and layer (`--method trained`), its norm projected onto the bound each step."""
     # A tiny fixed random start: a zero vector would install no hook at all, so it would get no gradient.
     generator = torch.Generator().manual_seed(0)
     device = prefix.last_ids.device
-    units = {g: {layer: (1e-3 * torch.randn(lm.hidden_size, generator=generator)).to(device).requires_grad_()
-                 for layer in layers} for g in groups}
+    units = {
+        g: {
+            layer: (1e-3 * torch.randn(lm.hidden_size, generator=generator)).to(device).requires_grad_()
+            for layer in layers
+        }
+        for g in groups
+    }
 
     def steering(group: str, layer: int) -> Steering:
         return Steering({layer: units[group][layer] * residual_norms[layer]}, 1.0)
@@ -160,42 +186,84 @@ def train_vectors(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], gr
             for u in by_layer.values():
                 u.mul_((settings.max_norm / u.norm().clamp(min=1e-12)).clamp(max=1.0))
 
-    _train(lm, prefix, samples, groups, layers, pooled, steering,
-           [u for by_layer in units.values() for u in by_layer.values()], settings, project, progress)
-    return {g: {layer: (units[g][layer] * residual_norms[layer]).detach().float().cpu() for layer in layers}
-            for g in groups}
+    _train(
+        lm,
+        prefix,
+        samples,
+        groups,
+        layers,
+        pooled,
+        steering,
+        [u for by_layer in units.values() for u in by_layer.values()],
+        settings,
+        project,
+        progress,
+    )
+    return {
+        g: {layer: (units[g][layer] * residual_norms[layer]).detach().float().cpu() for layer in layers} for g in groups
+    }
 
 
-def train_edits(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str],
-                layers: Sequence[int], pooled: str, settings: Training = Training(),
-                progress: Callable[[int], None] | None = None) -> dict[str, dict[int, LowRankEdit]]:
+def train_edits(
+    lm: LoadedModel,
+    prefix: Prefix,
+    samples: Sequence[Sample],
+    groups: Sequence[str],
+    layers: Sequence[int],
+    pooled: str,
+    settings: Training = Training(),
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[int, LowRankEdit]]:
     """A LoReFT edit of rank `settings.rank` per group and layer (`--method loreft`), float32, R orthonormal."""
     generator = torch.Generator().manual_seed(0)
     device = prefix.last_ids.device
-    edits = {g: {layer: LowRankEdit(lm.hidden_size, settings.rank, generator).to(device) for layer in layers}
-             for g in groups}
+    edits = {
+        g: {layer: LowRankEdit(lm.hidden_size, settings.rank, generator).to(device) for layer in layers} for g in groups
+    }
 
     def steering(group: str, layer: int) -> Steering:
         return Steering({}, 1.0, edits={layer: edits[group][layer]})
 
-    _train(lm, prefix, samples, groups, layers, pooled, steering,
-           [p for by_layer in edits.values() for edit in by_layer.values() for p in edit.parameters()], settings,
-           progress=progress)
-    return {g: {layer: edit.cpu().requires_grad_(False) for layer, edit in by_layer.items()}
-            for g, by_layer in edits.items()}
+    _train(
+        lm,
+        prefix,
+        samples,
+        groups,
+        layers,
+        pooled,
+        steering,
+        [p for by_layer in edits.values() for edit in by_layer.values() for p in edit.parameters()],
+        settings,
+        progress=progress,
+    )
+    return {
+        g: {layer: edit.cpu().requires_grad_(False) for layer, edit in by_layer.items()}
+        for g, by_layer in edits.items()
+    }
 
 
-def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: Sequence[str], layers: Sequence[int],
-           pooled: str, steering: Callable[[str, int], Steering], parameters: list[torch.Tensor],
-           settings: Training, after_step: Callable[[], None] = lambda: None,
-           progress: Callable[[int], None] | None = None) -> None:
+def _train(
+    lm: LoadedModel,
+    prefix: Prefix,
+    samples: Sequence[Sample],
+    groups: Sequence[str],
+    layers: Sequence[int],
+    pooled: str,
+    steering: Callable[[str, int], Steering],
+    parameters: list[torch.Tensor],
+    settings: Training,
+    after_step: Callable[[], None] = lambda: None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Adam on the binary cross-entropy of the answer's log-odds against the label (plus the KL penalty, when
     weighted). Group `pooled` trains on every item, a CWE's group on that CWE's items, all in the same steps: each
     copy of an item's last token carries one (group, layer) intervention, and no two interventions share a
     parameter."""
     if prefix.sample_ids != [s.id for s in samples]:  # the held-out check reads the items, so they must be these
-        raise VulnsteerError("learned interventions: the prefix holds other items than the training items (select "
-                             "them first); refusing to train on items they may be tested on")
+        raise VulnsteerError(
+            "learned interventions: the prefix holds other items than the training items (select "
+            "them first); refusing to train on items they may be tested on"
+        )
     slots = [[(g, layer) for g in groups if g in (pooled, s.cwe) for layer in layers] for s in samples]
     width = max(map(len, slots))
     device = prefix.last_ids.device
@@ -210,7 +278,8 @@ def _train(lm: LoadedModel, prefix: Prefix, samples: Sequence[Sample], groups: S
         tokens = [[steering(g, layer) for g, layer in row] for row in slots]
         if unsteered is None:  # the answer's two rows of the output layer suffice
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                answer_log_odds(lm, prefix, tokens)[present], labels[present])
+                answer_log_odds(lm, prefix, tokens)[present], labels[present]
+            )
         else:
             logp = next_token_logprobs(lm, prefix, tokens)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(log_odds(lm, logp)[present], labels[present])

@@ -47,6 +47,7 @@ class Normalisation(Word):
     RESIDUAL = "residual"
     UNIT = "unit"
 
+
 POOLED = "pooled"
 
 
@@ -98,8 +99,10 @@ def methods() -> tuple[str, ...]:
 def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], method: str) -> torch.Tensor:
     """One raw (unnormalised) direction from activations `x` [n, hidden] with boolean labels `vulnerable`."""
     if method in LEARNED:
-        raise VulnsteerError(f"{method} vectors are fitted on the model's answers, not read off activations; use "
-                             f"one of {', '.join(DIRECTIONS)} here")
+        raise VulnsteerError(
+            f"{method} vectors are fitted on the model's answers, not read off activations; use "
+            f"one of {', '.join(DIRECTIONS)} here"
+        )
     if method not in DIRECTIONS:
         raise VulnsteerError(f"unknown method {method!r}; use one of {', '.join(methods())}")
     return DIRECTIONS[method](x, vulnerable, pair_ids)
@@ -136,20 +139,31 @@ class VectorBank:
 
     @property
     def layers(self) -> list[int]:
-        return sorted({layer for by_layer in self.vectors.values() for layer in by_layer}
-                      | {layer for by_layer in self.edits.values() for layer in by_layer})
+        return sorted(
+            {layer for by_layer in self.vectors.values() for layer in by_layer}
+            | {layer for by_layer in self.edits.values() for layer in by_layer}
+        )
 
     def for_group(self, group: str) -> dict[int, torch.Tensor]:
         if group in self.edits:
-            raise VulnsteerError(f"this file holds {self.meta.get('method')} edits, not steering vectors: it steers "
-                                 "through `eval --vectors` and sweeps, but has no direction to export or project on")
+            raise VulnsteerError(
+                f"this file holds {self.meta.get('method')} edits, not steering vectors: it steers "
+                "through `eval --vectors` and sweeps, but has no direction to export or project on"
+            )
         if group not in self.vectors:
-            raise VulnsteerError(f"no vector for {group} (too few training items?); there are vectors for "
-                                 f"{', '.join(self.groups)}")
+            raise VulnsteerError(
+                f"no vector for {group} (too few training items?); there are vectors for {', '.join(self.groups)}"
+            )
         return self.vectors[group]
 
-    def steering(self, group: str, layers: list[int], strength: float, positions: Positions = Positions.ALL,
-                 label: SteeringId | None = None) -> Steering:
+    def steering(
+        self,
+        group: str,
+        layers: list[int],
+        strength: float,
+        positions: Positions = Positions.ALL,
+        label: SteeringId | None = None,
+    ) -> Steering:
         """What this bank's `group` adds at `layers`: its vectors, or its edits."""
         if group in self.edits:
             return Steering({}, strength, positions, label, edits={layer: self.edits[group][layer] for layer in layers})
@@ -157,10 +171,18 @@ class VectorBank:
         return Steering({layer: by_layer[layer] for layer in layers}, strength, positions, label)
 
 
-def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff", layers: list[int] | None = None,
-        normalisation: Normalisation = Normalisation.RESIDUAL, groups: str = "cwe+pooled", prefix: Prefix | None = None,
-        resources: PromptResources | None = None, training: Training = Training(),
-        progress: Callable[[int], None] | None = None) -> VectorBank:
+def fit(
+    acts: Activations,
+    lm: LoadedModel | ModelInfo,
+    method: str = "mean-diff",
+    layers: list[int] | None = None,
+    normalisation: Normalisation = Normalisation.RESIDUAL,
+    groups: str = "cwe+pooled",
+    prefix: Prefix | None = None,
+    resources: PromptResources | None = None,
+    training: Training = Training(),
+    progress: Callable[[int], None] | None = None,
+) -> VectorBank:
     """A vector per CWE (and/or pooled over all CWEs) and layer from training activations. `trained` vectors are
     fitted on the model itself, on `prefix` (a `trained.Prefix` holding at least the training items, reused across
     folds) or on a prefix pass over the items' prompts (`resources`: few-shot files and definitions); `progress`
@@ -172,8 +194,10 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
     names += [POOLED] if "pooled" in groups else []
     residual_norms = {layer: float(acts.by_layer[layer].norm(dim=1).mean()) for layer in layers}
     if method in ("pca", "probe") and len({s.pair_id for s in acts.samples}) < 2:
-        raise VulnsteerError(f"--method {method} needs at least 2 pairs to fit on (a direction from one pair is "
-                             "its difference; use mean-diff)")
+        raise VulnsteerError(
+            f"--method {method} needs at least 2 pairs to fit on (a direction from one pair is "
+            "its difference; use mean-diff)"
+        )
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     for name in names:
         part = acts if name == POOLED else acts.of_cwe(name)
@@ -182,33 +206,46 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
             continue
         pair_ids = [s.pair_id for s in part.samples]
         vectors[name] = {
-            layer: normalise(direction(part.by_layer[layer], part.labels, pair_ids, method), normalisation,
-                             residual_norms[layer])
+            layer: normalise(
+                direction(part.by_layer[layer], part.labels, pair_ids, method), normalisation, residual_norms[layer]
+            )
             for layer in layers
         }
     extra: dict = {}
     edits: dict[str, dict[int, LowRankEdit]] = {}
     if method in LEARNED:
         if not isinstance(lm, LoadedModel):
-            raise VulnsteerError(f"--method {method} is fitted on the model's answers: it needs the model in this "
-                                 "process (not a Ray driver's model description)")
+            raise VulnsteerError(
+                f"--method {method} is fitted on the model's answers: it needs the model in this "
+                "process (not a Ray driver's model description)"
+            )
         ids = [s.id for s in acts.samples]
         prefix = prefix.select(ids) if prefix is not None else prefix_pass(lm, acts.samples, acts.prompt_id, resources)
         extra = {"training": asdict(training), "trained_at": "the last token of score mode's prompt"}
         if method == "trained":
-            vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training,
-                                    progress)
+            vectors = train_vectors(lm, prefix, acts.samples, names, layers, residual_norms, POOLED, training, progress)
             extra["normalisation_note"] = "learned norm, at most max_norm mean residual norms"
         else:
             edits = train_edits(lm, prefix, acts.samples, names, layers, POOLED, training, progress)
     meta = {
-        "model": lm.model_id, "model_type": lm.model_type, "config_hash": lm.config_hash,
+        "model": lm.model_id,
+        "model_type": lm.model_type,
+        "config_hash": lm.config_hash,
         "hidden_size": lm.hidden_size,
-        "num_layers": lm.num_layers, "layers": layers, "method": method, "read": acts.read,
-        "prompt": acts.prompt_id, "normalisation": normalisation, "groups": names,
+        "num_layers": lm.num_layers,
+        "layers": layers,
+        "method": method,
+        "read": acts.read,
+        "prompt": acts.prompt_id,
+        "normalisation": normalisation,
+        "groups": names,
         "train_ids_sha256": items_sha256(acts.samples),
-        "n_train": len(acts.samples), "train_ids": sorted(s.id for s in acts.samples),
-        "train_keys": training_keys(acts.samples), "mode": acts.mode, "vulnsteer": __version__, **extra,
+        "n_train": len(acts.samples),
+        "train_ids": sorted(s.id for s in acts.samples),
+        "train_keys": training_keys(acts.samples),
+        "mode": acts.mode,
+        "vulnsteer": __version__,
+        **extra,
     }
     if isinstance(lm, LoadedModel):  # the weights themselves (a Ray driver has only their description)
         meta["weights_bf16"] = lm.weights_bf16
@@ -219,10 +256,15 @@ def fit(acts: Activations, lm: LoadedModel | ModelInfo, method: str = "mean-diff
 def save(bank: VectorBank, path: Path) -> None:
     """safetensors: one tensor "<group>/<layer>" each, metadata as JSON under the key "vulnsteer"."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{g}/{layer}": v.float().contiguous() for g, by_layer in bank.vectors.items()
-               for layer, v in by_layer.items()}
-    tensors |= {f"{g}/{layer}/{part}": t for g, by_layer in bank.edits.items() for layer, edit in by_layer.items()
-                for part, t in edit.tensors().items()}
+    tensors = {
+        f"{g}/{layer}": v.float().contiguous() for g, by_layer in bank.vectors.items() for layer, v in by_layer.items()
+    }
+    tensors |= {
+        f"{g}/{layer}/{part}": t
+        for g, by_layer in bank.edits.items()
+        for layer, edit in by_layer.items()
+        for part, t in edit.tensors().items()
+    }
     save_file(tensors, str(path), metadata={"vulnsteer": json.dumps(bank.meta)})
 
 
@@ -251,14 +293,17 @@ def load(path: Path) -> VectorBank:
         if not group or not layer.isdigit():
             raise VulnsteerError(f"{path}: tensor {key!r} is not named <group>/<layer>")
         if not tensor.is_floating_point() or tensor.dim() != 1:
-            raise VulnsteerError(f"{path}: vector {key} must be a 1-D float tensor, got {tensor.dim()}-D "
-                                 f"{str(tensor.dtype).removeprefix('torch.')}")
+            raise VulnsteerError(
+                f"{path}: vector {key} must be a 1-D float tensor, got {tensor.dim()}-D "
+                f"{str(tensor.dtype).removeprefix('torch.')}"
+            )
         if not torch.isfinite(tensor).all():
             raise VulnsteerError(f"{path}: vector {key} has NaN or infinite values")
         hidden, layers = meta.get("hidden_size"), meta.get("num_layers")
         if isinstance(hidden, int) and tensor.shape[0] != hidden:
-            raise VulnsteerError(f"{path}: vector {key} has {tensor.shape[0]} values; the file says hidden size "
-                                 f"{hidden}")
+            raise VulnsteerError(
+                f"{path}: vector {key} has {tensor.shape[0]} values; the file says hidden size {hidden}"
+            )
         if isinstance(layers, int) and not 0 <= int(layer) < layers:
             raise VulnsteerError(f"{path}: vector {key} is for layer {layer}, outside the model's 0..{layers - 1}")
         vectors.setdefault(group, {})[int(layer)] = tensor
@@ -268,8 +313,9 @@ def load(path: Path) -> VectorBank:
 EDIT_PARTS = ("R", "W", "b")
 
 
-def _edits(parts: dict[tuple[str, int], dict[str, torch.Tensor]], meta: dict,
-           path: Path) -> dict[str, dict[int, LowRankEdit]]:
+def _edits(
+    parts: dict[tuple[str, int], dict[str, torch.Tensor]], meta: dict, path: Path
+) -> dict[str, dict[int, LowRankEdit]]:
     """LoReFT edits from their stored parts, each shape checked against the file's hidden size."""
     hidden, n_layers = meta.get("hidden_size"), meta.get("num_layers")
     edits: dict[str, dict[int, LowRankEdit]] = {}
@@ -279,32 +325,40 @@ def _edits(parts: dict[tuple[str, int], dict[str, torch.Tensor]], meta: dict,
             raise VulnsteerError(f"{path}: the edit {group}/{layer} lacks {', '.join(missing)}")
         rank = found["b"].shape[0] if found["b"].dim() == 1 else -1
         if rank < 1 or found["R"].shape != (rank, hidden) or found["W"].shape != (rank, hidden):
-            raise VulnsteerError(f"{path}: the edit {group}/{layer} has shapes R {tuple(found['R'].shape)}, W "
-                                 f"{tuple(found['W'].shape)}, b {tuple(found['b'].shape)}; expected rank x {hidden}")
+            raise VulnsteerError(
+                f"{path}: the edit {group}/{layer} has shapes R {tuple(found['R'].shape)}, W "
+                f"{tuple(found['W'].shape)}, b {tuple(found['b'].shape)}; expected rank x {hidden}"
+            )
         if isinstance(n_layers, int) and not 0 <= layer < n_layers:
             raise VulnsteerError(f"{path}: edit {group}/{layer} is outside the model's 0..{n_layers - 1}")
         edits.setdefault(group, {})[layer] = LowRankEdit.from_tensors(found)
     return edits
 
 
-def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors",
-                     allow_other_weights: bool = False) -> None:
+def check_compatible(
+    bank: VectorBank, lm: LoadedModel, source: str = "vectors", allow_other_weights: bool = False
+) -> None:
     """Vectors from a model of another shape cannot steer this one; from other weights of the same shape (another
     checkpoint, a fine-tune) they are refused unless `allow_other_weights`, with a warning then."""
     meta = bank.meta
     fitted_on = meta.get("weights_bf16")
     if fitted_on and fitted_on != lm.weights_bf16:
         if not allow_other_weights:
-            raise VulnsteerError(f"{source} were fitted on other weights than {lm.model_id}'s (same architecture, "
-                                 f"another checkpoint: {meta.get('model')}); pass --allow-other-weights to use them "
-                                 "anyway")
-        print(f"warning: {source} were fitted on other weights ({meta.get('model')}) than {lm.model_id}'s",
-              file=sys.stderr)
+            raise VulnsteerError(
+                f"{source} were fitted on other weights than {lm.model_id}'s (same architecture, "
+                f"another checkpoint: {meta.get('model')}); pass --allow-other-weights to use them "
+                "anyway"
+            )
+        print(
+            f"warning: {source} were fitted on other weights ({meta.get('model')}) than {lm.model_id}'s",
+            file=sys.stderr,
+        )
     if meta.get("hidden_size") != lm.hidden_size or meta.get("num_layers") != lm.num_layers:
         raise VulnsteerError(
             f"{source} were made for a model with hidden size {meta.get('hidden_size')} and "
             f"{meta.get('num_layers')} layers ({meta.get('model')}); {lm.model_id} has {lm.hidden_size} and "
-            f"{lm.num_layers}")
+            f"{lm.num_layers}"
+        )
     for layer in bank.layers:
         if not 0 <= layer < lm.num_layers:
             raise VulnsteerError(f"{source}: layer {layer} is out of range (0..{lm.num_layers - 1})")
@@ -313,8 +367,9 @@ def check_compatible(bank: VectorBank, lm: LoadedModel, source: str = "vectors",
             if not 0 <= layer < lm.num_layers:
                 raise VulnsteerError(f"{source}: layer {layer} is out of range (0..{lm.num_layers - 1})")
             if vector.shape != (lm.hidden_size,):
-                raise VulnsteerError(f"{source}: a vector has shape {tuple(vector.shape)}, expected "
-                                     f"({lm.hidden_size},)")
+                raise VulnsteerError(
+                    f"{source}: a vector has shape {tuple(vector.shape)}, expected ({lm.hidden_size},)"
+                )
 
 
 def load_vectors(path: Path, lm: LoadedModel) -> VectorBank:
@@ -324,7 +379,7 @@ def load_vectors(path: Path, lm: LoadedModel) -> VectorBank:
 
 
 def parse_layers(spec: str | None, num_layers: int, available: list[int] | None = None) -> list[int]:
-    """"12,24", "all", "-1" (from the end) or "rel:0.25,0.5" (relative depths) -> sorted layer indices."""
+    """ "12,24", "all", "-1" (from the end) or "rel:0.25,0.5" (relative depths) -> sorted layer indices."""
     if spec in (None, "", "all"):
         return sorted(available) if available is not None else list(range(num_layers))
     layers = set()
@@ -351,8 +406,13 @@ def relative_layer(depth: float, num_layers: int) -> int:
     return min(num_layers - 1, int(math.floor(depth * num_layers + 1e-9)))
 
 
-def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, positions: Positions,
-                         cwe_vector: VectorChoice = VectorChoice("own")) -> Callable[[Sample], Steering]:
+def steering_for_samples(
+    bank: VectorBank,
+    layers: str | None,
+    strength: float,
+    positions: Positions,
+    cwe_vector: VectorChoice = VectorChoice("own"),
+) -> Callable[[Sample], Steering]:
     """A function giving each sample its steering: its own CWE's vector, the pooled one, or a named CWE's."""
     chosen = parse_layers(layers, bank.meta["num_layers"], bank.layers)
     if cwe_vector.kind != "own" and cwe_vector.group("") not in bank.groups:
@@ -362,9 +422,16 @@ def steering_for_samples(bank: VectorBank, layers: str | None, strength: float, 
         group = cwe_vector.group(sample.cwe)
         if group not in bank.groups:
             bank.for_group(group)
-        return bank.steering(group, chosen, strength, positions,
-                             SteeringId(vectors=group, layers=chosen, strength=strength, positions=positions,
-                                        method=bank.meta.get("method")))
+        return bank.steering(
+            group,
+            chosen,
+            strength,
+            positions,
+            SteeringId(
+                vectors=group, layers=chosen, strength=strength, positions=positions, method=bank.meta.get("method")
+            ),
+        )
+
     return steering
 
 

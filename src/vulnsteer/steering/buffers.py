@@ -50,17 +50,21 @@ class SteeringEngine:
             if index not in self.prefill_layers:  # a prompt pass, which may run fewer rows here (`shared_trunk`)
                 return output
             if rows != self.prefill_mask.shape[0]:
-                raise VulnsteerError(f"steering was set up for {self.prefill_mask.shape[0]} rows but the batch has "
-                                     f"{rows}")
+                raise VulnsteerError(
+                    f"steering was set up for {self.prefill_mask.shape[0]} rows but the batch has {rows}"
+                )
             return with_hidden(output, hidden + self.delta[index, :rows].unsqueeze(1) * self.prefill_mask)
+
         return hook
 
     def set_rows(self, rows: Sequence[Steering | None], attention_mask: torch.Tensor) -> None:
         """Load one batch: row i gets `rows[i]`; `attention_mask` is the batch's left-padded prompt mask."""
         batch, width = attention_mask.shape
         if any(row and row.edits for row in rows):
-            raise VulnsteerError("learned edits (loreft) depend on the hidden state and cannot be written into the "
-                                 "static decoder's buffers; use --cache dynamic")
+            raise VulnsteerError(
+                "learned edits (loreft) depend on the hidden state and cannot be written into the "
+                "static decoder's buffers; use --cache dynamic"
+            )
         if batch > self.delta.shape[1]:
             self._allocate(batch)
         deltas = layer_deltas(rows, self.delta.shape[2], len(self.layers))
@@ -70,13 +74,18 @@ class SteeringEngine:
             self.delta[layer, :batch].copy_(delta)
         modes = [row.positions if row else Positions.ALL for row in rows]
         self.decode_mask.zero_()
-        self.decode_mask[:batch, 0, 0] = torch.tensor([m in (Positions.GENERATED, Positions.ALL) for m in modes],
-                                                     dtype=self.decode_mask.dtype)
+        self.decode_mask[:batch, 0, 0] = torch.tensor(
+            [m in (Positions.GENERATED, Positions.ALL) for m in modes], dtype=self.decode_mask.dtype
+        )
         real = attention_mask.to(self.delta.device).bool()
         last = torch.zeros_like(real)
         last[:, -1] = True
-        by_mode = {Positions.PROMPT_LAST: last, Positions.PROMPT: real, Positions.ALL: real,
-                   Positions.GENERATED: torch.zeros_like(real)}
+        by_mode = {
+            Positions.PROMPT_LAST: last,
+            Positions.PROMPT: real,
+            Positions.ALL: real,
+            Positions.GENERATED: torch.zeros_like(real),
+        }
         prefill = torch.stack([by_mode[m][i] for i, m in enumerate(modes)])
         self.prefill_mask = prefill.unsqueeze(-1).to(self.delta.dtype)
 

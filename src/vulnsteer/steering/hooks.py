@@ -48,8 +48,13 @@ class _PositionTracker:
     from the KV cache's length (0 without a cache), padding from the attention mask. The prompt width is the
     sequence length of the first call inside the context (the prefill)."""
 
-    def __init__(self, positions: Sequence[Positions], device: torch.device, dtype: torch.dtype,
-                 prompt_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        positions: Sequence[Positions],
+        device: torch.device,
+        dtype: torch.dtype,
+        prompt_mask: torch.Tensor | None = None,
+    ):
         self.mode_of_row = torch.tensor([list(Positions).index(p) for p in positions], device=device)
         self.prompt_mask = None if prompt_mask is None else prompt_mask.to(device).bool()
         self.dtype = dtype
@@ -99,8 +104,9 @@ def layer_edits(rows: Sequence[Steering | None], n_layers: int) -> dict[int, lis
 def edited(hidden: torch.Tensor, entries: list[tuple[int, float, Edit]]) -> torch.Tensor:
     """What the edits add to `hidden` [rows, ...]: `strength * edit(h)` on their rows, zero elsewhere."""
     by_row = {i: (strength, edit) for i, strength, edit in entries}
-    return torch.stack([by_row[i][0] * by_row[i][1](h) if i in by_row else torch.zeros_like(h)
-                        for i, h in enumerate(hidden)])
+    return torch.stack(
+        [by_row[i][0] * by_row[i][1](h) if i in by_row else torch.zeros_like(h) for i, h in enumerate(hidden)]
+    )
 
 
 def layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: int) -> dict[int, torch.Tensor]:
@@ -114,8 +120,10 @@ def layer_deltas(rows: Sequence[Steering | None], hidden_size: int, n_layers: in
             if row and layer in row.vectors and row.strength != 0:
                 vector = row.vectors[layer].float()
                 if vector.shape != (hidden_size,):
-                    raise VulnsteerError(f"vector for layer {layer} has shape {tuple(vector.shape)}, "
-                                         f"the model's hidden size is {hidden_size}")
+                    raise VulnsteerError(
+                        f"vector for layer {layer} has shape {tuple(vector.shape)}, "
+                        f"the model's hidden size is {hidden_size}"
+                    )
                 delta[i] = row.strength * vector
         if delta.any():
             deltas[layer] = delta
@@ -139,8 +147,9 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
         yield
         return
     parameter = next(model.parameters())
-    tracker = _PositionTracker([row.positions if row else Positions.ALL for row in rows], parameter.device,
-                               parameter.dtype, attention_mask)
+    tracker = _PositionTracker(
+        [row.positions if row else Positions.ALL for row in rows], parameter.device, parameter.dtype, attention_mask
+    )
     deltas = {k: v.to(parameter.device, parameter.dtype) for k, v in deltas.items()}
 
     def add_delta(layer: int):
@@ -152,6 +161,7 @@ def steer(model, rows: Sequence[Steering | None], attention_mask: torch.Tensor |
             if layer in edits:
                 change = change + edited(hidden, edits[layer])
             return with_hidden(output, hidden + change * tracker.masks)
+
         return hook
 
     with Hooks() as installed:
@@ -178,12 +188,15 @@ def steer_tokens(model, rows: Sequence[Sequence[Steering | None]]) -> Iterator[N
         def hook(module, args, output):
             hidden = hidden_of(output)
             if hidden.shape[:2] != (len(rows), width):
-                raise VulnsteerError(f"steering was set up for {len(rows)} rows of {width} tokens but the batch "
-                                     f"has {hidden.shape[0]} of {hidden.shape[1]}")
+                raise VulnsteerError(
+                    f"steering was set up for {len(rows)} rows of {width} tokens but the batch "
+                    f"has {hidden.shape[0]} of {hidden.shape[1]}"
+                )
             change = deltas[layer] if layer in deltas else 0
             if layer in edits:  # token t of row b is entry b * width + t of the flat list
                 change = change + edited(hidden.flatten(0, 1), edits[layer]).view_as(hidden)
             return with_hidden(output, hidden + change)
+
         return hook
 
     with Hooks() as installed:

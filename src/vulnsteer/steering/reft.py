@@ -50,9 +50,11 @@ class LowRankEdit(torch.nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """R, W and b, detached, float32: what a vector file stores."""
-        return {"R": self.rotation.detach().float().cpu().contiguous(),
-                "W": self.learned.weight.detach().float().cpu().contiguous(),
-                "b": self.learned.bias.detach().float().cpu().contiguous()}
+        return {
+            "R": self.rotation.detach().float().cpu().contiguous(),
+            "W": self.learned.weight.detach().float().cpu().contiguous(),
+            "b": self.learned.bias.detach().float().cpu().contiguous(),
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> LowRankEdit:
