@@ -131,3 +131,11 @@ def test_typed_words_store_as_the_words_they_were():
     assert "mean-diff|1|random:1|all|+2" in ids and "mean-diff|1|CWE-79|all|-1" in ids
     assert "mean-diff|1|CWE-787|prompt-last|+2" in points_by_id(config, ["CWE-787"])  # the transfer row
     assert "mean-diff|1|own|all|+0" in ids  # the path control
+
+
+def test_a_method_name_is_checked_in_one_place():
+    """`check_method` is the one check of a method's name (extract --method, a sweep's methods, a direction)."""
+    checks = {path for path, text in sources().items() if re.search(r"\bnot in (methods\(\)|DIRECTIONS\b)", text)}
+    assert checks == {"src/vulnsteer/extract/vectors.py"}
+    with pytest.raises(VulnsteerError, match=r"^unknown value of config key methods 'magic'; use one of mean-diff"):
+        SweepConfig(methods=["magic"])

@@ -346,11 +346,10 @@ def extract_command(
     """Fit steering vectors (one per CWE and layer, plus a pooled one) from hidden states."""
     from vulnsteer.extract.activations import Read
     from vulnsteer.extract.trained import Training
-    from vulnsteer.extract.vectors import Normalisation, methods
+    from vulnsteer.extract.vectors import Normalisation, check_method
     from vulnsteer.pipeline import run_extract
 
-    if method not in methods():
-        raise VulnsteerError(f"use --method from {', '.join(methods())}")
+    check_method(method, "--method")
     scale, at, asked = Normalisation.parse(normalisation, "--normalisation"), Read.parse(read, "--read"), _mode(mode)
     options = model_options(data, dtype=dtype, device=device)
     samples, resources = _samples_and_resources(**data)

@@ -37,10 +37,10 @@ from vulnsteer.extract.vectors import (
     POOLED,
     Normalisation,
     VectorBank,
+    check_method,
     fit,
     parse_layers,
 )
-from vulnsteer.extract.vectors import methods as known_methods
 from vulnsteer.metrics import GAIN_METRICS
 from vulnsteer.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from vulnsteer.prompts import PROMPT_IDS, Prompt, PromptResources, build_prompt
@@ -156,7 +156,8 @@ class SweepConfig:
             raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
         if self.select_metric == "auroc" and self.mode != Mode.SCORE:
             raise VulnsteerError("config: select_metric auroc needs mode score (generated answers have no score)")
-        _check_choice("methods", self.methods, known_methods())
+        for method in self.methods:
+            check_method(method, "value of config key methods")
         _check_choice("prompt", [self.prompt], PROMPT_IDS)
         _check_choice("prompts", self.prompts or [], (*PROMPT_IDS, "all"))
         _check_choice("select_metric", [self.select_metric], SELECT_METRICS)

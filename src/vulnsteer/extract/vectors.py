@@ -96,6 +96,14 @@ def methods() -> tuple[str, ...]:
     return (*DIRECTIONS, *LEARNED)
 
 
+def check_method(method: str, what: str = "method") -> str:
+    """`method` when it names a known method (`methods()`); else a one-line error naming them. The one check of the
+    word, wherever it comes from (`extract --method`, a sweep's `methods`, a direction asked for)."""
+    if method not in methods():
+        raise VulnsteerError(f"unknown {what} {method!r}; use one of {', '.join(methods())}")
+    return method
+
+
 def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], method: str) -> torch.Tensor:
     """One raw (unnormalised) direction from activations `x` [n, hidden] with boolean labels `vulnerable`."""
     if method in LEARNED:
@@ -103,9 +111,7 @@ def direction(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str], me
             f"{method} vectors are fitted on the model's answers, not read off activations; use "
             f"one of {', '.join(DIRECTIONS)} here"
         )
-    if method not in DIRECTIONS:
-        raise VulnsteerError(f"unknown method {method!r}; use one of {', '.join(methods())}")
-    return DIRECTIONS[method](x, vulnerable, pair_ids)
+    return DIRECTIONS[check_method(method)](x, vulnerable, pair_ids)
 
 
 def _paired_differences(x: torch.Tensor, vulnerable: torch.Tensor, pair_ids: list[str]) -> torch.Tensor:
