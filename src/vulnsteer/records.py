@@ -48,6 +48,23 @@ class Positions(Word):
     GENERATED = "generated"
     ALL = "all"
 
+    @property
+    def prompt_tokens(self) -> Literal["none", "last", "all"]:
+        """Which of the prompt's tokens it steers: the one place this meaning is written (hooks, the static
+        decoder's buffers and the shared prompt pass all read it here)."""
+        rules: dict[str, Literal["none", "last", "all"]] = {
+            "prompt-last": "last",
+            "prompt": "all",
+            "generated": "none",
+            "all": "all",
+        }
+        return rules[self.value]
+
+    @property
+    def generated_tokens(self) -> bool:
+        """Whether it steers the tokens generated after the prompt."""
+        return self in (Positions.GENERATED, Positions.ALL)
+
 
 class Cache(Word):
     """The generation cache: transformers' dynamic one, or a fixed-size static one (`Decoding.cache`)."""
@@ -153,7 +170,7 @@ class Steering:
     @property
     def leaves_prompt_alone(self) -> bool:
         """Whether the prompt before its last token is unsteered: rows of one prompt that are can share that pass."""
-        return self.positions in (Positions.PROMPT_LAST, Positions.GENERATED)
+        return self.positions.prompt_tokens != "all"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from vulnsteer.engine.trunk import shared_trunk
 from vulnsteer.models import LoadedModel
 from vulnsteer.records import Steering
 from vulnsteer.steering.buffers import SteeringEngine
-from vulnsteer.steering.hooks import leaves_prompt_alone, steer, steer_tokens
+from vulnsteer.steering.hooks import leaves_prompt_alone, prompt_steering, steer, steer_tokens
 
 Steerings = Sequence[Steering | None] | None  # None: no row of the batch is steered
 
@@ -274,7 +274,7 @@ class SharedPrefixScorer(_SharedPrefix):
         for row, prompt in enumerate(of_row.tolist()):
             steering = steerings[row] if steerings else None
             slot.append(len(tokens[prompt]))
-            tokens[prompt].append(steering if steering and steering.positions != "generated" else None)
+            tokens[prompt].append(prompt_steering(steering))
         width = max(map(len, tokens))
         additive = side_by_side_mask(mask[:, :-1], width, next(model.parameters()).dtype)
         with steer_tokens(model, tokens):

@@ -74,19 +74,12 @@ class SteeringEngine:
             self.delta[layer, :batch].copy_(delta)
         modes = [row.positions if row else Positions.ALL for row in rows]
         self.decode_mask.zero_()
-        self.decode_mask[:batch, 0, 0] = torch.tensor(
-            [m in (Positions.GENERATED, Positions.ALL) for m in modes], dtype=self.decode_mask.dtype
-        )
+        self.decode_mask[:batch, 0, 0] = torch.tensor([m.generated_tokens for m in modes], dtype=self.decode_mask.dtype)
         real = attention_mask.to(self.delta.device).bool()
         last = torch.zeros_like(real)
         last[:, -1] = True
-        by_mode = {
-            Positions.PROMPT_LAST: last,
-            Positions.PROMPT: real,
-            Positions.ALL: real,
-            Positions.GENERATED: torch.zeros_like(real),
-        }
-        prefill = torch.stack([by_mode[m][i] for i, m in enumerate(modes)])
+        by_rule = {"last": last, "all": real, "none": torch.zeros_like(real)}
+        prefill = torch.stack([by_rule[m.prompt_tokens][i] for i, m in enumerate(modes)])
         self.prefill_mask = prefill.unsqueeze(-1).to(self.delta.dtype)
 
     @contextmanager

@@ -40,7 +40,10 @@ def steered_layers(rows: Iterable[Steering | None]) -> set[int]:
 
 def prompt_steering(row: Steering | None) -> Steering | None:
     """What a row steers in a pass over its whole prompt: nothing for rows steered only at generated tokens."""
-    return None if row is None or row.positions == "generated" else row
+    return None if row is None or row.positions.prompt_tokens == "none" else row
+
+
+PROMPT_RULES = ("none", "last", "all")  # the values of `Positions.prompt_tokens`, as rows of the tracker's stack
 
 
 class _PositionTracker:
@@ -55,7 +58,8 @@ class _PositionTracker:
         dtype: torch.dtype,
         prompt_mask: torch.Tensor | None = None,
     ):
-        self.mode_of_row = torch.tensor([list(Positions).index(p) for p in positions], device=device)
+        self.prompt_rule = torch.tensor([PROMPT_RULES.index(p.prompt_tokens) for p in positions], device=device)
+        self.generated = torch.tensor([p.generated_tokens for p in positions], device=device)[:, None]
         self.prompt_mask = None if prompt_mask is None else prompt_mask.to(device).bool()
         self.dtype = dtype
         self.prompt_width: int | None = None
@@ -80,8 +84,9 @@ class _PositionTracker:
         elif isinstance(attention, torch.Tensor) and attention.dim() == 2:
             real = attention[:, -new:].bool()
         is_prompt = absolute < self.prompt_width
-        by_mode = torch.stack([absolute == self.prompt_width - 1, is_prompt, ~is_prompt, torch.ones_like(is_prompt)])
-        self.masks = (by_mode[self.mode_of_row] & real).unsqueeze(-1).to(self.dtype)  # modes in Positions order
+        in_prompt = torch.stack([torch.zeros_like(is_prompt), absolute == self.prompt_width - 1, is_prompt])
+        steered = in_prompt[self.prompt_rule] | (self.generated & ~is_prompt)
+        self.masks = (steered & real).unsqueeze(-1).to(self.dtype)
 
 
 def _check_layers(layers: Iterable[int], n_layers: int) -> None:
