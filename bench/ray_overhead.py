@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             "local": timed(lambda: local.evaluate(jobs, decoding), repeats, warm_up=True),
             "local_sharded": timed(sharded, repeats, warm_up=True),
         }
-        cluster = RayBackend(ClusterOptions("local", workers=1), str(model), "float32", "score")
+        cluster = RayBackend(ClusterOptions("local", workers=1), str(model), {"dtype": "float32"}, "score")
         try:
             runs["ray_1_worker"] = timed(lambda: cluster.evaluate(jobs, decoding), repeats, warm_up=True)
         finally:

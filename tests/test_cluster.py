@@ -232,3 +232,16 @@ def test_learned_fits_on_ray_are_refused_in_one_line_before_connecting(tmp_path)
         config = SweepConfig(**{**SETTINGS, "mode": "score", **flags})
         with pytest.raises(VulnsteerError, match="fitted on the model's answers in this process"):
             run_sweep(config, tmp_path, cluster=ClusterOptions("127.0.0.1:1"))
+
+
+def test_a_worker_loads_through_the_backend_registry_with_the_sweeps_model_options(tmp_path):
+    """A Ray worker loads its model as a local run does (backends.load): `--model-args` reach it, an option the
+    backend does not take and a backend that cannot steer are refused there in one line."""
+    from vulnsteer.experiments.cluster import ModelWorker
+
+    lm = tiny_lm("qwen2")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    assert ModelWorker(str(tmp_path), {"dtype": "float32"}, "score").error is None
+    assert "colour" in (ModelWorker(str(tmp_path), {"colour": "red"}, "score").error or "")
+    assert "cannot steer" in (ModelWorker("openai:gpt", {}, "score").error or "")

@@ -459,11 +459,11 @@ def run_sweep(
             )
     test, train, dropped = load_sweep_samples(config)
     with exclusive(out_dir):  # one writer per folder, refused before the model loads
-        if cluster is not None:
-            backend: Backend = RayBackend(cluster, config.model, config.dtype, config.mode)
+        options = merge_options({"dtype": config.dtype}, model_args or {})
+        if cluster is not None:  # each worker loads the model with the same backend options
+            backend: Backend = RayBackend(cluster, config.model, options, config.mode)
         else:
             if lm is None:
-                options = merge_options({"dtype": config.dtype}, model_args or {})
                 lm = load(config.model, options, config.mode).handle
             backend = LocalBackend(lm)
         try:

@@ -102,13 +102,12 @@ class ModelWorker:
     """One model replica, run as a Ray actor: loads the model once, then serves shards on it. Each shard method is
     a generator: Ray streams what it yields to the driver as it is yielded."""
 
-    def __init__(self, model: str, dtype: str, mode: str):
-        from vulnsteer.models import default_device, load_model, resolve_dtype
+    def __init__(self, model: str, options: dict[str, str], mode: str):
+        from vulnsteer.backends import load
 
         self.error = None
-        try:
-            device = default_device()  # Ray shows an actor only the GPU it was given
-            self.backend = LocalBackend(load_model(model, dtype=resolve_dtype(dtype, mode, device), device=device))
+        try:  # through the backend registry, as a local run loads (the device: the GPU Ray shows the actor)
+            self.backend = LocalBackend(load(model, options, mode, needs=("steers", "hidden_states")).handle)
         except Exception as exc:  # reported by ready() as one line rather than as a dead actor's traceback
             self.error = str(exc) if isinstance(exc, VulnsteerError) else f"{type(exc).__name__}: {exc}"
 
@@ -183,7 +182,7 @@ class RayBackend:
 
     info: ModelInfo
 
-    def __init__(self, options: ClusterOptions, model: str, dtype: str, mode: str):
+    def __init__(self, options: ClusterOptions, model: str, model_options: dict[str, str], mode: str):
         ray = self.ray = _ray()
         self.started = not ray.is_initialized()
         if self.started:
@@ -199,12 +198,12 @@ class RayBackend:
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                 ) from exc
         try:
-            self._start(options, model, dtype, mode)
+            self._start(options, model, model_options, mode)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, options: ClusterOptions, model: str, dtype: str, mode: str) -> None:
+    def _start(self, options: ClusterOptions, model: str, model_options: dict[str, str], mode: str) -> None:
         ray = self.ray
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
@@ -221,7 +220,7 @@ class RayBackend:
                 )
             share = {"num_cpus": cpus // options.workers}
         self.actor_class = ray.remote(max_restarts=0, **share)(ModelWorker)
-        self.spawn = lambda: self.actor_class.remote(model, dtype, mode)
+        self.spawn = lambda: self.actor_class.remote(model, model_options, mode)
         self.spares = options.workers  # replacements for workers that die, before the sweep gives up
         self.workers: list = []
         self.joined = 0
