@@ -212,7 +212,7 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     assert set(a.meta["fit_seconds"]) == {"mean-diff", "trained", "loreft"}
 
 
-def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection(tmp_path, monkeypatch):
+def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection(tmp_path, monkeypatch, capsys):
     """`rank = [1, 2]`: one loreft fit per rank (its bank stores that rank), each with its own configs and row in
     the methods table; nested selection sees both as candidates like any configs."""
     from vulnsteer.experiments import sweep as sweep_module
@@ -252,6 +252,7 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
         "loreft-r2": ("loreft", 2),
     }
     run_sweep(config, tmp_path, lm=random_model("llama"))
+    assert "fitting loreft-r1, loreft-r2 on 9 training sets" in capsys.readouterr().out
     a = analyse(tmp_path)
     assert {c.split("|")[0] for c in a.arms if c.startswith("loreft")} == {"loreft-r1", "loreft-r2"}
     assert {r for m, r in ranks_fitted if m == "loreft"} == {1, 2}  # each training set: one fit per rank

@@ -559,7 +559,7 @@ def plan(
     others = candidate_prompts(config, test, resources)  # unsteered: they fit nothing; the arm's choice is nested
     selection_banks: dict[tuple[int, int], Banks] = {}
     # Learned methods train on the model's answers: each training item's prompt prefix runs once for every bank.
-    learned = [m for m in config.methods if m in LEARNED]
+    learned = [name for name, f in config.fits.items() if f.method in LEARNED]  # loreft-r1, loreft-r4, ...
     prefix = None
     if learned and isinstance(lm, LoadedModel):
         prefix = prefix_pass(lm, train if train is not None else test, config.prompt, resources)
