@@ -326,3 +326,29 @@ def test_a_sweep_loads_its_test_and_training_items_through_every_filter_it_is_gi
                 train_max_chars=None,
             )
         )
+
+
+def test_each_random_draw_steers_its_own_direction_with_the_pooled_norm():
+    """`random_draws = 2` means two controls: the K-th draw's direction differs from the others' (a distribution
+    of controls, not one direction twice), each with the pooled vector's norm."""
+    import torch
+
+    from vulnsteer.data import load_demo
+    from vulnsteer.experiments.sweep import GridPoint, steering_for
+    from vulnsteer.records import Positions, VectorChoice
+
+    pooled = {1: torch.randn(16, generator=torch.Generator().manual_seed(0)) * 3}
+    bank = SimpleNamespace(meta={"train_ids_sha256": "0" * 64}, edits={}, for_group=lambda group: pooled)
+    sample = load_demo()[0]
+    vectors = [
+        steering_for(
+            GridPoint("mean-diff", "1", VectorChoice("random", draw=k), Positions.PROMPT_LAST, 1.0),
+            sample,
+            0,
+            {"mean-diff": bank},
+            {"1": [1]},
+        ).vectors[1]
+        for k in (0, 1)
+    ]
+    assert not torch.equal(vectors[0], vectors[1])
+    assert all(torch.isclose(v.norm(), pooled[1].norm()) for v in vectors)
