@@ -352,3 +352,22 @@ def test_each_random_draw_steers_its_own_direction_with_the_pooled_norm():
     ]
     assert not torch.equal(vectors[0], vectors[1])
     assert all(torch.isclose(v.norm(), pooled[1].norm()) for v in vectors)
+
+
+def test_a_learned_edits_random_control_is_an_edit_of_the_same_form_in_another_subspace():
+    """LoReFT's control steers: W and b of the pooled edit, R drawn at random with the same rank, at each layer."""
+    import torch
+
+    from vulnsteer.data import load_demo
+    from vulnsteer.experiments.sweep import GridPoint, steering_for
+    from vulnsteer.records import Positions, VectorChoice
+    from vulnsteer.steering.reft import LowRankEdit
+
+    pooled = {1: LowRankEdit(16, 2, torch.Generator().manual_seed(0))}
+    bank = SimpleNamespace(meta={"train_ids_sha256": "0" * 64}, edits={"pooled": pooled})
+    point = GridPoint("loreft", "1", VectorChoice("random", draw=0), Positions.PROMPT_LAST, 1.0)
+    control = steering_for(point, load_demo()[0], 0, {"loreft": bank}, {"1": [1]})
+    assert set(control.edits) == {1} and control.steered_layers == {1}
+    made, fitted = control.edits[1].tensors(), pooled[1].tensors()
+    assert torch.equal(made["W"], fitted["W"]) and torch.equal(made["b"], fitted["b"])
+    assert made["R"].shape == fitted["R"].shape and not torch.allclose(made["R"], fitted["R"])
