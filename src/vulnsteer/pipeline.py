@@ -602,27 +602,26 @@ def _run_rows(backend: Backend, sweep, decoding: Decoding, store, calibration_ro
     ]
     cost_of = {job_key(j, decoding.mode): c for j, c in zip(sweep.jobs, costs)}
     split = min(calibration_rows, len(sweep.jobs))
-    parts = [
-        (sweep.jobs[:split], {k for k in sweep.done if k < split}),
-        (sweep.jobs[split:], {k - split for k in sweep.done if k >= split}),
-    ]
+    first, rest = sweep.jobs[:split], sweep.jobs[split:]
+    first_done = {k for k in sweep.done if k < split}
+    rest_done = {k - split for k in sweep.done if k >= split}
     with progress("sweep", len(sweep.todo), work=sum(costs)) as advance:
 
         def on_result(result: Result) -> None:
             store_row(store, sweep, result)
             advance(1, cost_of[result_key(result)])
 
-        (first, first_done), (rest, rest_done) = parts
-        started = time.perf_counter()
         if len(first_done) < len(first):
+            started = time.perf_counter()
             backend.evaluate(first, decoding, None, on_result, first_done)
             per_unit = (time.perf_counter() - started) / max(sum(costs[:split]), 1e-9)
-            print(
-                f"sweep: about {_duration(per_unit * sum(costs[split:]))} left for "
-                f"{len(rest) - len(rest_done)} rows, at the rate of the first {len(first) - len(first_done)} on "
-                "this machine",
-                flush=True,
-            )
+            if len(rest_done) < len(rest):
+                print(
+                    f"sweep: about {_duration(per_unit * sum(costs[split:]))} left for "
+                    f"{len(rest) - len(rest_done)} rows, at the rate of the first {len(first) - len(first_done)} "
+                    "on this machine",
+                    flush=True,
+                )
         if len(rest_done) < len(rest):
             backend.evaluate(rest, decoding, None, on_result, rest_done)
 
