@@ -212,6 +212,14 @@ R_SUBCOMPONENT = (
         ("### Verdict: **Not vulnerable**", "CWE-787", "not_vulnerable"),
         ("## Analysis\nThe loop copies len bytes.\n\n**No**\n", "CWE-787", "not_vulnerable"),
         ("The length check could lead to an out-of-bounds write if it were removed.", "CWE-787", "unknown"),
+        # An attacker who cannot exploit the code denies; one who can affirms. A missing check is evidence, but
+        # "no <check> vulnerability" denies the weakness itself.
+        ("An attacker cannot exploit this code.", "CWE-787", "not_vulnerable"),
+        ("No attacker can exploit this code.", "CWE-787", "not_vulnerable"),
+        ("This code cannot be exploited.", "CWE-787", "not_vulnerable"),
+        ("An attacker can exploit this code.", "CWE-787", "vulnerable"),
+        ("There is no bounds checking vulnerability here.", "CWE-787", "not_vulnerable"),
+        ("There is no bounds checking, so an attacker could overflow the buffer.", "CWE-787", "vulnerable"),
         (R_SUBCOMPONENT, "CWE-416", "unknown"),
         (
             R_SUBCOMPONENT + "\n\nDecision:\nBased on A-S1, the code is vulnerable to use after free.",

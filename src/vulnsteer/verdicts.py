@@ -13,15 +13,14 @@ of precedence:
    "No buffer overflow").
    Rules 2 and 3 are overruled to "unknown" when a conclusion sentence ("Therefore, ...")
    clearly says the opposite, and "Yes and no" is a hedge.
-4. Sentence/clause analysis: each clause gets a polarity from negated phrases ("not
-   vulnerable", "no ... vulnerability", "does not contain", "is safe") checked *before*
-   affirmed ones ("is vulnerable", "contains a ... overflow", "leads to ..."), except a negated negative ("not
-   free of overflows"), which affirms; phrases about
-   missing checks ("does not validate", "no bounds check") are evidence, not verdicts, and
-   are ignored.  When a CWE is given, clauses about the asked CWE win over generic ones and
-   clauses about other CWEs are dropped.  The last conclusion clause decides; otherwise all
-   committed clauses must agree.  Hedges ("may be vulnerable", "depending on", "hard to
-   say") and disagreements -> "unknown".
+4. Sentence/clause analysis: each clause gets a polarity from negated phrases ("not vulnerable", "no ...
+   vulnerability", "does not contain", "is safe", "an attacker can not") checked *before* affirmed ones ("is
+   vulnerable", "contains a ... overflow", "leads to ..."), except a negated negative ("not free of overflows"),
+   which affirms; phrases about missing checks ("does not validate", "no bounds check") are evidence, not verdicts,
+   and are ignored (but "no bounds checking vulnerability" denies one).  When a CWE is given, clauses about the
+   asked CWE win over generic ones and clauses about other CWEs are dropped.  The last conclusion clause decides;
+   otherwise all committed clauses must agree.  Hedges ("may be vulnerable", "depending on", "hard to say") and
+   disagreements -> "unknown".
 """
 
 from __future__ import annotations
@@ -74,6 +73,9 @@ _LACK = re.compile(
     r"(?:check|validat|sanitiz|verif|escap|encod|limit|restrict|bound|initiali[sz])\w*"
     r"|\bno\s+(?:proper\s+|explicit\s+)?(?:bounds?|length|size|input|null|range|overflow)?\s*"
     r"(?:checks?|checking|validation|sanitization|escaping)\b"
+    + r"(?!\s+"  # ... unless a weakness follows: "no bounds checking vulnerability" denies one
+    + _VULN_NOUN
+    + r")"
     r"|\bwithout\s+(?:any\s+|proper\s+)?(?:\w+\s+)?(?:check|validat|sanitiz|escap|encod|normaliz)\w*"
     # What is still to be checked ("S1: data is freed -> check if it was used after it was freed causing a use after
     # free vulnerability", the R prompts' sub-components) is a question, not a finding.
@@ -111,6 +113,7 @@ _NEG = re.compile(
     + _W
     + r"{0,2}?(?:safe|secure)\b"
     + r"|\bsafe (?:from|against)\b|\bnot (?:present|possible)\b"
+    + r"|\b(?:can|could) not be exploited\b|\ban attacker (?:can|could) not\b|\bno attacker (?:can|could)\b"
     + r"|\b(?:properly|correctly|safely)\s+(?:validat|sanitiz|escap|encod|check|handl|bound)\w*"
     + r"|\b(?:prevents?|mitigates?|eliminates?)\b"
     + r"|\b(?:protects?|protecting|protected|guards?|guarding)\s+"
@@ -145,7 +148,7 @@ _AFF = re.compile(
     + r"|\b"
     + _VULN_NOUN
     + r"\s+(?:\w+\s+)?(?:exists?|is present|occurs?|lies|happens)\b"
-    + r"|\b(?:can|could) be exploited\b|\ban attacker (?:can|could)\b"
+    + r"|\b(?:can|could) be exploited\b|\ban attacker (?:can|could)\b(?! not\b)"
     # "The vulnerability in the given code is the use of free(file) ...", "The use-after-free vulnerability in ..."
     + r"|\bthe\s+(?:[\w-]+\s+){0,2}?vulnerabilit(?:y|ies)\s+(?:in|of)\s+(?:the\s+|this\s+)?(?:given\s+|provided\s+)?"
     r"(?:code|function|snippet|program)\s+(?:is|are|lies|occurs|exists)\b"
