@@ -623,5 +623,10 @@ def test_extract_fits_a_learned_method_as_its_flags_say(monkeypatch, capsys, tmp
     assert code == 0, err
     bank = load(path)
     training = bank.meta["training"]
-    assert (training["steps"], training["rank"], training["kl_weight"]) == (2, 2, 0.5)
+    assert (training["steps"], training["rank"], training["kl_weight"], training["max_norm"]) == (2, 2, 0.5, 1.0)
     assert {edit.learned.weight.shape[0] for by_layer in bank.edits.values() for edit in by_layer.values()} == {2}
+    path = tmp_path / "vectors.safetensors"
+    flags = ("--dataset", "demo", "--limit", "4", "--layers", "1", "--steps", "2", "--mode", "score", "-o", str(path))
+    code, out, err = run_cli(monkeypatch, capsys, "extract", "--method", "trained", "--max-norm", "0.25", *flags)
+    assert code == 0, err
+    assert load(path).meta["training"]["max_norm"] == 0.25

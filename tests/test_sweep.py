@@ -137,6 +137,18 @@ def test_the_best_prompt_and_lora_flags_reach_the_config():
     assert list(load_config(None, _sweep_overrides(rank="2")).fits) == ["mean-diff", "trained", "loreft"]
     with pytest.raises(VulnsteerError, match="--rank must be integers"):
         _sweep_overrides(rank="1,x")
+    grid = load_config(None, _sweep_overrides(learned_steps="10,40", max_norm="0.5,2", methods="trained,loreft"))
+    assert {n: (f.training.steps, f.training.max_norm) for n, f in grid.fits.items() if n.startswith("trained")} == {
+        "trained-s10-n0.5": (10, 0.5),
+        "trained-s10-n2": (10, 2.0),
+        "trained-s40-n0.5": (40, 0.5),
+        "trained-s40-n2": (40, 2.0),
+    }
+    assert list(grid.fits)[4:] == ["loreft-s10", "loreft-s40"]  # a norm bound is not a loreft hyper-parameter
+    with pytest.raises(VulnsteerError, match="--max-norm must be numbers"):
+        _sweep_overrides(max_norm="0.5,big")
+    with pytest.raises(VulnsteerError, match="max_norm must be finite numbers > 0"):
+        load_config(None, _sweep_overrides(max_norm="0"))
 
 
 def test_toml_config_and_flag_overrides(tmp_path):

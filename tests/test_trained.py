@@ -268,6 +268,49 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
     assert set(a.meta["fit_seconds"]) == {"mean-diff", "loreft-r1", "loreft-r2"}
 
 
+def test_norm_bounds_and_step_counts_make_one_trained_arm_each_fitted_at_its_own_values(tmp_path, monkeypatch):
+    """`max_norm = [0.25, 1]`, `learned_steps = [1, 3]`: every training set gets one trained fit per combination, each
+    with its own bound and steps (the vector's norm stays within its bound), each an arm of nested selection."""
+    from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.analysis import analyse
+    from vulnsteer.experiments.sweep import SweepConfig, candidate_points
+    from vulnsteer.models import random_model
+    from vulnsteer.pipeline import run_sweep
+
+    fitted: list[tuple[int, float, float]] = []  # (steps, bound, the largest fitted norm in mean residual norms)
+    fit_ = sweep_module.fit
+
+    def recording_fit(acts, lm, method, *args, **kwargs):
+        bank = fit_(acts, lm, method, *args, **kwargs)
+        unit = {layer: acts.by_layer[layer].norm(dim=1).mean().item() for layer in acts.by_layer}  # as `fit` does
+        norms = [v.norm().item() / unit[layer] for layer, v in bank.for_group("pooled").items()]
+        fitted.append((kwargs["training"].steps, kwargs["training"].max_norm, max(norms)))
+        return bank
+
+    monkeypatch.setattr(sweep_module, "fit", recording_fit)
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        folds=3,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        methods=["trained"],
+        vectors=["pooled"],
+        transfer=False,
+        learned_steps=[1, 3],
+        max_norm=[0.25, 1.0],
+    )
+    run_sweep(config, tmp_path, lm=random_model("llama"))
+    assert sorted({(steps, bound) for steps, bound, _ in fitted}) == [(1, 0.25), (1, 1.0), (3, 0.25), (3, 1.0)]
+    assert len(fitted) == 4 * 9  # 3 folds + 3 pairs of folds, each with every combination
+    assert all(norm <= bound * (1 + 1e-4) for _, bound, norm in fitted)
+    a = analyse(tmp_path)
+    names = {"trained-s1-n0.25", "trained-s1-n1", "trained-s3-n0.25", "trained-s3-n1"}
+    assert {c.split("|")[0] for c in a.arms if c in candidate_points(config)} == names
+    assert set(a.meta["fit_seconds"]) == names
+
+
 def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
     """R = the first two unit vectors, W = 0, b = (2, -1): Φ(h) = h + Rᵀ(Wh + b − Rh) sets h's first two coordinates
     to 2 and -1 and leaves the rest; R stays orthonormal through the parametrization after a gradient step."""

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
@@ -88,7 +88,6 @@ _INT_FLAGS = {
     "train_pairs_per_cwe",
     "batch_tokens",
     "lora_steps",
-    "learned_steps",
 }
 
 
@@ -337,6 +336,9 @@ def extract_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (the default), bfloat16 or float16."),
     device: Optional[str] = DeviceOpt,
     steps: int = typer.Option(40, "--steps", min=1, help="trained/loreft: Adam steps."),
+    max_norm: float = typer.Option(
+        1.0, "--max-norm", min=1e-6, help="trained: the vector's norm bound, in mean residual norms."
+    ),
     rank: int = typer.Option(4, "--rank", min=1, max=8, help="loreft: the edit's rank."),
     kl_weight: float = typer.Option(
         0.0, "--kl-weight", min=0.0, help="trained/loreft: also pay this x KL(unsteered || steered) at that token."
@@ -365,7 +367,7 @@ def extract_command(
         scale,
         output,
         asked,
-        Training(steps=steps, rank=rank, kl_weight=kl_weight),
+        Training(steps=steps, max_norm=max_norm, rank=rank, kl_weight=kl_weight),
     )
     print(
         f"wrote {output}: groups {', '.join(bank.groups)}; layers {bank.meta['layers']}; {bank.meta['n_train']} samples"
@@ -462,6 +464,13 @@ def vectors_export(
     print(f"wrote {output}")
 
 
+_GRID_FLAGS: dict[str, tuple[Callable[[str], float], str]] = {
+    "learned_steps": (int, "integers"),
+    "max_norm": (float, "numbers"),
+    "rank": (int, "integers"),
+}
+
+
 def _sweep_overrides(**flags) -> dict:
     """Flags given on the command line, in config-file form (lists split on commas; layer sets on ';')."""
     lists = {"split", "cwe", "methods", "vectors", "positions", "train_split", "prompts"}
@@ -478,11 +487,13 @@ def _sweep_overrides(**flags) -> dict:
                 value = [float(v) for v in value.split(",") if v.strip()]
             except ValueError as exc:
                 raise VulnsteerError(f"--strengths must be numbers separated by commas, got {value!r}") from exc
-        elif key == "rank":
+        elif key in _GRID_FLAGS:  # one value, or a list: one learned fit per value
+            number, kind = _GRID_FLAGS[key]
             try:
-                value = [int(v) for v in value.split(",") if v.strip()]
+                value = [number(v) for v in value.split(",") if v.strip()]
             except ValueError as exc:
-                raise VulnsteerError(f"--rank must be integers separated by commas, got {value!r}") from exc
+                flag = "--" + key.replace("_", "-")
+                raise VulnsteerError(f"{flag} must be {kind} separated by commas, got {value!r}") from exc
             value = value[0] if len(value) == 1 else value
         elif key == "kl_weight":
             try:
@@ -566,8 +577,14 @@ SWEEP_FLAGS = dict(
     learned_steps=typer.Option(
         None,
         "--learned-steps",
-        min=1,
-        help="Adam steps of each trained/loreft fit (one per fold and per pair of folds).",
+        help="Adam steps of each trained/loreft fit (one per fold and per pair of folds); e.g. 10,40: one fit "
+        "per value, chosen among by nested selection (as --max-norm and --rank).",
+    ),
+    max_norm=typer.Option(
+        None,
+        "--max-norm",
+        help="A trained vector's norm bound in mean residual norms (default 1); e.g. 0.5,2: one trained arm per "
+        "bound (trained-n0.5, trained-n2).",
     ),
     rank=typer.Option(
         None,

@@ -14,6 +14,7 @@ vectors behind it saw fold f, and the headline is never a maximum over the test 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -68,6 +69,11 @@ from vulnsteer.steering.hooks import leaves_prompt_alone
 from vulnsteer.steering.reft import random_edit
 
 BASELINE = "baseline"
+# Per learned method, the hyper-parameters a config may list: (the letter in fit names, `Training` field, config key).
+LEARNED_GRID: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "trained": (("s", "steps", "learned_steps"), ("n", "max_norm", "max_norm")),
+    "loreft": (("r", "rank", "rank"), ("s", "steps", "learned_steps")),
+}
 SELECT_METRICS = GAIN_METRICS  # a config is chosen by any metric a gain is measured in
 
 
@@ -102,10 +108,11 @@ class SweepConfig:
     prompts: list[str] | None = None
     # > 0: the LoRA ceiling arm (peft, r=8 on q,k,v,o), fitted per fold on its training items with this many steps
     lora_steps: int = 0
-    learned_steps: int = Training().steps  # Adam steps of each `trained`/`loreft` fit (every fold's and pair's)
-    # of `loreft` edits (1-8); a list makes one arm per rank ("loreft-r1", "loreft-r4"), among which nested selection
-    # chooses as among any configs
-    rank: int | list[int] = Training().rank
+    # The learned methods' hyper-parameters (`LEARNED_GRID`). Each may be a list: one fit per combination, named by
+    # the values that vary ("loreft-r1", "trained-s20-n0.5"), each an arm among which nested selection chooses.
+    learned_steps: int | list[int] = Training().steps  # Adam steps of a `trained`/`loreft` fit
+    max_norm: float | list[float] = Training().max_norm  # a trained vector's norm bound, in mean residual norms
+    rank: int | list[int] = Training().rank  # of `loreft` edits (1-8)
     kl_weight: float = Training().kl_weight  # > 0: learned fits also pay weight x KL(unsteered || steered)
     mode: Mode = Mode.SCORE
     folds: int = 4
@@ -148,9 +155,7 @@ class SweepConfig:
             self, "positions", [Positions.parse(p, "value of config key positions") for p in self.positions]
         )
         self.vector_choices  # noqa: B018 (parsing every word of `vectors` is the check)
-        if not all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in self.strengths
-        ):
+        if not all(_is_number(s) and math.isfinite(s) for s in self.strengths):
             raise VulnsteerError(f"config: strengths must be finite numbers, got {self.strengths}")
         if all(s == 0 for s in self.strengths):
             raise VulnsteerError("config: every strength is 0, so nothing is steered (the baseline always runs)")
@@ -177,11 +182,14 @@ class SweepConfig:
         _check_integer("folds", self.folds, 2 if self.train_dataset else 3)
         _check_integer("random_draws", self.random_draws, 1)
         _check_integer("lora_steps", self.lora_steps, 0)
-        _check_integer("learned_steps", self.learned_steps, 1)
-        if not self.ranks or not all(
-            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 8 for r in self.ranks
+        for key, valid, wanted in (
+            ("learned_steps", lambda v: _is_int(v) and v >= 1, "integers >= 1"),
+            ("max_norm", lambda v: _is_number(v) and math.isfinite(v) and v > 0, "finite numbers > 0"),
+            ("rank", lambda v: _is_int(v) and 1 <= v <= 8, "1 to 8"),
         ):
-            raise VulnsteerError(f"config: rank must be 1 to 8 (or a list of such), got {self.rank}")
+            values = _values(getattr(self, key))
+            if not values or not all(map(valid, values)) or len(set(values)) < len(values):
+                raise VulnsteerError(f"config: {key} must be {wanted} (or a list of distinct such), got {values}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise VulnsteerError(f"config: kl_weight must be a finite number >= 0, got {self.kl_weight}")
         if self.lora_steps and self.mode != Mode.SCORE:
@@ -202,20 +210,20 @@ class SweepConfig:
         return self.learned_layers if self.fits[fit].method in LEARNED else self.layers
 
     @property
-    def ranks(self) -> list[int]:
-        return self.rank if isinstance(self.rank, list) else [self.rank]
-
-    @property
     def fits(self) -> dict[str, MethodFit]:
-        """What each method fits, by the name its configs carry: one per method, or with several `rank`s one
-        `loreft` fit per rank (`loreft-r1`, ...)."""
-        training = Training(steps=self.learned_steps, rank=self.ranks[0], kl_weight=float(self.kl_weight))
+        """What each method fits, by the name its configs carry: one per method, or for a learned method one per
+        combination of its listed hyper-parameters (`LEARNED_GRID`), named by the values that vary."""
+        first = {attr: _values(getattr(self, key))[0] for axes in LEARNED_GRID.values() for _, attr, key in axes}
+        base = Training(kl_weight=float(self.kl_weight), **first)
         out = {}
         for method in self.methods:
-            ranks = self.ranks if method == "loreft" and len(self.ranks) > 1 else [self.ranks[0]]
-            for rank in ranks:
-                name = f"{method}-r{rank}" if len(ranks) > 1 else method
-                out[name] = MethodFit(name, method, replace(training, rank=rank))
+            axes = [(letter, attr, _values(getattr(self, key))) for letter, attr, key in LEARNED_GRID.get(method, ())]
+            for combo in itertools.product(*(values for _, _, values in axes)):
+                name = method + "".join(
+                    f"-{letter}{value:g}" for (letter, _, values), value in zip(axes, combo) if len(values) > 1
+                )
+                training = replace(base, **{attr: value for (_, attr, _), value in zip(axes, combo)})
+                out[name] = MethodFit(name, method, training)
         return out
 
     @classmethod
@@ -267,6 +275,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "list[Positions]": list,
     "list[float]": list,
     "int | list[int]": (int, list),
+    "float | list[float]": (int, float, list),
 }
 
 
@@ -288,8 +297,21 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         raise VulnsteerError(f"config: {name} must be a list of strings, got {value!r}")
 
 
+def _values(value) -> list:
+    """A config value that may be one value or a list of them, as a list."""
+    return value if isinstance(value, list) else [value]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_integer(name: str, value, least: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    if not _is_int(value) or value < least:
         raise VulnsteerError(f"config: {name} must be an integer >= {least}, got {value!r}")
 
 
