@@ -252,11 +252,11 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
         "loreft-r2": ("loreft", 2),
     }
     run_sweep(config, tmp_path, lm=random_model("llama"))
-    assert "fitting loreft-r1, loreft-r2 on 9 training sets" in capsys.readouterr().out
+    assert "fitting loreft-r1, loreft-r2 on 6 training sets" in capsys.readouterr().out
     a = analyse(tmp_path)
     assert {c.split("|")[0] for c in a.arms if c.startswith("loreft")} == {"loreft-r1", "loreft-r2"}
     assert {r for m, r in ranks_fitted if m == "loreft"} == {1, 2}  # each training set: one fit per rank
-    assert ranks_fitted.count(("loreft", 1)) == ranks_fitted.count(("loreft", 2)) == 9  # 3 folds + 6 pairs
+    assert ranks_fitted.count(("loreft", 1)) == ranks_fitted.count(("loreft", 2)) == 6  # 3 folds + 3 pairs
     edits = {c: [r.score for r in rows] for c, rows in a.arms.items() if c.startswith("loreft")}
     assert edits["loreft-r1|1|pooled|prompt-last|+1"] != edits["loreft-r2|1|pooled|prompt-last|+1"]
     candidates = [c for c in a.arms if c in candidate_points(config)]
@@ -303,7 +303,7 @@ def test_norm_bounds_and_step_counts_make_one_trained_arm_each_fitted_at_its_own
     )
     run_sweep(config, tmp_path, lm=random_model("llama"))
     assert sorted({(steps, bound) for steps, bound, _ in fitted}) == [(1, 0.25), (1, 1.0), (3, 0.25), (3, 1.0)]
-    assert len(fitted) == 4 * 9  # 3 folds + 3 pairs of folds, each with every combination
+    assert len(fitted) == 4 * 6  # 3 folds + 3 pairs of folds, each with every combination
     assert all(norm <= bound * (1 + 1e-4) for _, bound, norm in fitted)
     a = analyse(tmp_path)
     names = {"trained-s1-n0.25", "trained-s1-n1", "trained-s3-n0.25", "trained-s3-n1"}
