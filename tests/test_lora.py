@@ -113,8 +113,9 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
     assert len(fits) == 3  # resumed: every LoRA row was stored
 
 
-def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkeypatch):
-    """Every fold's training set is the training dataset: one fit scores them all, and its seconds count once."""
+def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkeypatch, capsys):
+    """Every fold's training set is the training dataset: one fit scores them all (the progress line says so), and
+    its seconds count once. Its rows are score rows of the sweep's prompt, as the baseline's are."""
     import json
     from dataclasses import asdict
 
@@ -156,7 +157,21 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
         lora_steps=1,
     )
     run_sweep(config, tmp_path / "run", lm=random_model("llama"))
+    assert "LoRA: fitting on 8 items for fold(s) 0, 1 (1 steps)" in capsys.readouterr().out
     a = analyse(tmp_path / "run")
     assert len(fits) == 1 and len(a.others[LORA]) == len(a.sample_ids)
+    baseline = {r.sample_id: r for r in a.arms["baseline"]}
+    for r in a.others[LORA]:
+        assert (
+            (r.prompt_id, r.mode, r.response, r.new_tokens)
+            == ("S1", "score", "", 0)
+            == (
+                baseline[r.sample_id].prompt_id,
+                baseline[r.sample_id].mode,
+                baseline[r.sample_id].response,
+                baseline[r.sample_id].new_tokens,
+            )
+        )
+        assert r.verdict == ("vulnerable" if r.score > 0 else "not_vulnerable")
     seconds = [fit["seconds"] for fit in a.meta["lora_fits"].values()]
     assert len(seconds) == 2 and sorted(seconds)[0] == 0.0 < sorted(seconds)[1]
