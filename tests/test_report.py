@@ -84,3 +84,47 @@ def test_markdown_puts_sections_then_figures():
     assert render_markdown("head", sections, [Figure("F", "f", PNG)]) == (
         "# vulnsteer sweep report\n\nhead\n\n## One\n\nfirst\n\n## Two\n\nsecond\n\n## F\n\n![F](report_files/f.png)\n"
     )
+
+
+def test_an_arms_side_effect_pools_each_items_kl_under_the_config_chosen_for_its_fold():
+    """Items of fold 0 count under fold 0's config, of fold 1 under fold 1's; the baseline steers nothing (KL 0);
+    an arm whose config was not measured has no figure."""
+    from vulnsteer.experiments.analysis import Analysis, arm_side_effect
+    from vulnsteer.experiments.sweep import BASELINE
+    from vulnsteer.records import Result
+
+    ids = ["s0", "s1", "s2", "s3"]
+    rows = [
+        Result(
+            s,
+            f"p{k // 2}",
+            "CWE-787",
+            ("vulnerable", "patched")[k % 2],
+            "t",
+            "x",
+            "S1",
+            "score",
+            "",
+            "unknown",
+            0.0,
+            1,
+            0,
+            0.0,
+        )
+        for k, s in enumerate(ids)
+    ]
+    a = Analysis({}, SweepConfig(), ids, {BASELINE: rows}, {"s0": 0, "s1": 0, "s2": 1, "s3": 1}, [], rows, {}, {})
+    tokens = [10, 10, 20, 20]
+    effects = {
+        "sample_ids": ids,
+        "configs": [
+            {"config": "x", "per_item": {"kl": [1.0, 2.0, 3.0, 4.0], "tokens": tokens}},
+            {"config": "y", "per_item": {"kl": [5.0, 6.0, 7.0, 8.0], "tokens": tokens}},
+        ],
+    }
+    assert arm_side_effect(a, effects, {0: "x", 1: "y"}).value == pytest.approx((1 + 2 + 7 + 8) / 60)
+    assert arm_side_effect(a, effects, {0: "y", 1: "x"}).value == pytest.approx((5 + 6 + 3 + 4) / 60)
+    assert arm_side_effect(a, effects, {0: "x", 1: BASELINE}).value == pytest.approx(3 / 60)
+    assert arm_side_effect(a, effects, {0: BASELINE, 1: BASELINE}).value == 0.0
+    assert arm_side_effect(a, effects, {0: "x", 1: "z"}) is None
+    assert arm_side_effect(a, {"configs": effects["configs"]}, {0: "x", 1: "y"}) is None  # a store from before

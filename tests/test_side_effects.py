@@ -85,3 +85,39 @@ def test_configs_side_by_side_give_what_each_gives_alone(lm, monkeypatch, logits
         (alone,) = code_side_effects(lm, samples, {effect.config: configs[effect.config]})
         assert effect.kl.value == pytest.approx(alone.kl.value, rel=1e-4) and effect.kl.value > 0
         assert effect.nll_change.value == pytest.approx(alone.nll_change.value, rel=1e-4, abs=1e-6)
+
+
+def test_a_sweep_measures_the_side_effects_of_every_config_a_methods_arm_chose(tmp_path, monkeypatch):
+    """Beside the selected configs' shapes, side_effects.json holds each config a method's arm chose (the methods
+    table's side-effect column reads them), each with its per-item KL and token counts."""
+    import json
+
+    from conftest import tiny_lm
+
+    from vulnsteer.experiments import analysis
+    from vulnsteer.experiments.sweep import BASELINE, SweepConfig, candidate_points
+    from vulnsteer.pipeline import run_sweep
+
+    config = SweepConfig(
+        dataset="demo", limit=8, folds=3, layers=["1", "0,2"], strengths=[-2.0, 2.0], mode="score", transfer=False
+    )
+    forced: list[str] = []
+    method_arms = analysis.method_arms
+
+    def choosing_elsewhere(a):
+        """Each method's arm as nested selection gives it, but fold 0 takes a config of a shape the headline
+        selection did not measure."""
+        candidates = candidate_points(a.config)
+        top = [s.config for s in a.stats if s.config in candidates][:1]
+        shapes = {candidates[c].shape for c in [*a.selected_by_fold.values(), *top] if c != BASELINE}
+        forced[:] = [next(c for c, p in candidates.items() if p.shape not in shapes)]
+        arms = method_arms(a)
+        return {name: analysis.MethodArm(arm.rows, {**arm.chosen, 0: forced[0]}) for name, arm in arms.items()}
+
+    monkeypatch.setattr(analysis, "method_arms", choosing_elsewhere)
+    run_sweep(config, tmp_path, lm=tiny_lm("llama"))
+    effects = json.loads((tmp_path / "side_effects.json").read_text())
+    by_config = {e["config"]: e for e in effects["configs"]}
+    assert forced and forced[0] in by_config
+    n = len(effects["sample_ids"])
+    assert n == 8 and all(len(e["per_item"]["kl"]) == len(e["per_item"]["tokens"]) == n for e in by_config.values())

@@ -5,6 +5,7 @@ sweeps and the held-out checks."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -206,9 +207,14 @@ def test_a_sweep_runs_learned_interventions_beside_mean_diff_held_out(tmp_path, 
     from vulnsteer.experiments.analysis import method_arms
 
     table = text.split("## Methods side by side")[1].split("\n## ")[0]
+    header, *body = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    kl = {cells[0].removeprefix("| "): cells[header.index("side-effect KL")] for cells in body}
+    assert kl["baseline (the prompt alone)"] == "0"
     for method, arm in method_arms(a).items():
         assert f"| {method} (nested selection among its configs) |" in table
-        assert {r.steering.config.split("|")[0] for r in arm if r.steering} <= {method}
+        assert {r.steering.config.split("|")[0] for r in arm.rows if r.steering} <= {method}
+        # every config a method's arm chose had its side effects measured
+        assert re.fullmatch(r"\d\.\d{3} \[\d\.\d\d,\d\.\d\d\]", kl[f"{method} (nested selection among its configs)"])
     assert set(a.meta["fit_seconds"]) == {"mean-diff", "trained", "loreft"}
 
 

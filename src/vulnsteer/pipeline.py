@@ -638,7 +638,9 @@ def _duration(seconds: float) -> str:
 
 def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> None:
     """side_effects.json: what the chosen configs (each fold's, and the top descriptive one) cost on plain code, at
-    every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off)."""
+    every strength of the grid, each item steered by its own fold's vectors (for the report's trade-off); and the
+    configs each method's arm chose (for the methods table's side-effect column)."""
+    from vulnsteer.experiments.analysis import method_arms
     from vulnsteer.experiments.side_effects import MAX_TOKENS
     from vulnsteer.experiments.sweep import BASELINE, candidate_points, is_candidate, steering_for
     from vulnsteer.extract.vectors import parse_layers
@@ -647,7 +649,8 @@ def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> No
     by_gain = [s.config for s in a.stats if s.config in candidates]
     chosen = {c for c in a.selected_by_fold.values() if c != BASELINE} | set(by_gain[:1])
     shapes = {candidates[c].shape for c in chosen}
-    points = [p for p in sweep.points if is_candidate(p, config) and p.shape in shapes]
+    by_methods = {c for arm in method_arms(a).values() for c in arm.chosen.values() if c != BASELINE}
+    points = [p for p in sweep.points if is_candidate(p, config) and (p.shape in shapes or p.id in by_methods)]
     layer_sets = {spec: parse_layers(spec, backend.info.num_layers) for spec in config.layers}
 
     def steering_of(point):
@@ -657,7 +660,14 @@ def _write_side_effects(backend: Backend, sweep, config, a, out_dir: Path) -> No
     with progress("side effects", len(sweep.samples)) as advance:
         effects = backend.side_effects(sweep.samples, configs, advance)
     (out_dir / "side_effects.json").write_text(
-        json.dumps({"max_tokens": MAX_TOKENS, "configs": [e.to_dict() for e in effects]}, indent=2)
+        json.dumps(
+            {
+                "max_tokens": MAX_TOKENS,
+                "sample_ids": [s.id for s in sweep.samples],
+                "configs": [e.to_dict() for e in effects],
+            },
+            indent=2,
+        )
     )
 
 

@@ -27,6 +27,7 @@ from vulnsteer.metrics import (
     Judged,
     bootstrap_gain,
     clustered_proportion,
+    clustered_ratio,
     mcnemar_items,
     summarise,
 )
@@ -243,7 +244,15 @@ def nested_selection(
     return [arms[chosen[folds[s]]][i] for i, s in enumerate(sample_ids)], chosen
 
 
-def method_arms(a: Analysis) -> dict[str, list[Result]]:
+@dataclass
+class MethodArm:
+    """A method's arm: its rows (aligned with the analysis' sample ids) and per fold the config chosen for them."""
+
+    rows: list[Result]
+    chosen: dict[int, str]
+
+
+def method_arms(a: Analysis) -> dict[str, MethodArm]:
     """Per method of the sweep, the arm nested selection gives when it may choose only that method's configs (or
     the baseline): the methods side by side under one protocol."""
     out = {}
@@ -255,8 +264,28 @@ def method_arms(a: Analysis) -> dict[str, list[Result]]:
 
         arms = {c: rows for c, rows in a.arms.items() if own(c)}
         selection = {f: {c: rows for c, rows in by_config.items() if own(c)} for f, by_config in a.selection.items()}
-        out[method] = nested_selection(arms, a.sample_ids, a.folds, a.config, selection)[0]
+        out[method] = MethodArm(*nested_selection(arms, a.sample_ids, a.folds, a.config, selection))
     return out
+
+
+def arm_side_effect(a: Analysis, effects: dict, chosen: dict[int, str]) -> Interval | None:
+    """The side effect (mean KL per token on plain code, `side_effects.json`) of an arm that steers each fold's
+    items with the config chosen for that fold: each item's KL under its fold's config (0 under the baseline),
+    pooled over items with a family bootstrap. None when a chosen config's side effects were not measured."""
+    measured = {e["config"]: e["per_item"] for e in effects.get("configs", []) if e.get("per_item", {}).get("kl")}
+    sample_ids = effects.get("sample_ids")
+    steered = {c for c in chosen.values() if c != BASELINE}
+    if not steered:
+        return Interval(0.0, 0.0, 0.0)  # the prompt alone in every fold
+    if sample_ids is None or not steered <= set(measured):
+        return None
+    family = {r.sample_id: r.family for r in a.arms[BASELINE]}
+    tokens = measured[min(steered)]["tokens"]
+    kl = [
+        0.0 if chosen[a.folds[s]] == BASELINE else measured[chosen[a.folds[s]]]["kl"][k]
+        for k, s in enumerate(sample_ids)
+    ]
+    return clustered_ratio(kl, tokens, [family[s] for s in sample_ids])
 
 
 @dataclass

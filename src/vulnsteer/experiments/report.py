@@ -23,6 +23,7 @@ from vulnsteer.experiments.analysis import (  # noqa: E402
     Analysis,
     analyse,
     answer_costs,
+    arm_side_effect,
     best_prompt,
     control_arms,
     examples,
@@ -386,7 +387,7 @@ def methods(ctx: Context) -> Section:
     base = ctx.base_items
     seconds = a.meta.get("fit_seconds", {})
 
-    def row(name: str, parameters: str, arm: list, fit_seconds: str = "–") -> list[str]:
+    def row(name: str, parameters: str, arm: list, fit_seconds: str = "–", kl: Interval | None = None) -> list[str]:
         items = judged(arm)
         gain = bootstrap_gain(base, items, ctx.metric, n_boot=N_BOOT)
         test = mcnemar_items(base, items)
@@ -396,6 +397,7 @@ def methods(ctx: Context) -> Section:
             *(fmt(getattr(summarise(items, n_boot=N_BOOT), m)) for m in metrics),
             fmt(gain),
             f"{test.p_value:.3g}",
+            fmt(kl),
             fit_seconds,
         ]
 
@@ -406,6 +408,7 @@ def methods(ctx: Context) -> Section:
             *(fmt(getattr(summarise(base, n_boot=N_BOOT), m)) for m in metrics),
             "–",
             "–",
+            "0",
             "–",
         ]
     ]
@@ -427,8 +430,9 @@ def methods(ctx: Context) -> Section:
             row(
                 f"{name} (nested selection among its configs)",
                 f"{PARAMETERS.get(fit.method, '?')}{rank} per layer and group",
-                arm,
+                arm.rows,
                 f"{seconds[name]:.1f}" if name in seconds else "–",
+                arm_side_effect(a, ctx.side_effects or {}, arm.chosen),
             )
         )
     fits = a.meta.get("lora_fits", {})
@@ -463,6 +467,7 @@ def methods(ctx: Context) -> Section:
                     "–",
                     "–",
                     "–",
+                    "–",
                 ]
             )
     png = probe_plot(ctx.probe) if ctx.probe is not None else None
@@ -471,8 +476,10 @@ def methods(ctx: Context) -> Section:
         "Each method's arm is chosen per fold by nested selection among that method's configs only (or the "
         "baseline), so the rows compare methods under one protocol. The gain is in "
         f"{ctx.metric} over the baseline with a family-bootstrap interval; p is the paired sign-flip test "
-        "by family; fit seconds add up every fold's and selection pair's fit.\n\n"
-        + markdown_table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "fit s"], rows)
+        "by family; the side-effect KL is the mean KL(unsteered ‖ steered) per token on the items' plain code "
+        "with each fold's items steered at every token by the config chosen for that fold (0 where the baseline "
+        "was; see \"Side effects on plain code\"); fit seconds add up every fold's and selection pair's fit.\n\n"
+        + markdown_table(["arm", "fitted parameters", *metrics, "gain [95%]", "p", "side-effect KL", "fit s"], rows)
         + notes,
         (Figure("Probe AUROC by layer", "probe", png),) if png else (),
     )

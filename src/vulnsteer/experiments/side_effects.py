@@ -25,7 +25,9 @@ from vulnsteer.records import Positions, Steering
 from vulnsteer.steering.hooks import steer
 
 MAX_TOKENS = 256  # tokens of each file read; longer files are cut (the cost is quadratic in attention)
-LOGITS_BUDGET = 2**26  # float32 values of one batch's logits (256 MiB; a few such tensors are alive at once)
+# float32 values of one batch's logits (1 GiB; a few such tensors are alive at once): with a 152k-token vocabulary
+# (Qwen) five configs share each unsteered row, instead of one at 256 MiB (half the passes)
+LOGITS_BUDGET = 2**28
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class SideEffect:
     nll_change: Interval  # mean NLL of the code's next token, steered minus unsteered, nats
     tokens: int  # predicted tokens the KL is averaged over
     items: int
+    # per item, in the order of the samples measured: the KL summed over its tokens, and its token count (an arm
+    # that steers each fold with another config pools these: `analysis.arm_side_effect`)
+    item_kl: tuple[float, ...] = ()
+    item_tokens: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +51,7 @@ class SideEffect:
             "nll_change": self.nll_change.to_dict(),
             "tokens": self.tokens,
             "items": self.items,
+            "per_item": {"kl": list(self.item_kl), "tokens": list(self.item_tokens)},
         }
 
 
@@ -103,6 +110,8 @@ def code_side_effects(
             clustered_ratio(sums[name]["nll"], predicted, clusters),
             sum(tokens),
             len(keep),
+            tuple(sums[name]["kl"]),
+            tuple(tokens),
         )
         for name in names
     ]
