@@ -286,10 +286,15 @@ def test_every_bank_is_fitted_without_the_folds_it_steers():
     from vulnsteer.experiments.sweep import load_sweep_samples, plan
     from vulnsteer.prompts import PromptResources
 
-    config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3})
+    config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3, "read": "code-mean"})
     test, _, _ = load_sweep_samples(config)
     sweep = plan(config, tiny_lm("llama"), test, None, PromptResources.from_dataset_root(None), set())
     by_id = {s.id: s for s in test}
+    # Every bank read its activations where and as the sweep asks (score mode's prompt, the configured position).
+    every_bank = [*sweep.banks.values(), *sweep.selection_banks.values()]
+    assert {(b.meta["mode"], b.meta["read"]) for banks in every_bank for b in banks.values()} == {
+        ("score", "code-mean")
+    }
 
     def families(fold_ids):
         return {family(s) for s in test if sweep.fold_of[s.id] in fold_ids}
