@@ -284,12 +284,19 @@ def test_fold_thresholds_are_fitted_on_other_folds_only():
 def test_every_bank_is_fitted_without_the_folds_it_steers():
     from vulnsteer.data import family
     from vulnsteer.experiments.sweep import load_sweep_samples, plan
+    from vulnsteer.extract.vectors import parse_layers
     from vulnsteer.prompts import PromptResources
 
     config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3, "read": "code-mean"})
     test, _, _ = load_sweep_samples(config)
-    sweep = plan(config, tiny_lm("llama"), test, None, PromptResources.from_dataset_root(None), set())
+    lm = tiny_lm("llama")
+    sweep = plan(config, lm, test, None, PromptResources.from_dataset_root(None), set())
     by_id = {s.id: s for s in test}
+    # Every steered job steers the layers of its config's layer set, and only those.
+    points = {p.id: p for p in sweep.points}  # the grid's and the transfer matrix's
+    steered = [j.steering for j in sweep.jobs if j.steering is not None]
+    assert {frozenset(s.vectors) for s in steered} == {frozenset({1}), frozenset({0, 2})}
+    assert all(set(s.vectors) == set(parse_layers(points[s.label.config].layers, lm.num_layers)) for s in steered)
     # Every bank read its activations where and as the sweep asks (score mode's prompt, the configured position).
     every_bank = [*sweep.banks.values(), *sweep.selection_banks.values()]
     assert {(b.meta["mode"], b.meta["read"]) for banks in every_bank for b in banks.values()} == {
