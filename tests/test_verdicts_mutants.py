@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vulnsteer.verdicts import cwe_keywords, parse_verdict
+from vulnsteer.verdicts import cwe_keywords, is_english, parse_verdict
 
 
 @pytest.mark.parametrize(
@@ -81,3 +81,26 @@ def test_a_cwe_outside_the_catalogue_is_keyed_by_its_title_without_the_short_nam
         parse_verdict("The code is vulnerable to frobnication of widgets.", "Frobnication of Widgets (X)")
         == "vulnerable"
     )
+
+
+@pytest.mark.parametrize(
+    "text, english",
+    [
+        # Code is in no language: an answer cut off inside a fenced block is judged by its prose alone, whatever
+        # English the code's comments hold.
+        (
+            "Sí, el código es vulnerable porque no comprueba la longitud.\n```c\n/* copy the string to the buffer and "
+            "return it */\nstrcpy(buf, input);",
+            False,
+        ),
+        # Fewer than five distinct words of prose count as English, a code span or a code line beside them adding none.
+        ("Sí, el código `strcpy(buf, s)` vulnerable", True),
+        ("Sí, el código vulnerable\nstrcpy(buf, s);", True),
+        # Half the words non-ASCII, with English function words: English; most of them non-ASCII: not, whatever
+        # English word is among them.
+        ("The code is: да, это код.", True),
+        ("这段代码 是 易受攻击的 因为 it 没有 检查 长度", False),
+    ],
+)
+def test_the_language_of_an_answer_is_its_proses(text, english):
+    assert is_english(text) is english
