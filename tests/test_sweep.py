@@ -281,17 +281,22 @@ def test_fold_thresholds_are_fitted_on_other_folds_only():
 # --- the held-out guarantees, each able to fail -----------------------------------------------------------------
 
 
-def test_every_bank_is_fitted_without_the_folds_it_steers():
+def test_every_bank_is_fitted_without_the_folds_it_steers(monkeypatch):
     from vulnsteer.data import family
+    from vulnsteer.experiments import sweep as sweep_module
     from vulnsteer.experiments.sweep import load_sweep_samples, plan
     from vulnsteer.extract.vectors import parse_layers
     from vulnsteer.prompts import PromptResources
 
-    config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3, "read": "code-mean"})
+    config = SweepConfig(**{**SMALL, "limit": 12, "folds": 3, "read": "code-mean", "seed": 3})
     test, _, _ = load_sweep_samples(config)
     lm = tiny_lm("llama")
+    # Fixed directions need no prefix pass over the prompts (only learned methods train on the model's answers).
+    monkeypatch.setattr(sweep_module, "prefix_pass", lambda *a, **k: pytest.fail("a prefix pass for mean-diff"))
     sweep = plan(config, lm, test, None, PromptResources.from_dataset_root(None), set())
     by_id = {s.id: s for s in test}
+    # The folds are the configured seed's.
+    assert sweep.fold_of == {test[i].id: f for f, (_, held_out) in enumerate(pair_folds(test, 3, 3)) for i in held_out}
     # Every steered job steers the layers of its config's layer set, and only those.
     points = {p.id: p for p in sweep.points}  # the grid's and the transfer matrix's
     steered = [j.steering for j in sweep.jobs if j.steering is not None]
