@@ -630,3 +630,16 @@ def test_extract_fits_a_learned_method_as_its_flags_say(monkeypatch, capsys, tmp
     code, out, err = run_cli(monkeypatch, capsys, "extract", "--method", "trained", "--max-norm", "0.25", *flags)
     assert code == 0, err
     assert load(path).meta["training"]["max_norm"] == 0.25
+
+
+@pytest.mark.parametrize("words, expected", [(["--drop-overlap"], True), (["--refuse-overlap"], False), ([], None)])
+def test_the_sweeps_switches_take_no_value(monkeypatch, capsys, words, expected):
+    """`--drop-overlap` / `--refuse-overlap` (and `--transfer` / `--no-transfer`) are switches: the next flag is not
+    read as their value."""
+    from vulnsteer import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_sweep", lambda config, out, resume, flags, default: seen.update(flags))
+    code, out, err = run_cli(monkeypatch, capsys, "sweep", *words, "--no-transfer", "--folds", "4")
+    assert code == 0, err
+    assert (seen["drop_overlap"], seen["transfer"], seen["folds"]) == (expected, False, 4)

@@ -77,6 +77,7 @@ DATA_FLAGS = dict(
     prompt=PromptOpt,
 )
 _REQUIRED_TEXT = {"model", "dataset", "prompt"}
+_BOOL_FLAGS = {"transfer", "drop_overlap"}  # --x/--no-x pairs: a flag, never a value
 _INT_FLAGS = {
     "workers",
     "limit",
@@ -96,7 +97,7 @@ def _with_options(options: dict):
     import inspect
 
     def annotation(name: str, option):
-        if name == "transfer":
+        if name in _BOOL_FLAGS:
             return Optional[bool]
         if name in _INT_FLAGS:
             return Optional[int]
