@@ -60,6 +60,7 @@ def test_sweep_rows_are_held_out_and_complete(tmp_path):
     points = grid(config, sorted({r.cwe for r in a.arms[BASELINE]}))
     assert set(a.arms) == {BASELINE, *(p.id for p in points)}
     assert all(len(rows) == n for rows in a.arms.values())
+    assert {r.prompt_id for rows in a.arms.values() for r in rows} == {config.prompt}  # steered rows too
     store = sqlite3.connect(tmp_path / "sweep.sqlite")
     assert store.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rows = store.execute("SELECT config, sample_id, fold, result FROM rows").fetchall()

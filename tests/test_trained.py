@@ -317,6 +317,52 @@ def test_norm_bounds_and_step_counts_make_one_trained_arm_each_fitted_at_its_own
     assert set(a.meta["fit_seconds"]) == names
 
 
+def test_with_a_training_dataset_a_learned_method_is_fitted_once_over_one_prefix_pass_of_its_items(
+    tmp_path, monkeypatch, capsys
+):
+    """`train_dataset`: every fold shares one fit (one training set announced), trained over one prefix pass of the
+    training dataset's items, not the test items'."""
+    import json
+    from dataclasses import asdict
+
+    from vulnsteer.experiments import sweep as sweep_module
+    from vulnsteer.experiments.sweep import SweepConfig
+    from vulnsteer.extract import vectors as vectors_module
+    from vulnsteer.models import random_model
+    from vulnsteer.pipeline import run_sweep
+
+    fields = ("id", "cwe", "label", "language", "code", "pair_id", "source")
+    items = load_demo()[16:24]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({k: v for k, v in asdict(s).items() if k in fields}) + "\n" for s in items))
+    passes: list[list[str]] = []
+    for module in (sweep_module, vectors_module):
+        monkeypatch.setattr(
+            module,
+            "prefix_pass",
+            lambda lm, samples, *a, _f=module.prefix_pass, **k: (
+                passes.append(sorted(s.id for s in samples)) or _f(lm, samples, *a, **k)
+            ),
+        )
+    config = SweepConfig(
+        dataset="demo",
+        limit=8,
+        train_dataset=str(train),
+        drop_overlap=True,
+        folds=2,
+        layers=["1"],
+        strengths=[1.0],
+        mode="score",
+        methods=["trained"],
+        vectors=["pooled"],
+        transfer=False,
+        learned_steps=1,
+    )
+    run_sweep(config, tmp_path / "run", lm=random_model("llama"))
+    assert "fitting trained on 1 training sets" in capsys.readouterr().out
+    assert passes == [sorted(s.id for s in items)]
+
+
 def test_loreft_is_the_papers_formula_on_a_case_solved_by_hand():
     """R = the first two unit vectors, W = 0, b = (2, -1): Φ(h) = h + Rᵀ(Wh + b − Rh) sets h's first two coordinates
     to 2 and -1 and leaves the rest; R stays orthonormal through the parametrization after a gradient step."""
