@@ -61,6 +61,10 @@ def test_sweep_rows_are_held_out_and_complete(tmp_path):
     assert set(a.arms) == {BASELINE, *(p.id for p in points)}
     assert all(len(rows) == n for rows in a.arms.values())
     assert {r.prompt_id for rows in a.arms.values() for r in rows} == {config.prompt}  # steered rows too
+    # Every fold's nested selection has rows of every pooled candidate.
+    assert set(a.selection) == set(a.folds.values())
+    for by_config in a.selection.values():
+        assert {c for c in candidate_points(config) if "|pooled|" in c} <= set(by_config)
     store = sqlite3.connect(tmp_path / "sweep.sqlite")
     assert store.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rows = store.execute("SELECT config, sample_id, fold, result FROM rows").fetchall()
@@ -323,6 +327,8 @@ def test_every_bank_is_fitted_without_the_folds_it_steers(monkeypatch):
     # Every selection job is steered by the bank fitted without its outer fold and its own fold.
     selection_jobs = [j for j in sweep.jobs if j.steering and j.steering.label.outer is not None]
     assert selection_jobs and all(j.steering.label.outer != sweep.fold_of[j.sample.id] for j in selection_jobs)
+    # ... own-CWE configs included, wherever the bank holds the item's CWE.
+    assert any(points[j.steering.label.config].vectors.kind == "own" for j in selection_jobs)
 
 
 def _row(i, label, verdict, score=0.0, split="t"):
