@@ -329,6 +329,7 @@ def test_every_bank_is_fitted_without_the_folds_it_steers(monkeypatch):
     assert selection_jobs and all(j.steering.label.outer != sweep.fold_of[j.sample.id] for j in selection_jobs)
     # ... own-CWE configs included, wherever the bank holds the item's CWE.
     assert any(points[j.steering.label.config].vectors.kind == "own" for j in selection_jobs)
+    assert sweep.total_rows == len(sweep.jobs)  # what the progress counts: every row, selection rows included
 
 
 def _row(i, label, verdict, score=0.0, split="t"):
