@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import HOLMES, tiny_lm
 
 from vulnsteer.data import load_demo
 from vulnsteer.errors import VulnsteerError
@@ -579,3 +579,31 @@ def test_a_candidate_prompt_the_dataset_cannot_ask_is_refused_before_any_fit(cap
     assert read == []
     built = candidate_prompts(SweepConfig(**{**SMALL, "prompts": ["all"]}), test, prompt_resources("demo"))
     assert "S3" in built and "S5" not in built and "S5" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HOLMES.is_dir(), reason="shared datasets not present")
+def test_a_sweep_asks_every_prompt_with_its_datasets_definitions(tmp_path):
+    """Prompts that quote the MITRE definition (D1 the sweep's, D2 a candidate) reach every part of a sweep that
+    builds a prompt: activations, the learned fits' prefix pass, steered and selection rows, the best-prompt arm and
+    the LoRA fit. Each would refuse to build its prompt without the dataset's definitions."""
+    config = SweepConfig(
+        dataset=str(HOLMES),
+        split=["hand-crafted"],
+        cwe=["CWE-787", "CWE-89", "CWE-416"],
+        pairs_per_cwe=1,
+        folds=3,
+        prompt="D1",
+        prompts=["D2"],
+        methods=["mean-diff", "trained"],
+        learned_steps=1,
+        lora_steps=1,
+        layers=["1"],
+        strengths=[1.0],
+        vectors=["pooled"],
+        mode="score",
+        transfer=False,
+    )
+    run_sweep(config, tmp_path, lm=tiny_lm("llama"))
+    a = analyse(tmp_path)
+    assert len(a.sample_ids) == 6 and {r.prompt_id for r in a.arms[BASELINE]} == {"D1"}
+    assert {r.prompt_id for r in a.others["prompt:D2"]} == {"D2"} and len(a.others["lora"]) == 6
