@@ -371,3 +371,13 @@ def test_a_learned_edits_random_control_is_an_edit_of_the_same_form_in_another_s
     made, fitted = control.edits[1].tensors(), pooled[1].tensors()
     assert torch.equal(made["W"], fitted["W"]) and torch.equal(made["b"], fitted["b"])
     assert made["R"].shape == fitted["R"].shape and not torch.allclose(made["R"], fitted["R"])
+
+
+def test_the_path_check_of_a_generate_mode_sweep_counts_verdicts_without_scores():
+    """Generated answers have no score: the path check still counts changed verdicts, its score cell a dash."""
+    config = SweepConfig(dataset="demo", positions=["prompt-last", "all"], mode="generate")
+    (all_path,) = (p.id for p in path_controls(config) if p.positions == "all")
+    row = lambda verdict: SimpleNamespace(verdict=verdict, score=None)  # noqa: E731
+    baseline = [row("vulnerable"), row("not_vulnerable")]
+    a = SimpleNamespace(config=config, arms={BASELINE: baseline, all_path: [row("vulnerable"), row("vulnerable")]})
+    assert path_check(a) == [["all", "–", "1 of 2"]]
