@@ -16,7 +16,7 @@ declare -A SETS=(
   [analysis]="best_threshold fold_thresholded selection_rows _check_selection_rows nested_selection best_prompt
               selected_thresholded path_check _is_candidate"
   [sweep]="check_held_out provenance_rows check_stored_provenance is_candidate load_sweep_samples steering_for
-           lora_bank lora_rows"
+           lora_bank lora_rows plan"
   [learned]="vulnsteer.extract.trained.* vulnsteer.extract.lora.*"
   [verdicts]="vulnsteer.verdicts.*"
 )
