@@ -21,6 +21,16 @@ byte_tokenizer = models.byte_tokenizer
 tiny_lm = models.random_model
 
 
+def write_jsonl_dataset(path: Path, samples) -> Path:
+    """The samples as a JSONL dataset file (the fields `load_dataset` reads), e.g. a sweep's `train_dataset`."""
+    import json
+    from dataclasses import asdict
+
+    fields = ("id", "cwe", "label", "language", "code", "pair_id", "source")
+    path.write_text("".join(json.dumps({k: v for k, v in asdict(s).items() if k in fields}) + "\n" for s in samples))
+    return path
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def lm(request):
     return tiny_lm(request.param, device=TEST_DEVICE)

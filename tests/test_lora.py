@@ -117,8 +117,7 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
 def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkeypatch, capsys):
     """Every fold's training set is the training dataset: one fit scores them all (the progress line says so), and
     its seconds count once. Its rows are score rows of the sweep's prompt, as the baseline's are."""
-    import json
-    from dataclasses import asdict
+    from conftest import write_jsonl_dataset
 
     from vulnsteer.data import load_demo
     from vulnsteer.experiments import sweep as sweep_module
@@ -127,20 +126,7 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
     from vulnsteer.models import random_model
     from vulnsteer.pipeline import run_sweep
 
-    train = tmp_path / "train.jsonl"
-    train.write_text(
-        "".join(
-            json.dumps(
-                {
-                    k: v
-                    for k, v in asdict(s).items()
-                    if k in ("id", "cwe", "label", "language", "code", "pair_id", "source")
-                }
-            )
-            + "\n"
-            for s in load_demo()[16:24]
-        )
-    )
+    train = write_jsonl_dataset(tmp_path / "train.jsonl", load_demo()[16:24])
     fits = []
     fit_ = sweep_module.fit_and_score
     monkeypatch.setattr(sweep_module, "fit_and_score", lambda *a, **k: fits.append(1) or fit_(*a, **k))

@@ -322,8 +322,7 @@ def test_with_a_training_dataset_a_learned_method_is_fitted_once_over_one_prefix
 ):
     """`train_dataset`: every fold shares one fit (one training set announced), trained over one prefix pass of the
     training dataset's items, not the test items'."""
-    import json
-    from dataclasses import asdict
+    from conftest import write_jsonl_dataset
 
     from vulnsteer.experiments import sweep as sweep_module
     from vulnsteer.experiments.sweep import SweepConfig
@@ -331,10 +330,8 @@ def test_with_a_training_dataset_a_learned_method_is_fitted_once_over_one_prefix
     from vulnsteer.models import random_model
     from vulnsteer.pipeline import run_sweep
 
-    fields = ("id", "cwe", "label", "language", "code", "pair_id", "source")
     items = load_demo()[16:24]
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({k: v for k, v in asdict(s).items() if k in fields}) + "\n" for s in items))
+    train = write_jsonl_dataset(tmp_path / "train.jsonl", items)
     passes: list[list[str]] = []
     for module in (sweep_module, vectors_module):
         monkeypatch.setattr(
