@@ -127,3 +127,58 @@ def test_a_trained_vector_stays_within_its_norm_bound_at_every_step_and_reaches_
         lm, prefix, samples, [POOLED], [1], {1: 3.0}, POOLED, trained.Training(steps=3, learning_rate=0.0, max_norm=0.5)
     )
     assert applied == pytest.approx([applied[0]] * len(applied), rel=1e-6)
+
+
+def _tiny(arch: str):
+    """A tiny model whose output layer is not a plain linear map over the last hidden state: Gemma 2 soft-caps its
+    logits, Cohere scales them, Phi's output layer has a bias (random here, so that it matters)."""
+    import transformers
+
+    from vulnsteer.models import byte_tokenizer, prepare
+
+    tokenizer = byte_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    config, model_class = {
+        "gemma2": (transformers.Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.5), "Gemma2ForCausalLM"),
+        "cohere": (transformers.CohereConfig(**common, logit_scale=0.5), "CohereForCausalLM"),
+        "phi": (transformers.PhiConfig(**common), "PhiForCausalLM"),
+    }[arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).float().eval()
+    if model.get_output_embeddings().bias is not None:
+        torch.nn.init.normal_(model.get_output_embeddings().bias)
+    return prepare(model, tokenizer, f"tiny-{arch}", "cpu")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "phi"])
+def test_the_answer_log_odds_read_through_a_capped_scaled_or_biased_output_layer_equal_the_full_softmaxs(arch):
+    """Training reads only the yes and no rows of the output layer where it is a plain linear map; a soft cap, a
+    logit scale or a bias must still reach the log-odds (and the full log-probabilities keep their vocabulary)."""
+    from vulnsteer.extract.trained import log_odds, next_token_logprobs
+    from vulnsteer.records import Steering
+
+    lm = _tiny(arch)
+    samples = load_demo()[:4]
+    prefix = prefix_pass(lm, samples)
+    vector = 0.1 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(1))
+    tokens = [[None, Steering({1: vector}, 1.0)] for _ in samples]
+    logprobs = next_token_logprobs(lm, prefix, tokens)
+    assert logprobs.shape == (4, 2, len(lm.tokenizer))
+    full = log_odds(lm, logprobs)
+    assert torch.allclose(answer_log_odds(lm, prefix, tokens), full, atol=1e-5)
+    # ... and the full softmax is the model's own: its logits at the last prompt token, unsteered.
+    encoded = lm.tokenizer([score_text(lm, s, "S1", None) for s in samples], return_tensors="pt", padding=True)
+    positions = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = lm.model(**encoded, position_ids=positions).logits[:, -1].float()
+    assert torch.allclose(full[:, 0], log_odds(lm, logits.log_softmax(-1)), atol=1e-4)

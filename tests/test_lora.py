@@ -116,7 +116,8 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
 
 def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkeypatch, capsys):
     """Every fold's training set is the training dataset: one fit scores them all (the progress line says so), and
-    its seconds count once. Its rows are score rows of the sweep's prompt, as the baseline's are."""
+    its seconds count once. Its rows are score rows of the sweep's prompt, as the baseline's are: the same prompt
+    length, and each row its share of the scoring time."""
     from conftest import write_jsonl_dataset
 
     from vulnsteer.data import load_demo
@@ -159,6 +160,7 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
                 baseline[r.sample_id].new_tokens,
             )
         )
+        assert r.prompt_tokens == baseline[r.sample_id].prompt_tokens > 1 and 0 < r.seconds < 60
         assert r.verdict == ("vulnerable" if r.score > 0 else "not_vulnerable")
     seconds = [fit["seconds"] for fit in a.meta["lora_fits"].values()]
     assert len(seconds) == 2 and sorted(seconds)[0] == 0.0 < sorted(seconds)[1]

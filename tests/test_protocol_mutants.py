@@ -381,3 +381,98 @@ def test_the_path_check_of_a_generate_mode_sweep_counts_verdicts_without_scores(
     baseline = [row("vulnerable"), row("not_vulnerable")]
     a = SimpleNamespace(config=config, arms={BASELINE: baseline, all_path: [row("vulnerable"), row("vulnerable")]})
     assert path_check(a) == [["all", "–", "1 of 2"]]
+
+
+def test_a_threshold_that_separates_nothing_is_the_middle_of_the_tie_and_the_ends_lie_one_unit_beyond_the_scores():
+    """`best_threshold`'s end candidates lie 1.0 beyond the lowest and highest score, and a tie is the middle of
+    the first run of best candidates: equal scores give that score itself (nothing above it is called
+    vulnerable); anti-ordered scores, where only the ends reach chance, take the first end (everything vulnerable)."""
+    from vulnsteer.experiments.analysis import best_threshold
+
+    assert best_threshold(np.array([0.3, 0.3, 0.3, 0.3]), np.array([True, False, True, False])) == pytest.approx(0.3)
+    assert best_threshold(np.array([0.0, 1.0]), np.array([True, False])) == pytest.approx(-1.0)
+    assert best_threshold(np.array([0.0, 1.0]), np.array([False, True])) == pytest.approx(0.5)
+
+
+def family_of_items(name: str, cwes: list[str]) -> list[Sample]:
+    """One family (one pair id) of len(cwes) items; each family's code its own (no near-duplicates across them:
+    `name` is part of the called names, so it holds letters and digits only)."""
+    return [
+        Sample(
+            id=f"{name}/{k}",
+            cwe=cwe,
+            label=("vulnerable", "patched")[k % 2],
+            language="c",
+            code=" ".join(f"call_{name}_{m}();" for m in range(6)),
+            pair_id=name,
+            split="x",
+            source="s",
+        )
+        for k, cwe in enumerate(cwes)
+    ]
+
+
+def folds_of(samples: list[Sample], k: int, seed: int) -> list[list[str]]:
+    """Each fold's families (pair ids), in order."""
+    return [sorted({samples[i].pair_id for i in test}) for _, test in pair_folds(samples, k, seed)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_family_counts_for_its_majority_cwe_when_the_folds_are_stratified(seed):
+    """A family whose items disagree on the CWE (near-copies across CWEs) is dealt as its most common CWE's: the
+    two CWE-Z families (one of them with a CWE-A item) land in different folds, as the two CWE-A ones do."""
+    samples = (
+        family_of_items("z1", ["CWE-Z", "CWE-Z"])
+        + family_of_items("z2", ["CWE-Z", "CWE-Z", "CWE-A"])
+        + family_of_items("a1", ["CWE-A", "CWE-A"])
+        + family_of_items("a2", ["CWE-A", "CWE-A"])
+    )
+    folds = folds_of(samples, 2, seed)
+    assert all(("z1" in f) != ("z2" in f) and ("a1" in f) != ("a2" in f) for f in folds)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_folds_hold_as_many_items_as_the_families_allow(seed):
+    """Within a CWE large families are dealt first, and among folds equal in that CWE's and all families the one
+    with fewer items takes the next: 5 + 1 items of each of two CWEs make folds of 6 and 6 (small families first
+    make 2 and 10); families of 3 + 1 (CWE 1), 1 + 1 (CWE 2) and 2 items (CWE 3) make 4 and 4."""
+    large_first = [
+        *family_of_items("asmall", ["CWE-1"]),
+        *family_of_items("blarge", ["CWE-1"] * 5),
+        *family_of_items("csmall", ["CWE-2"]),
+        *family_of_items("dlarge", ["CWE-2"] * 5),
+    ]
+    cumulative = [
+        *family_of_items("a", ["CWE-1"] * 3),
+        *family_of_items("b", ["CWE-1"]),
+        *family_of_items("c", ["CWE-2"]),
+        *family_of_items("d", ["CWE-2"]),
+        *family_of_items("e", ["CWE-3"] * 2),
+    ]
+    for samples in (large_first, cumulative):
+        sizes = sorted(len(test) for _, test in pair_folds(samples, 2, seed))
+        assert sizes[0] == sizes[1], sizes
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_folds_hold_as_many_families_of_each_cwe_and_in_all_as_they_can(seed):
+    """Each CWE's families per fold differ by at most one, counted over the whole CWE (not only its last round),
+    and so do all families per fold: a first CWE's large family (6 items) and a second CWE's 4 small families; or
+    CWE 1's families of 6, 2 and 2 items and CWE 2's one family."""
+    counted = [
+        *family_of_items("a", ["CWE-1"] * 6),
+        *(item for name in "bcde" for item in family_of_items(name, ["CWE-2"] * 2)),
+    ]
+    per_fold = [
+        *family_of_items("f", ["CWE-1"] * 6),
+        *family_of_items("g", ["CWE-1"] * 2),
+        *family_of_items("h", ["CWE-1"] * 2),
+        *family_of_items("i", ["CWE-2"] * 2),
+    ]
+    for samples in (counted, per_fold):
+        folds = folds_of(samples, 2, seed)
+        cwe_of = {s.pair_id: s.cwe for s in samples}
+        for cwe in set(cwe_of.values()):
+            counts = [sum(cwe_of[name] == cwe for name in fold) for fold in folds]
+            assert max(counts) - min(counts) <= 1, (cwe, folds)
+        assert abs(len(folds[0]) - len(folds[1])) <= 1, folds

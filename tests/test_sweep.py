@@ -524,6 +524,7 @@ def test_the_best_prompt_is_chosen_on_the_training_folds_only():
     a = Analysis({}, config, sorted(folds), {BASELINE: base}, folds, [], base, {}, {}, others)
     choice = best_prompt(a)
     assert choice is not None and choice.chosen[0] == "S5"
+    assert choice.candidates == ["R1", "S1", "S3", "S5"]  # what the report lists: the sweep's own among them
     assert [r.verdict for r in choice.rows[:4]] == [wrong(i) for i in range(4)]  # S5's rows on fold 0
     for fold, items in choice.chosen_on.items():
         assert items and not {s for s in items if folds[s] == fold}
@@ -582,7 +583,7 @@ def test_a_candidate_prompt_the_dataset_cannot_ask_is_refused_before_any_fit(cap
 
 
 @pytest.mark.skipif(not HOLMES.is_dir(), reason="shared datasets not present")
-def test_a_sweep_asks_every_prompt_with_its_datasets_definitions(tmp_path):
+def test_a_sweep_asks_every_prompt_with_its_datasets_definitions(tmp_path, capsys):
     """Prompts that quote the MITRE definition (D1 the sweep's, D2 a candidate) reach every part of a sweep that
     builds a prompt: activations, the learned fits' prefix pass, steered and selection rows, the best-prompt arm and
     the LoRA fit. Each would refuse to build its prompt without the dataset's definitions."""
@@ -603,7 +604,23 @@ def test_a_sweep_asks_every_prompt_with_its_datasets_definitions(tmp_path):
         mode="score",
         transfer=False,
     )
-    run_sweep(config, tmp_path, lm=tiny_lm("llama"))
+    lm = tiny_lm("llama")
+    run_sweep(config, tmp_path, lm=lm)
+    # 1 steered config (pooled, +1) + the baseline, and 2 selection rows per item (one per other outer fold).
+    # 2 steered configs (mean-diff, trained) + the baseline; selection: 2 configs x 2 items x 6 (outer, inner) folds.
+    assert (
+        "sweep: 2 steered configs + baseline × 6 items, plus 6 candidate-prompt rows, 6 LoRA rows, 24 selection rows "
+        "= 54 rows (0 already done, 54 to run, mode score)"
+    ) in capsys.readouterr().out
     a = analyse(tmp_path)
     assert len(a.sample_ids) == 6 and {r.prompt_id for r in a.arms[BASELINE]} == {"D1"}
     assert {r.prompt_id for r in a.others["prompt:D2"]} == {"D2"} and len(a.others["lora"]) == 6
+    # `plan` with its own activations reader (the Python API's; the pipeline passes one) reads them with the
+    # definitions too, and counts for the progress every row: jobs, and a LoRA row per item (fitted, not a job).
+    from vulnsteer.experiments.sweep import load_sweep_samples, plan
+    from vulnsteer.pipeline import prompt_resources
+
+    test, _, _ = load_sweep_samples(config)
+    sweep = plan(config, lm, test, None, prompt_resources(config.dataset), set())
+    prompt_rows = sum(j.prompt_id == "D2" for j in sweep.jobs)
+    assert prompt_rows == len(test) and sweep.total_rows == len(sweep.jobs) + len(test)

@@ -483,6 +483,7 @@ def _sweep_on(
     from vulnsteer.experiments.report import write_report
     from vulnsteer.experiments.store import SweepStore
     from vulnsteer.experiments.sweep import (
+        LORA,
         RUN_IDENTITY,
         arm_ids,
         config_sha256,
@@ -564,14 +565,27 @@ def _sweep_on(
                 f"{out_dir} holds rows of configs this sweep does not have (e.g. {foreign[0]}); "
                 "use another --output-dir"
             )
-        todo = len(sweep.todo)
+        stored = store.done()
+        lora_left = sum((LORA, s.id) not in stored for s in test) if config.lora_steps else 0  # rows, not jobs
+        todo = len(sweep.todo) + lora_left
+        prompt_rows = sum(j.prompt_id != sweep.prompt for j in sweep.jobs)
+        lora_count = len(test) * bool(config.lora_steps)
+        extra = [
+            f"{n} {kind} rows"
+            for n, kind in (
+                (prompt_rows, "candidate-prompt"),
+                (lora_count, "LoRA"),
+                (sweep.total_rows - len(test) * (1 + len(sweep.points)) - prompt_rows - lora_count, "selection"),
+            )
+            if n
+        ]
         print(
-            f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items, plus "
-            f"{sweep.total_rows - len(test) * (1 + len(sweep.points))} selection rows = {sweep.total_rows} rows"
+            f"sweep: {len(sweep.points)} steered configs + baseline × {len(test)} items"
+            f"{', plus ' + ', '.join(extra) if extra else ''} = {sweep.total_rows} rows"
             f" ({sweep.total_rows - todo} already done, {todo} to run, mode {config.mode})"
         )
         start = time.perf_counter()
-        if todo:
+        if sweep.todo:
             _run_rows(backend, sweep, Decoding(config.mode, config.max_new_tokens, budget, config.cache), store)
         if local is not None and config.lora_steps:
             fits = store.meta().get("lora_fits", {})

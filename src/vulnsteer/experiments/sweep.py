@@ -595,7 +595,7 @@ def plan(
         @functools.cache
         def fit_without(excluded: frozenset[int]) -> Banks:
             part = acts.subset(lambda s: fold_of[s.id] not in excluded)
-            banks = _fit(part, lm, config, needed, prefix, resources)
+            banks = _fit(part, lm, config, needed, prefix)
             fitted()
             for f in excluded:  # the guarantee, checked on what was fitted
                 check_held_out(banks, members[f])
@@ -604,7 +604,7 @@ def plan(
         banks = {f: fit_without(frozenset({f})) for f in members}
         selection_banks = {(f, g): fit_without(frozenset({f, g})) for f in members for g in members if g != f}
     else:
-        shared = _fit(activations(train), lm, config, needed, prefix, resources)
+        shared = _fit(activations(train), lm, config, needed, prefix)
         fitted()
         check_held_out(shared, test)
         banks = {f: shared for f in members}
@@ -694,9 +694,9 @@ def lora_rows(
                         "score",
                         "",
                         fit.scores[s.id],
+                        fit.prompt_tokens[s.id],
                         0,
-                        0,
-                        0.0,
+                        fit.score_seconds / len(fit.scores),  # a row's share, as the engine's score rows record
                         [],
                     ),
                     steering=label,
@@ -766,20 +766,11 @@ def _fit(
     config: SweepConfig,
     layers: dict[str, list[int]],
     prefix: Prefix | None = None,
-    resources: PromptResources | None = None,
 ) -> Banks:
-    """One bank per fit (`SweepConfig.fits`), at the layers its configs steer."""
+    """One bank per fit (`SweepConfig.fits`), at the layers its configs steer. Learned methods train on `prefix`
+    (the plan's one prefix pass, built with the dataset's prompt resources)."""
     return {
-        name: fit(
-            acts,
-            lm,
-            f.method,
-            layers[name],
-            config.normalisation,
-            prefix=prefix,
-            resources=resources,
-            training=f.training,
-        )
+        name: fit(acts, lm, f.method, layers[name], config.normalisation, prefix=prefix, training=f.training)
         for name, f in config.fits.items()
     }
 

@@ -44,6 +44,8 @@ class LoraFit:
     scores: dict[str, float]  # held-out item id -> the adapted model's answer log-odds
     parameters: int  # trainable (LoRA) parameters
     seconds: float  # fitting, not scoring
+    prompt_tokens: dict[str, int]  # held-out item id -> its prompt's length, as a score row records it
+    score_seconds: float  # scoring the held-out items, all of them
 
 
 @contextmanager
@@ -111,7 +113,14 @@ def fit_and_score(
             prefix = prefix_pass(lm, test, prompt_id, resources)
             held_out = answer_log_odds(lm, prefix, [[None]] * len(test))[:, 0]
         count = sum(p.numel() for p in parameters)
-    return LoraFit({s.id: float(v) for s, v in zip(test, held_out)}, count, seconds)
+    lengths = prefix.mask.sum(-1) + 1  # the prefix's tokens and the last one
+    return LoraFit(
+        {s.id: float(v) for s, v in zip(test, held_out)},
+        count,
+        seconds,
+        {s.id: int(n) for s, n in zip(test, lengths)},
+        time.perf_counter() - started - seconds,
+    )
 
 
 def _last_token_log_odds(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
