@@ -92,8 +92,7 @@ def prefix_pass(
             positions[:, :-1],
             [None] * len(texts),
             length_groups(lm.model, mask[:, :-1]),
-            texts,
-        )
+        )  # `prompts` left out: sharing layers between rows of one prompt pays off for steered copies, not here
     labels = torch.tensor([float(s.is_vulnerable) for s in samples], device=ids.device)
     return Prefix([s.id for s in samples], cache, ids[:, -1], positions[:, -1], mask[:, :-1], labels)
 
