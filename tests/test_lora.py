@@ -145,7 +145,9 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
         lora_steps=1,
     )
     run_sweep(config, tmp_path / "run", lm=random_model("llama"))
-    assert "LoRA: fitting on 8 items for fold(s) 0, 1 (1 steps)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "LoRA: fitting on 8 items for fold(s) 0, 1 (1 steps)" in out
+    assert "LoRA steps: 1/1 (100%)" in out  # each step counted (in a log: a line at the end)
     a = analyse(tmp_path / "run")
     assert len(fits) == 1 and len(a.others[LORA]) == len(a.sample_ids)
     baseline = {r.sample_id: r for r in a.arms["baseline"]}

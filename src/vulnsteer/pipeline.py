@@ -589,7 +589,7 @@ def _sweep_on(
             _run_rows(backend, sweep, Decoding(config.mode, config.max_new_tokens, budget, config.cache), store)
         if local is not None and config.lora_steps:
             fits = store.meta().get("lora_fits", {})
-            for fold, rows, fit in lora_rows(local, config, sweep, resources, store.done()):
+            for fold, rows, fit in lora_rows(local, config, sweep, resources, stored, progress):
                 for row in rows:
                     store_row(store, sweep, row)
                 fits[str(fold)] = {"parameters": fit.parameters, "seconds": round(fit.seconds, 3)}

@@ -21,9 +21,10 @@ import math
 import sys
 import time
 import tomllib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, cast
+from typing import Any, Callable, ContextManager, Iterator, Sequence, cast
 
 import torch
 
@@ -664,7 +665,12 @@ def lora_bank(items: Sequence[Sample]) -> str:
 
 
 def lora_rows(
-    lm: LoadedModel, config: SweepConfig, sweep: SweepPlan, resources: PromptResources, done: set[tuple[str, str]]
+    lm: LoadedModel,
+    config: SweepConfig,
+    sweep: SweepPlan,
+    resources: PromptResources,
+    done: set[tuple[str, str]],
+    progress: Callable[[str, int], ContextManager[Callable[[int], None]]] | None = None,
 ) -> Iterator[tuple[int, list[Result], LoraFit]]:
     """The LoRA ceiling: per fold with rows left, adapters fitted on that fold's training items (the other folds',
     or `train_dataset`'s) score the fold's items as score mode does; each row names the adapters' training set,
@@ -684,7 +690,9 @@ def lora_rows(
             f"LoRA: fitting on {len(train)} items for fold(s) {', '.join(map(str, folds))} ({config.lora_steps} steps)",
             flush=True,
         )
-        fit = fit_and_score(lm, train, test, config.prompt, resources, LoraTraining(steps=config.lora_steps))
+        # a real model's fit takes hours on a CPU: `progress(description, steps)` (the pipeline's) shows its steps
+        with progress("LoRA steps", config.lora_steps) if progress else nullcontext(None) as advance:
+            fit = fit_and_score(lm, train, test, config.prompt, resources, LoraTraining(config.lora_steps), advance)
         for k, fold in enumerate(folds):
             label = SteeringId(config=LORA, fold=fold, bank=bank)
             rows = [
