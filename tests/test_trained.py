@@ -356,7 +356,8 @@ def test_with_a_training_dataset_a_learned_method_is_fitted_once_over_one_prefix
         learned_steps=1,
     )
     run_sweep(config, tmp_path / "run", lm=random_model("llama"))
-    assert "fitting trained on 1 training sets" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fitting trained on 1 training sets" in out and "prefix pass over 8 prompts, shared by every fit" in out
     assert passes == [sorted(s.id for s in items)]
 
 

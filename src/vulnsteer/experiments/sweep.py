@@ -584,12 +584,18 @@ def plan(
     selection_banks: dict[tuple[int, int], Banks] = {}
     # Learned methods train on the model's answers: each training item's prompt prefix runs once for every bank.
     learned = [name for name, f in config.fits.items() if f.method in LEARNED]  # loreft-r1, loreft-r4, ...
-    prefix = None
-    if learned and isinstance(lm, LoadedModel):
-        prefix = prefix_pass(lm, train if train is not None else test, config.prompt, resources)
     # each fold, and each pair of folds for selection (outer f with inner g and outer g with inner f share one)
     training_sets = 1 if train is not None else len(members) * (len(members) + 1) // 2
     fitted = _announce_fits(learned, training_sets)
+    prefix = None
+    if learned and isinstance(lm, LoadedModel):
+        items = train if train is not None else test
+        started = time.monotonic()
+        prefix = prefix_pass(lm, items, config.prompt, resources)
+        print(
+            f"prefix pass over {len(items)} prompts, shared by every fit: {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
     if train is None:
         acts = activations(test)
 
