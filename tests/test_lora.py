@@ -3,6 +3,8 @@ each fit, and what it reaches on the synthetic readable pairs of tests/test_trai
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_evaluation import make_samples
@@ -104,6 +106,7 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
     rows = a.others[LORA]
     assert len(rows) == len(a.sample_ids)
     assert all(r.steering.config == LORA and r.steering.fold == a.folds[r.sample_id] for r in rows)
+    assert all(0 < r.seconds < 60 for r in rows)  # each row's share of its fit's scoring time, measured
     assert check_stored_provenance(tmp_path) >= len(rows)
     parameters = {fit["parameters"] for fit in a.meta["lora_fits"].values()}
     assert len(a.meta["lora_fits"]) == 3 and all(fit["seconds"] > 0 for fit in a.meta["lora_fits"].values())
@@ -130,7 +133,10 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
     train = write_jsonl_dataset(tmp_path / "train.jsonl", load_demo()[16:24])
     fits = []
     fit_ = sweep_module.fit_and_score
-    monkeypatch.setattr(sweep_module, "fit_and_score", lambda *a, **k: fits.append(1) or fit_(*a, **k))
+    # the fit's scoring time set by hand (0.8 s for the 8 test items): each row's share must be 0.1 s
+    monkeypatch.setattr(
+        sweep_module, "fit_and_score", lambda *a, **k: fits.append(1) or replace(fit_(*a, **k), score_seconds=0.8)
+    )
     config = SweepConfig(
         dataset="demo",
         limit=8,
@@ -162,7 +168,7 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
                 baseline[r.sample_id].new_tokens,
             )
         )
-        assert r.prompt_tokens == baseline[r.sample_id].prompt_tokens > 1 and 0 < r.seconds < 60
+        assert r.prompt_tokens == baseline[r.sample_id].prompt_tokens > 1 and r.seconds == pytest.approx(0.1)
         assert r.verdict == ("vulnerable" if r.score > 0 else "not_vulnerable")
     seconds = [fit["seconds"] for fit in a.meta["lora_fits"].values()]
     assert len(seconds) == 2 and sorted(seconds)[0] == 0.0 < sorted(seconds)[1]
