@@ -140,8 +140,9 @@ SCORE_RESOLUTION = 1e-4  # log-odds closer than this are one value to a threshol
 
 def best_threshold(scores: np.ndarray, vulnerable: np.ndarray) -> float:
     """The score threshold with the highest balanced accuracy (0 if one class). Candidates are the midpoints
-    between the distinct scores at SCORE_RESOLUTION; a tie is broken exactly, by the middle of the first run of
-    best candidates (so two runs whose scores differ by float noise, as a resumed one may, fit one threshold)."""
+    between the distinct scores at SCORE_RESOLUTION and one unit beyond either end; a tie is broken exactly, by the
+    middle of the first run of best candidates (so two runs whose scores differ by float noise, as a resumed one may,
+    fit one threshold; scores that separate nothing give their own middle)."""
     if vulnerable.all() or not vulnerable.any():
         return 0.0
     values = np.unique(np.round(scores / SCORE_RESOLUTION) * SCORE_RESOLUTION)

@@ -21,7 +21,6 @@ import math
 import sys
 import time
 import tomllib
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence, cast
@@ -676,7 +675,7 @@ def lora_rows(
     sweep: SweepPlan,
     resources: PromptResources,
     done: set[tuple[str, str]],
-    progress: Callable[[str, int], ContextManager[Callable[[int], None]]] | None = None,
+    progress: Callable[[str, int], ContextManager[Callable[[int], None]]],
 ) -> Iterator[tuple[int, list[Result], LoraFit]]:
     """The LoRA ceiling: per fold with rows left, adapters fitted on that fold's training items (the other folds',
     or `train_dataset`'s) score the fold's items as score mode does; each row names the adapters' training set,
@@ -697,7 +696,7 @@ def lora_rows(
             flush=True,
         )
         # a real model's fit takes hours on a CPU: `progress(description, steps)` (the pipeline's) shows its steps
-        with progress("LoRA steps", config.lora_steps) if progress else nullcontext(None) as advance:
+        with progress("LoRA steps", config.lora_steps) as advance:
             fit = fit_and_score(lm, train, test, config.prompt, resources, LoraTraining(config.lora_steps), advance)
         for k, fold in enumerate(folds):
             label = SteeringId(config=LORA, fold=fold, bank=bank)

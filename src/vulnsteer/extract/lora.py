@@ -109,6 +109,7 @@ def fit_and_score(
             if progress:
                 progress(1)
         seconds = time.perf_counter() - started
+        scoring = time.perf_counter()
         with torch.no_grad():
             prefix = prefix_pass(lm, test, prompt_id, resources)
             held_out = answer_log_odds(lm, prefix, [[None]] * len(test))[:, 0]
@@ -119,7 +120,7 @@ def fit_and_score(
         count,
         seconds,
         {s.id: int(n) for s, n in zip(test, lengths)},
-        time.perf_counter() - started - seconds,
+        time.perf_counter() - scoring,
     )
 
 
