@@ -21,6 +21,13 @@ byte_tokenizer = models.byte_tokenizer
 tiny_lm = models.random_model
 
 
+# The smallest sweep: one steered config (pooled vectors at layer 1, strength 1) on 8 demo items in 3 folds, score
+# mode, no transfer matrix. Tests add what they check: `SweepConfig(**{**ONE_CONFIG_SWEEP, "methods": [...]})`.
+ONE_CONFIG_SWEEP = dict(
+    dataset="demo", limit=8, folds=3, layers=["1"], strengths=[1.0], mode="score", vectors=["pooled"], transfer=False
+)
+
+
 def write_jsonl_dataset(path: Path, samples) -> Path:
     """The samples as a JSONL dataset file (the fields `load_dataset` reads), e.g. a sweep's `train_dataset`."""
     import json

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import ONE_CONFIG_SWEEP
 from test_evaluation import make_samples
 from test_trained import readable_pairs
 
@@ -88,17 +89,7 @@ def test_a_sweep_fits_lora_per_fold_on_its_training_folds_only(tmp_path, monkeyp
         return fit_(lm, train, test, *args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "fit_and_score", recording)
-    config = SweepConfig(
-        dataset="demo",
-        limit=8,
-        folds=3,
-        layers=["1"],
-        strengths=[1.0],
-        mode="score",
-        vectors=["pooled"],
-        transfer=False,
-        lora_steps=2,
-    )
+    config = SweepConfig(**{**ONE_CONFIG_SWEEP, "lora_steps": 2})
     lm = random_model("llama")
     run_sweep(config, tmp_path, lm=lm)
     a = analyse(tmp_path)
@@ -138,17 +129,7 @@ def test_with_a_training_dataset_every_fold_shares_one_lora_fit(tmp_path, monkey
         sweep_module, "fit_and_score", lambda *a, **k: fits.append(1) or replace(fit_(*a, **k), score_seconds=0.8)
     )
     config = SweepConfig(
-        dataset="demo",
-        limit=8,
-        train_dataset=str(train),
-        drop_overlap=True,
-        folds=2,
-        layers=["1"],
-        strengths=[1.0],
-        mode="score",
-        vectors=["pooled"],
-        transfer=False,
-        lora_steps=1,
+        **{**ONE_CONFIG_SWEEP, "train_dataset": str(train), "drop_overlap": True, "folds": 2, "lora_steps": 1}
     )
     run_sweep(config, tmp_path / "run", lm=random_model("llama"))
     out = capsys.readouterr().out

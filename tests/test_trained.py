@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import ONE_CONFIG_SWEEP
 from test_evaluation import make_samples
 
 from vulnsteer.data import filter_samples, load_demo
@@ -239,19 +240,7 @@ def test_several_ranks_make_one_loreft_arm_each_chosen_among_by_nested_selection
 
     with pytest.raises(VulnsteerError, match="rank must be 1 to 8"):
         SweepConfig(methods=["loreft"], layers=["1"], rank=[1, 9])
-    config = SweepConfig(
-        dataset="demo",
-        limit=8,
-        folds=3,
-        layers=["1"],
-        strengths=[1.0],
-        mode="score",
-        methods=["mean-diff", "loreft"],
-        vectors=["pooled"],
-        transfer=False,
-        learned_steps=2,
-        rank=[1, 2],
-    )
+    config = SweepConfig(**{**ONE_CONFIG_SWEEP, "methods": ["mean-diff", "loreft"], "learned_steps": 2, "rank": [1, 2]})
     assert {n: (f.method, f.training.rank) for n, f in config.fits.items()} == {
         "mean-diff": ("mean-diff", 1),
         "loreft-r1": ("loreft", 1),
@@ -295,17 +284,7 @@ def test_norm_bounds_and_step_counts_make_one_trained_arm_each_fitted_at_its_own
 
     monkeypatch.setattr(sweep_module, "fit", recording_fit)
     config = SweepConfig(
-        dataset="demo",
-        limit=8,
-        folds=3,
-        layers=["1"],
-        strengths=[1.0],
-        mode="score",
-        methods=["trained"],
-        vectors=["pooled"],
-        transfer=False,
-        learned_steps=[1, 3],
-        max_norm=[0.25, 1.0],
+        **{**ONE_CONFIG_SWEEP, "methods": ["trained"], "learned_steps": [1, 3], "max_norm": [0.25, 1.0]}
     )
     run_sweep(config, tmp_path, lm=random_model("llama"))
     assert sorted({(steps, bound) for steps, bound, _ in fitted}) == [(1, 0.25), (1, 1.0), (3, 0.25), (3, 1.0)]
@@ -342,18 +321,14 @@ def test_with_a_training_dataset_a_learned_method_is_fitted_once_over_one_prefix
             ),
         )
     config = SweepConfig(
-        dataset="demo",
-        limit=8,
-        train_dataset=str(train),
-        drop_overlap=True,
-        folds=2,
-        layers=["1"],
-        strengths=[1.0],
-        mode="score",
-        methods=["trained"],
-        vectors=["pooled"],
-        transfer=False,
-        learned_steps=1,
+        **{
+            **ONE_CONFIG_SWEEP,
+            "train_dataset": str(train),
+            "drop_overlap": True,
+            "folds": 2,
+            "methods": ["trained"],
+            "learned_steps": 1,
+        }
     )
     run_sweep(config, tmp_path / "run", lm=random_model("llama"))
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import ONE_CONFIG_SWEEP, tiny_lm
 from safetensors.torch import save_file
 
 from vulnsteer import __version__
@@ -472,17 +472,7 @@ def test_a_direction_method_is_one_function_and_one_registry_line(monkeypatch, t
         return x[vulnerable].mean(0)
 
     monkeypatch.setitem(vectors.DIRECTIONS, "vulnerable-mean", vulnerable_mean)
-    config = SweepConfig(
-        dataset="demo",
-        limit=8,
-        folds=3,
-        layers=["1"],
-        strengths=[1.0],
-        mode="score",
-        methods=["vulnerable-mean"],
-        vectors=["pooled"],
-        transfer=False,
-    )
+    config = SweepConfig(**{**ONE_CONFIG_SWEEP, "methods": ["vulnerable-mean"]})
     run_sweep(config, tmp_path, lm=random_model("llama"))
     a = analyse(tmp_path)
     assert "vulnerable-mean|1|pooled|prompt-last|+1" in a.arms
